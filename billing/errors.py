@@ -1,0 +1,66 @@
+"""The billing package's exception hierarchy. HTTP layers map these by class."""
+
+from __future__ import annotations
+
+
+class BillingError(Exception):
+    """Base class of every error raised by ``billing``."""
+
+
+class InsufficientCreditsError(BillingError):
+    """Available balance is below the request's worst-case cost (HTTP 402).
+
+    Attributes:
+        required_millicredits: the hold that was asked for.
+        available_millicredits: posted balance minus open holds and unposted settlements.
+    """
+
+    def __init__(self, *, required_millicredits: int, available_millicredits: int) -> None:
+        super().__init__(
+            f"insufficient credits: required {required_millicredits} mc, "
+            f"available {available_millicredits} mc"
+        )
+        self.required_millicredits = required_millicredits
+        self.available_millicredits = available_millicredits
+
+
+class AccountSuspendedError(BillingError):
+    """Paid use is stopped for the account (an outstanding shortfall); HTTP 402."""
+
+    def __init__(self, *, account_id: int, shortfall_millicredits: int) -> None:
+        super().__init__(f"account {account_id} has an outstanding shortfall")
+        self.account_id = account_id
+        self.shortfall_millicredits = shortfall_millicredits
+
+
+class BillingUnavailableError(BillingError):
+    """Redis or Postgres is unreachable; money fails closed (HTTP 503)."""
+
+
+class UnknownModelError(BillingError):
+    """No rate card is in force for the model, or it is not allowed (HTTP 404)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.")
+        self.model = model
+
+
+class AccountNotFoundError(BillingError):
+    """No account with that id."""
+
+    def __init__(self, account_id: int) -> None:
+        super().__init__(f"account {account_id} not found")
+        self.account_id = account_id
+
+
+class NegativeBalanceError(BillingError):
+    """A ledger entry would take a balance below zero and was not written."""
+
+    def __init__(self, *, account_id: int, balance_millicredits: int, amount_millicredits: int):
+        super().__init__(
+            f"entry of {amount_millicredits} mc would take account {account_id} below zero "
+            f"(balance {balance_millicredits} mc)"
+        )
+        self.account_id = account_id
+        self.balance_millicredits = balance_millicredits
+        self.amount_millicredits = amount_millicredits

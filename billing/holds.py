@@ -1,0 +1,275 @@
+"""Holds (reservations) on account balances, kept in Redis and changed only by Lua scripts.
+
+Per account (one hash tag, so one Redis Cluster slot):
+    ``cg:v1:{acct:N}:account``  hash ``bal`` (posted balance at ``ver``), ``ver``, ``held``
+                                (sum of open holds), ``pending`` (settled, not yet posted to
+                                Postgres), ``shortfall`` (outstanding; stops paid use)
+    ``cg:v1:{acct:N}:holds``    hash ``request_id -> "amount_mc:deadline_ms"``
+Global:
+    ``cg:v1:hold_deadlines``    zset of ``"N|request_id"`` by deadline, for the sweeper
+    ``cg:v1:settlements``       the settlement outbox stream (see ``billing.settlement``)
+
+``available = bal - held - pending``; a hold is placed only when ``available >= amount``,
+so no balance can go below zero. Source: two-phase transfers as in TigerBeetle
+(pending -> post | void | expire).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from billing.errors import (
+    AccountSuspendedError,
+    BillingUnavailableError,
+    InsufficientCreditsError,
+)
+
+KEY_PREFIX = "cg:v1"
+DEADLINES_KEY = f"{KEY_PREFIX}:hold_deadlines"
+OUTBOX_STREAM_KEY = f"{KEY_PREFIX}:settlements"
+
+
+def account_key(account_id: int) -> str:
+    """Redis key of an account's balance hash."""
+    return f"{KEY_PREFIX}:{{acct:{account_id}}}:account"
+
+
+def holds_key(account_id: int) -> str:
+    """Redis key of an account's open holds."""
+    return f"{KEY_PREFIX}:{{acct:{account_id}}}:holds"
+
+
+def _member(account_id: int, request_id: str) -> str:
+    return f"{account_id}|{request_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class PostedBalance:
+    """An account's posted balance as of a ledger version (from Postgres)."""
+
+    balance_millicredits: int
+    version: int
+    shortfall_millicredits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Result of a settlement.
+
+    Attributes:
+        charged_millicredits: what was charged: min(cost, what the balance covered).
+        hold_millicredits: the hold that was released (0 if it was already gone).
+        outbox_entry_id: the stream entry the writer will post to Postgres.
+    """
+
+    charged_millicredits: int
+    hold_millicredits: int
+    outbox_entry_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccountHolds:
+    """Redis's view of an account; ``None`` fields when the balance is not cached."""
+
+    balance_millicredits: int | None
+    version: int | None
+    held_millicredits: int
+    pending_millicredits: int
+    shortfall_millicredits: int
+
+    @property
+    def available_millicredits(self) -> int | None:
+        """bal - held - pending, or None when the balance is not cached."""
+        if self.balance_millicredits is None:
+            return None
+        return self.balance_millicredits - self.held_millicredits - self.pending_millicredits
+
+
+BalanceLoader = Callable[[int], Awaitable[PostedBalance]]
+
+
+def _load_script(name: str) -> str:
+    return resources.files("billing").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class HoldStore:
+    """Reserve, settle and void holds with one Lua script each.
+
+    Every method raises ``BillingUnavailableError`` when Redis is unreachable: billing fails
+    closed and the gateway answers 503.
+    """
+
+    def __init__(self, redis: aioredis.Redis, load_balance: BalanceLoader) -> None:
+        """Register the scripts (once, at start-up).
+
+        Args:
+            redis: a client with ``decode_responses=True``.
+            load_balance: reads an account's posted balance from Postgres; called when Redis
+                has no cached balance (never read a missing balance as zero).
+        """
+        self._redis = redis
+        self._load_balance = load_balance
+        self._reserve = redis.register_script(_load_script("reserve.lua"))
+        self._settle = redis.register_script(_load_script("settle.lua"))
+        self._void = redis.register_script(_load_script("void.lua"))
+        self._apply_balance = redis.register_script(_load_script("apply_balance.lua"))
+        self.ack_posted = redis.register_script(_load_script("ack_posted.lua"))
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis client the scripts run on."""
+        return self._redis
+
+    async def reserve(
+        self, account_id: int, amount_millicredits: int, *, request_id: str, ttl_s: float = 900
+    ) -> int:
+        """Place a hold on an account's available balance.
+
+        Args:
+            amount_millicredits: upper-bound cost of the request; >= 0.
+            request_id: idempotency key; a repeat keeps the existing hold.
+            ttl_s: seconds until an unsettled hold is voided by the sweeper.
+
+        Returns:
+            The available balance after the hold, in millicredits.
+
+        Raises:
+            InsufficientCreditsError: available < amount (the gateway answers 402).
+            AccountSuspendedError: the account has an outstanding shortfall (402).
+            BillingUnavailableError: Redis or Postgres unreachable (503).
+        """
+        now_ms = int(time.time() * 1000)
+        keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY]
+        args = [
+            request_id,
+            amount_millicredits,
+            now_ms + int(ttl_s * 1000),
+            _member(account_id, request_id),
+            now_ms,
+        ]
+        try:
+            result = await self._reserve(keys, args)
+            if result[0] == "LOAD":
+                await self.sync_balance(account_id, await self._load_balance(account_id))
+                result = await self._reserve(keys, args)
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
+        status = result[0]
+        if status == "OK":
+            return int(result[1])
+        if status == "INSUFFICIENT":
+            raise InsufficientCreditsError(
+                required_millicredits=amount_millicredits,
+                available_millicredits=max(int(result[1]), 0),
+            )
+        if status == "SUSPENDED":
+            raise AccountSuspendedError(
+                account_id=account_id, shortfall_millicredits=int(result[1])
+            )
+        raise BillingUnavailableError(f"reserve: unexpected answer {result!r}")
+
+    async def settle(
+        self, account_id: int, *, request_id: str, cost_millicredits: int, payload: str
+    ) -> Settled:
+        """Release the hold, charge ``min(cost, balance cover)`` and append to the outbox.
+
+        Args:
+            cost_millicredits: the request's charge at the rate card, >= 0.
+            payload: the usage record (JSON) the writer posts to Postgres.
+
+        Raises:
+            BillingUnavailableError: Redis unreachable; the hold stays and the sweeper voids
+                it at its deadline (the request goes uncharged: documented window).
+        """
+        keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY, OUTBOX_STREAM_KEY]
+        try:
+            charged, hold, entry_id = await self._settle(
+                keys,
+                [request_id, cost_millicredits, _member(account_id, request_id), payload],
+            )
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
+        return Settled(int(charged), int(hold), entry_id)
+
+    async def void(
+        self, account_id: int, *, request_id: str, expired_before_ms: int | None = None
+    ) -> int:
+        """Release a hold with no charge; returns the millicredits released (0 if none).
+
+        Args:
+            expired_before_ms: only void if the hold's deadline is at or before this time
+                (the sweeper's guard against voiding a hold that was just renewed).
+
+        Raises:
+            BillingUnavailableError: Redis unreachable.
+        """
+        args: list[object] = [request_id, _member(account_id, request_id)]
+        if expired_before_ms is not None:
+            args.append(expired_before_ms)
+        try:
+            released = await self._void(
+                [account_key(account_id), holds_key(account_id), DEADLINES_KEY], args
+            )
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
+        return int(released)
+
+    async def sync_balance(self, account_id: int, posted: PostedBalance) -> bool:
+        """Give Redis a posted (balance, version) pair; applied only if newer.
+
+        Returns:
+            True when Redis took it, False when it already had that version or newer.
+
+        Raises:
+            RedisError: Redis unreachable (callers that must not fail log and continue:
+                the next reserve reloads a missing balance, and versions converge).
+        """
+        applied = await self._apply_balance(
+            [account_key(account_id)],
+            [posted.balance_millicredits, posted.version, posted.shortfall_millicredits],
+        )
+        return bool(applied)
+
+    async def account_state(self, account_id: int) -> AccountHolds:
+        """Redis's view of an account (for `accounts show` and the admin API).
+
+        Raises:
+            BillingUnavailableError: Redis unreachable.
+        """
+        try:
+            bal, ver, held, pending, shortfall = await self._redis.hmget(
+                account_key(account_id), ["bal", "ver", "held", "pending", "shortfall"]
+            )
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
+        return AccountHolds(
+            balance_millicredits=int(bal) if bal is not None else None,
+            version=int(ver) if ver is not None else None,
+            held_millicredits=int(held or 0),
+            pending_millicredits=int(pending or 0),
+            shortfall_millicredits=int(shortfall or 0),
+        )
+
+    async def sweep_expired(self, *, now_ms: int | None = None, limit: int = 500) -> int:
+        """Void holds whose deadline has passed (a crashed gateway's); returns how many.
+
+        Raises:
+            BillingUnavailableError: Redis unreachable (the sweeper retries next round).
+        """
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        try:
+            members = await self._redis.zrangebyscore(DEADLINES_KEY, "-inf", now_ms, 0, limit)
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
+        voided = 0
+        for member in members:
+            account, _, request_id = member.partition("|")
+            if await self.void(int(account), request_id=request_id, expired_before_ms=now_ms):
+                voided += 1
+        return voided

@@ -1,0 +1,17 @@
+-- Release request ARGV[1]'s hold with no charge.
+-- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] deadline index
+-- ARGV: request_id, member, [max_deadline_ms]  (the sweeper passes now: only expired holds)
+-- Returns the millicredits released (0 when there was no such hold).
+local h = redis.call('HGET', KEYS[2], ARGV[1])
+if not h then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  return 0
+end
+local a, d = string.match(h, '^(%d+):(%d+)$')
+if ARGV[3] and tonumber(d) > tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'held', -tonumber(a))
+return tonumber(a)
