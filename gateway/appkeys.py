@@ -1,0 +1,27 @@
+"""Typed application state shared by the gateway and admin services (``web.AppKey``s)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from creditgate.settings import Settings
+
+if TYPE_CHECKING:
+    from billing.holds import HoldStore
+    from billing.rate_cards import RateCardBook
+    from billing.tokens import TokenCounter
+    from gateway.auth import KeyAuthenticator
+
+SETTINGS = web.AppKey("settings", Settings)
+DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+REDIS = web.AppKey("redis", aioredis.Redis)
+HOLDS = web.AppKey("holds", "HoldStore")
+RATE_CARDS = web.AppKey("rate_cards", "RateCardBook")
+TOKENS = web.AppKey("tokens", "TokenCounter")
+AUTH = web.AppKey("auth", "KeyAuthenticator")
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
