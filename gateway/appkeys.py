@@ -12,10 +12,7 @@ from aiohttp import web
 from creditgate.settings import Settings
 
 if TYPE_CHECKING:
-    from billing.holds import HoldStore
-    from billing.rate_cards import RateCardBook
-    from billing.tokens import TokenCounter
-    from gateway.auth import KeyAuthenticator
+    pass
 
 SETTINGS = web.AppKey("settings", Settings)
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
@@ -25,3 +22,5 @@ RATE_CARDS = web.AppKey("rate_cards", "RateCardBook")
 TOKENS = web.AppKey("tokens", "TokenCounter")
 AUTH = web.AppKey("auth", "KeyAuthenticator")
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict)
+WRITER = web.AppKey("settlement_writer", object)

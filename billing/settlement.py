@@ -1,0 +1,183 @@
+"""The settlement writer: drains the Redis outbox stream into the Postgres ledger.
+
+The settle script appends each settlement to ``cg:v1:settlements`` in the same atomic step that
+releases its hold, so a charge survives a gateway crash the moment the script returns. Writers
+(one per gateway process, in the consumer group ``settlement-writers``) read batches, post them
+in one transaction (idempotent by request id), and only then acknowledge each entry with
+``ack_posted.lua``, which also takes the entries' charges off the account's ``pending`` and
+applies the new posted balance. Entries of a writer that died are claimed by the others after
+``claim_idle_ms``. Redis down: the writer retries with backoff; Postgres down: entries stay
+pending and are retried (nothing lost, nothing doubled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.exceptions import RedisError, ResponseError
+
+from billing.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
+from billing.ledger import record_settlements
+
+log = logging.getLogger(__name__)
+
+GROUP = "settlement-writers"
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """Counters for metrics: batches and settlements posted, duplicates skipped, failures."""
+
+    batches: int = 0
+    recorded: int = 0
+    duplicates: int = 0
+    failures: int = 0
+    charged_millicredits: int = 0
+
+
+class SettlementWriter:
+    """Posts outbox settlements to Postgres in batches; at-least-once delivery, exactly-once
+    effect (usage_events.request_id and ledger idempotency keys are unique)."""
+
+    def __init__(
+        self,
+        holds: HoldStore,
+        pool: asyncpg.Pool,
+        *,
+        consumer: str,
+        batch_size: int = 500,
+        block_ms: int = 50,
+        claim_idle_ms: int = 30_000,
+    ) -> None:
+        self._holds = holds
+        self._redis = holds.redis
+        self._pool = pool
+        self._consumer = consumer
+        self._batch_size = batch_size
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self.stats = WriterStats()
+
+    async def ensure_group(self) -> None:
+        """Create the stream and consumer group if missing (idempotent)."""
+        try:
+            await self._redis.xgroup_create(OUTBOX_STREAM_KEY, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self) -> None:
+        """Loop until cancelled: claim stale entries, read new ones, post them."""
+        backoff_s = 0.1
+        last_claim = 0.0
+        while True:
+            try:
+                await self.ensure_group()
+                loop_time = asyncio.get_running_loop().time()
+                if loop_time - last_claim > self._claim_idle_ms / 2000:
+                    last_claim = loop_time
+                    while await self.claim_stale() == self._batch_size:
+                        pass
+                await self.drain_once(block_ms=self._block_ms)
+                backoff_s = 0.1
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, asyncpg.PostgresError) as exc:
+                self.stats.failures += 1
+                log.warning("settlement writer: %s; retrying in %.1fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+
+    async def drain_once(self, *, block_ms: int | None = None) -> int:
+        """Read one batch of new entries for this consumer and post it; returns its size."""
+        reply = await self._redis.xreadgroup(
+            GROUP,
+            self._consumer,
+            {OUTBOX_STREAM_KEY: ">"},
+            count=self._batch_size,
+            block=block_ms,
+        )
+        if not reply:
+            return 0
+        entries = reply[0][1]
+        await self.post(entries)
+        return len(entries)
+
+    async def claim_stale(self) -> int:
+        """Take over entries another writer read but never acknowledged (it crashed); post
+        them; returns how many were claimed."""
+        reply = await self._redis.xautoclaim(
+            OUTBOX_STREAM_KEY,
+            GROUP,
+            self._consumer,
+            min_idle_time=self._claim_idle_ms,
+            start_id="0-0",
+            count=self._batch_size,
+        )
+        entries = [e for e in reply[1] if e and e[1]]
+        if entries:
+            await self.post(entries)
+        return len(entries)
+
+    async def drain_all(self) -> int:
+        """Post everything readable now, own pending entries included (for CLI and tests)."""
+        await self.ensure_group()
+        total = 0
+        # Entries this consumer read before but did not acknowledge.
+        reply = await self._redis.xreadgroup(
+            GROUP, self._consumer, {OUTBOX_STREAM_KEY: "0"}, count=self._batch_size
+        )
+        if reply and reply[0][1]:
+            await self.post(reply[0][1])
+            total += len(reply[0][1])
+        while n := await self.drain_once():
+            total += n
+        return total
+
+    async def post(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        """Commit a batch to Postgres, then acknowledge it in Redis per account.
+
+        Raises:
+            asyncpg.PostgresError / OSError: nothing acknowledged; the entries are retried.
+            RedisError: committed but not acknowledged; the retry is a no-op in Postgres.
+        """
+        settlements: list[dict[str, Any]] = []
+        charges: list[int] = []
+        for _entry_id, fields in entries:
+            item = orjson.loads(fields["p"])
+            item["charged"] = int(fields["c"])
+            settlements.append(item)
+            charges.append(item["charged"])
+        async with self._pool.acquire() as conn:
+            results, balances = await record_settlements(conn, settlements)
+        by_account: dict[int, list[object]] = defaultdict(list)
+        for (entry_id, _fields), item, charged in zip(entries, settlements, charges, strict=True):
+            by_account[item["account_id"]].extend((entry_id, charged))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for account_id, pairs in by_account.items():
+                posted = balances[account_id]
+                await self._holds.ack_posted(
+                    keys=[account_key(account_id), OUTBOX_STREAM_KEY],
+                    args=[
+                        GROUP,
+                        posted.balance_millicredits,
+                        posted.version,
+                        posted.shortfall_millicredits,
+                        *pairs,
+                    ],
+                    client=pipe,
+                )
+            await pipe.execute()
+        self.stats.batches += 1
+        for r in results:
+            if r.recorded:
+                self.stats.recorded += 1
+                self.stats.charged_millicredits += r.charged_millicredits
+            else:
+                self.stats.duplicates += 1

@@ -1,0 +1,47 @@
+"""Shared service resources opened and closed in an aiohttp ``cleanup_ctx``.
+
+Both the gateway and the admin service use them: a Postgres pool (``DB_POOL``) and a Redis
+client with the ``HoldStore`` scripts registered (``REDIS``, ``HOLDS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from billing.errors import BillingUnavailableError
+from billing.holds import HoldStore, PostedBalance
+from billing.ledger import posted_balance
+from gateway import appkeys
+
+
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the asyncpg pool for ``SETTINGS.database_url``; close it at shutdown."""
+    settings = app[appkeys.SETTINGS]
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
+    app[appkeys.DB_POOL] = pool
+    yield
+    await pool.close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the Redis client and register the hold scripts; needs ``DB_POOL`` first (a
+    missing cached balance is loaded from Postgres)."""
+    client = aioredis.from_url(
+        app[appkeys.SETTINGS].redis_url, decode_responses=True, health_check_interval=30
+    )
+    pool = app[appkeys.DB_POOL]
+
+    async def load_balance(account_id: int) -> PostedBalance:
+        try:
+            return await posted_balance(pool, account_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise BillingUnavailableError(f"postgres: {exc}") from exc
+
+    app[appkeys.REDIS] = client
+    app[appkeys.HOLDS] = HoldStore(client, load_balance)
+    yield
+    await client.aclose()

@@ -1,0 +1,150 @@
+"""The gateway's aiohttp application factory.
+
+``create_app(settings)`` wires routes, the error middleware and, in ``cleanup_ctx``, the
+Postgres pool, the Redis client, the tokenizer, the rate card book, the upstream
+``ClientSession``, the settlement writer and the hold sweeper. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from billing.errors import BillingUnavailableError
+from billing.rate_cards import RateCardBook
+from billing.settlement import SettlementWriter
+from billing.tokens import TokenCounter
+from creditgate.resources import postgres_ctx, redis_ctx
+from creditgate.settings import Settings
+from gateway import appkeys
+from gateway.auth import KeyAuthenticator
+from gateway.errors import make_error_middleware
+from gateway.proxy import (
+    ENDPOINTS,
+    handle_model,
+    handle_models,
+    handle_unknown_v1,
+    make_handler,
+)
+
+log = logging.getLogger(__name__)
+
+
+def buy_credits_url(settings: Settings) -> str:
+    """Where a user with too few credits is sent (the Credits page)."""
+    return settings.public_base_url + "/credits"
+
+
+async def _billing_state(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    pool = app[appkeys.DB_POOL]
+    app[appkeys.TOKENS] = TokenCounter.load(settings.tiktoken_encodings_dir)
+    book = RateCardBook()
+    await book.refresh(pool)
+    app[appkeys.RATE_CARDS] = book
+    app[appkeys.AUTH] = KeyAuthenticator(pool, ttl_s=settings.auth_cache_ttl_s)
+    yield
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_read_timeout_s,
+        ),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+    )
+    app[appkeys.UPSTREAM] = session
+    app[appkeys.UPSTREAM_HEADERS] = {
+        "Authorization": f"Bearer {settings.upstream_api_key}",
+        "Content-Type": "application/json",
+        "Accept-Encoding": "identity",
+    }
+    yield
+    await session.close()
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    holds = app[appkeys.HOLDS]
+    writer = SettlementWriter(
+        holds,
+        app[appkeys.DB_POOL],
+        consumer=f"{socket.gethostname()}-{os.getpid()}",
+        batch_size=settings.settlement_batch_size,
+        claim_idle_ms=settings.settlement_claim_idle_ms,
+    )
+    app[appkeys.WRITER] = writer
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(settings.sweep_interval_s)
+            try:
+                voided = await holds.sweep_expired()
+                if voided:
+                    log.info("sweeper voided %d expired holds", voided)
+            except BillingUnavailableError as exc:
+                log.warning("sweeper: %s", exc)
+
+    async def refresh_rate_cards() -> None:
+        while True:
+            await asyncio.sleep(settings.rate_card_refresh_s)
+            try:
+                await app[appkeys.RATE_CARDS].refresh(app[appkeys.DB_POOL])
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("rate card refresh failed (old cards stay in use): %s", exc)
+
+    tasks = [
+        asyncio.create_task(writer.run(), name="settlement-writer"),
+        asyncio.create_task(sweep(), name="hold-sweeper"),
+        asyncio.create_task(refresh_rate_cards(), name="rate-card-refresh"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Post what is already in the outbox before the process exits (best effort: whatever is
+    # left is claimed by another writer or by this one after a restart).
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.drain_all(), timeout=5)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The gateway application (OpenAI-compatible routes under ``/v1``)."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[make_error_middleware(buy_credits_url(settings))],
+    )
+    app[appkeys.SETTINGS] = settings
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, _billing_state, _upstream, _background])
+    for endpoint in ENDPOINTS:
+        app.router.add_post("/v1" + endpoint.path, make_handler(endpoint))
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/v1/models/{model}", handle_model)
+    app.router.add_route("*", "/v1/{tail:.*}", handle_unknown_v1)
+    app.router.add_get("/healthz", _healthz)
+    try:
+        from gateway.checkout import add_checkout_routes
+    except ImportError:  # the purchase routes arrive with the Stripe module
+        pass
+    else:
+        add_checkout_routes(app)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})

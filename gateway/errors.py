@@ -1,0 +1,182 @@
+"""Gateway errors and the middleware that maps every error class to OpenAI's error envelope.
+
+Statuses are chosen by exception class, never by message text. Body shape:
+``{"error": {"message": str, "type": str, "param": str | None, "code": str | None}}`` plus the
+extra fields an error promises (402: ``requiredCredits``, ``currentCredits``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from billing.errors import (
+    AccountSuspendedError,
+    BillingError,
+    BillingUnavailableError,
+    InsufficientCreditsError,
+    UnknownModelError,
+)
+from billing.units import millicredits_to_credits
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    """An error with a defined HTTP answer."""
+
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequestError(GatewayError):
+    """Malformed JSON, a missing or mistyped field (400)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    """Missing, unknown, revoked or expired API key: always the same 401."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFoundError(GatewayError):
+    """Unknown route or model (404)."""
+
+    status = 404
+    error_type = "invalid_request_error"
+
+
+class UpstreamError(GatewayError):
+    """The upstream could not be reached or broke before answering (502)."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+def error_body(
+    message: str, error_type: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def json_response(body: dict[str, Any], status: int, headers: dict[str, str] | None = None):
+    """A JSON response serialized with orjson."""
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def insufficient_credits_body(
+    exc: InsufficientCreditsError, buy_credits_url: str
+) -> dict[str, Any]:
+    """The 402 body: OpenAI's envelope plus required/current credits and where to buy more."""
+    body = error_body(
+        f"Insufficient credits: this request needs up to "
+        f"{millicredits_to_credits(exc.required_millicredits):.3f} credits and "
+        f"{millicredits_to_credits(exc.available_millicredits):.3f} are available. "
+        f"Buy credits at {buy_credits_url}",
+        "insufficient_credits",
+        code="insufficient_credits",
+    )
+    extra = {
+        "requiredCredits": millicredits_to_credits(exc.required_millicredits),
+        "currentCredits": millicredits_to_credits(exc.available_millicredits),
+        "requiredMillicredits": str(exc.required_millicredits),
+        "currentMillicredits": str(exc.available_millicredits),
+        "buyCreditsUrl": buy_credits_url,
+    }
+    body["error"].update(extra)
+    body.update(extra)
+    return body
+
+
+def billing_error_response(exc: BillingError, buy_credits_url: str) -> web.Response:
+    """Map a billing error to its HTTP answer by class."""
+    if isinstance(exc, InsufficientCreditsError):
+        return json_response(insufficient_credits_body(exc, buy_credits_url), 402)
+    if isinstance(exc, AccountSuspendedError):
+        body = error_body(
+            "Paid use of this account is paused: a refund or chargeback left "
+            f"{millicredits_to_credits(exc.shortfall_millicredits):.3f} credits outstanding. "
+            f"Add credits at {buy_credits_url}",
+            "insufficient_credits",
+            code="account_suspended",
+        )
+        body["error"]["shortfallMillicredits"] = str(exc.shortfall_millicredits)
+        body["error"]["buyCreditsUrl"] = buy_credits_url
+        return json_response(body, 402)
+    if isinstance(exc, UnknownModelError):
+        return json_response(
+            error_body(str(exc), "invalid_request_error", param="model", code="model_not_found"),
+            404,
+        )
+    if isinstance(exc, BillingUnavailableError):
+        log.error("billing unavailable: %s", exc)
+        return json_response(
+            error_body(
+                "Billing is temporarily unavailable; the request was not sent. Retry shortly.",
+                "server_error",
+                code="billing_unavailable",
+            ),
+            503,
+        )
+    log.exception("unmapped billing error", exc_info=exc)
+    return json_response(error_body("Internal error", "server_error"), 500)
+
+
+def make_error_middleware(buy_credits_url: str):
+    """Middleware mapping GatewayError, BillingError and aiohttp's HTTP errors to envelopes."""
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return json_response(
+                error_body(exc.message, exc.error_type, param=exc.param, code=exc.code),
+                exc.status,
+            )
+        except BillingError as exc:
+            return billing_error_response(exc, buy_credits_url)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return json_response(
+                error_body(
+                    f"Request body too large: the limit is {exc.max_size} bytes.",
+                    "invalid_request_error",
+                    code="request_too_large",
+                ),
+                413,
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = "not_found" if exc.status == 404 else None
+            message = (
+                f"Unknown request URL: {request.method} {request.path}."
+                if exc.status in (404, 405)
+                else exc.reason
+            )
+            return json_response(
+                error_body(message, "invalid_request_error", code=code), exc.status
+            )
+
+    return error_middleware

@@ -1,0 +1,495 @@
+"""The billed OpenAI-compatible endpoints: authenticate, estimate, hold, forward, settle.
+
+One ``BilledCall`` per request. Settlement (the Redis settle script, which appends to the
+durable outbox) runs *before* the last bytes reach the client, so a response that was
+delivered is always charged, even if the process dies right after; the Postgres write happens
+later in the settlement writer, off the client's latency path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from billing.errors import BillingError, BillingUnavailableError, UnknownModelError
+from billing.estimate import (
+    Estimate,
+    EstimateError,
+    estimate_chat,
+    estimate_completions,
+    estimate_embeddings,
+    estimate_responses,
+)
+from billing.pricing import RateCard, charge_millicredits, worst_case_millicredits
+from billing.tokens import TokenCounter
+from gateway import appkeys
+from gateway.auth import Identity
+from gateway.errors import InvalidRequestError, error_body, json_response
+from gateway.usage import Usage, generated_text, parse_usage, response_text, usage_event
+
+log = logging.getLogger(__name__)
+
+EstimateFn = Callable[[dict[str, Any], RateCard, TokenCounter], Estimate]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A billed upstream route.
+
+    Attributes:
+        path: path below the ``/v1`` base, e.g. ``/chat/completions``.
+        include_usage: the endpoint takes ``stream_options.include_usage``.
+    """
+
+    name: str
+    path: str
+    estimate: EstimateFn
+    include_usage: bool
+    streams: bool = True
+
+
+ENDPOINTS = (
+    Endpoint("chat.completions", "/chat/completions", estimate_chat, True),
+    Endpoint("completions", "/completions", estimate_completions, True),
+    Endpoint("responses", "/responses", estimate_responses, False),
+    Endpoint("embeddings", "/embeddings", estimate_embeddings, False, streams=False),
+)
+
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE = b"data: [DONE]"
+
+
+def new_request_id() -> str:
+    """``req_`` + 32 hex characters; the usage row and ``x-request-id`` carry it."""
+    return "req_" + uuid.uuid4().hex
+
+
+class BilledCall:
+    """One request's life from hold to settlement."""
+
+    __slots__ = (
+        "app",
+        "card",
+        "endpoint",
+        "estimate",
+        "hold_millicredits",
+        "identity",
+        "model",
+        "request",
+        "request_id",
+        "settled",
+        "started_ms",
+        "upstream_started",
+    )
+
+    def __init__(self, request: web.Request, endpoint: Endpoint, identity: Identity) -> None:
+        self.request = request
+        self.app = request.app
+        self.endpoint = endpoint
+        self.identity = identity
+        self.request_id = new_request_id()
+        self.started_ms = int(time.time() * 1000)
+        self.upstream_started = 0.0
+        self.hold_millicredits = 0
+        self.settled = False
+        self.card: RateCard
+        self.estimate: Estimate
+        self.model = ""
+
+    # -- settlement -----------------------------------------------------------------------
+
+    async def settle(self, usage: Usage, *, source: str, status: str) -> int:
+        """Charge ``usage`` at the rate card; returns the millicredits charged.
+
+        Raises:
+            BillingUnavailableError: Redis unreachable (the caller fails closed).
+        """
+        settings = self.app[appkeys.SETTINGS]
+        card = self.card
+        charging = settings.charging_enabled
+        cost = (
+            charge_millicredits(
+                card,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                rounding_mode=settings.rounding_mode,
+            )
+            if charging
+            else 0
+        )
+        payload = orjson.dumps(
+            {
+                "request_id": self.request_id,
+                "account_id": self.identity.account_id,
+                "api_key_id": self.identity.api_key_id,
+                "model": self.model,
+                "endpoint": self.endpoint.name,
+                "prompt_tokens": usage.prompt_tokens,
+                "cached_tokens": min(usage.cached_tokens, usage.prompt_tokens),
+                "completion_tokens": usage.completion_tokens,
+                "rate_card_id": card.id,
+                "input_rate": card.input_millicredits_per_1k_tokens,
+                "cached_rate": card.cached_rate,
+                "output_rate": card.output_millicredits_per_1k_tokens,
+                "rounding_mode": settings.rounding_mode.value,
+                "cost": cost,
+                "hold": self.hold_millicredits,
+                "usage_source": source,
+                "status": status if charging else "uncharged",
+                "started_at_ms": self.started_ms,
+                "finished_at_ms": int(time.time() * 1000),
+                "upstream_latency_ms": int((time.monotonic() - self.upstream_started) * 1000),
+            }
+        ).decode()
+        settled = await self.app[appkeys.HOLDS].settle(
+            self.identity.account_id,
+            request_id=self.request_id,
+            cost_millicredits=cost,
+            payload=payload,
+        )
+        self.settled = True
+        return settled.charged_millicredits
+
+    async def void(self) -> None:
+        """Release the hold with no charge (upstream failed before any output)."""
+        if self.settled or not self.hold_millicredits:
+            return
+        self.settled = True
+        try:
+            await self.app[appkeys.HOLDS].void(self.identity.account_id, request_id=self.request_id)
+        except BillingUnavailableError:
+            log.warning("void of %s failed; the sweeper releases it", self.request_id)
+
+    def estimated_usage(self, text: str) -> Usage:
+        """Usage when the upstream never reported it: our prompt count + tiktoken of output."""
+        tokens = self.app[appkeys.TOKENS]
+        completion = tokens.count_generated(text, self.model) if text else 0
+        return Usage(self.estimate.prompt_tokens, completion)
+
+
+def _headers(call: BilledCall) -> dict[str, str]:
+    return {"x-request-id": call.request_id}
+
+
+async def _prepare(request: web.Request, endpoint: Endpoint) -> tuple[BilledCall, dict, bool]:
+    """Authenticate, parse, price and hold. Returns the call, the body and ``stream``."""
+    app = request.app
+    identity = await app[appkeys.AUTH].authenticate(request)
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("You must provide a model parameter.", param="model")
+    settings = app[appkeys.SETTINGS]
+    card = app[appkeys.RATE_CARDS].get(model)
+    if card is None or (settings.model_allowlist and model not in settings.model_allowlist):
+        raise UnknownModelError(model)
+    stream = body.get("stream") is True
+    if stream and not endpoint.streams:
+        raise InvalidRequestError(f"{endpoint.name} does not stream.", param="stream")
+    call = BilledCall(request, endpoint, identity)
+    call.model = model
+    call.card = card
+    try:
+        call.estimate = endpoint.estimate(body, card, app[appkeys.TOKENS])
+    except EstimateError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
+    if settings.charging_enabled:
+        hold = worst_case_millicredits(
+            card,
+            prompt_tokens=call.estimate.prompt_tokens,
+            max_output_tokens=call.estimate.max_completion_tokens,
+            rounding_mode=settings.rounding_mode,
+        )
+        await app[appkeys.HOLDS].reserve(
+            identity.account_id, hold, request_id=call.request_id, ttl_s=settings.hold_ttl_s
+        )
+        call.hold_millicredits = hold
+    return call, body, stream
+
+
+async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientResponse:
+    app = call.app
+    settings = app[appkeys.SETTINGS]
+    call.upstream_started = time.monotonic()
+    try:
+        return await app[appkeys.UPSTREAM].post(
+            settings.upstream_base_url + call.endpoint.path,
+            data=data,
+            headers=app[appkeys.UPSTREAM_HEADERS],
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        await call.void()
+        log.warning("upstream unreachable for %s: %r", call.request_id, exc)
+        return None  # type: ignore[return-value]
+
+
+def _upstream_unavailable(call: BilledCall) -> web.Response:
+    return json_response(
+        error_body(
+            "The upstream model provider could not be reached; nothing was charged.",
+            "upstream_error",
+            code="upstream_unavailable",
+        ),
+        502,
+        _headers(call),
+    )
+
+
+async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    """Serve one billed request (see module docstring)."""
+    call, body, stream = await _prepare(request, endpoint)
+    client_wants_usage = False
+    if stream and endpoint.include_usage:
+        options = body.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        client_wants_usage = options.get("include_usage") is True
+        if not client_wants_usage:
+            body["stream_options"] = {**options, "include_usage": True}
+    try:
+        upstream = await _open_upstream(call, orjson.dumps(body))
+        if upstream is None:
+            return _upstream_unavailable(call)
+        try:
+            if upstream.status >= 400:
+                return await _relay_error(call, upstream)
+            if stream:
+                return await _relay_stream(call, upstream, client_wants_usage)
+            return await _relay_body(call, upstream)
+        finally:
+            upstream.release()
+    except BaseException:
+        if not call.settled:
+            await call.void()
+        raise
+
+
+async def _relay_error(call: BilledCall, upstream: aiohttp.ClientResponse) -> web.Response:
+    """Upstream refused before any output: void the hold, pass its error through."""
+    try:
+        data = await upstream.read()
+    except aiohttp.ClientError:
+        data = b""
+    await call.void()
+    try:
+        obj = orjson.loads(data)
+        if not (isinstance(obj, dict) and isinstance(obj.get("error"), dict)):
+            raise ValueError
+    except ValueError:
+        obj = error_body(
+            f"The upstream answered {upstream.status}; nothing was charged.",
+            "upstream_error",
+            code="upstream_error",
+        )
+    return json_response(obj, upstream.status, _headers(call))
+
+
+async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web.Response:
+    """Non-streamed: read the whole answer, settle, then respond."""
+    try:
+        data = await upstream.read()
+    except (aiohttp.ClientError, TimeoutError):
+        await call.void()
+        return _upstream_unavailable(call)
+    usage = None
+    obj: Any = None
+    try:
+        obj = orjson.loads(data)
+        usage = parse_usage(obj.get("usage")) if isinstance(obj, dict) else None
+    except orjson.JSONDecodeError:
+        pass
+    if usage is not None:
+        await call.settle(usage, source="upstream", status="completed")
+    else:
+        text = response_text(obj) if isinstance(obj, dict) else ""
+        await call.settle(call.estimated_usage(text), source="estimated", status="completed")
+    return web.Response(
+        body=data,
+        status=upstream.status,
+        content_type="application/json",
+        headers=_headers(call),
+    )
+
+
+async def _relay_stream(
+    call: BilledCall, upstream: aiohttp.ClientResponse, client_wants_usage: bool
+) -> web.StreamResponse:
+    """Streamed: forward SSE events as they arrive; settle before the final event."""
+    response = web.StreamResponse(
+        status=upstream.status, headers={**_SSE_HEADERS, **_headers(call)}
+    )
+    await response.prepare(call.request)
+    forwarded: list[bytes] = []
+    buffer = b""
+    status = "completed"
+    try:
+        async for chunk in upstream.content.iter_any():
+            buffer += chunk
+            if b"\n\n" not in buffer:
+                continue
+            *events, buffer = buffer.split(b"\n\n")
+            out: list[bytes] = []
+            for event in events:
+                if not event.strip():
+                    continue
+                if not call.settled:
+                    found = usage_event(event)
+                    if found is not None:
+                        usage, usage_only = found
+                        await call.settle(usage, source="upstream", status="completed")
+                        if usage_only and not client_wants_usage:
+                            continue
+                    elif event.startswith(_DONE):
+                        await _settle_estimated(call, forwarded, status="completed")
+                forwarded.append(event)
+                out.append(event)
+                out.append(b"\n\n")
+            if out:
+                await _write(response, b"".join(out))
+        if buffer.strip():
+            forwarded.append(buffer)
+            await _write(response, buffer + b"\n\n")
+    except _ClientGone:
+        # The client went away: stop the upstream, charge what was generated.
+        upstream.close()
+        if not call.settled:
+            await _settle_estimated(call, [*forwarded, buffer], status="client_disconnected")
+        return response
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        status = "upstream_error"
+        log.warning("upstream stream broke for %s: %r", call.request_id, exc)
+        await _finish_broken_stream(call, response, forwarded)
+        return response
+    except BillingUnavailableError:
+        await _send_stream_error(
+            response,
+            "Billing is temporarily unavailable; the response was cut short.",
+            "billing_unavailable",
+        )
+        return response
+    if not call.settled:
+        await _finish_broken_stream(call, response, forwarded, status=status)
+        return response
+    try:
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass
+    return response
+
+
+class _ClientGone(Exception):
+    """The client closed its connection while we were writing to it."""
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+        raise _ClientGone from exc
+
+
+async def _settle_estimated(call: BilledCall, events: list[bytes], *, status: str) -> None:
+    text = generated_text(events)
+    if not text:
+        await call.void()
+        return
+    await call.settle(call.estimated_usage(text), source="estimated", status=status)
+
+
+async def _finish_broken_stream(
+    call: BilledCall,
+    response: web.StreamResponse,
+    forwarded: list[bytes],
+    *,
+    status: str = "upstream_error",
+) -> None:
+    """The upstream stream ended without usage: charge what was generated (or void when
+    nothing was), and tell the client with a final SSE error event."""
+    try:
+        await _settle_estimated(call, forwarded, status=status)
+    except BillingError:
+        log.error("could not settle broken stream %s", call.request_id)
+    await _send_stream_error(
+        response,
+        "The upstream stream ended unexpectedly; you were charged only for what was generated.",
+        "upstream_error",
+    )
+
+
+async def _send_stream_error(response: web.StreamResponse, message: str, code: str) -> None:
+    """A final SSE event carrying an ``error`` object (the status is already sent)."""
+    try:
+        await response.write(
+            b"data: " + orjson.dumps(error_body(message, "server_error", code=code)) + b"\n\n"
+        )
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass
+
+
+def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Any]:
+    """An aiohttp handler for one billed endpoint."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await handle_billed(request, endpoint)
+
+    handler.__name__ = "handle_" + endpoint.name.replace(".", "_")
+    return handler
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the models on the active rate card (allow-list applied)."""
+    await request.app[appkeys.AUTH].authenticate(request)
+    return json_response({"object": "list", "data": _model_objects(request.app)}, 200)
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}``: one model, or 404 ``model_not_found``."""
+    await request.app[appkeys.AUTH].authenticate(request)
+    model_id = request.match_info["model"]
+    for obj in _model_objects(request.app):
+        if obj["id"] == model_id:
+            return json_response(obj, 200)
+    raise UnknownModelError(model_id)
+
+
+def _model_objects(app: web.Application) -> list[dict[str, Any]]:
+    allow = app[appkeys.SETTINGS].model_allowlist
+    return [
+        {
+            "id": card.model,
+            "object": "model",
+            "created": int(card.effective_at.timestamp()),
+            "owned_by": "creditgate",
+        }
+        for card in app[appkeys.RATE_CARDS].models()
+        if not allow or card.model in allow
+    ]
+
+
+async def handle_unknown_v1(request: web.Request) -> web.Response:
+    """Any other ``/v1`` path: 404 in OpenAI's shape; nothing is forwarded unbilled."""
+    return json_response(
+        error_body(
+            f"Invalid URL ({request.method} {request.path})",
+            "invalid_request_error",
+            code="unknown_url",
+        ),
+        404,
+    )

@@ -1,0 +1,151 @@
+"""Reading token usage out of OpenAI responses and stream events.
+
+Chat and completions report ``usage.{prompt_tokens, completion_tokens,
+prompt_tokens_details.cached_tokens}``; the Responses API reports ``usage.{input_tokens,
+output_tokens, input_tokens_details.cached_tokens}``; embeddings report ``prompt_tokens`` only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# In streams with include_usage every chunk carries "usage": null except the last one.
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request; ``prompt_tokens`` includes ``cached_tokens``."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def parse_usage(usage: Any) -> Usage | None:
+    """A ``Usage`` from an OpenAI ``usage`` object of any endpoint, or None if absent."""
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage:
+        details = usage.get("input_tokens_details") or {}
+        return Usage(
+            _int(usage.get("input_tokens")),
+            _int(usage.get("output_tokens")),
+            _int(details.get("cached_tokens") if isinstance(details, dict) else 0),
+        )
+    if "prompt_tokens" in usage:
+        details = usage.get("prompt_tokens_details") or {}
+        return Usage(
+            _int(usage.get("prompt_tokens")),
+            _int(usage.get("completion_tokens")),
+            _int(details.get("cached_tokens") if isinstance(details, dict) else 0),
+        )
+    return None
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The ``data:`` payload of one SSE event (lines joined), or None when it has none."""
+    parts = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(parts) if parts else None
+
+
+def usage_event(event: bytes) -> tuple[Usage, bool] | None:
+    """If this SSE event carries the request's final usage: ``(usage, is_usage_only_chunk)``.
+
+    ``is_usage_only_chunk`` marks the extra chat/completions chunk (``choices: []``) that
+    ``stream_options.include_usage`` adds, which clients that did not ask for it never see.
+    Responses API usage comes in ``response.completed`` / ``response.incomplete`` /
+    ``response.failed`` events, which are always forwarded.
+    """
+    if b'"usage"' not in event:
+        return None
+    if b"response." in event and (
+        b"response.completed" in event
+        or b"response.incomplete" in event
+        or b"response.failed" in event
+    ):
+        data = event_data(event)
+        if data is None:
+            return None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        response = obj.get("response") if isinstance(obj, dict) else None
+        usage = parse_usage(response.get("usage")) if isinstance(response, dict) else None
+        return (usage, False) if usage is not None else None
+    if _NULL_USAGE.search(event) and event.count(b'"usage"') == 1:
+        return None
+    data = event_data(event)
+    if data is None:
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    usage = parse_usage(obj.get("usage"))
+    if usage is None:
+        return None
+    return usage, not obj.get("choices")
+
+
+def generated_text(events: list[bytes]) -> str:
+    """The text generated so far in forwarded stream events (chat deltas, completion text,
+    tool-call arguments, Responses output deltas), for counting when usage never arrived."""
+    out: list[str] = []
+    for event in events:
+        data = event_data(event)
+        if not data or data == b"[DONE]":
+            continue
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if isinstance(obj.get("delta"), str):  # Responses API *.delta events
+            out.append(obj["delta"])
+            continue
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            if isinstance(choice.get("text"), str):
+                out.append(choice["text"])
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                if isinstance(delta.get("content"), str):
+                    out.append(delta["content"])
+                for call in delta.get("tool_calls") or ():
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
+                        out.append(str(function.get("name") or ""))
+                        out.append(str(function.get("arguments") or ""))
+    return "".join(out)
+
+
+def response_text(obj: dict[str, Any]) -> str:
+    """The generated text of a non-streamed response (for estimating when usage is absent)."""
+    out: list[str] = []
+    for choice in obj.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                out.append(message["content"])
+            if isinstance(choice.get("text"), str):
+                out.append(choice["text"])
+    for item in obj.get("output") or ():
+        if isinstance(item, dict):
+            for part in item.get("content") or ():
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    out.append(part["text"])
+    return "".join(out)
