@@ -24,3 +24,6 @@ AUTH = web.AppKey("auth", "KeyAuthenticator")
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict)
 WRITER = web.AppKey("settlement_writer", object)
+# Set only when STRIPE_API_KEY is configured (``gateway.checkout.stripe_ctx``).
+STRIPE = web.AppKey("stripe", "StripeGateway")
+STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", "WebhookStats")

@@ -1,0 +1,105 @@
+"""``POST /stripe/webhook`` on the admin service: Stripe's events, verified, applied once.
+
+Answers (Stripe retries every non-2xx answer for up to three days):
+    200  applied, a repeat of an event already stored, or a type we do not act on
+         (``{"received": true, "duplicate": bool, "outcome": str}``)
+    400  no or bad ``Stripe-Signature`` (no configured secret matches), a timestamp more than
+         300 s old or in the future, or a body that is not a Stripe event; nothing written
+    503  webhook secrets not configured, or Postgres or Stripe unreachable; nothing written
+    500  anything else; nothing written (the transaction rolled back)
+
+Never logs payloads or signatures: only event ids, types and outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from billing.checkout import POSTGRES_ERRORS, complete_payment_details, publish_balance
+from billing.stripe_events import WebhookStats, process_event
+from billing.stripe_gateway import (
+    InvalidWebhookError,
+    StripeRequestError,
+    StripeUnavailableError,
+    construct_webhook_event,
+)
+from gateway import appkeys
+from gateway.checkout import stripe_ctx
+from gateway.errors import error_body, json_response
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/stripe/webhook"
+_PAYMENT_DETAILS_TIMEOUT_S = 5.0
+
+
+def add_webhook_routes(app: web.Application) -> None:
+    """Add ``POST /stripe/webhook``, its counters (``appkeys.STRIPE_WEBHOOK_STATS``) and the
+    Stripe client's ``cleanup_ctx`` (after the app's Postgres and Redis contexts)."""
+    app[appkeys.STRIPE_WEBHOOK_STATS] = WebhookStats()
+    app.cleanup_ctx.append(stripe_ctx)
+    app.router.add_post(WEBHOOK_PATH, handle_stripe_webhook)
+
+
+def _error(message: str, status: int, code: str) -> web.Response:
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    return json_response(error_body(message, error_type, code=code), status)
+
+
+async def handle_stripe_webhook(request: web.Request) -> web.Response:
+    """Verify the delivery, apply its event once, push changed balances to Redis.
+
+    See the module docstring for the answers. After a newly applied event changed a
+    balance, the committed balance goes to Redis (a Redis failure is logged, never fails
+    the delivery: see ``billing.checkout.publish_balance``). After a fulfilment, the
+    charge id and receipt URL are fetched from Stripe, best effort.
+    """
+    app = request.app
+    settings = app[appkeys.SETTINGS]
+    stats = app[appkeys.STRIPE_WEBHOOK_STATS]
+    if not settings.stripe_webhook_secrets:
+        stats.failures["unconfigured"] += 1
+        log.error("stripe webhook delivery refused: STRIPE_WEBHOOK_SECRETS is not set")
+        return _error("Webhook signing secrets are not configured.", 503, "webhook_unconfigured")
+    payload = await request.read()
+    try:
+        event = construct_webhook_event(
+            payload, request.headers.get("Stripe-Signature"), settings.stripe_webhook_secrets
+        )
+    except InvalidWebhookError as exc:
+        stats.failures["signature"] += 1
+        log.warning("stripe webhook delivery rejected: %s", exc)
+        return _error(f"Invalid webhook delivery: {exc}", 400, "invalid_webhook")
+    stripe = app.get(appkeys.STRIPE)
+    try:
+        result = await process_event(app[appkeys.DB_POOL], stripe, event)
+    except (StripeUnavailableError, StripeRequestError, *POSTGRES_ERRORS) as exc:
+        stats.failures["unavailable"] += 1
+        log.warning(
+            "stripe event %s (%s) not applied, retry expected: %s", event["id"], event["type"], exc
+        )
+        return _error("Temporarily unable to process the event.", 503, "unavailable")
+    except Exception:
+        stats.failures["error"] += 1
+        log.exception("stripe event %s (%s) failed", event["id"], event["type"])
+        return _error("Internal error processing the event.", 500, "internal_error")
+    stats.events[(str(event["type"]), result.outcome)] += 1
+    update = result.update
+    if update is not None and update.purchase is not None and update.entries:
+        purchase = update.purchase
+        await publish_balance(app.get(appkeys.HOLDS), purchase.account_id, update.posted)
+        stats.purchased_millicredits += sum(
+            e.amount_millicredits for e in update.entries if e.entry_type == "purchase"
+        )
+        if stripe is not None and purchase.status == "paid":
+            try:
+                async with asyncio.timeout(_PAYMENT_DETAILS_TIMEOUT_S):
+                    await complete_payment_details(app[appkeys.DB_POOL], stripe, purchase)
+            except TimeoutError:
+                log.warning("purchase %s: payment details timed out", purchase.public_id)
+    return json_response(
+        {"received": True, "duplicate": result.duplicate, "outcome": result.outcome}, 200
+    )

@@ -1,0 +1,413 @@
+"""Buying credits on the gateway: packages, starting Checkout, and the return page.
+
+Routes (``add_checkout_routes``):
+    GET  /api/billing/packages               the active packages (no authentication)
+    POST /api/billing/checkout               ``{"packageCode", "returnPath"?}`` -> Checkout URL
+    GET  /api/billing/purchases/{purchaseId}  one of the caller's purchases
+    GET  /credits                            plain status page; Checkout's success and cancel
+                                             URLs land here (``?purchase=...&session_id=...``)
+
+The success return fulfils through the same idempotent function as the webhook, so credits
+show at once even when the webhook is late. Errors use OpenAI's envelope through the
+gateway's error middleware, chosen by class.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from billing.checkout import (
+    CREDITS_PATH,
+    POSTGRES_ERRORS,
+    fulfil_from_stripe,
+    start_checkout,
+    status_url,
+)
+from billing.errors import BillingUnavailableError
+from billing.holds import PostedBalance
+from billing.ledger import posted_balance
+from billing.packages import (
+    Package,
+    UnknownPackageError,
+    list_packages,
+    price_per_1k_credits,
+    savings_percent,
+)
+from billing.purchases import Purchase, PurchaseNotFoundError, get_purchase
+from billing.stripe_gateway import StripeGateway, StripeRequestError, StripeUnavailableError
+from billing.units import millicredits_to_credits, millicredits_to_usd, money_fields
+from gateway import appkeys
+from gateway.auth import authenticate
+from gateway.errors import GatewayError, InvalidRequestError, NotFoundError, json_response
+
+log = logging.getLogger(__name__)
+
+_MAX_RETURN_PATH = 512
+
+
+class PurchasesUnavailableError(GatewayError):
+    """Purchases are switched off (``PURCHASES_ENABLED=false``) or Stripe is not configured,
+    or Stripe is unreachable (503)."""
+
+    status = 503
+    error_type = "server_error"
+    code = "purchases_unavailable"
+
+
+class CheckoutRefusedError(GatewayError):
+    """Stripe refused to create the Checkout Session: our configuration is wrong (502)."""
+
+    status = 502
+    error_type = "server_error"
+    code = "checkout_failed"
+
+
+async def stripe_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the ``StripeGateway`` (``appkeys.STRIPE``) when ``STRIPE_API_KEY`` is set, close
+    it at shutdown. Shared by the gateway and the admin service; a second use is a no-op."""
+    settings = app[appkeys.SETTINGS]
+    if not settings.stripe_api_key or appkeys.STRIPE in app:
+        yield
+        return
+    stripe = StripeGateway.from_settings(settings)
+    app[appkeys.STRIPE] = stripe
+    yield
+    await stripe.close()
+
+
+def add_checkout_routes(app: web.Application) -> None:
+    """Add the purchase routes and the Stripe client's ``cleanup_ctx`` to the gateway app
+    (after its Postgres and Redis contexts)."""
+    app.cleanup_ctx.append(stripe_ctx)
+    app.router.add_get("/api/billing/packages", handle_packages)
+    app.router.add_post("/api/billing/checkout", handle_checkout)
+    app.router.add_get("/api/billing/purchases/{purchase_id}", handle_purchase)
+    app.router.add_get(CREDITS_PATH, handle_credits_page)
+
+
+def package_json(package: Package, reference: Package | None = None) -> dict[str, Any]:
+    """A package at the JSON edge: money as strings, display numbers beside them.
+
+    Shape: ``{"code", "name", "badge", "currency", "price": "9.99", "priceMinorUnits": "999",
+    "baseMillicredits": "9990000", "baseCredits": 9990.0, "baseUsd": 9.99, "bonus...",
+    "total...", "pricePer1kCredits": "1.0000", "savingsPercent": "0.0"}``; savings are
+    against ``reference`` (Starter), or null without one.
+    """
+    return {
+        "object": "package",
+        "code": package.code,
+        "name": package.name,
+        "badge": package.badge,
+        "currency": package.currency,
+        "price": str(package.price),
+        "priceMinorUnits": str(package.price_minor_units),
+        **money_fields("base", package.base_millicredits),
+        **money_fields("bonus", package.bonus_millicredits),
+        **money_fields("total", package.total_millicredits),
+        "pricePer1kCredits": str(price_per_1k_credits(package)),
+        "savingsPercent": str(savings_percent(package, reference)) if reference else None,
+    }
+
+
+def purchase_json(purchase: Purchase, balance: PostedBalance | None = None) -> dict[str, Any]:
+    """A purchase at the JSON edge (status, package, price, credits, receipt)."""
+    body: dict[str, Any] = {
+        "object": "purchase",
+        "id": purchase.public_id,
+        "status": purchase.status,
+        "packageCode": purchase.package_code,
+        "currency": purchase.currency,
+        "priceMinorUnits": str(purchase.price_minor_units),
+        **money_fields("credits", purchase.total_millicredits),
+        "checkoutSessionId": purchase.checkout_session_id,
+        "checkoutUrl": purchase.checkout_url if purchase.status == "pending" else None,
+        "receiptUrl": purchase.receipt_url,
+        "createdAt": purchase.created_at.isoformat(),
+        "paidAt": purchase.paid_at.isoformat() if purchase.paid_at else None,
+    }
+    if balance is not None:
+        body.update(money_fields("balance", balance.balance_millicredits))
+        body.update(money_fields("shortfall", balance.shortfall_millicredits))
+    return body
+
+
+def _validated_return_path(value: object) -> str | None:
+    """A path on our own site, or None. Rejects absolute and scheme-relative URLs (open
+    redirects), backslashes and control characters."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or value.startswith("//")
+        or "\\" in value
+        or len(value) > _MAX_RETURN_PATH
+        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
+    ):
+        raise InvalidRequestError(
+            "returnPath must be a path on this site starting with '/'.",
+            param="returnPath",
+            code="invalid_return_path",
+        )
+    return value
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            "The request body is not valid JSON.", code="invalid_json"
+        ) from exc
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _stripe_or_503(app: web.Application) -> StripeGateway:
+    settings = app[appkeys.SETTINGS]
+    if not settings.purchases_enabled:
+        raise PurchasesUnavailableError(
+            "Credit purchases are temporarily disabled. Your balance and API access are not "
+            "affected; please try again later."
+        )
+    stripe = app.get(appkeys.STRIPE)
+    if stripe is None:
+        raise PurchasesUnavailableError(
+            "Credit purchases are not available: payments are not configured on this server."
+        )
+    return stripe
+
+
+async def handle_packages(request: web.Request) -> web.Response:
+    """``GET /api/billing/packages``: ``{"object": "list", "data": [package...]}``."""
+    try:
+        packages = await list_packages(request.app[appkeys.DB_POOL])
+    except POSTGRES_ERRORS as exc:
+        raise BillingUnavailableError(f"postgres: {exc}") from exc
+    reference = next((p for p in packages if p.code == "starter"), None)
+    return json_response(
+        {"object": "list", "data": [package_json(p, reference) for p in packages]}, 200
+    )
+
+
+async def handle_checkout(request: web.Request) -> web.Response:
+    """``POST /api/billing/checkout``: start buying a package.
+
+    Body: ``{"packageCode": "starter" | "professional" | "enterprise", "returnPath"?: "/..."}``;
+    any amount or credits field is ignored. Answers 201 with ``{"object":
+    "checkout_session", "purchaseId", "checkoutSessionId", "checkoutUrl", "statusUrl",
+    "status": "pending", "package": {...}}``.
+
+    Errors: 401 bad key; 400 malformed body, unknown package, bad return path; 503 purchases
+    disabled, Stripe not configured or unreachable, Postgres down; 502 Stripe refused.
+    """
+    identity = await authenticate(request)
+    stripe = _stripe_or_503(request.app)
+    body = await _json_object(request)
+    code = body.get("packageCode")
+    if not isinstance(code, str) or not code:
+        raise InvalidRequestError(
+            "packageCode is required: one of the codes from GET /api/billing/packages.",
+            param="packageCode",
+            code="missing_package_code",
+        )
+    return_path = _validated_return_path(body.get("returnPath"))
+    settings = request.app[appkeys.SETTINGS]
+    try:
+        started = await start_checkout(
+            request.app[appkeys.DB_POOL],
+            stripe,
+            account_id=identity.account_id,
+            package_code=code,
+            return_path=return_path,
+            public_base_url=settings.public_base_url,
+        )
+    except UnknownPackageError as exc:
+        raise InvalidRequestError(
+            f"Unknown package {exc.code!r}: use a code from GET /api/billing/packages.",
+            param="packageCode",
+            code="unknown_package",
+        ) from exc
+    except StripeUnavailableError as exc:
+        raise PurchasesUnavailableError(
+            "The payment provider could not be reached. You have not been charged; "
+            "please try again in a moment."
+        ) from exc
+    except StripeRequestError as exc:
+        raise CheckoutRefusedError(
+            "Checkout could not be started. You have not been charged; please contact support."
+        ) from exc
+    purchase = started.purchase
+    return json_response(
+        {
+            "object": "checkout_session",
+            "purchaseId": purchase.public_id,
+            "checkoutSessionId": started.session.id,
+            "checkoutUrl": started.session.url,
+            "statusUrl": status_url(settings.public_base_url, purchase.public_id),
+            "status": purchase.status,
+            "package": package_json(started.package),
+        },
+        201,
+    )
+
+
+async def handle_purchase(request: web.Request) -> web.Response:
+    """``GET /api/billing/purchases/{purchaseId}``: one of the caller's purchases, with the
+    account's balance and shortfall. 404 for unknown ids and other accounts' purchases."""
+    identity = await authenticate(request)
+    pool = request.app[appkeys.DB_POOL]
+    public_id = request.match_info["purchase_id"]
+    try:
+        purchase = await get_purchase(pool, public_id, account_id=identity.account_id)
+        balance = await posted_balance(pool, identity.account_id)
+    except PurchaseNotFoundError as exc:
+        raise NotFoundError(
+            f"No purchase {public_id!r}.", param="purchaseId", code="purchase_not_found"
+        ) from exc
+    except POSTGRES_ERRORS as exc:
+        raise BillingUnavailableError(f"postgres: {exc}") from exc
+    return json_response(purchase_json(purchase, balance), 200)
+
+
+async def handle_credits_page(request: web.Request) -> web.Response:
+    """``GET /credits``: a plain page with a purchase's status (until the Credits page).
+
+    Query: ``purchase`` (the public id), ``session_id`` (Checkout's success return: the
+    session is retrieved from Stripe and applied, so the credits show at once),
+    ``checkout=cancelled`` (the cancel return). The public id and session id are
+    unguessable; the page shows no personal data beyond the balance.
+    """
+    public_id = request.query.get("purchase")
+    session_id = request.query.get("session_id")
+    cancelled = request.query.get("checkout") == "cancelled"
+    pool = request.app[appkeys.DB_POOL]
+    stripe = request.app.get(appkeys.STRIPE)
+    if public_id and session_id and stripe is not None:
+        try:
+            await fulfil_from_stripe(
+                pool, stripe, request.app.get(appkeys.HOLDS), session_id, public_id=public_id
+            )
+        except (StripeUnavailableError, StripeRequestError, BillingUnavailableError) as exc:
+            # The webhook fulfils it; until then the page says "pending".
+            log.warning("success return for %s not applied: %s", public_id, exc)
+    purchase: Purchase | None = None
+    balance: PostedBalance | None = None
+    try:
+        if public_id:
+            try:
+                purchase = await get_purchase(pool, public_id)
+                balance = await posted_balance(pool, purchase.account_id)
+            except PurchaseNotFoundError:
+                purchase = None
+        packages = [] if purchase else await list_packages(pool)
+    except POSTGRES_ERRORS as exc:
+        log.warning("credits page: postgres: %s", exc)
+        return _page(
+            "Credits", "<p>We cannot show this right now. Please reload in a moment.</p>", 503
+        )
+    if public_id and purchase is None:
+        return _page("Purchase not found", "<p>We could not find this purchase.</p>", 404)
+    if purchase is None:
+        return _page("Credits", _packages_html(packages))
+    return _page(
+        "Your purchase",
+        _purchase_html(purchase, balance, cancelled=cancelled, returned=bool(session_id)),
+        refresh_s=5 if purchase.status in ("pending", "processing") and session_id else None,
+    )
+
+
+def _credits_text(amount_millicredits: int) -> str:
+    return f"{millicredits_to_credits(amount_millicredits):,.2f}"
+
+
+_STATUS_TEXT = {
+    "paid": "Payment received. {credits} credits were added to your account.",
+    "processing": (
+        "Purchase pending: your payment is being processed by your bank. {credits} credits "
+        "will be added as soon as it clears; you do not need to stay on this page."
+    ),
+    "failed": (
+        "The payment did not go through. You have not been charged and no credits were added."
+    ),
+    "expired": "This checkout expired before payment. You have not been charged.",
+    "needs_review": (
+        "We received your payment and are checking it before adding {credits} credits. "
+        "Our support team has been notified; no action is needed from you."
+    ),
+}
+
+
+def _purchase_html(
+    purchase: Purchase, balance: PostedBalance | None, *, cancelled: bool, returned: bool
+) -> str:
+    credits = _credits_text(purchase.total_millicredits)
+    if purchase.status == "pending" and cancelled:
+        text = (
+            "Checkout was cancelled. You have not been charged and no credits were added. "
+            "You can buy credits whenever you like."
+        )
+    elif purchase.status == "pending":
+        text = (
+            "Purchase pending: we are waiting for the payment provider to confirm your "
+            f"payment. {credits} credits will be added as soon as it does."
+            if returned
+            else "This purchase has not been paid yet."
+        )
+    else:
+        text = _STATUS_TEXT[purchase.status].format(credits=credits)
+    parts = [
+        f'<p id="status" data-status="{html.escape(purchase.status)}">{html.escape(text)}</p>',
+        f"<p>Package: {html.escape(purchase.package_code.title())} ({credits} credits)</p>",
+    ]
+    if balance is not None:
+        parts.append(
+            f'<p id="balance">Balance: {_credits_text(balance.balance_millicredits)} Credits '
+            f"(~${millicredits_to_usd(balance.balance_millicredits):,.2f} USD equivalent)</p>"
+        )
+    if purchase.receipt_url:
+        parts.append(f'<p><a href="{html.escape(purchase.receipt_url)}">Receipt</a></p>')
+    parts.append(
+        f'<p><a href="{html.escape(purchase.return_path or CREDITS_PATH)}">Continue</a></p>'
+    )
+    return "\n".join(parts)
+
+
+def _packages_html(packages: list[Package]) -> str:
+    rows = "\n".join(
+        f"<li>{html.escape(p.name)}: ${p.price:.2f} for "
+        f"{_credits_text(p.total_millicredits)} credits"
+        + (f" ({html.escape(p.badge)})" if p.badge else "")
+        + "</li>"
+        for p in packages
+    )
+    return (
+        "<p>Credits are prepaid. 1,000 Credits = $1.00. You only pay for actual token "
+        "usage.</p>\n"
+        f"<ul>{rows}</ul>\n<p>Buy with <code>POST /api/billing/checkout</code>.</p>"
+    )
+
+
+def _page(
+    title: str, body: str, status: int = 200, *, refresh_s: int | None = None
+) -> web.Response:
+    refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
+    document = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="robots" content="noindex">'
+        f"{refresh}<title>{html.escape(title)}</title></head>\n"
+        f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+    return web.Response(
+        text=document,
+        status=status,
+        content_type="text/html",
+        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+    )

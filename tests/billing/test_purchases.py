@@ -1,0 +1,658 @@
+"""Packages, purchases, fulfilment, refunds and disputes against a real Postgres.
+
+Stripe objects come from ``tests.stripe_stub`` (Stripe's shapes, built in-process here; the
+HTTP stand-in is exercised in the webhook and end-to-end tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from billing import ledger
+from billing.packages import (
+    DEFAULT_PACKAGES,
+    UnknownPackageError,
+    get_package,
+    list_packages,
+    price_per_1k_credits,
+    savings_percent,
+    seed_packages,
+)
+from billing.purchase_ledger import share_millicredits
+from billing.purchases import (
+    Purchase,
+    apply_charge,
+    apply_checkout_session,
+    apply_dispute,
+    apply_refund,
+    attach_checkout_session,
+    create_purchase,
+    get_purchase,
+)
+from billing.stripe_events import process_event
+from tests.stripe_stub import StripeStub
+
+STARTER_MC = 9_990_000
+PROFESSIONAL_MC = 52_490_000
+ENTERPRISE_MC = 109_990_000
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=60)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+class World:
+    """Accounts, purchases and Stripe's side of them, for one test."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.stripe = StripeStub()
+        self._emails = 0
+
+    async def account(self, credits_millicredits: int = 0) -> int:
+        self._emails += 1
+        async with self.pool.acquire() as conn:
+            account_id = await ledger.create_account(conn, f"buyer{self._emails}@example.com")
+            if credits_millicredits:
+                await ledger.post_entry(
+                    conn,
+                    account_id=account_id,
+                    entry_type="adjustment",
+                    amount_millicredits=credits_millicredits,
+                    idempotency_key=f"grant:{account_id}",
+                )
+        return account_id
+
+    async def checkout(self, account_id: int, code: str = "starter") -> tuple[Purchase, str]:
+        """A pending purchase with its Checkout Session (as the gateway creates them)."""
+        package = await get_package(self.pool, code)
+        async with self.pool.acquire() as conn:
+            purchase = await create_purchase(
+                conn, account_id=account_id, package=package, return_path=None
+            )
+        metadata = {
+            "purchase_id": purchase.public_id,
+            "package_code": code,
+            "account_id": str(account_id),
+        }
+        session = self.stripe.create_session(
+            {
+                "mode": "payment",
+                "line_items": [
+                    {
+                        "quantity": "1",
+                        "price_data": {
+                            "currency": package.currency,
+                            "unit_amount": str(package.price_minor_units),
+                            "product_data": {"name": package.name},
+                        },
+                    }
+                ],
+                "client_reference_id": str(account_id),
+                "metadata": metadata,
+                "payment_intent_data": {"metadata": metadata},
+                "success_url": "http://gw/credits?session_id={CHECKOUT_SESSION_ID}",
+                "cancel_url": "http://gw/credits",
+            }
+        )
+        purchase = await attach_checkout_session(
+            self.pool, purchase.id, checkout_session_id=session["id"], checkout_url=session["url"]
+        )
+        return purchase, session["id"]
+
+    async def apply(self, fn: Any, obj: dict[str, Any], **kwargs: Any) -> Any:
+        async with self.pool.acquire() as conn:
+            return await fn(conn, obj, **kwargs)
+
+    async def spend(self, account_id: int, amount_millicredits: int, key: str) -> None:
+        async with self.pool.acquire() as conn:
+            await ledger.post_entry(
+                conn,
+                account_id=account_id,
+                entry_type="deduction",
+                amount_millicredits=-amount_millicredits,
+                idempotency_key=key,
+            )
+
+    async def balance(self, account_id: int) -> ledger.PostedBalance:
+        return await ledger.posted_balance(self.pool, account_id)
+
+    async def entries(self, account_id: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            "SELECT * FROM ledger_entries WHERE account_id = $1 ORDER BY id", account_id
+        )
+
+    async def assert_books_balance(self, account_id: int) -> None:
+        async with self.pool.acquire() as conn:
+            assert await ledger.ledger_sum_matches_balance(conn, account_id)
+
+
+@pytest.fixture
+def world(pool: asyncpg.Pool) -> World:
+    return World(pool)
+
+
+# -- packages ---------------------------------------------------------------------------
+
+
+async def test_packages_migration_seeds_the_design_catalogue(pool: asyncpg.Pool) -> None:
+    packages = await list_packages(pool)
+    assert [(p.code, p.price_minor_units, p.currency) for p in packages] == [
+        ("starter", 999, "usd"),
+        ("professional", 4999, "usd"),
+        ("enterprise", 9999, "usd"),
+    ]
+    assert [p.total_millicredits for p in packages] == [STARTER_MC, PROFESSIONAL_MC, ENTERPRISE_MC]
+    assert [p.bonus_millicredits for p in packages] == [0, 2_500_000, 10_000_000]
+    assert [p.badge for p in packages] == [None, None, "Best value"]
+    for spec, stored in zip(DEFAULT_PACKAGES, packages, strict=True):
+        assert (spec.code, spec.total_millicredits, spec.badge) == (
+            stored.code,
+            stored.total_millicredits,
+            stored.badge,
+        )
+
+
+async def test_seed_packages_resets_prices_and_keeps_price_id(pool: asyncpg.Pool) -> None:
+    await pool.execute(
+        "UPDATE packages SET price_minor_units = 1, stripe_price_id = 'price_123' "
+        "WHERE code = 'starter'"
+    )
+    async with pool.acquire() as conn:
+        seeded = await seed_packages(conn)
+        again = await seed_packages(conn)
+    assert seeded == again
+    starter = await get_package(pool, "starter")
+    assert starter.price_minor_units == 999
+    assert starter.stripe_price_id == "price_123"
+    assert await pool.fetchval("SELECT count(*) FROM packages") == 3
+
+
+async def test_get_package_unknown_or_inactive_raises(pool: asyncpg.Pool) -> None:
+    with pytest.raises(UnknownPackageError):
+        await get_package(pool, "platinum")
+    await pool.execute("UPDATE packages SET active = false WHERE code = 'starter'")
+    with pytest.raises(UnknownPackageError):
+        await get_package(pool, "starter")
+    assert [p.code for p in await list_packages(pool)] == ["professional", "enterprise"]
+
+
+async def test_package_total_must_equal_base_plus_bonus(pool: asyncpg.Pool) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("UPDATE packages SET total_millicredits = 1 WHERE code = 'starter'")
+
+
+async def test_price_per_1k_credits_and_savings(pool: asyncpg.Pool) -> None:
+    starter, professional, enterprise = await list_packages(pool)
+    assert str(price_per_1k_credits(starter)) == "1.0000"
+    assert str(price_per_1k_credits(enterprise)) == "0.9091"
+    assert str(savings_percent(starter, starter)) == "0.0"
+    assert str(savings_percent(professional, starter)) == "4.8"
+    assert str(savings_percent(enterprise, starter)) == "9.1"
+
+
+# -- fulfilment -------------------------------------------------------------------------
+
+
+async def test_apply_paid_session_grants_package_once(world: World) -> None:
+    account = await world.account()
+    purchase, session_id = await world.checkout(account, "professional")
+    session = world.stripe.pay(session_id)
+
+    first = await world.apply(apply_checkout_session, session)
+    again = await world.apply(apply_checkout_session, session)
+
+    assert [e.amount_millicredits for e in first.entries] == [PROFESSIONAL_MC]
+    assert first.entries[0].idempotency_key == f"purchase:{session_id}"
+    assert first.posted.balance_millicredits == PROFESSIONAL_MC
+    assert again.entries == [] and again.posted is None
+    stored = await get_purchase(world.pool, purchase.public_id)
+    assert stored.status == "paid"
+    assert stored.payment_intent_id == session["payment_intent"]
+    assert stored.purchase_entry_id == first.entries[0].id
+    assert stored.amount_paid_minor_units == 4999
+    assert (await world.balance(account)).balance_millicredits == PROFESSIONAL_MC
+
+
+async def test_apply_paid_session_50_times_concurrently_grants_once(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account, "enterprise")
+    session = world.stripe.pay(session_id)
+
+    results = await asyncio.gather(
+        *(world.apply(apply_checkout_session, session) for _ in range(50))
+    )
+
+    assert sum(len(r.entries) for r in results) == 1
+    assert (await world.balance(account)).balance_millicredits == ENTERPRISE_MC
+    assert len(await world.entries(account)) == 1
+
+
+async def test_expanded_session_keeps_charge_and_receipt(world: World) -> None:
+    account = await world.account()
+    purchase, session_id = await world.checkout(account)
+    session = world.stripe.pay(session_id)
+    charge = world.stripe.charge_of(session_id)
+    pi = dict(world.stripe.payment_intents[session["payment_intent"]], latest_charge=charge)
+
+    await world.apply(apply_checkout_session, {**session, "payment_intent": pi})
+
+    stored = await get_purchase(world.pool, purchase.public_id)
+    assert (stored.charge_id, stored.receipt_url) == (charge["id"], charge["receipt_url"])
+
+
+async def test_async_payment_is_processing_until_it_succeeds(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+    completed = world.stripe.pay(session_id, asynchronous=True)
+
+    update = await world.apply(apply_checkout_session, completed)
+    assert update.purchase.status == "processing" and update.entries == []
+
+    succeeded = world.stripe.settle_async(session_id, succeeded=True)
+    update = await world.apply(apply_checkout_session, succeeded)
+    assert update.purchase.status == "paid"
+    assert (await world.balance(account)).balance_millicredits == STARTER_MC
+
+
+async def test_async_payment_failed_grants_nothing_whatever_the_order(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+    completed = world.stripe.pay(session_id, asynchronous=True)
+    failed = world.stripe.settle_async(session_id, succeeded=False)
+
+    await world.apply(apply_checkout_session, failed, async_payment_failed=True)
+    update = await world.apply(apply_checkout_session, completed)
+
+    assert update.purchase.status == "failed"
+    assert update.purchase.failure_reason == "async_payment_failed"
+    assert await world.entries(account) == []
+
+
+async def test_failure_reported_after_payment_keeps_the_purchase_paid(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+    paid = world.stripe.pay(session_id)
+    await world.apply(apply_checkout_session, paid)
+
+    update = await world.apply(apply_checkout_session, paid, async_payment_failed=True)
+    expired = await world.apply(apply_checkout_session, {**paid, "status": "expired"})
+
+    assert update.purchase.status == expired.purchase.status == "paid"
+    assert (await world.balance(account)).balance_millicredits == STARTER_MC
+
+
+async def test_expired_session_grants_nothing(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+
+    update = await world.apply(apply_checkout_session, world.stripe.expire(session_id))
+
+    assert update.purchase.status == "expired"
+    assert await world.entries(account) == []
+
+
+async def test_session_with_other_amount_needs_review_and_grants_nothing(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+    session = world.stripe.pay(session_id)
+
+    update = await world.apply(apply_checkout_session, {**session, "amount_total": 1})
+
+    assert update.purchase.status == "needs_review"
+    assert "amount_total" in update.rejected
+    assert await world.entries(account) == []
+
+
+async def test_session_not_ours_is_ignored(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+    session = world.stripe.pay(session_id)
+    foreign = {**session, "id": "cs_test_foreign", "metadata": {}}
+
+    update = await world.apply(apply_checkout_session, foreign)
+
+    assert update.purchase is None
+    assert await world.entries(account) == []
+
+
+# -- refunds ----------------------------------------------------------------------------
+
+
+async def _paid(world: World, code: str = "starter", credits: int = 0) -> tuple[int, str]:
+    account = await world.account(credits)
+    _, session_id = await world.checkout(account, code)
+    await world.apply(apply_checkout_session, world.stripe.pay(session_id))
+    return account, session_id
+
+
+async def test_full_refund_reverses_the_whole_purchase(world: World) -> None:
+    account, session_id = await _paid(world, "enterprise")
+
+    update = await world.apply(apply_refund, world.stripe.refund(session_id))
+
+    [reversal] = update.entries
+    assert reversal.entry_type == "reversal"
+    assert reversal.amount_millicredits == -ENTERPRISE_MC
+    purchase_entry = (await world.entries(account))[0]
+    assert reversal.reverses_entry_id == purchase_entry["id"]
+    assert (await world.balance(account)).balance_millicredits == 0
+    await world.assert_books_balance(account)
+
+
+async def test_partial_refund_reverses_its_share(world: World) -> None:
+    account, session_id = await _paid(world, "professional")
+
+    update = await world.apply(apply_refund, world.stripe.refund(session_id, 2500))
+
+    expected = PROFESSIONAL_MC * 2500 // 4999
+    assert [e.amount_millicredits for e in update.entries] == [-expected]
+    assert (await world.balance(account)).balance_millicredits == PROFESSIONAL_MC - expected
+    await world.assert_books_balance(account)
+
+
+async def test_partial_refunds_adding_up_to_full_reverse_within_rounding(world: World) -> None:
+    account, session_id = await _paid(world, "professional")
+
+    for amount in (1000, 1999, 2000):
+        await world.apply(apply_refund, world.stripe.refund(session_id, amount))
+
+    left = (await world.balance(account)).balance_millicredits
+    assert 0 <= left < 3  # floor per refund: under 1 millicredit each, in the user's favour
+    await world.assert_books_balance(account)
+
+
+def test_share_millicredits_bounds() -> None:
+    assert share_millicredits(STARTER_MC, 999, 999) == STARTER_MC
+    assert share_millicredits(STARTER_MC, 5000, 999) == STARTER_MC
+    assert share_millicredits(STARTER_MC, 0, 999) == 0
+    assert share_millicredits(PROFESSIONAL_MC, 1, 4999) == PROFESSIONAL_MC // 4999
+
+
+async def test_same_refund_through_several_events_counts_once(world: World) -> None:
+    account, session_id = await _paid(world)
+    refund = world.stripe.refund(session_id, 500)
+    charge = world.stripe.charge_of(session_id)
+    charge_with_list = {
+        **charge,
+        "refunds": {"object": "list", "data": [refund], "has_more": False},
+    }
+
+    await world.apply(apply_refund, refund)
+    await world.apply(apply_charge, charge_with_list)
+    await world.apply(apply_refund, {**refund, "status": "succeeded"})
+
+    reversals = [e for e in await world.entries(account) if e["entry_type"] == "reversal"]
+    assert [r["amount_millicredits"] for r in reversals] == [-(STARTER_MC * 500 // 999)]
+
+
+async def test_refund_before_checkout_event_applies_on_fulfilment(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+    paid = world.stripe.pay(session_id)
+    refund = world.stripe.refund(session_id)
+
+    early = await world.apply(apply_refund, refund)
+    assert early.purchase is None
+
+    update = await world.apply(apply_checkout_session, paid)
+    assert [e.amount_millicredits for e in update.entries] == [STARTER_MC, -STARTER_MC]
+    assert (await world.balance(account)).balance_millicredits == 0
+
+
+async def test_failed_refund_gives_the_credits_back(world: World) -> None:
+    account, session_id = await _paid(world)
+    refund = world.stripe.refund(session_id)
+    await world.apply(apply_refund, refund)
+
+    failed = world.stripe.update_refund(refund["id"], "failed")
+    update = await world.apply(apply_refund, failed)
+    late_pending = await world.apply(apply_refund, refund)  # an older event, delivered late
+
+    assert [e.amount_millicredits for e in update.entries] == [STARTER_MC]
+    assert update.entries[0].idempotency_key == f"refund:{refund['id']}:reinstated"
+    assert late_pending.entries == []
+    assert (await world.balance(account)).balance_millicredits == STARTER_MC
+
+
+async def test_refund_after_credits_spent_leaves_a_shortfall(world: World) -> None:
+    account, session_id = await _paid(world)
+    await world.spend(account, 9_000_000, "usage:spent")
+
+    update = await world.apply(apply_refund, world.stripe.refund(session_id))
+
+    [reversal] = update.entries
+    assert reversal.amount_millicredits == -990_000  # all that was left
+    posted = await world.balance(account)
+    assert (posted.balance_millicredits, posted.shortfall_millicredits) == (0, 9_000_000)
+    row = await world.pool.fetchrow("SELECT * FROM purchase_refunds")
+    assert (row["reversal_millicredits"], row["shortfall_millicredits"]) == (STARTER_MC, 9_000_000)
+    await world.assert_books_balance(account)
+
+
+async def test_next_purchase_pays_the_shortfall_first(world: World) -> None:
+    account, session_id = await _paid(world)
+    await world.spend(account, STARTER_MC, "usage:all")
+    await world.apply(apply_refund, world.stripe.refund(session_id))
+    assert (await world.balance(account)).shortfall_millicredits == STARTER_MC
+
+    _, second = await world.checkout(account, "professional")
+    update = await world.apply(apply_checkout_session, world.stripe.pay(second))
+
+    kinds = [(e.entry_type, e.amount_millicredits) for e in update.entries]
+    assert kinds == [("purchase", PROFESSIONAL_MC), ("adjustment", -STARTER_MC)]
+    assert update.entries[1].idempotency_key == f"shortfall:purchase:{second}"
+    posted = await world.balance(account)
+    assert posted.balance_millicredits == PROFESSIONAL_MC - STARTER_MC
+    assert posted.shortfall_millicredits == 0
+    assert update.posted == posted
+    await world.assert_books_balance(account)
+
+
+# -- disputes ---------------------------------------------------------------------------
+
+
+async def test_lost_dispute_keeps_the_credits_reversed(world: World) -> None:
+    account, session_id = await _paid(world, "professional")
+    dispute = world.stripe.dispute(session_id)
+
+    opened = await world.apply(apply_dispute, dispute)
+    closed = await world.apply(apply_dispute, world.stripe.close_dispute(dispute["id"], won=False))
+
+    assert [e.amount_millicredits for e in opened.entries] == [-PROFESSIONAL_MC]
+    assert opened.entries[0].idempotency_key == f"dispute:{dispute['id']}:opened"
+    assert closed.entries == []
+    assert (await world.balance(account)).balance_millicredits == 0
+    await world.assert_books_balance(account)
+
+
+async def test_won_dispute_restores_what_was_held(world: World) -> None:
+    account, session_id = await _paid(world)
+    dispute = world.stripe.dispute(session_id)
+    await world.apply(apply_dispute, dispute)
+
+    won = await world.apply(apply_dispute, world.stripe.close_dispute(dispute["id"], won=True))
+    reopened = await world.apply(apply_dispute, dispute)  # a late "needs_response" event
+
+    assert [e.amount_millicredits for e in won.entries] == [STARTER_MC]
+    assert won.entries[0].idempotency_key == f"dispute:{dispute['id']}:won"
+    assert reopened.entries == []
+    assert (await world.balance(account)).balance_millicredits == STARTER_MC
+    await world.assert_books_balance(account)
+
+
+async def test_won_dispute_after_spending_clears_the_shortfall(world: World) -> None:
+    account, session_id = await _paid(world)
+    await world.spend(account, 9_000_000, "usage:most")
+    dispute = world.stripe.dispute(session_id)
+    await world.apply(apply_dispute, dispute)
+    held = await world.balance(account)
+    assert (held.balance_millicredits, held.shortfall_millicredits) == (0, 9_000_000)
+
+    await world.apply(apply_dispute, world.stripe.close_dispute(dispute["id"], won=True))
+
+    posted = await world.balance(account)
+    assert (posted.balance_millicredits, posted.shortfall_millicredits) == (990_000, 0)
+    await world.assert_books_balance(account)
+
+
+async def test_dispute_decided_before_it_is_reported_open_ends_the_same(world: World) -> None:
+    account, session_id = await _paid(world)
+    dispute = world.stripe.dispute(session_id)
+    won = world.stripe.close_dispute(dispute["id"], won=True)
+
+    await world.apply(apply_dispute, won)
+    await world.apply(apply_dispute, dispute)
+
+    keys = [e["idempotency_key"] for e in await world.entries(account)]
+    assert keys == [
+        f"purchase:{session_id}",
+        f"dispute:{dispute['id']}:opened",
+        f"dispute:{dispute['id']}:won",
+    ]
+    assert (await world.balance(account)).balance_millicredits == STARTER_MC
+
+
+# -- events in any order ----------------------------------------------------------------
+
+
+def _scenario(world: World, session_id: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Stripe's events for a paid purchase with a partial refund that later failed, a second
+    partial refund seen through two events, and a dispute that was lost; plus a map from
+    the Stripe ids to role names for comparing ledgers across scenarios."""
+    stripe = world.stripe
+    paid = stripe.pay(session_id)
+    first = stripe.refund(session_id, 300)
+    first_failed = stripe.update_refund(first["id"], "failed")
+    second = stripe.refund(session_id, 200)
+    charge = stripe.charge_of(session_id)
+    dispute = stripe.dispute(session_id, amount=499)
+    lost = stripe.close_dispute(dispute["id"], won=False)
+    charge_listed = {**charge, "refunds": {"data": [first_failed, second], "has_more": False}}
+    events = [
+        stripe.event("checkout.session.completed", paid),
+        stripe.event("refund.created", first),
+        stripe.event("refund.updated", first_failed),
+        stripe.event("refund.created", second),
+        stripe.event("charge.refunded", charge_listed),
+        stripe.event("charge.dispute.created", dispute),
+        stripe.event("charge.dispute.closed", lost),
+    ]
+    roles = {session_id: "CS", first["id"]: "RE1", second["id"]: "RE2", dispute["id"]: "DU"}
+    return events, roles
+
+
+async def _ledger_shape(world: World, account: int, roles: dict[str, str]) -> list[tuple]:
+    shape = []
+    for entry in await world.entries(account):
+        key = entry["idempotency_key"]
+        for stripe_id, role in roles.items():
+            key = key.replace(stripe_id, role)
+        shape.append((entry["entry_type"], entry["amount_millicredits"], key))
+    return sorted(shape)
+
+
+async def _run_scenario(world: World, order: list[int] | None) -> tuple[list[tuple], Any]:
+    account = await world.account()
+    purchase, session_id = await world.checkout(account, "professional")
+    events, roles = _scenario(world, session_id)
+    if order is not None:
+        events = [events[i] for i in order]
+    for event in events:
+        await process_event(world.pool, None, event)
+        await world.assert_books_balance(account)
+    final = await get_purchase(world.pool, purchase.public_id)
+    return await _ledger_shape(world, account, roles), (final.status, await world.balance(account))
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(order=st.permutations(range(7)))
+async def test_events_in_any_order_end_in_the_same_ledger(world: World, order: list[int]) -> None:
+    in_order = await _run_scenario(world, None)
+    shuffled = await _run_scenario(world, list(order))
+    assert shuffled[0] == in_order[0]
+    status, posted = shuffled[1]
+    assert status == in_order[1][0] == "paid"
+    assert posted.balance_millicredits == in_order[1][1].balance_millicredits
+
+
+async def test_scenario_ledger_is_as_documented(world: World) -> None:
+    shape, (status, posted) = await _run_scenario(world, None)
+    assert status == "paid"
+    refund_1 = PROFESSIONAL_MC * 300 // 4999
+    refund_2 = PROFESSIONAL_MC * 200 // 4999
+    disputed = PROFESSIONAL_MC * 499 // 4999
+    assert shape == sorted(
+        [
+            ("purchase", PROFESSIONAL_MC, "purchase:CS"),
+            ("reversal", -refund_1, "refund:RE1"),
+            ("reversal", refund_1, "refund:RE1:reinstated"),
+            ("reversal", -refund_2, "refund:RE2"),
+            ("reversal", -disputed, "dispute:DU:opened"),
+        ]
+    )
+    assert posted.balance_millicredits == PROFESSIONAL_MC - refund_2 - disputed
+
+
+async def test_repeated_event_changes_nothing(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+    event = world.stripe.event("checkout.session.completed", world.stripe.pay(session_id))
+
+    first = await process_event(world.pool, None, event)
+    again = await process_event(world.pool, None, event)
+
+    assert (first.duplicate, first.outcome) == (False, "processed")
+    assert (again.duplicate, again.outcome) == (True, "duplicate")
+    assert len(await world.entries(account)) == 1
+    row = await world.pool.fetchrow("SELECT * FROM stripe_events WHERE event_id = $1", event["id"])
+    assert (row["event_type"], row["outcome"], row["object_id"]) == (
+        "checkout.session.completed",
+        "processed",
+        session_id,
+    )
+
+
+async def test_unknown_event_type_is_stored_as_unhandled(world: World) -> None:
+    event = world.stripe.event("customer.created", {"id": "cus_test_1", "object": "customer"})
+
+    result = await process_event(world.pool, None, event)
+
+    assert (result.duplicate, result.outcome) == (False, "unhandled")
+    assert await world.pool.fetchval("SELECT outcome FROM stripe_events") == "unhandled"
+
+
+async def test_many_concurrent_accounts_keep_their_books(world: World) -> None:
+    accounts = [await world.account() for _ in range(5)]
+    sessions = [(await world.checkout(a, "starter"))[1] for a in accounts]
+    events = []
+    for session_id in sessions:
+        events.append(
+            world.stripe.event("checkout.session.completed", world.stripe.pay(session_id))
+        )
+        events.append(world.stripe.event("refund.created", world.stripe.refund(session_id, 333)))
+    random.Random(7).shuffle(events)
+
+    await asyncio.gather(*(process_event(world.pool, None, e) for e in events * 3))
+
+    for account in accounts:
+        await world.assert_books_balance(account)
+        posted = await world.balance(account)
+        assert posted.balance_millicredits == STARTER_MC - STARTER_MC * 333 // 999
