@@ -32,6 +32,7 @@ from aiohttp import web
 from creditgate.localservices import free_port
 
 API_VERSION = "2025-06-30.basil"
+_PARAMS = web.RequestKey("params", dict)
 TEST_API_KEY = "sk_test_creditgate_stub"
 WEBHOOK_SECRET = "whsec_test_current"
 OLD_WEBHOOK_SECRET = "whsec_test_previous"
@@ -155,7 +156,7 @@ class StripeStub:
             return _stripe_error(401, "Invalid API Key provided.")
         if self.fail_with is not None:
             return _stripe_error(self.fail_with, "stub failure", code="api_error")
-        request["params"] = params
+        request[_PARAMS] = params
         return await handler(request)
 
     async def _create_session(self, request: web.Request) -> web.Response:
@@ -163,7 +164,7 @@ class StripeStub:
         if key and key in self._idempotent:
             return web.json_response(self._idempotent[key])
         try:
-            body = self.create_session(request["params"])
+            body = self.create_session(request[_PARAMS])
         except StubRequestError as exc:
             return _stripe_error(400, str(exc), code=exc.code, param=exc.param)
         if key:
@@ -247,7 +248,7 @@ class StripeStub:
                 code="resource_missing",
                 param="id",
             )
-        expand = request["params"].get("expand") or []
+        expand = request[_PARAMS].get("expand") or []
         body = self._public(session)
         if "payment_intent" in expand and body["payment_intent"]:
             pi = copy.deepcopy(self.payment_intents[body["payment_intent"]])
@@ -257,7 +258,7 @@ class StripeStub:
         return web.json_response(body)
 
     async def _list_refunds(self, request: web.Request) -> web.Response:
-        charge = request["params"].get("charge")
+        charge = request[_PARAMS].get("charge")
         data = [self._public(r) for r in self.refunds.values() if r["charge"] == charge]
         data.sort(key=lambda r: r["created"], reverse=True)
         return web.json_response(
@@ -341,6 +342,10 @@ class StripeStub:
     def expire(self, session_id: str) -> dict[str, Any]:
         """The session expires unpaid."""
         self.sessions[session_id].update(status="expired")
+        return self._public(self.sessions[session_id])
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        """The session as Stripe would render it now."""
         return self._public(self.sessions[session_id])
 
     def charge_of(self, session_id: str) -> dict[str, Any]:

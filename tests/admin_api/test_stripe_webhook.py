@@ -137,7 +137,7 @@ async def _admin(aiohttp_client: Any, settings: Settings, stub: StripeStub) -> A
 
 @pytest.fixture
 async def admin(
-    aiohttp_client: Any, database_url: str, redis_url: str, stripe_stub: StripeStub
+    database_url: str, redis_url: str, stripe_stub: StripeStub, aiohttp_client: Any
 ) -> Admin:
     return await _admin(
         aiohttp_client, make_settings(database_url, redis_url, stripe_stub), stripe_stub
@@ -241,7 +241,7 @@ async def test_webhook_bad_delivery_answers_400_and_writes_nothing(
 
 
 async def test_webhook_accepts_both_secrets_during_rotation(
-    aiohttp_client: Any, database_url: str, redis_url: str, stripe_stub: StripeStub
+    database_url: str, redis_url: str, stripe_stub: StripeStub, aiohttp_client: Any
 ) -> None:
     settings = make_settings(
         database_url,
@@ -282,7 +282,7 @@ async def test_webhook_header_with_several_signatures_matches_any(admin: Admin) 
 
 
 async def test_webhook_without_secrets_configured_answers_503(
-    aiohttp_client: Any, database_url: str, redis_url: str, stripe_stub: StripeStub
+    database_url: str, redis_url: str, stripe_stub: StripeStub, aiohttp_client: Any
 ) -> None:
     settings = make_settings(database_url, redis_url, stripe_stub, stripe_webhook_secrets=())
     admin = await _admin(aiohttp_client, settings, stripe_stub)
