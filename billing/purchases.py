@@ -249,6 +249,8 @@ def _session_problem(purchase: Purchase, session: Mapping[str, Any], paid: bool)
     """Why the session cannot be this purchase's payment, or None when it matches."""
     if session.get("client_reference_id") != str(purchase.account_id):
         return "client_reference_id does not match the purchase's account"
+    if session.get("payment_status") == "no_payment_required":
+        return "checkout completed without collecting a payment (no_payment_required)"
     if paid:
         if session.get("amount_total") != purchase.price_minor_units:
             return (

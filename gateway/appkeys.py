@@ -9,6 +9,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from billing.stripe_events import WebhookStats
+from billing.stripe_gateway import StripeGateway
 from creditgate.settings import Settings
 
 if TYPE_CHECKING:
@@ -25,5 +27,5 @@ UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict)
 WRITER = web.AppKey("settlement_writer", object)
 # Set only when STRIPE_API_KEY is configured (``gateway.checkout.stripe_ctx``).
-STRIPE = web.AppKey("stripe", "StripeGateway")
-STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", "WebhookStats")
+STRIPE = web.AppKey("stripe", StripeGateway)
+STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", WebhookStats)

@@ -280,48 +280,57 @@ async def handle_purchase(request: web.Request) -> web.Response:
 async def handle_credits_page(request: web.Request) -> web.Response:
     """``GET /credits``: a plain page with a purchase's status (until the Credits page).
 
-    Query: ``purchase`` (the public id), ``session_id`` (Checkout's success return: the
-    session is retrieved from Stripe and applied, so the credits show at once),
-    ``checkout=cancelled`` (the cancel return). The public id and session id are
-    unguessable; the page shows no personal data beyond the balance.
+    Query: ``purchase`` (the public id), ``session_id`` (Checkout's success return: while
+    the purchase is pending and the id is its session's, the session is retrieved from
+    Stripe and applied, so the credits show at once), ``checkout=cancelled`` (the cancel
+    return). The public id and session id are unguessable; the page shows no personal data
+    beyond the balance. Stripe down: the page says "pending" (the webhook will fulfil).
+    Postgres down: 503.
     """
     public_id = request.query.get("purchase")
     session_id = request.query.get("session_id")
     cancelled = request.query.get("checkout") == "cancelled"
     pool = request.app[appkeys.DB_POOL]
-    stripe = request.app.get(appkeys.STRIPE)
-    if public_id and session_id and stripe is not None:
-        try:
-            await fulfil_from_stripe(
-                pool, stripe, request.app.get(appkeys.HOLDS), session_id, public_id=public_id
-            )
-        except (StripeUnavailableError, StripeRequestError, BillingUnavailableError) as exc:
-            # The webhook fulfils it; until then the page says "pending".
-            log.warning("success return for %s not applied: %s", public_id, exc)
-    purchase: Purchase | None = None
-    balance: PostedBalance | None = None
     try:
-        if public_id:
-            try:
-                purchase = await get_purchase(pool, public_id)
-                balance = await posted_balance(pool, purchase.account_id)
-            except PurchaseNotFoundError:
-                purchase = None
-        packages = [] if purchase else await list_packages(pool)
+        if not public_id:
+            return _page("Credits", _packages_html(await list_packages(pool)))
+        try:
+            purchase = await get_purchase(pool, public_id)
+        except PurchaseNotFoundError:
+            return _page("Purchase not found", "<p>We could not find this purchase.</p>", 404)
+        if session_id and session_id == purchase.checkout_session_id:
+            purchase = await _fulfil_on_return(request.app, purchase, session_id)
+        balance = await posted_balance(pool, purchase.account_id)
     except POSTGRES_ERRORS as exc:
         log.warning("credits page: postgres: %s", exc)
         return _page(
             "Credits", "<p>We cannot show this right now. Please reload in a moment.</p>", 503
         )
-    if public_id and purchase is None:
-        return _page("Purchase not found", "<p>We could not find this purchase.</p>", 404)
-    if purchase is None:
-        return _page("Credits", _packages_html(packages))
     return _page(
         "Your purchase",
         _purchase_html(purchase, balance, cancelled=cancelled, returned=bool(session_id)),
         refresh_s=5 if purchase.status in ("pending", "processing") and session_id else None,
     )
+
+
+async def _fulfil_on_return(app: web.Application, purchase: Purchase, session_id: str) -> Purchase:
+    """Apply the session as Stripe has it now, while the purchase still waits for payment."""
+    stripe = app.get(appkeys.STRIPE)
+    if stripe is None or purchase.status not in ("pending", "processing"):
+        return purchase
+    try:
+        update = await fulfil_from_stripe(
+            app[appkeys.DB_POOL],
+            stripe,
+            app.get(appkeys.HOLDS),
+            session_id,
+            public_id=purchase.public_id,
+        )
+    except (StripeUnavailableError, StripeRequestError, BillingUnavailableError) as exc:
+        # The webhook fulfils it; until then the page says "pending".
+        log.warning("success return for %s not applied: %s", purchase.public_id, exc)
+        return purchase
+    return update.purchase or purchase
 
 
 def _credits_text(amount_millicredits: int) -> str:

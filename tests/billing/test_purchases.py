@@ -317,6 +317,18 @@ async def test_session_with_other_amount_needs_review_and_grants_nothing(world: 
     assert await world.entries(account) == []
 
 
+async def test_session_without_payment_collected_needs_review(world: World) -> None:
+    account = await world.account()
+    _, session_id = await world.checkout(account)
+    session = world.stripe.pay(session_id)
+    free = {**session, "payment_status": "no_payment_required", "amount_total": 0}
+
+    update = await world.apply(apply_checkout_session, free)
+
+    assert update.purchase.status == "needs_review"
+    assert await world.entries(account) == []
+
+
 async def test_session_not_ours_is_ignored(world: World) -> None:
     account = await world.account()
     _, session_id = await world.checkout(account)

@@ -360,3 +360,20 @@ async def test_success_return_while_stripe_is_down_shows_pending(shop: Shop) -> 
     assert status == 200
     assert 'data-status="pending"' in page and "Purchase pending" in page
     assert await shop.balance() == 0
+
+
+async def test_return_with_another_session_id_does_not_ask_stripe(shop: Shop) -> None:
+    checkout = await shop.started("starter")
+    other = await shop.started("starter")
+    shop.stub.pay(other["checkoutSessionId"])
+    path = shop.success_path(checkout).replace(
+        checkout["checkoutSessionId"], other["checkoutSessionId"]
+    )
+
+    status, page = await shop.page(path)
+
+    assert status == 200 and 'data-status="pending"' in page
+    assert [r for r in shop.stub.requests if r[0] == "GET"] == []
+    assert await shop.balance() == 0
+    status, _ = await shop.page("/credits?purchase=pur_unknown")
+    assert status == 404
