@@ -1,0 +1,146 @@
+"""An in-process gateway wired to real Postgres and Redis and the simulated upstream.
+
+``GatewayHarness`` serves ``gateway.app.create_app`` on a loopback port so the official
+``openai`` SDK talks to it over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from typing import Any
+
+import asyncpg
+import openai
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from billing import api_keys, ledger
+from billing.holds import OUTBOX_STREAM_KEY, HoldStore
+from billing.rate_cards import seed_rate_cards
+from billing.settlement import GROUP
+from creditgate.localservices import free_port
+from creditgate.migrations import apply_migrations
+from creditgate.settings import Settings
+from gateway import appkeys
+from gateway.app import create_app
+from gateway.simulator import Simulator
+
+
+def test_settings(database_url: str, redis_url: str, upstream_base_url: str, **overrides: Any):
+    """Settings for an in-process gateway; ``overrides`` replace fields."""
+    base = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        upstream_api_key="sk-upstream-operator",
+        upstream_base_url=upstream_base_url,
+        host="127.0.0.1",
+        port=free_port(),
+        public_base_url="http://127.0.0.1:9999",
+        sweep_interval_s=0.2,
+        settlement_claim_idle_ms=500,
+        auth_cache_ttl_s=0.0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+async def seed_database(database_url: str) -> None:
+    """Apply migrations (a no-op on a migrated template) and the default rate cards."""
+    await apply_migrations(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await seed_rate_cards(conn)
+    finally:
+        await conn.close()
+
+
+class GatewayHarness:
+    """A running gateway plus direct Postgres/Redis handles for assertions."""
+
+    def __init__(self, settings: Settings, sim: Simulator) -> None:
+        self.settings = settings
+        self.sim = sim
+        self.app = create_app(settings)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.base_url = f"http://127.0.0.1:{settings.port}/v1"
+        self._clients: list[openai.AsyncOpenAI] = []
+
+    async def start(self) -> GatewayHarness:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.settings.port).start()
+        self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=4)
+        self.redis = aioredis.from_url(self.settings.redis_url, decode_responses=True)
+        self.holds = HoldStore(self.redis, lambda a: ledger.posted_balance(self.pool, a))
+        return self
+
+    async def stop(self) -> None:
+        for client in self._clients:
+            await client.close()
+        await self.runner.cleanup()
+        await self.redis.aclose()
+        await self.pool.close()
+
+    def client(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
+        """The official SDK pointed at the gateway (no retries, so every call is one)."""
+        client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=key, max_retries=0, **kwargs
+        )
+        self._clients.append(client)
+        return client
+
+    async def create_account(self, credits_millicredits: int = 0) -> tuple[int, str]:
+        """A new account with an adjustment of ``credits_millicredits``; returns (id, key)."""
+        async with self.pool.acquire() as conn:
+            account_id = await ledger.create_account(conn, f"{uuid.uuid4().hex}@example.com")
+            if credits_millicredits:
+                await ledger.post_entry(
+                    conn,
+                    account_id=account_id,
+                    entry_type="adjustment",
+                    amount_millicredits=credits_millicredits,
+                    idempotency_key=f"test-grant:{uuid.uuid4()}",
+                )
+            key, _ = await api_keys.create_api_key(conn, account_id, name="test")
+        return account_id, key
+
+    async def settled(self, timeout_s: float = 10.0) -> None:
+        """Wait until the settlement writer has posted every outbox entry to Postgres."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            length = await self.redis.xlen(OUTBOX_STREAM_KEY)
+            pending = 0
+            if length:
+                info = await self.redis.xpending(OUTBOX_STREAM_KEY, GROUP)
+                pending = info["pending"]
+            if length == 0 and pending == 0:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"outbox not drained: {length} entries, {pending} pending")
+            await asyncio.sleep(0.02)
+
+    async def balance(self, account_id: int) -> int:
+        """Posted balance in Postgres (millicredits)."""
+        return (await ledger.posted_balance(self.pool, account_id)).balance_millicredits
+
+    async def ledger_sum(self, account_id: int) -> int:
+        """Sum of the account's ledger entries (millicredits)."""
+        return await self.pool.fetchval(
+            "SELECT COALESCE(sum(amount_millicredits), 0) FROM ledger_entries "
+            "WHERE account_id = $1",
+            account_id,
+        )
+
+    async def usage(self, request_id: str) -> asyncpg.Record | None:
+        """The usage event of a request id, or None."""
+        return await self.pool.fetchrow(
+            "SELECT * FROM usage_events WHERE request_id = $1", request_id
+        )
+
+    async def state(self, account_id: int):
+        """Redis's view of the account (held, pending, balance)."""
+        return await self.holds.account_state(account_id)
+
+    @property
+    def rate_cards(self):
+        return self.app[appkeys.RATE_CARDS]
