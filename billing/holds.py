@@ -19,10 +19,14 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from importlib import resources
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
+
+from billing.script_channel import ScriptChannel
 
 from billing.errors import (
     AccountSuspendedError,
@@ -105,21 +109,35 @@ class HoldStore:
     closed and the gateway answers 503.
     """
 
-    def __init__(self, redis: aioredis.Redis, load_balance: BalanceLoader) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        load_balance: BalanceLoader,
+        *,
+        channel: ScriptChannel | None = None,
+    ) -> None:
         """Register the scripts (once, at start-up).
 
         Args:
             redis: a client with ``decode_responses=True``.
             load_balance: reads an account's posted balance from Postgres; called when Redis
                 has no cached balance (never read a missing balance as zero).
+            channel: a pipelined connection for the hot path's reserve and settle scripts
+                (the gateway passes one; other callers use ``redis``).
         """
         self._redis = redis
+        self._channel = channel
         self._load_balance = load_balance
         self._reserve = redis.register_script(_load_script("reserve.lua"))
         self._settle = redis.register_script(_load_script("settle.lua"))
         self._void = redis.register_script(_load_script("void.lua"))
         self._apply_balance = redis.register_script(_load_script("apply_balance.lua"))
         self.ack_posted = redis.register_script(_load_script("ack_posted.lua"))
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        if self._channel is not None:
+            return await self._channel.evalsha(script.sha, script.script, keys, args)
+        return await script(keys, args)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -154,10 +172,10 @@ class HoldStore:
             now_ms,
         ]
         try:
-            result = await self._reserve(keys, args)
+            result = await self._run(self._reserve, keys, args)
             if result[0] == "LOAD":
                 await self.sync_balance(account_id, await self._load_balance(account_id))
-                result = await self._reserve(keys, args)
+                result = await self._run(self._reserve, keys, args)
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
         status = result[0]
@@ -189,7 +207,8 @@ class HoldStore:
         """
         keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY, OUTBOX_STREAM_KEY]
         try:
-            charged, hold, entry_id = await self._settle(
+            charged, hold, entry_id = await self._run(
+                self._settle,
                 keys,
                 [request_id, cost_millicredits, _member(account_id, request_id), payload],
             )

@@ -15,6 +15,7 @@ from aiohttp import web
 from billing.errors import BillingUnavailableError
 from billing.holds import HoldStore, PostedBalance
 from billing.ledger import posted_balance
+from billing.script_channel import ScriptChannel
 from gateway import appkeys
 
 
@@ -27,11 +28,15 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIterator[None]:
     """Open the Redis client and register the hold scripts; needs ``DB_POOL`` first (a
-    missing cached balance is loaded from Postgres)."""
+    missing cached balance is loaded from Postgres). ``pipelined`` adds the hot path's
+    ``ScriptChannel`` (the gateway; see ``billing.script_channel``)."""
     client = aioredis.from_url(
-        app[appkeys.SETTINGS].redis_url, decode_responses=True, health_check_interval=30
+        app[appkeys.SETTINGS].redis_url,
+        decode_responses=True,
+        health_check_interval=30,
+        max_connections=64,
     )
     pool = app[appkeys.DB_POOL]
 
@@ -41,7 +46,16 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
 
+    url = app[appkeys.SETTINGS].redis_url
+    channel = ScriptChannel(url) if pipelined and url.startswith("redis://") else None
     app[appkeys.REDIS] = client
-    app[appkeys.HOLDS] = HoldStore(client, load_balance)
+    app[appkeys.HOLDS] = HoldStore(client, load_balance, channel=channel)
     yield
+    if channel is not None:
+        await channel.close()
     await client.aclose()
+
+
+def gateway_redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``redis_ctx`` with the pipelined script channel (the gateway's hot path)."""
+    return redis_ctx(app, pipelined=True)

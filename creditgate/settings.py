@@ -49,6 +49,7 @@ class Settings:
     upstream_read_timeout_s: float = 600.0
     settlement_batch_size: int = 500
     settlement_claim_idle_ms: int = 30_000
+    settlement_writer_enabled: bool = True
     sweep_interval_s: float = 5.0
     tiktoken_encodings_dir: Path | None = None
     # Stripe (issue: buying credits)
@@ -161,6 +162,7 @@ class Settings:
             ),
             settlement_batch_size=int(number("SETTLEMENT_BATCH_SIZE", 500, minimum=1)),
             settlement_claim_idle_ms=int(number("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100)),
+            settlement_writer_enabled=boolean("SETTLEMENT_WRITER_ENABLED", True),
             sweep_interval_s=float(number("SWEEP_INTERVAL_S", 5.0, kind=float, minimum=0.1)),
             tiktoken_encodings_dir=Path(encodings_dir) if encodings_dir else None,
             stripe_api_key=env.get("STRIPE_API_KEY", "").strip(),

@@ -22,7 +22,7 @@ from billing.errors import BillingUnavailableError
 from billing.rate_cards import RateCardBook
 from billing.settlement import SettlementWriter
 from billing.tokens import TokenCounter
-from creditgate.resources import postgres_ctx, redis_ctx
+from creditgate.resources import gateway_redis_ctx, postgres_ctx
 from creditgate.settings import Settings
 from gateway import appkeys
 from gateway.auth import KeyAuthenticator
@@ -107,10 +107,11 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
                 log.warning("rate card refresh failed (old cards stay in use): %s", exc)
 
     tasks = [
-        asyncio.create_task(writer.run(), name="settlement-writer"),
         asyncio.create_task(sweep(), name="hold-sweeper"),
         asyncio.create_task(refresh_rate_cards(), name="rate-card-refresh"),
     ]
+    if settings.settlement_writer_enabled:
+        tasks.append(asyncio.create_task(writer.run(), name="settlement-writer"))
     yield
     for task in tasks:
         task.cancel()
@@ -119,8 +120,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await task
     # Post what is already in the outbox before the process exits (best effort: whatever is
     # left is claimed by another writer or by this one after a restart).
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(writer.drain_all(), timeout=5)
+    if settings.settlement_writer_enabled:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain_all(), timeout=5)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -130,7 +132,9 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[make_error_middleware(buy_credits_url(settings))],
     )
     app[appkeys.SETTINGS] = settings
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, _billing_state, _upstream, _background])
+    app.cleanup_ctx.extend(
+        [postgres_ctx, gateway_redis_ctx, _billing_state, _upstream, _background]
+    )
     for endpoint in ENDPOINTS:
         app.router.add_post("/v1" + endpoint.path, make_handler(endpoint))
     app.router.add_get("/v1/models", handle_models)

@@ -334,7 +334,12 @@ async def _relay_stream(
     response = web.StreamResponse(
         status=upstream.status, headers={**_SSE_HEADERS, **_headers(call)}
     )
-    await response.prepare(call.request)
+    try:
+        await response.prepare(call.request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        await call.void()  # the client left before the first byte: nothing generated for it
+        upstream.close()
+        return response
     forwarded: list[bytes] = []
     buffer = b""
     status = "completed"

@@ -82,7 +82,7 @@ def usage_event(event: bytes) -> tuple[Usage, bool] | None:
         response = obj.get("response") if isinstance(obj, dict) else None
         usage = parse_usage(response.get("usage")) if isinstance(response, dict) else None
         return (usage, False) if usage is not None else None
-    if _NULL_USAGE.search(event) and event.count(b'"usage"') == 1:
+    if b'"usage":null' in event or _NULL_USAGE.search(event):
         return None
     data = event_data(event)
     if data is None:

@@ -83,9 +83,7 @@ class GatewayHarness:
 
     def client(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
         """The official SDK pointed at the gateway (no retries, so every call is one)."""
-        client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=key, max_retries=0, **kwargs
-        )
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
         self._clients.append(client)
         return client
 
