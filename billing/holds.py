@@ -19,20 +19,19 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 from importlib import resources
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
-
-from billing.script_channel import ScriptChannel
 
 from billing.errors import (
     AccountSuspendedError,
     BillingUnavailableError,
     InsufficientCreditsError,
 )
+from billing.script_channel import ScriptChannel
 
 KEY_PREFIX = "cg:v1"
 DEADLINES_KEY = f"{KEY_PREFIX}:hold_deadlines"
@@ -136,7 +135,7 @@ class HoldStore:
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         if self._channel is not None:
-            return await self._channel.evalsha(script.sha, script.script, keys, args)
+            return await self._channel.evalsha(script.sha, str(script.script), keys, args)
         return await script(keys, args)
 
     @property
@@ -228,7 +227,7 @@ class HoldStore:
         Raises:
             BillingUnavailableError: Redis unreachable.
         """
-        args: list[object] = [request_id, _member(account_id, request_id)]
+        args: list[Any] = [request_id, _member(account_id, request_id)]
         if expired_before_ms is not None:
             args.append(expired_before_ms)
         try:
@@ -283,7 +282,9 @@ class HoldStore:
         """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         try:
-            members = await self._redis.zrangebyscore(DEADLINES_KEY, "-inf", now_ms, 0, limit)
+            members: Any = await self._redis.zrangebyscore(
+                DEADLINES_KEY, "-inf", now_ms, 0, limit
+            )
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
         voided = 0

@@ -96,7 +96,7 @@ class SettlementWriter:
 
     async def drain_once(self, *, block_ms: int | None = None) -> int:
         """Read one batch of new entries for this consumer and post it; returns its size."""
-        reply = await self._redis.xreadgroup(
+        reply: Any = await self._redis.xreadgroup(
             GROUP,
             self._consumer,
             {OUTBOX_STREAM_KEY: ">"},
@@ -112,7 +112,7 @@ class SettlementWriter:
     async def claim_stale(self) -> int:
         """Take over entries another writer read but never acknowledged (it crashed); post
         them; returns how many were claimed."""
-        reply = await self._redis.xautoclaim(
+        reply: Any = await self._redis.xautoclaim(
             OUTBOX_STREAM_KEY,
             GROUP,
             self._consumer,
@@ -130,7 +130,7 @@ class SettlementWriter:
         await self.ensure_group()
         total = 0
         # Entries this consumer read before but did not acknowledge.
-        reply = await self._redis.xreadgroup(
+        reply: Any = await self._redis.xreadgroup(
             GROUP, self._consumer, {OUTBOX_STREAM_KEY: "0"}, count=self._batch_size
         )
         if reply and reply[0][1]:
@@ -156,7 +156,7 @@ class SettlementWriter:
             charges.append(item["charged"])
         async with self._pool.acquire() as conn:
             results, balances = await record_settlements(conn, settlements)
-        by_account: dict[int, list[object]] = defaultdict(list)
+        by_account: dict[int, list[Any]] = defaultdict(list)
         for (entry_id, _fields), item, charged in zip(entries, settlements, charges, strict=True):
             by_account[item["account_id"]].extend((entry_id, charged))
         async with self._redis.pipeline(transaction=False) as pipe:

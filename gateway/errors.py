@@ -160,7 +160,7 @@ def make_error_middleware(buy_credits_url: str):
         except web.HTTPRequestEntityTooLarge as exc:
             return json_response(
                 error_body(
-                    f"Request body too large: the limit is {exc.max_size} bytes.",
+                    f"Request body too large: the limit is {request.app._client_max_size} bytes.",
                     "invalid_request_error",
                     code="request_too_large",
                 ),
