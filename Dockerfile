@@ -1,0 +1,37 @@
+# The gateway and admin service: `creditgate serve` (gateway on 8080, admin API on 8081).
+# Configuration comes from the environment (DATABASE_URL, REDIS_URL, UPSTREAM_API_KEY, ...);
+# run `creditgate migrate` once per release, e.g. `docker run --rm IMAGE creditgate migrate`.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+# README.md* : the glob lets the build go on while the README does not exist yet.
+COPY pyproject.toml README.md* ./
+COPY creditgate/ creditgate/
+COPY gateway/ gateway/
+COPY billing/ billing/
+COPY admin_api/ admin_api/
+RUN pip install . && rm -rf /src
+
+# creditgate.migrations looks for migrations/ beside the installed creditgate package.
+COPY migrations/ /app/migrations/
+RUN ln -s /app/migrations \
+    "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/migrations"
+
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin creditgate
+USER creditgate
+WORKDIR /app
+
+# Inside the container both services listen on every interface; publish 8081 (admin) only
+# where admins can reach it.
+ENV HOST=0.0.0.0 \
+    ADMIN_HOST=0.0.0.0 \
+    PORT=8080 \
+    ADMIN_PORT=8081
+EXPOSE 8080 8081
+
+CMD ["creditgate", "serve"]

@@ -1,0 +1,62 @@
+# Developer entry points; `make help` lists them. `make run` and `make test` work on a fresh
+# Debian/Ubuntu machine: they install PostgreSQL, Redis and wrk with apt-get when missing.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+VENV_STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv system-deps test run lint fmt bench clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(VENV_STAMP) ## Create .venv and install the package with its dev extras
+
+# Re-run when pyproject.toml changes; the stamp marks a finished install.
+$(VENV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[dev]'
+	touch $@
+
+# Checks for the programs, not the packages: anything already on the machine is left alone.
+system-deps: ## Install postgresql, redis-server and wrk with apt-get, if missing
+	@missing=(); \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null \
+		|| missing+=(postgresql); \
+	command -v redis-server >/dev/null || missing+=(redis-server); \
+	command -v wrk >/dev/null || missing+=(wrk); \
+	if [ $${#missing[@]} -eq 0 ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "warning: no apt-get; install these yourself: $${missing[*]}" >&2; exit 0; \
+	fi; \
+	sudo=(); [ "$$(id -u)" -eq 0 ] || sudo=(sudo); \
+	echo "installing with apt-get: $${missing[*]}"; \
+	"$${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	"$${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		--no-install-recommends "$${missing[@]}"
+
+test: system-deps venv ## Run the tests against throwaway PostgreSQL and Redis (PYTEST_ARGS=...)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+run: system-deps venv ## Run the gateway with local PostgreSQL, Redis and a simulated upstream
+	$(VENV)/bin/python -m creditgate.devstack
+
+lint: venv ## ruff check, ruff format --check, mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: venv ## Format the code and apply ruff's safe fixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: system-deps venv ## Run the benchmarks (bench/run.py); they print numbers
+	$(VENV)/bin/python bench/run.py
+
+clean: ## Remove caches and build output (keeps .venv and the dev data in .data/)
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
