@@ -9,8 +9,9 @@ later in the settlement writer, off the client's latency path.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,11 +66,13 @@ ENDPOINTS = (
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]"
+# Stream events worth parsing: a usage object (not null) or the end of the stream.
+_NEEDS_INSPECTION = re.compile(rb'"usage"\s*:\s*\{|data: \[DONE\]')
 
 
 def new_request_id() -> str:
     """``req_`` + 32 hex characters; the usage row and ``x-request-id`` carry it."""
-    return "req_" + uuid.uuid4().hex
+    return "req_" + os.urandom(16).hex()
 
 
 class BilledCall:
@@ -346,11 +349,17 @@ async def _relay_stream(
     try:
         async for chunk in upstream.content.iter_any():
             buffer += chunk
-            if b"\n\n" not in buffer:
+            cut = buffer.rfind(b"\n\n")
+            if cut < 0:
                 continue
-            *events, buffer = buffer.split(b"\n\n")
+            complete, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+            if call.settled or not _NEEDS_INSPECTION.search(complete):
+                # Most chunks carry neither usage nor the end: forward them untouched.
+                forwarded.append(complete)
+                await _write(response, complete)
+                continue
             out: list[bytes] = []
-            for event in events:
+            for event in complete.split(b"\n\n"):
                 if not event.strip():
                     continue
                 if not call.settled:
@@ -362,7 +371,7 @@ async def _relay_stream(
                             continue
                     elif event.startswith(_DONE):
                         await _settle_estimated(call, forwarded, status="completed")
-                forwarded.append(event)
+                forwarded.append(event + b"\n\n")
                 out.append(event)
                 out.append(b"\n\n")
             if out:

@@ -103,7 +103,7 @@ def generated_text(events: list[bytes]) -> str:
     """The text generated so far in forwarded stream events (chat deltas, completion text,
     tool-call arguments, Responses output deltas), for counting when usage never arrived."""
     out: list[str] = []
-    for event in events:
+    for event in b"".join(events).split(b"\n\n"):
         data = event_data(event)
         if not data or data == b"[DONE]":
             continue
