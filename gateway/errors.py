@@ -8,11 +8,12 @@ extra fields an error promises (402: ``requiredCredits``, ``currentCredits``, ..
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from billing.errors import (
     AccountSuspendedError,
@@ -143,11 +144,18 @@ def billing_error_response(exc: BillingError, buy_credits_url: str) -> web.Respo
     return json_response(error_body("Internal error", "server_error"), 500)
 
 
-def make_error_middleware(buy_credits_url: str):
+def make_error_middleware(buy_credits_url: str) -> Middleware:
     """Middleware mapping GatewayError, BillingError and aiohttp's HTTP errors to envelopes."""
 
     @web.middleware
     async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await _answer(request, handler)
+        if not response.prepared and "x-request-id" not in response.headers:
+            # Refusals (401, 402, 404, ...) carry an id too, for support conversations.
+            response.headers["x-request-id"] = "req_" + os.urandom(16).hex()
+        return response
+
+    async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except GatewayError as exc:
