@@ -36,7 +36,7 @@ from billing.purchases import (
     apply_dispute,
     apply_refund,
 )
-from billing.stripe_gateway import StripeGateway
+from billing.stripe_gateway import StripeGateway, StripeRequestError
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,25 @@ def _created_at(event: Mapping[str, Any]) -> datetime | None:
 
 async def _charge_with_refunds(stripe: StripeGateway, charge: Mapping[str, Any]) -> dict[str, Any]:
     """The charge with its complete refund list: as embedded when Stripe sent all of it,
-    else listed from the API (events rendered at API versions since 2022-11-15 omit it)."""
+    else listed from the API (events rendered at API versions since 2022-11-15 omit it).
+
+    Stripe refusing the listing (4xx: a restricted key without Refunds read access, ...)
+    leaves the charge as it came: its refunds still count through the ``refund.*`` events,
+    and retrying would not help. Stripe unreachable raises (the delivery is retried).
+    """
     refunds = charge.get("refunds")
     embedded = isinstance(refunds, Mapping) and isinstance(refunds.get("data"), list)
     if embedded and not refunds.get("has_more"):  # type: ignore[union-attr]
         return dict(charge)
-    listed: list[dict[str, Any]] = []
-    if int(charge.get("amount_refunded") or 0) > 0 and charge.get("id"):
+    if not int(charge.get("amount_refunded") or 0) > 0 or not charge.get("id"):
+        return dict(charge)
+    try:
         listed = await stripe.list_refunds(str(charge["id"]))
+    except StripeRequestError as exc:
+        log.warning(
+            "charge %s: refunds not listed, relying on refund events: %s", charge["id"], exc
+        )
+        return dict(charge)
     return {**charge, "refunds": {"object": "list", "data": listed, "has_more": False}}
 
 
@@ -127,8 +138,8 @@ async def process_event(
             listed from the API before the transaction); None when Stripe is not configured.
 
     Raises:
-        StripeUnavailableError / StripeRequestError: listing refunds failed; nothing was
-            written (the webhook answers 503 and Stripe retries).
+        StripeUnavailableError: listing refunds failed (Stripe unreachable or failing);
+            nothing was written (the webhook answers 503 and Stripe retries).
         OSError / asyncpg errors: Postgres unreachable or failing; nothing was written.
     """
     event_type = str(event["type"])

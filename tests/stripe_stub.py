@@ -106,6 +106,7 @@ class StripeStub:
         requests: ``(method, path, params, headers)`` of every API request received.
         prices: Price objects by id (register them to test ``stripe_price_id``).
         fail_with: when set, the next API requests answer this HTTP status (e.g. 500).
+        refused_paths: API paths answered 403 (a restricted key without that permission).
     """
 
     def __init__(self, api_key: str = TEST_API_KEY) -> None:
@@ -118,6 +119,7 @@ class StripeStub:
         self.prices: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str, dict[str, Any], dict[str, str]]] = []
         self.fail_with: int | None = None
+        self.refused_paths: set[str] = set()
         self._idempotent: dict[str, dict[str, Any]] = {}
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -156,6 +158,8 @@ class StripeStub:
             return _stripe_error(401, "Invalid API Key provided.")
         if self.fail_with is not None:
             return _stripe_error(self.fail_with, "stub failure", code="api_error")
+        if request.path in self.refused_paths:
+            return _stripe_error(403, "The provided key does not have access.", code="forbidden")
         request[_PARAMS] = params
         return await handler(request)
 

@@ -446,6 +446,22 @@ async def test_webhook_stripe_down_while_listing_refunds_answers_503(admin: Admi
     admin.stub.fail_with = None
 
 
+async def test_webhook_charge_refunded_when_stripe_refuses_the_listing(admin: Admin) -> None:
+    account = await admin.account()
+    session_id = await admin.paid(account)
+    refund = admin.stub.refund(session_id, 500)
+    admin.stub.refused_paths.add("/v1/refunds")
+
+    charge_event = await admin.deliver(
+        admin.stub.event("charge.refunded", admin.stub.charge_of(session_id))
+    )
+    refund_event = await admin.deliver(admin.stub.event("refund.created", refund))
+
+    assert (charge_event.status, refund_event.status) == (200, 200)
+    posted = await admin.balance(account)
+    assert posted.balance_millicredits == STARTER_MC - STARTER_MC * 500 // 999
+
+
 async def test_publish_balance_with_redis_down_does_not_raise(redis_url: str) -> None:
     dead = Redis.from_url("redis://127.0.0.1:1", decode_responses=True)
     holds = HoldStore(dead, lambda account_id: None)  # type: ignore[arg-type,return-value]

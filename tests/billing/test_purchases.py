@@ -47,6 +47,7 @@ ENTERPRISE_MC = 109_990_000
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """Overrides tests/billing/conftest.py's pool: 50 concurrent deliveries need 50 sessions."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=60)
     try:
         yield pool
