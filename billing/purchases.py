@@ -480,12 +480,13 @@ async def apply_charge(conn: asyncpg.Connection, charge: Mapping[str, Any]) -> P
             update = await _settle(conn, purchase)
         refunds = charge.get("refunds")
         listed = refunds.get("data") if isinstance(refunds, Mapping) else None
-        entries = list(update.entries)
+        entries, posted = list(update.entries), update.posted
         for refund in listed or ():
             if isinstance(refund, Mapping) and refund.get("id"):
                 update = await apply_refund(conn, refund)
                 entries.extend(update.entries)
-        update.entries = entries
+                posted = update.posted or posted  # the latest is the newest version
+        update.entries, update.posted = entries, posted
         return update
 
 

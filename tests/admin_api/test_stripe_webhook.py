@@ -338,6 +338,8 @@ async def test_webhook_charge_refunded_lists_refunds_from_stripe(admin: Admin) -
     posted = await admin.balance(account)
     expected = STARTER_MC - STARTER_MC * 333 // 999 - STARTER_MC * 666 // 999
     assert posted.balance_millicredits == expected == 0
+    state = await admin.holds.account_state(account)
+    assert (state.balance_millicredits, state.version) == (0, posted.version)
 
 
 async def test_webhook_refund_events_and_charge_refunded_count_once(admin: Admin) -> None:

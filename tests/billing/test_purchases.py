@@ -412,6 +412,23 @@ async def test_same_refund_through_several_events_counts_once(world: World) -> N
     assert [r["amount_millicredits"] for r in reversals] == [-(STARTER_MC * 500 // 999)]
 
 
+async def test_charge_listing_a_new_and_a_known_refund_reports_the_new_balance(
+    world: World,
+) -> None:
+    account, session_id = await _paid(world)
+    known = world.stripe.refund(session_id, 100)
+    await world.apply(apply_refund, known)
+    new = world.stripe.refund(session_id, 200)
+    charge = world.stripe.charge_of(session_id)
+
+    update = await world.apply(
+        apply_charge, {**charge, "refunds": {"data": [new, known], "has_more": False}}
+    )
+
+    assert [e.idempotency_key for e in update.entries] == [f"refund:{new['id']}"]
+    assert update.posted == await world.balance(account)
+
+
 async def test_refund_before_checkout_event_applies_on_fulfilment(world: World) -> None:
     account = await world.account()
     _, session_id = await world.checkout(account)
