@@ -6,6 +6,7 @@ client with the ``HoldStore`` scripts registered (``REDIS``, ``HOLDS``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -25,7 +26,10 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
     app[appkeys.DB_POOL] = pool
     yield
-    await pool.close()
+    try:
+        await asyncio.wait_for(pool.close(), timeout=10)
+    except TimeoutError:  # a connection never came back: do not hang the shutdown
+        pool.terminate()
 
 
 async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIterator[None]:

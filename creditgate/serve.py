@@ -24,7 +24,10 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    gateway_runner = web.AppRunner(create_app(settings), access_log=None)
+    # handler_cancellation: a client that disconnects stops its upstream request at once.
+    gateway_runner = web.AppRunner(
+        create_app(settings), access_log=None, handler_cancellation=True, shutdown_timeout=30
+    )
     admin_runner = web.AppRunner(create_admin_app(settings), access_log=None)
     await gateway_runner.setup()
     await admin_runner.setup()

@@ -8,6 +8,7 @@ later in the settlement writer, off the client's latency path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -153,13 +154,15 @@ class BilledCall:
                 "upstream_latency_ms": int((time.monotonic() - self.upstream_started) * 1000),
             }
         ).decode()
+        # Marked first: if this await is cancelled or fails, the script may still have run,
+        # so the hold must not be voided afterwards (the sweeper expires it if it did not).
+        self.settled = True
         settled = await self.app[appkeys.HOLDS].settle(
             self.identity.account_id,
             request_id=self.request_id,
             cost_millicredits=cost,
             payload=payload,
         )
-        self.settled = True
         return settled.charged_millicredits
 
     async def void(self) -> None:
@@ -385,6 +388,13 @@ async def _relay_stream(
         if not call.settled:
             await _settle_estimated(call, [*forwarded, buffer], status="client_disconnected")
         return response
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the client disconnects while we wait for the
+        # upstream (a slow or stalled generation): same as above, then let the cancel go on.
+        upstream.close()
+        if not call.settled:
+            await _settle_estimated(call, [*forwarded, buffer], status="client_disconnected")
+        raise
     except (aiohttp.ClientError, TimeoutError) as exc:
         status = "upstream_error"
         log.warning("upstream stream broke for %s: %r", call.request_id, exc)

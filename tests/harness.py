@@ -62,7 +62,9 @@ class GatewayHarness:
         self.settings = settings
         self.sim = sim
         self.app = create_app(settings)
-        self.runner = web.AppRunner(self.app, access_log=None)
+        self.runner = web.AppRunner(
+            self.app, access_log=None, handler_cancellation=True, shutdown_timeout=1
+        )
         self.base_url = f"http://127.0.0.1:{settings.port}/v1"
         self._clients: list[openai.AsyncOpenAI] = []
 

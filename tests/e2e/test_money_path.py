@@ -65,7 +65,7 @@ async def test_client_disconnect_mid_stream_charges_generated_and_releases_hold(
         ) as response:
             request_id = response.headers["x-request-id"]
             async for line in response.content:
-                if line.startswith(b"data: {"):
+                if b'"content":" hello"' in line:
                     seen += 1
                 if seen == 5:
                     break
@@ -169,3 +169,29 @@ async def test_gateway_sigkill_after_delivery_charges_each_response_once(
     assert -sum(d["amount_millicredits"] for d in deductions) == charged
     assert await gw.balance(account) == 50_000_000 - charged
     assert await gw.ledger_sum(account) == await gw.balance(account)
+
+
+async def test_client_disconnect_while_upstream_stalls_stops_upstream_at_once(gw, sim):
+    account, key = await gw.create_account(1_000_000)
+    sim.push(Scenario(chunks=50, hang_after_chunks=3))
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            gw.base_url + "/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        request_id = response.headers["x-request-id"]
+        seen = 0
+        async for line in response.content:
+            seen += b'"content":" hello"' in line
+            if seen == 3:
+                break
+        response.close()
+    # The gateway is waiting on a silent upstream; the disconnect must still reach it.
+    await sim.wait_for_disconnects(1, timeout_s=10)
+    await gw.settled()
+    usage = await gw.usage(request_id)
+    assert usage["status"] == "client_disconnected"
+    assert usage["completion_tokens"] == 3
+    assert (await gw.state(account)).held_millicredits == 0
+    assert await gw.balance(account) == 1_000_000 - usage["charged_millicredits"]
