@@ -28,7 +28,7 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     gateway_runner = web.AppRunner(
         create_app(settings), access_log=None, handler_cancellation=True, shutdown_timeout=30
     )
-    admin_runner = web.AppRunner(create_admin_app(settings), access_log=None)
+    admin_runner = web.AppRunner(create_admin_app(settings), access_log=None, shutdown_timeout=10)
     await gateway_runner.setup()
     await admin_runner.setup()
     try:

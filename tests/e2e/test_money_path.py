@@ -152,7 +152,12 @@ async def test_gateway_sigkill_after_delivery_charges_each_response_once(
         await gw.settled(timeout_s=20)
     finally:
         process.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(process.communicate)
+        try:
+            await asyncio.to_thread(process.communicate, timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.communicate)
+            raise AssertionError("creditgate serve did not stop within 40 s of SIGTERM")
     rows = await gw.pool.fetch(
         "SELECT request_id, charged_millicredits FROM usage_events WHERE account_id = $1",
         account,
