@@ -11,7 +11,10 @@ if h then
   hold = tonumber(string.match(h, '^(%d+)'))
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[3])
-  redis.call('HINCRBY', KEYS[1], 'held', -hold)
+  -- Lua's -0 reaches Redis as "-0", which HINCRBY rejects: skip the no-op for a 0 mc hold.
+  if hold > 0 then
+    redis.call('HINCRBY', KEYS[1], 'held', -hold)
+  end
 end
 local f = redis.call('HMGET', KEYS[1], 'bal', 'held', 'pending')
 local cost = tonumber(ARGV[2])

@@ -13,5 +13,9 @@ if ARGV[3] and tonumber(d) > tonumber(ARGV[3]) then
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'held', -tonumber(a))
-return tonumber(a)
+local amount = tonumber(a)
+-- Lua's -0 reaches Redis as "-0", which HINCRBY rejects: skip the no-op for a 0 mc hold.
+if amount > 0 then
+  redis.call('HINCRBY', KEYS[1], 'held', -amount)
+end
+return amount
