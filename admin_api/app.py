@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from admin_api.stripe_webhook import add_webhook_routes
 from creditgate.resources import postgres_ctx, redis_ctx
 from creditgate.settings import Settings
 from gateway import appkeys
@@ -22,12 +23,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx])
     app.router.add_get("/healthz", _healthz)
-    try:
-        from admin_api.stripe_webhook import add_webhook_routes
-    except ImportError:  # the webhook arrives with the Stripe module
-        pass
-    else:
-        add_webhook_routes(app)
+    add_webhook_routes(app)
     return app
 
 

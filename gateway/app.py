@@ -26,6 +26,7 @@ from creditgate.resources import gateway_redis_ctx, postgres_ctx
 from creditgate.settings import Settings
 from gateway import appkeys
 from gateway.auth import KeyAuthenticator
+from gateway.checkout import add_checkout_routes
 from gateway.errors import make_error_middleware
 from gateway.proxy import (
     ENDPOINTS,
@@ -141,12 +142,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/models/{model}", handle_model)
     app.router.add_route("*", "/v1/{tail:.*}", handle_unknown_v1)
     app.router.add_get("/healthz", _healthz)
-    try:
-        from gateway.checkout import add_checkout_routes
-    except ImportError:  # the purchase routes arrive with the Stripe module
-        pass
-    else:
-        add_checkout_routes(app)
+    add_checkout_routes(app)
     return app
 
 

@@ -67,23 +67,26 @@ def usage_event(event: bytes) -> tuple[Usage, bool] | None:
     """
     if b'"usage"' not in event:
         return None
-    if b"response." in event and (
+    responses_final = b"response." in event and (
         b"response.completed" in event
         or b"response.incomplete" in event
         or b"response.failed" in event
-    ):
-        data = event_data(event)
-        if data is None:
-            return None
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return None
-        response = obj.get("response") if isinstance(obj, dict) else None
+    )
+    if not responses_final and (b'"usage":null' in event or _NULL_USAGE.search(event)):
+        return None
+    obj = _event_object(event)
+    if obj is None:
+        return None
+    if responses_final:
+        response = obj.get("response")
         usage = parse_usage(response.get("usage")) if isinstance(response, dict) else None
         return (usage, False) if usage is not None else None
-    if b'"usage":null' in event or _NULL_USAGE.search(event):
-        return None
+    usage = parse_usage(obj.get("usage"))
+    return (usage, not obj.get("choices")) if usage is not None else None
+
+
+def _event_object(event: bytes) -> dict[str, Any] | None:
+    """The JSON object in an SSE event's data, or None (no data, not JSON, not an object)."""
     data = event_data(event)
     if data is None:
         return None
@@ -91,12 +94,7 @@ def usage_event(event: bytes) -> tuple[Usage, bool] | None:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(obj, dict):
-        return None
-    usage = parse_usage(obj.get("usage"))
-    if usage is None:
-        return None
-    return usage, not obj.get("choices")
+    return obj if isinstance(obj, dict) else None
 
 
 def generated_text(events: list[bytes]) -> str:

@@ -4,6 +4,8 @@
 - ``template_database``: ``cg_template``, every migration applied once per session.
 - ``database_url``: a fresh database per test, copied from that template, dropped after.
 - ``redis_url``: the session's Redis, emptied (FLUSHALL) before each test.
+- ``sim``: the simulated OpenAI upstream; ``make_gateway(**overrides)`` / ``gw``: an in-process
+  gateway on a loopback port wired to all three (``tests.harness.GatewayHarness``).
 
 The fixtures are synchronous so sync and async tests alike can use them; the little database
 work they do runs on private event loops in a worker thread, apart from pytest-asyncio's loops.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +27,8 @@ import redis
 
 from creditgate.localservices import PostgresServer, RedisServer, start_postgres, start_redis
 from creditgate.migrations import apply_migrations
+from gateway.simulator import Simulator
+from tests.harness import GatewayHarness, seed_database, test_settings
 
 TEMPLATE_DATABASE = "cg_template"
 
@@ -92,3 +96,31 @@ def redis_url(redis_server: RedisServer) -> str:
     with redis.Redis.from_url(redis_server.url) as client:
         client.flushall()
     return redis_server.url
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def make_gateway(database_url: str, redis_url: str, sim: Simulator):
+    """Factory: ``await make_gateway(**settings_overrides)`` starts a gateway."""
+    await seed_database(database_url)
+    started: list[GatewayHarness] = []
+
+    async def make(**overrides) -> GatewayHarness:
+        settings = test_settings(database_url, redis_url, sim.base_url, **overrides)
+        harness = await GatewayHarness(settings, sim).start()
+        started.append(harness)
+        return harness
+
+    yield make
+    for harness in started:
+        await harness.stop()
+
+
+@pytest.fixture
+async def gw(make_gateway) -> GatewayHarness:
+    return await make_gateway()
