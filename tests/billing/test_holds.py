@@ -1,0 +1,422 @@
+"""Holds in Redis over the Lua scripts: reserve, settle, void, expiry and balance sync."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from billing import ledger
+from billing.errors import (
+    AccountSuspendedError,
+    BillingUnavailableError,
+    InsufficientCreditsError,
+)
+from billing.holds import (
+    DEADLINES_KEY,
+    OUTBOX_STREAM_KEY,
+    HoldStore,
+    PostedBalance,
+    holds_key,
+)
+from creditgate.localservices import free_port
+from tests.billing.money import grant, new_account, usage_payload
+
+
+async def _settle(holds: HoldStore, account_id: int, request_id: str, cost: int):
+    return await holds.settle(
+        account_id,
+        request_id=request_id,
+        cost_millicredits=cost,
+        payload=usage_payload(request_id=request_id, account_id=account_id, cost_millicredits=cost),
+    )
+
+
+async def _open_holds(holds: HoldStore, account_id: int) -> dict[str, int]:
+    raw = await holds.redis.hgetall(holds_key(account_id))
+    return {request_id: int(value.split(":")[0]) for request_id, value in raw.items()}
+
+
+# -- reserve ------------------------------------------------------------------------------
+
+
+async def test_reserve_uncached_balance_loads_from_postgres(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    posted = await grant(pool, account_id, 10_000)  # Postgres only: Redis has no balance
+
+    assert (await holds.account_state(account_id)).balance_millicredits is None
+    available = await holds.reserve(account_id, 4_000, request_id="r1")
+
+    state = await holds.account_state(account_id)
+    assert available == 6_000
+    assert (state.balance_millicredits, state.version) == (10_000, posted.version)
+    assert state.held_millicredits == 4_000
+
+
+async def test_reserve_cached_balance_does_not_reload(pool: asyncpg.Pool, redis_client) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000)
+    loads: list[int] = []
+
+    async def load(account: int) -> PostedBalance:
+        loads.append(account)
+        return await ledger.posted_balance(pool, account)
+
+    holds = HoldStore(redis_client, load)
+    await holds.reserve(account_id, 1_000, request_id="r1")
+    await holds.reserve(account_id, 1_000, request_id="r2")
+
+    assert loads == [account_id]
+
+
+async def test_reserve_uncached_empty_account_refused(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+
+    with pytest.raises(InsufficientCreditsError) as err:
+        await holds.reserve(account_id, 1, request_id="r1")
+
+    assert (err.value.required_millicredits, err.value.available_millicredits) == (1, 0)
+    # The zero came from Postgres (version 0 cached), not from a missing key.
+    assert (await holds.account_state(account_id)).version == 0
+
+
+async def test_reserve_above_available_raises_insufficient(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000, holds=holds)
+    await holds.reserve(account_id, 3_000, request_id="r1")
+
+    with pytest.raises(InsufficientCreditsError) as err:
+        await holds.reserve(account_id, 2_001, request_id="r2")
+
+    assert err.value.required_millicredits == 2_001
+    assert err.value.available_millicredits == 2_000
+    assert await _open_holds(holds, account_id) == {"r1": 3_000}
+    assert (await holds.account_state(account_id)).held_millicredits == 3_000
+    # Exactly the rest is still available.
+    assert await holds.reserve(account_id, 2_000, request_id="r3") == 0
+
+
+async def test_reserve_same_request_id_holds_once(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000, holds=holds)
+
+    first = await holds.reserve(account_id, 3_000, request_id="r1")
+    repeat = await holds.reserve(account_id, 3_000, request_id="r1")
+
+    assert first == repeat == 2_000
+    state = await holds.account_state(account_id)
+    assert state.held_millicredits == 3_000
+    assert await _open_holds(holds, account_id) == {"r1": 3_000}
+    assert await holds.redis.zcard(DEADLINES_KEY) == 1
+
+
+async def test_reserve_concurrent_exactly_k_succeed(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    hold_mc, k = 1_000, 7
+    account_id = await new_account(pool)
+    # Not synced: the first reserves race to load the balance as well.
+    await grant(pool, account_id, k * hold_mc)
+
+    results = await asyncio.gather(
+        *(holds.reserve(account_id, hold_mc, request_id=f"r{i}") for i in range(50)),
+        return_exceptions=True,
+    )
+
+    succeeded = [r for r in results if isinstance(r, int)]
+    refused = [r for r in results if isinstance(r, InsufficientCreditsError)]
+    assert len(succeeded) == k
+    assert len(refused) == 50 - k
+    assert sorted(succeeded) == [hold_mc * i for i in range(k)]
+    state = await holds.account_state(account_id)
+    assert state.held_millicredits == k * hold_mc
+    assert state.available_millicredits == 0
+    assert len(await _open_holds(holds, account_id)) == k
+
+
+# -- settle and void ----------------------------------------------------------------------
+
+
+async def test_settle_charges_cost_and_releases_hold(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    await holds.reserve(account_id, 5_000, request_id="r1")
+
+    settled = await _settle(holds, account_id, "r1", 3_000)
+
+    assert (settled.charged_millicredits, settled.hold_millicredits) == (3_000, 5_000)
+    state = await holds.account_state(account_id)
+    assert (state.held_millicredits, state.pending_millicredits) == (0, 3_000)
+    assert state.available_millicredits == 7_000
+    assert await _open_holds(holds, account_id) == {}
+    assert await holds.redis.zcard(DEADLINES_KEY) == 0
+    [(entry_id, fields)] = await holds.redis.xrange(OUTBOX_STREAM_KEY)
+    assert entry_id == settled.outbox_entry_id
+    assert fields["c"] == "3000"
+
+
+async def test_settle_cost_above_hold_charges_what_balance_covers(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    await holds.reserve(account_id, 2_000, request_id="r1")
+    await holds.reserve(account_id, 3_000, request_id="r2")
+
+    # Above the hold but within the balance: charged in full.
+    first = await _settle(holds, account_id, "r1", 4_500)
+    # Above what is left once r2's hold is kept aside: charged up to the balance.
+    second_cost = 20_000
+    await holds.reserve(account_id, 500, request_id="r3")
+    second = await _settle(holds, account_id, "r3", second_cost)
+
+    assert first.charged_millicredits == 4_500
+    assert second.charged_millicredits == 10_000 - 4_500 - 3_000
+    state = await holds.account_state(account_id)
+    assert state.pending_millicredits == 10_000 - 3_000
+    assert state.held_millicredits == 3_000
+    assert state.available_millicredits == 0
+
+
+async def test_settle_without_hold_charges_only_available(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    await holds.reserve(account_id, 1_000, request_id="r1")
+    first = await _settle(holds, account_id, "r1", 600)
+
+    # A repeat finds no hold; it may take only what is available (Postgres dedupes it later).
+    repeat = await _settle(holds, account_id, "r1", 600)
+
+    assert first.charged_millicredits == 600
+    assert (repeat.hold_millicredits, repeat.charged_millicredits) == (0, 400)
+    assert (await holds.account_state(account_id)).available_millicredits == 0
+
+
+async def test_void_releases_hold_once(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000, holds=holds)
+    await holds.reserve(account_id, 5_000, request_id="r1")
+
+    assert await holds.void(account_id, request_id="r1") == 5_000
+    assert await holds.void(account_id, request_id="r1") == 0
+
+    state = await holds.account_state(account_id)
+    assert (state.held_millicredits, state.pending_millicredits) == (0, 0)
+    assert state.available_millicredits == 5_000
+    assert await holds.redis.zcard(DEADLINES_KEY) == 0
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+
+
+async def test_void_with_deadline_guard_keeps_live_hold(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000, holds=holds)
+    await holds.reserve(account_id, 2_000, request_id="r1", ttl_s=900)
+    now_ms = int(time.time() * 1000)
+
+    assert await holds.void(account_id, request_id="r1", expired_before_ms=now_ms) == 0
+    assert await _open_holds(holds, account_id) == {"r1": 2_000}
+
+
+# -- expiry -------------------------------------------------------------------------------
+
+
+async def test_sweep_expired_voids_only_expired_holds(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    other_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    await grant(pool, other_id, 10_000, holds=holds)
+    start_ms = int(time.time() * 1000)
+    await holds.reserve(account_id, 1_000, request_id="short", ttl_s=1)
+    await holds.reserve(other_id, 2_000, request_id="short-too", ttl_s=1)
+    await holds.reserve(account_id, 3_000, request_id="long", ttl_s=900)
+
+    assert await holds.sweep_expired(now_ms=start_ms) == 0
+    assert await holds.sweep_expired(now_ms=start_ms + 60_000) == 2
+    assert await holds.sweep_expired(now_ms=start_ms + 60_000) == 0
+
+    assert await _open_holds(holds, account_id) == {"long": 3_000}
+    assert await _open_holds(holds, other_id) == {}
+    assert (await holds.account_state(account_id)).held_millicredits == 3_000
+    assert (await holds.account_state(other_id)).held_millicredits == 0
+    assert await holds.redis.zrange(DEADLINES_KEY, 0, -1) == [f"{account_id}|long"]
+
+
+async def test_reserve_refused_reclaims_expired_hold(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000, holds=holds)
+    await holds.reserve(account_id, 3_000, request_id="crashed", ttl_s=0)  # deadline: now
+    await holds.reserve(account_id, 2_000, request_id="live", ttl_s=900)
+
+    available = await holds.reserve(account_id, 3_000, request_id="next")
+
+    assert available == 0
+    assert await _open_holds(holds, account_id) == {"live": 2_000, "next": 3_000}
+    assert (await holds.account_state(account_id)).held_millicredits == 5_000
+    members = set(await holds.redis.zrange(DEADLINES_KEY, 0, -1))
+    assert members == {f"{account_id}|live", f"{account_id}|next"}
+    # The live hold is never reclaimed.
+    with pytest.raises(InsufficientCreditsError):
+        await holds.reserve(account_id, 1, request_id="one-more")
+
+
+async def test_reserve_with_room_keeps_expired_hold_for_sweeper(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000, holds=holds)
+    await holds.reserve(account_id, 1_000, request_id="crashed", ttl_s=0)
+
+    await holds.reserve(account_id, 1_000, request_id="next")
+    assert set(await _open_holds(holds, account_id)) == {"crashed", "next"}
+
+    assert await holds.sweep_expired() == 1
+    assert await _open_holds(holds, account_id) == {"next": 1_000}
+
+
+# -- balance sync -------------------------------------------------------------------------
+
+
+async def test_sync_balance_applies_only_newer_versions(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+
+    assert await holds.sync_balance(account_id, PostedBalance(5_000, 5))
+    assert not await holds.sync_balance(account_id, PostedBalance(9_999, 3))
+    assert not await holds.sync_balance(account_id, PostedBalance(9_999, 5))
+    state = await holds.account_state(account_id)
+    assert (state.balance_millicredits, state.version) == (5_000, 5)
+
+    assert await holds.sync_balance(account_id, PostedBalance(4_000, 6))
+    state = await holds.account_state(account_id)
+    assert (state.balance_millicredits, state.version) == (4_000, 6)
+
+
+async def test_sync_balance_keeps_holds(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000, holds=holds)
+    await holds.reserve(account_id, 2_000, request_id="r1")
+
+    await grant(pool, account_id, 1_000, holds=holds)
+
+    state = await holds.account_state(account_id)
+    assert (state.balance_millicredits, state.held_millicredits) == (6_000, 2_000)
+    assert state.available_millicredits == 4_000
+
+
+async def test_reserve_with_shortfall_raises_suspended(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 3_000, holds=holds)
+    async with pool.acquire() as conn:
+        refund = await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type="refund",
+            amount_millicredits=-3_500,
+            idempotency_key="refund:r1",
+            allow_partial=True,
+        )
+    await holds.sync_balance(account_id, refund.posted)
+    await grant(pool, account_id, 10_000, holds=holds)  # credit again, shortfall still owed
+
+    with pytest.raises(AccountSuspendedError) as err:
+        await holds.reserve(account_id, 1, request_id="r1")
+
+    assert err.value.account_id == account_id
+    assert err.value.shortfall_millicredits == 500
+    assert (await holds.account_state(account_id)).held_millicredits == 0
+
+
+async def test_reserve_uncached_shortfall_loaded_and_suspends(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    async with pool.acquire() as conn:
+        await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type="reversal",
+            amount_millicredits=-700,
+            idempotency_key="reversal:r1",
+            allow_partial=True,
+        )
+
+    with pytest.raises(AccountSuspendedError) as err:
+        await holds.reserve(account_id, 1, request_id="r1")
+    assert err.value.shortfall_millicredits == 700
+
+
+# -- Redis down ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def unreachable_holds(pool: asyncpg.Pool) -> AsyncIterator[HoldStore]:
+    client = aioredis.from_url(
+        f"redis://127.0.0.1:{free_port()}/0",
+        decode_responses=True,
+        socket_connect_timeout=1,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        yield HoldStore(client, lambda account_id: ledger.posted_balance(pool, account_id))
+    finally:
+        await client.aclose()
+
+
+async def test_reserve_redis_unreachable_raises_billing_unavailable(
+    unreachable_holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000)
+    holds = unreachable_holds
+
+    with pytest.raises(BillingUnavailableError):
+        await holds.reserve(account_id, 1_000, request_id="r1")
+    with pytest.raises(BillingUnavailableError):
+        await _settle(holds, account_id, "r1", 500)
+    with pytest.raises(BillingUnavailableError):
+        await holds.void(account_id, request_id="r1")
+    with pytest.raises(BillingUnavailableError):
+        await holds.account_state(account_id)
+    with pytest.raises(BillingUnavailableError):
+        await holds.sweep_expired()
+    # Documented: sync_balance lets RedisError through for its callers to log.
+    with pytest.raises(RedisError):
+        await holds.sync_balance(account_id, PostedBalance(10_000, 1))
+
+
+async def test_zero_amount_hold_settles_voids_and_sweeps(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    """A free model's estimate is 0 mc: its hold must still settle, void and expire."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    await holds.reserve(account_id, 0, request_id="settled")
+    await holds.reserve(account_id, 0, request_id="voided")
+    await holds.reserve(account_id, 0, request_id="expired", ttl_s=0)
+
+    settled = await _settle(holds, account_id, "settled", 250)
+    assert (settled.hold_millicredits, settled.charged_millicredits) == (0, 250)
+    assert await holds.void(account_id, request_id="voided") == 0
+    await holds.sweep_expired(now_ms=int(time.time() * 1000) + 1_000)
+
+    assert await _open_holds(holds, account_id) == {}
+    assert await holds.redis.zcard(DEADLINES_KEY) == 0
+    state = await holds.account_state(account_id)
+    assert (state.held_millicredits, state.pending_millicredits) == (0, 250)
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1

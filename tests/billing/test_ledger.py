@@ -1,0 +1,372 @@
+"""The Postgres ledger of record: idempotent entries, no balance below zero, append-only rows,
+and settlement batches posted once per request id."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from billing import ledger
+from billing.errors import AccountNotFoundError, NegativeBalanceError
+from tests.billing.money import grant, money_totals, new_account, usage_record
+
+
+async def _entries(pool: asyncpg.Pool, account_id: int) -> list[asyncpg.Record]:
+    async with pool.acquire() as conn:
+        return await conn.fetch(
+            "SELECT * FROM ledger_entries WHERE account_id = $1 ORDER BY id", account_id
+        )
+
+
+def _settlement(account_id: int, request_id: str, cost: int, charged: int) -> dict[str, object]:
+    item = usage_record(request_id=request_id, account_id=account_id, cost_millicredits=cost)
+    item["charged"] = charged
+    return item
+
+
+# -- post_entry ---------------------------------------------------------------------------
+
+
+async def test_post_entry_repeated_key_changes_nothing(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    async with pool.acquire() as conn:
+        first = await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type="adjustment",
+            amount_millicredits=5_000,
+            idempotency_key="grant:once",
+        )
+        second = await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type="adjustment",
+            amount_millicredits=5_000,
+            idempotency_key="grant:once",
+        )
+        balance = await ledger.posted_balance(conn, account_id)
+
+    assert first.created and not second.created
+    assert second.entry == first.entry
+    assert balance.balance_millicredits == 5_000
+    assert balance.version == first.posted.version == second.posted.version == 1
+    assert len(await _entries(pool, account_id)) == 1
+
+
+async def test_post_entry_concurrent_same_key_posts_once(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+
+    async def post() -> ledger.PostResult:
+        async with pool.acquire() as conn:
+            return await ledger.post_entry(
+                conn,
+                account_id=account_id,
+                entry_type="purchase",
+                amount_millicredits=9_990_000,
+                idempotency_key="purchase:cs_test_race",
+            )
+
+    results = await asyncio.gather(*(post() for _ in range(10)))
+
+    assert sum(r.created for r in results) == 1
+    assert len({r.entry.id for r in results}) == 1
+    async with pool.acquire() as conn:
+        assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 9_990_000
+
+
+async def test_post_entry_below_zero_raises_and_writes_nothing(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    before = await grant(pool, account_id, 1_000)
+
+    async with pool.acquire() as conn:
+        with pytest.raises(NegativeBalanceError) as err:
+            await ledger.post_entry(
+                conn,
+                account_id=account_id,
+                entry_type="refund",
+                amount_millicredits=-1_001,
+                idempotency_key="refund:too-much",
+            )
+        after = await ledger.posted_balance(conn, account_id)
+        key_used = await conn.fetchval(
+            "SELECT count(*) FROM ledger_entries WHERE idempotency_key = 'refund:too-much'"
+        )
+
+    assert err.value.balance_millicredits == 1_000
+    assert err.value.amount_millicredits == -1_001
+    assert after == before
+    assert key_used == 0
+
+
+async def test_post_entry_allow_partial_takes_balance_and_records_shortfall(
+    pool: asyncpg.Pool,
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 3_000)
+
+    async with pool.acquire() as conn:
+        result = await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type="refund",
+            amount_millicredits=-5_000,
+            idempotency_key="refund:partial",
+            allow_partial=True,
+        )
+        again = await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type="refund",
+            amount_millicredits=-5_000,
+            idempotency_key="refund:partial",
+            allow_partial=True,
+        )
+        balance = await ledger.posted_balance(conn, account_id)
+
+    assert result.created
+    assert result.entry.amount_millicredits == -3_000
+    assert result.entry.balance_after_millicredits == 0
+    assert result.shortfall_millicredits == 2_000
+    assert balance == result.posted
+    assert (balance.balance_millicredits, balance.shortfall_millicredits) == (0, 2_000)
+    # The repeat neither takes more nor adds to the shortfall.
+    assert not again.created
+    assert again.posted == balance
+
+
+async def test_post_entry_unknown_account_or_type_raises(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        with pytest.raises(AccountNotFoundError):
+            await ledger.post_entry(
+                conn,
+                account_id=987_654,
+                entry_type="adjustment",
+                amount_millicredits=1,
+                idempotency_key="grant:nobody",
+            )
+        with pytest.raises(ValueError, match="unknown ledger entry type"):
+            await ledger.post_entry(
+                conn,
+                account_id=987_654,
+                entry_type="gift",
+                amount_millicredits=1,
+                idempotency_key="grant:gift",
+            )
+
+
+async def test_post_entry_balance_after_is_running_balance(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    amounts = [10_000, -2_500, 7, -7_507, 1_234, 0, -1]
+    async with pool.acquire() as conn:
+        for i, amount in enumerate(amounts):
+            await ledger.post_entry(
+                conn,
+                account_id=account_id,
+                entry_type="adjustment" if amount >= 0 else "reversal",
+                amount_millicredits=amount,
+                idempotency_key=f"step:{i}",
+            )
+        balance = await ledger.posted_balance(conn, account_id)
+        assert await ledger.ledger_sum_matches_balance(conn, account_id)
+
+    running = 0
+    entries = await _entries(pool, account_id)
+    for entry, amount in zip(entries, amounts, strict=True):
+        running += amount
+        assert entry["amount_millicredits"] == amount
+        assert entry["balance_after_millicredits"] == running
+    assert balance.balance_millicredits == running == 1_233
+    assert balance.version == len(amounts)
+
+
+# -- append-only ledger -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE ledger_entries SET amount_millicredits = amount_millicredits + 1",
+        "UPDATE ledger_entries SET reference = 'edited'",
+        "DELETE FROM ledger_entries",
+        # Plain TRUNCATE already stops at purchases' foreign key; CASCADE reaches the trigger.
+        "TRUNCATE ledger_entries CASCADE",
+    ],
+)
+async def test_ledger_entries_rewrite_refused_even_for_owner(
+    pool: asyncpg.Pool, statement: str
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000)
+    before = await _entries(pool, account_id)
+
+    async with pool.acquire() as conn:
+        # The tests connect as the superuser, who owns the table: only the trigger stops this.
+        assert await conn.fetchval(
+            "SELECT pg_get_userbyid(relowner) = current_user FROM pg_class "
+            "WHERE relname = 'ledger_entries'"
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute(statement)
+
+    assert await _entries(pool, account_id) == before
+
+
+async def test_app_role_may_read_and_append_ledger_only(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        privileges = {
+            privilege: await conn.fetchval(
+                "SELECT has_table_privilege('creditgate_app', 'ledger_entries', $1)", privilege
+            )
+            for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")
+        }
+    assert privileges == {
+        "SELECT": True,
+        "INSERT": True,
+        "UPDATE": False,
+        "DELETE": False,
+        "TRUNCATE": False,
+    }
+
+
+async def test_app_role_update_of_ledger_denied(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL ROLE creditgate_app")
+        result = await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type="adjustment",
+            amount_millicredits=500,
+            idempotency_key="grant:as-app",
+        )
+        assert result.created
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            async with conn.transaction():
+                await conn.execute("UPDATE ledger_entries SET amount_millicredits = 10")
+
+
+async def test_accounts_balance_check_refuses_negative(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "UPDATE accounts SET balance_millicredits = -1 WHERE id = $1", account_id
+            )
+
+
+# -- record_settlements -------------------------------------------------------------------
+
+
+async def test_record_settlements_same_batch_twice_records_once(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000)
+    batch = [_settlement(account_id, f"req-{i}", cost=1_000, charged=1_000) for i in range(3)]
+
+    async with pool.acquire() as conn:
+        first, balances = await ledger.record_settlements(conn, batch)
+        second, balances_again = await ledger.record_settlements(conn, batch)
+        usage_rows = await conn.fetchval("SELECT count(*) FROM usage_events")
+
+    assert [r.recorded for r in first] == [True, True, True]
+    assert [r.charged_millicredits for r in first] == [1_000, 1_000, 1_000]
+    assert [r.recorded for r in second] == [False, False, False]
+    assert [r.charged_millicredits for r in second] == [0, 0, 0]
+    assert balances[account_id].balance_millicredits == 7_000
+    assert balances_again == balances
+    assert usage_rows == 3
+    deductions = [e for e in await _entries(pool, account_id) if e["entry_type"] == "deduction"]
+    assert sorted(e["idempotency_key"] for e in deductions) == [
+        "usage:req-0",
+        "usage:req-1",
+        "usage:req-2",
+    ]
+    assert [e["balance_after_millicredits"] for e in deductions] == [9_000, 8_000, 7_000]
+
+
+async def test_record_settlements_repeat_within_batch_records_once(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000)
+    item = _settlement(account_id, "req-dup", cost=4_000, charged=4_000)
+
+    async with pool.acquire() as conn:
+        results, balances = await ledger.record_settlements(conn, [item, dict(item)])
+
+    assert [r.recorded for r in results] == [True, False]
+    assert balances[account_id].balance_millicredits == 6_000
+
+
+async def test_record_settlements_charge_capped_at_balance_records_shortfall(
+    pool: asyncpg.Pool,
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 2_500)
+    batch = [
+        _settlement(account_id, "req-a", cost=2_000, charged=2_000),
+        # Redis thought the balance covered this one; a refund landed in Postgres since.
+        _settlement(account_id, "req-b", cost=1_800, charged=1_500),
+        _settlement(account_id, "req-c", cost=300, charged=300),
+    ]
+
+    async with pool.acquire() as conn:
+        results, balances = await ledger.record_settlements(conn, batch)
+        usage = {
+            r[0]: (r[1], r[2], r[3])
+            for r in await conn.fetch(
+                "SELECT request_id, cost_millicredits, charged_millicredits, "
+                "shortfall_millicredits FROM usage_events"
+            )
+        }
+        assert await ledger.ledger_sum_matches_balance(conn, account_id)
+
+    assert [r.charged_millicredits for r in results] == [2_000, 500, 0]
+    assert usage == {
+        "req-a": (2_000, 2_000, 0),
+        "req-b": (1_800, 500, 1_300),
+        "req-c": (300, 0, 300),
+    }
+    assert balances[account_id].balance_millicredits == 0
+    # A zero charge posts a usage event but no deduction and no version bump.
+    assert balances[account_id].version == 3
+    assert [e["idempotency_key"] for e in await _entries(pool, account_id)][1:] == [
+        "usage:req-a",
+        "usage:req-b",
+    ]
+    charged, deducted = await money_totals(pool)
+    assert charged == -deducted == 2_500
+
+
+async def test_record_settlements_usage_charged_equals_deductions(pool: asyncpg.Pool) -> None:
+    accounts = [await new_account(pool) for _ in range(3)]
+    for account_id, amount in zip(accounts, (5_000, 800, 0), strict=True):
+        if amount:
+            await grant(pool, account_id, amount)
+    batch = [
+        _settlement(accounts[i % 3], f"req-{i}", cost=700 + 13 * i, charged=700 + 13 * i)
+        for i in range(12)
+    ]
+
+    async with pool.acquire() as conn:
+        results, balances = await ledger.record_settlements(conn, batch)
+        for account_id in accounts:
+            assert await ledger.ledger_sum_matches_balance(conn, account_id)
+
+    charged, deducted = await money_totals(pool)
+    assert charged == -deducted == sum(r.charged_millicredits for r in results)
+    assert all(b.balance_millicredits >= 0 for b in balances.values())
+    assert balances[accounts[2]].balance_millicredits == 0
+
+
+async def test_record_settlements_unknown_account_posts_nothing(pool: asyncpg.Pool) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000)
+    batch = [
+        _settlement(account_id, "req-ok", cost=100, charged=100),
+        _settlement(987_654, "req-ghost", cost=100, charged=100),
+    ]
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.RaiseError, match="unknown account"):
+            await ledger.record_settlements(conn, batch)
+        assert await conn.fetchval("SELECT count(*) FROM usage_events") == 0
+        assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 5_000

@@ -1,0 +1,306 @@
+"""The settlement writer: outbox stream -> Postgres, acknowledged after commit, crash-safe."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from billing import ledger
+from billing.holds import OUTBOX_STREAM_KEY, HoldStore, PostedBalance
+from billing.settlement import GROUP, SettlementWriter
+from tests.billing.money import (
+    grant,
+    money_totals,
+    new_account,
+    reserve_and_settle,
+    usage_payload,
+)
+
+CLAIM_IDLE_MS = 50
+
+
+@pytest.fixture
+async def writer(holds: HoldStore, pool: asyncpg.Pool) -> SettlementWriter:
+    writer = SettlementWriter(holds, pool, consumer="t1", claim_idle_ms=CLAIM_IDLE_MS)
+    await writer.ensure_group()
+    return writer
+
+
+async def _posted(pool: asyncpg.Pool, account_id: int) -> PostedBalance:
+    return await ledger.posted_balance(pool, account_id)
+
+
+async def _group_pending(holds: HoldStore) -> int:
+    return int((await holds.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"])
+
+
+async def _assert_converged(holds: HoldStore, pool: asyncpg.Pool, account_id: int) -> None:
+    """After a drain: nothing pending, and Redis holds exactly Postgres's (balance, version)."""
+    state = await holds.account_state(account_id)
+    posted = await _posted(pool, account_id)
+    assert state.pending_millicredits == 0
+    assert (state.balance_millicredits, state.version) == (
+        posted.balance_millicredits,
+        posted.version,
+    )
+    async with pool.acquire() as conn:
+        assert await ledger.ledger_sum_matches_balance(conn, account_id)
+    charged, deducted = await money_totals(pool)
+    assert charged == -deducted
+
+
+async def _commit_without_ack(
+    pool: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """What a writer does before it crashes between its commit and its acknowledgement."""
+    settlements = []
+    for _entry_id, fields in entries:
+        item = orjson.loads(fields["p"])
+        item["charged"] = int(fields["c"])
+        settlements.append(item)
+    async with pool.acquire() as conn:
+        await ledger.record_settlements(conn, settlements)
+
+
+async def test_writer_posts_settlements_and_acks(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    charges = [
+        await reserve_and_settle(
+            holds, account_id, request_id=f"r{i}", hold_millicredits=2_000, cost_millicredits=cost
+        )
+        for i, cost in enumerate((1_500, 2_500, 0))
+    ]
+    assert charges == [1_500, 2_500, 0]
+    assert (await holds.account_state(account_id)).pending_millicredits == 4_000
+
+    assert await writer.drain_all() == 3
+
+    posted = await _posted(pool, account_id)
+    assert posted.balance_millicredits == 6_000
+    await _assert_converged(holds, pool, account_id)
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+    assert await _group_pending(holds) == 0
+    assert (writer.stats.recorded, writer.stats.duplicates) == (3, 0)
+    assert writer.stats.charged_millicredits == 4_000
+    async with pool.acquire() as conn:
+        usage = await conn.fetch(
+            "SELECT request_id, charged_millicredits FROM usage_events ORDER BY request_id"
+        )
+    assert [tuple(r) for r in usage] == [("r0", 1_500), ("r1", 2_500), ("r2", 0)]
+
+
+async def test_writer_batches_of_many_accounts(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    writer = SettlementWriter(holds, pool, consumer="t1", batch_size=4)
+    accounts = [await new_account(pool) for _ in range(3)]
+    for account_id in accounts:
+        await grant(pool, account_id, 5_000, holds=holds)
+    for i in range(15):
+        await reserve_and_settle(
+            holds,
+            accounts[i % 3],
+            request_id=f"r{i}",
+            hold_millicredits=300,
+            cost_millicredits=100 + i,
+        )
+
+    assert await writer.drain_all() == 15
+
+    for account_id in accounts:
+        await _assert_converged(holds, pool, account_id)
+    assert writer.stats.batches == 4
+
+
+async def test_writer_redelivery_after_commit_before_ack_charges_once(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    for i in range(3):
+        await reserve_and_settle(
+            holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=900
+        )
+    # Writer t1 reads the batch, commits it, and dies before acknowledging.
+    reply = await holds.redis.xreadgroup(GROUP, "t1", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    await _commit_without_ack(pool, reply[0][1])
+    assert (await _posted(pool, account_id)).balance_millicredits == 7_300
+    assert (await holds.account_state(account_id)).pending_millicredits == 2_700
+
+    # t1 restarts and finds its unacknowledged entries.
+    assert await writer.drain_all() == 3
+
+    assert (writer.stats.recorded, writer.stats.duplicates) == (0, 3)
+    assert (await _posted(pool, account_id)).balance_millicredits == 7_300
+    await _assert_converged(holds, pool, account_id)
+    # Pending came back to zero once: a further drain finds nothing to release twice.
+    assert await writer.drain_all() == 0
+    assert (await holds.account_state(account_id)).pending_millicredits == 0
+    assert await _group_pending(holds) == 0
+
+
+async def test_writer_claims_entries_of_dead_consumer(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    for i in range(4):
+        await reserve_and_settle(
+            holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=750
+        )
+    reply = await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    assert len(reply[0][1]) == 4
+
+    # t1 sees nothing new: the entries belong to the dead consumer until they go stale.
+    assert await writer.drain_all() == 0
+    assert (await _posted(pool, account_id)).balance_millicredits == 10_000
+    await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
+
+    assert await writer.claim_stale() == 4
+
+    assert (await _posted(pool, account_id)).balance_millicredits == 7_000
+    await _assert_converged(holds, pool, account_id)
+    assert await _group_pending(holds) == 0
+    assert await writer.claim_stale() == 0
+
+
+async def test_writer_claims_entries_of_dead_consumer_after_its_commit(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    for i in range(2):
+        await reserve_and_settle(
+            holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=600
+        )
+    reply = await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    await _commit_without_ack(pool, reply[0][1])
+    await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
+
+    assert await writer.claim_stale() == 2
+
+    assert writer.stats.duplicates == 2
+    assert (await _posted(pool, account_id)).balance_millicredits == 8_800
+    await _assert_converged(holds, pool, account_id)
+
+
+async def test_slow_writer_posting_claimed_entries_releases_pending_once(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    for i in range(2):
+        await reserve_and_settle(
+            holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=1_000
+        )
+    slow = SettlementWriter(holds, pool, consumer="slow")
+    reply = await holds.redis.xreadgroup(GROUP, "slow", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
+    assert await writer.claim_stale() == 2  # t1 takes over and posts them
+
+    await slow.post(reply[0][1])  # the slow writer wakes up and posts what it had read
+
+    assert slow.stats.duplicates == 2
+    assert (await _posted(pool, account_id)).balance_millicredits == 8_000
+    await _assert_converged(holds, pool, account_id)
+
+
+async def test_drain_all_posts_every_own_unacked_entry(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    """A restarted writer owns more unacknowledged entries than one batch holds."""
+    writer = SettlementWriter(holds, pool, consumer="t1", batch_size=2)
+    await writer.ensure_group()
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    for i in range(5):
+        await reserve_and_settle(
+            holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=500
+        )
+    # t1 read all five and died before posting anything.
+    await holds.redis.xreadgroup(GROUP, "t1", {OUTBOX_STREAM_KEY: ">"}, count=10)
+
+    assert await writer.drain_all() == 5
+
+    assert (await _posted(pool, account_id)).balance_millicredits == 7_500
+    await _assert_converged(holds, pool, account_id)
+    assert await _group_pending(holds) == 0
+
+
+async def test_purchase_interleaved_with_settlements_converges(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000, holds=holds)
+    await reserve_and_settle(
+        holds, account_id, request_id="r0", hold_millicredits=2_000, cost_millicredits=1_200
+    )
+    await holds.reserve(account_id, 1_000, request_id="r1")
+    stale = await _posted(pool, account_id)
+
+    # A purchase posts and tells Redis while r0 is still only in the outbox.
+    purchase = await grant(pool, account_id, 9_990, holds=holds)
+    state = await holds.account_state(account_id)
+    assert (state.balance_millicredits, state.version) == (14_990, purchase.version)
+    assert state.available_millicredits == 14_990 - 1_000 - 1_200
+
+    await writer.drain_all()
+    await holds.settle(
+        account_id,
+        request_id="r1",
+        cost_millicredits=800,
+        payload=usage_payload(request_id="r1", account_id=account_id, cost_millicredits=800),
+    )
+    await grant(pool, account_id, 100, holds=holds)
+    # A reload read before the purchase arrives late: ignored, it is older.
+    assert not await holds.sync_balance(account_id, stale)
+    await writer.drain_all()
+
+    posted = await _posted(pool, account_id)
+    assert posted.balance_millicredits == 5_000 - 1_200 + 9_990 - 800 + 100
+    await _assert_converged(holds, pool, account_id)
+    assert (await holds.account_state(account_id)).available_millicredits == (
+        posted.balance_millicredits
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a balance synced from Postgres after a writer's commit but before its ack "
+    "counts the posted charges twice (in bal and in pending): settle undercharges",
+)
+async def test_purchase_between_commit_and_ack_does_not_undercharge(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    await reserve_and_settle(
+        holds, account_id, request_id="a", hold_millicredits=5_000, cost_millicredits=5_000
+    )
+    await holds.reserve(account_id, 5_000, request_id="b")
+    # A writer commits "a" (Postgres 5,000 at version 2) and dies before acknowledging it.
+    reply = await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    await _commit_without_ack(pool, reply[0][1])
+    # A purchase lands meanwhile and tells Redis its (balance, version): 6,000 at version 3,
+    # which already has "a" taken off, while Redis's pending still holds "a" too.
+    await grant(pool, account_id, 1_000, holds=holds)
+
+    # Truly free: 6,000 posted - 5,000 held for "b" - nothing unposted.
+    assert (await holds.account_state(account_id)).available_millicredits == 1_000
+    b = await holds.settle(
+        account_id,
+        request_id="b",
+        cost_millicredits=5_000,
+        payload=usage_payload(request_id="b", account_id=account_id, cost_millicredits=5_000),
+    )
+    assert b.charged_millicredits == 5_000  # the balance covers it and the hold was for it
+    await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
+    await writer.claim_stale()
+    await writer.drain_all()
+    assert (await _posted(pool, account_id)).balance_millicredits == 1_000
+    await _assert_converged(holds, pool, account_id)
