@@ -115,15 +115,27 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(writer.run(), name="settlement-writer"))
     yield
     for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _cancel_and_wait(task)
     # Post what is already in the outbox before the process exits (best effort: whatever is
     # left is claimed by another writer or by this one after a restart).
     if settings.settlement_writer_enabled:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.drain_all(), timeout=5)
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait until it has really stopped.
+
+    The cancel is repeated: on Python 3.11, ``asyncio.wait_for`` (which redis-py uses when it
+    connects) drops a cancellation that arrives as the awaited operation completes
+    (CPython gh-86296), and the task then loops on as if never cancelled; a single cancel and
+    ``await task`` hung the shutdown forever.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(settings: Settings) -> web.Application:
