@@ -304,3 +304,40 @@ async def test_purchase_between_commit_and_ack_does_not_undercharge(
     await writer.drain_all()
     assert (await _posted(pool, account_id)).balance_millicredits == 1_000
     await _assert_converged(holds, pool, account_id)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Postgres keeps whichever settlement of a request id is posted first; a "
+    "repeated settle charged against the already-reduced available can win and undercharge",
+)
+async def test_repeated_settle_posted_before_original_does_not_undercharge(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    first = await reserve_and_settle(
+        holds, account_id, request_id="r1", hold_millicredits=600, cost_millicredits=600
+    )
+    # The same settlement again (settle.lua allows it: "Postgres dedupes by request id"); with
+    # the first charge still unposted, only 400 mc look available.
+    repeat = await holds.settle(
+        account_id,
+        request_id="r1",
+        cost_millicredits=600,
+        payload=usage_payload(request_id="r1", account_id=account_id, cost_millicredits=600),
+    )
+    assert (first, repeat.charged_millicredits) == (600, 400)
+    # A writer reads the original entry and dies; a healthy writer posts the repeat first.
+    await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=1)
+    await writer.drain_all()
+    await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
+    await writer.claim_stale()
+
+    await _assert_converged(holds, pool, account_id)
+    async with pool.acquire() as conn:
+        charged = await conn.fetchval(
+            "SELECT charged_millicredits FROM usage_events WHERE request_id = 'r1'"
+        )
+    assert charged == 600  # what the first settle charged, and the balance covered
+    assert (await _posted(pool, account_id)).balance_millicredits == 400
