@@ -348,7 +348,6 @@ async def _relay_stream(
         return response
     forwarded: list[bytes] = []
     buffer = b""
-    status = "completed"
     try:
         async for chunk in upstream.content.iter_any():
             buffer += chunk
@@ -396,7 +395,6 @@ async def _relay_stream(
             await _settle_estimated(call, [*forwarded, buffer], status="client_disconnected")
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
-        status = "upstream_error"
         log.warning("upstream stream broke for %s: %r", call.request_id, exc)
         await _finish_broken_stream(call, response, forwarded)
         return response
@@ -408,7 +406,9 @@ async def _relay_stream(
         )
         return response
     if not call.settled:
-        await _finish_broken_stream(call, response, forwarded, status=status)
+        # The upstream closed cleanly but sent neither usage nor [DONE] (e.g. it ended with
+        # an error event): the generation did not complete.
+        await _finish_broken_stream(call, response, forwarded)
         return response
     try:
         await response.write_eof()
