@@ -66,7 +66,8 @@ class Settled:
     """Result of a settlement.
 
     Attributes:
-        charged_millicredits: what was charged: min(cost, what the balance covered).
+        charged_millicredits: what was added to ``pending``: the cost, with usage above the
+            hold capped at what was available; Postgres posts min(this, balance).
         hold_millicredits: the hold that was released (0 if it was already gone).
         outbox_entry_id: the stream entry the writer will post to Postgres.
     """
@@ -194,7 +195,12 @@ class HoldStore:
     async def settle(
         self, account_id: int, *, request_id: str, cost_millicredits: int, payload: str
     ) -> Settled:
-        """Release the hold, charge ``min(cost, balance cover)`` and append to the outbox.
+        """Release the hold, add the charge to ``pending`` and append to the outbox.
+
+        What the hold covers is charged in full; usage above it is capped at what is
+        available, so an overrun never eats another request's hold. Postgres caps at the true
+        balance when the writer posts it (the usage event records any shortfall). See
+        ``billing/lua/settle.lua`` for why the cap never goes below the hold.
 
         Args:
             cost_millicredits: the request's charge at the rate card, >= 0.
@@ -282,9 +288,7 @@ class HoldStore:
         """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         try:
-            members: Any = await self._redis.zrangebyscore(
-                DEADLINES_KEY, "-inf", now_ms, 0, limit
-            )
+            members: Any = await self._redis.zrangebyscore(DEADLINES_KEY, "-inf", now_ms, 0, limit)
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
         voided = 0

@@ -8,7 +8,8 @@ CREATE TABLE accounts (
     balance_millicredits    bigint NOT NULL DEFAULT 0 CHECK (balance_millicredits >= 0),
     -- Bumped by every ledger write; Redis only ever applies (balance, version) pairs if newer.
     balance_version         bigint NOT NULL DEFAULT 0,
-    -- Charges that could not be collected (usage above the hold, reversals of spent credits).
+    -- Reversals (refunds, chargebacks) of credits already spent; while > 0, paid use stops.
+    -- (Usage that the balance could not cover is recorded on its usage event instead.)
     shortfall_millicredits  bigint NOT NULL DEFAULT 0 CHECK (shortfall_millicredits >= 0),
     created_at              timestamptz NOT NULL DEFAULT now()
 );

@@ -1,10 +1,18 @@
--- Settle request ARGV[1]: release its hold, charge min(cost, what the balance covers) and
--- append the settlement to the outbox stream, all in one atomic step. The stream entry is
--- the durable record the settlement writer posts to Postgres.
+-- Settle request ARGV[1]: release its hold, add its cost to `pending` and append the settlement
+-- to the outbox stream, all in one atomic step. The stream entry is the durable record the
+-- settlement writer posts to Postgres.
 -- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] deadline index, KEYS[4] outbox stream
 -- ARGV: request_id, cost_mc, member, payload_json
--- Returns {charged_mc, hold_mc, stream_entry_id}. A missing hold (already settled or voided
--- by the sweeper) still charges: Postgres dedupes by request id, so nothing is doubled.
+-- Returns {charged_mc, hold_mc, stream_entry_id}.
+--
+-- What the hold covers is always charged in full. Only usage above the hold is capped here,
+-- at what is available once the hold is released, so an overrun never eats another request's
+-- hold. Postgres then posts min(charged, balance) against the true balance. The cap never goes
+-- below the hold: Redis's view may briefly count a posted charge twice (a balance synced after
+-- the writer's commit but before its ack), and capping a covered charge against that view
+-- would undercharge. A missing hold (voided by the sweeper, or a repeat) is not capped either:
+-- Postgres keeps one settlement per request id and caps it there; until the writer posts,
+-- `available` may be below zero, which only refuses new holds.
 local hold = 0
 local h = redis.call('HGET', KEYS[2], ARGV[1])
 if h then
@@ -16,15 +24,16 @@ if h then
     redis.call('HINCRBY', KEYS[1], 'held', -hold)
   end
 end
-local f = redis.call('HMGET', KEYS[1], 'bal', 'held', 'pending')
-local cost = tonumber(ARGV[2])
-local charged = cost
-if f[1] then
-  local available = tonumber(f[1]) - (tonumber(f[2]) or 0) - (tonumber(f[3]) or 0)
-  if available < 0 then available = 0 end
-  if charged > available then charged = available end
-elseif charged > hold then
-  charged = hold
+local charged = tonumber(ARGV[2])
+if h and charged > hold then
+  local f = redis.call('HMGET', KEYS[1], 'bal', 'held', 'pending')
+  if f[1] then
+    local available = tonumber(f[1]) - (tonumber(f[2]) or 0) - (tonumber(f[3]) or 0)
+    if available < hold then available = hold end
+    if charged > available then charged = available end
+  else
+    charged = hold
+  end
 end
 if charged > 0 then
   redis.call('HINCRBY', KEYS[1], 'pending', charged)

@@ -187,7 +187,7 @@ async def test_settle_cost_above_hold_charges_what_balance_covers(
     assert state.available_millicredits == 0
 
 
-async def test_settle_without_hold_charges_only_available(
+async def test_settle_without_hold_charges_cost_for_postgres_to_cap(
     holds: HoldStore, pool: asyncpg.Pool
 ) -> None:
     account_id = await new_account(pool)
@@ -195,12 +195,13 @@ async def test_settle_without_hold_charges_only_available(
     await holds.reserve(account_id, 1_000, request_id="r1")
     first = await _settle(holds, account_id, "r1", 600)
 
-    # A repeat finds no hold; it may take only what is available (Postgres dedupes it later).
+    # A repeat finds no hold: its cost is not capped against Redis's view (which still counts
+    # the first); Postgres keeps one settlement per request id and caps it at the balance.
     repeat = await _settle(holds, account_id, "r1", 600)
 
     assert first.charged_millicredits == 600
-    assert (repeat.hold_millicredits, repeat.charged_millicredits) == (0, 400)
-    assert (await holds.account_state(account_id)).available_millicredits == 0
+    assert (repeat.hold_millicredits, repeat.charged_millicredits) == (0, 600)
+    assert (await holds.account_state(account_id)).available_millicredits == -200
 
 
 async def test_void_releases_hold_once(holds: HoldStore, pool: asyncpg.Pool) -> None:
