@@ -1,0 +1,345 @@
+"""The ``creditgate`` command line, run as a real process against real Postgres and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from billing import ledger
+from billing.api_keys import find_active_key
+from billing.holds import HoldStore
+from billing.rate_cards import DEFAULT_RATES
+from creditgate.migrations import default_migrations_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, Any]:
+    """Run ``python -m creditgate.cli ARGS`` with exactly ``env`` (plus PATH); returns the exit
+    status and the JSON document it printed on stdout."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "creditgate.cli",
+        *args,
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    try:
+        doc = orjson.loads(stdout)
+    except orjson.JSONDecodeError:
+        pytest.fail(f"stdout is not one JSON document: {stdout!r}; stderr: {stderr.decode()}")
+    return process.returncode, doc
+
+
+@pytest.fixture
+def cli_env(database_url: str, redis_url: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "UPSTREAM_API_KEY": "sk-upstream-test",
+    }
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def empty_database_url(pg_server) -> AsyncIterator[str]:
+    """A database with no tables at all (``database_url`` is already migrated)."""
+    name = f"t_empty_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(pg_server.dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield pg_server.dsn_for(name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _create_account(cli_env: dict[str, str], credits: str | None = None) -> dict:
+    args = ["accounts", "create", "--email", f"{uuid.uuid4().hex}@example.com"]
+    if credits is not None:
+        args += ["--credits", credits]
+    code, doc = await run_cli(cli_env, *args)
+    assert code == 0, doc
+    return doc
+
+
+# -- migrate, seed ----------------------------------------------------------------------
+
+
+async def test_migrate_fresh_database_applies_all_then_nothing(empty_database_url, redis_url):
+    env = {
+        "DATABASE_URL": empty_database_url,
+        "REDIS_URL": redis_url,
+        "UPSTREAM_API_KEY": "sk-upstream-test",
+    }
+    expected = sorted(path.name for path in default_migrations_dir().glob("*.sql"))
+    code, first = await run_cli(env, "migrate")
+    assert code == 0
+    assert first == {"applied": expected}
+    code, second = await run_cli(env, "migrate")
+    assert code == 0
+    assert second == {"applied": []}
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(expected)
+        assert await conn.fetchval("SELECT count(*) FROM accounts") == 0
+    finally:
+        await conn.close()
+
+
+async def test_seed_twice_adds_rate_cards_once(cli_env, conn):
+    code, first = await run_cli(cli_env, "seed")
+    assert code == 0
+    assert sorted(first["rateCardsAdded"]) == sorted(rate.model for rate in DEFAULT_RATES)
+    code, second = await run_cli(cli_env, "seed")
+    assert code == 0
+    assert second["rateCardsAdded"] == []
+    assert await conn.fetchval("SELECT count(*) FROM rate_cards") == len(DEFAULT_RATES)
+    packages = await conn.fetchval("SELECT count(*) FROM packages")
+    assert packages == len(second["packages"]) == len(first["packages"])
+
+
+async def test_seed_keeps_existing_prices(cli_env, conn):
+    await conn.execute(
+        """INSERT INTO rate_cards (model, input_millicredits_per_1k_tokens,
+               output_millicredits_per_1k_tokens, max_output_tokens)
+           VALUES ('gpt-4o', 1, 2, 100)"""
+    )
+    code, doc = await run_cli(cli_env, "seed")
+    assert code == 0
+    assert "gpt-4o" not in doc["rateCardsAdded"]
+    rows = await conn.fetch(
+        "SELECT input_millicredits_per_1k_tokens FROM rate_cards WHERE model = 'gpt-4o'"
+    )
+    assert [row[0] for row in rows] == [1]
+
+
+# -- accounts ---------------------------------------------------------------------------
+
+
+async def test_accounts_create_decimal_credits_reports_string_millicredits(cli_env, conn):
+    doc = await _create_account(cli_env, "12.5")
+    assert doc["balanceMillicredits"] == "12500"
+    assert doc["balanceCredits"] == 12.5
+    assert doc["availableMillicredits"] == "12500"
+    assert doc["heldMillicredits"] == "0"
+    entries = await conn.fetch(
+        "SELECT entry_type, amount_millicredits FROM ledger_entries WHERE account_id = $1",
+        doc["id"],
+    )
+    assert [tuple(entry) for entry in entries] == [("adjustment", 12_500)]
+    balance = await conn.fetchval(
+        "SELECT balance_millicredits FROM accounts WHERE id = $1", doc["id"]
+    )
+    assert balance == 12_500
+
+
+async def test_accounts_create_without_credits_has_zero_balance(cli_env):
+    doc = await _create_account(cli_env)
+    assert doc["balanceMillicredits"] == "0"
+    assert doc["availableMillicredits"] == "0"
+
+
+async def test_accounts_show_reports_held_and_available(cli_env, database_url, redis_url):
+    account = (await _create_account(cli_env, "20"))["id"]
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        holds = HoldStore(client, lambda a: ledger.posted_balance(pool, a))
+        await holds.reserve(account, 2_500, request_id="req_cli_show_test")
+        code, doc = await run_cli(cli_env, "accounts", "show", str(account))
+    finally:
+        await client.aclose()
+        await pool.close()
+    assert code == 0
+    assert doc["id"] == account
+    assert doc["balanceMillicredits"] == "20000"
+    assert doc["heldMillicredits"] == "2500"
+    assert doc["availableMillicredits"] == "17500"
+    assert doc["availableCredits"] == 17.5
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+async def test_keys_create_prints_key_once_and_stores_only_its_digest(cli_env, conn):
+    account = (await _create_account(cli_env))["id"]
+    code, doc = await run_cli(cli_env, "keys", "create", "--account", str(account), "--name", "ci")
+    assert code == 0
+    key = doc["key"]
+    assert key.startswith("cg_live_")
+    assert len(key) > len("cg_live_") + 40
+    assert doc["accountId"] == account
+    assert doc["keyPrefix"] == key[:12]
+    row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", doc["id"])
+    assert bytes(row["key_digest"]) == hashlib.sha256(key.encode()).digest()
+    stored_text = " ".join(str(value) for value in row.values())
+    assert key not in stored_text
+    assert await find_active_key(conn, key) == (doc["id"], account)
+
+
+async def test_keys_revoke_deactivates_key_once(cli_env, conn):
+    account = (await _create_account(cli_env))["id"]
+    _, created = await run_cli(cli_env, "keys", "create", "--account", str(account))
+    code, first = await run_cli(cli_env, "keys", "revoke", str(created["id"]))
+    assert (code, first["revoked"]) == (0, True)
+    code, second = await run_cli(cli_env, "keys", "revoke", str(created["id"]))
+    assert (code, second["revoked"]) == (0, False)
+    assert await find_active_key(conn, created["key"]) is None
+
+
+# -- credits ----------------------------------------------------------------------------
+
+
+async def test_credits_grant_adds_adjustment_entry_with_reason(cli_env, conn):
+    account = (await _create_account(cli_env, "1"))["id"]
+    code, doc = await run_cli(
+        cli_env,
+        "credits",
+        "grant",
+        "--account",
+        str(account),
+        "--credits",
+        "2.345",
+        "--reason",
+        "goodwill: ticket 42",
+    )
+    assert code == 0
+    assert doc["amountMillicredits"] == "2345"
+    assert doc["balanceAfterMillicredits"] == "3345"
+    assert doc["reason"] == "goodwill: ticket 42"
+    entry = await conn.fetchrow("SELECT * FROM ledger_entries WHERE id = $1", doc["entryId"])
+    assert entry["entry_type"] == "adjustment"
+    assert entry["amount_millicredits"] == 2_345
+    assert entry["reference"] == "goodwill: ticket 42"
+    assert entry["account_id"] == account
+    assert (
+        await conn.fetchval("SELECT balance_millicredits FROM accounts WHERE id = $1", account)
+        == 3_345
+    )
+
+
+async def test_credits_grant_same_idempotency_key_applies_once(cli_env, conn):
+    account = (await _create_account(cli_env))["id"]
+    args = [
+        "credits",
+        "grant",
+        "--account",
+        str(account),
+        "--credits",
+        "5",
+        "--reason",
+        "promo",
+        "--idempotency-key",
+        "promo-2026-ci",
+    ]
+    _, first = await run_cli(cli_env, *args)
+    _, second = await run_cli(cli_env, *args)
+    assert (first["created"], second["created"]) == (True, False)
+    assert first["entryId"] == second["entryId"]
+    assert (
+        await conn.fetchval("SELECT balance_millicredits FROM accounts WHERE id = $1", account)
+        == 5_000
+    )
+
+
+async def test_credits_grant_negative_beyond_balance_fails_and_writes_nothing(cli_env, conn):
+    account = (await _create_account(cli_env, "1"))["id"]
+    code, doc = await run_cli(
+        cli_env,
+        "credits",
+        "grant",
+        "--account",
+        str(account),
+        "--credits",
+        "-2",
+        "--reason",
+        "correction",
+    )
+    assert code == 1
+    assert "error" in doc
+    count = await conn.fetchval(
+        "SELECT count(*) FROM ledger_entries WHERE account_id = $1", account
+    )
+    assert count == 1
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["accounts", "show", "987654"],
+        ["keys", "create", "--account", "987654"],
+        ["credits", "grant", "--account", "987654", "--credits", "1", "--reason", "x"],
+    ],
+    ids=["accounts-show", "keys-create", "credits-grant"],
+)
+async def test_cli_unknown_account_prints_json_error_and_exits_1(cli_env, args):
+    code, doc = await run_cli(cli_env, *args)
+    assert code == 1
+    assert isinstance(doc["error"], str)
+    assert "987654" in doc["error"]
+
+
+async def test_cli_credits_with_four_decimals_exits_1(cli_env):
+    account = (await _create_account(cli_env))["id"]
+    code, doc = await run_cli(
+        cli_env,
+        "credits",
+        "grant",
+        "--account",
+        str(account),
+        "--credits",
+        "1.2345",
+        "--reason",
+        "x",
+    )
+    assert code == 1
+    assert "decimals" in doc["error"]
+
+
+async def test_cli_missing_env_exits_1_listing_every_problem():
+    code, doc = await run_cli({}, "accounts", "show", "1")
+    assert code == 1
+    problems = doc["problems"]
+    for name in ("DATABASE_URL", "REDIS_URL", "UPSTREAM_API_KEY"):
+        assert any(name in problem for problem in problems), (name, problems)
+        assert name in doc["error"]
+    assert len(problems) == 3
+
+
+async def test_cli_malformed_env_exits_1_listing_every_problem(cli_env):
+    env = {
+        **cli_env,
+        "DATABASE_URL": "mysql://nope",
+        "ROUNDING_MODE": "floor",
+        "CHARGING_ENABLED": "perhaps",
+    }
+    code, doc = await run_cli(env, "migrate")
+    assert code == 1
+    joined = "\n".join(doc["problems"])
+    for name in ("DATABASE_URL", "ROUNDING_MODE", "CHARGING_ENABLED"):
+        assert name in joined

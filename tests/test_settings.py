@@ -1,0 +1,149 @@
+"""``Settings.from_env``: defaults, parsing, and one error listing every problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from billing.pricing import RoundingMode
+from creditgate.settings import ConfigError, Settings
+
+REQUIRED = {
+    "DATABASE_URL": "postgresql://cg@127.0.0.1:5432/cg",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "UPSTREAM_API_KEY": "sk-upstream",
+}
+
+
+def _problems(env: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    for problem in info.value.problems:
+        assert problem in str(info.value)
+    return info.value.problems
+
+
+def test_from_env_empty_lists_all_required_problems_at_once():
+    problems = _problems({})
+    assert problems == [
+        "DATABASE_URL is required",
+        "REDIS_URL is required",
+        "UPSTREAM_API_KEY is required",
+    ]
+
+
+def test_from_env_many_malformed_values_all_reported():
+    env = {
+        **REQUIRED,
+        "DATABASE_URL": "mysql://db/cg",
+        "REDIS_URL": "memcached://cache",
+        "PORT": "eighty",
+        "CHARGING_ENABLED": "maybe",
+        "ROUNDING_MODE": "floor",
+        "HOLD_TTL_S": "-1",
+        "MAX_BODY_BYTES": "12",
+    }
+    problems = _problems(env)
+    for name in env.keys() - {"UPSTREAM_API_KEY"}:
+        assert sum(name in problem for problem in problems) == 1, (name, problems)
+    assert len(problems) == 7
+
+
+def test_from_env_ignores_process_environment_when_given_env(monkeypatch):
+    for name, value in REQUIRED.items():
+        monkeypatch.setenv(name, value)
+    assert len(_problems({})) == 3
+
+
+def test_from_env_reads_process_environment_by_default(monkeypatch):
+    for name, value in REQUIRED.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PORT", "9090")
+    assert Settings.from_env().port == 9090
+
+
+def test_from_env_minimal_env_gives_defaults():
+    settings = Settings.from_env(REQUIRED)
+    assert settings.port == 8080
+    assert settings.host == "0.0.0.0"
+    assert settings.upstream_base_url == "https://api.openai.com/v1"
+    assert settings.rounding_mode is RoundingMode.EXACT
+    assert settings.charging_enabled is True
+    assert settings.model_allowlist == frozenset()
+    assert settings.public_base_url == "http://127.0.0.1:8080"
+    assert settings.max_body_bytes == 4 * 1024 * 1024
+    assert settings.database_url == REQUIRED["DATABASE_URL"]
+    assert settings.upstream_api_key == "sk-upstream"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1", True),
+        ("true", True),
+        ("TRUE", True),
+        (" yes ", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        ("", True),
+    ],
+)
+def test_from_env_charging_enabled_parses_booleans(raw, expected):
+    assert Settings.from_env({**REQUIRED, "CHARGING_ENABLED": raw}).charging_enabled is expected
+
+
+@pytest.mark.parametrize("raw", ["2", "enabled", "tru", "nope"])
+def test_from_env_bad_boolean_is_a_problem(raw):
+    [problem] = _problems({**REQUIRED, "PURCHASES_ENABLED": raw})
+    assert "PURCHASES_ENABLED" in problem
+    assert repr(raw) in problem
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("exact", RoundingMode.EXACT), ("ceil", RoundingMode.CEIL), (" CEIL ", RoundingMode.CEIL)],
+)
+def test_from_env_rounding_mode_parses(raw, expected):
+    assert Settings.from_env({**REQUIRED, "ROUNDING_MODE": raw}).rounding_mode is expected
+
+
+@pytest.mark.parametrize("raw", ["floor", "round", "exactly"])
+def test_from_env_bad_rounding_mode_is_a_problem(raw):
+    [problem] = _problems({**REQUIRED, "ROUNDING_MODE": raw})
+    assert "ROUNDING_MODE" in problem
+    assert "'exact' or 'ceil'" in problem
+
+
+def test_from_env_model_allowlist_splits_and_trims():
+    env = {**REQUIRED, "MODEL_ALLOWLIST": " gpt-4o , gpt-4o-mini,,"}
+    assert Settings.from_env(env).model_allowlist == frozenset({"gpt-4o", "gpt-4o-mini"})
+
+
+def test_from_env_upstream_base_url_trailing_slash_stripped():
+    env = {**REQUIRED, "UPSTREAM_BASE_URL": "http://127.0.0.1:8090/v1/"}
+    assert Settings.from_env(env).upstream_base_url == "http://127.0.0.1:8090/v1"
+
+
+def test_from_env_port_sets_public_base_url_default():
+    settings = Settings.from_env({**REQUIRED, "PORT": "9000"})
+    assert settings.port == 9000
+    assert settings.public_base_url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize("raw", ["0", "70000", "-5"])
+def test_from_env_port_out_of_range_is_a_problem(raw):
+    [problem] = _problems({**REQUIRED, "PORT": raw})
+    assert "PORT" in problem
+
+
+def test_from_env_missing_tiktoken_dir_is_a_problem(tmp_path):
+    missing = tmp_path / "nowhere"
+    [problem] = _problems({**REQUIRED, "TIKTOKEN_ENCODINGS_DIR": str(missing)})
+    assert str(missing) in problem
+
+
+def test_from_env_webhook_secrets_split_in_order():
+    env = {**REQUIRED, "STRIPE_WEBHOOK_SECRETS": "whsec_new, whsec_old"}
+    assert Settings.from_env(env).stripe_webhook_secrets == ("whsec_new", "whsec_old")
