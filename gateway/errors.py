@@ -165,7 +165,7 @@ def make_error_middleware(buy_credits_url: str) -> Middleware:
             )
         except BillingError as exc:
             return billing_error_response(exc, buy_credits_url)
-        except web.HTTPRequestEntityTooLarge as exc:
+        except web.HTTPRequestEntityTooLarge:
             return json_response(
                 error_body(
                     f"Request body too large: the limit is {request.app._client_max_size} bytes.",

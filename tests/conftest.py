@@ -28,7 +28,7 @@ import redis
 from creditgate.localservices import PostgresServer, RedisServer, start_postgres, start_redis
 from creditgate.migrations import apply_migrations
 from gateway.simulator import Simulator
-from tests.harness import GatewayHarness, seed_database, test_settings
+from tests.harness import GatewayHarness, gateway_settings, seed_database
 
 TEMPLATE_DATABASE = "cg_template"
 
@@ -111,7 +111,7 @@ async def make_gateway(database_url: str, redis_url: str, sim: Simulator):
     started: list[GatewayHarness] = []
 
     async def make(**overrides) -> GatewayHarness:
-        settings = test_settings(database_url, redis_url, sim.base_url, **overrides)
+        settings = gateway_settings(database_url, redis_url, sim.base_url, **overrides)
         harness = await GatewayHarness(settings, sim).start()
         started.append(harness)
         return harness

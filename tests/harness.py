@@ -28,7 +28,9 @@ from gateway.app import create_app
 from gateway.simulator import Simulator
 
 
-def test_settings(database_url: str, redis_url: str, upstream_base_url: str, /, **overrides: Any):
+def gateway_settings(
+    database_url: str, redis_url: str, upstream_base_url: str, /, **overrides: Any
+):
     """Settings for an in-process gateway; ``overrides`` replace fields (the three URLs too:
     ``make_gateway(redis_url=...)`` points one gateway at a dead Redis)."""
     base = Settings(

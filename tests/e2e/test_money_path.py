@@ -157,7 +157,7 @@ async def test_gateway_sigkill_after_delivery_charges_each_response_once(
         except subprocess.TimeoutExpired:
             process.kill()
             await asyncio.to_thread(process.communicate)
-            raise AssertionError("creditgate serve did not stop within 40 s of SIGTERM")
+            raise AssertionError("creditgate serve did not stop within 40 s of SIGTERM") from None
     rows = await gw.pool.fetch(
         "SELECT request_id, charged_millicredits FROM usage_events WHERE account_id = $1",
         account,
