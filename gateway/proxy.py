@@ -355,13 +355,19 @@ async def _relay_stream(
             if cut < 0:
                 continue
             complete, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-            if call.settled or not _NEEDS_INSPECTION.search(complete):
+            match = None if call.settled else _NEEDS_INSPECTION.search(complete)
+            if match is None:
                 # Most chunks carry neither usage nor the end: forward them untouched.
                 forwarded.append(complete)
                 await _write(response, complete)
                 continue
-            out: list[bytes] = []
-            for event in complete.split(b"\n\n"):
+            # Events before the first one worth parsing also pass through untouched.
+            boundary = complete.rfind(b"\n\n", 0, match.start())
+            head = complete[: boundary + 2] if boundary >= 0 else b""
+            if head:
+                forwarded.append(head)
+            out: list[bytes] = [head]
+            for event in complete[len(head) :].split(b"\n\n"):
                 if not event.strip():
                     continue
                 if not call.settled:
@@ -376,8 +382,9 @@ async def _relay_stream(
                 forwarded.append(event + b"\n\n")
                 out.append(event)
                 out.append(b"\n\n")
-            if out:
-                await _write(response, b"".join(out))
+            data = b"".join(out)
+            if data:
+                await _write(response, data)
         if buffer.strip():
             forwarded.append(buffer)
             await _write(response, buffer + b"\n\n")
