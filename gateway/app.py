@@ -80,14 +80,6 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 async def _background(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     holds = app[appkeys.HOLDS]
-    writer = SettlementWriter(
-        holds,
-        app[appkeys.DB_POOL],
-        consumer=f"{socket.gethostname()}-{os.getpid()}",
-        batch_size=settings.settlement_batch_size,
-        claim_idle_ms=settings.settlement_claim_idle_ms,
-    )
-    app[appkeys.WRITER] = writer
 
     async def sweep() -> None:
         while True:
@@ -111,14 +103,22 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(sweep(), name="hold-sweeper"),
         asyncio.create_task(refresh_rate_cards(), name="rate-card-refresh"),
     ]
+    writer = None
     if settings.settlement_writer_enabled:
+        writer = SettlementWriter(
+            holds,
+            app[appkeys.DB_POOL],
+            consumer=f"{socket.gethostname()}-{os.getpid()}",
+            batch_size=settings.settlement_batch_size,
+            claim_idle_ms=settings.settlement_claim_idle_ms,
+        )
         tasks.append(asyncio.create_task(writer.run(), name="settlement-writer"))
     yield
     for task in tasks:
         await _cancel_and_wait(task)
     # Post what is already in the outbox before the process exits (best effort: whatever is
     # left is claimed by another writer or by this one after a restart).
-    if settings.settlement_writer_enabled:
+    if writer is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.drain_all(), timeout=5)
 

@@ -9,7 +9,6 @@ from aiohttp import web
 
 from billing.holds import HoldStore
 from billing.rate_cards import RateCardBook
-from billing.settlement import SettlementWriter
 from billing.stripe_events import WebhookStats
 from billing.stripe_gateway import StripeGateway
 from billing.tokens import TokenCounter
@@ -25,7 +24,6 @@ TOKENS = web.AppKey("tokens", TokenCounter)
 AUTH = web.AppKey("auth", KeyAuthenticator)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict)
-WRITER = web.AppKey("settlement_writer", SettlementWriter)
 # Set only when STRIPE_API_KEY is configured (``gateway.checkout.stripe_ctx``).
 STRIPE = web.AppKey("stripe", StripeGateway)
 STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", WebhookStats)

@@ -186,8 +186,11 @@ def _headers(call: BilledCall) -> dict[str, str]:
     return {"x-request-id": call.request_id}
 
 
-async def _prepare(request: web.Request, endpoint: Endpoint) -> tuple[BilledCall, dict, bool]:
-    """Authenticate, parse, price and hold. Returns the call, the body and ``stream``."""
+async def _prepare(
+    request: web.Request, endpoint: Endpoint
+) -> tuple[BilledCall, bytes, dict[str, Any], bool]:
+    """Authenticate, parse, price and hold. Returns the call, the raw and parsed body and
+    ``stream``."""
     app = request.app
     identity = await app[appkeys.AUTH].authenticate(request)
     raw = await request.read()
@@ -227,10 +230,11 @@ async def _prepare(request: web.Request, endpoint: Endpoint) -> tuple[BilledCall
             identity.account_id, hold, request_id=call.request_id, ttl_s=settings.hold_ttl_s
         )
         call.hold_millicredits = hold
-    return call, body, stream
+    return call, raw, body, stream
 
 
-async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientResponse:
+async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientResponse | None:
+    """POST the body upstream; None (hold voided) when the upstream cannot be reached."""
     app = call.app
     settings = app[appkeys.SETTINGS]
     call.upstream_started = time.monotonic()
@@ -243,7 +247,7 @@ async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientRespons
     except (aiohttp.ClientError, TimeoutError) as exc:
         await call.void()
         log.warning("upstream unreachable for %s: %r", call.request_id, exc)
-        return None  # type: ignore[return-value]
+        return None
 
 
 def _upstream_unavailable(call: BilledCall) -> web.Response:
@@ -260,16 +264,18 @@ def _upstream_unavailable(call: BilledCall) -> web.Response:
 
 async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """Serve one billed request (see module docstring)."""
-    call, body, stream = await _prepare(request, endpoint)
+    call, data, body, stream = await _prepare(request, endpoint)
     client_wants_usage = False
     if stream and endpoint.include_usage:
         options = body.get("stream_options")
         options = options if isinstance(options, dict) else {}
         client_wants_usage = options.get("include_usage") is True
         if not client_wants_usage:
+            # Only this case changes the body; every other request is forwarded as sent.
             body["stream_options"] = {**options, "include_usage": True}
+            data = orjson.dumps(body)
     try:
-        upstream = await _open_upstream(call, orjson.dumps(body))
+        upstream = await _open_upstream(call, data)
         if upstream is None:
             return _upstream_unavailable(call)
         try:
@@ -355,52 +361,21 @@ async def _relay_stream(
             if cut < 0:
                 continue
             complete, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-            match = None if call.settled else _NEEDS_INSPECTION.search(complete)
-            if match is None:
-                # Most chunks carry neither usage nor the end: forward them untouched.
-                forwarded.append(complete)
-                await _write(response, complete)
-                continue
-            # Events before the first one worth parsing also pass through untouched.
-            boundary = complete.rfind(b"\n\n", 0, match.start())
-            head = complete[: boundary + 2] if boundary >= 0 else b""
-            if head:
-                forwarded.append(head)
-            out: list[bytes] = [head]
-            for event in complete[len(head) :].split(b"\n\n"):
-                if not event.strip():
-                    continue
-                if not call.settled:
-                    found = usage_event(event)
-                    if found is not None:
-                        usage, usage_only = found
-                        await call.settle(usage, source="upstream", status="completed")
-                        if usage_only and not client_wants_usage:
-                            continue
-                    elif event.startswith(_DONE):
-                        await _settle_estimated(call, forwarded, status="completed")
-                forwarded.append(event + b"\n\n")
-                out.append(event)
-                out.append(b"\n\n")
-            data = b"".join(out)
+            data = await _pass_events(call, complete, forwarded, client_wants_usage)
             if data:
                 await _write(response, data)
         if buffer.strip():
             forwarded.append(buffer)
             await _write(response, buffer + b"\n\n")
-    except _ClientGone:
-        # The client went away: stop the upstream, charge what was generated.
+    except (_ClientGone, asyncio.CancelledError) as exc:
+        # The client went away, noticed on a write or (aiohttp cancels the handler) while we
+        # waited for a slow or stalled upstream: stop the upstream, charge what was generated.
         upstream.close()
         if not call.settled:
             await _settle_estimated(call, [*forwarded, buffer], status="client_disconnected")
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         return response
-    except asyncio.CancelledError:
-        # aiohttp cancels the handler when the client disconnects while we wait for the
-        # upstream (a slow or stalled generation): same as above, then let the cancel go on.
-        upstream.close()
-        if not call.settled:
-            await _settle_estimated(call, [*forwarded, buffer], status="client_disconnected")
-        raise
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("upstream stream broke for %s: %r", call.request_id, exc)
         await _finish_broken_stream(call, response, forwarded)
@@ -422,6 +397,42 @@ async def _relay_stream(
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         pass
     return response
+
+
+async def _pass_events(
+    call: BilledCall, complete: bytes, forwarded: list[bytes], client_wants_usage: bool
+) -> bytes:
+    """What to send the client of ``complete`` (whole SSE events), settling on the way.
+
+    Events before the first one carrying usage or ``[DONE]`` pass through unparsed; from there
+    each event is looked at: the usage settles the request (and the extra usage-only chunk is
+    dropped for clients that did not ask for it), ``[DONE]`` without usage settles estimated.
+    Appends what is sent to ``forwarded`` (for counting if the client disconnects).
+    """
+    match = None if call.settled else _NEEDS_INSPECTION.search(complete)
+    if match is None:
+        forwarded.append(complete)
+        return complete
+    boundary = complete.rfind(b"\n\n", 0, match.start())
+    head = complete[: boundary + 2] if boundary >= 0 else b""
+    if head:
+        forwarded.append(head)
+    out: list[bytes] = [head]
+    for event in complete[len(head) :].split(b"\n\n"):
+        if not event.strip():
+            continue
+        if not call.settled:
+            found = usage_event(event)
+            if found is not None:
+                usage, usage_only = found
+                await call.settle(usage, source="upstream", status="completed")
+                if usage_only and not client_wants_usage:
+                    continue
+            elif event.startswith(_DONE):
+                await _settle_estimated(call, forwarded, status="completed")
+        forwarded.append(event + b"\n\n")
+        out.append(event + b"\n\n")
+    return b"".join(out)
 
 
 class _ClientGone(Exception):
