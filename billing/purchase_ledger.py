@@ -80,6 +80,10 @@ class _Poster:
         self._account_id = account_id
         self.result = PurchaseLedger()
 
+    async def execute(self, sql: str, *args: object) -> None:
+        """Run a statement on the same connection (and transaction)."""
+        await self._conn.execute(sql, *args)
+
     async def post(
         self,
         entry_type: str,
@@ -169,38 +173,18 @@ async def settle_purchase(conn: asyncpg.Connection, purchase: Purchase) -> Purch
     for refund_id, amount_minor, status, recorded in refunds:
         if status not in COUNTED_REFUND_STATUSES | FAILED_REFUND_STATUSES:
             continue
-        share = recorded
-        if share is None:
-            share = min(share_millicredits(total, amount_minor, paid), total - reversed_net)
-        if share <= 0:
-            continue
-        taken = await poster.post(
-            "reversal",
-            -share,
-            key=f"refund:{refund_id}",
-            reference=refund_id,
-            reverses_entry_id=grant_id,
-            allow_partial=True,
-        )
-        if taken.created:
-            await conn.execute(
-                """UPDATE purchase_refunds SET reversal_millicredits = $2,
-                       shortfall_millicredits = $3, updated_at = now()
-                   WHERE refund_id = $1""",
-                refund_id,
-                share,
-                taken.shortfall_millicredits,
-            )
-        reversed_net += share
-        if status in FAILED_REFUND_STATUSES:
-            await poster.post(
-                "reversal",
-                share,
-                key=f"refund:{refund_id}:reinstated",
+        share = _share(recorded, total, amount_minor, paid, reversed_net)
+        if share > 0:
+            reversed_net += await _reverse_share(
+                poster,
+                grant_id=grant_id,
+                share=share,
                 reference=refund_id,
-                reverses_entry_id=taken.entry.id,
+                take_key=f"refund:{refund_id}",
+                restore_key=f"refund:{refund_id}:reinstated",
+                record_sql=_RECORD_REFUND_SQL,
+                restore=status in FAILED_REFUND_STATUSES,
             )
-            reversed_net -= share
 
     disputes = await conn.fetch(
         """SELECT dispute_id, amount_minor_units, status, held_millicredits
@@ -209,36 +193,66 @@ async def settle_purchase(conn: asyncpg.Connection, purchase: Purchase) -> Purch
         purchase.id,
     )
     for dispute_id, amount_minor, status, recorded in disputes:
-        share = recorded
-        if share is None:
-            share = min(share_millicredits(total, amount_minor, paid), total - reversed_net)
-        if share <= 0:
-            continue
-        held = await poster.post(
-            "reversal",
-            -share,
-            key=f"dispute:{dispute_id}:opened",
-            reference=dispute_id,
-            reverses_entry_id=grant_id,
-            allow_partial=True,
-        )
-        if held.created:
-            await conn.execute(
-                """UPDATE purchase_disputes SET held_millicredits = $2,
-                       shortfall_millicredits = $3, updated_at = now()
-                   WHERE dispute_id = $1""",
-                dispute_id,
-                share,
-                held.shortfall_millicredits,
-            )
-        reversed_net += share
-        if status in RESTORED_DISPUTE_STATUSES:
-            await poster.post(
-                "reversal",
-                share,
-                key=f"dispute:{dispute_id}:won",
+        share = _share(recorded, total, amount_minor, paid, reversed_net)
+        if share > 0:
+            reversed_net += await _reverse_share(
+                poster,
+                grant_id=grant_id,
+                share=share,
                 reference=dispute_id,
-                reverses_entry_id=held.entry.id,
+                take_key=f"dispute:{dispute_id}:opened",
+                restore_key=f"dispute:{dispute_id}:won",
+                record_sql=_RECORD_DISPUTE_SQL,
+                restore=status in RESTORED_DISPUTE_STATUSES,
             )
-            reversed_net -= share
     return poster.result
+
+
+_RECORD_REFUND_SQL = """UPDATE purchase_refunds SET reversal_millicredits = $2,
+       shortfall_millicredits = $3, updated_at = now()
+   WHERE refund_id = $1"""
+_RECORD_DISPUTE_SQL = """UPDATE purchase_disputes SET held_millicredits = $2,
+       shortfall_millicredits = $3, updated_at = now()
+   WHERE dispute_id = $1"""
+
+
+def _share(
+    recorded: int | None, total: int, amount_minor: int, paid: int, reversed_net: int
+) -> int:
+    """The millicredits a refund or dispute takes back: what was recorded when it was first
+    posted, else its proportional share, never more than is still unreversed."""
+    if recorded is not None:
+        return recorded
+    return min(share_millicredits(total, amount_minor, paid), total - reversed_net)
+
+
+async def _reverse_share(
+    poster: _Poster,
+    *,
+    grant_id: int,
+    share: int,
+    reference: str,
+    take_key: str,
+    restore_key: str,
+    record_sql: str,
+    restore: bool,
+) -> int:
+    """Take ``share`` back from the purchase (once, by ``take_key``; what the balance cannot
+    cover becomes a shortfall), note it on its refund or dispute row, and give it back once
+    (``restore_key``) when ``restore``. Returns what stays reversed: ``share`` or 0."""
+    taken = await poster.post(
+        "reversal",
+        -share,
+        key=take_key,
+        reference=reference,
+        reverses_entry_id=grant_id,
+        allow_partial=True,
+    )
+    if taken.created:
+        await poster.execute(record_sql, reference, share, taken.shortfall_millicredits)
+    if not restore:
+        return share
+    await poster.post(
+        "reversal", share, key=restore_key, reference=reference, reverses_entry_id=taken.entry.id
+    )
+    return 0
