@@ -62,10 +62,6 @@ class KeyAuthenticator:
         self._cache[digest] = (now + self._ttl_s, identity)
         return identity
 
-    def forget(self) -> None:
-        """Drop every cached result (tests, and after an admin revokes keys)."""
-        self._cache.clear()
-
     async def authenticate(self, request: web.Request) -> Identity:
         """The caller's identity from the Authorization header.
 

@@ -72,6 +72,11 @@ class UpstreamError(GatewayError):
     code = "upstream_unavailable"
 
 
+def new_request_id() -> str:
+    """``req_`` + 32 hex characters; a billed call's usage row and ``x-request-id`` carry it."""
+    return "req_" + os.urandom(16).hex()
+
+
 def error_body(
     message: str, error_type: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -152,7 +157,7 @@ def make_error_middleware(buy_credits_url: str) -> Middleware:
         response = await _answer(request, handler)
         if not response.prepared and "x-request-id" not in response.headers:
             # Refusals (401, 402, 404, ...) carry an id too, for support conversations.
-            response.headers["x-request-id"] = "req_" + os.urandom(16).hex()
+            response.headers["x-request-id"] = new_request_id()
         return response
 
     async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:

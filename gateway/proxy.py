@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from billing.pricing import RateCard, charge_millicredits, worst_case_millicredi
 from billing.tokens import TokenCounter
 from gateway import appkeys
 from gateway.auth import Identity
-from gateway.errors import InvalidRequestError, error_body, json_response
+from gateway.errors import InvalidRequestError, error_body, json_response, new_request_id
 from gateway.usage import Usage, generated_text, parse_usage, response_text, usage_event
 
 log = logging.getLogger(__name__)
@@ -69,11 +68,6 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 _DONE = b"data: [DONE]"
 # Stream events worth parsing: a usage object (not null) or the end of the stream.
 _NEEDS_INSPECTION = re.compile(rb'"usage"\s*:\s*\{|data: \[DONE\]')
-
-
-def new_request_id() -> str:
-    """``req_`` + 32 hex characters; the usage row and ``x-request-id`` carry it."""
-    return "req_" + os.urandom(16).hex()
 
 
 class BilledCall:
