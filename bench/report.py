@@ -194,7 +194,7 @@ def render_profile(result: TargetResult, *, connections: int) -> str:
     lines = []
     for kind, p in result.profile.items():
         lines.append(
-            f"py-spy, gateway, {kind} at c={connections} ({p['samples']} busy samples, "
+            f"py-spy, {result.name}, {kind} at c={connections} ({p['samples']} busy samples, "
             f"{p['requests_per_s_while_sampled']:.0f} req/s while sampled, "
             f"{p['complete_percent']:.0f}% whole stacks): {p['svg']}"
         )

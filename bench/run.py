@@ -21,6 +21,10 @@ Each proxy under test runs alone on one core (``--proxy-cpu``, default 0); the s
 PostgreSQL, Redis and this script share the other (``--load-cpu``, default 1): this process
 pins itself there first, so everything it starts inherits it. Everything listens on 127.0.0.1,
 every wait has a deadline, and every process started is stopped before exit.
+
+The targets are measured one after another, minutes apart, so on a machine whose speed drifts
+(a shared VM) their ratios drift too: ``bench/paired.py`` measures the pass-through and the
+gateway in interleaved pairs, round by round, for a fair gateway/pass-through comparison.
 """
 
 from __future__ import annotations
@@ -273,9 +277,14 @@ def run_passthrough(bench: Bench, sim_port: int, port: int) -> report.TargetResu
     )
     try:
         procs.wait_for_line(proxy, "READY", timeout_s=_START_TIMEOUT_S)
-        return bench.measure(
-            "passthrough", f"http://127.0.0.1:{port}", "sk-client-ignored", proxy=proxy
-        )
+        base_url = f"http://127.0.0.1:{port}"
+        result = bench.measure("passthrough", base_url, "sk-client-ignored", proxy=proxy)
+        if bench.options.profile and result.error is None:
+            try:
+                result.profile = bench.profile("passthrough", base_url, "sk-x", proxy.pid)
+            except (OSError, RuntimeError, wrkload.WrkError) as exc:
+                result.notes.append(f"profiling failed: {exc}")
+        return result
     finally:
         procs.stop(proxy)
 
@@ -509,10 +518,11 @@ def _print_report(
     if gateway:
         if gateway.settlement:
             print("\n" + report.render_settlement(gateway))
-        if gateway.profile:
-            print("\n" + report.render_profile(gateway, connections=options.connections))
         for note in gateway.notes:
             print("\nnote: " + note)
+    for result in results.values():
+        if result.profile:
+            print("\n" + report.render_profile(result, connections=options.connections))
     for result in results.values():
         if result.error:
             print(f"\n{result.name} could not be measured:\n{result.error}")

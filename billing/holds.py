@@ -16,6 +16,7 @@ so no balance can go below zero. Source: two-phase transfers as in TigerBeetle
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from billing.errors import (
     AccountSuspendedError,
@@ -102,6 +103,48 @@ def _load_script(name: str) -> str:
     return resources.files("billing").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+class PendingSettlement:
+    """A settle script on its way to Redis; ``result()`` reads its reply.
+
+    Attributes:
+        in_kernel: the command is already in the kernel's socket buffer (it reaches Redis
+            even if this process dies now). False: it may not have left; await ``result()``
+            before delivering the response.
+    """
+
+    __slots__ = ("_reply", "_run", "in_kernel")
+
+    def __init__(
+        self,
+        reply: asyncio.Future[Any] | None,
+        run: Callable[[], Awaitable[Any]],
+        *,
+        in_kernel: bool,
+    ) -> None:
+        self._reply = reply
+        self._run = run
+        self.in_kernel = in_kernel
+
+    async def result(self) -> Settled:
+        """The settlement's outcome.
+
+        Raises:
+            BillingUnavailableError: Redis unreachable or too slow; whether the script ran is
+                unknown (if not, the sweeper voids the hold at its deadline).
+        """
+        try:
+            if self._reply is None:
+                raw = await self._run()
+            else:
+                try:
+                    raw = await self._reply
+                except NoScriptError:  # a live SCRIPT FLUSH: it did not run; load and run it
+                    raw = await self._run()
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
+        return Settled(int(raw[0]), int(raw[1]), raw[2])
+
+
 class HoldStore:
     """Reserve, settle and void holds with one Lua script each.
 
@@ -130,6 +173,9 @@ class HoldStore:
         self._load_balance = load_balance
         self._reserve = redis.register_script(_load_script("reserve.lua"))
         self._settle = redis.register_script(_load_script("settle.lua"))
+        if channel is not None:
+            channel.preload(str(self._reserve.script))
+            channel.preload(str(self._settle.script))
         self._void = redis.register_script(_load_script("void.lua"))
         self._apply_balance = redis.register_script(_load_script("apply_balance.lua"))
         self.ack_posted = redis.register_script(_load_script("ack_posted.lua"))
@@ -210,16 +256,36 @@ class HoldStore:
             BillingUnavailableError: Redis unreachable; the hold stays and the sweeper voids
                 it at its deadline (the request goes uncharged: documented window).
         """
+        pending = await self.send_settle(
+            account_id, request_id=request_id, cost_millicredits=cost_millicredits, payload=payload
+        )
+        return await pending.result()
+
+    async def send_settle(
+        self, account_id: int, *, request_id: str, cost_millicredits: int, payload: str
+    ) -> PendingSettlement:
+        """Send the settle script (see ``settle``) and return before its reply arrives.
+
+        On the pipelined channel the command is written to the socket at once; when
+        ``PendingSettlement.in_kernel`` is True it reaches Redis even if this process dies
+        right after, so the caller may deliver the response first and read the reply later.
+
+        Raises:
+            BillingUnavailableError: Redis unreachable (also from ``PendingSettlement.result``).
+        """
         keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY, OUTBOX_STREAM_KEY]
-        try:
-            charged, hold, entry_id = await self._run(
-                self._settle,
-                keys,
-                [request_id, cost_millicredits, _member(account_id, request_id), payload],
-            )
-        except RedisError as exc:
-            raise BillingUnavailableError(f"redis: {exc}") from exc
-        return Settled(int(charged), int(hold), entry_id)
+        args = [request_id, cost_millicredits, _member(account_id, request_id), payload, account_id]
+        script = self._settle
+
+        def run() -> Awaitable[Any]:
+            return self._run(script, keys, args)
+
+        sent = None
+        if self._channel is not None:
+            sent = self._channel.send_now("EVALSHA", script.sha, len(keys), *keys, *args)
+        if sent is None:
+            return PendingSettlement(None, run, in_kernel=False)
+        return PendingSettlement(sent[0], run, in_kernel=sent[1])
 
     async def void(
         self, account_id: int, *, request_id: str, expired_before_ms: int | None = None

@@ -29,7 +29,9 @@ class _Protocol(asyncio.Protocol):
         self._channel = channel
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
         self.transport: asyncio.Transport | None = None
-        self.waiters: deque[asyncio.Future[Any]] = deque()
+        # (future, loop time sent), oldest first: replies come back in the order sent.
+        self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.watchdog: asyncio.TimerHandle | None = None
         self.outgoing: list[bytes] = []
         self.flush_scheduled = False
         self.closed = asyncio.get_running_loop().create_future()
@@ -44,7 +46,7 @@ class _Protocol(asyncio.Protocol):
             if not waiters:
                 self._fail(RedisConnectionError("reply without a command"))
                 return
-            future = waiters.popleft()
+            future, _ = waiters.popleft()
             if future.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -60,13 +62,20 @@ class _Protocol(asyncio.Protocol):
     def flush(self) -> None:
         self.flush_scheduled = False
         data, self.outgoing = b"".join(self.outgoing), []
-        if self.transport is not None and data:
-            self.transport.write(data)
+        if not data or self.transport is None:
+            return
+        if self.transport.is_closing():
+            self._fail(RedisConnectionError("redis connection closed"))
+            return
+        self.transport.write(data)
 
     def _fail(self, exc: Exception) -> None:
         self.outgoing.clear()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         while self.waiters:
-            future = self.waiters.popleft()
+            future, _ = self.waiters.popleft()
             if not future.done():
                 future.set_exception(exc)
         if self.transport is not None:
@@ -94,8 +103,14 @@ class ScriptChannel:
         self._username = unquote(parsed.username) if parsed.username else None
         self._password = unquote(parsed.password) if parsed.password else None
         self._timeout_s = timeout_s
+        self._preloaded: list[str] = []
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+
+    def preload(self, script: str) -> None:
+        """Load ``script`` (Lua source) on every connect, so EVALSHA finds it even right
+        after Redis restarted; only a live ``SCRIPT FLUSH`` can still cause NOSCRIPT."""
+        self._preloaded.append(script)
 
     def _protocol_lost(self, protocol: _Protocol) -> None:
         if self._protocol is protocol:
@@ -120,9 +135,10 @@ class ScriptChannel:
             setup.append(auth)
         if self._db:
             setup.append(("SELECT", self._db))
+        setup.extend(("SCRIPT", "LOAD", script) for script in self._preloaded)
         for command in setup:
             future = loop.create_future()
-            protocol.waiters.append(future)
+            protocol.waiters.append((future, loop.time()))
             assert protocol.transport is not None
             protocol.transport.write(hiredis.pack_command(command))
             await asyncio.wait_for(future, self._timeout_s)
@@ -151,20 +167,58 @@ class ScriptChannel:
         protocol = self._protocol or await self._ready()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        protocol.waiters.append(future)
+        now = loop.time()
+        protocol.waiters.append((future, now))
         protocol.outgoing.append(hiredis.pack_command(command))
         if not protocol.flush_scheduled:
             protocol.flush_scheduled = True
             loop.call_soon(protocol.flush)
-        timer = loop.call_later(self._timeout_s, self._expire, protocol, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        if protocol.watchdog is None:
+            protocol.watchdog = loop.call_at(now + self._timeout_s, self._watch, protocol)
+        return await future
 
-    def _expire(self, protocol: _Protocol, future: asyncio.Future[Any]) -> None:
-        if not future.done():
+    def send_now(self, *command: Any) -> tuple[asyncio.Future[Any], bool] | None:
+        """Write one command (after any still queued) to the socket now, without waiting.
+
+        Returns:
+            ``(reply, in_kernel)``: the future of its reply (failing like ``execute``), and
+            whether the whole command is already in the kernel's socket buffer, which then
+            delivers it to Redis even if this process dies the next instant. ``None`` when
+            there is no connection yet (use ``execute``).
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+            return None
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        now = loop.time()
+        protocol.waiters.append((future, now))
+        protocol.outgoing.append(hiredis.pack_command(command))
+        protocol.flush()
+        if protocol.watchdog is None:
+            protocol.watchdog = loop.call_at(now + self._timeout_s, self._watch, protocol)
+        transport = protocol.transport
+        in_kernel = (
+            not future.done() and transport is not None and transport.get_write_buffer_size() == 0
+        )
+        return future, in_kernel
+
+    def _watch(self, protocol: _Protocol) -> None:
+        """Fail the connection if its oldest unanswered command is over ``timeout_s`` old.
+
+        One timer per connection rather than one per command (a timer per command cost
+        ~10 µs of a request's CPU). It re-arms for the oldest command's deadline while
+        commands are in flight, so a reply is late by at most ``timeout_s`` plus a tick.
+        """
+        protocol.watchdog = None
+        if not protocol.waiters:
+            return
+        deadline = protocol.waiters[0][1] + self._timeout_s
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
             protocol._fail(RedisConnectionError(f"redis reply took over {self._timeout_s}s"))
+        else:
+            protocol.watchdog = loop.call_at(deadline, self._watch, protocol)
 
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script by SHA, loading it first if Redis does not know it."""

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from billing import ledger
-from billing.holds import OUTBOX_STREAM_KEY, HoldStore, PostedBalance
+from billing.holds import OUTBOX_STREAM_KEY, HoldStore, PostedBalance, account_key
 from billing.settlement import GROUP, SettlementWriter
 from tests.billing.money import (
     grant,
@@ -333,3 +333,24 @@ async def test_repeated_settle_posted_before_original_does_not_undercharge(
         )
     assert charged == 600  # what the first settle charged, and the balance covered
     assert (await _posted(pool, account_id)).balance_millicredits == 400
+
+
+async def test_writer_posts_entries_without_the_account_field(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    """Outbox entries written before the settle script recorded ``a`` (an upgrade with a
+    backlog) are posted all the same, their account read from the payload."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    await holds.redis.xadd(
+        OUTBOX_STREAM_KEY,
+        {
+            "p": usage_payload(request_id="old-1", account_id=account_id, cost_millicredits=700),
+            "c": 700,
+        },
+    )
+    await holds.redis.hincrby(account_key(account_id), "pending", 700)
+    assert await writer.drain_all() == 1
+    posted = await _posted(pool, account_id)
+    assert posted.balance_millicredits == 10_000 - 700
+    await _assert_converged(holds, pool, account_id)

@@ -1,0 +1,90 @@
+"""The pipelined Redis connection of the hot path, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.exceptions
+
+from billing.script_channel import ScriptChannel
+
+_ECHO_ARG = "return ARGV[1]"
+
+
+@pytest.fixture
+async def channel(redis_url: str) -> AsyncIterator[ScriptChannel]:
+    ch = ScriptChannel(redis_url, timeout_s=2.0)
+    try:
+        yield ch
+    finally:
+        await ch.close()
+
+
+async def test_concurrent_commands_get_their_own_replies(channel: ScriptChannel):
+    sha = await channel.execute("SCRIPT", "LOAD", _ECHO_ARG)
+    replies = await asyncio.gather(
+        *(channel.evalsha(sha, _ECHO_ARG, [], [f"v{i}"]) for i in range(200))
+    )
+    assert replies == [f"v{i}" for i in range(200)]
+
+
+async def test_unknown_script_is_loaded_then_run(channel: ScriptChannel):
+    script = "return ARGV[1] .. '!'"
+    sha = await channel.execute("SCRIPT", "LOAD", script)
+    await channel.execute("SCRIPT", "FLUSH")
+    assert await channel.evalsha(sha, script, [], ["hi"]) == "hi!"
+
+
+async def test_error_reply_raises_response_error(channel: ScriptChannel):
+    with pytest.raises(redis.exceptions.ResponseError):
+        await channel.execute("EVAL", "return redis.error_reply('nope')", 0)
+    assert await channel.execute("PING") == "PONG"  # the connection is still usable
+
+
+async def test_silent_server_times_out_every_command_in_flight():
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ch = ScriptChannel(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            ch.execute("PING"), ch.execute("PING"), return_exceptions=True
+        )
+        waited = time.monotonic() - started
+        assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results)
+        assert "took over 0.3s" in str(results[0])
+        assert 0.25 <= waited < 5.0
+    finally:
+        await ch.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_reconnects_after_the_connection_drops(channel: ScriptChannel, redis_url: str):
+    assert await channel.execute("PING") == "PONG"
+    name = "cg-test-channel"
+    await channel.execute("CLIENT", "SETNAME", name)
+    killer = ScriptChannel(redis_url)
+    try:
+        assert await killer.execute("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "normal") >= 1
+    finally:
+        await killer.close()
+    await asyncio.sleep(0.05)
+    assert await channel.execute("PING") == "PONG"
+
+
+async def test_cancelled_command_does_not_shift_replies(channel: ScriptChannel):
+    sleeper = "local t = redis.call('TIME') return ARGV[1]"
+    sha = await channel.execute("SCRIPT", "LOAD", sleeper)
+    first = asyncio.ensure_future(channel.evalsha(sha, sleeper, [], ["first"]))
+    second = asyncio.ensure_future(channel.evalsha(sha, sleeper, [], ["second"]))
+    first.cancel()
+    assert await second == "second"
+    assert await channel.evalsha(sha, sleeper, [], ["third"]) == "third"
