@@ -20,6 +20,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -143,6 +144,39 @@ class PendingSettlement:
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
         return Settled(int(raw[0]), int(raw[1]), raw[2])
+
+    def on_failure(self, report: Callable[[BaseException], None]) -> None:
+        """Check the reply in the background (cheaper than a task per request): ``report``
+        gets the error if the settlement failed; NOSCRIPT is retried first.
+
+        Only for an ``in_kernel`` settlement; one that is not must be awaited.
+        """
+        if self._reply is None:
+            raise RuntimeError("on_failure needs a settlement already sent")
+        self._reply.add_done_callback(partial(self._replied, report))
+
+    def _replied(self, report: Callable[[BaseException], None], reply: asyncio.Future[Any]) -> None:
+        if reply.cancelled():
+            return
+        exc = reply.exception()
+        if exc is None:
+            return
+        if not isinstance(exc, NoScriptError):
+            report(BillingUnavailableError(f"redis: {exc}"))
+            return
+        retry = asyncio.ensure_future(self._run())
+        _RETRIES.add(retry)
+        retry.add_done_callback(partial(_retried, report))
+
+
+# NOSCRIPT retries of settlements whose replies were read in the background (strong refs).
+_RETRIES: set[asyncio.Future[Any]] = set()
+
+
+def _retried(report: Callable[[BaseException], None], retry: asyncio.Future[Any]) -> None:
+    _RETRIES.discard(retry)
+    if not retry.cancelled() and (exc := retry.exception()) is not None:
+        report(BillingUnavailableError(f"redis: {exc}"))
 
 
 class HoldStore:

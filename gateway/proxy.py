@@ -162,12 +162,10 @@ class BilledCall:
             cost_millicredits=cost,
             payload=payload,
         )
-        if not pending.in_kernel:
+        if pending.in_kernel:
+            pending.on_failure(partial(_settle_failed, self.request_id))
+        else:
             await pending.result()
-            return
-        task = asyncio.ensure_future(pending.result())
-        _SETTLE_REPLIES.add(task)
-        task.add_done_callback(partial(_settle_replied, self.request_id))
 
     async def void(self) -> None:
         """Release the hold with no charge (upstream failed before any output)."""
@@ -186,18 +184,9 @@ class BilledCall:
         return Usage(self.estimate.prompt_tokens, completion)
 
 
-# Settle replies still being read after the response went out (strong references).
-_SETTLE_REPLIES: set[asyncio.Future[Any]] = set()
-
-
-def _settle_replied(request_id: str, task: asyncio.Future[Any]) -> None:
-    _SETTLE_REPLIES.discard(task)
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None:
-        # Delivered, maybe uncharged: if the script did not run, the sweeper voids the hold.
-        log.error("settlement of %s failed after delivery: %s", request_id, exc)
+def _settle_failed(request_id: str, exc: BaseException) -> None:
+    # Delivered, maybe uncharged: if the script did not run, the sweeper voids the hold.
+    log.error("settlement of %s failed after delivery: %s", request_id, exc)
 
 
 def _headers(call: BilledCall) -> dict[str, str]:
