@@ -105,26 +105,26 @@ def _load_script(name: str) -> str:
 
 
 class PendingSettlement:
-    """A settle script on its way to Redis; ``result()`` reads its reply.
+    """A settle script on its way to Redis; ``result()`` reads its reply."""
 
-    Attributes:
-        in_kernel: the command is already in the kernel's socket buffer (it reaches Redis
-            even if this process dies now). False: it may not have left; await ``result()``
-            before delivering the response.
-    """
-
-    __slots__ = ("_reply", "_run", "in_kernel")
+    __slots__ = ("_reply", "_run", "_written")
 
     def __init__(
         self,
         reply: asyncio.Future[Any] | None,
         run: Callable[[], Awaitable[Any]],
         *,
-        in_kernel: bool,
+        written: asyncio.Future[bool] | None,
     ) -> None:
         self._reply = reply
         self._run = run
-        self.in_kernel = in_kernel
+        self._written = written
+
+    async def in_kernel(self) -> bool:
+        """True once the command is in the kernel's socket buffer (it reaches Redis even if
+        this process dies now); False if that cannot be known: await ``result()`` before
+        delivering the response then."""
+        return await self._written if self._written is not None else False
 
     async def result(self) -> Settled:
         """The settlement's outcome.
@@ -149,7 +149,7 @@ class PendingSettlement:
         """Check the reply in the background (cheaper than a task per request): ``report``
         gets the error if the settlement failed; NOSCRIPT is retried first.
 
-        Only for an ``in_kernel`` settlement; one that is not must be awaited.
+        Only for a settlement ``in_kernel``; one that is not must be awaited.
         """
         if self._reply is None:
             raise RuntimeError("on_failure needs a settlement already sent")
@@ -300,9 +300,9 @@ class HoldStore:
     ) -> PendingSettlement:
         """Send the settle script (see ``settle``) and return before its reply arrives.
 
-        On the pipelined channel the command is written to the socket at once; when
-        ``PendingSettlement.in_kernel`` is True it reaches Redis even if this process dies
-        right after, so the caller may deliver the response first and read the reply later.
+        On the pipelined channel the command goes out with this loop iteration's batch;
+        once ``PendingSettlement.in_kernel()`` says True it reaches Redis even if this process
+        dies right after, so the caller may deliver the response and read the reply later.
 
         Raises:
             BillingUnavailableError: Redis unreachable (also from ``PendingSettlement.result``).
@@ -316,10 +316,10 @@ class HoldStore:
 
         sent = None
         if self._channel is not None:
-            sent = self._channel.send_now("EVALSHA", script.sha, len(keys), *keys, *args)
+            sent = self._channel.send("EVALSHA", script.sha, len(keys), *keys, *args)
         if sent is None:
-            return PendingSettlement(None, run, in_kernel=False)
-        return PendingSettlement(sent[0], run, in_kernel=sent[1])
+            return PendingSettlement(None, run, written=None)
+        return PendingSettlement(sent[0], run, written=sent[1])
 
     async def void(
         self, account_id: int, *, request_id: str, expired_before_ms: int | None = None

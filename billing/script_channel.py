@@ -34,6 +34,8 @@ class _Protocol(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         self.outgoing: list[bytes] = []
         self.flush_scheduled = False
+        # Resolved by the next flush: is everything it wrote in the kernel's socket buffer?
+        self.written: asyncio.Future[bool] | None = None
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -62,15 +64,25 @@ class _Protocol(asyncio.Protocol):
     def flush(self) -> None:
         self.flush_scheduled = False
         data, self.outgoing = b"".join(self.outgoing), []
+        written, self.written = self.written, None
         if not data or self.transport is None:
+            if written is not None:
+                written.set_result(False)
             return
         if self.transport.is_closing():
+            if written is not None:
+                written.set_result(False)
             self._fail(RedisConnectionError("redis connection closed"))
             return
         self.transport.write(data)
+        if written is not None:
+            written.set_result(self.transport.get_write_buffer_size() == 0)
 
     def _fail(self, exc: Exception) -> None:
         self.outgoing.clear()
+        if self.written is not None:
+            self.written.set_result(False)
+            self.written = None
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -177,14 +189,15 @@ class ScriptChannel:
             protocol.watchdog = loop.call_at(now + self._timeout_s, self._watch, protocol)
         return await future
 
-    def send_now(self, *command: Any) -> tuple[asyncio.Future[Any], bool] | None:
-        """Write one command (after any still queued) to the socket now, without waiting.
+    def send(self, *command: Any) -> tuple[asyncio.Future[Any], asyncio.Future[bool]] | None:
+        """Queue one command like ``execute`` (it goes out with this loop iteration's batch)
+        without waiting for its reply.
 
         Returns:
-            ``(reply, in_kernel)``: the future of its reply (failing like ``execute``), and
-            whether the whole command is already in the kernel's socket buffer, which then
-            delivers it to Redis even if this process dies the next instant. ``None`` when
-            there is no connection yet (use ``execute``).
+            ``(reply, written)``: the future of its reply (failing like ``execute``), and a
+            future resolved when the batch was written: True if the whole batch is then in
+            the kernel's socket buffer, which delivers it to Redis even if this process dies
+            the next instant. ``None`` when there is no connection yet (use ``execute``).
         """
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
@@ -194,14 +207,14 @@ class ScriptChannel:
         now = loop.time()
         protocol.waiters.append((future, now))
         protocol.outgoing.append(hiredis.pack_command(command))
-        protocol.flush()
+        if protocol.written is None:
+            protocol.written = loop.create_future()
+        if not protocol.flush_scheduled:
+            protocol.flush_scheduled = True
+            loop.call_soon(protocol.flush)
         if protocol.watchdog is None:
             protocol.watchdog = loop.call_at(now + self._timeout_s, self._watch, protocol)
-        transport = protocol.transport
-        in_kernel = (
-            not future.done() and transport is not None and transport.get_write_buffer_size() == 0
-        )
-        return future, in_kernel
+        return future, protocol.written
 
     def _watch(self, protocol: _Protocol) -> None:
         """Fail the connection if its oldest unanswered command is over ``timeout_s`` old.

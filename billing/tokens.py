@@ -364,11 +364,30 @@ def _count_message_fields(encoding: tiktoken.Encoding, message: Mapping[str, Any
             total += sum(_count_tool_call(encoding, call) for call in value)
         elif key == "function_call":  # legacy single call: {"name", "arguments"}
             total += _count_tool_call(encoding, {"function": value})
+        elif key == "role" and isinstance(value, str):
+            total += _count_role(encoding, value)
         elif isinstance(value, str):
             total += _count(encoding, value)
             if key == "name":
                 total += TOKENS_PER_NAME
     return total
+
+
+# Token counts of role names ("system", "user", ...), per encoding: every message has one, and
+# they are few, so they are counted once (short strings only, so the cache stays small).
+_ROLE_COUNTS: dict[tuple[str, str], int] = {}
+_ROLE_CACHE_MAX_CHARS = 32
+_ROLE_CACHE_MAX_ENTRIES = 1024
+
+
+def _count_role(encoding: tiktoken.Encoding, role: str) -> int:
+    key = (encoding.name, role)
+    count = _ROLE_COUNTS.get(key)
+    if count is None:
+        count = _count(encoding, role)
+        if len(role) <= _ROLE_CACHE_MAX_CHARS and len(_ROLE_COUNTS) < _ROLE_CACHE_MAX_ENTRIES:
+            _ROLE_COUNTS[key] = count
+    return count
 
 
 def _count_tool_call(encoding: tiktoken.Encoding, call: object) -> int:

@@ -64,9 +64,12 @@ ENDPOINTS = (
     Endpoint("embeddings", "/embeddings", estimate_embeddings, False, streams=False),
 )
 
+# A write to a client that has gone away raises one of these.
+_CLIENT_RESET = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]"
 _USAGE_KEY = b'"usage"'
+_TOKENS_KEY_END = b'_tokens"'
 _JSON_SPACE_OR_COLON = frozenset(b" \t\r\n:")
 
 
@@ -108,9 +111,10 @@ class BilledCall:
         """Charge ``usage`` at the rate card (the Redis settle script, see module docstring).
 
         Returns as soon as the settle command is in the kernel's socket buffer (it reaches
-        Redis even if this process dies next), so the response goes out without waiting a
-        Redis round trip; the reply is checked in the background. When that cannot be
-        proven (no connection yet, a full socket buffer), waits for the reply instead.
+        Redis even if this process dies next; it goes out with the loop iteration's batch of
+        Redis commands), so the response goes out without waiting a Redis round trip; the
+        reply is checked in the background. When that cannot be proven (no connection yet,
+        a full socket buffer), waits for the reply instead.
 
         Raises:
             BillingUnavailableError: Redis unreachable (the caller fails closed).
@@ -162,7 +166,7 @@ class BilledCall:
             cost_millicredits=cost,
             payload=payload,
         )
-        if pending.in_kernel:
+        if await pending.in_kernel():
             pending.on_failure(partial(_settle_failed, self.request_id))
         else:
             await pending.result()
@@ -355,7 +359,7 @@ async def _relay_stream(
     )
     try:
         await response.prepare(call.request)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except _CLIENT_RESET:
         await call.void()  # the client left before the first byte: nothing generated for it
         upstream.close()
         return response
@@ -363,17 +367,33 @@ async def _relay_stream(
     buffer = b""
     try:
         async for chunk in upstream.content.iter_any():
-            buffer += chunk
-            cut = buffer.rfind(b"\n\n")
-            if cut < 0:
+            # Per-chunk work is kept inline: this loop runs ~20 times per answer.
+            if buffer:
+                chunk = buffer + chunk
+            cut = chunk.rfind(b"\n\n") + 2
+            if cut < 2:
+                buffer = chunk
                 continue
-            complete, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-            data = await _pass_events(call, complete, forwarded, client_wants_usage)
-            if data:
-                await _write(response, data)
+            if cut == len(chunk):
+                complete, buffer = chunk, b""
+            else:
+                complete, buffer = chunk[:cut], chunk[cut:]
+            if call.settled or _first_to_inspect(complete) < 0:
+                forwarded.append(complete)  # nothing to look at: pass through unparsed
+            else:
+                complete = await _pass_events(call, complete, forwarded, client_wants_usage)
+                if not complete:
+                    continue
+            try:
+                await response.write(complete)
+            except _CLIENT_RESET as exc:
+                raise _ClientGone from exc
         if buffer.strip():
             forwarded.append(buffer)
-            await _write(response, buffer + b"\n\n")
+            try:
+                await response.write(buffer + b"\n\n")
+            except _CLIENT_RESET as exc:
+                raise _ClientGone from exc
     except (_ClientGone, asyncio.CancelledError) as exc:
         # The client went away, noticed on a write or (aiohttp cancels the handler) while we
         # waited for a slow or stalled upstream: stop the upstream, charge what was generated.
@@ -401,7 +421,7 @@ async def _relay_stream(
         return response
     try:
         await response.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except _CLIENT_RESET:
         pass
     return response
 
@@ -446,10 +466,14 @@ def _first_to_inspect(data: bytes) -> int:
     """Offset of the first ``"usage": {`` (a usage object, not ``null``) or ``data: [DONE]``
     in ``data``; -1 when there is neither.
 
-    Plain ``bytes.find`` rather than a regular expression: this runs on every stream event
-    and the regex alternative cost ~5 µs per event (py-spy, bench/run.py --profile).
-    A JSON string cannot contain an unescaped ``"usage"``, so a match is always a key.
+    This runs on every stream chunk, so it is built from ``in``/``find`` (C loops) rather
+    than a regular expression (~5 µs per event, py-spy). Every usage object that
+    ``parse_usage`` accepts names a ``*_tokens`` key, so a chunk without ``_tokens"`` can only
+    hold ``[DONE]``. A JSON string cannot contain an unescaped ``"usage"``, so a match is
+    always a key.
     """
+    if _TOKENS_KEY_END not in data:
+        return data.find(_DONE)
     done = data.find(_DONE)
     end = done if done >= 0 else len(data)
     at = data.find(_USAGE_KEY, 0, end)
@@ -465,13 +489,6 @@ def _first_to_inspect(data: bytes) -> int:
 
 class _ClientGone(Exception):
     """The client closed its connection while we were writing to it."""
-
-
-async def _write(response: web.StreamResponse, data: bytes) -> None:
-    try:
-        await response.write(data)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
-        raise _ClientGone from exc
 
 
 async def _settle_estimated(call: BilledCall, events: list[bytes], *, status: str) -> None:
@@ -509,7 +526,7 @@ async def _send_stream_error(response: web.StreamResponse, message: str, code: s
             b"data: " + orjson.dumps(error_body(message, "server_error", code=code)) + b"\n\n"
         )
         await response.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except _CLIENT_RESET:
         pass
 
 

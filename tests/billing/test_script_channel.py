@@ -88,3 +88,16 @@ async def test_cancelled_command_does_not_shift_replies(channel: ScriptChannel):
     first.cancel()
     assert await second == "second"
     assert await channel.evalsha(sha, sleeper, [], ["third"]) == "third"
+
+
+async def test_send_batches_with_execute_and_reports_the_write(channel: ScriptChannel):
+    assert channel.send("PING") is None  # not connected yet: the caller must use execute
+    assert await channel.execute("PING") == "PONG"
+    sent = channel.send("ECHO", "a")
+    assert sent is not None
+    reply, written = sent
+    queued = asyncio.ensure_future(channel.execute("ECHO", "b"))
+    assert not written.done()  # goes out with this loop iteration's batch, not at once
+    assert await written is True
+    assert await reply == "a"
+    assert await queued == "b"

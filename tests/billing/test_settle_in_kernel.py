@@ -48,7 +48,7 @@ async def test_settle_is_in_the_kernel_before_its_reply(
     await grant(pool, account_id, 10_000, holds=channel_holds)
     await channel_holds.reserve(account_id, 3_000, request_id="r1")  # connects the channel
     pending = await _send(channel_holds, account_id, "r1", 1_200)
-    assert pending.in_kernel
+    assert await pending.in_kernel()
     settled = await pending.result()
     assert (settled.charged_millicredits, settled.hold_millicredits) == (1_200, 3_000)
     state = await channel_holds.account_state(account_id)
@@ -61,7 +61,7 @@ async def test_settle_before_any_connection_is_not_in_the_kernel_and_still_settl
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=channel_holds)
     pending = await _send(channel_holds, account_id, "r-cold", 500)
-    assert not pending.in_kernel  # the caller must await it before delivering
+    assert not await pending.in_kernel()  # the caller must await it before delivering
     assert (await pending.result()).charged_millicredits == 500
 
 
@@ -74,7 +74,7 @@ async def test_flushed_script_is_loaded_and_run_once(
     await redis_client.script_flush()
     failures: list[BaseException] = []
     pending = await _send(channel_holds, account_id, "r2", 800)
-    assert pending.in_kernel
+    assert await pending.in_kernel()
     pending.on_failure(failures.append)
     for _ in range(100):
         state = await channel_holds.account_state(account_id)
@@ -92,7 +92,10 @@ async def test_failed_reply_is_reported_after_delivery() -> None:
     async def run_again() -> object:
         raise AssertionError("only NOSCRIPT is retried")
 
-    pending = PendingSettlement(reply, run_again, in_kernel=True)
+    written: asyncio.Future[bool] = loop.create_future()
+    written.set_result(True)
+    pending = PendingSettlement(reply, run_again, written=written)
+    assert await pending.in_kernel()
     failures: list[BaseException] = []
     pending.on_failure(failures.append)
     reply.set_exception(redis.exceptions.ConnectionError("redis reply took over 5s"))
