@@ -378,10 +378,11 @@ async def _relay_stream(
                 complete, buffer = chunk, b""
             else:
                 complete, buffer = chunk[:cut], chunk[cut:]
-            if call.settled or _first_to_inspect(complete) < 0:
+            start = len(complete) if call.settled else _tail_to_inspect(complete)
+            if start == len(complete):
                 forwarded.append(complete)  # nothing to look at: pass through unparsed
             else:
-                complete = await _pass_events(call, complete, forwarded, client_wants_usage)
+                complete = await _pass_events(call, complete, start, forwarded, client_wants_usage)
                 if not complete:
                     continue
             try:
@@ -427,25 +428,24 @@ async def _relay_stream(
 
 
 async def _pass_events(
-    call: BilledCall, complete: bytes, forwarded: list[bytes], client_wants_usage: bool
+    call: BilledCall,
+    complete: bytes,
+    start: int,
+    forwarded: list[bytes],
+    client_wants_usage: bool,
 ) -> bytes:
     """What to send the client of ``complete`` (whole SSE events), settling on the way.
 
-    Events before the first one carrying usage or ``[DONE]`` pass through unparsed; from there
-    each event is looked at: the usage settles the request (and the extra usage-only chunk is
+    Events before ``start`` (see ``_tail_to_inspect``) pass through unparsed; from there each
+    event is looked at: the usage settles the request (and the extra usage-only chunk is
     dropped for clients that did not ask for it), ``[DONE]`` without usage settles estimated.
     Appends what is sent to ``forwarded`` (for counting if the client disconnects).
     """
-    start = -1 if call.settled else _first_to_inspect(complete)
-    if start < 0:
-        forwarded.append(complete)
-        return complete
-    boundary = complete.rfind(b"\n\n", 0, start)
-    head = complete[: boundary + 2] if boundary >= 0 else b""
+    head = complete[:start]
     if head:
         forwarded.append(head)
     out: list[bytes] = [head]
-    for event in complete[len(head) :].split(b"\n\n"):
+    for event in complete[start:].split(b"\n\n"):
         if not event.strip():
             continue
         if not call.settled:
@@ -462,29 +462,46 @@ async def _pass_events(
     return b"".join(out)
 
 
-def _first_to_inspect(data: bytes) -> int:
-    """Offset of the first ``"usage": {`` (a usage object, not ``null``) or ``data: [DONE]``
-    in ``data``; -1 when there is neither.
+def _tail_to_inspect(complete: bytes) -> int:
+    """Where the run of events at the end of ``complete`` that must be looked at begins:
+    events with a usage object (not ``null``) or ``data: [DONE]``, and blank ones between
+    them; ``len(complete)`` when the last event is an ordinary one.
 
-    This runs on every stream chunk, so it is built from ``in``/``find`` (C loops) rather
-    than a regular expression (~5 µs per event, py-spy). Every usage object that
-    ``parse_usage`` accepts names a ``*_tokens`` key, so a chunk without ``_tokens"`` can only
-    hold ``[DONE]``. A JSON string cannot contain an unescaped ``"usage"``, so a match is
-    always a key.
+    ``complete`` is whole SSE events (it ends with a blank line). Usage and ``[DONE]`` end a
+    stream, so only the tail is looked at, walking back one event at a time: under load the
+    upstream's whole answer arrives as one chunk, and scanning all of it (or running a regular
+    expression over each event) cost tens of µs per answer (py-spy, bench/run.py --profile).
     """
-    if _TOKENS_KEY_END not in data:
-        return data.find(_DONE)
-    done = data.find(_DONE)
-    end = done if done >= 0 else len(data)
-    at = data.find(_USAGE_KEY, 0, end)
+    start = len(complete)
+    while start > 0:
+        boundary = complete.rfind(b"\n\n", 0, start - 2)
+        event_start = boundary + 2 if boundary >= 0 else 0
+        if complete[event_start:start].strip() and not _needs_look(complete, event_start, start):
+            break
+        start = event_start
+    return start
+
+
+def _needs_look(data: bytes, start: int, end: int) -> bool:
+    """Whether the event ``data[start:end]`` is ``data: [DONE]`` or holds a usage object.
+
+    Every usage object ``parse_usage`` accepts names a ``*_tokens`` key, so an event without
+    ``_tokens"`` needs no closer look. A JSON string cannot contain an unescaped
+    ``"usage"``, so a match is always a key; its value must be an object, not ``null``.
+    """
+    if data.find(_DONE, start, end) >= 0:
+        return True
+    if data.find(_TOKENS_KEY_END, start, end) < 0:
+        return False
+    at = data.find(_USAGE_KEY, start, end)
     while at >= 0:
         i = at + len(_USAGE_KEY)
         while i < end and data[i] in _JSON_SPACE_OR_COLON:
             i += 1
         if i < end and data[i] == 0x7B:  # "{"
-            return at
+            return True
         at = data.find(_USAGE_KEY, i, end)
-    return done
+    return False
 
 
 class _ClientGone(Exception):
