@@ -35,7 +35,8 @@ class _Protocol(asyncio.Protocol):
         self.outgoing: list[bytes] = []
         self.flush_scheduled = False
         # Resolved by the next flush: is everything it wrote in the kernel's socket buffer?
-        self.written: asyncio.Future[bool] | None = None
+        # One future per command, so a cancelled waiter cancels only its own.
+        self.written: list[asyncio.Future[bool]] = []
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,25 +65,24 @@ class _Protocol(asyncio.Protocol):
     def flush(self) -> None:
         self.flush_scheduled = False
         data, self.outgoing = b"".join(self.outgoing), []
-        written, self.written = self.written, None
         if not data or self.transport is None:
-            if written is not None:
-                written.set_result(False)
+            self._report_written(False)
             return
         if self.transport.is_closing():
-            if written is not None:
-                written.set_result(False)
             self._fail(RedisConnectionError("redis connection closed"))
             return
         self.transport.write(data)
-        if written is not None:
-            written.set_result(self.transport.get_write_buffer_size() == 0)
+        self._report_written(self.transport.get_write_buffer_size() == 0)
+
+    def _report_written(self, in_kernel: bool) -> None:
+        written, self.written = self.written, []
+        for future in written:
+            if not future.done():
+                future.set_result(in_kernel)
 
     def _fail(self, exc: Exception) -> None:
         self.outgoing.clear()
-        if self.written is not None:
-            self.written.set_result(False)
-            self.written = None
+        self._report_written(False)
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -207,14 +207,14 @@ class ScriptChannel:
         now = loop.time()
         protocol.waiters.append((future, now))
         protocol.outgoing.append(hiredis.pack_command(command))
-        if protocol.written is None:
-            protocol.written = loop.create_future()
+        written = loop.create_future()
+        protocol.written.append(written)
         if not protocol.flush_scheduled:
             protocol.flush_scheduled = True
             loop.call_soon(protocol.flush)
         if protocol.watchdog is None:
             protocol.watchdog = loop.call_at(now + self._timeout_s, self._watch, protocol)
-        return future, protocol.written
+        return future, written
 
     def _watch(self, protocol: _Protocol) -> None:
         """Fail the connection if its oldest unanswered command is over ``timeout_s`` old.

@@ -101,3 +101,14 @@ async def test_send_batches_with_execute_and_reports_the_write(channel: ScriptCh
     assert await written is True
     assert await reply == "a"
     assert await queued == "b"
+
+
+async def test_a_cancelled_wait_for_the_write_leaves_the_others_alone(channel: ScriptChannel):
+    assert await channel.execute("PING") == "PONG"
+    first = channel.send("ECHO", "1")
+    second = channel.send("ECHO", "2")
+    assert first is not None and second is not None
+    first[1].cancel()  # that request's handler was cancelled (its client left)
+    assert await second[1] is True
+    assert await first[0] == "1"
+    assert await second[0] == "2"
