@@ -4,6 +4,7 @@ and settlement batches posted once per request id."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import asyncpg
 import pytest
@@ -370,3 +371,71 @@ async def test_record_settlements_unknown_account_posts_nothing(pool: asyncpg.Po
             await ledger.record_settlements(conn, batch)
         assert await conn.fetchval("SELECT count(*) FROM usage_events") == 0
         assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 5_000
+
+
+def _sequential_reference(
+    balances: dict[int, int], recorded: set[str], batch: list[dict[str, object]]
+) -> list[tuple[str, bool, int]]:
+    """The rule written as a loop, one settlement at a time in batch order: what each
+    settlement posts; updates ``balances`` and ``recorded``."""
+    out = []
+    for item in batch:
+        request_id, account_id = str(item["request_id"]), int(item["account_id"])
+        if request_id in recorded:
+            out.append((request_id, False, 0))
+            continue
+        recorded.add(request_id)
+        posted = max(min(int(item["charged"]), balances[account_id]), 0)
+        balances[account_id] -= posted
+        out.append((request_id, True, posted))
+    return out
+
+
+async def test_record_settlements_matches_the_sequential_rule_on_random_batches(
+    pool: asyncpg.Pool,
+) -> None:
+    """Batches over several accounts, with repeats within and across batches and charges
+    that run balances down to 0: the set-based function posts exactly what a loop would."""
+    rng = random.Random(20261122)
+    accounts = [await new_account(pool) for _ in range(3)]
+    balances = {a: rng.choice([0, 2_500, 10_000]) for a in accounts}
+    for account_id, credits in balances.items():
+        if credits:
+            await grant(pool, account_id, credits)
+    recorded: set[str] = set()
+    counter = 0
+    for _ in range(25):
+        batch = []
+        for _ in range(rng.randint(1, 12)):
+            if recorded and rng.random() < 0.15:
+                request_id = rng.choice(sorted(recorded))  # already in Postgres
+                account_id = int(request_id.split("-")[1])
+            elif batch and rng.random() < 0.1:
+                request_id = str(batch[-1]["request_id"])  # repeated within the batch
+                account_id = int(batch[-1]["account_id"])
+            else:
+                counter += 1
+                account_id = rng.choice(accounts)
+                request_id = f"r-{account_id}-{counter}"
+            charged = rng.choice([0, 1, 999, 1_000, 3_000])
+            batch.append(_settlement(account_id, request_id, cost=charged, charged=charged))
+        expected = _sequential_reference(balances, recorded, batch)
+        async with pool.acquire() as conn:
+            results, posted = await ledger.record_settlements(conn, batch)
+        by_request: dict[str, list[tuple[bool, int]]] = {}
+        for r in results:
+            by_request.setdefault(r.request_id, []).append((r.recorded, r.charged_millicredits))
+        for request_id, was_recorded, amount in expected:
+            assert (was_recorded, amount) in by_request[request_id]
+        assert sorted(r.recorded for r in results) == sorted(e[1] for e in expected)
+        for account_id in {int(i["account_id"]) for i in batch}:
+            assert posted[account_id].balance_millicredits == balances[account_id]
+    for account_id in accounts:
+        async with pool.acquire() as conn:
+            assert await ledger.ledger_sum_matches_balance(conn, account_id)
+        chain = [e["balance_after_millicredits"] for e in await _entries(pool, account_id)]
+        amounts = [e["amount_millicredits"] for e in await _entries(pool, account_id)]
+        running = 0
+        for amount, after in zip(amounts, chain, strict=True):
+            running += amount
+            assert after == running  # entries in id order form one running balance
