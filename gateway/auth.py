@@ -1,6 +1,6 @@
 """Bearer-key authentication with a short in-process cache.
 
-Keys are looked up by SHA-256 digest. Results (hits and misses) are cached for
+Keys are looked up in Postgres by SHA-256 digest. Results (hits and misses) are cached for
 ``ttl_s`` seconds so the hot path needs no query per request; a revoked key therefore stops
 working within ``ttl_s`` (default 5 s) on every gateway process.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
-from billing.api_keys import find_active_key, key_digest
+from billing.api_keys import find_active_key
 from billing.errors import BillingUnavailableError
 from gateway.errors import AuthenticationError
 
@@ -39,7 +39,9 @@ class KeyAuthenticator:
     def __init__(self, pool: asyncpg.Pool, *, ttl_s: float = 5.0) -> None:
         self._pool = pool
         self._ttl_s = ttl_s
-        self._cache: dict[bytes, tuple[float, Identity | None]] = {}
+        # Keyed by the key as presented (hashing it for every request cost more than the
+        # lookup itself); the database only ever sees its digest.
+        self._cache: dict[str, tuple[float, Identity | None]] = {}
 
     async def identify(self, key: str) -> Identity | None:
         """The identity of an active key, or None (unknown, revoked, expired).
@@ -47,9 +49,8 @@ class KeyAuthenticator:
         Raises:
             BillingUnavailableError: Postgres unreachable and the key is not cached (503).
         """
-        digest = key_digest(key)
         now = time.monotonic()
-        cached = self._cache.get(digest)
+        cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
@@ -59,7 +60,7 @@ class KeyAuthenticator:
         identity = Identity(found[0], found[1]) if found else None
         if len(self._cache) >= _MAX_CACHE_ENTRIES:
             self._cache.clear()
-        self._cache[digest] = (now + self._ttl_s, identity)
+        self._cache[key] = (now + self._ttl_s, identity)
         return identity
 
     async def authenticate(self, request: web.Request) -> Identity:
