@@ -10,7 +10,6 @@ request path map them to ``BillingUnavailableError`` (503).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -203,13 +202,11 @@ async def record_settlements(
     """
     for seq, item in enumerate(settlements):
         item["seq"] = seq
-    return await record_settlements_json(
-        conn, orjson.dumps(settlements).decode(), {s["account_id"] for s in settlements}
-    )
+    return await record_settlements_json(conn, orjson.dumps(settlements).decode())
 
 
 async def record_settlements_json(
-    conn: asyncpg.Connection, batch: str, account_ids: Iterable[int]
+    conn: asyncpg.Connection, batch: str
 ) -> tuple[list[RecordedSettlement], dict[int, PostedBalance]]:
     """``record_settlements`` for a batch that is already JSON (the settlement writer's
     form: it splices outbox payloads without decoding them).
@@ -217,18 +214,12 @@ async def record_settlements_json(
     Args:
         batch: a JSON array of settlement objects, each with ``charged`` and ``seq`` (its
             position, which orders an account's settlements).
-        account_ids: the accounts the batch names (their balances are returned).
     """
-    async with conn.transaction():
-        rows = await conn.fetch("SELECT * FROM record_settlements($1::jsonb)", batch)
-        balances = await conn.fetch(
-            "SELECT id, balance_millicredits, balance_version, shortfall_millicredits "
-            "FROM accounts WHERE id = ANY($1::bigint[])",
-            sorted(account_ids),
-        )
+    # One statement, so one transaction: the function locks, posts and reports balances.
+    rows = await conn.fetch("SELECT * FROM record_settlements($1::jsonb)", batch)
     return (
         [RecordedSettlement(r[0], r[1], r[2], r[3]) for r in rows],
-        {r[0]: PostedBalance(r[1], r[2], r[3]) for r in balances},
+        {r[1]: PostedBalance(r[4], r[5], r[6]) for r in rows},
     )
 
 

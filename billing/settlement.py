@@ -174,9 +174,7 @@ class SettlementWriter:
             # than decode and re-encode every settlement (py-spy: the writer's largest cost).
             parts.append(f'{payload[:-1]},"charged":{charged},"seq":{seq}}}')
         async with self._pool.acquire() as conn:
-            results, balances = await record_settlements_json(
-                conn, "[" + ",".join(parts) + "]", by_account.keys()
-            )
+            results, balances = await record_settlements_json(conn, "[" + ",".join(parts) + "]")
         async with self._redis.pipeline(transaction=False) as pipe:
             for account_id, pairs in by_account.items():
                 posted = balances[account_id]
