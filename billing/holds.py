@@ -212,7 +212,9 @@ class HoldStore:
             channel.preload(str(self._settle.script))
         self._void = redis.register_script(_load_script("void.lua"))
         self._apply_balance = redis.register_script(_load_script("apply_balance.lua"))
-        self.ack_posted = redis.register_script(_load_script("ack_posted.lua"))
+        self._ack_posted = redis.register_script(_load_script("ack_posted.lua"))
+        if channel is not None:
+            channel.preload(str(self._ack_posted.script))
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         if self._channel is not None:
@@ -320,6 +322,37 @@ class HoldStore:
         if sent is None:
             return PendingSettlement(None, run, written=None)
         return PendingSettlement(sent[0], run, written=sent[1])
+
+    async def ack_posted(
+        self, account_id: int, posted: PostedBalance, pairs: list[Any], *, group: str
+    ) -> int:
+        """After the settlement writer's commit: acknowledge an account's outbox entries, take
+        their charges off ``pending`` (once per entry) and apply the posted balance.
+
+        Args:
+            posted: the account's balance in Postgres after the commit.
+            pairs: flat ``[entry_id, charged_mc, entry_id, charged_mc, ...]``.
+            group: the outbox's consumer group.
+
+        Returns:
+            The millicredits taken off ``pending``.
+
+        Raises:
+            redis.exceptions.RedisError: not acknowledged; the writer retries (the repeat is a
+                no-op in Postgres).
+        """
+        released = await self._run(
+            self._ack_posted,
+            [account_key(account_id), OUTBOX_STREAM_KEY],
+            [
+                group,
+                posted.balance_millicredits,
+                posted.version,
+                posted.shortfall_millicredits,
+                *pairs,
+            ],
+        )
+        return int(released)
 
     async def void(
         self, account_id: int, *, request_id: str, expired_before_ms: int | None = None

@@ -22,7 +22,7 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError, ResponseError
 
-from billing.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
+from billing.holds import OUTBOX_STREAM_KEY, HoldStore
 from billing.ledger import record_settlements_json
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,12 @@ class SettlementWriter:
         """Loop until cancelled: claim stale entries, read new ones, post them."""
         backoff_s = 0.1
         last_claim = 0.0
+        group_ready = False
         while True:
             try:
-                await self.ensure_group()
+                if not group_ready:  # at start and after a failure (Redis may have restarted)
+                    await self.ensure_group()
+                    group_ready = True
                 loop_time = asyncio.get_running_loop().time()
                 if loop_time - last_claim > self._claim_idle_ms / 2000:
                     last_claim = loop_time
@@ -95,6 +98,7 @@ class SettlementWriter:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, asyncpg.PostgresError) as exc:
+                group_ready = False
                 self.stats.failures += 1
                 log.warning("settlement writer: %s; retrying in %.1fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
@@ -175,21 +179,15 @@ class SettlementWriter:
             parts.append(f'{payload[:-1]},"charged":{charged},"seq":{seq}}}')
         async with self._pool.acquire() as conn:
             results, balances = await record_settlements_json(conn, "[" + ",".join(parts) + "]")
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for account_id, pairs in by_account.items():
-                posted = balances[account_id]
-                await self._holds.ack_posted(
-                    keys=[account_key(account_id), OUTBOX_STREAM_KEY],
-                    args=[
-                        GROUP,
-                        posted.balance_millicredits,
-                        posted.version,
-                        posted.shortfall_millicredits,
-                        *pairs,
-                    ],
-                    client=pipe,
-                )
-            await pipe.execute()
+        # On the gateway's pipelined channel every account's ack goes out in one write.
+        acks = [
+            self._holds.ack_posted(account_id, balances[account_id], pairs, group=GROUP)
+            for account_id, pairs in by_account.items()
+        ]
+        if len(acks) == 1:
+            await acks[0]
+        else:
+            await asyncio.gather(*acks)
         self.stats.batches += 1
         for r in results:
             if r.recorded:
