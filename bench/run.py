@@ -59,9 +59,11 @@ REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 CHAT_PATH = "/v1/chat/completions"
 UPSTREAM_KEY = "sk-bench"
-_START_TIMEOUT_S = 60.0
-_DRAIN_LIMIT_S = 30.0
+START_TIMEOUT_S = 60.0
+DRAIN_LIMIT_S = 30.0
 _QUIET_BUSY_PERCENT = 10.0
+# What stops one measurement (a target's, or the paired run) but not the whole program.
+MEASUREMENT_ERRORS = (procs.ProcessError, stack.StackError, wrkload.WrkError, OSError, RuntimeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,14 @@ class Bench:
         self.upstream = upstream
         self.bodies = request_bodies(options.model)
 
+    def check(self, url: str, api_key: str) -> dict[str, checks.CheckResult]:
+        """One non-streamed and one streamed chat completion, each checked for a whole answer."""
+        chunks = self.options.chunks
+        return {
+            "chat": checks.check_chat(url, self.bodies["chat"], api_key, chunks=chunks),
+            "stream": checks.check_stream(url, self.bodies["stream"], api_key, chunks=chunks),
+        }
+
     def measure(
         self,
         name: str,
@@ -123,10 +133,7 @@ class Bench:
         opts = self.options
         result = report.TargetResult(name)
         url = base_url + CHAT_PATH
-        result.checks = {
-            "chat": checks.check_chat(url, self.bodies["chat"], api_key, chunks=opts.chunks),
-            "stream": checks.check_stream(url, self.bodies["stream"], api_key, chunks=opts.chunks),
-        }
+        result.checks = self.check(url, api_key)
         if not result.checks["chat"].ok:
             result.error = f"non-streamed check failed: {result.checks['chat'].detail}"
             return result
@@ -148,15 +155,15 @@ class Bench:
             ("stream", "stream", opts.connections),
         )
         for run_name, kind, connections in plan:
-            run = self._timed_run(
+            run = self.timed_run(
                 result, run_name, url, scripts[kind], connections, proxy=proxy, gateway=gateway
             )
             sent += run.requests
         if gateway:
-            result.settlement["totals"] = self._drain(gateway, requests_completed=sent)
+            result.settlement["totals"] = self.drain(gateway, requests_completed=sent)
         return result
 
-    def _timed_run(
+    def timed_run(
         self,
         result: report.TargetResult,
         run_name: str,
@@ -203,14 +210,14 @@ class Bench:
             }
         return run
 
-    def _drain(self, gateway: stack.GatewayStack, *, requests_completed: int) -> dict[str, Any]:
+    def drain(self, gateway: stack.GatewayStack, *, requests_completed: int) -> dict[str, Any]:
         """The outbox at the end, ``drain_wait_s`` later, and when it emptied (if it did)."""
         at_end = gateway.backlog()
         time.sleep(self.options.drain_wait_s)
         later = gateway.backlog()
         drained_after_s: float | None = None
         started = time.monotonic()
-        while time.monotonic() - started < _DRAIN_LIMIT_S:
+        while time.monotonic() - started < DRAIN_LIMIT_S:
             backlog = gateway.backlog()
             if backlog.length == 0 and backlog.pending == 0:
                 drained_after_s = round(self.options.drain_wait_s + time.monotonic() - started, 2)
@@ -220,7 +227,7 @@ class Bench:
             "outbox_at_end": {"xlen": at_end.length, "pending": at_end.pending},
             "outbox_later": {"xlen": later.length, "pending": later.pending},
             "later_s": self.options.drain_wait_s,
-            "drain_limit_s": self.options.drain_wait_s + _DRAIN_LIMIT_S,
+            "drain_limit_s": self.options.drain_wait_s + DRAIN_LIMIT_S,
             "drained_after_s": drained_after_s,
             "usage_rows": gateway.usage_rows(),
             "usage_by_source_status": gateway.usage_by_source(),
@@ -261,22 +268,32 @@ class Bench:
 # --- the three targets -----------------------------------------------------------------------
 
 
+def start_simulator(port: int, chunks: int, log_dir: Path, cpu: int | None) -> procs.Service:
+    """``python -m gateway.simulator`` on 127.0.0.1:``port``, ``chunks`` chunks per answer."""
+    argv = [sys.executable, "-m", "gateway.simulator", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--chunks", str(chunks)]
+    return procs.start("simulator", argv, log_dir=log_dir, cpu=cpu, cwd=REPO)
+
+
+def start_passthrough(port: int, sim_port: int, log_dir: Path, cpu: int | None) -> procs.Service:
+    """``bench/passthrough.py`` on 127.0.0.1:``port``, in front of the simulator."""
+    argv = [sys.executable, str(BENCH_DIR / "passthrough.py"), "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--upstream", f"http://127.0.0.1:{sim_port}"]
+    argv += ["--api-key", UPSTREAM_KEY]
+    return procs.start("passthrough", argv, log_dir=log_dir, cpu=cpu, cwd=REPO)
+
+
+def start_gateway(env: dict[str, str], log_dir: Path, cpu: int | None) -> procs.Service:
+    """``creditgate serve`` with ``env`` (``GatewayStack.gateway_env``)."""
+    command = [stack.creditgate_executable(), "serve"]
+    return procs.start("gateway", command, log_dir=log_dir, cpu=cpu, env=env, cwd=REPO)
+
+
 def run_passthrough(bench: Bench, sim_port: int, port: int) -> report.TargetResult:
     """Start ``bench/passthrough.py`` on the proxy core, measure it, stop it."""
-    proxy = procs.start(
-        "passthrough",
-        [
-            sys.executable,
-            str(BENCH_DIR / "passthrough.py"),
-            *("--host", "127.0.0.1", "--port", str(port)),
-            *("--upstream", f"http://127.0.0.1:{sim_port}", "--api-key", UPSTREAM_KEY),
-        ],
-        log_dir=bench.work_dir,
-        cpu=bench.options.proxy_cpu,
-        cwd=REPO,
-    )
+    proxy = start_passthrough(port, sim_port, bench.work_dir, bench.options.proxy_cpu)
     try:
-        procs.wait_for_line(proxy, "READY", timeout_s=_START_TIMEOUT_S)
+        procs.wait_for_line(proxy, "READY", timeout_s=START_TIMEOUT_S)
         base_url = f"http://127.0.0.1:{port}"
         result = bench.measure("passthrough", base_url, "sk-client-ignored", proxy=proxy)
         if bench.options.profile and result.error is None:
@@ -300,15 +317,8 @@ def run_gateway(bench: Bench, sim_port: int, port: int, admin_port: int) -> repo
             upstream_base_url=f"http://127.0.0.1:{sim_port}/v1", port=port, admin_port=admin_port
         )
         stack.provision(services, env)
-        gateway = procs.start(
-            "gateway",
-            [stack.creditgate_executable(), "serve"],
-            log_dir=bench.work_dir,
-            cpu=opts.proxy_cpu,
-            env=env,
-            cwd=REPO,
-        )
-        procs.wait_for_line(gateway, "READY", timeout_s=_START_TIMEOUT_S)
+        gateway = start_gateway(env, bench.work_dir, opts.proxy_cpu)
+        procs.wait_for_line(gateway, "READY", timeout_s=START_TIMEOUT_S)
         base_url = f"http://127.0.0.1:{port}"
         result = bench.measure(
             "gateway", base_url, services.api_key, proxy=gateway, gateway=services
@@ -324,12 +334,12 @@ def run_gateway(bench: Bench, sim_port: int, port: int, admin_port: int) -> repo
     finally:
         if gateway is not None:
             status = procs.stop(gateway)
-            _note_gateway_log(result, gateway, status)
+            note_gateway_log(result, gateway, status)
         services.stop()
     return result
 
 
-def _note_gateway_log(
+def note_gateway_log(
     result: report.TargetResult, gateway: procs.Service, status: int | None
 ) -> None:
     """Add the gateway's exit status and a summary of what it logged to the result's notes."""
@@ -399,30 +409,35 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     unknown = set(targets) - set(report.TARGETS)
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    pin = not args.no_pin
-    cpus = os.sched_getaffinity(0)
-    usable = {args.proxy_cpu, args.load_cpu} <= cpus and args.proxy_cpu != args.load_cpu
-    if pin and not usable:
-        print(
-            f"warning: cores {args.proxy_cpu} and {args.load_cpu} are not two usable cores "
-            f"(have {sorted(cpus)}); nothing is pinned",
-            file=sys.stderr,
-        )
-        pin = False
+    proxy_cpu, load_cpu = pinned_cores(args)
     return Options(
         duration_s=3 if args.quick else args.duration,
         warmup_s=1 if args.quick else 2,
         connections=args.connections,
         chunks=args.chunks,
         model=args.model,
-        proxy_cpu=args.proxy_cpu if pin else None,
-        load_cpu=args.load_cpu if pin else None,
+        proxy_cpu=proxy_cpu,
+        load_cpu=load_cpu,
         targets=targets,
         profile=args.profile,
         drain_wait_s=2.0 if args.quick else args.drain_wait,
         save=not args.no_save,
         keep=args.keep,
     )
+
+
+def pinned_cores(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """``--proxy-cpu`` and ``--load-cpu``; (None, None) with ``--no-pin``, or with a warning when
+    they are not two usable cores."""
+    cpus = os.sched_getaffinity(0)
+    usable = {args.proxy_cpu, args.load_cpu} <= cpus and args.proxy_cpu != args.load_cpu
+    if not args.no_pin and not usable:
+        print(
+            f"warning: cores {args.proxy_cpu} and {args.load_cpu} are not two usable cores "
+            f"(have {sorted(cpus)}); nothing is pinned",
+            file=sys.stderr,
+        )
+    return (args.proxy_cpu, args.load_cpu) if usable and not args.no_pin else (None, None)
 
 
 def _budget_s(options: Options) -> int:
@@ -437,7 +452,7 @@ class BudgetExceededError(Exception):
     as one target's failure and carry on)."""
 
 
-def _on_alarm(signum: int, frame: object) -> None:
+def on_alarm(signum: int, frame: object) -> None:
     raise BudgetExceededError("the benchmark overran its time budget; stopping everything")
 
 
@@ -450,27 +465,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     if options.load_cpu is not None:
         procs.pin_self(options.load_cpu)  # children (simulator, wrk, Postgres, Redis) inherit
-    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(_budget_s(options))
-    meta = _environment(options)
-    print(_header(options, meta), flush=True)
+    meta = environment(options)
+    print(header(options, meta), flush=True)
     work_dir = Path(tempfile.mkdtemp(prefix="creditgate-bench-"))
     work_dir.chmod(0o755)  # PostgreSQL runs as the postgres user and must enter it
     results: dict[str, report.TargetResult] = {}
     sim_port, passthrough_port, gateway_port, admin_port = stack.free_ports(4)
-    simulator = procs.start(
-        "simulator",
-        [
-            sys.executable,
-            *("-m", "gateway.simulator", "--host", "127.0.0.1", "--port", str(sim_port)),
-            *("--chunks", str(options.chunks)),
-        ],
-        log_dir=work_dir,
-        cpu=options.load_cpu,
-        cwd=REPO,
-    )
+    simulator = start_simulator(sim_port, options.chunks, work_dir, options.load_cpu)
     try:
-        procs.wait_for_port(simulator, sim_port, timeout_s=_START_TIMEOUT_S)
+        procs.wait_for_port(simulator, sim_port, timeout_s=START_TIMEOUT_S)
         bench = Bench(options, work_dir, simulator)
         sim_url = f"http://127.0.0.1:{sim_port}"
         for name in report.TARGETS:
@@ -484,13 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results[name] = run_passthrough(bench, sim_port, passthrough_port)
                 else:
                     results[name] = run_gateway(bench, sim_port, gateway_port, admin_port)
-            except (
-                procs.ProcessError,
-                stack.StackError,
-                wrkload.WrkError,
-                OSError,
-                RuntimeError,
-            ) as exc:
+            except MEASUREMENT_ERRORS as exc:
                 results[name] = report.TargetResult(name, error=f"{type(exc).__name__}: {exc}")
             if results[name].error:
                 print(f"  {name} FAILED: {results[name].error}", flush=True)
@@ -527,18 +526,19 @@ def _print_report(
         if result.error:
             print(f"\n{result.name} could not be measured:\n{result.error}")
     if options.save:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = RESULTS_DIR / f"bench-{stamp}.json"
-        path.write_text(
-            json.dumps(
-                report.to_json(results, dataclasses.asdict(options), meta), indent=2, default=str
-            )
-        )
-        print(f"\nresults written to {path.relative_to(REPO)}")
+        save_json("bench", report.to_json(results, dataclasses.asdict(options), meta))
 
 
-def _environment(options: Options) -> dict[str, Any]:
+def save_json(prefix: str, document: dict[str, Any]) -> None:
+    """Write ``document`` to ``bench/results/<prefix>-<UTC time>.json`` and say so."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"{prefix}-{stamp}.json"
+    path.write_text(json.dumps(document, indent=2, default=str))
+    print(f"\nresults written to {path.relative_to(REPO)}")
+
+
+def environment(options: Options) -> dict[str, Any]:
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -563,7 +563,7 @@ def _background_busy(seconds: float = 1.0) -> dict[int, float]:
     return procs.core_busy_percent(before, procs.core_busy_ticks())
 
 
-def _header(options: Options, meta: dict[str, Any]) -> str:
+def header(options: Options, meta: dict[str, Any]) -> str:
     pinning = (
         f"proxy under test on core {options.proxy_cpu}; simulator, wrk, PostgreSQL, Redis "
         f"on core {options.load_cpu}"
