@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import asyncpg
 from aiohttp import web
+from yarl import URL
 
 from billing.errors import BillingUnavailableError
 from billing.rate_cards import RateCardBook
@@ -72,6 +73,9 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         "Authorization": f"Bearer {settings.upstream_api_key}",
         "Content-Type": "application/json",
         "Accept-Encoding": "identity",
+    }
+    app[appkeys.UPSTREAM_URLS] = {
+        endpoint.path: URL(settings.upstream_base_url + endpoint.path) for endpoint in ENDPOINTS
     }
     yield
     await session.close()

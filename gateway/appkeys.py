@@ -24,6 +24,8 @@ TOKENS = web.AppKey("tokens", TokenCounter)
 AUTH = web.AppKey("auth", KeyAuthenticator)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict)
+# Each billed endpoint's upstream URL, parsed once (key: the path below /v1).
+UPSTREAM_URLS = web.AppKey("upstream_urls", dict)
 # Set only when STRIPE_API_KEY is configured (``gateway.checkout.stripe_ctx``).
 STRIPE = web.AppKey("stripe", StripeGateway)
 STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", WebhookStats)

@@ -247,11 +247,10 @@ async def _prepare(
 async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientResponse | None:
     """POST the body upstream; None (hold voided) when the upstream cannot be reached."""
     app = call.app
-    settings = app[appkeys.SETTINGS]
     call.upstream_started = time.monotonic()
     try:
         return await app[appkeys.UPSTREAM].post(
-            settings.upstream_base_url + call.endpoint.path,
+            app[appkeys.UPSTREAM_URLS][call.endpoint.path],
             data=data,
             headers=app[appkeys.UPSTREAM_HEADERS],
         )
@@ -345,8 +344,7 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
     return web.Response(
         body=data,
         status=upstream.status,
-        content_type="application/json",
-        headers=_headers(call),
+        headers={"Content-Type": "application/json", "x-request-id": call.request_id},
     )
 
 
