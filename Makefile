@@ -9,7 +9,7 @@ VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv system-deps test run lint fmt bench clean
+.PHONY: help venv system-deps test run lint fmt bench bench-paired clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,6 +56,9 @@ fmt: venv ## Format the code and apply ruff's safe fixes
 
 bench: system-deps venv ## Run the benchmarks (bench/run.py); they print numbers
 	$(VENV)/bin/python bench/run.py
+
+bench-paired: system-deps venv ## Pass-through vs gateway back to back, medians of 5 rounds
+	$(VENV)/bin/python bench/paired.py
 
 clean: ## Remove caches and build output (keeps .venv and the dev data in .data/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
