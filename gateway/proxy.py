@@ -34,7 +34,14 @@ from billing.tokens import TokenCounter
 from gateway import appkeys
 from gateway.auth import Identity
 from gateway.errors import InvalidRequestError, error_body, json_response, new_request_id
-from gateway.usage import Usage, generated_text, parse_usage, response_text, usage_event
+from gateway.usage import (
+    Usage,
+    generated_text,
+    parse_usage,
+    response_text,
+    tail_to_inspect,
+    usage_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +75,6 @@ ENDPOINTS = (
 _CLIENT_RESET = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]"
-_USAGE_KEY = b'"usage"'
-_TOKENS_KEY_END = b'_tokens"'
-_JSON_SPACE_OR_COLON = frozenset(b" \t\r\n:")
 
 
 class BilledCall:
@@ -376,7 +380,7 @@ async def _relay_stream(
                 complete, buffer = chunk, b""
             else:
                 complete, buffer = chunk[:cut], chunk[cut:]
-            start = len(complete) if call.settled else _tail_to_inspect(complete)
+            start = len(complete) if call.settled else tail_to_inspect(complete)
             if start == len(complete):
                 forwarded.append(complete)  # nothing to look at: pass through unparsed
             else:
@@ -434,9 +438,10 @@ async def _pass_events(
 ) -> bytes:
     """What to send the client of ``complete`` (whole SSE events), settling on the way.
 
-    Events before ``start`` (see ``_tail_to_inspect``) pass through unparsed; from there each
-    event is looked at: the usage settles the request (and the extra usage-only chunk is
-    dropped for clients that did not ask for it), ``[DONE]`` without usage settles estimated.
+    Events before ``start`` (see ``gateway.usage.tail_to_inspect``) pass through unparsed;
+    from there each event is looked at: the usage settles the request (and the extra
+    usage-only chunk is dropped for clients that did not ask for it), ``[DONE]`` without
+    usage settles estimated.
     Appends what is sent to ``forwarded`` (for counting if the client disconnects).
     """
     head = complete[:start]
@@ -458,48 +463,6 @@ async def _pass_events(
         forwarded.append(event + b"\n\n")
         out.append(event + b"\n\n")
     return b"".join(out)
-
-
-def _tail_to_inspect(complete: bytes) -> int:
-    """Where the run of events at the end of ``complete`` that must be looked at begins:
-    events with a usage object (not ``null``) or ``data: [DONE]``, and blank ones between
-    them; ``len(complete)`` when the last event is an ordinary one.
-
-    ``complete`` is whole SSE events (it ends with a blank line). Usage and ``[DONE]`` end a
-    stream, so only the tail is looked at, walking back one event at a time: under load the
-    upstream's whole answer arrives as one chunk, and scanning all of it (or running a regular
-    expression over each event) cost tens of µs per answer (py-spy, bench/run.py --profile).
-    """
-    start = len(complete)
-    while start > 0:
-        boundary = complete.rfind(b"\n\n", 0, start - 2)
-        event_start = boundary + 2 if boundary >= 0 else 0
-        if complete[event_start:start].strip() and not _needs_look(complete, event_start, start):
-            break
-        start = event_start
-    return start
-
-
-def _needs_look(data: bytes, start: int, end: int) -> bool:
-    """Whether the event ``data[start:end]`` is ``data: [DONE]`` or holds a usage object.
-
-    Every usage object ``parse_usage`` accepts names a ``*_tokens`` key, so an event without
-    ``_tokens"`` needs no closer look. A JSON string cannot contain an unescaped
-    ``"usage"``, so a match is always a key; its value must be an object, not ``null``.
-    """
-    if data.find(_DONE, start, end) >= 0:
-        return True
-    if data.find(_TOKENS_KEY_END, start, end) < 0:
-        return False
-    at = data.find(_USAGE_KEY, start, end)
-    while at >= 0:
-        i = at + len(_USAGE_KEY)
-        while i < end and data[i] in _JSON_SPACE_OR_COLON:
-            i += 1
-        if i < end and data[i] == 0x7B:  # "{"
-            return True
-        at = data.find(_USAGE_KEY, i, end)
-    return False
 
 
 class _ClientGone(Exception):

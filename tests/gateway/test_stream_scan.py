@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.proxy import _tail_to_inspect
+from gateway.usage import tail_to_inspect
 
 CONTENT = b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
 CONTENT_SPACED = b'data: {"choices": [{"delta": {"content": "max_tokens"}}], "usage": null}\n\n'
@@ -18,30 +18,30 @@ _SPECIAL = {USAGE, RESPONSES_DONE, DONE, BLANK}
 
 
 def test_plain_chunk_with_null_usage_is_not_inspected():
-    assert _tail_to_inspect(CONTENT) == len(CONTENT)
+    assert tail_to_inspect(CONTENT) == len(CONTENT)
 
 
 def test_usage_and_done_at_the_end_of_a_whole_answer_are_inspected():
     chunk = CONTENT * 20 + USAGE + DONE
-    assert _tail_to_inspect(chunk) == len(CONTENT) * 20
+    assert tail_to_inspect(chunk) == len(CONTENT) * 20
 
 
 def test_done_alone_is_inspected():
-    assert _tail_to_inspect(DONE) == 0
+    assert tail_to_inspect(DONE) == 0
 
 
 def test_usage_object_without_token_counts_is_not_inspected():
-    assert _tail_to_inspect(b'data: {"usage":{}}\n\n') == len(b'data: {"usage":{}}\n\n')
+    assert tail_to_inspect(b'data: {"usage":{}}\n\n') == len(b'data: {"usage":{}}\n\n')
 
 
 def test_usage_as_a_string_value_is_not_a_usage_object():
     event = b'data: {"type":"usage","x":{"input_tokens":1}}\n\n'
-    assert _tail_to_inspect(event) == len(event)
+    assert tail_to_inspect(event) == len(event)
 
 
 def test_trailing_blank_lines_do_not_hide_done():
     chunk = CONTENT + DONE + BLANK + BLANK
-    assert _tail_to_inspect(chunk) == len(CONTENT)
+    assert tail_to_inspect(chunk) == len(CONTENT)
 
 
 @given(
@@ -57,4 +57,4 @@ def test_the_trailing_run_of_usage_done_and_blank_events_is_inspected(events: li
         if event not in _SPECIAL:
             break
         expected -= len(event)
-    assert _tail_to_inspect(b"".join(events)) == expected
+    assert tail_to_inspect(b"".join(events)) == expected
