@@ -417,7 +417,7 @@ async def _relay_stream(
             "billing_unavailable",
         )
         return response
-    if not call.settled:
+    if not call.settled and not await _settle_passed_over(call, forwarded):
         # The upstream closed cleanly but sent neither usage nor [DONE] (e.g. it ended with
         # an error event): the generation did not complete.
         await _finish_broken_stream(call, response, forwarded)
@@ -463,6 +463,25 @@ async def _pass_events(
         forwarded.append(event + b"\n\n")
         out.append(event + b"\n\n")
     return b"".join(out)
+
+
+async def _settle_passed_over(call: BilledCall, forwarded: list[bytes]) -> bool:
+    """Settle from a usage object or ``[DONE]`` the tail scan passed over because something
+    followed it in its chunk (a sloppy upstream); True if there was one.
+
+    This settles after those bytes were delivered, the one case that does: a crash in between
+    leaves the hold to the sweeper.
+    """
+    events = b"".join(forwarded).split(b"\n\n")
+    for event in reversed(events):
+        found = usage_event(event)
+        if found is not None:
+            await call.settle(found[0], source="upstream", status="completed")
+            return True
+    if any(event.startswith(_DONE) for event in events):
+        await _settle_estimated(call, forwarded, status="completed")
+        return True
+    return False
 
 
 class _ClientGone(Exception):

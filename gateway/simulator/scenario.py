@@ -39,6 +39,8 @@ class Scenario:
         hang: never answer; wait until the client goes away.
         hang_after_chunks: stream this many content chunks, then stall until the client goes.
         omit_usage: report no usage at all, as an upstream that ignores ``stream_options``.
+        stream_trailer: raw bytes sent right after a chat/completions stream's ``[DONE]``, in
+            the same write (e.g. ``b": bye\n\n"``, an SSE comment), as a sloppy upstream might.
     """
 
     chunks: int = 16
@@ -55,6 +57,7 @@ class Scenario:
     hang: bool = False
     hang_after_chunks: int | None = None
     omit_usage: bool = False
+    stream_trailer: bytes = b""
 
 
 @dataclass(kw_only=True)

@@ -107,6 +107,7 @@ class _ChoicesFormat:
     chunk_object_name: str
 
     def __init__(self, scenario: Scenario) -> None:
+        self._trailer = scenario.stream_trailer
         head = {"id": _ID, "object": self.object_name, "created": _CREATED, "model": _MODEL}
         chunk_head = {**head, "object": self.chunk_object_name}
         fingerprint = {"system_fingerprint": _FINGERPRINT}
@@ -144,7 +145,7 @@ class _ChoicesFormat:
         *opening, middle, last = self._chunks[include_usage]
         content = middle.render(values)
         usage = self._usage_chunk.render(values) if include_usage else b""
-        tail = last.render(values) + usage + _DONE
+        tail = last.render(values) + usage + _DONE + self._trailer
         error = self._error.render(values)
         return _Stream(
             head=b"".join(template.render(values) for template in opening),
