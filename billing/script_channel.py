@@ -177,17 +177,7 @@ class ScriptChannel:
                 an unknown script SHA).
         """
         protocol = self._protocol or await self._ready()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        now = loop.time()
-        protocol.waiters.append((future, now))
-        protocol.outgoing.append(hiredis.pack_command(command))
-        if not protocol.flush_scheduled:
-            protocol.flush_scheduled = True
-            loop.call_soon(protocol.flush)
-        if protocol.watchdog is None:
-            protocol.watchdog = loop.call_at(now + self._timeout_s, self._watch, protocol)
-        return await future
+        return await self._enqueue(protocol, command)
 
     def send(self, *command: Any) -> tuple[asyncio.Future[Any], asyncio.Future[bool]] | None:
         """Queue one command like ``execute`` (it goes out with this loop iteration's batch)
@@ -202,19 +192,23 @@ class ScriptChannel:
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
             return None
+        written = asyncio.get_running_loop().create_future()
+        protocol.written.append(written)
+        return self._enqueue(protocol, command), written
+
+    def _enqueue(self, protocol: _Protocol, command: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue ``command`` for this loop iteration's write; the future of its reply."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         now = loop.time()
         protocol.waiters.append((future, now))
         protocol.outgoing.append(hiredis.pack_command(command))
-        written = loop.create_future()
-        protocol.written.append(written)
         if not protocol.flush_scheduled:
             protocol.flush_scheduled = True
             loop.call_soon(protocol.flush)
         if protocol.watchdog is None:
             protocol.watchdog = loop.call_at(now + self._timeout_s, self._watch, protocol)
-        return future, written
+        return future
 
     def _watch(self, protocol: _Protocol) -> None:
         """Fail the connection if its oldest unanswered command is over ``timeout_s`` old.

@@ -35,6 +35,7 @@ from gateway import appkeys
 from gateway.auth import Identity
 from gateway.errors import InvalidRequestError, error_body, json_response, new_request_id
 from gateway.usage import (
+    DONE_EVENT,
     Usage,
     generated_text,
     parse_usage,
@@ -74,7 +75,6 @@ ENDPOINTS = (
 # A write to a client that has gone away raises one of these.
 _CLIENT_RESET = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_DONE = b"data: [DONE]"
 
 
 class BilledCall:
@@ -458,7 +458,7 @@ async def _pass_events(
                 await call.settle(usage, source="upstream", status="completed")
                 if usage_only and not client_wants_usage:
                     continue
-            elif event.startswith(_DONE):
+            elif event.startswith(DONE_EVENT):
                 await _settle_estimated(call, forwarded, status="completed")
         forwarded.append(event + b"\n\n")
         out.append(event + b"\n\n")
@@ -478,7 +478,7 @@ async def _settle_passed_over(call: BilledCall, forwarded: list[bytes]) -> bool:
         if found is not None:
             await call.settle(found[0], source="upstream", status="completed")
             return True
-    if any(event.startswith(_DONE) for event in events):
+    if any(event.startswith(DONE_EVENT) for event in events):
         await _settle_estimated(call, forwarded, status="completed")
         return True
     return False

@@ -47,7 +47,7 @@ def parse_usage(usage: Any) -> Usage | None:
     return None
 
 
-_DONE = b"data: [DONE]"
+DONE_EVENT = b"data: [DONE]"
 _USAGE_KEY = b'"usage"'
 _TOKENS_KEY_END = b'_tokens"'
 _JSON_SPACE_OR_COLON = frozenset(b" \t\r\n:")
@@ -80,7 +80,7 @@ def _needs_look(data: bytes, start: int, end: int) -> bool:
     ``_tokens"`` needs no closer look. A JSON string cannot contain an unescaped
     ``"usage"``, so a match is always a key; its value must be an object, not ``null``.
     """
-    if data.find(_DONE, start, end) >= 0:
+    if data.find(DONE_EVENT, start, end) >= 0:
         return True
     if data.find(_TOKENS_KEY_END, start, end) < 0:
         return False
