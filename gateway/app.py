@@ -29,13 +29,8 @@ from gateway import appkeys
 from gateway.auth import KeyAuthenticator
 from gateway.checkout import add_checkout_routes
 from gateway.errors import make_error_middleware
-from gateway.proxy import (
-    ENDPOINTS,
-    handle_model,
-    handle_models,
-    handle_unknown_v1,
-    make_handler,
-)
+from gateway.models import handle_model, handle_models, handle_unknown_v1
+from gateway.proxy import ENDPOINTS, make_handler
 
 log = logging.getLogger(__name__)
 

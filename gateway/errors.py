@@ -8,7 +8,7 @@ extra fields an error promises (402: ``requiredCredits``, ``currentCredits``, ..
 from __future__ import annotations
 
 import logging
-import os
+from random import getrandbits
 from typing import Any
 
 import orjson
@@ -73,8 +73,13 @@ class UpstreamError(GatewayError):
 
 
 def new_request_id() -> str:
-    """``req_`` + 32 hex characters; a billed call's usage row and ``x-request-id`` carry it."""
-    return "req_" + os.urandom(16).hex()
+    """``req_`` + 32 hex characters; a billed call's usage row and ``x-request-id`` carry it.
+
+    128 random bits from ``random`` (seeded from the OS at start-up and again in every forked
+    child): unique like a UUID4, without a ``getrandom`` system call per request (``os.urandom``
+    cost ~4 µs of a request's CPU under load, py-spy). An id is a label, never a secret.
+    """
+    return f"req_{getrandbits(128):032x}"
 
 
 def error_body(

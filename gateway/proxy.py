@@ -75,6 +75,20 @@ ENDPOINTS = (
 # A write to a client that has gone away raises one of these.
 _CLIENT_RESET = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE_TAIL = DONE_EVENT + b"\n\n"
+
+
+class _SSEResponse(web.StreamResponse):
+    """A stream whose status line and headers go out with its first event, in one write.
+
+    ``web.StreamResponse`` sends them on ``prepare()``, in a system call of their own;
+    ``web.Response`` holds them for its body (the class attribute below, aiohttp >= 3.12;
+    older versions ignore it and send them early). The gateway prepares a stream once the
+    upstream has answered 200, and its first event follows at once, so holding them delays
+    nothing a client can use.
+    """
+
+    _send_headers_immediately = False
 
 
 class BilledCall:
@@ -355,10 +369,14 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
 async def _relay_stream(
     call: BilledCall, upstream: aiohttp.ClientResponse, client_wants_usage: bool
 ) -> web.StreamResponse:
-    """Streamed: forward SSE events as they arrive; settle before the final event."""
-    response = web.StreamResponse(
-        status=upstream.status, headers={**_SSE_HEADERS, **_headers(call)}
-    )
+    """Streamed: forward SSE events as they arrive; settle before the final event.
+
+    Writes to the client follow the upstream's: one per chunk of whole events it sends, the
+    headers riding with the first, and the chunk ending in ``[DONE]`` sent together with the
+    end of the chunked body (so an answer the upstream sends in one piece leaves in one
+    system call). Bytes after ``[DONE]`` in later chunks are read and dropped.
+    """
+    response = _SSEResponse(status=upstream.status, headers={**_SSE_HEADERS, **_headers(call)})
     try:
         await response.prepare(call.request)
     except _CLIENT_RESET:
@@ -367,9 +385,12 @@ async def _relay_stream(
         return response
     forwarded: list[bytes] = []
     buffer = b""
+    ended = False
     try:
         async for chunk in upstream.content.iter_any():
             # Per-chunk work is kept inline: this loop runs ~20 times per answer.
+            if ended:
+                continue  # read to the end so the upstream connection can be reused
             if buffer:
                 chunk = buffer + chunk
             cut = chunk.rfind(b"\n\n") + 2
@@ -388,7 +409,13 @@ async def _relay_stream(
                 if not complete:
                     continue
             try:
-                await response.write(complete)
+                if not buffer and complete.endswith(_DONE_TAIL):
+                    # The stream's last event: it goes out with the end of the chunked body
+                    # in one write. Anything the upstream sends after [DONE] is dropped.
+                    ended = True
+                    await response.write_eof(complete)
+                else:
+                    await response.write(complete)
             except _CLIENT_RESET as exc:
                 raise _ClientGone from exc
         if buffer.strip():
@@ -535,45 +562,3 @@ def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Any]:
 
     handler.__name__ = "handle_" + endpoint.name.replace(".", "_")
     return handler
-
-
-async def handle_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models on the active rate card (allow-list applied)."""
-    await request.app[appkeys.AUTH].authenticate(request)
-    return json_response({"object": "list", "data": _model_objects(request.app)}, 200)
-
-
-async def handle_model(request: web.Request) -> web.Response:
-    """``GET /v1/models/{id}``: one model, or 404 ``model_not_found``."""
-    await request.app[appkeys.AUTH].authenticate(request)
-    model_id = request.match_info["model"]
-    for obj in _model_objects(request.app):
-        if obj["id"] == model_id:
-            return json_response(obj, 200)
-    raise UnknownModelError(model_id)
-
-
-def _model_objects(app: web.Application) -> list[dict[str, Any]]:
-    allow = app[appkeys.SETTINGS].model_allowlist
-    return [
-        {
-            "id": card.model,
-            "object": "model",
-            "created": int(card.effective_at.timestamp()),
-            "owned_by": "creditgate",
-        }
-        for card in app[appkeys.RATE_CARDS].models()
-        if not allow or card.model in allow
-    ]
-
-
-async def handle_unknown_v1(request: web.Request) -> web.Response:
-    """Any other ``/v1`` path: 404 in OpenAI's shape; nothing is forwarded unbilled."""
-    return json_response(
-        error_body(
-            f"Invalid URL ({request.method} {request.path})",
-            "invalid_request_error",
-            code="unknown_url",
-        ),
-        404,
-    )

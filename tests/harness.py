@@ -18,6 +18,7 @@ from aiohttp import web
 
 from billing import api_keys, ledger
 from billing.holds import OUTBOX_STREAM_KEY, HoldStore
+from billing.pricing import charge_millicredits
 from billing.rate_cards import seed_rate_cards
 from billing.settlement import GROUP
 from creditgate.localservices import free_port
@@ -139,6 +140,29 @@ class GatewayHarness:
         return await self.pool.fetchrow(
             "SELECT * FROM usage_events WHERE request_id = $1", request_id
         )
+
+    async def assert_charged_upstream_usage(
+        self,
+        request_id: str,
+        account_id: int,
+        *,
+        opening_millicredits: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        model: str = "gpt-4o-mini",
+    ) -> None:
+        """After ``settled()``: the request's usage event is the upstream's reported usage,
+        completed and charged at the rate card, and it is the account's only charge."""
+        usage = await self.usage(request_id)
+        assert usage is not None, f"no usage event for {request_id}"
+        assert (usage["usage_source"], usage["status"]) == ("upstream", "completed")
+        expected = charge_millicredits(
+            self.rate_cards.get(model),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        assert usage["charged_millicredits"] == expected
+        assert await self.balance(account_id) == opening_millicredits - expected
 
     async def state(self, account_id: int):
         """Redis's view of the account (held, pending, balance)."""

@@ -41,6 +41,8 @@ class Scenario:
         omit_usage: report no usage at all, as an upstream that ignores ``stream_options``.
         stream_trailer: raw bytes sent right after a chat/completions stream's ``[DONE]``, in
             the same write (e.g. ``b": bye\n\n"``, an SSE comment), as a sloppy upstream might.
+        stream_trailer_delay_s: send ``stream_trailer`` in a write of its own, this many
+            seconds after the one that ends with ``[DONE]`` (``None``: in the same write).
     """
 
     chunks: int = 16
@@ -58,6 +60,7 @@ class Scenario:
     hang_after_chunks: int | None = None
     omit_usage: bool = False
     stream_trailer: bytes = b""
+    stream_trailer_delay_s: float | None = None
 
 
 @dataclass(kw_only=True)

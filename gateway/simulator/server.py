@@ -318,6 +318,11 @@ async def _write_stream(
             pending.append(stream.tail(stop_at))
         await response.write(b"".join(pending))
         record.chunks_sent = stop_at
+        if stream.late_trailer and stop_at == visible and scenario.fail_after_chunks is None:
+            if not await _pause(request, scenario.stream_trailer_delay_s or 0.0):
+                state.conclude(record, "disconnected")
+                return response
+            await response.write(stream.late_trailer)
     except ConnectionResetError:  # aiohttp's "Cannot write to closing transport"
         state.conclude(record, "disconnected")
         return response

@@ -67,12 +67,15 @@ class _Stream:
         chunk: content event ``i`` (0-based).
         tail: the events that end a stream after ``n`` content chunks (finish, usage, done).
         error: the error event that ends a stream after ``n`` content chunks.
+        late_trailer: bytes sent in a write of their own after ``tail`` (see
+            ``Scenario.stream_trailer_delay_s``).
     """
 
     head: bytes
     chunk: Callable[[int], bytes]
     tail: Callable[[int], bytes]
     error: Callable[[int], bytes]
+    late_trailer: bytes = b""
 
 
 _ID, _CREATED, _MODEL, _USAGE, _FINISH, _CONTENT = (
@@ -107,7 +110,9 @@ class _ChoicesFormat:
     chunk_object_name: str
 
     def __init__(self, scenario: Scenario) -> None:
-        self._trailer = scenario.stream_trailer
+        late = scenario.stream_trailer_delay_s is not None
+        self._trailer = b"" if late else scenario.stream_trailer
+        self._late_trailer = scenario.stream_trailer if late else b""
         head = {"id": _ID, "object": self.object_name, "created": _CREATED, "model": _MODEL}
         chunk_head = {**head, "object": self.chunk_object_name}
         fingerprint = {"system_fingerprint": _FINGERPRINT}
@@ -152,6 +157,7 @@ class _ChoicesFormat:
             chunk=lambda _: content,
             tail=lambda _: tail,
             error=lambda _: error,
+            late_trailer=self._late_trailer,
         )
 
 

@@ -1,0 +1,54 @@
+"""The unbilled ``/v1`` routes: the model list (from the active rate cards) and the 404 for
+every other path, in OpenAI's shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from billing.errors import UnknownModelError
+from gateway import appkeys
+from gateway.errors import error_body, json_response
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the models on the active rate card (allow-list applied)."""
+    await request.app[appkeys.AUTH].authenticate(request)
+    return json_response({"object": "list", "data": _model_objects(request.app)}, 200)
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}``: one model, or 404 ``model_not_found``."""
+    await request.app[appkeys.AUTH].authenticate(request)
+    model_id = request.match_info["model"]
+    for obj in _model_objects(request.app):
+        if obj["id"] == model_id:
+            return json_response(obj, 200)
+    raise UnknownModelError(model_id)
+
+
+def _model_objects(app: web.Application) -> list[dict[str, Any]]:
+    allow = app[appkeys.SETTINGS].model_allowlist
+    return [
+        {
+            "id": card.model,
+            "object": "model",
+            "created": int(card.effective_at.timestamp()),
+            "owned_by": "creditgate",
+        }
+        for card in app[appkeys.RATE_CARDS].models()
+        if not allow or card.model in allow
+    ]
+
+
+async def handle_unknown_v1(request: web.Request) -> web.Response:
+    """Any other ``/v1`` path: 404 in OpenAI's shape; nothing is forwarded unbilled."""
+    return json_response(
+        error_body(
+            f"Invalid URL ({request.method} {request.path})",
+            "invalid_request_error",
+            code="unknown_url",
+        ),
+        404,
+    )
