@@ -6,7 +6,8 @@ streamed back with ``iter_any()`` as it arrives. The gateway does all of this pl
 path, so its numbers divided by these are the cost of billing.
 
 Like the gateway it uses uvloop, no access log, a ``ClientTimeout`` without a total, an
-unlimited connection pool and ``auto_decompress=False``; and like the gateway it replaces the
+unlimited connection pool, ``auto_decompress=False`` and the gateway's garbage-collector
+settings (``creditgate.serve.tune_gc_for_serving``); and like the gateway it replaces the
 client's key with its own upstream key.
 
     python bench/passthrough.py --port 8100 --upstream http://127.0.0.1:8090 --api-key sk-x
@@ -25,6 +26,8 @@ from typing import Final
 
 import aiohttp
 from aiohttp import web
+
+from creditgate.serve import tune_gc_for_serving
 
 UPSTREAM_SESSION: Final = web.AppKey("upstream_session", aiohttp.ClientSession)
 UPSTREAM_BASE: Final = web.AppKey("upstream_base", str)
@@ -111,6 +114,7 @@ async def serve(host: str, port: int, upstream_base: str, api_key: str) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=1024).start()
+        tune_gc_for_serving()
         print(f"READY http://{host}:{port}", flush=True)
         await stop.wait()
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -14,6 +15,26 @@ from creditgate.settings import Settings
 from gateway.app import create_app
 
 log = logging.getLogger(__name__)
+
+
+# The cyclic collector's generation-0 threshold while serving (CPython's default is 700).
+GC_GEN0_THRESHOLD = 7_000
+
+
+def tune_gc_for_serving() -> None:
+    """Keep the cyclic garbage collector off the request path; call once serving has started.
+
+    - ``gc.freeze()``: what is alive then (modules, apps, pools, the tokenizer) lives as long
+      as the process, so full collections stop rescanning it.
+    - Generation 0 collects every ``GC_GEN0_THRESHOLD`` allocations instead of 700. A request
+      allocates hundreds of containers and reference counting frees nearly all of them; at 700
+      the collector ran every few requests and rescanned the requests in flight each time
+      (perf, 32 concurrent requests: 4-5% of CPU in the gateway and in the bare pass-through
+      alike; ~0.1% at 7,000). Cyclic garbage waits a little longer: a few thousand objects.
+    """
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 async def run_services(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -34,6 +55,7 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     try:
         await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024).start()
         await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
+        tune_gc_for_serving()
         log.info(
             "creditgate serving on http://%s:%d (admin on http://%s:%d)",
             settings.host,
