@@ -120,11 +120,16 @@ class PendingSettlement:
         self._run = run
         self._written = written
 
-    async def in_kernel(self) -> bool:
-        """True once the command is in the kernel's socket buffer (it reaches Redis even if
-        this process dies now); False if that cannot be known: await ``result()`` before
-        delivering the response then."""
-        return await self._written if self._written is not None else False
+    def in_kernel(self) -> Awaitable[bool]:
+        """Resolves True once the command is in the kernel's socket buffer (it reaches Redis
+        even if this process dies now); False if that cannot be known: await ``result()``
+        before delivering the response then. (A bare future, not a coroutine: one frame less
+        on every request.)"""
+        if self._written is not None:
+            return self._written
+        unknown = asyncio.get_running_loop().create_future()
+        unknown.set_result(False)
+        return unknown
 
     async def result(self) -> Settled:
         """The settlement's outcome.
@@ -221,6 +226,16 @@ class HoldStore:
             return await self._channel.evalsha(script.sha, str(script.script), keys, args)
         return await script(keys, args)
 
+    def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        """The script's reply. On a connected channel, the reply's bare future: no coroutine
+        frames between the caller and the socket (the hot path's reserve); it fails with
+        ``NoScriptError`` after a live ``SCRIPT FLUSH``, where ``_run`` loads the script."""
+        if self._channel is not None:
+            reply = self._channel.submit("EVALSHA", script.sha, len(keys), *keys, *args)
+            if reply is not None:
+                return reply
+        return self._run(script, keys, args)
+
     @property
     def redis(self) -> aioredis.Redis:
         """The Redis client the scripts run on."""
@@ -254,7 +269,10 @@ class HoldStore:
             now_ms,
         ]
         try:
-            result = await self._run(self._reserve, keys, args)
+            try:
+                result = await self._call(self._reserve, keys, args)
+            except NoScriptError:
+                result = await self._run(self._reserve, keys, args)
             if result[0] == "LOAD":
                 await self.sync_balance(account_id, await self._load_balance(account_id))
                 result = await self._run(self._reserve, keys, args)

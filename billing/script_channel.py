@@ -179,6 +179,13 @@ class ScriptChannel:
         protocol = self._protocol or await self._ready()
         return await self._enqueue(protocol, command)
 
+    def submit(self, *command: Any) -> asyncio.Future[Any] | None:
+        """Queue one command like ``execute`` and return the future of its reply (failing like
+        ``execute``), or ``None`` when there is no connection yet (use ``execute``). Awaiting
+        the bare future costs no coroutine frames."""
+        protocol = self._live_protocol()
+        return None if protocol is None else self._enqueue(protocol, command)
+
     def send(self, *command: Any) -> tuple[asyncio.Future[Any], asyncio.Future[bool]] | None:
         """Queue one command like ``execute`` (it goes out with this loop iteration's batch)
         without waiting for its reply.
@@ -189,12 +196,18 @@ class ScriptChannel:
             the kernel's socket buffer, which delivers it to Redis even if this process dies
             the next instant. ``None`` when there is no connection yet (use ``execute``).
         """
-        protocol = self._protocol
-        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+        protocol = self._live_protocol()
+        if protocol is None:
             return None
         written = asyncio.get_running_loop().create_future()
         protocol.written.append(written)
         return self._enqueue(protocol, command), written
+
+    def _live_protocol(self) -> _Protocol | None:
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+            return None
+        return protocol
 
     def _enqueue(self, protocol: _Protocol, command: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Queue ``command`` for this loop iteration's write; the future of its reply."""

@@ -13,10 +13,12 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 
 import aiohttp
 import asyncpg
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from yarl import URL
 
 from billing.errors import BillingUnavailableError
@@ -27,10 +29,10 @@ from creditgate.resources import gateway_redis_ctx, postgres_ctx
 from creditgate.settings import Settings
 from gateway import appkeys
 from gateway.auth import KeyAuthenticator
-from gateway.checkout import add_checkout_routes
-from gateway.errors import make_error_middleware
-from gateway.models import handle_model, handle_models, handle_unknown_v1
-from gateway.proxy import ENDPOINTS, make_handler
+from gateway.checkout import checkout_routes, stripe_ctx
+from gateway.errors import answer_errors
+from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
+from gateway.proxy import ENDPOINTS, handle_billed
 
 log = logging.getLogger(__name__)
 
@@ -138,22 +140,28 @@ async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    """The gateway application (OpenAI-compatible routes under ``/v1``)."""
-    app = web.Application(
-        client_max_size=settings.max_body_bytes,
-        middlewares=[make_error_middleware(buy_credits_url(settings))],
-    )
+    """The gateway application (OpenAI-compatible routes under ``/v1``).
+
+    Every route is wrapped by ``gateway.errors.answer_errors`` (no middleware, see there);
+    the last one catches every path nothing else serves, so those get envelopes too.
+    """
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.extend(
-        [postgres_ctx, gateway_redis_ctx, _billing_state, _upstream, _background]
+        [postgres_ctx, gateway_redis_ctx, _billing_state, _upstream, _background, stripe_ctx]
     )
-    for endpoint in ENDPOINTS:
-        app.router.add_post("/v1" + endpoint.path, make_handler(endpoint))
-    app.router.add_get("/v1/models", handle_models)
-    app.router.add_get("/v1/models/{model}", handle_model)
-    app.router.add_route("*", "/v1/{tail:.*}", handle_unknown_v1)
-    app.router.add_get("/healthz", _healthz)
-    add_checkout_routes(app)
+    routes: list[tuple[str, str, Handler]] = [
+        *(("POST", "/v1" + e.path, partial(handle_billed, endpoint=e)) for e in ENDPOINTS),
+        ("GET", "/v1/models", handle_models),
+        ("GET", "/v1/models/{model}", handle_model),
+        ("*", "/v1/{tail:.*}", handle_unknown_v1),
+        ("GET", "/healthz", _healthz),
+        *checkout_routes(),
+        ("*", "/{tail:.*}", handle_unmatched),
+    ]
+    url = buy_credits_url(settings)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, answer_errors(handler, url))
     return app
 
 

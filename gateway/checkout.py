@@ -1,6 +1,6 @@
 """Buying credits on the gateway: packages, starting Checkout, and the return page.
 
-Routes (``add_checkout_routes``):
+Routes (``checkout_routes``):
     GET  /api/billing/packages               the active packages (no authentication)
     POST /api/billing/checkout               ``{"packageCode", "returnPath"?}`` -> Checkout URL
     GET  /api/billing/purchases/{purchaseId}  one of the caller's purchases
@@ -9,7 +9,7 @@ Routes (``add_checkout_routes``):
 
 The success return fulfils through the same idempotent function as the webhook, so credits
 show at once even when the webhook is late. Errors use OpenAI's envelope through the
-gateway's error middleware, chosen by class.
+gateway's error answers (``gateway.errors.answer_errors``), chosen by class.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from billing.checkout import (
     CREDITS_PATH,
@@ -81,14 +82,15 @@ async def stripe_ctx(app: web.Application) -> AsyncIterator[None]:
     await stripe.close()
 
 
-def add_checkout_routes(app: web.Application) -> None:
-    """Add the purchase routes and the Stripe client's ``cleanup_ctx`` to the gateway app
-    (after its Postgres and Redis contexts)."""
-    app.cleanup_ctx.append(stripe_ctx)
-    app.router.add_get("/api/billing/packages", handle_packages)
-    app.router.add_post("/api/billing/checkout", handle_checkout)
-    app.router.add_get("/api/billing/purchases/{purchase_id}", handle_purchase)
-    app.router.add_get(CREDITS_PATH, handle_credits_page)
+def checkout_routes() -> list[tuple[str, str, Handler]]:
+    """The purchase routes as ``(method, path, handler)``; the gateway app adds them with its
+    error answers, and ``stripe_ctx`` after its Postgres and Redis contexts."""
+    return [
+        ("GET", "/api/billing/packages", handle_packages),
+        ("POST", "/api/billing/checkout", handle_checkout),
+        ("GET", "/api/billing/purchases/{purchase_id}", handle_purchase),
+        ("GET", CREDITS_PATH, handle_credits_page),
+    ]
 
 
 def package_json(package: Package, reference: Package | None = None) -> dict[str, Any]:

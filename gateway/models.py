@@ -1,5 +1,5 @@
-"""The unbilled ``/v1`` routes: the model list (from the active rate cards) and the 404 for
-every other path, in OpenAI's shapes."""
+"""The unbilled routes: the model list (from the active rate cards), and the 404 (or 405) for
+every path no other route serves, in OpenAI's shapes."""
 
 from __future__ import annotations
 
@@ -52,3 +52,17 @@ async def handle_unknown_v1(request: web.Request) -> web.Response:
         ),
         404,
     )
+
+
+async def handle_unmatched(request: web.Request) -> web.Response:
+    """Any path outside ``/v1`` that no route serves: 405 when the path is served for other
+    methods, else 404 (both in OpenAI's envelope, by ``gateway.errors.answer_errors``)."""
+    allowed: set[str] = set()
+    this = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not this:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()

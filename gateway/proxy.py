@@ -291,7 +291,8 @@ def _upstream_unavailable(call: BilledCall) -> web.Response:
 
 
 async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    """Serve one billed request (see module docstring)."""
+    """Serve one billed request (see module docstring); the app routes
+    ``partial(handle_billed, endpoint=...)`` inside its error answers (no wrapper of our own)."""
     call, data, body, stream = await _prepare(request, endpoint)
     client_wants_usage = False
     if stream and endpoint.include_usage:
@@ -552,13 +553,3 @@ async def _send_stream_error(response: web.StreamResponse, message: str, code: s
         await response.write_eof()
     except _CLIENT_RESET:
         pass
-
-
-def make_handler(endpoint: Endpoint) -> Callable[[web.Request], Any]:
-    """An aiohttp handler for one billed endpoint."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await handle_billed(request, endpoint)
-
-    handler.__name__ = "handle_" + endpoint.name.replace(".", "_")
-    return handler

@@ -103,3 +103,17 @@ async def test_failed_reply_is_reported_after_delivery() -> None:
     assert len(failures) == 1
     assert isinstance(failures[0], BillingUnavailableError)
     assert "took over 5s" in str(failures[0])
+
+
+async def test_reserve_on_the_connected_channel_survives_a_flushed_script(
+    channel_holds: HoldStore, pool: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    """The reserve's fast path (the reply's bare future) meets NOSCRIPT after a live
+    SCRIPT FLUSH: the script is loaded and the hold placed once."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=channel_holds)
+    await channel_holds.reserve(account_id, 1_000, request_id="r-a")  # connects the channel
+    await redis_client.script_flush()
+    assert await channel_holds.reserve(account_id, 2_000, request_id="r-b") == 7_000
+    state = await channel_holds.account_state(account_id)
+    assert state.held_millicredits == 3_000

@@ -230,6 +230,29 @@ async def test_unknown_path_or_method_is_404_envelope(gw, sim, method, path):
     assert sim.requests == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/../foo", 404),
+        ("POST", "/../", 404),
+        ("GET", "/../api/billing/checkout", 405),
+        ("DELETE", "/../healthz", 405),
+    ],
+)
+async def test_paths_outside_v1_no_route_serves_get_404_or_405_envelopes(
+    gw, sim, method, path, status
+):
+    """``/v1/../foo`` is ``/foo``: no route serves it (404), or only other methods (405)."""
+    _, key = await gw.create_account(1_000_000)
+    got, headers, raw = await _raw(gw, method, path, key=key, data=b"{}")
+    assert got == status
+    assert headers["x-request-id"].startswith("req_")
+    error = _error(raw)
+    assert error["type"] == "invalid_request_error"
+    assert "Unknown request URL" in error["message"]
+    assert sim.requests == []
+
+
 # -- upstream failures ------------------------------------------------------------------
 
 
