@@ -1,8 +1,9 @@
 """The gateway's aiohttp application factory.
 
-``create_app(settings)`` wires routes, the error middleware and, in ``cleanup_ctx``, the
-Postgres pool, the Redis client, the tokenizer, the rate card book, the upstream
-``ClientSession``, the settlement writer and the hold sweeper. Nothing happens at import time.
+``create_app(settings)`` wires the routes (each wrapped in its error answers) and, in
+``cleanup_ctx``, the Postgres pool, the Redis client, the tokenizer, the rate card book, the
+upstream ``ClientSession``, the settlement writer, the hold sweeper and the Stripe client.
+Nothing happens at import time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Gateway errors and the middleware that maps every error class to OpenAI's error envelope.
+"""Gateway errors, and ``answer_errors``: the route wrapper that maps every error class to
+OpenAI's error envelope.
 
 Statuses are chosen by exception class, never by message text. Body shape:
 ``{"error": {"message": str, "type": str, "param": str | None, "code": str | None}}`` plus the

@@ -301,8 +301,7 @@ async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamR
         client_wants_usage = options.get("include_usage") is True
         if not client_wants_usage:
             # Only this case changes the body; every other request is forwarded as sent.
-            body["stream_options"] = {**options, "include_usage": True}
-            data = orjson.dumps(body)
+            data = _asking_for_usage(data, body, options)
     try:
         upstream = await _open_upstream(call, data)
         if upstream is None:
@@ -319,6 +318,24 @@ async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamR
         if not call.settled:
             await call.void()
         raise
+
+
+_INCLUDE_USAGE_MEMBER = b'"stream_options":{"include_usage":true},'
+
+
+def _asking_for_usage(raw: bytes, body: dict[str, Any], options: dict[str, Any]) -> bytes:
+    """The request body with ``stream_options.include_usage`` set.
+
+    Without a ``stream_options`` member (the usual case) it is spliced in after the opening
+    brace, so a prompt of any size is copied, not re-encoded. ``raw`` parsed as a JSON object
+    with a ``model``, so it is one ``{`` after optional whitespace, then a member; otherwise
+    ``body`` is re-encoded with the client's options kept.
+    """
+    if "stream_options" not in body:
+        brace = raw.index(b"{") + 1
+        return raw[:brace] + _INCLUDE_USAGE_MEMBER + raw[brace:]
+    body["stream_options"] = {**options, "include_usage": True}
+    return orjson.dumps(body)
 
 
 async def _relay_error(call: BilledCall, upstream: aiohttp.ClientResponse) -> web.Response:
@@ -435,6 +452,9 @@ async def _relay_stream(
             raise
         return response
     except (aiohttp.ClientError, TimeoutError) as exc:
+        if ended:  # after [DONE]: the client already has its whole answer
+            log.info("upstream broke after [DONE] for %s: %r", call.request_id, exc)
+            return response
         log.warning("upstream stream broke for %s: %r", call.request_id, exc)
         await _finish_broken_stream(call, response, forwarded)
         return response

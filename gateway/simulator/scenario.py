@@ -43,6 +43,8 @@ class Scenario:
             the same write (e.g. ``b": bye\n\n"``, an SSE comment), as a sloppy upstream might.
         stream_trailer_delay_s: send ``stream_trailer`` in a write of its own, this many
             seconds after the one that ends with ``[DONE]`` (``None``: in the same write).
+        disconnect_after_stream: cut the connection after a whole stream's last write
+            instead of ending its chunked body (an upstream that breaks after ``[DONE]``).
     """
 
     chunks: int = 16
@@ -61,6 +63,7 @@ class Scenario:
     omit_usage: bool = False
     stream_trailer: bytes = b""
     stream_trailer_delay_s: float | None = None
+    disconnect_after_stream: bool = False
 
 
 @dataclass(kw_only=True)

@@ -334,6 +334,8 @@ async def _write_stream(
         await _wait_until_gone(request)
         state.conclude(record, "disconnected")
     else:
+        if scenario.disconnect_after_stream:
+            _close_connection(request)
         state.conclude(record, "completed")
     return response
 

@@ -106,3 +106,25 @@ async def test_chat_upstream_error_before_output_voids_hold(gw, sim):
     assert state.held_millicredits == 0
     await gw.settled()
     assert await gw.balance(account) == 1_000_000
+
+
+async def test_chat_streamed_with_include_usage_false_is_charged_and_sees_no_usage(gw, sim):
+    account, key = await gw.create_account(1_000_000)
+    sim.push(Scenario(chunks=3, prompt_tokens=400))
+    stream = await gw.client(key).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": False},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(chunk.usage is None for chunk in chunks)
+    assert sim.requests[-1].json["stream_options"] == {"include_usage": True}
+    await gw.settled()
+    await gw.assert_charged_upstream_usage(
+        stream.response.headers["x-request-id"],
+        account,
+        opening_millicredits=1_000_000,
+        prompt_tokens=400,
+        completion_tokens=3,
+    )

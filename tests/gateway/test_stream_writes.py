@@ -8,6 +8,7 @@ server-side writers only: not its upstream requests, not the simulator's answers
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from aiohttp import http_writer, web_protocol
@@ -115,4 +116,37 @@ async def test_bytes_after_done_are_not_charged_and_a_later_write_of_them_is_dro
         opening_millicredits=1_000_000,
         prompt_tokens=900,
         completion_tokens=4,
+    )
+
+
+async def test_upstream_that_breaks_after_done_leaves_the_answer_whole_and_charged(
+    gw, sim, client_writes, caplog
+):
+    """The upstream cuts its connection after [DONE] (and a late write), without ending its
+    chunked body: the client already has its whole answer; nothing else happens."""
+    account, key = await gw.create_account(1_000_000)
+    sim.push(
+        Scenario(
+            chunks=2,
+            prompt_tokens=300,
+            stream_trailer=b": late\n\n",
+            stream_trailer_delay_s=0.05,
+            disconnect_after_stream=True,
+        )
+    )
+    with caplog.at_level(logging.INFO):
+        chunks, request_id = await _stream(gw, key)
+        await sim.wait_until(lambda: sim.requests[-1].outcome == "completed")
+        await asyncio.sleep(0.1)  # the gateway reads the late write and the cut
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
+    assert client_writes[-1].endswith(b"data: [DONE]\n\n\r\n" + END_OF_BODY)
+    assert "upstream broke after [DONE]" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    await gw.settled()
+    await gw.assert_charged_upstream_usage(
+        request_id,
+        account,
+        opening_millicredits=1_000_000,
+        prompt_tokens=300,
+        completion_tokens=2,
     )
