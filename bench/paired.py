@@ -54,6 +54,7 @@ import procs
 import report
 import run
 import stack
+import sustain
 import wrkload
 from paired_report import (
     RUNS,
@@ -84,6 +85,7 @@ class Options:
     load_cpu: int | None
     save: bool
     keep: bool
+    sustain_s: int = 0
 
     def for_run_py(self) -> run.Options:
         """The same settings as ``bench/run.py``'s options, for its ``Bench``."""
@@ -216,6 +218,23 @@ class PairedBench:
             time.sleep(_POLL_S)
         return round(time.monotonic() - started, 2)
 
+    def sustain(self) -> sustain.Sustained:
+        """``bench/sustain.py``'s long run against the gateway (streamed chat at c=N)."""
+        target = self.targets["gateway"]
+        assert target.gateway is not None
+        print(f"\nsustained run: gateway alone for {self.options.sustain_s} s ...", flush=True)
+        found = sustain.run_sustained(
+            target.url,
+            target.scripts["stream"],
+            target.gateway,
+            seconds=self.options.sustain_s,
+            connections=self.options.connections,
+            load_cpu=self.options.load_cpu,
+        )
+        target.completed += found.requests
+        target.cut_bound += self.options.connections
+        return found
+
     def drain(self) -> dict[str, Any]:
         """``run.Bench``'s settlement totals: the outbox now and a few seconds later, and the
         ``usage_events`` rows against the requests clients completed."""
@@ -341,10 +360,20 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--no-pin", action="store_true", help="do not pin anything")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument(
+        "--sustain",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="end with one run this long against the gateway alone, watching its outbox "
+        "(does settlement keep up? see bench/sustain.py)",
+    )
     args = parser.parse_args(argv)
     for name in ("rounds", "duration", "connections", "chunks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.sustain < 0:
+        parser.error("--sustain must be 0 (none) or more seconds")
     proxy_cpu, load_cpu = run.pinned_cores(args)
     return Options(
         rounds=args.rounds,
@@ -356,6 +385,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         load_cpu=load_cpu,
         save=not args.no_save,
         keep=args.keep,
+        sustain_s=args.sustain,
     )
 
 
@@ -366,7 +396,8 @@ def budget_s(options: Options) -> int:
     runs = options.rounds * len(RUNS) * len(SIDES)
     warm_ups = len(SIDES) * 2 * (_WARMUP_S + 5)
     drain = _DRAIN_WAIT_S + run.DRAIN_LIMIT_S + 10
-    return int(180 + warm_ups + runs * per_run + drain)
+    sustain = options.sustain_s + 60 if options.sustain_s else 0
+    return int(180 + warm_ups + runs * per_run + drain + sustain)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -401,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for number in range(1, options.rounds + 1):
             outcome.rounds.append(paired.measure_round(number))
             print("\n" + render_round(outcome.rounds[-1], options, options.rounds), flush=True)
+        if options.sustain_s:
+            outcome.sustained = paired.sustain()
         outcome.gateway_cut_bound = targets["gateway"].cut_bound
         outcome.settlement = paired.drain()
     except (*run.MEASUREMENT_ERRORS, run.BudgetExceededError) as exc:

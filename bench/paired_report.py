@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import checks
 import report
 import run
+from sustain import Sustained
 
 if TYPE_CHECKING:
     from paired import Options
@@ -128,6 +129,7 @@ class Outcome:
     gateway_cut_bound: int = 0
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    sustained: Sustained | None = None
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -365,6 +367,8 @@ def print_report(outcome: Outcome, options: Options, meta: dict[str, Any]) -> No
                 print(f"{side} {kind} check FAILED: {check.detail}")
     if outcome.rounds:
         print(render_summary(outcome, options))
+    if outcome.sustained is not None:
+        print("\n" + outcome.sustained.render())
     for note in outcome.notes:
         print("\nnote: " + note)
     if outcome.error:
@@ -384,6 +388,7 @@ def print_report(outcome: Outcome, options: Options, meta: dict[str, Any]) -> No
             "gateway_cut_bound": outcome.gateway_cut_bound,
             "notes": outcome.notes,
             "error": outcome.error,
+            "sustained": outcome.sustained.to_json() if outcome.sustained else None,
         }
         run.save_json("paired", document)
 

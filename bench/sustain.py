@@ -1,0 +1,117 @@
+"""Does settlement keep up? One long run against the gateway, watching its outbox.
+
+``bench/paired.py --sustain SECONDS`` ends with this: wrk loads the gateway alone (streamed
+chat at c=N) for SECONDS while this samples, once a second, the settlement outbox (``XLEN``
+of ``cg:v1:settlements``: settlements not yet posted to Postgres) and counts the
+``usage_events`` rows written during the run. A writer that keeps up holds the backlog to
+about one batch cycle's worth (the writer lingers ~20 ms between small batches, and a
+Postgres commit waits for its fsync), with no upward trend; one that does not shows a backlog
+growing with time. The short paired runs cannot tell the two apart: the writer runs in the
+gateway process and each run is only seconds long.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import stack
+import wrkload
+
+_SAMPLE_S = 1.0
+
+
+@dataclass
+class Sustained:
+    """What one sustained run showed.
+
+    Attributes:
+        requests: what wrk completed; ``requests_per_s`` per second.
+        backlog: the outbox length, sampled once a second during the run.
+        posted_share: ``usage_events`` rows written during the run per request completed.
+        drained_s: seconds after the run until the outbox was empty (None: not within 30 s).
+    """
+
+    seconds: int
+    connections: int
+    requests: int = 0
+    requests_per_s: float = 0.0
+    backlog: list[int] = field(default_factory=list)
+    posted_share: float = 0.0
+    drained_s: float | None = None
+
+    def halves(self) -> tuple[float, float]:
+        """Median backlog over the first and the second half of the run."""
+        half = len(self.backlog) // 2
+        if half == 0:
+            return 0.0, 0.0
+        return statistics.median(self.backlog[:half]), statistics.median(self.backlog[half:])
+
+    def render(self) -> str:
+        """Three lines for the report."""
+        first, second = self.halves()
+        peak = max(self.backlog, default=0)
+        drained = "not within 30 s" if self.drained_s is None else f"{self.drained_s:.1f} s"
+        return (
+            f"sustained gateway stream c={self.connections} for {self.seconds} s: "
+            f"{self.requests_per_s:,.0f} req/s, {self.posted_share:.0%} posted to Postgres "
+            f"during the run\n"
+            f"  outbox backlog sampled every {_SAMPLE_S:.0f} s: median {first:,.0f} in the "
+            f"first half, {second:,.0f} in the second, max {peak:,}\n"
+            f"  empty again {drained} after the run"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "halves_median": self.halves()}
+
+
+def run_sustained(
+    url: str,
+    script: Any,
+    gateway: stack.GatewayStack,
+    *,
+    seconds: int,
+    connections: int,
+    load_cpu: int | None,
+) -> Sustained:
+    """Load the gateway for ``seconds`` and watch its outbox (see the module docstring).
+
+    Raises:
+        wrkload.WrkError, stack.StackError: wrk or a service failed.
+    """
+    result = Sustained(seconds, connections)
+    rows_before = gateway.usage_rows()
+    outcome: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            outcome["run"] = wrkload.run(
+                url, script, connections=connections, duration_s=seconds, cpu=load_cpu
+            )
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=load, name="sustained-wrk", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(_SAMPLE_S)
+        if worker.is_alive():
+            result.backlog.append(gateway.backlog().length)
+    if "error" in outcome:
+        raise outcome["error"]
+    done: wrkload.WrkResult = outcome["run"]
+    rows_during = gateway.usage_rows() - rows_before
+    result.requests = done.requests
+    result.requests_per_s = done.requests_per_s
+    result.posted_share = rows_during / done.requests if done.requests else 0.0
+    started = time.monotonic()
+    while time.monotonic() - started < 30:
+        backlog = gateway.backlog()
+        if backlog.length == 0 and backlog.pending == 0:
+            result.drained_s = round(time.monotonic() - started, 1)
+            break
+        time.sleep(0.1)
+    return result
