@@ -24,6 +24,7 @@ from yarl import URL
 
 from billing.errors import BillingUnavailableError
 from billing.rate_cards import RateCardBook
+from billing.script_channel import ScriptChannel
 from billing.settlement import SettlementWriter
 from billing.tokens import TokenCounter
 from creditgate.resources import gateway_redis_ctx, postgres_ctx
@@ -106,13 +107,17 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(refresh_rate_cards(), name="rate-card-refresh"),
     ]
     writer = None
+    reader = None
     if settings.settlement_writer_enabled:
+        if settings.redis_url.startswith("redis://"):
+            reader = ScriptChannel(settings.redis_url)
         writer = SettlementWriter(
             holds,
             app[appkeys.DB_POOL],
             consumer=f"{socket.gethostname()}-{os.getpid()}",
             batch_size=settings.settlement_batch_size,
             claim_idle_ms=settings.settlement_claim_idle_ms,
+            reader=reader,
         )
         tasks.append(asyncio.create_task(writer.run(), name="settlement-writer"))
     yield
@@ -123,6 +128,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     if writer is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.drain_all(), timeout=5)
+    if reader is not None:
+        await reader.close()
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -11,6 +12,7 @@ import pytest
 
 from billing import ledger
 from billing.holds import OUTBOX_STREAM_KEY, HoldStore, PostedBalance, account_key
+from billing.script_channel import ScriptChannel
 from billing.settlement import GROUP, SettlementWriter
 from tests.billing.money import (
     grant,
@@ -23,11 +25,20 @@ from tests.billing.money import (
 CLAIM_IDLE_MS = 50
 
 
-@pytest.fixture
-async def writer(holds: HoldStore, pool: asyncpg.Pool) -> SettlementWriter:
-    writer = SettlementWriter(holds, pool, consumer="t1", claim_idle_ms=CLAIM_IDLE_MS)
+@pytest.fixture(params=["redis-py", "reader-channel"])
+async def writer(
+    request: pytest.FixtureRequest, holds: HoldStore, pool: asyncpg.Pool, redis_url: str
+) -> AsyncIterator[SettlementWriter]:
+    """The writer, reading new entries through redis-py or (as the gateway does) through a
+    pipelined channel of its own: every test runs on both."""
+    reader = ScriptChannel(redis_url) if request.param == "reader-channel" else None
+    writer = SettlementWriter(
+        holds, pool, consumer="t1", claim_idle_ms=CLAIM_IDLE_MS, reader=reader
+    )
     await writer.ensure_group()
-    return writer
+    yield writer
+    if reader is not None:
+        await reader.close()
 
 
 async def _posted(pool: asyncpg.Pool, account_id: int) -> PostedBalance:
