@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from billing import ledger
 from billing.holds import HoldStore
+from tests.billing.purchase_world import World
 
 
 @pytest.fixture
@@ -17,6 +18,17 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
     try:
         yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def world(database_url: str) -> AsyncIterator[World]:
+    """The purchase tests' world, on a pool of its own: 50 concurrent deliveries need 50
+    sessions."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=60)
+    try:
+        yield World(pool)
     finally:
         await pool.close()
 
