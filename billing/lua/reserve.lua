@@ -5,15 +5,15 @@
 -- ARGV: request_id, amount_mc, deadline_ms, member, now_ms
 -- Returns {"OK", available_after} | {"LOAD"} | {"INSUFFICIENT", available} | {"SUSPENDED", shortfall}
 -- available = posted balance - open holds - settled-but-unposted charges; never below zero.
-if redis.call('HEXISTS', KEYS[1], 'ver') == 0 then
+local f = redis.call('HMGET', KEYS[1], 'ver', 'bal', 'held', 'pending', 'shortfall')
+if not f[1] then
   return {'LOAD'}
 end
 local existing = redis.call('HGET', KEYS[2], ARGV[1])
-local f = redis.call('HMGET', KEYS[1], 'bal', 'held', 'pending', 'shortfall')
-local bal = tonumber(f[1]) or 0
-local held = tonumber(f[2]) or 0
-local pending = tonumber(f[3]) or 0
-local shortfall = tonumber(f[4]) or 0
+local bal = tonumber(f[2]) or 0
+local held = tonumber(f[3]) or 0
+local pending = tonumber(f[4]) or 0
+local shortfall = tonumber(f[5]) or 0
 if existing then
   -- Idempotent: a repeat of the same request id returns the hold it already has.
   return {'OK', bal - held - pending}

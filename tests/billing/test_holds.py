@@ -27,7 +27,7 @@ from billing.holds import (
     holds_key,
 )
 from creditgate.localservices import free_port
-from tests.billing.money import grant, new_account, usage_payload
+from tests.billing.money import grant, new_account, reserve_and_settle, usage_payload
 
 
 async def _settle(holds: HoldStore, account_id: int, request_id: str, cost: int):
@@ -421,3 +421,29 @@ async def test_zero_amount_hold_settles_voids_and_sweeps(
     state = await holds.account_state(account_id)
     assert (state.held_millicredits, state.pending_millicredits) == (0, 250)
     assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
+
+
+async def test_ack_posted_of_more_entries_than_one_xdel_slice_releases_each_once(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    """One ack_posted call for 2,100 entries (the script deletes them 1,000 at a time), then
+    the same call again: every charge leaves ``pending`` exactly once, the outbox is empty."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 100_000_000, holds=holds)
+    count = 2_100
+    redis_client = holds.redis
+    await redis_client.xgroup_create(OUTBOX_STREAM_KEY, "g", id="0", mkstream=True)
+    for i in range(count):
+        await reserve_and_settle(
+            holds, account_id, request_id=f"r{i}", hold_millicredits=100, cost_millicredits=7
+        )
+    assert (await holds.account_state(account_id)).pending_millicredits == 7 * count
+    reply = await redis_client.xreadgroup("g", "c", {OUTBOX_STREAM_KEY: ">"}, count=count)
+    pairs: list[object] = []
+    for entry_id, fields in reply[0][1]:
+        pairs += [entry_id, int(fields["c"])]
+    posted = await ledger.posted_balance(pool, account_id)
+    assert await holds.ack_posted(account_id, posted, pairs, group="g") == 7 * count
+    assert await holds.ack_posted(account_id, posted, pairs, group="g") == 0
+    assert (await holds.account_state(account_id)).pending_millicredits == 0
+    assert await redis_client.xlen(OUTBOX_STREAM_KEY) == 0
