@@ -57,8 +57,8 @@ fmt: venv ## Format the code and apply ruff's safe fixes
 bench: system-deps venv ## Run the benchmarks (bench/run.py); they print numbers
 	$(VENV)/bin/python bench/run.py
 
-bench-paired: system-deps venv ## Pass-through vs gateway back to back, medians of 5 rounds
-	$(VENV)/bin/python bench/paired.py
+bench-paired: system-deps venv ## Pass-through vs gateway back to back (5 rounds), then 60 s of settlement; BENCH_ARGS adds flags
+	$(VENV)/bin/python bench/paired.py --sustain 60 $(BENCH_ARGS)
 
 clean: ## Remove caches and build output (keeps .venv and the dev data in .data/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
