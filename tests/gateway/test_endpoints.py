@@ -11,6 +11,7 @@ from billing.estimate import estimate_chat
 from billing.pricing import RoundingMode, charge_millicredits, worst_case_millicredits
 from billing.rate_cards import DEFAULT_RATES
 from gateway import appkeys
+from gateway.errors import new_request_id
 from gateway.simulator import Scenario
 
 HI = [{"role": "user", "content": "hi"}]
@@ -254,6 +255,20 @@ async def test_request_ids_differ_between_requests(gw, sim):
         )
         ids.add(raw.headers["x-request-id"])
     assert len(ids) == 3
+
+
+def test_request_ids_sort_by_creation_time(monkeypatch):
+    """Time first (ms, 12 hex digits), so Postgres's unique indexes take them at one edge."""
+    now = [1_764_420_000.000]
+    monkeypatch.setattr("gateway.errors.time", lambda: now[0])
+    first = new_request_id()
+    same_ms = new_request_id()
+    now[0] += 0.001
+    later = new_request_id()
+    assert first[4:16] == same_ms[4:16] == f"{1_764_420_000_000:012x}"
+    assert first != same_ms  # 80 random bits after the time
+    assert later[4:16] == f"{1_764_420_000_001:012x}"
+    assert first < later and same_ms < later
 
 
 # -- rounding, charging switch, n -------------------------------------------------------
