@@ -304,7 +304,7 @@ class HoldStore:
 
         Args:
             cost_millicredits: the request's charge at the rate card, >= 0.
-            payload: the usage record (JSON) the writer posts to Postgres.
+            payload: the usage record the writer posts to Postgres (``billing.outbox.encode``).
 
         Raises:
             BillingUnavailableError: Redis unreachable; the hold stays and the sweeper voids

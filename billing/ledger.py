@@ -15,8 +15,8 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
 
+from billing import outbox
 from billing.errors import AccountNotFoundError, NegativeBalanceError
 from billing.holds import PostedBalance
 
@@ -193,30 +193,33 @@ async def record_settlements(
     """Post a batch of settlements (usage event + deduction entry each) in one transaction.
 
     Args:
-        settlements: usage records as the gateway wrote them to the outbox (keys as in
-            ``migrations/0002_create_record_settlements.sql``), each with ``charged``.
+        settlements: usage records keyed by ``billing.outbox.FIELDS``, each with ``charged``
+            (the millicredits the settle script charged).
 
     Returns:
         Per settlement whether it was new, and each touched account's posted balance after
         the commit. A request id seen before is skipped (``recorded=False``).
     """
-    for seq, item in enumerate(settlements):
-        item["seq"] = seq
-    return await record_settlements_json(conn, orjson.dumps(settlements).decode())
+    rows = [
+        outbox.posting_row(outbox.encode(item), charged=item["charged"], seq=seq)
+        for seq, item in enumerate(settlements)
+    ]
+    return await record_settlement_rows(conn, "[" + ",".join(rows) + "]")
 
 
-async def record_settlements_json(
+async def record_settlement_rows(
     conn: asyncpg.Connection, batch: str
 ) -> tuple[list[RecordedSettlement], dict[int, PostedBalance]]:
     """``record_settlements`` for a batch that is already JSON (the settlement writer's
     form: it splices outbox payloads without decoding them).
 
     Args:
-        batch: a JSON array of settlement objects, each with ``charged`` and ``seq`` (its
-            position, which orders an account's settlements).
+        batch: a JSON array of posting rows (``billing.outbox.posting_row``: a format-2
+            payload with ``charged`` and ``seq``, its position, which orders an account's
+            settlements), read by ``migrations/0006_record_settlement_rows.sql``.
     """
     # One statement, so one transaction: the function locks, posts and reports balances.
-    rows = await conn.fetch("SELECT * FROM record_settlements($1::jsonb)", batch)
+    rows = await conn.fetch("SELECT * FROM record_settlement_rows($1::jsonb)", batch)
     return (
         [RecordedSettlement(r[0], r[1], r[2], r[3]) for r in rows],
         {r[1]: PostedBalance(r[4], r[5], r[6]) for r in rows},

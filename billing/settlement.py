@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 from redis.exceptions import RedisError, ResponseError
 
+from billing import outbox
 from billing.holds import OUTBOX_STREAM_KEY, HoldStore
-from billing.ledger import record_settlements_json
+from billing.ledger import record_settlement_rows
 from billing.script_channel import ScriptChannel
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,14 @@ GROUP = "settlement-writers"
 
 @dataclass(slots=True)
 class WriterStats:
-    """Counters for metrics: batches and settlements posted, duplicates skipped, failures."""
+    """Counters for metrics: batches and settlements posted, duplicates skipped, failures,
+    and outbox entries left pending because their payload could not be read."""
 
     batches: int = 0
     recorded: int = 0
     duplicates: int = 0
     failures: int = 0
+    unreadable: int = 0
     charged_millicredits: int = 0
 
 
@@ -111,7 +113,8 @@ class SettlementWriter:
                 backoff_s = min(backoff_s * 2, 5.0)
 
     async def drain_once(self, *, block_ms: int | None = None) -> int:
-        """Read one batch of new entries for this consumer and post it; returns its size."""
+        """Read one batch of new entries for this consumer and post it; returns its size
+        (entries read, an unreadable one included)."""
         if self._reader is not None:
             entries = await self._read_new(self._reader, block_ms)
         else:
@@ -161,8 +164,10 @@ class SettlementWriter:
         return len(entries)
 
     async def drain_all(self) -> int:
-        """Post everything readable now, own pending entries included (for CLI and tests)."""
+        """Post everything readable now, own pending entries included (for CLI and tests);
+        returns how many entries were posted (unreadable ones stay pending, uncounted)."""
         await self.ensure_group()
+        unreadable_before = self.stats.unreadable
         total = 0
         # Entries this consumer read before but did not acknowledge: all of them, a batch at a
         # time (a writer stopped mid-run may own more than one batch).
@@ -182,10 +187,17 @@ class SettlementWriter:
                 total += len(entries)
         while n := await self.drain_once():
             total += n
-        return total
+        return total - (self.stats.unreadable - unreadable_before)
 
     async def post(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
         """Commit a batch to Postgres, then acknowledge it in Redis per account.
+
+        Args:
+            entries: ``[(entry_id, {"p": payload, "c": charged_mc, "a": account_id})]`` as
+                read from the outbox; a payload of either format of ``billing.outbox``.
+
+        An entry without a readable payload, charge or account is logged at ERROR and left
+        pending (``stats.unreadable``); the rest of the batch is posted.
 
         Raises:
             asyncpg.PostgresError / OSError: nothing acknowledged; the entries are retried.
@@ -193,17 +205,32 @@ class SettlementWriter:
         """
         parts: list[str] = []
         by_account: dict[int, list[Any]] = defaultdict(list)
-        for seq, (entry_id, fields) in enumerate(entries):
-            payload: str = fields["p"]
-            charged = int(fields["c"])
-            # Entries written before the settle script recorded "a" name it only in "p".
-            account_id = int(fields["a"]) if "a" in fields else orjson.loads(payload)["account_id"]
+        for entry_id, fields in entries:
+            try:
+                payload: str = fields["p"]
+                charged = int(fields["c"])
+                # Entries written before the settle script recorded "a" name it only in "p".
+                account_id = int(
+                    fields["a"] if "a" in fields else outbox.decode(payload)["account_id"]
+                )
+                parts.append(outbox.posting_row(payload, charged=charged, seq=len(parts)))
+            except (ValueError, KeyError) as exc:
+                # Not ours to guess at: the entry stays pending (its charge stays in the
+                # account's `pending`, so it cannot be overspent) and is logged each time a
+                # writer claims it, for an operator to post or delete by hand.
+                self.stats.unreadable += 1
+                log.error(
+                    "outbox entry %s is unreadable (%s), left pending: %.200r",
+                    entry_id,
+                    exc,
+                    fields,
+                )
+                continue
             by_account[account_id].extend((entry_id, charged))
-            # The payload is the gateway's orjson object: splice in the two keys rather
-            # than decode and re-encode every settlement (py-spy: the writer's largest cost).
-            parts.append(f'{payload[:-1]},"charged":{charged},"seq":{seq}}}')
+        if not parts:
+            return
         async with self._pool.acquire() as conn:
-            results, balances = await record_settlements_json(conn, "[" + ",".join(parts) + "]")
+            results, balances = await record_settlement_rows(conn, "[" + ",".join(parts) + "]")
         # On the gateway's pipelined channel every account's ack goes out in one write.
         acks = [
             self._holds.ack_posted(account_id, balances[account_id], pairs, group=GROUP)

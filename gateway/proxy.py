@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from billing import outbox
 from billing.errors import BillingError, BillingUnavailableError, UnknownModelError
 from billing.estimate import (
     Estimate,
@@ -151,29 +152,31 @@ class BilledCall:
             if charging
             else 0
         )
+        # The outbox's format-2 record: billing.outbox.FIELDS, in that order.
         payload = orjson.dumps(
-            {
-                "request_id": self.request_id,
-                "account_id": self.identity.account_id,
-                "api_key_id": self.identity.api_key_id,
-                "model": self.model,
-                "endpoint": self.endpoint.name,
-                "prompt_tokens": usage.prompt_tokens,
-                "cached_tokens": min(usage.cached_tokens, usage.prompt_tokens),
-                "completion_tokens": usage.completion_tokens,
-                "rate_card_id": card.id,
-                "input_rate": card.input_millicredits_per_1k_tokens,
-                "cached_rate": card.cached_rate,
-                "output_rate": card.output_millicredits_per_1k_tokens,
-                "rounding_mode": settings.rounding_mode.value,
-                "cost": cost,
-                "hold": self.hold_millicredits,
-                "usage_source": source,
-                "status": status if charging else "uncharged",
-                "started_at_ms": self.started_ms,
-                "finished_at_ms": int(time.time() * 1000),
-                "upstream_latency_ms": int((time.monotonic() - self.upstream_started) * 1000),
-            }
+            [
+                outbox.FORMAT,
+                self.request_id,
+                self.identity.account_id,
+                self.identity.api_key_id,
+                self.model,
+                self.endpoint.name,
+                usage.prompt_tokens,
+                min(usage.cached_tokens, usage.prompt_tokens),
+                usage.completion_tokens,
+                card.id,
+                card.input_millicredits_per_1k_tokens,
+                card.cached_rate,
+                card.output_millicredits_per_1k_tokens,
+                settings.rounding_mode.value,
+                cost,
+                self.hold_millicredits,
+                source,
+                status if charging else "uncharged",
+                self.started_ms,
+                int(time.time() * 1000),
+                int((time.monotonic() - self.upstream_started) * 1000),
+            ]
         ).decode()
         # Marked first: if this await is cancelled or fails, the script may still have run,
         # so the hold must not be voided afterwards (the sweeper expires it if it did not).

@@ -8,9 +8,8 @@ import uuid
 from typing import Any
 
 import asyncpg
-import orjson
 
-from billing import ledger
+from billing import ledger, outbox
 from billing.holds import HoldStore, PostedBalance
 
 
@@ -75,8 +74,8 @@ def usage_record(
 
 
 def usage_payload(**kwargs: Any) -> str:
-    """``usage_record`` as the JSON payload ``HoldStore.settle`` appends to the outbox."""
-    return orjson.dumps(usage_record(**kwargs)).decode()
+    """``usage_record`` as the payload ``HoldStore.settle`` appends to the outbox (format 2)."""
+    return outbox.encode(usage_record(**kwargs))
 
 
 async def reserve_and_settle(

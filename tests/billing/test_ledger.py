@@ -7,10 +7,12 @@ import asyncio
 import random
 
 import asyncpg
+import orjson
 import pytest
 
 from billing import ledger
 from billing.errors import AccountNotFoundError, NegativeBalanceError
+from billing.holds import PostedBalance
 from tests.billing.money import grant, money_totals, new_account, usage_record
 
 
@@ -284,6 +286,75 @@ async def test_record_settlements_same_batch_twice_records_once(pool: asyncpg.Po
         "usage:req-2",
     ]
     assert [e["balance_after_millicredits"] for e in deductions] == [9_000, 8_000, 7_000]
+
+
+async def test_previous_release_entry_point_posts_object_rows_alike(pool: asyncpg.Pool) -> None:
+    """Writers of the previous release call ``record_settlements(jsonb)`` with object rows
+    (outbox format 1) until they are upgraded; it must post exactly as the rows function
+    does: same answers, same usage rows, same ledger entries."""
+    old_account, new_account_id = await new_account(pool), await new_account(pool)
+    for account_id in (old_account, new_account_id):
+        await grant(pool, account_id, 5_000)
+    costs = [(1_000, 1_000), (3_000, 3_000), (2_500, 2_500), (700, 700)]  # the third overruns
+
+    def batch(account_id: int, prefix: str) -> list[dict[str, object]]:
+        return [
+            _settlement(account_id, f"{prefix}-{i}", cost=cost, charged=charged)
+            for i, (cost, charged) in enumerate(costs)
+        ]
+
+    old_batch = batch(old_account, "v1")
+    for seq, item in enumerate(old_batch):
+        item["seq"] = seq
+    async with pool.acquire() as conn:
+        old_rows = await conn.fetch(
+            "SELECT * FROM record_settlements($1::jsonb)", orjson.dumps(old_batch).decode()
+        )
+        new_results, new_balances = await ledger.record_settlements(
+            conn, batch(new_account_id, "v2")
+        )
+        usage = {
+            account_id: [
+                tuple(r)
+                for r in await conn.fetch(
+                    """SELECT cost_millicredits, charged_millicredits, shortfall_millicredits,
+                              prompt_tokens, cached_tokens, completion_tokens, model, endpoint,
+                              input_millicredits_per_1k_tokens, rounding_mode, hold_millicredits,
+                              usage_source, status, finished_at - started_at,
+                              upstream_latency_ms
+                         FROM usage_events WHERE account_id = $1 ORDER BY id""",
+                    account_id,
+                )
+            ]
+            for account_id in (old_account, new_account_id)
+        }
+
+    assert [(r[2], r[3]) for r in old_rows] == [
+        (r.recorded, r.charged_millicredits) for r in new_results
+    ]
+    assert [(r[2], r[3]) for r in old_rows] == [
+        (True, 1_000),
+        (True, 3_000),
+        (True, 1_000),
+        (True, 0),
+    ]
+    assert PostedBalance(*old_rows[-1][4:]) == new_balances[new_account_id]
+    assert usage[old_account] == usage[new_account_id]
+    assert len(usage[old_account]) == 4
+    old_entries = [
+        (e["amount_millicredits"], e["balance_after_millicredits"])
+        for e in await _entries(pool, old_account)
+    ]
+    new_entries = [
+        (e["amount_millicredits"], e["balance_after_millicredits"])
+        for e in await _entries(pool, new_account_id)
+    ]
+    assert old_entries == new_entries
+
+
+async def test_record_settlements_empty_batch_via_previous_entry_point(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        assert await conn.fetch("SELECT * FROM record_settlements('[]'::jsonb)") == []
 
 
 async def test_record_settlements_repeat_within_batch_records_once(pool: asyncpg.Pool) -> None:

@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 import pytest
 
-from billing import ledger
+from billing import ledger, outbox
 from billing.holds import OUTBOX_STREAM_KEY, HoldStore, PostedBalance, account_key
 from billing.script_channel import ScriptChannel
 from billing.settlement import GROUP, SettlementWriter
@@ -20,6 +20,7 @@ from tests.billing.money import (
     new_account,
     reserve_and_settle,
     usage_payload,
+    usage_record,
 )
 
 CLAIM_IDLE_MS = 50
@@ -70,7 +71,7 @@ async def _commit_without_ack(
     """What a writer does before it crashes between its commit and its acknowledgement."""
     settlements = []
     for _entry_id, fields in entries:
-        item = orjson.loads(fields["p"])
+        item = outbox.decode(fields["p"])
         item["charged"] = int(fields["c"])
         settlements.append(item)
     async with pool.acquire() as conn:
@@ -350,18 +351,65 @@ async def test_writer_posts_entries_without_the_account_field(
     holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
 ) -> None:
     """Outbox entries written before the settle script recorded ``a`` (an upgrade with a
-    backlog) are posted all the same, their account read from the payload."""
+    backlog; their payloads are format 1) are posted all the same, their account read from
+    the payload."""
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
-    await holds.redis.xadd(
-        OUTBOX_STREAM_KEY,
-        {
-            "p": usage_payload(request_id="old-1", account_id=account_id, cost_millicredits=700),
-            "c": 700,
-        },
-    )
+    record = usage_record(request_id="old-1", account_id=account_id, cost_millicredits=700)
+    await holds.redis.xadd(OUTBOX_STREAM_KEY, {"p": orjson.dumps(record), "c": 700})
     await holds.redis.hincrby(account_key(account_id), "pending", 700)
     assert await writer.drain_all() == 1
     posted = await _posted(pool, account_id)
     assert posted.balance_millicredits == 10_000 - 700
     await _assert_converged(holds, pool, account_id)
+
+
+async def test_writer_posts_both_payload_formats_in_one_batch(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+) -> None:
+    """During an upgrade the outbox holds format-1 entries (older gateways) between format-2
+    ones; one batch posts them all, every usage row as its record said."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    records = [
+        usage_record(request_id=f"mixed-{i}", account_id=account_id, cost_millicredits=100 * i)
+        for i in range(1, 5)
+    ]
+    for i, record in enumerate(records):
+        payload = outbox.encode(record) if i % 2 else orjson.dumps(record).decode()
+        fields = {"p": payload, "c": record["cost"], "a": account_id}
+        await holds.redis.xadd(OUTBOX_STREAM_KEY, fields)
+        await holds.redis.hincrby(account_key(account_id), "pending", record["cost"])
+    assert await writer.drain_all() == 4
+    assert writer.stats.batches == 1
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT request_id, cost_millicredits, charged_millicredits, prompt_tokens,
+                      completion_tokens, output_millicredits_per_1k_tokens, usage_source
+                 FROM usage_events WHERE account_id = $1 ORDER BY request_id""",
+            account_id,
+        )
+    assert [tuple(r) for r in rows] == [
+        (r["request_id"], r["cost"], r["cost"], 100, 50, 9_600, "upstream") for r in records
+    ]
+    assert (await _posted(pool, account_id)).balance_millicredits == 10_000 - 1_000
+    await _assert_converged(holds, pool, account_id)
+
+
+async def test_writer_leaves_an_unreadable_entry_pending_and_posts_the_rest(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter, caplog
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    bad_id = await holds.redis.xadd(
+        OUTBOX_STREAM_KEY, {"p": '["not a settlement"]', "c": 300, "a": account_id}
+    )
+    await reserve_and_settle(
+        holds, account_id, request_id="good", hold_millicredits=1_000, cost_millicredits=400
+    )
+    assert await writer.drain_all() == 1
+    assert writer.stats.unreadable == 1
+    assert (await _posted(pool, account_id)).balance_millicredits == 10_000 - 400
+    pending = await holds.redis.xpending_range(OUTBOX_STREAM_KEY, GROUP, "-", "+", 10)
+    assert [p["message_id"] for p in pending] == [bad_id]
+    assert any("is unreadable" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
