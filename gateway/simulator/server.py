@@ -35,6 +35,14 @@ _SSE_HEADERS: Final = {
 _Kind = Literal["chat", "completions", "responses", "embeddings"]
 
 
+class _HeldHeadersResponse(web.StreamResponse):
+    """A stream whose status line and headers go out with its first write (aiohttp >= 3.12;
+    older versions send them on ``prepare()``), as a server that has its first event ready
+    sends them: one system call for an answer written at once, not three."""
+
+    _send_headers_immediately = False
+
+
 def create_simulator_app(
     default: Scenario | None = None,
     *,
@@ -297,8 +305,9 @@ async def _write_stream(
     stream: _Stream,
     visible: int,
 ) -> web.StreamResponse:
-    """Send a streamed answer as scripted. Without delays, all of it goes in one write."""
-    response = web.StreamResponse(headers=_SSE_HEADERS)
+    """Send a streamed answer as scripted. Without delays, all of it (status line, headers,
+    events and the end of the chunked body) goes in one write."""
+    response = _HeldHeadersResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     stop_at = _stop_at(scenario, visible)
     pending = [stream.head]
@@ -316,9 +325,19 @@ async def _write_stream(
             pending.append(stream.error(stop_at))
         elif scenario.fail_after_chunks is None and scenario.hang_after_chunks is None:
             pending.append(stream.tail(stop_at))
-        await response.write(b"".join(pending))
+        late_trailer = stream.late_trailer and stop_at == visible
+        ends_here = (
+            scenario.fail_after_chunks is None
+            and scenario.hang_after_chunks is None
+            and not scenario.disconnect_after_stream
+            and not late_trailer
+        )
+        if ends_here:
+            await response.write_eof(b"".join(pending))
+        else:
+            await response.write(b"".join(pending))
         record.chunks_sent = stop_at
-        if stream.late_trailer and stop_at == visible and scenario.fail_after_chunks is None:
+        if late_trailer and scenario.fail_after_chunks is None:
             if not await _pause(request, scenario.stream_trailer_delay_s or 0.0):
                 state.conclude(record, "disconnected")
                 return response
