@@ -15,7 +15,6 @@ from typing import Any, Final, Literal
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.simulator.scenario import ReceivedRequest, Scenario, approximate_prompt_tokens
 from gateway.simulator.shapes import _error_body, _Script, _Stream
@@ -139,7 +138,7 @@ async def _admit(
     record = ReceivedRequest(
         method=request.method,
         path=request.path,
-        headers=CIMultiDictProxy(CIMultiDict(request.headers)),
+        headers=request.headers,  # already an immutable CIMultiDictProxy of its own
         json=body,
     )
     state.record(record)
