@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import openai
 import pytest
@@ -202,6 +203,56 @@ async def test_chat_cached_tokens_charged_at_cached_rate(gw, sim):
     assert row["cached_tokens"] == 600
     assert row["cached_input_millicredits_per_1k_tokens"] == 1_200
     assert await gw.balance(account) == 1_000_000 - 1_776
+
+
+async def test_usage_row_carries_every_field_of_the_settlement(gw, sim):
+    """The outbox record is positional (billing.outbox, format 2): every column must come out
+    of the position it was written to, not a neighbour's."""
+    account, key = await gw.create_account(1_000_000)
+    sim.push(Scenario(chunks=7, prompt_tokens=1_234, cached_tokens=34))
+    before = time.time()
+    raw = await gw.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=HI, max_tokens=50
+    )
+    after = time.time()
+    row = await _settled_usage(gw, raw.headers["x-request-id"])
+    card = await gw.pool.fetchrow(
+        """SELECT * FROM rate_cards WHERE model = 'gpt-4o' AND effective_at <= now()
+            ORDER BY effective_at DESC LIMIT 1"""
+    )
+    key_id = await gw.pool.fetchval("SELECT id FROM api_keys WHERE account_id = $1", account)
+    assert (row["account_id"], row["api_key_id"], row["rate_card_id"]) == (
+        account,
+        key_id,
+        card["id"],
+    )
+    assert (row["model"], row["endpoint"]) == ("gpt-4o", "chat.completions")
+    assert (row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) == (1_234, 34, 7)
+    assert (
+        row["input_millicredits_per_1k_tokens"],
+        row["cached_input_millicredits_per_1k_tokens"],
+        row["output_millicredits_per_1k_tokens"],
+    ) == (20_000, 10_000, 80_000)
+    expected = _charge(gw, "gpt-4o", prompt_tokens=1_234, completion_tokens=7, cached_tokens=34)
+    assert row["cost_millicredits"] == row["charged_millicredits"] == expected
+    card_now = gw.rate_cards.get("gpt-4o")
+    body = {"model": "gpt-4o", "messages": HI, "max_tokens": 50}
+    estimate = estimate_chat(body, card_now, gw.app[appkeys.TOKENS])
+    assert row["hold_millicredits"] == worst_case_millicredits(
+        card_now,
+        prompt_tokens=estimate.prompt_tokens,
+        max_output_tokens=50,
+        rounding_mode=RoundingMode.EXACT,
+    )
+    assert (row["rounding_mode"], row["usage_source"], row["status"]) == (
+        "exact",
+        "upstream",
+        "completed",
+    )
+    assert before - 1 <= row["started_at"].timestamp() <= row["finished_at"].timestamp()
+    assert row["finished_at"].timestamp() <= after + 1
+    span_ms = (row["finished_at"] - row["started_at"]).total_seconds() * 1000
+    assert 0 <= row["upstream_latency_ms"] <= span_ms + 1
 
 
 @pytest.mark.parametrize(
