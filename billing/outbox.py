@@ -26,6 +26,7 @@ from typing import Any, Final
 import orjson
 
 FORMAT: Final = 2
+_FORMAT_2_START: Final = f"[{FORMAT},"
 
 #: Format 2's fields, in array order after the leading format number.
 FIELDS: Final = (
@@ -89,6 +90,6 @@ def posting_row(payload: str, *, charged: int, seq: int) -> str:
     Raises:
         ValueError: not format 2 and not a readable format-1 payload.
     """
-    if not payload.startswith(f"[{FORMAT},"):
+    if not payload.startswith(_FORMAT_2_START):
         payload = encode(decode(payload))
     return f"{payload[:-1]},{charged},{seq}]"

@@ -35,6 +35,7 @@ from billing.tokens import TokenCounter
 from gateway import appkeys
 from gateway.auth import Identity
 from gateway.errors import InvalidRequestError, error_body, json_response, new_request_id
+from gateway.sse import HeldHeadersResponse
 from gateway.usage import (
     DONE_EVENT,
     Usage,
@@ -77,19 +78,6 @@ ENDPOINTS = (
 _CLIENT_RESET = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE_TAIL = DONE_EVENT + b"\n\n"
-
-
-class _SSEResponse(web.StreamResponse):
-    """A stream whose status line and headers go out with its first event, in one write.
-
-    ``web.StreamResponse`` sends them on ``prepare()``, in a system call of their own;
-    ``web.Response`` holds them for its body (the class attribute below, aiohttp >= 3.12;
-    older versions ignore it and send them early). The gateway prepares a stream once the
-    upstream has answered 200, and its first event follows at once, so holding them delays
-    nothing a client can use.
-    """
-
-    _send_headers_immediately = False
 
 
 class BilledCall:
@@ -397,7 +385,8 @@ async def _relay_stream(
     end of the chunked body (so an answer the upstream sends in one piece leaves in one
     system call). Bytes after ``[DONE]`` in later chunks are read and dropped.
     """
-    response = _SSEResponse(status=upstream.status, headers={**_SSE_HEADERS, **_headers(call)})
+    headers = {**_SSE_HEADERS, **_headers(call)}
+    response = HeldHeadersResponse(status=upstream.status, headers=headers)
     try:
         await response.prepare(call.request)
     except _CLIENT_RESET:

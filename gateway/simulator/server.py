@@ -25,6 +25,7 @@ from gateway.simulator.state import (
     SIMULATOR_STATE,
     SimulatorState,
 )
+from gateway.sse import HeldHeadersResponse
 
 _SSE_HEADERS: Final = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -32,14 +33,6 @@ _SSE_HEADERS: Final = {
 }
 
 _Kind = Literal["chat", "completions", "responses", "embeddings"]
-
-
-class _HeldHeadersResponse(web.StreamResponse):
-    """A stream whose status line and headers go out with its first write (aiohttp >= 3.12;
-    older versions send them on ``prepare()``), as a server that has its first event ready
-    sends them: one system call for an answer written at once, not three."""
-
-    _send_headers_immediately = False
 
 
 def create_simulator_app(
@@ -306,7 +299,7 @@ async def _write_stream(
 ) -> web.StreamResponse:
     """Send a streamed answer as scripted. Without delays, all of it (status line, headers,
     events and the end of the chunked body) goes in one write."""
-    response = _HeldHeadersResponse(headers=_SSE_HEADERS)
+    response = HeldHeadersResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     stop_at = _stop_at(scenario, visible)
     pending = [stream.head]
