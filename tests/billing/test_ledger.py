@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 import pytest
 
-from billing import ledger
+from billing import api_keys, ledger, rate_cards
 from billing.errors import AccountNotFoundError, NegativeBalanceError
 from billing.holds import PostedBalance
 from tests.billing.money import grant, money_totals, new_account, usage_record
@@ -442,6 +442,81 @@ async def test_record_settlements_unknown_account_posts_nothing(pool: asyncpg.Po
             await ledger.record_settlements(conn, batch)
         assert await conn.fetchval("SELECT count(*) FROM usage_events") == 0
         assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 5_000
+
+
+@pytest.mark.parametrize(
+    ("field", "named"), [("api_key_id", "API key 987654"), ("rate_card_id", "rate card 987654")]
+)
+async def test_record_settlements_unknown_key_or_rate_card_posts_nothing(
+    pool: asyncpg.Pool, field: str, named: str
+) -> None:
+    """usage_events' references are checked per statement (migration 0007), not by foreign
+    keys; a batch naming a key or rate card that does not exist is refused whole, with the
+    error a foreign key raised."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 5_000)
+    ghost = _settlement(account_id, "req-ghost-ref", cost=100, charged=100)
+    ghost[field] = 987_654
+    batch = [_settlement(account_id, "req-fine", cost=100, charged=100), ghost]
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match=rf"unknown {named}$"):
+            await ledger.record_settlements(conn, batch)
+        assert await conn.fetchval("SELECT count(*) FROM usage_events") == 0
+        assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 5_000
+
+
+async def test_usage_events_references_checked_for_every_writer(pool: asyncpg.Pool) -> None:
+    """Direct INSERTs and UPDATEs (not only the settlement function) are checked too."""
+    account_id = await new_account(pool)
+    async with pool.acquire() as conn:
+        await rate_cards.seed_rate_cards(conn)
+        card_id = await conn.fetchval("SELECT min(id) FROM rate_cards")
+        assert card_id is not None
+        insert = """INSERT INTO usage_events (request_id, account_id, api_key_id, model,
+                        endpoint, rate_card_id, input_millicredits_per_1k_tokens,
+                        cached_input_millicredits_per_1k_tokens,
+                        output_millicredits_per_1k_tokens, rounding_mode, cost_millicredits,
+                        charged_millicredits, usage_source, status, started_at, finished_at)
+                    VALUES ($1, $2, NULL, 'gpt-4o-mini', 'chat.completions', $3, 1, 1, 1,
+                            'exact', 0, 0, 'upstream', 'completed', now(), now())"""
+        await conn.execute(insert, "req-direct-ok", account_id, card_id)
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match=r"unknown account 987654$"):
+            await conn.execute(insert, "req-direct-ghost", 987_654, card_id)
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match="unknown rate card"):
+            await conn.execute(
+                "UPDATE usage_events SET rate_card_id = -1 WHERE request_id = 'req-direct-ok'"
+            )
+        assert (
+            await conn.fetchval(
+                "SELECT rate_card_id FROM usage_events WHERE request_id = 'req-direct-ok'"
+            )
+            == card_id
+        )
+        assert not await conn.fetchval(
+            "SELECT exists(SELECT 1 FROM usage_events WHERE request_id = 'req-direct-ghost')"
+        )
+
+
+@pytest.mark.parametrize("table", ["accounts", "api_keys", "rate_cards"])
+async def test_referenced_rows_are_never_deleted_even_by_owner(
+    pool: asyncpg.Pool, table: str
+) -> None:
+    """What usage and ledger rows refer to cannot disappear (keys are revoked, rate cards
+    superseded): DELETE and TRUNCATE are refused for every role, the owner included."""
+    account_id = await new_account(pool)
+    async with pool.acquire() as conn:
+        await api_keys.create_api_key(conn, account_id)
+        await rate_cards.seed_rate_cards(conn)
+        count = f"SELECT count(*) FROM {table}"
+        before = await conn.fetchval(count)
+        assert before > 0
+        for statement in (f"DELETE FROM {table}", f"TRUNCATE {table} CASCADE"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="never deleted"):
+                await conn.execute(statement)
+        assert await conn.fetchval(count) == before
+        assert not await conn.fetchval(
+            "SELECT has_table_privilege('creditgate_app', $1, 'DELETE')", table
+        )
 
 
 def _sequential_reference(
