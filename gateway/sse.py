@@ -1,4 +1,5 @@
-"""Server-sent event responses shared by the gateway and its simulated upstream."""
+"""Responses whose headers leave with their first write, shared by the gateway and its
+simulated upstream (event streams, and the gateway's non-streamed answers)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ class HeldHeadersResponse(web.StreamResponse):
     older versions ignore it and send them early). Use it where the first event follows
     ``prepare()`` at once, so holding the headers delays nothing a client can use: an answer
     written whole (events and ``write_eof``) then leaves in one write instead of three.
+    With ``content_length`` set and the body passed to ``write_eof``, it is also a cheaper
+    ``web.Response`` for a handler that writes its own answer.
     """
 
     _send_headers_immediately = False

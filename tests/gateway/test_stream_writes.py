@@ -150,3 +150,23 @@ async def test_upstream_that_breaks_after_done_leaves_the_answer_whole_and_charg
         prompt_tokens=300,
         completion_tokens=2,
     )
+
+
+async def test_non_streamed_answer_reaches_the_client_in_one_write_with_its_length(
+    gw, sim, client_writes
+):
+    _, key = await gw.create_account(1_000_000)
+    sim.push(Scenario(chunks=4, prompt_tokens=100))
+    raw = await gw.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    completion = raw.parse()
+    assert completion.usage is not None and completion.usage.prompt_tokens == 100
+    assert len(client_writes) == 1
+    (write,) = client_writes
+    head, _, body = write.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"Content-Length: {len(body)}".encode() in head.split(b"\r\n")
+    assert b"Content-Type: application/json" in head.split(b"\r\n")
+    assert f"x-request-id: {raw.headers['x-request-id']}".encode() in head.split(b"\r\n")
+    assert body.startswith(b"{") and body.endswith(b"}")
