@@ -35,7 +35,7 @@ from billing.tokens import TokenCounter
 from gateway import appkeys
 from gateway.auth import Identity
 from gateway.errors import InvalidRequestError, error_body, json_response, new_request_id
-from gateway.sse import HeldHeadersResponse
+from gateway.sse import HeldHeadersResponse, send_whole
 from gateway.usage import (
     DONE_EVENT,
     Usage,
@@ -368,18 +368,13 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
     else:
         text = response_text(obj) if isinstance(obj, dict) else ""
         await call.settle(call.estimated_usage(text), source="estimated", status="completed")
-    # Written here rather than returned as a ``web.Response``: aiohttp's path for that costs
-    # ~10 µs more per request (A/B against the same stack: +5-9% req/s), one write either way.
-    response = HeldHeadersResponse(
+    # Settled already: the answer was generated, whether or not the client is still there.
+    response, _ = await send_whole(
+        call.request,
+        data,
         status=upstream.status,
         headers={"Content-Type": "application/json", "x-request-id": call.request_id},
     )
-    response.content_length = len(data)
-    try:
-        await response.prepare(call.request)
-        await response.write_eof(data)
-    except _CLIENT_RESET:
-        pass  # settled already: the answer was generated, whether or not the client read it
     return response
 
 

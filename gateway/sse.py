@@ -19,3 +19,27 @@ class HeldHeadersResponse(web.StreamResponse):
     """
 
     _send_headers_immediately = False
+
+
+async def send_whole(
+    request: web.BaseRequest, body: bytes, *, status: int = 200, headers: dict[str, str]
+) -> tuple[HeldHeadersResponse, bool]:
+    """Write a complete answer (``Content-Length`` set) from the handler, in one write.
+
+    What ``return web.Response(body=...)`` sends, for ~10 µs less CPU per answer: aiohttp's
+    path for a returned response costs that much more (A/B of the gateway on one bench stack,
+    chat at c=32).
+
+    Returns:
+        The prepared response (for the handler to return) and whether it was written: False
+        when the client had gone away (``ConnectionResetError``, which aiohttp's
+        ``ClientConnectionResetError`` is).
+    """
+    response = HeldHeadersResponse(status=status, headers=headers)
+    response.content_length = len(body)
+    try:
+        await response.prepare(request)
+        await response.write_eof(body)
+    except ConnectionResetError:
+        return response, False
+    return response, True

@@ -25,12 +25,14 @@ from gateway.simulator.state import (
     SIMULATOR_STATE,
     SimulatorState,
 )
-from gateway.sse import HeldHeadersResponse
+from gateway.sse import HeldHeadersResponse, send_whole
 
 _SSE_HEADERS: Final = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
 }
+
+_JSON_HEADERS: Final = {"Content-Type": "application/json"}
 
 _Kind = Literal["chat", "completions", "responses", "embeddings"]
 
@@ -197,8 +199,9 @@ async def _answer(
     sent = await _generate_chunks(request, state, record, scenario, visible)
     if sent is not None:
         return sent
-    state.conclude(record, "completed")
-    return web.Response(body=fmt.body(values, truncated), content_type="application/json")
+    state.conclude(record, "completed")  # before the answer, as a returned response had it
+    response, _ = await send_whole(request, fmt.body(values, truncated), headers=_JSON_HEADERS)
+    return response
 
 
 async def _answer_embeddings(
