@@ -226,6 +226,59 @@ async def record_settlement_rows(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class AccountPosting:
+    """What one settlement batch did to one account (``record_settlement_rows_by_account``).
+
+    Attributes:
+        recorded: settlements posted now (a usage event each, a deduction entry if charged).
+        duplicates: settlements whose request id was posted before (nothing changed).
+        charged_millicredits: sum of what the recorded settlements took from the balance.
+        posted: the account's balance, version and shortfall after the batch.
+    """
+
+    account_id: int
+    recorded: int
+    duplicates: int
+    charged_millicredits: int
+    posted: PostedBalance
+
+
+# The same function and transaction as record_settlement_rows, summed per account in the same
+# statement: the writer needs no row per settlement, and reading 500 result rows and building
+# an object for each cost it ~3 µs per settlement (a backlog drained by one writer, /proc CPU).
+# balance, version and shortfall are the account's values after the batch on every row.
+_BY_ACCOUNT_SQL = """
+SELECT out_account_id,
+       count(*) FILTER (WHERE out_recorded),
+       count(*) FILTER (WHERE NOT out_recorded),
+       coalesce(sum(out_charged_millicredits) FILTER (WHERE out_recorded), 0)::bigint,
+       min(out_balance_millicredits), min(out_balance_version), min(out_shortfall_millicredits)
+  FROM record_settlement_rows($1::jsonb)
+ GROUP BY out_account_id
+"""
+
+
+async def record_settlement_rows_by_account(
+    conn: asyncpg.Connection, batch: str
+) -> list[AccountPosting]:
+    """``record_settlement_rows``, answered per account instead of per settlement.
+
+    Args:
+        batch: a JSON array of posting rows (see ``record_settlement_rows``).
+
+    Returns:
+        One ``AccountPosting`` per account in the batch.
+
+    Raises:
+        asyncpg.PostgresError: nothing was posted (the batch is one transaction).
+    """
+    return [
+        AccountPosting(r[0], r[1], r[2], r[3], PostedBalance(r[4], r[5], r[6]))
+        for r in await conn.fetch(_BY_ACCOUNT_SQL, batch)
+    ]
+
+
 async def ledger_sum_matches_balance(conn: asyncpg.Connection, account_id: int) -> bool:
     """Reconciliation check for one account: sum(entries) == posted balance."""
     row = await conn.fetchrow(

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from billing import outbox
 from billing.holds import OUTBOX_STREAM_KEY, HoldStore
-from billing.ledger import record_settlement_rows
+from billing.ledger import record_settlement_rows_by_account
 from billing.script_channel import ScriptChannel
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,10 @@ class SettlementWriter:
         )
         if not reply:
             return []
+        # Each entry's fields come as one flat [name, value, ...] list; pairing them through one
+        # iterator makes no slice copies.
         return [
-            (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+            (entry_id, dict(zip(it := iter(flat), it, strict=True)))
             for entry_id, flat in reply[0][1]
         ]
 
@@ -230,20 +232,19 @@ class SettlementWriter:
         if not parts:
             return
         async with self._pool.acquire() as conn:
-            results, balances = await record_settlement_rows(conn, "[" + ",".join(parts) + "]")
+            postings = await record_settlement_rows_by_account(conn, "[" + ",".join(parts) + "]")
         # On the gateway's pipelined channel every account's ack goes out in one write.
         acks = [
-            self._holds.ack_posted(account_id, balances[account_id], pairs, group=GROUP)
-            for account_id, pairs in by_account.items()
+            self._holds.ack_posted(p.account_id, p.posted, by_account[p.account_id], group=GROUP)
+            for p in postings
         ]
         if len(acks) == 1:
             await acks[0]
         else:
             await asyncio.gather(*acks)
-        self.stats.batches += 1
-        for r in results:
-            if r.recorded:
-                self.stats.recorded += 1
-                self.stats.charged_millicredits += r.charged_millicredits
-            else:
-                self.stats.duplicates += 1
+        stats = self.stats
+        stats.batches += 1
+        for p in postings:
+            stats.recorded += p.recorded
+            stats.duplicates += p.duplicates
+            stats.charged_millicredits += p.charged_millicredits

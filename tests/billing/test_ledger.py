@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 import pytest
 
-from billing import api_keys, ledger, rate_cards
+from billing import api_keys, ledger, outbox, rate_cards
 from billing.errors import AccountNotFoundError, NegativeBalanceError
 from billing.holds import PostedBalance
 from tests.billing.money import grant, money_totals, new_account, usage_record
@@ -407,6 +407,38 @@ async def test_record_settlements_charge_capped_at_balance_records_shortfall(
     ]
     charged, deducted = await money_totals(pool)
     assert charged == -deducted == 2_500
+
+
+async def test_record_settlement_rows_by_account_sums_what_each_account_got(
+    pool: asyncpg.Pool,
+) -> None:
+    """The writer's per-account answer: counts, charged sum and final balance per account,
+    the same transaction as the per-settlement answer (a repeat, a cap and two accounts)."""
+    rich, poor = await new_account(pool), await new_account(pool)
+    await grant(pool, rich, 10_000)
+    await grant(pool, poor, 2_500)
+    async with pool.acquire() as conn:
+        await ledger.record_settlements(conn, [_settlement(rich, "req-seen", 100, 100)])
+        batch = [
+            _settlement(rich, "req-seen", cost=100, charged=100),  # posted before: a repeat
+            _settlement(poor, "req-p1", cost=2_000, charged=2_000),
+            _settlement(rich, "req-r1", cost=700, charged=700),
+            _settlement(poor, "req-p2", cost=1_800, charged=1_500),  # capped at 500
+            _settlement(rich, "req-r1", cost=700, charged=700),  # a repeat within the batch
+        ]
+        rows = [
+            outbox.posting_row(outbox.encode(item), charged=int(item["charged"]), seq=seq)
+            for seq, item in enumerate(batch)
+        ]
+        postings = await ledger.record_settlement_rows_by_account(conn, "[" + ",".join(rows) + "]")
+        balances = {a: await ledger.posted_balance(conn, a) for a in (rich, poor)}
+
+    assert {p.account_id: p for p in postings} == {
+        rich: ledger.AccountPosting(rich, 1, 2, 700, balances[rich]),
+        poor: ledger.AccountPosting(poor, 2, 0, 2_500, balances[poor]),
+    }
+    assert balances[rich].balance_millicredits == 10_000 - 100 - 700
+    assert balances[poor].balance_millicredits == 0
 
 
 async def test_record_settlements_usage_charged_equals_deductions(pool: asyncpg.Pool) -> None:
