@@ -2,13 +2,17 @@
 
 Keys are looked up in Postgres by SHA-256 digest. Results (hits and misses) are cached for
 ``ttl_s`` seconds so the hot path needs no query per request; a revoked key therefore stops
-working within ``ttl_s`` (default 5 s) on every gateway process.
+working within ``ttl_s`` (default 5 s) on every gateway process. Concurrent requests with a key
+that is not cached (or whose entry just expired) share one lookup, so a busy key costs
+Postgres one query per ``ttl_s``, not one per request in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import asyncpg
 from aiohttp import web
@@ -42,6 +46,8 @@ class KeyAuthenticator:
         # Keyed by the key as presented (hashing it for every request cost more than the
         # lookup itself); the database only ever sees its digest.
         self._cache: dict[str, tuple[float, Identity | None]] = {}
+        # Lookups in flight, by key: later callers await the first one's task.
+        self._lookups: dict[str, asyncio.Task[Identity | None]] = {}
 
     async def identify(self, key: str) -> Identity | None:
         """The identity of an active key, or None (unknown, revoked, expired).
@@ -49,10 +55,19 @@ class KeyAuthenticator:
         Raises:
             BillingUnavailableError: Postgres unreachable and the key is not cached (503).
         """
-        now = time.monotonic()
         cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            # A task of its own, so a caller that is cancelled (its client left) does not
+            # cancel the lookup the others wait for.
+            lookup = asyncio.ensure_future(self._look_up(key))
+            self._lookups[key] = lookup
+            lookup.add_done_callback(partial(self._looked_up, key))
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, key: str) -> Identity | None:
         try:
             found = await find_active_key(self._pool, key)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -60,8 +75,13 @@ class KeyAuthenticator:
         identity = Identity(found[0], found[1]) if found else None
         if len(self._cache) >= _MAX_CACHE_ENTRIES:
             self._cache.clear()
-        self._cache[key] = (now + self._ttl_s, identity)
+        self._cache[key] = (time.monotonic() + self._ttl_s, identity)
         return identity
+
+    def _looked_up(self, key: str, lookup: asyncio.Task[Identity | None]) -> None:
+        del self._lookups[key]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved here too: every waiter may have gone
 
     async def authenticate(self, request: web.Request) -> Identity:
         """The caller's identity from the Authorization header.

@@ -1,0 +1,97 @@
+"""The key cache: concurrent requests with an uncached key share one Postgres lookup."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from billing import api_keys, ledger
+from billing.errors import BillingUnavailableError
+from gateway import auth
+from gateway.auth import Identity, KeyAuthenticator
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def lookups(monkeypatch) -> list[str]:
+    """Every key the authenticator looks up in Postgres (the real lookup, made slow enough
+    that concurrent callers overlap)."""
+    seen: list[str] = []
+    real = auth.find_active_key
+
+    async def counted(pool: asyncpg.Pool, key: str):
+        seen.append(key)
+        await asyncio.sleep(0.05)
+        return await real(pool, key)
+
+    monkeypatch.setattr(auth, "find_active_key", counted)
+    return seen
+
+
+async def _account_and_key(pool: asyncpg.Pool) -> tuple[int, str, int]:
+    async with pool.acquire() as conn:
+        account_id = await ledger.create_account(conn, "auth-cache@example.com")
+        key, record = await api_keys.create_api_key(conn, account_id)
+    return account_id, key, record.id
+
+
+async def test_concurrent_requests_share_one_lookup_per_ttl(pool, lookups) -> None:
+    account_id, key, key_id = await _account_and_key(pool)
+    authenticator = KeyAuthenticator(pool, ttl_s=0.2)
+
+    first = await asyncio.gather(*(authenticator.identify(key) for _ in range(20)))
+    assert first == [Identity(key_id, account_id)] * 20
+    assert lookups == [key]
+
+    await asyncio.sleep(0.25)  # the entry expired: the next burst looks it up once more
+    again = await asyncio.gather(*(authenticator.identify(key) for _ in range(20)))
+    assert again == first
+    assert lookups == [key, key]
+
+
+async def test_unknown_keys_are_cached_and_shared_too(pool, lookups) -> None:
+    authenticator = KeyAuthenticator(pool, ttl_s=5)
+    answers = await asyncio.gather(*(authenticator.identify("cg_live_nope") for _ in range(5)))
+    assert answers == [None] * 5
+    assert await authenticator.identify("cg_live_nope") is None
+    assert lookups == ["cg_live_nope"]
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_shared_lookup(pool, lookups) -> None:
+    account_id, key, key_id = await _account_and_key(pool)
+    authenticator = KeyAuthenticator(pool)
+    leaver = asyncio.ensure_future(authenticator.identify(key))
+    stayer = asyncio.ensure_future(authenticator.identify(key))
+    await asyncio.sleep(0.01)
+    leaver.cancel()
+    assert await stayer == Identity(key_id, account_id)
+    assert leaver.cancelled()
+    assert lookups == [key]
+
+
+async def test_postgres_unreachable_fails_every_waiter_and_the_next_call_retries(
+    database_url: str, lookups
+) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    _, key, _ = await _account_and_key(pool)
+    authenticator = KeyAuthenticator(pool)
+    await pool.close()
+
+    results = await asyncio.gather(
+        *(authenticator.identify(key) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, BillingUnavailableError) for r in results)
+    with pytest.raises(BillingUnavailableError):
+        await authenticator.identify(key)
+    assert lookups == [key, key]  # a failure is not cached
