@@ -91,6 +91,16 @@ def database_url(pg_server: PostgresServer, template_database: str) -> Iterator[
 
 
 @pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A connection pool on this test's database."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """URL of the session's Redis, emptied for this test."""
     with redis.Redis.from_url(redis_server.url) as client:

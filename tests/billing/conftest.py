@@ -14,15 +14,6 @@ from tests.billing.purchase_world import World
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-@pytest.fixture
 async def world(database_url: str) -> AsyncIterator[World]:
     """The purchase tests' world, on a pool of its own: 50 concurrent deliveries need 50
     sessions."""
