@@ -2,9 +2,9 @@
 -- set-based, instead of by three foreign keys row by row.
 --
 -- Why: the settlement writer inserts usage rows 500 at a time, and a foreign key runs one
--- lookup-and-lock query per row and reference. The three cost ~10 of ~45 µs of Postgres CPU
--- per settlement (a 500-row batch with and without them); the statement trigger below checks
--- each distinct id of the statement once.
+-- lookup-and-lock query per row and reference: record_settlement_rows took ~39 µs per
+-- settlement with them and ~28 with the statement trigger below, which checks each distinct
+-- id of the statement once (500-row batches, median of 15 each way).
 --
 -- What stays guaranteed, for every writer and role:
 -- * A usage row names an existing account, and an existing API key and rate card when it
