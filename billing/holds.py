@@ -6,11 +6,8 @@ Per account (one hash tag, so one Redis Cluster slot):
                                 Postgres), ``shortfall`` (outstanding; stops paid use)
     ``cg:v1:{acct:N}:holds``    hash ``request_id -> "amount_mc:deadline_ms"``
 Global:
-    ``cg:v1:accounts_with_holds``  set of the account ids that have open holds, for the sweeper
+    ``cg:v1:hold_deadlines``    zset of ``"N|request_id"`` by deadline, for the sweeper
     ``cg:v1:settlements``       the settlement outbox stream (see ``billing.settlement``)
-    ``cg:v1:hold_deadlines``    the previous release's index (zset of ``"N|request_id"`` by
-                                deadline); still swept, for holds its gateways placed during
-                                a rolling upgrade
 
 ``available = bal - held - pending``; a hold is placed only when ``available >= amount``,
 so no balance can go below zero. Source: two-phase transfers as in TigerBeetle
@@ -39,10 +36,7 @@ from billing.errors import (
 from billing.script_channel import ScriptChannel
 
 KEY_PREFIX = "cg:v1"
-HOLD_ACCOUNTS_KEY = f"{KEY_PREFIX}:accounts_with_holds"
-# The previous release indexed every hold here by deadline: a ZADD and a ZREM per request, ~5 µs
-# of Redis CPU (INFO cpu, scratch script). Swept until no gateway of that release runs.
-LEGACY_DEADLINES_KEY = f"{KEY_PREFIX}:hold_deadlines"
+DEADLINES_KEY = f"{KEY_PREFIX}:hold_deadlines"
 OUTBOX_STREAM_KEY = f"{KEY_PREFIX}:settlements"
 
 
@@ -54,6 +48,10 @@ def account_key(account_id: int) -> str:
 def holds_key(account_id: int) -> str:
     """Redis key of an account's open holds."""
     return f"{KEY_PREFIX}:{{acct:{account_id}}}:holds"
+
+
+def _member(account_id: int, request_id: str) -> str:
+    return f"{account_id}|{request_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +217,6 @@ class HoldStore:
             channel.preload(str(self._settle.script))
         self._void = redis.register_script(_load_script("void.lua"))
         self._apply_balance = redis.register_script(_load_script("apply_balance.lua"))
-        self._sweep_account = redis.register_script(_load_script("sweep_account.lua"))
         self._ack_posted = redis.register_script(_load_script("ack_posted.lua"))
         if channel is not None:
             channel.preload(str(self._ack_posted.script))
@@ -263,8 +260,14 @@ class HoldStore:
             BillingUnavailableError: Redis or Postgres unreachable (503).
         """
         now_ms = int(time.time() * 1000)
-        keys = [account_key(account_id), holds_key(account_id), HOLD_ACCOUNTS_KEY]
-        args = [request_id, amount_millicredits, now_ms + int(ttl_s * 1000), account_id, now_ms]
+        keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY]
+        args = [
+            request_id,
+            amount_millicredits,
+            now_ms + int(ttl_s * 1000),
+            _member(account_id, request_id),
+            now_ms,
+        ]
         try:
             try:
                 result = await self._call(self._reserve, keys, args)
@@ -324,13 +327,8 @@ class HoldStore:
         Raises:
             BillingUnavailableError: Redis unreachable (also from ``PendingSettlement.result``).
         """
-        keys = [
-            account_key(account_id),
-            holds_key(account_id),
-            HOLD_ACCOUNTS_KEY,
-            OUTBOX_STREAM_KEY,
-        ]
-        args = [request_id, cost_millicredits, payload, account_id]
+        keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY, OUTBOX_STREAM_KEY]
+        args = [request_id, cost_millicredits, _member(account_id, request_id), payload, account_id]
         script = self._settle
 
         def run() -> Awaitable[Any]:
@@ -386,17 +384,13 @@ class HoldStore:
         Raises:
             BillingUnavailableError: Redis unreachable.
         """
-        args: list[Any] = [request_id, account_id]
+        args: list[Any] = [request_id, _member(account_id, request_id)]
         if expired_before_ms is not None:
             args.append(expired_before_ms)
-        keys = [
-            account_key(account_id),
-            holds_key(account_id),
-            HOLD_ACCOUNTS_KEY,
-            LEGACY_DEADLINES_KEY,
-        ]
         try:
-            released = await self._void(keys, args)
+            released = await self._void(
+                [account_key(account_id), holds_key(account_id), DEADLINES_KEY], args
+            )
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
         return int(released)
@@ -438,44 +432,19 @@ class HoldStore:
         )
 
     async def sweep_expired(self, *, now_ms: int | None = None, limit: int = 500) -> int:
-        """Void holds whose deadline has passed (a crashed gateway's); returns how many of
-        more than 0 mc were voided.
-
-        Every account in ``HOLD_ACCOUNTS_KEY`` is swept, ``limit`` accounts per pipelined
-        round trip, then up to ``limit`` expired holds of the previous release's deadline index.
+        """Void holds whose deadline has passed (a crashed gateway's); returns how many.
 
         Raises:
             BillingUnavailableError: Redis unreachable (the sweeper retries next round).
         """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        voided = 0
         try:
-            accounts: list[str] = []
-            async for account in self._redis.sscan_iter(HOLD_ACCOUNTS_KEY, count=limit):
-                accounts.append(account)
-                if len(accounts) == limit:
-                    voided += await self._sweep_accounts(accounts, now_ms)
-                    accounts = []
-            if accounts:
-                voided += await self._sweep_accounts(accounts, now_ms)
-            members: Any = await self._redis.zrangebyscore(
-                LEGACY_DEADLINES_KEY, "-inf", now_ms, 0, limit
-            )
+            members: Any = await self._redis.zrangebyscore(DEADLINES_KEY, "-inf", now_ms, 0, limit)
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
+        voided = 0
         for member in members:
             account, _, request_id = member.partition("|")
             if await self.void(int(account), request_id=request_id, expired_before_ms=now_ms):
                 voided += 1
         return voided
-
-    async def _sweep_accounts(self, accounts: list[str], now_ms: int) -> int:
-        pipe = self._redis.pipeline(transaction=False)
-        for account in accounts:
-            account_id = int(account)
-            await self._sweep_account(
-                [account_key(account_id), holds_key(account_id), HOLD_ACCOUNTS_KEY],
-                [account_id, now_ms],
-                client=pipe,
-            )
-        return sum(int(n) for n in await pipe.execute())

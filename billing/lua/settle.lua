@@ -1,9 +1,8 @@
 -- Settle request ARGV[1]: release its hold, add its cost to `pending` and append the settlement
 -- to the outbox stream, all in one atomic step. The stream entry is the durable record the
 -- settlement writer posts to Postgres.
--- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] set of accounts with open holds,
--- KEYS[4] outbox stream
--- ARGV: request_id, cost_mc, payload (billing/outbox.py), account_id
+-- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] deadline index, KEYS[4] outbox stream
+-- ARGV: request_id, cost_mc, member, payload (billing/outbox.py), account_id
 -- Returns {charged_mc, hold_mc, stream_entry_id}.
 --
 -- What the hold covers is always charged in full. Only usage above the hold is capped here,
@@ -19,9 +18,7 @@ local h = redis.call('HGET', KEYS[2], ARGV[1])
 if h then
   hold = tonumber(string.match(h, '^(%d+)'))
   redis.call('HDEL', KEYS[2], ARGV[1])
-  if redis.call('HLEN', KEYS[2]) == 0 then
-    redis.call('SREM', KEYS[3], ARGV[4])
-  end
+  redis.call('ZREM', KEYS[3], ARGV[3])
   -- Lua's -0 reaches Redis as "-0", which HINCRBY rejects: skip the no-op for a 0 mc hold.
   if hold > 0 then
     redis.call('HINCRBY', KEYS[1], 'held', -hold)
@@ -41,5 +38,5 @@ end
 if charged > 0 then
   redis.call('HINCRBY', KEYS[1], 'pending', charged)
 end
-local id = redis.call('XADD', KEYS[4], '*', 'p', ARGV[3], 'c', charged, 'a', ARGV[4])
+local id = redis.call('XADD', KEYS[4], '*', 'p', ARGV[4], 'c', charged, 'a', ARGV[5])
 return {charged, hold, id}

@@ -20,12 +20,10 @@ from billing.errors import (
     InsufficientCreditsError,
 )
 from billing.holds import (
-    HOLD_ACCOUNTS_KEY,
-    LEGACY_DEADLINES_KEY,
+    DEADLINES_KEY,
     OUTBOX_STREAM_KEY,
     HoldStore,
     PostedBalance,
-    account_key,
     holds_key,
 )
 from creditgate.localservices import free_port
@@ -44,11 +42,6 @@ async def _settle(holds: HoldStore, account_id: int, request_id: str, cost: int)
 async def _open_holds(holds: HoldStore, account_id: int) -> dict[str, int]:
     raw = await holds.redis.hgetall(holds_key(account_id))
     return {request_id: int(value.split(":")[0]) for request_id, value in raw.items()}
-
-
-async def _indexed(holds: HoldStore) -> set[int]:
-    """The accounts the sweeper looks at."""
-    return {int(a) for a in await holds.redis.smembers(HOLD_ACCOUNTS_KEY)}
 
 
 # -- reserve ------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ async def test_reserve_same_request_id_holds_once(holds: HoldStore, pool: asyncp
     state = await holds.account_state(account_id)
     assert state.held_millicredits == 3_000
     assert await _open_holds(holds, account_id) == {"r1": 3_000}
-    assert await _indexed(holds) == {account_id}
+    assert await holds.redis.zcard(DEADLINES_KEY) == 1
 
 
 async def test_reserve_concurrent_exactly_k_succeed(holds: HoldStore, pool: asyncpg.Pool) -> None:
@@ -165,7 +158,7 @@ async def test_settle_charges_cost_and_releases_hold(holds: HoldStore, pool: asy
     assert (state.held_millicredits, state.pending_millicredits) == (0, 3_000)
     assert state.available_millicredits == 7_000
     assert await _open_holds(holds, account_id) == {}
-    assert await _indexed(holds) == set()  # its last hold settled: nothing left to sweep
+    assert await holds.redis.zcard(DEADLINES_KEY) == 0
     [(entry_id, fields)] = await holds.redis.xrange(OUTBOX_STREAM_KEY)
     assert entry_id == settled.outbox_entry_id
     assert fields["c"] == "3000"
@@ -222,7 +215,7 @@ async def test_void_releases_hold_once(holds: HoldStore, pool: asyncpg.Pool) -> 
     state = await holds.account_state(account_id)
     assert (state.held_millicredits, state.pending_millicredits) == (0, 0)
     assert state.available_millicredits == 5_000
-    assert await _indexed(holds) == set()
+    assert await holds.redis.zcard(DEADLINES_KEY) == 0
     assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
 
 
@@ -259,7 +252,7 @@ async def test_sweep_expired_voids_only_expired_holds(holds: HoldStore, pool: as
     assert await _open_holds(holds, other_id) == {}
     assert (await holds.account_state(account_id)).held_millicredits == 3_000
     assert (await holds.account_state(other_id)).held_millicredits == 0
-    assert await _indexed(holds) == {account_id}  # other_id has no hold left
+    assert await holds.redis.zrange(DEADLINES_KEY, 0, -1) == [f"{account_id}|long"]
 
 
 async def test_reserve_refused_reclaims_expired_hold(holds: HoldStore, pool: asyncpg.Pool) -> None:
@@ -273,7 +266,8 @@ async def test_reserve_refused_reclaims_expired_hold(holds: HoldStore, pool: asy
     assert available == 0
     assert await _open_holds(holds, account_id) == {"live": 2_000, "next": 3_000}
     assert (await holds.account_state(account_id)).held_millicredits == 5_000
-    assert await _indexed(holds) == {account_id}
+    members = set(await holds.redis.zrange(DEADLINES_KEY, 0, -1))
+    assert members == {f"{account_id}|live", f"{account_id}|next"}
     # The live hold is never reclaimed.
     with pytest.raises(InsufficientCreditsError):
         await holds.reserve(account_id, 1, request_id="one-more")
@@ -291,68 +285,6 @@ async def test_reserve_with_room_keeps_expired_hold_for_sweeper(
 
     assert await holds.sweep_expired() == 1
     assert await _open_holds(holds, account_id) == {"next": 1_000}
-
-
-async def test_refused_reserve_that_reclaims_every_hold_leaves_the_index(
-    holds: HoldStore, pool: asyncpg.Pool
-) -> None:
-    account_id = await new_account(pool)
-    await grant(pool, account_id, 1_000, holds=holds)
-    await holds.reserve(account_id, 1_000, request_id="crashed", ttl_s=0)
-
-    with pytest.raises(InsufficientCreditsError):
-        await holds.reserve(account_id, 5_000, request_id="too-big")
-
-    assert await _open_holds(holds, account_id) == {}
-    assert await _indexed(holds) == set()
-
-
-async def test_sweep_voids_holds_of_the_previous_release(
-    holds: HoldStore, pool: asyncpg.Pool
-) -> None:
-    """During a rolling upgrade, gateways of the previous release index their holds in the
-    deadline zset only; the sweeper still voids those when they expire."""
-    account_id = await new_account(pool)
-    await grant(pool, account_id, 10_000, holds=holds)
-    now_ms = int(time.time() * 1000)
-    # What the previous release's reserve script wrote for two holds: one expired, one live.
-    await holds.redis.hset(
-        holds_key(account_id),
-        mapping={"old-expired": f"4000:{now_ms - 1}", "old-live": f"1000:{now_ms + 900_000}"},
-    )
-    await holds.redis.hincrby(account_key(account_id), "held", 5_000)
-    await holds.redis.zadd(
-        LEGACY_DEADLINES_KEY,
-        {f"{account_id}|old-expired": now_ms - 1, f"{account_id}|old-live": now_ms + 900_000},
-    )
-
-    assert await holds.sweep_expired(now_ms=now_ms) == 1
-
-    assert await _open_holds(holds, account_id) == {"old-live": 1_000}
-    assert (await holds.account_state(account_id)).held_millicredits == 1_000
-    assert await holds.redis.zrange(LEGACY_DEADLINES_KEY, 0, -1) == [f"{account_id}|old-live"]
-    # A hold of the previous release settled by its own gateway later is voided normally here.
-    assert await holds.void(account_id, request_id="old-live") == 1_000
-    assert await holds.redis.zcard(LEGACY_DEADLINES_KEY) == 0
-
-
-async def test_sweep_covers_more_accounts_than_one_round_trip(
-    holds: HoldStore, pool: asyncpg.Pool
-) -> None:
-    accounts = [await new_account(pool) for _ in range(7)]
-    for account_id in accounts:
-        await grant(pool, account_id, 1_000, holds=holds)
-        await holds.reserve(account_id, 100, request_id=f"expired-{account_id}", ttl_s=0)
-    await holds.reserve(accounts[0], 100, request_id="live", ttl_s=900)
-
-    voided = await holds.sweep_expired(now_ms=int(time.time() * 1000) + 1_000, limit=3)
-
-    assert voided == 7
-    assert await _indexed(holds) == {accounts[0]}
-    for account_id in accounts:
-        assert (await holds.account_state(account_id)).held_millicredits == (
-            100 if account_id == accounts[0] else 0
-        )
 
 
 # -- balance sync -------------------------------------------------------------------------
@@ -485,7 +417,7 @@ async def test_zero_amount_hold_settles_voids_and_sweeps(
     await holds.sweep_expired(now_ms=int(time.time() * 1000) + 1_000)
 
     assert await _open_holds(holds, account_id) == {}
-    assert await _indexed(holds) == set()
+    assert await holds.redis.zcard(DEADLINES_KEY) == 0
     state = await holds.account_state(account_id)
     assert (state.held_millicredits, state.pending_millicredits) == (0, 250)
     assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
