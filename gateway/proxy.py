@@ -369,13 +369,12 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
         text = response_text(obj) if isinstance(obj, dict) else ""
         await call.settle(call.estimated_usage(text), source="estimated", status="completed")
     # Settled already: the answer was generated, whether or not the client is still there.
-    response, _ = await send_whole(
+    return await send_whole(
         call.request,
         data,
         status=upstream.status,
         headers={"Content-Type": "application/json", "x-request-id": call.request_id},
     )
-    return response
 
 
 async def _relay_stream(

@@ -23,17 +23,15 @@ class HeldHeadersResponse(web.StreamResponse):
 
 async def send_whole(
     request: web.BaseRequest, body: bytes, *, status: int = 200, headers: dict[str, str]
-) -> tuple[HeldHeadersResponse, bool]:
-    """Write a complete answer (``Content-Length`` set) from the handler, in one write.
+) -> HeldHeadersResponse:
+    """Write a complete answer (``Content-Length`` set) from the handler, in one write, and
+    return the prepared response for the handler to return.
 
-    What ``return web.Response(body=...)`` sends, for ~10 µs less CPU per answer: aiohttp's
-    path for a returned response costs that much more (A/B of the gateway on one bench stack,
-    chat at c=32).
-
-    Returns:
-        The prepared response (for the handler to return) and whether it was written: False
-        when the client had gone away (``ConnectionResetError``, which aiohttp's
-        ``ClientConnectionResetError`` is).
+    What ``return web.Response(body=...)`` sends, for less CPU: in two A/B runs of the
+    gateway on one bench stack (chat, c=32, 6 and 8 pairs) its CPU per request was 4 and 18 µs
+    lower. A client that has gone away (``ConnectionResetError``, which aiohttp's
+    ``ClientConnectionResetError`` is) is not an error here: both callers have finished their
+    work (settled, or concluded the simulated request) before answering.
     """
     response = HeldHeadersResponse(status=status, headers=headers)
     response.content_length = len(body)
@@ -41,5 +39,5 @@ async def send_whole(
         await response.prepare(request)
         await response.write_eof(body)
     except ConnectionResetError:
-        return response, False
-    return response, True
+        pass
+    return response

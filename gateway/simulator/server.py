@@ -200,8 +200,7 @@ async def _answer(
     if sent is not None:
         return sent
     state.conclude(record, "completed")  # before the answer, as a returned response had it
-    response, _ = await send_whole(request, fmt.body(values, truncated), headers=_JSON_HEADERS)
-    return response
+    return await send_whole(request, fmt.body(values, truncated), headers=_JSON_HEADERS)
 
 
 async def _answer_embeddings(
