@@ -15,6 +15,7 @@ import asyncpg
 import openai
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import ResponseError
 
 from billing import api_keys, ledger
 from billing.holds import OUTBOX_STREAM_KEY, HoldStore
@@ -115,8 +116,14 @@ class GatewayHarness:
             length = await self.redis.xlen(OUTBOX_STREAM_KEY)
             pending = 0
             if length:
-                info = await self.redis.xpending(OUTBOX_STREAM_KEY, GROUP)
-                pending = info["pending"]
+                try:
+                    pending = (await self.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"]
+                except ResponseError as exc:
+                    # A writer that just started may not have created its group yet (it does
+                    # so in the background, after the gateway is ready): nothing is read yet.
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    pending = length
             if length == 0 and pending == 0:
                 return
             if asyncio.get_running_loop().time() > deadline:
