@@ -11,16 +11,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 # README.md* : the glob lets the build go on while the README does not exist yet.
 COPY pyproject.toml README.md* ./
+# Production packages only; devtools/ (simulated upstream, local services), tests/ and bench/
+# stay out. migrations/ ships inside the wheel as creditgate.migrations (package data).
 COPY creditgate/ creditgate/
+COPY runtime/ runtime/
 COPY gateway/ gateway/
 COPY billing/ billing/
 COPY admin_api/ admin_api/
+COPY migrations/ migrations/
 RUN pip install . && rm -rf /src
-
-# creditgate.migrations looks for migrations/ beside the installed creditgate package.
-COPY migrations/ /app/migrations/
-RUN ln -s /app/migrations \
-    "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/migrations"
 
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin creditgate
 USER creditgate

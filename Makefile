@@ -43,12 +43,13 @@ test: system-deps venv ## Run the tests against throwaway PostgreSQL and Redis (
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 run: system-deps venv ## Run the gateway with local PostgreSQL, Redis and a simulated upstream
-	$(VENV)/bin/python -m creditgate.devstack
+	$(VENV)/bin/python -m devtools.devstack
 
-lint: venv ## ruff check, ruff format --check, mypy
+lint: venv ## ruff check, ruff format --check, mypy --strict, import-linter (package layers)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: venv ## Format the code and apply ruff's safe fixes
 	$(VENV)/bin/ruff format .

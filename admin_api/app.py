@@ -8,10 +8,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from admin_api.stripe_webhook import add_webhook_routes
-from creditgate.resources import postgres_ctx, redis_ctx
-from creditgate.settings import Settings
-from gateway import appkeys
-from gateway.errors import make_error_middleware
+from runtime import appkeys
+from runtime.errors import make_error_middleware
+from runtime.resources import postgres_ctx, redis_ctx
+from runtime.settings import Settings
 
 
 def create_admin_app(settings: Settings) -> web.Application:

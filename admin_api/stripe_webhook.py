@@ -18,17 +18,18 @@ import logging
 
 from aiohttp import web
 
-from billing.checkout import POSTGRES_ERRORS, complete_payment_details, publish_balance
-from billing.stripe_events import WebhookStats, process_event
-from billing.stripe_gateway import (
+from billing.errors import POSTGRES_UNAVAILABLE
+from billing.purchases.fulfilment import complete_payment_details, publish_balance
+from billing.purchases.stripe_client import (
     InvalidWebhookError,
     StripeRequestError,
     StripeUnavailableError,
     construct_webhook_event,
 )
-from gateway import appkeys
-from gateway.checkout import stripe_ctx
-from gateway.errors import error_body, json_response
+from billing.purchases.stripe_events import WebhookStats, process_event
+from runtime import appkeys
+from runtime.errors import error_body, json_response
+from runtime.resources import stripe_ctx
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ async def handle_stripe_webhook(request: web.Request) -> web.Response:
 
     See the module docstring for the answers. After a newly applied event changed a
     balance, the committed balance goes to Redis (a Redis failure is logged, never fails
-    the delivery: see ``billing.checkout.publish_balance``). After a fulfilment, the
+    the delivery: see ``billing.purchases.fulfilment.publish_balance``). After a fulfilment, the
     charge id and receipt URL are fetched from Stripe, best effort.
     """
     app = request.app
@@ -76,7 +77,7 @@ async def handle_stripe_webhook(request: web.Request) -> web.Response:
     stripe = app.get(appkeys.STRIPE)
     try:
         result = await process_event(app[appkeys.DB_POOL], stripe, event)
-    except (StripeUnavailableError, StripeRequestError, *POSTGRES_ERRORS) as exc:
+    except (StripeUnavailableError, StripeRequestError, *POSTGRES_UNAVAILABLE) as exc:
         stats.failures["unavailable"] += 1
         log.warning(
             "stripe event %s (%s) not applied, retry expected: %s", event["id"], event["type"], exc

@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --quick      # 3 s per run, a smoke test
     .venv/bin/python bench/run.py --profile    # plus py-spy flame graphs of the gateway
 
-Three targets, one upstream (``python -m gateway.simulator``, answers pre-rendered, N chunks):
+Three targets, one upstream (``python -m devtools.simulator``, answers pre-rendered, N chunks):
 
 1. ``direct``: wrk straight to the simulator, the baseline.
 2. ``passthrough``: ``bench/passthrough.py``, a bare aiohttp proxy, the ceiling for the stack.
@@ -269,8 +269,8 @@ class Bench:
 
 
 def start_simulator(port: int, chunks: int, log_dir: Path, cpu: int | None) -> procs.Service:
-    """``python -m gateway.simulator`` on 127.0.0.1:``port``, ``chunks`` chunks per answer."""
-    argv = [sys.executable, "-m", "gateway.simulator", "--host", "127.0.0.1", "--port", str(port)]
+    """``python -m devtools.simulator`` on 127.0.0.1:``port``, ``chunks`` chunks per answer."""
+    argv = [sys.executable, "-m", "devtools.simulator", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--chunks", str(chunks)]
     return procs.start("simulator", argv, log_dir=log_dir, cpu=cpu, cwd=REPO)
 

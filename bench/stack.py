@@ -20,9 +20,9 @@ from typing import Any
 import asyncpg
 import redis
 
-from billing.holds import OUTBOX_STREAM_KEY
-from billing.settlement import GROUP
-from creditgate.localservices import (
+from billing.metering.holds import OUTBOX_STREAM_KEY
+from billing.metering.settlement import GROUP
+from devtools.localservices import (
     PostgresServer,
     RedisServer,
     free_port,
@@ -127,7 +127,7 @@ def start_stack(base_dir: Path) -> GatewayStack:
     """Start PostgreSQL and Redis under ``base_dir`` and create the benchmark database.
 
     Raises:
-        creditgate.localservices.LocalServiceError: a server would not start.
+        devtools.localservices.LocalServiceError: a server would not start.
     """
     postgres = start_postgres(base_dir / "postgres", fast=False)
     try:

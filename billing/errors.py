@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Final
+
+import asyncpg
+
+POSTGRES_UNAVAILABLE: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What asyncpg raises when Postgres is unreachable, restarting or refusing a statement: a
+refused connect (``OSError``), a server error (``PostgresError``) or a connection closed under
+the caller (``InterfaceError``). Catch this tuple, never a hand-written copy of it."""
+
 
 class BillingError(Exception):
     """Base class of every error raised by ``billing``."""

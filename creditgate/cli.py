@@ -31,11 +31,11 @@ import redis.asyncio as aioredis
 
 from billing import api_keys, ledger
 from billing.errors import BillingError
-from billing.holds import HoldStore
-from billing.rate_cards import seed_rate_cards
+from billing.metering.holds import HoldStore
+from billing.metering.rate_cards import seed_rate_cards
 from billing.units import credits_to_millicredits, money_fields
-from creditgate.migrations import apply_migrations
-from creditgate.settings import ConfigError, Settings
+from creditgate.migrator import apply_migrations
+from runtime.settings import ConfigError, Settings
 
 
 def _print(doc: Any) -> None:
@@ -75,7 +75,7 @@ async def cmd_seed(settings: Settings, args: argparse.Namespace) -> dict[str, An
     try:
         result: dict[str, Any] = {"rateCardsAdded": await seed_rate_cards(conn)}
         try:
-            from billing.packages import seed_packages
+            from billing.purchases.packages import seed_packages
         except ImportError:
             pass
         else:
@@ -183,7 +183,7 @@ async def cmd_credits_grant(settings: Settings, args: argparse.Namespace) -> dic
 
 
 async def cmd_settle(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from billing.settlement import SettlementWriter
+    from billing.metering.settlement import SettlementWriter
 
     async with _Services(settings) as svc:
         writer = SettlementWriter(

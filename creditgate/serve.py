@@ -11,8 +11,8 @@ import signal
 from aiohttp import web
 
 from admin_api.app import create_admin_app
-from creditgate.settings import Settings
 from gateway.app import create_app
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

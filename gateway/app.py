@@ -17,24 +17,24 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from billing.errors import BillingUnavailableError
-from billing.rate_cards import RateCardBook
-from billing.script_channel import ScriptChannel
-from billing.settlement import SettlementWriter
-from billing.tokens import TokenCounter
-from creditgate.resources import gateway_redis_ctx, postgres_ctx
-from creditgate.settings import Settings
-from gateway import appkeys
+from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.metering.rate_cards import RateCardBook
+from billing.metering.script_channel import ScriptChannel
+from billing.metering.settlement import SettlementWriter
+from billing.metering.tokens import TokenCounter
+from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator
-from gateway.checkout import checkout_routes, stripe_ctx
-from gateway.errors import answer_errors
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
+from gateway.purchase_routes import checkout_routes
+from runtime import appkeys
+from runtime.errors import answer_errors
+from runtime.resources import gateway_redis_ctx, postgres_ctx, stripe_ctx
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ def buy_credits_url(settings: Settings) -> str:
 async def _billing_state(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     pool = app[appkeys.DB_POOL]
-    app[appkeys.TOKENS] = TokenCounter.load(settings.tiktoken_encodings_dir)
+    app[gateway_keys.TOKENS] = TokenCounter.load(settings.tiktoken_encodings_dir)
     book = RateCardBook()
     await book.refresh(pool)
-    app[appkeys.RATE_CARDS] = book
-    app[appkeys.AUTH] = KeyAuthenticator(pool, ttl_s=settings.auth_cache_ttl_s)
+    app[gateway_keys.RATE_CARDS] = book
+    app[gateway_keys.AUTH] = KeyAuthenticator(pool, ttl_s=settings.auth_cache_ttl_s)
     yield
 
 
@@ -67,13 +67,13 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
     )
-    app[appkeys.UPSTREAM] = session
-    app[appkeys.UPSTREAM_HEADERS] = {
+    app[gateway_keys.UPSTREAM] = session
+    app[gateway_keys.UPSTREAM_HEADERS] = {
         "Authorization": f"Bearer {settings.upstream_api_key}",
         "Content-Type": "application/json",
         "Accept-Encoding": "identity",
     }
-    app[appkeys.UPSTREAM_URLS] = {
+    app[gateway_keys.UPSTREAM_URLS] = {
         endpoint.path: URL(settings.upstream_base_url + endpoint.path) for endpoint in ENDPOINTS
     }
     yield
@@ -98,8 +98,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(settings.rate_card_refresh_s)
             try:
-                await app[appkeys.RATE_CARDS].refresh(app[appkeys.DB_POOL])
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                await app[gateway_keys.RATE_CARDS].refresh(app[appkeys.DB_POOL])
+            except POSTGRES_UNAVAILABLE as exc:
                 log.warning("rate card refresh failed (old cards stay in use): %s", exc)
 
     tasks = [
@@ -150,7 +150,7 @@ async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
 def create_app(settings: Settings) -> web.Application:
     """The gateway application (OpenAI-compatible routes under ``/v1``).
 
-    Every route is wrapped by ``gateway.errors.answer_errors`` (no middleware, see there);
+    Every route is wrapped by ``runtime.errors.answer_errors`` (no middleware, see there);
     the last one catches every path nothing else serves, so those get envelopes too.
     """
     app = web.Application(client_max_size=settings.max_body_bytes)

@@ -18,8 +18,8 @@ import asyncpg
 from aiohttp import web
 
 from billing.api_keys import find_active_key
-from billing.errors import BillingUnavailableError
-from gateway.errors import AuthenticationError
+from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from runtime.errors import AuthenticationError
 
 _MISSING = AuthenticationError(
     "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
@@ -70,7 +70,7 @@ class KeyAuthenticator:
     async def _look_up(self, key: str) -> Identity | None:
         try:
             found = await find_active_key(self._pool, key)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except POSTGRES_UNAVAILABLE as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
         identity = Identity(found[0], found[1]) if found else None
         if len(self._cache) >= _MAX_CACHE_ENTRIES:
@@ -100,10 +100,3 @@ class KeyAuthenticator:
         if identity is None:
             raise AuthenticationError(_INVALID_MESSAGE)
         return identity
-
-
-async def authenticate(request: web.Request) -> Identity:
-    """Authenticate a request with the app's ``KeyAuthenticator`` (see ``KeyAuthenticator``)."""
-    from gateway.appkeys import AUTH
-
-    return await request.app[AUTH].authenticate(request)

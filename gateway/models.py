@@ -8,19 +8,20 @@ from typing import Any
 from aiohttp import web
 
 from billing.errors import UnknownModelError
-from gateway import appkeys
-from gateway.errors import error_body, json_response
+from gateway import appkeys as gateway_keys
+from runtime import appkeys
+from runtime.errors import error_body, json_response
 
 
 async def handle_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the models on the active rate card (allow-list applied)."""
-    await request.app[appkeys.AUTH].authenticate(request)
+    await request.app[gateway_keys.AUTH].authenticate(request)
     return json_response({"object": "list", "data": _model_objects(request.app)}, 200)
 
 
 async def handle_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{id}``: one model, or 404 ``model_not_found``."""
-    await request.app[appkeys.AUTH].authenticate(request)
+    await request.app[gateway_keys.AUTH].authenticate(request)
     model_id = request.match_info["model"]
     for obj in _model_objects(request.app):
         if obj["id"] == model_id:
@@ -37,7 +38,7 @@ def _model_objects(app: web.Application) -> list[dict[str, Any]]:
             "created": int(card.effective_at.timestamp()),
             "owned_by": "creditgate",
         }
-        for card in app[appkeys.RATE_CARDS].models()
+        for card in app[gateway_keys.RATE_CARDS].models()
         if not allow or card.model in allow
     ]
 
@@ -56,7 +57,7 @@ async def handle_unknown_v1(request: web.Request) -> web.Response:
 
 async def handle_unmatched(request: web.Request) -> web.Response:
     """Any path outside ``/v1`` that no route serves: 405 when the path is served for other
-    methods, else 404 (both in OpenAI's envelope, by ``gateway.errors.answer_errors``)."""
+    methods, else 404 (both in OpenAI's envelope, by ``runtime.errors.answer_errors``)."""
     allowed: set[str] = set()
     this = request.match_info.route.resource
     for resource in request.app.router.resources():

@@ -20,9 +20,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from billing import outbox
 from billing.errors import BillingError, BillingUnavailableError, UnknownModelError
-from billing.estimate import (
+from billing.metering import outbox
+from billing.metering.estimate import (
     Estimate,
     EstimateError,
     estimate_chat,
@@ -30,11 +30,10 @@ from billing.estimate import (
     estimate_embeddings,
     estimate_responses,
 )
-from billing.pricing import RateCard, charge_millicredits, worst_case_millicredits
-from billing.tokens import TokenCounter
-from gateway import appkeys
+from billing.metering.pricing import RateCard, charge_millicredits, worst_case_millicredits
+from billing.metering.tokens import TokenCounter
+from gateway import appkeys as gateway_keys
 from gateway.auth import Identity
-from gateway.errors import InvalidRequestError, error_body, json_response, new_request_id
 from gateway.sse import HeldHeadersResponse, send_whole
 from gateway.usage import (
     DONE_EVENT,
@@ -45,6 +44,9 @@ from gateway.usage import (
     tail_to_inspect,
     usage_event,
 )
+from runtime import appkeys
+from runtime.errors import InvalidRequestError, error_body, json_response
+from runtime.request_ids import new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ class BilledCall:
             if charging
             else 0
         )
-        # The outbox's format-2 record: billing.outbox.FIELDS, in that order.
+        # The outbox's format-2 record: billing.metering.outbox.FIELDS, in that order.
         payload = orjson.dumps(
             [
                 outbox.FORMAT,
@@ -192,7 +194,7 @@ class BilledCall:
 
     def estimated_usage(self, text: str) -> Usage:
         """Usage when the upstream never reported it: our prompt count + tiktoken of output."""
-        tokens = self.app[appkeys.TOKENS]
+        tokens = self.app[gateway_keys.TOKENS]
         completion = tokens.count_generated(text, self.model) if text else 0
         return Usage(self.estimate.prompt_tokens, completion)
 
@@ -212,7 +214,7 @@ async def _prepare(
     """Authenticate, parse, price and hold. Returns the call, the raw and parsed body and
     ``stream``."""
     app = request.app
-    identity = await app[appkeys.AUTH].authenticate(request)
+    identity = await app[gateway_keys.AUTH].authenticate(request)
     raw = await request.read()
     try:
         body = orjson.loads(raw)
@@ -226,7 +228,7 @@ async def _prepare(
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("You must provide a model parameter.", param="model")
     settings = app[appkeys.SETTINGS]
-    card = app[appkeys.RATE_CARDS].get(model)
+    card = app[gateway_keys.RATE_CARDS].get(model)
     if card is None or (settings.model_allowlist and model not in settings.model_allowlist):
         raise UnknownModelError(model)
     stream = body.get("stream") is True
@@ -236,7 +238,7 @@ async def _prepare(
     call.model = model
     call.card = card
     try:
-        call.estimate = endpoint.estimate(body, card, app[appkeys.TOKENS])
+        call.estimate = endpoint.estimate(body, card, app[gateway_keys.TOKENS])
     except EstimateError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from None
     if settings.charging_enabled:
@@ -258,10 +260,10 @@ async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientRespons
     app = call.app
     call.upstream_started = time.monotonic()
     try:
-        return await app[appkeys.UPSTREAM].post(
-            app[appkeys.UPSTREAM_URLS][call.endpoint.path],
+        return await app[gateway_keys.UPSTREAM].post(
+            app[gateway_keys.UPSTREAM_URLS][call.endpoint.path],
             data=data,
-            headers=app[appkeys.UPSTREAM_HEADERS],
+            headers=app[gateway_keys.UPSTREAM_HEADERS],
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
         await call.void()

@@ -24,7 +24,7 @@ CREATE TABLE packages (
     CHECK (total_millicredits = base_millicredits + bonus_millicredits)
 );
 
--- The catalogue as of this migration (billing.packages.DEFAULT_PACKAGES holds the same rows).
+-- The catalogue as of this migration (billing.purchases.packages.DEFAULT_PACKAGES holds the same rows).
 INSERT INTO packages (code, name, price_minor_units, currency, base_millicredits,
                       bonus_millicredits, total_millicredits, sort_order, badge)
 VALUES ('starter', 'Starter', 999, 'usd', 9990000, 0, 9990000, 10, NULL),

@@ -1,5 +1,5 @@
 -- record_settlement_rows: record_settlements for the outbox's compact payload (format 2 of
--- billing/outbox.py), whose rows are JSON arrays rather than objects. Postgres builds the
+-- billing/metering/outbox.py), whose rows are JSON arrays rather than objects. Postgres builds the
 -- jsonb of a 500-row batch in ~0.5 ms instead of ~4 ms, and the text it receives is ~40% of the
 -- size. The contract and the answers are 0005's.
 --

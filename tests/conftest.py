@@ -1,6 +1,6 @@
 """Real PostgreSQL and Redis for the tests: one server of each per session, on loopback.
 
-- ``pg_server``, ``redis_server``: the session's servers (``creditgate.localservices``).
+- ``pg_server``, ``redis_server``: the session's servers (``devtools.localservices``).
 - ``template_database``: ``cg_template``, every migration applied once per session.
 - ``database_url``: a fresh database per test, copied from that template, dropped after.
 - ``redis_url``: the session's Redis, emptied (FLUSHALL) before each test.
@@ -25,9 +25,9 @@ import asyncpg
 import pytest
 import redis
 
-from creditgate.localservices import PostgresServer, RedisServer, start_postgres, start_redis
-from creditgate.migrations import apply_migrations
-from gateway.simulator import Simulator
+from creditgate.migrator import apply_migrations
+from devtools.localservices import PostgresServer, RedisServer, start_postgres, start_redis
+from devtools.simulator import Simulator
 from tests.harness import GatewayHarness, gateway_settings, seed_database
 
 TEMPLATE_DATABASE = "cg_template"

@@ -18,16 +18,16 @@ from aiohttp import web
 from redis.exceptions import ResponseError
 
 from billing import api_keys, ledger
-from billing.holds import OUTBOX_STREAM_KEY, HoldStore
-from billing.pricing import charge_millicredits
-from billing.rate_cards import seed_rate_cards
-from billing.settlement import GROUP
-from creditgate.localservices import free_port
-from creditgate.migrations import apply_migrations
-from creditgate.settings import Settings
-from gateway import appkeys
+from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore
+from billing.metering.pricing import charge_millicredits
+from billing.metering.rate_cards import seed_rate_cards
+from billing.metering.settlement import GROUP
+from creditgate.migrator import apply_migrations
+from devtools.localservices import free_port
+from devtools.simulator import Simulator
+from gateway import appkeys as gateway_keys
 from gateway.app import create_app
-from gateway.simulator import Simulator
+from runtime.settings import Settings
 
 
 def gateway_settings(
@@ -177,4 +177,4 @@ class GatewayHarness:
 
     @property
     def rate_cards(self):
-        return self.app[appkeys.RATE_CARDS]
+        return self.app[gateway_keys.RATE_CARDS]

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from creditgate.localservices import free_port
+from devtools.localservices import free_port
 
 API_VERSION = "2025-06-30.basil"
 _PARAMS = web.RequestKey("params", dict)

@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 
 from billing import ledger
 from billing.api_keys import find_active_key
-from billing.holds import HoldStore
-from billing.rate_cards import DEFAULT_RATES
-from creditgate.migrations import default_migrations_dir
+from billing.metering.holds import HoldStore
+from billing.metering.rate_cards import DEFAULT_RATES
+from creditgate.migrator import default_migrations_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

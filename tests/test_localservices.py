@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from creditgate.localservices import PostgresServer, start_postgres
-from creditgate.migrations import default_migrations_dir, discover
+from creditgate.migrator import default_migrations_dir, discover
+from devtools.localservices import PostgresServer, start_postgres
 
 
 async def test_pg_server_select_1_answers_1(pg_server: PostgresServer) -> None:
@@ -87,7 +87,7 @@ async def test_start_postgres_persistent_running_server_is_adopted_and_data_kept
 _OWNER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from creditgate import localservices
+from devtools import localservices
 start = getattr(localservices, sys.argv[1])
 print(start(Path(sys.argv[2])).port, flush=True)
 time.sleep(120)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from billing.pricing import RoundingMode
-from creditgate.settings import ConfigError, Settings
+from billing.metering.pricing import RoundingMode
+from runtime.settings import ConfigError, Settings
 
 REQUIRED = {
     "DATABASE_URL": "postgresql://cg@127.0.0.1:5432/cg",

@@ -16,12 +16,13 @@ from redis.asyncio import Redis
 
 from admin_api.app import create_admin_app
 from billing import api_keys, ledger
-from billing.checkout import publish_balance, start_checkout
 from billing.errors import AccountSuspendedError
-from billing.holds import HoldStore, PostedBalance, account_key
-from billing.stripe_gateway import StripeGateway
-from creditgate.settings import Settings
-from gateway import appkeys
+from billing.ledger import PostedBalance
+from billing.metering.holds import HoldStore, account_key
+from billing.purchases.fulfilment import publish_balance, start_checkout
+from billing.purchases.stripe_client import StripeClient
+from runtime import appkeys
+from runtime.settings import Settings
 from tests.stripe_stub import (
     OLD_WEBHOOK_SECRET,
     TEST_API_KEY,
@@ -67,7 +68,7 @@ class Admin:
         self.settings = settings
         self.pool: asyncpg.Pool = client.app[appkeys.DB_POOL]
         self.holds: HoldStore = client.app[appkeys.HOLDS]
-        self.stripe: StripeGateway = client.app[appkeys.STRIPE]
+        self.stripe: StripeClient = client.app[appkeys.STRIPE]
 
     async def deliver(
         self,

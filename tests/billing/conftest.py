@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from billing import ledger
-from billing.holds import HoldStore
+from billing.metering.holds import HoldStore
 from tests.billing.purchase_world import World
 
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import asyncpg
 
-from billing import ledger, outbox
-from billing.holds import HoldStore, PostedBalance
+from billing import ledger
+from billing.ledger import PostedBalance
+from billing.metering import outbox
+from billing.metering.holds import HoldStore
 
 
 async def new_account(pool: asyncpg.Pool) -> int:

@@ -8,8 +8,8 @@ from typing import Any
 import asyncpg
 
 from billing import ledger
-from billing.packages import get_package
-from billing.purchases import Purchase, attach_checkout_session, create_purchase
+from billing.purchases.packages import get_package
+from billing.purchases.purchase_records import Purchase, attach_checkout_session, create_purchase
 from tests.stripe_stub import StripeStub
 
 STARTER_MC = 9_990_000

@@ -19,14 +19,14 @@ from billing.errors import (
     BillingUnavailableError,
     InsufficientCreditsError,
 )
-from billing.holds import (
+from billing.metering.holds import (
     DEADLINES_KEY,
     OUTBOX_STREAM_KEY,
     HoldStore,
     PostedBalance,
     holds_key,
 )
-from creditgate.localservices import free_port
+from devtools.localservices import free_port
 from tests.billing.money import grant, new_account, reserve_and_settle, usage_payload
 
 

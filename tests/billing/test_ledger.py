@@ -10,9 +10,10 @@ import asyncpg
 import orjson
 import pytest
 
-from billing import api_keys, ledger, outbox, rate_cards
+from billing import api_keys, ledger
 from billing.errors import AccountNotFoundError, NegativeBalanceError
-from billing.holds import PostedBalance
+from billing.ledger import PostedBalance
+from billing.metering import ledger_posting, outbox, rate_cards
 from tests.billing.money import grant, money_totals, new_account, usage_record
 
 
@@ -268,8 +269,8 @@ async def test_record_settlements_same_batch_twice_records_once(pool: asyncpg.Po
     batch = [_settlement(account_id, f"req-{i}", cost=1_000, charged=1_000) for i in range(3)]
 
     async with pool.acquire() as conn:
-        first, balances = await ledger.record_settlements(conn, batch)
-        second, balances_again = await ledger.record_settlements(conn, batch)
+        first, balances = await ledger_posting.record_settlements(conn, batch)
+        second, balances_again = await ledger_posting.record_settlements(conn, batch)
         usage_rows = await conn.fetchval("SELECT count(*) FROM usage_events")
 
     assert [r.recorded for r in first] == [True, True, True]
@@ -310,7 +311,7 @@ async def test_previous_release_entry_point_posts_object_rows_alike(pool: asyncp
         old_rows = await conn.fetch(
             "SELECT * FROM record_settlements($1::jsonb)", orjson.dumps(old_batch).decode()
         )
-        new_results, new_balances = await ledger.record_settlements(
+        new_results, new_balances = await ledger_posting.record_settlements(
             conn, batch(new_account_id, "v2")
         )
         usage = {
@@ -363,7 +364,7 @@ async def test_record_settlements_repeat_within_batch_records_once(pool: asyncpg
     item = _settlement(account_id, "req-dup", cost=4_000, charged=4_000)
 
     async with pool.acquire() as conn:
-        results, balances = await ledger.record_settlements(conn, [item, dict(item)])
+        results, balances = await ledger_posting.record_settlements(conn, [item, dict(item)])
 
     assert [r.recorded for r in results] == [True, False]
     assert balances[account_id].balance_millicredits == 6_000
@@ -382,7 +383,7 @@ async def test_record_settlements_charge_capped_at_balance_records_shortfall(
     ]
 
     async with pool.acquire() as conn:
-        results, balances = await ledger.record_settlements(conn, batch)
+        results, balances = await ledger_posting.record_settlements(conn, batch)
         usage = {
             r[0]: (r[1], r[2], r[3])
             for r in await conn.fetch(
@@ -418,7 +419,7 @@ async def test_record_settlement_rows_by_account_sums_what_each_account_got(
     await grant(pool, rich, 10_000)
     await grant(pool, poor, 2_500)
     async with pool.acquire() as conn:
-        await ledger.record_settlements(conn, [_settlement(rich, "req-seen", 100, 100)])
+        await ledger_posting.record_settlements(conn, [_settlement(rich, "req-seen", 100, 100)])
         batch = [
             _settlement(rich, "req-seen", cost=100, charged=100),  # posted before: a repeat
             _settlement(poor, "req-p1", cost=2_000, charged=2_000),
@@ -430,12 +431,14 @@ async def test_record_settlement_rows_by_account_sums_what_each_account_got(
             outbox.posting_row(outbox.encode(item), charged=int(item["charged"]), seq=seq)
             for seq, item in enumerate(batch)
         ]
-        postings = await ledger.record_settlement_rows_by_account(conn, "[" + ",".join(rows) + "]")
+        postings = await ledger_posting.record_settlement_rows_by_account(
+            conn, "[" + ",".join(rows) + "]"
+        )
         balances = {a: await ledger.posted_balance(conn, a) for a in (rich, poor)}
 
     assert {p.account_id: p for p in postings} == {
-        rich: ledger.AccountPosting(rich, 1, 2, 700, balances[rich]),
-        poor: ledger.AccountPosting(poor, 2, 0, 2_500, balances[poor]),
+        rich: ledger_posting.AccountPosting(rich, 1, 2, 700, balances[rich]),
+        poor: ledger_posting.AccountPosting(poor, 2, 0, 2_500, balances[poor]),
     }
     assert balances[rich].balance_millicredits == 10_000 - 100 - 700
     assert balances[poor].balance_millicredits == 0
@@ -452,7 +455,7 @@ async def test_record_settlements_usage_charged_equals_deductions(pool: asyncpg.
     ]
 
     async with pool.acquire() as conn:
-        results, balances = await ledger.record_settlements(conn, batch)
+        results, balances = await ledger_posting.record_settlements(conn, batch)
         for account_id in accounts:
             assert await ledger.ledger_sum_matches_balance(conn, account_id)
 
@@ -471,7 +474,7 @@ async def test_record_settlements_unknown_account_posts_nothing(pool: asyncpg.Po
     ]
     async with pool.acquire() as conn:
         with pytest.raises(asyncpg.RaiseError, match="unknown account"):
-            await ledger.record_settlements(conn, batch)
+            await ledger_posting.record_settlements(conn, batch)
         assert await conn.fetchval("SELECT count(*) FROM usage_events") == 0
         assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 5_000
 
@@ -492,7 +495,7 @@ async def test_record_settlements_unknown_key_or_rate_card_posts_nothing(
     batch = [_settlement(account_id, "req-fine", cost=100, charged=100), ghost]
     async with pool.acquire() as conn:
         with pytest.raises(asyncpg.ForeignKeyViolationError, match=rf"unknown {named}$"):
-            await ledger.record_settlements(conn, batch)
+            await ledger_posting.record_settlements(conn, batch)
         assert await conn.fetchval("SELECT count(*) FROM usage_events") == 0
         assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 5_000
 
@@ -599,7 +602,7 @@ async def test_record_settlements_matches_the_sequential_rule_on_random_batches(
             batch.append(_settlement(account_id, request_id, cost=charged, charged=charged))
         expected = _sequential_reference(balances, recorded, batch)
         async with pool.acquire() as conn:
-            results, posted = await ledger.record_settlements(conn, batch)
+            results, posted = await ledger_posting.record_settlements(conn, batch)
         by_request: dict[str, list[tuple[bool, int]]] = {}
         for r in results:
             by_request.setdefault(r.request_id, []).append((r.recorded, r.charged_millicredits))

@@ -37,8 +37,8 @@ from hypothesis.stateful import (
 
 from billing import ledger
 from billing.errors import AccountSuspendedError, InsufficientCreditsError
-from billing.holds import OUTBOX_STREAM_KEY, AccountHolds, HoldStore, Settled, holds_key
-from billing.settlement import GROUP, SettlementWriter
+from billing.metering.holds import OUTBOX_STREAM_KEY, AccountHolds, HoldStore, Settled, holds_key
+from billing.metering.settlement import GROUP, SettlementWriter
 from tests.billing.money import money_totals, usage_payload
 
 _T = TypeVar("_T")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing import outbox
+from billing.metering import outbox
 from tests.billing.money import usage_record
 
 _records = st.builds(

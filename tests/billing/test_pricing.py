@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.pricing import (
+from billing.metering.pricing import (
     RateCard,
     RoundingMode,
     charge_millicredits,

@@ -10,15 +10,15 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing.purchase_ledger import share_millicredits
-from billing.purchases import (
+from billing.purchases.purchase_ledger import share_millicredits
+from billing.purchases.purchase_records import (
     apply_charge,
     apply_checkout_session,
     apply_dispute,
     apply_refund,
     get_purchase,
 )
-from billing.stripe_events import process_event
+from billing.purchases.stripe_events import process_event
 from tests.billing.purchase_world import ENTERPRISE_MC, PROFESSIONAL_MC, STARTER_MC, World
 
 # -- refunds ----------------------------------------------------------------------------

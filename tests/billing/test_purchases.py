@@ -12,7 +12,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from billing.packages import (
+from billing.purchases.packages import (
     DEFAULT_PACKAGES,
     UnknownPackageError,
     get_package,
@@ -21,7 +21,7 @@ from billing.packages import (
     savings_percent,
     seed_packages,
 )
-from billing.purchases import apply_checkout_session, get_purchase
+from billing.purchases.purchase_records import apply_checkout_session, get_purchase
 from tests.billing.purchase_world import ENTERPRISE_MC, PROFESSIONAL_MC, STARTER_MC, World
 
 # -- packages ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.exceptions
 
-from billing.script_channel import ScriptChannel
+from billing.metering.script_channel import ScriptChannel
 
 _ECHO_ARG = "return ARGV[1]"
 

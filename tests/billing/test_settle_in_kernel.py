@@ -12,8 +12,8 @@ import redis.exceptions
 
 from billing import ledger
 from billing.errors import BillingUnavailableError
-from billing.holds import HoldStore, PendingSettlement
-from billing.script_channel import ScriptChannel
+from billing.metering.holds import HoldStore, PendingSettlement
+from billing.metering.script_channel import ScriptChannel
 from tests.billing.money import grant, new_account, usage_payload
 
 

@@ -10,10 +10,12 @@ import asyncpg
 import orjson
 import pytest
 
-from billing import ledger, outbox
-from billing.holds import OUTBOX_STREAM_KEY, HoldStore, PostedBalance, account_key
-from billing.script_channel import ScriptChannel
-from billing.settlement import GROUP, SettlementWriter
+from billing import ledger
+from billing.ledger import PostedBalance
+from billing.metering import ledger_posting, outbox
+from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
+from billing.metering.script_channel import ScriptChannel
+from billing.metering.settlement import GROUP, SettlementWriter
 from tests.billing.money import (
     grant,
     money_totals,
@@ -75,7 +77,7 @@ async def _commit_without_ack(
         item["charged"] = int(fields["c"])
         settlements.append(item)
     async with pool.acquire() as conn:
-        await ledger.record_settlements(conn, settlements)
+        await ledger_posting.record_settlements(conn, settlements)
 
 
 async def test_writer_posts_settlements_and_acks(

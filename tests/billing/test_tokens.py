@@ -18,7 +18,7 @@ import tiktoken_ext.openai_public as openai_public
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing.tokens import (
+from billing.metering.tokens import (
     CL100K_BASE,
     ENCODING_SHA256,
     IMAGE_TOKENS,

@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestClient
 
 from admin_api.app import create_admin_app
 from billing import api_keys, ledger
-from creditgate.settings import Settings
-from gateway import appkeys
 from gateway.app import create_app
+from runtime import appkeys
+from runtime.settings import Settings
 from tests.stripe_stub import TEST_API_KEY, WEBHOOK_SECRET, StripeStub, event_body, sign
 
 STARTER_MC = 9_990_000

@@ -12,10 +12,10 @@ import aiohttp
 import openai
 import pytest
 
-from billing.pricing import charge_millicredits, worst_case_millicredits
-from creditgate.localservices import free_port
-from gateway import appkeys
-from gateway.simulator import Scenario
+from billing.metering.pricing import charge_millicredits, worst_case_millicredits
+from devtools.localservices import free_port
+from devtools.simulator import Scenario
+from gateway import appkeys as gateway_keys
 from tests.harness import GatewayHarness
 
 MESSAGES = [{"role": "user", "content": "Say hello a hundred times."}]
@@ -24,7 +24,7 @@ MESSAGES = [{"role": "user", "content": "Say hello a hundred times."}]
 async def test_race_fifty_requests_balance_for_k_exactly_k_succeed(gw: GatewayHarness, sim):
     k = 7
     card = gw.rate_cards.get("gpt-4o-mini")
-    prompt = gw.app[appkeys.TOKENS].count_chat_prompt(MESSAGES, "gpt-4o-mini")
+    prompt = gw.app[gateway_keys.TOKENS].count_chat_prompt(MESSAGES, "gpt-4o-mini")
     hold = worst_case_millicredits(
         card, prompt_tokens=prompt, max_output_tokens=100, rounding_mode=gw.settings.rounding_mode
     )

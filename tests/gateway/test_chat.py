@@ -5,8 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from billing.pricing import charge_millicredits
-from gateway.simulator import Scenario
+from billing.metering.pricing import charge_millicredits
+from devtools.simulator import Scenario
 
 
 async def test_chat_non_streamed_charges_upstream_usage_exactly(gw, sim):

@@ -8,12 +8,12 @@ import time
 import openai
 import pytest
 
-from billing.estimate import estimate_chat
-from billing.pricing import RoundingMode, charge_millicredits, worst_case_millicredits
-from billing.rate_cards import DEFAULT_RATES
-from gateway import appkeys
-from gateway.errors import new_request_id
-from gateway.simulator import Scenario
+from billing.metering.estimate import estimate_chat
+from billing.metering.pricing import RoundingMode, charge_millicredits, worst_case_millicredits
+from billing.metering.rate_cards import DEFAULT_RATES
+from devtools.simulator import Scenario
+from gateway import appkeys as gateway_keys
+from runtime.request_ids import new_request_id
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -206,7 +206,8 @@ async def test_chat_cached_tokens_charged_at_cached_rate(gw, sim):
 
 
 async def test_usage_row_carries_every_field_of_the_settlement(gw, sim):
-    """The outbox record is positional (billing.outbox, format 2): every column must come out
+    """The outbox record is positional (billing.metering.outbox, format 2): every column must
+    come out
     of the position it was written to, not a neighbour's."""
     account, key = await gw.create_account(1_000_000)
     sim.push(Scenario(chunks=7, prompt_tokens=1_234, cached_tokens=34))
@@ -237,7 +238,7 @@ async def test_usage_row_carries_every_field_of_the_settlement(gw, sim):
     assert row["cost_millicredits"] == row["charged_millicredits"] == expected
     card_now = gw.rate_cards.get("gpt-4o")
     body = {"model": "gpt-4o", "messages": HI, "max_tokens": 50}
-    estimate = estimate_chat(body, card_now, gw.app[appkeys.TOKENS])
+    estimate = estimate_chat(body, card_now, gw.app[gateway_keys.TOKENS])
     assert row["hold_millicredits"] == worst_case_millicredits(
         card_now,
         prompt_tokens=estimate.prompt_tokens,
@@ -311,7 +312,7 @@ async def test_request_ids_differ_between_requests(gw, sim):
 def test_request_ids_sort_by_creation_time(monkeypatch):
     """Time first (ms, 12 hex digits), so Postgres's unique indexes take them at one edge."""
     now = [1_764_420_000.000]
-    monkeypatch.setattr("gateway.errors.time", lambda: now[0])
+    monkeypatch.setattr("runtime.errors.time", lambda: now[0])
     first = new_request_id()
     same_ms = new_request_id()
     now[0] += 0.001
@@ -416,7 +417,7 @@ async def test_charging_enabled_holds_worst_case_mid_stream(gw, sim):
 async def test_chat_n2_doubles_hold_beyond_balance_for_one(gw, sim):
     body = {"model": "gpt-4o-mini", "messages": HI, "max_tokens": 1_000}
     card = gw.rate_cards.get("gpt-4o-mini")
-    estimate = estimate_chat(dict(body), card, gw.app[appkeys.TOKENS])
+    estimate = estimate_chat(dict(body), card, gw.app[gateway_keys.TOKENS])
 
     def hold(n: int) -> int:
         return worst_case_millicredits(

@@ -14,11 +14,11 @@ import pytest
 from multidict import CIMultiDict
 
 from billing import api_keys
-from billing.estimate import estimate_chat
-from billing.pricing import charge_millicredits
-from creditgate.localservices import free_port
-from gateway import appkeys
-from gateway.simulator import Scenario
+from billing.metering.estimate import estimate_chat
+from billing.metering.pricing import charge_millicredits
+from devtools.localservices import free_port
+from devtools.simulator import Scenario
+from gateway import appkeys as gateway_keys
 
 HI = [{"role": "user", "content": "hi"}]
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
@@ -340,7 +340,7 @@ async def test_upstream_failure_mid_stream_ends_with_error_event_and_charges_gen
     assert row["status"] == "upstream_error"
     assert row["completion_tokens"] == 2
     card = gw.rate_cards.get("gpt-4o-mini")
-    prompt_tokens = estimate_chat(request, card, gw.app[appkeys.TOKENS]).prompt_tokens
+    prompt_tokens = estimate_chat(request, card, gw.app[gateway_keys.TOKENS]).prompt_tokens
     assert row["prompt_tokens"] == prompt_tokens
     expected = charge_millicredits(card, prompt_tokens=prompt_tokens, completion_tokens=2)
     assert row["charged_millicredits"] == expected

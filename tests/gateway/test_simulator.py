@@ -9,8 +9,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from billing.tokens import TokenCounter
-from gateway.simulator import Scenario, Simulator
+from billing.metering.tokens import TokenCounter
+from devtools.simulator import Scenario, Simulator
 
 API_KEY = "sk-sim-test"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]

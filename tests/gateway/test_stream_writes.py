@@ -13,7 +13,7 @@ import logging
 import pytest
 from aiohttp import http_writer, web_protocol
 
-from gateway.simulator import Scenario
+from devtools.simulator import Scenario
 
 END_OF_BODY = b"0\r\n\r\n"
 

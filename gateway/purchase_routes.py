@@ -9,43 +9,40 @@ Routes (``checkout_routes``):
 
 The success return fulfils through the same idempotent function as the webhook, so credits
 show at once even when the webhook is late. Errors use OpenAI's envelope through the
-gateway's error answers (``gateway.errors.answer_errors``), chosen by class.
+gateway's error answers (``runtime.errors.answer_errors``), chosen by class.
 """
 
 from __future__ import annotations
 
 import html
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from billing.checkout import (
+from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.ledger import PostedBalance, posted_balance
+from billing.purchases.fulfilment import (
     CREDITS_PATH,
-    POSTGRES_ERRORS,
     fulfil_from_stripe,
     start_checkout,
     status_url,
 )
-from billing.errors import BillingUnavailableError
-from billing.holds import PostedBalance
-from billing.ledger import posted_balance
-from billing.packages import (
+from billing.purchases.packages import (
     Package,
     UnknownPackageError,
     list_packages,
     price_per_1k_credits,
     savings_percent,
 )
-from billing.purchases import Purchase, PurchaseNotFoundError, get_purchase
-from billing.stripe_gateway import StripeGateway, StripeRequestError, StripeUnavailableError
+from billing.purchases.purchase_records import Purchase, PurchaseNotFoundError, get_purchase
+from billing.purchases.stripe_client import StripeClient, StripeRequestError, StripeUnavailableError
 from billing.units import millicredits_to_credits, millicredits_to_usd, money_fields
-from gateway import appkeys
-from gateway.auth import authenticate
-from gateway.errors import GatewayError, InvalidRequestError, NotFoundError, json_response
+from gateway import appkeys as gateway_keys
+from runtime import appkeys
+from runtime.errors import GatewayError, InvalidRequestError, NotFoundError, json_response
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +64,6 @@ class CheckoutRefusedError(GatewayError):
     status = 502
     error_type = "server_error"
     code = "checkout_failed"
-
-
-async def stripe_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the ``StripeGateway`` (``appkeys.STRIPE``) when ``STRIPE_API_KEY`` is set, close
-    it at shutdown. Shared by the gateway and the admin service; a second use is a no-op."""
-    settings = app[appkeys.SETTINGS]
-    if not settings.stripe_api_key or appkeys.STRIPE in app:
-        yield
-        return
-    stripe = StripeGateway.from_settings(settings)
-    app[appkeys.STRIPE] = stripe
-    yield
-    await stripe.close()
 
 
 def checkout_routes() -> list[tuple[str, str, Handler]]:
@@ -172,7 +156,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _stripe_or_503(app: web.Application) -> StripeGateway:
+def _stripe_or_503(app: web.Application) -> StripeClient:
     settings = app[appkeys.SETTINGS]
     if not settings.purchases_enabled:
         raise PurchasesUnavailableError(
@@ -191,7 +175,7 @@ async def handle_packages(request: web.Request) -> web.Response:
     """``GET /api/billing/packages``: ``{"object": "list", "data": [package...]}``."""
     try:
         packages = await list_packages(request.app[appkeys.DB_POOL])
-    except POSTGRES_ERRORS as exc:
+    except POSTGRES_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"postgres: {exc}") from exc
     reference = next((p for p in packages if p.code == "starter"), None)
     return json_response(
@@ -210,7 +194,7 @@ async def handle_checkout(request: web.Request) -> web.Response:
     Errors: 401 bad key; 400 malformed body, unknown package, bad return path; 503 purchases
     disabled, Stripe not configured or unreachable, Postgres down; 502 Stripe refused.
     """
-    identity = await authenticate(request)
+    identity = await request.app[gateway_keys.AUTH].authenticate(request)
     stripe = _stripe_or_503(request.app)
     body = await _json_object(request)
     code = body.get("packageCode")
@@ -264,7 +248,7 @@ async def handle_checkout(request: web.Request) -> web.Response:
 async def handle_purchase(request: web.Request) -> web.Response:
     """``GET /api/billing/purchases/{purchaseId}``: one of the caller's purchases, with the
     account's balance and shortfall. 404 for unknown ids and other accounts' purchases."""
-    identity = await authenticate(request)
+    identity = await request.app[gateway_keys.AUTH].authenticate(request)
     pool = request.app[appkeys.DB_POOL]
     public_id = request.match_info["purchase_id"]
     try:
@@ -274,7 +258,7 @@ async def handle_purchase(request: web.Request) -> web.Response:
         raise NotFoundError(
             f"No purchase {public_id!r}.", param="purchaseId", code="purchase_not_found"
         ) from exc
-    except POSTGRES_ERRORS as exc:
+    except POSTGRES_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"postgres: {exc}") from exc
     return json_response(purchase_json(purchase, balance), 200)
 
@@ -303,7 +287,7 @@ async def handle_credits_page(request: web.Request) -> web.Response:
         if session_id and session_id == purchase.checkout_session_id:
             purchase = await _fulfil_on_return(request.app, purchase, session_id)
         balance = await posted_balance(pool, purchase.account_id)
-    except POSTGRES_ERRORS as exc:
+    except POSTGRES_UNAVAILABLE as exc:
         log.warning("credits page: postgres: %s", exc)
         return _page(
             "Credits", "<p>We cannot show this right now. Please reload in a moment.</p>", 503

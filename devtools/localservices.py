@@ -12,7 +12,7 @@ A server started here ends with the process that started it, however that ends: 
 process that stops the server then. The exception is a persistent PostgreSQL (``make run``): it
 outlives a killed run, and the next ``start_postgres(..., persistent=True)`` adopts it.
 
-Run as ``python -m creditgate.localservices COMMAND...``, this module is that watchdog.
+Run as ``python -m devtools.localservices COMMAND...``, this module is that watchdog.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 -- to the outbox stream, all in one atomic step. The stream entry is the durable record the
 -- settlement writer posts to Postgres.
 -- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] deadline index, KEYS[4] outbox stream
--- ARGV: request_id, cost_mc, member, payload (billing/outbox.py), account_id
+-- ARGV: request_id, cost_mc, member, payload (billing/metering/outbox.py), account_id
 -- Returns {charged_mc, hold_mc, stream_entry_id}.
 --
 -- What the hold covers is always charged in full. Only usage above the hold is capped here,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from billing.pricing import RateCard
+from billing.metering.pricing import RateCard
 
 _IN_FORCE_SQL = """
 SELECT DISTINCT ON (model) id, model, input_millicredits_per_1k_tokens,

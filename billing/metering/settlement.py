@@ -21,10 +21,11 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
-from billing import outbox
-from billing.holds import OUTBOX_STREAM_KEY, HoldStore
-from billing.ledger import record_settlement_rows_by_account
-from billing.script_channel import ScriptChannel
+from billing.errors import POSTGRES_UNAVAILABLE
+from billing.metering import outbox
+from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore
+from billing.metering.ledger_posting import record_settlement_rows_by_account
+from billing.metering.script_channel import ScriptChannel
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class SettlementWriter:
                     await asyncio.sleep(self._linger_s)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, asyncpg.PostgresError) as exc:
+            except (RedisError, *POSTGRES_UNAVAILABLE) as exc:
                 group_ready = False
                 self.stats.failures += 1
                 log.warning("settlement writer: %s; retrying in %.1fs", exc, backoff_s)
@@ -196,7 +197,7 @@ class SettlementWriter:
 
         Args:
             entries: ``[(entry_id, {"p": payload, "c": charged_mc, "a": account_id})]`` as
-                read from the outbox; a payload of either format of ``billing.outbox``.
+                read from the outbox; a payload of either format of ``billing.metering.outbox``.
 
         An entry without a readable payload, charge or account is logged at ERROR and left
         pending (``stats.unreadable``); the rest of the batch is posted.

@@ -22,7 +22,8 @@ outstanding shortfall: a ``shortfall:...`` adjustment takes ``min(shortfall, bal
 lowers the shortfall by as much. Admins see the shortfall on the account and per refund or
 dispute (``purchase_refunds`` / ``purchase_disputes.shortfall_millicredits``).
 
-Runs inside the caller's transaction with the purchase row locked (see ``billing.purchases``).
+Runs inside the caller's transaction with the purchase row locked (see
+``billing.purchases.purchase_records``).
 Postgres unreachable: ``OSError``/``asyncpg`` errors propagate; nothing is written.
 """
 
@@ -33,11 +34,10 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from billing.holds import PostedBalance
-from billing.ledger import LedgerEntry, PostResult, post_entry
+from billing.ledger import LedgerEntry, PostedBalance, PostResult, post_entry
 
 if TYPE_CHECKING:
-    from billing.purchases import Purchase
+    from billing.purchases.purchase_records import Purchase
 
 COUNTED_REFUND_STATUSES = frozenset({"pending", "requires_action", "succeeded"})
 FAILED_REFUND_STATUSES = frozenset({"failed", "canceled"})

@@ -5,7 +5,8 @@ transaction. The insert is ``ON CONFLICT DO NOTHING``: of any number of concurre
 of one event, the first inserts (the others wait on the primary key until it commits, then
 find the row and change nothing); if the first fails, its transaction rolls back, the id is
 not stored, and Stripe's retry is processed as new. Effects themselves are idempotent by
-Stripe ids too (see ``billing.purchase_ledger``), so two different events carrying the same
+Stripe ids too (see ``billing.purchases.purchase_ledger``), so two different events carrying the
+same
 fact (``refund.created`` and ``charge.refunded``) also count once.
 
 Events acted on:
@@ -29,14 +30,14 @@ from typing import Any
 
 import asyncpg
 
-from billing.purchases import (
+from billing.purchases.purchase_records import (
     PurchaseUpdate,
     apply_charge,
     apply_checkout_session,
     apply_dispute,
     apply_refund,
 )
-from billing.stripe_gateway import StripeGateway, StripeRequestError
+from billing.purchases.stripe_client import StripeClient, StripeRequestError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _created_at(event: Mapping[str, Any]) -> datetime | None:
     return None
 
 
-async def _charge_with_refunds(stripe: StripeGateway, charge: Mapping[str, Any]) -> dict[str, Any]:
+async def _charge_with_refunds(stripe: StripeClient, charge: Mapping[str, Any]) -> dict[str, Any]:
     """The charge with its complete refund list: as embedded when Stripe sent all of it,
     else listed from the API (events rendered at API versions since 2022-11-15 omit it).
 
@@ -128,12 +129,12 @@ async def _charge_with_refunds(stripe: StripeGateway, charge: Mapping[str, Any])
 
 
 async def process_event(
-    pool: asyncpg.Pool, stripe: StripeGateway | None, event: Mapping[str, Any]
+    pool: asyncpg.Pool, stripe: StripeClient | None, event: Mapping[str, Any]
 ) -> EventResult:
     """Apply a verified event at most once (see the module docstring).
 
     Args:
-        event: a verified event (``billing.stripe_gateway.construct_webhook_event``).
+        event: a verified event (``billing.purchases.stripe_client.construct_webhook_event``).
         stripe: for ``charge.refunded`` without an embedded refund list (the refunds are
             listed from the API before the transaction); None when Stripe is not configured.
 

@@ -3,7 +3,8 @@
 A purchase is recorded ``pending`` when the user starts Checkout. Afterwards every fact Stripe
 reports (a Checkout Session's state, a refund, a dispute) is stored on its own row, keyed by
 Stripe's id, and the purchase's ledger entries are recomputed from the stored facts by
-``billing.purchase_ledger.settle_purchase``. Entries are posted with idempotency keys derived
+``billing.purchases.purchase_ledger.settle_purchase``. Entries are posted with idempotency keys
+derived
 from Stripe's ids, so the ledger depends on which facts arrived, not on how often or in which
 order: Stripe's at-least-once, unordered delivery cannot double-grant or double-reverse.
 
@@ -32,10 +33,9 @@ from typing import Any
 import asyncpg
 
 from billing.errors import BillingError
-from billing.holds import PostedBalance
-from billing.ledger import LedgerEntry
-from billing.packages import Package
-from billing.purchase_ledger import settle_purchase
+from billing.ledger import LedgerEntry, PostedBalance
+from billing.purchases.packages import Package
+from billing.purchases.purchase_ledger import settle_purchase
 
 log = logging.getLogger(__name__)
 

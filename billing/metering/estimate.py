@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from billing.pricing import RateCard
-from billing.tokens import TokenCounter
+from billing.metering.pricing import RateCard
+from billing.metering.tokens import TokenCounter
 
 
 class EstimateError(ValueError):

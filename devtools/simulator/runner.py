@@ -1,7 +1,7 @@
 """Running the simulator: in-process for tests and benchmarks, or as a process.
 
 :class:`Simulator` starts it on a free loopback port and is its state; ``main`` is
-``python -m gateway.simulator``, which prints a banner saying every answer is canned.
+``python -m devtools.simulator``, which prints a banner saying every answer is canned.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 
-from gateway.simulator.scenario import Scenario
-from gateway.simulator.server import _build_app, create_simulator_app
-from gateway.simulator.state import DEFAULT_MODELS, SimulatorState
+from devtools.simulator.scenario import Scenario
+from devtools.simulator.server import _build_app, create_simulator_app
+from devtools.simulator.state import DEFAULT_MODELS, SimulatorState
 
 
 class Simulator(SimulatorState):
@@ -98,9 +98,9 @@ def _banner(base_url: str, require_auth: bool) -> str:
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-    """``python -m gateway.simulator``: serve the simulator until interrupted."""
+    """``python -m devtools.simulator``: serve the simulator until interrupted."""
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.simulator",
+        prog="python -m devtools.simulator",
         description="A local, fake OpenAI-compatible upstream for development and benchmarks.",
     )
     parser.add_argument("--host", default="127.0.0.1")

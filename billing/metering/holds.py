@@ -7,7 +7,7 @@ Per account (one hash tag, so one Redis Cluster slot):
     ``cg:v1:{acct:N}:holds``    hash ``request_id -> "amount_mc:deadline_ms"``
 Global:
     ``cg:v1:hold_deadlines``    zset of ``"N|request_id"`` by deadline, for the sweeper
-    ``cg:v1:settlements``       the settlement outbox stream (see ``billing.settlement``)
+    ``cg:v1:settlements``       the settlement outbox stream (see ``billing.metering.settlement``)
 
 ``available = bal - held - pending``; a hold is placed only when ``available >= amount``,
 so no balance can go below zero. Source: two-phase transfers as in TigerBeetle
@@ -33,7 +33,8 @@ from billing.errors import (
     BillingUnavailableError,
     InsufficientCreditsError,
 )
-from billing.script_channel import ScriptChannel
+from billing.ledger import PostedBalance
+from billing.metering.script_channel import ScriptChannel
 
 KEY_PREFIX = "cg:v1"
 DEADLINES_KEY = f"{KEY_PREFIX}:hold_deadlines"
@@ -52,15 +53,6 @@ def holds_key(account_id: int) -> str:
 
 def _member(account_id: int, request_id: str) -> str:
     return f"{account_id}|{request_id}"
-
-
-@dataclass(frozen=True, slots=True)
-class PostedBalance:
-    """An account's posted balance as of a ledger version (from Postgres)."""
-
-    balance_millicredits: int
-    version: int
-    shortfall_millicredits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +93,7 @@ BalanceLoader = Callable[[int], Awaitable[PostedBalance]]
 
 
 def _load_script(name: str) -> str:
-    return resources.files("billing").joinpath("lua", name).read_text(encoding="utf-8")
+    return resources.files("billing.metering").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 class PendingSettlement:
@@ -300,11 +292,12 @@ class HoldStore:
         What the hold covers is charged in full; usage above it is capped at what is
         available, so an overrun never eats another request's hold. Postgres caps at the true
         balance when the writer posts it (the usage event records any shortfall). See
-        ``billing/lua/settle.lua`` for why the cap never goes below the hold.
+        ``billing/metering/lua/settle.lua`` for why the cap never goes below the hold.
 
         Args:
             cost_millicredits: the request's charge at the rate card, >= 0.
-            payload: the usage record the writer posts to Postgres (``billing.outbox.encode``).
+            payload: the usage record the writer posts to Postgres
+                (``billing.metering.outbox.encode``).
 
         Raises:
             BillingUnavailableError: Redis unreachable; the hold stays and the sweeper voids

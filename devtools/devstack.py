@@ -1,4 +1,4 @@
-"""The whole stack on this machine: what ``make run`` executes (``python -m creditgate.devstack``).
+"""The whole stack on this machine: what ``make run`` executes (``python -m devtools.devstack``).
 
 Each step is skipped when the environment already provides what it would:
 
@@ -7,7 +7,7 @@ Each step is skipped when the environment already provides what it would:
    between runs; a PostgreSQL left running by an earlier run that was killed is adopted.
    As root, PostgreSQL runs as the ``postgres`` user; when that user cannot enter the checkout
    (e.g. under ``/root``), PostgreSQL's files go to ``/var/tmp/creditgate-<hash>/`` instead.
-2. The simulated OpenAI upstream (``python -m gateway.simulator`` on 127.0.0.1:8090), unless
+2. The simulated OpenAI upstream (``python -m devtools.simulator`` on 127.0.0.1:8090), unless
    UPSTREAM_API_KEY is set. A banner says so: its answers are canned, not a model's.
 3. ``creditgate migrate``, ``creditgate seed``, and a demo account (demo@example.com, 10,000
    credits) with an API key, kept in ``.data/demo.json`` and reused while that account exists.
@@ -17,7 +17,7 @@ Stopping: Ctrl-C (or SIGTERM, SIGHUP) stops everything this run started, newest 
 gateway (while Redis and PostgreSQL are still up, so it can settle requests in flight), the
 simulator, Redis, PostgreSQL. The children run in their own process groups so that a terminal's
 Ctrl-C reaches only this process, which keeps that order. Killed outright (SIGKILL), it leaves
-PostgreSQL running for the next run to adopt (Redis stops, see ``creditgate.localservices``), and
+PostgreSQL running for the next run to adopt (Redis stops, see ``devtools.localservices``), and
 the gateway and simulator holding their ports, which the next run names. Data stay in
 ``.data/``; delete it, once stopped, to start from scratch.
 """
@@ -42,7 +42,7 @@ from typing import Any
 
 import asyncpg
 
-from creditgate.localservices import (
+from devtools.localservices import (
     LocalServiceError,
     start_postgres,
     start_redis,
@@ -65,7 +65,7 @@ _SIMULATED_BANNER = """
 ##   SIMULATED UPSTREAM -- NO REAL MODEL IS CALLED                      ##
 ##                                                                      ##
 ##   UPSTREAM_API_KEY is not set, so the gateway forwards to the local  ##
-##   simulator (gateway.simulator on 127.0.0.1:8090). Every answer is   ##
+##   simulator (devtools.simulator on 127.0.0.1:8090). Every answer is   ##
 ##   canned text and its token counts are rough estimates; credits are  ##
 ##   still charged for them exactly as for real usage.                  ##
 ##                                                                      ##
@@ -206,7 +206,7 @@ async def _create_database(admin_dsn: str, name: str) -> None:
 
 
 def _start_simulator(stack: contextlib.ExitStack, env: dict[str, str]) -> None:
-    command = [sys.executable, "-m", "gateway.simulator", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "devtools.simulator", "--host", "127.0.0.1"]
     simulator = subprocess.Popen(
         [*command, "--port", str(SIMULATOR_PORT)],
         env=env,

@@ -1,8 +1,8 @@
 """The simulator as an aiohttp app: routes, handlers, and the scripted pacing of answers.
 
 A handler admits the request (records it, checks the bearer token and the JSON body), takes
-the next scripted :class:`~gateway.simulator.scenario.Scenario`, fills the pre-rendered
-response of :mod:`gateway.simulator.shapes`, and sends it as scripted: with delays, a failure
+the next scripted :class:`~devtools.simulator.scenario.Scenario`, fills the pre-rendered
+response of :mod:`devtools.simulator.shapes`, and sends it as scripted: with delays, a failure
 status, a failure mid-answer, a hang, or in one write.
 """
 
@@ -16,9 +16,9 @@ from typing import Any, Final, Literal
 import orjson
 from aiohttp import web
 
-from gateway.simulator.scenario import ReceivedRequest, Scenario, approximate_prompt_tokens
-from gateway.simulator.shapes import _error_body, _Script, _Stream
-from gateway.simulator.state import (
+from devtools.simulator.scenario import ReceivedRequest, Scenario, approximate_prompt_tokens
+from devtools.simulator.shapes import _error_body, _Script, _Stream
+from devtools.simulator.state import (
     DEFAULT_EMBEDDING_DIMENSIONS,
     DEFAULT_MODELS,
     MAX_EMBEDDING_DIMENSIONS,

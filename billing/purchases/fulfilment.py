@@ -1,7 +1,7 @@
 """Buying a package: start a Checkout Session, fulfil from a retrieved session, tell Redis.
 
 The steps that join Postgres, Stripe and Redis for the purchase endpoint, the success return
-and the webhook; the HTTP layers (``gateway.checkout``, ``admin_api.stripe_webhook``) only
+and the webhook; the HTTP layers (``gateway.purchase_routes``, ``admin_api.stripe_webhook``) only
 translate requests and errors.
 """
 
@@ -14,10 +14,11 @@ from urllib.parse import quote
 import asyncpg
 from redis.exceptions import RedisError
 
-from billing.errors import BillingUnavailableError
-from billing.holds import HoldStore, PostedBalance, account_key
-from billing.packages import Package, get_package
-from billing.purchases import (
+from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.ledger import PostedBalance
+from billing.metering.holds import HoldStore, account_key
+from billing.purchases.packages import Package, get_package
+from billing.purchases.purchase_records import (
     Purchase,
     PurchaseUpdate,
     apply_checkout_session,
@@ -27,17 +28,15 @@ from billing.purchases import (
     record_payment_details,
     stripe_id,
 )
-from billing.stripe_gateway import (
+from billing.purchases.stripe_client import (
     CheckoutSessionRef,
-    StripeGateway,
+    StripeClient,
     StripeRequestError,
     StripeUnavailableError,
 )
 
 log = logging.getLogger(__name__)
 
-POSTGRES_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-"""What a Postgres outage raises through asyncpg."""
 
 CREDITS_PATH = "/credits"
 
@@ -68,7 +67,7 @@ def cancel_url(public_base_url: str, public_id: str) -> str:
 
 async def start_checkout(
     pool: asyncpg.Pool,
-    stripe: StripeGateway,
+    stripe: StripeClient,
     *,
     account_id: int,
     package_code: str,
@@ -91,7 +90,7 @@ async def start_checkout(
             purchase = await create_purchase(
                 conn, account_id=account_id, package=package, return_path=return_path
             )
-    except POSTGRES_ERRORS as exc:
+    except POSTGRES_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"postgres: {exc}") from exc
     try:
         session = await stripe.create_checkout_session(
@@ -104,7 +103,7 @@ async def start_checkout(
         log.warning("purchase %s: checkout session not created: %s", purchase.public_id, exc)
         try:
             await mark_checkout_not_started(pool, purchase.id, str(exc))
-        except POSTGRES_ERRORS:
+        except POSTGRES_UNAVAILABLE:
             log.exception("purchase %s: could not mark it failed", purchase.public_id)
         raise
     try:
@@ -114,7 +113,7 @@ async def start_checkout(
             checkout_session_id=session.id,
             checkout_url=session.url,
         )
-    except POSTGRES_ERRORS as exc:
+    except POSTGRES_UNAVAILABLE as exc:
         # The session exists and names the purchase in its metadata, so its webhook still
         # finds it; but the user gets no URL from us this time.
         raise BillingUnavailableError(f"postgres: {exc}") from exc
@@ -154,7 +153,7 @@ async def publish_balance(
 
 async def fulfil_from_stripe(
     pool: asyncpg.Pool,
-    stripe: StripeGateway,
+    stripe: StripeClient,
     holds: HoldStore | None,
     checkout_session_id: str,
     *,
@@ -188,7 +187,7 @@ async def fulfil_from_stripe(
     try:
         async with pool.acquire() as conn:
             update = await apply_checkout_session(conn, session)
-    except POSTGRES_ERRORS as exc:
+    except POSTGRES_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"postgres: {exc}") from exc
     if update.purchase is not None:
         await publish_balance(holds, update.purchase.account_id, update.posted)
@@ -196,7 +195,7 @@ async def fulfil_from_stripe(
 
 
 async def complete_payment_details(
-    pool: asyncpg.Pool, stripe: StripeGateway, purchase: Purchase
+    pool: asyncpg.Pool, stripe: StripeClient, purchase: Purchase
 ) -> None:
     """After a webhook fulfilled a purchase from the event's session (payment intent id
     only), fetch the charge id and receipt URL from Stripe. Best effort: failures are
@@ -214,5 +213,5 @@ async def complete_payment_details(
             charge_id=stripe_id(charge),
             receipt_url=charge.get("receipt_url") if isinstance(charge, dict) else None,
         )
-    except (StripeUnavailableError, StripeRequestError, *POSTGRES_ERRORS) as exc:
+    except (StripeUnavailableError, StripeRequestError, *POSTGRES_UNAVAILABLE) as exc:
         log.warning("purchase %s: payment details not fetched: %s", purchase.public_id, exc)

@@ -2,7 +2,7 @@
 
 Used three ways:
 
-- ``make run`` without a real upstream key: ``python -m gateway.simulator --port 8090``
+- ``make run`` without a real upstream key: ``python -m devtools.simulator --port 8090``
   prints a banner saying every answer is canned, then serves ``/v1``.
 - Tests: :class:`Simulator` starts it in-process on a free loopback port; tests script each
   request with a :class:`Scenario` (chunks, delays, usage, errors, hangs, disconnects) and
@@ -27,10 +27,10 @@ response formats, pre-rendered to bytes), :mod:`.state` (what the app holds), :m
 (the aiohttp app and its handlers), :mod:`.runner` (:class:`Simulator` and ``main``).
 """
 
-from gateway.simulator.runner import Simulator, main
-from gateway.simulator.scenario import ReceivedRequest, Scenario, approximate_prompt_tokens
-from gateway.simulator.server import create_simulator_app
-from gateway.simulator.state import (
+from devtools.simulator.runner import Simulator, main
+from devtools.simulator.scenario import ReceivedRequest, Scenario, approximate_prompt_tokens
+from devtools.simulator.server import create_simulator_app
+from devtools.simulator.state import (
     DEFAULT_EMBEDDING_DIMENSIONS,
     DEFAULT_MODELS,
     MAX_EMBEDDING_DIMENSIONS,

@@ -1,6 +1,6 @@
 """Every call to Stripe, through the official ``stripe`` library, and webhook verification.
 
-``StripeGateway`` wraps one ``stripe.StripeClient`` whose transport is the library's aiohttp
+``StripeClient`` wraps one ``stripe.StripeClient`` whose transport is the library's aiohttp
 client and whose API base can be pointed at a local stand-in (``STRIPE_API_BASE``). It creates
 and retrieves Checkout Sessions and lists a charge's refunds; nothing else talks to Stripe.
 
@@ -23,9 +23,8 @@ import stripe
 from billing.errors import BillingError
 
 if TYPE_CHECKING:
-    from billing.packages import Package
-    from billing.purchases import Purchase
-    from creditgate.settings import Settings
+    from billing.purchases.packages import Package
+    from billing.purchases.purchase_records import Purchase
 
 WEBHOOK_TOLERANCE_S = 300
 """Oldest accepted ``Stripe-Signature`` timestamp, in seconds (Stripe's own default)."""
@@ -72,8 +71,8 @@ def _translate(exc: stripe.StripeError) -> BillingError:
     )
 
 
-class StripeGateway:
-    """The Stripe API calls this service makes. Open with ``from_settings``; ``close`` on
+class StripeClient:
+    """The Stripe API calls this service makes. Open with ``connect``; ``close`` on
     shutdown (it owns an aiohttp session)."""
 
     def __init__(self, client: stripe.StripeClient, http_client: stripe.HTTPClient) -> None:
@@ -83,11 +82,16 @@ class StripeGateway:
         self._http_client = http_client
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, *, timeout_s: float = 20.0, max_network_retries: int = 2
-    ) -> StripeGateway:
-        """A gateway for ``settings.stripe_api_key`` at ``settings.stripe_api_base`` (or
-        Stripe's own API). Makes no request.
+    def connect(
+        cls,
+        api_key: str,
+        *,
+        api_base: str | None = None,
+        timeout_s: float = 20.0,
+        max_network_retries: int = 2,
+    ) -> StripeClient:
+        """A client for ``api_key`` at ``api_base`` (a local stand-in; default Stripe's own
+        API). Makes no request.
 
         Args:
             timeout_s: total time per HTTP attempt.
@@ -95,9 +99,9 @@ class StripeGateway:
                 5xx answers; POSTs carry an idempotency key, so a retry cannot create twice.
         """
         http_client = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timeout_s))
-        base_addresses = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+        base_addresses = {"api": api_base} if api_base else None
         client = stripe.StripeClient(
-            settings.stripe_api_key,
+            api_key,
             base_addresses=base_addresses,  # type: ignore[arg-type]
             http_client=http_client,
             max_network_retries=max_network_retries,

@@ -1,7 +1,7 @@
 """What the simulator app holds: the scenario queue, received requests, disconnects.
 
 :class:`SimulatorState` is reached from a handler as ``app[SIMULATOR_STATE]``; a
-:class:`~gateway.simulator.runner.Simulator` is one, so tests script and assert on it directly.
+:class:`~devtools.simulator.runner.Simulator` is one, so tests script and assert on it directly.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Final
 import orjson
 from aiohttp import web
 
-from gateway.simulator.scenario import ReceivedRequest, Scenario
-from gateway.simulator.shapes import _Script
+from devtools.simulator.scenario import ReceivedRequest, Scenario
+from devtools.simulator.shapes import _Script
 
 DEFAULT_MODELS: Final = (
     "gpt-4o",

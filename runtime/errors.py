@@ -9,8 +9,6 @@ extra fields an error promises (402: ``requiredCredits``, ``currentCredits``, ..
 from __future__ import annotations
 
 import logging
-from random import getrandbits
-from time import time
 from typing import Any
 
 import orjson
@@ -25,6 +23,7 @@ from billing.errors import (
     UnknownModelError,
 )
 from billing.units import millicredits_to_credits
+from runtime.request_ids import new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +71,6 @@ class UpstreamError(GatewayError):
     status = 502
     error_type = "upstream_error"
     code = "upstream_unavailable"
-
-
-def new_request_id() -> str:
-    """``req_`` + 32 hex characters; a billed call's usage row and ``x-request-id`` carry it.
-
-    The first 12 hex digits are the Unix time in milliseconds, the other 20 are 80 random bits
-    (the layout of a UUIDv7): ids sort by creation time, so Postgres appends them at the right
-    edge of the unique indexes on ``usage_events.request_id`` and ``ledger_entries``'s
-    idempotency key instead of writing into random pages (a 500-settlement batch posts ~15%
-    faster on a table of 400,000 rows, and far fewer pages are rewritten whole after each
-    checkpoint). The random bits come from ``random`` (seeded from the OS at start-up and again
-    in every forked child), without a ``getrandom`` system call per request (``os.urandom``
-    cost ~4 µs of a request's CPU under load, py-spy). An id is a label, never a secret.
-    """
-    return f"req_{int(time() * 1000):012x}{getrandbits(80):020x}"
 
 
 def error_body(

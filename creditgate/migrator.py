@@ -6,6 +6,7 @@ PostgreSQL advisory lock makes concurrent ``creditgate migrate`` runs safe.
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from pathlib import Path
 
@@ -16,8 +17,9 @@ _ADVISORY_LOCK_ID = 0x63726564  # "cred"
 
 
 def default_migrations_dir() -> Path:
-    """The repository's ``migrations/`` folder (beside the ``creditgate`` package)."""
-    return Path(__file__).resolve().parent.parent / "migrations"
+    """The shipped migrations: package data ``creditgate.migrations`` (the repository's
+    top-level ``migrations/`` folder, mapped in ``pyproject.toml``)."""
+    return Path(str(importlib.resources.files("creditgate.migrations")))
 
 
 def discover(migrations_dir: Path) -> list[Path]:

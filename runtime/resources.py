@@ -13,11 +13,12 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from billing.errors import BillingUnavailableError
-from billing.holds import HoldStore, PostedBalance
-from billing.ledger import posted_balance
-from billing.script_channel import ScriptChannel
-from gateway import appkeys
+from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.ledger import PostedBalance, posted_balance
+from billing.metering.holds import HoldStore
+from billing.metering.script_channel import ScriptChannel
+from billing.purchases.stripe_client import StripeClient
+from runtime import appkeys
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -35,7 +36,7 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
 async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIterator[None]:
     """Open the Redis client and register the hold scripts; needs ``DB_POOL`` first (a
     missing cached balance is loaded from Postgres). ``pipelined`` adds the hot path's
-    ``ScriptChannel`` (the gateway; see ``billing.script_channel``)."""
+    ``ScriptChannel`` (the gateway; see ``billing.metering.script_channel``)."""
     client = aioredis.from_url(
         app[appkeys.SETTINGS].redis_url,
         decode_responses=True,
@@ -47,7 +48,7 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
     async def load_balance(account_id: int) -> PostedBalance:
         try:
             return await posted_balance(pool, account_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except POSTGRES_UNAVAILABLE as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
 
     url = app[appkeys.SETTINGS].redis_url
@@ -63,3 +64,16 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
 def gateway_redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """``redis_ctx`` with the pipelined script channel (the gateway's hot path)."""
     return redis_ctx(app, pipelined=True)
+
+
+async def stripe_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the ``StripeClient`` (``appkeys.STRIPE``) when ``STRIPE_API_KEY`` is set, close
+    it at shutdown. Shared by the gateway and the admin service; a second use is a no-op."""
+    settings = app[appkeys.SETTINGS]
+    if not settings.stripe_api_key or appkeys.STRIPE in app:
+        yield
+        return
+    stripe = StripeClient.connect(settings.stripe_api_key, api_base=settings.stripe_api_base)
+    app[appkeys.STRIPE] = stripe
+    yield
+    await stripe.close()

@@ -1,10 +1,10 @@
 """OpenAI's response shapes (Chat Completions, legacy Completions, Responses), as bytes.
 
-A format renders everything a :class:`~gateway.simulator.scenario.Scenario` can answer to
+A format renders everything a :class:`~devtools.simulator.scenario.Scenario` can answer to
 JSON or SSE byte templates once, with named holes (id, created, model, usage, content,
 finish reason); a request fills the holes and joins bytes. :class:`_Script` holds a scenario
 with all its formats rendered. The embeddings body is small enough to build per request (in
-:mod:`gateway.simulator.server`).
+:mod:`devtools.simulator.server`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.simulator.scenario import Scenario
+from devtools.simulator.scenario import Scenario
 
 _DONE: Final = b"data: [DONE]\n\n"
 _FINGERPRINT: Final = "fp_simulator"

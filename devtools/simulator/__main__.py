@@ -1,0 +1,5 @@
+"""``python -m devtools.simulator``: serve the simulated upstream until interrupted."""
+
+from devtools.simulator.runner import main
+
+main()

@@ -1,0 +1,1 @@
+"""The schema, shipped as package data (``creditgate.migrations``); see ``creditgate.migrator``."""

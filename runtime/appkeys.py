@@ -1,0 +1,24 @@
+"""Typed application state that both services use (``web.AppKey``s).
+
+The gateway's own state (authenticator, tokenizer, rate cards, upstream client) is declared in
+``gateway.appkeys``; the admin service's in ``admin_api``. No string keys anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from billing.metering.holds import HoldStore
+from billing.purchases.stripe_client import StripeClient
+from billing.purchases.stripe_events import WebhookStats
+from runtime.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+REDIS = web.AppKey("redis", aioredis.Redis)
+HOLDS = web.AppKey("holds", HoldStore)
+# Set only when STRIPE_API_KEY is configured (``runtime.resources.stripe_ctx``).
+STRIPE = web.AppKey("stripe", StripeClient)
+STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", WebhookStats)
