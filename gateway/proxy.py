@@ -4,11 +4,15 @@ One ``BilledCall`` per request. Settlement (the Redis settle script, which appen
 durable outbox) runs *before* the last bytes reach the client, so a response that was
 delivered is always charged, even if the process dies right after; the Postgres write happens
 later in the settlement writer, off the client's latency path.
+
+The hold's life is ``HoldState``, moved only by ``BilledCall.settle`` and ``void``. Streamed
+answers are relayed by ``gateway.relay``; non-streamed ones are read whole, settled, then
+written in one piece.
 """
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +24,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from billing.errors import BillingError, BillingUnavailableError, UnknownModelError
+from billing.errors import BillingUnavailableError, UnknownModelError
 from billing.metering import outbox
 from billing.metering.estimate import (
     Estimate,
@@ -34,16 +38,9 @@ from billing.metering.pricing import RateCard, charge_millicredits, worst_case_m
 from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
 from gateway.auth import Identity
-from gateway.sse import HeldHeadersResponse, send_whole
-from gateway.usage import (
-    DONE_EVENT,
-    Usage,
-    generated_text,
-    parse_usage,
-    response_text,
-    tail_to_inspect,
-    usage_event,
-)
+from gateway.held_headers import write_whole_response
+from gateway.relay import relay_stream
+from gateway.usage import Usage, parse_usage, response_text
 from runtime import appkeys
 from runtime.errors import InvalidRequestError, error_body, json_response
 from runtime.request_ids import new_request_id
@@ -76,14 +73,44 @@ ENDPOINTS = (
     Endpoint("embeddings", "/embeddings", estimate_embeddings, False, streams=False),
 )
 
-# A write to a client that has gone away raises one of these.
-_CLIENT_RESET = (ConnectionResetError, aiohttp.ClientConnectionResetError)
-_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_DONE_TAIL = DONE_EVENT + b"\n\n"
+
+class HoldState(enum.Enum):
+    """Where a call's hold is in its life. Only ``BilledCall.settle`` and ``void`` move it::
+
+        RESERVED     --settle--> CHARGED   (the Redis settle script was sent)
+        RESERVED     --void----> VOIDED    (released with no charge)
+        NOTHING_HELD --settle--> CHARGED   (usage is recorded, at cost 0 if charging is off)
+
+    CHARGED and VOIDED are final: a later settle or void does nothing, so a request is settled
+    at most once and a charged hold is never voided.
+    """
+
+    NOTHING_HELD = "nothing_held"
+    """No millicredits held: charging is off, or the worst case prices at 0. A void has
+    nothing to release and leaves the state as it is."""
+    RESERVED = "reserved"
+    """A hold of ``hold_millicredits`` (> 0) is placed in Redis."""
+    CHARGED = "charged"
+    """The settle script was sent; whether it ran may be unknown (see ``BilledCall.settle``)."""
+    VOIDED = "voided"
+    """The hold was released with no charge."""
+
+    @property
+    def is_final(self) -> bool:
+        """Charged or voided: nothing is left to settle."""
+        return self is HoldState.CHARGED or self is HoldState.VOIDED
 
 
 class BilledCall:
-    """One request's life from hold to settlement."""
+    """One request's life from hold to settlement, built once its hold is placed.
+
+    Attributes:
+        request_id: the idempotency key of the hold and its settlement (``x-request-id``).
+        started_ms: Unix time in ms when the request was accepted for pricing.
+        hold_millicredits: the hold placed for the worst case; 0 when nothing is held.
+        hold_state: see ``HoldState``; changed only by ``settle`` and ``void``.
+        upstream_started: ``time.monotonic()`` when the upstream request was sent.
+    """
 
     __slots__ = (
         "app",
@@ -91,28 +118,40 @@ class BilledCall:
         "endpoint",
         "estimate",
         "hold_millicredits",
+        "hold_state",
         "identity",
         "model",
         "request",
         "request_id",
-        "settled",
         "started_ms",
         "upstream_started",
     )
 
-    def __init__(self, request: web.Request, endpoint: Endpoint, identity: Identity) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        identity: Identity,
+        *,
+        request_id: str,
+        started_ms: int,
+        model: str,
+        card: RateCard,
+        estimate: Estimate,
+        hold_millicredits: int,
+    ) -> None:
         self.request = request
         self.app = request.app
         self.endpoint = endpoint
         self.identity = identity
-        self.request_id = new_request_id()
-        self.started_ms = int(time.time() * 1000)
+        self.request_id = request_id
+        self.started_ms = started_ms
+        self.model = model
+        self.card = card
+        self.estimate = estimate
+        self.hold_millicredits = hold_millicredits
+        self.hold_state = HoldState.RESERVED if hold_millicredits else HoldState.NOTHING_HELD
         self.upstream_started = 0.0
-        self.hold_millicredits = 0
-        self.settled = False
-        self.card: RateCard
-        self.estimate: Estimate
-        self.model = ""
 
     # -- settlement -----------------------------------------------------------------------
 
@@ -125,9 +164,13 @@ class BilledCall:
         reply is checked in the background. When that cannot be proven (no connection yet,
         a full socket buffer), waits for the reply instead.
 
+        Does nothing once the hold is charged or voided: a request settles at most once.
+
         Raises:
             BillingUnavailableError: Redis unreachable (the caller fails closed).
         """
+        if self.hold_state.is_final:
+            return
         settings = self.app[appkeys.SETTINGS]
         card = self.card
         charging = settings.charging_enabled
@@ -168,9 +211,12 @@ class BilledCall:
                 int((time.monotonic() - self.upstream_started) * 1000),
             ]
         ).decode()
-        # Marked first: if this await is cancelled or fails, the script may still have run,
-        # so the hold must not be voided afterwards (the sweeper expires it if it did not).
-        self.settled = True
+        # CHARGED before the command is awaited: once sent, the script may run even if this
+        # await is cancelled or fails (it can already be in the socket buffer), and a void sent
+        # after it on another connection could overtake it and release a hold that is being
+        # charged. So a call whose settle was sent is never voided; if the script never ran,
+        # the sweeper releases the hold at its deadline.
+        self.hold_state = HoldState.CHARGED
         pending = await self.app[appkeys.HOLDS].send_settle(
             self.identity.account_id,
             request_id=self.request_id,
@@ -183,10 +229,14 @@ class BilledCall:
             await pending.result()
 
     async def void(self) -> None:
-        """Release the hold with no charge (upstream failed before any output)."""
-        if self.settled or not self.hold_millicredits:
+        """Release the hold with no charge (nothing was generated for the client).
+
+        Does nothing unless the hold is ``RESERVED``. A Redis failure is logged, not raised:
+        the sweeper releases the hold at its deadline.
+        """
+        if self.hold_state is not HoldState.RESERVED:
             return
-        self.settled = True
+        self.hold_state = HoldState.VOIDED
         try:
             await self.app[appkeys.HOLDS].void(self.identity.account_id, request_id=self.request_id)
         except BillingUnavailableError:
@@ -216,14 +266,7 @@ async def _prepare(
     app = request.app
     identity = await app[gateway_keys.AUTH].authenticate(request)
     raw = await request.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(
-            f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    body = _json_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("You must provide a model parameter.", param="model")
@@ -234,25 +277,67 @@ async def _prepare(
     stream = body.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequestError(f"{endpoint.name} does not stream.", param="stream")
-    call = BilledCall(request, endpoint, identity)
-    call.model = model
-    call.card = card
+    request_id = new_request_id()
+    started_ms = int(time.time() * 1000)
     try:
-        call.estimate = endpoint.estimate(body, card, app[gateway_keys.TOKENS])
+        estimate = endpoint.estimate(body, card, app[gateway_keys.TOKENS])
     except EstimateError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from None
-    if settings.charging_enabled:
-        hold = worst_case_millicredits(
-            card,
-            prompt_tokens=call.estimate.prompt_tokens,
-            max_output_tokens=call.estimate.max_completion_tokens,
-            rounding_mode=settings.rounding_mode,
-        )
-        await app[appkeys.HOLDS].reserve(
-            identity.account_id, hold, request_id=call.request_id, ttl_s=settings.hold_ttl_s
-        )
-        call.hold_millicredits = hold
+    hold_millicredits = await _reserve(app, identity, card, estimate, request_id)
+    call = BilledCall(
+        request,
+        endpoint,
+        identity,
+        request_id=request_id,
+        started_ms=started_ms,
+        model=model,
+        card=card,
+        estimate=estimate,
+        hold_millicredits=hold_millicredits,
+    )
     return call, raw, body, stream
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object.
+
+    Raises:
+        InvalidRequestError: not JSON, or not an object (400, ``invalid_json``).
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+async def _reserve(
+    app: web.Application, identity: Identity, card: RateCard, estimate: Estimate, request_id: str
+) -> int:
+    """Hold the request's worst-case cost; returns the millicredits held (0, and no hold,
+    when charging is off).
+
+    Raises:
+        InsufficientCreditsError, AccountSuspendedError: the account cannot cover it (402).
+        BillingUnavailableError: Redis or Postgres unreachable (503).
+    """
+    settings = app[appkeys.SETTINGS]
+    if not settings.charging_enabled:
+        return 0
+    hold_millicredits = worst_case_millicredits(
+        card,
+        prompt_tokens=estimate.prompt_tokens,
+        max_output_tokens=estimate.max_completion_tokens,
+        rounding_mode=settings.rounding_mode,
+    )
+    await app[appkeys.HOLDS].reserve(
+        identity.account_id, hold_millicredits, request_id=request_id, ttl_s=settings.hold_ttl_s
+    )
+    return hold_millicredits
 
 
 async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientResponse | None:
@@ -289,12 +374,7 @@ async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamR
     call, data, body, stream = await _prepare(request, endpoint)
     client_wants_usage = False
     if stream and endpoint.include_usage:
-        options = body.get("stream_options")
-        options = options if isinstance(options, dict) else {}
-        client_wants_usage = options.get("include_usage") is True
-        if not client_wants_usage:
-            # Only this case changes the body; every other request is forwarded as sent.
-            data = _asking_for_usage(data, body, options)
+        data, client_wants_usage = _stream_body(data, body)
     try:
         upstream = await _open_upstream(call, data)
         if upstream is None:
@@ -303,14 +383,24 @@ async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamR
             if upstream.status >= 400:
                 return await _relay_error(call, upstream)
             if stream:
-                return await _relay_stream(call, upstream, client_wants_usage)
+                return await relay_stream(call, upstream, client_wants_usage)
             return await _relay_body(call, upstream)
         finally:
             upstream.release()
     except BaseException:
-        if not call.settled:
-            await call.void()
+        await call.void()  # does nothing once charged: a sent settle is never undone
         raise
+
+
+def _stream_body(raw: bytes, body: dict[str, Any]) -> tuple[bytes, bool]:
+    """For a stream of an endpoint that reports usage when asked: the body to forward, and
+    whether the client asked for usage itself (``stream_options.include_usage``)."""
+    options = body.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    if options.get("include_usage") is True:
+        return raw, True
+    # Only this case changes the body; every other request is forwarded as sent.
+    return _asking_for_usage(raw, body, options), False
 
 
 _INCLUDE_USAGE_MEMBER = b'"stream_options":{"include_usage":true},'
@@ -371,201 +461,9 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
         text = response_text(obj) if isinstance(obj, dict) else ""
         await call.settle(call.estimated_usage(text), source="estimated", status="completed")
     # Settled already: the answer was generated, whether or not the client is still there.
-    return await send_whole(
+    return await write_whole_response(
         call.request,
         data,
         status=upstream.status,
         headers={"Content-Type": "application/json", "x-request-id": call.request_id},
     )
-
-
-async def _relay_stream(
-    call: BilledCall, upstream: aiohttp.ClientResponse, client_wants_usage: bool
-) -> web.StreamResponse:
-    """Streamed: forward SSE events as they arrive; settle before the final event.
-
-    Writes to the client follow the upstream's: one per chunk of whole events it sends, the
-    headers riding with the first, and the chunk ending in ``[DONE]`` sent together with the
-    end of the chunked body (so an answer the upstream sends in one piece leaves in one
-    system call). Bytes after ``[DONE]`` in later chunks are read and dropped.
-    """
-    headers = {**_SSE_HEADERS, **_headers(call)}
-    response = HeldHeadersResponse(status=upstream.status, headers=headers)
-    try:
-        await response.prepare(call.request)
-    except _CLIENT_RESET:
-        await call.void()  # the client left before the first byte: nothing generated for it
-        upstream.close()
-        return response
-    forwarded: list[bytes] = []
-    buffer = b""
-    ended = False
-    try:
-        async for chunk in upstream.content.iter_any():
-            # Per-chunk work is kept inline: this loop runs ~20 times per answer.
-            if ended:
-                continue  # read to the end so the upstream connection can be reused
-            if buffer:
-                chunk = buffer + chunk
-            cut = chunk.rfind(b"\n\n") + 2
-            if cut < 2:
-                buffer = chunk
-                continue
-            if cut == len(chunk):
-                complete, buffer = chunk, b""
-            else:
-                complete, buffer = chunk[:cut], chunk[cut:]
-            start = len(complete) if call.settled else tail_to_inspect(complete)
-            if start == len(complete):
-                forwarded.append(complete)  # nothing to look at: pass through unparsed
-            else:
-                complete = await _pass_events(call, complete, start, forwarded, client_wants_usage)
-                if not complete:
-                    continue
-            try:
-                if not buffer and complete.endswith(_DONE_TAIL):
-                    # The stream's last event: it goes out with the end of the chunked body
-                    # in one write. Anything the upstream sends after [DONE] is dropped.
-                    ended = True
-                    await response.write_eof(complete)
-                else:
-                    await response.write(complete)
-            except _CLIENT_RESET as exc:
-                raise _ClientGone from exc
-        if buffer.strip():
-            forwarded.append(buffer)
-            try:
-                await response.write(buffer + b"\n\n")
-            except _CLIENT_RESET as exc:
-                raise _ClientGone from exc
-    except (_ClientGone, asyncio.CancelledError) as exc:
-        # The client went away, noticed on a write or (aiohttp cancels the handler) while we
-        # waited for a slow or stalled upstream: stop the upstream, charge what was generated.
-        upstream.close()
-        if not call.settled:
-            await _settle_estimated(call, [*forwarded, buffer], status="client_disconnected")
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        return response
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        if ended:  # after [DONE]: the client already has its whole answer
-            log.info("upstream broke after [DONE] for %s: %r", call.request_id, exc)
-            return response
-        log.warning("upstream stream broke for %s: %r", call.request_id, exc)
-        await _finish_broken_stream(call, response, forwarded)
-        return response
-    except BillingUnavailableError:
-        await _send_stream_error(
-            response,
-            "Billing is temporarily unavailable; the response was cut short.",
-            "billing_unavailable",
-        )
-        return response
-    if not call.settled and not await _settle_passed_over(call, forwarded):
-        # The upstream closed cleanly but sent neither usage nor [DONE] (e.g. it ended with
-        # an error event): the generation did not complete.
-        await _finish_broken_stream(call, response, forwarded)
-        return response
-    try:
-        await response.write_eof()
-    except _CLIENT_RESET:
-        pass
-    return response
-
-
-async def _pass_events(
-    call: BilledCall,
-    complete: bytes,
-    start: int,
-    forwarded: list[bytes],
-    client_wants_usage: bool,
-) -> bytes:
-    """What to send the client of ``complete`` (whole SSE events), settling on the way.
-
-    Events before ``start`` (see ``gateway.usage.tail_to_inspect``) pass through unparsed;
-    from there each event is looked at: the usage settles the request (and the extra
-    usage-only chunk is dropped for clients that did not ask for it), ``[DONE]`` without
-    usage settles estimated.
-    Appends what is sent to ``forwarded`` (for counting if the client disconnects).
-    """
-    head = complete[:start]
-    if head:
-        forwarded.append(head)
-    out: list[bytes] = [head]
-    for event in complete[start:].split(b"\n\n"):
-        if not event.strip():
-            continue
-        if not call.settled:
-            found = usage_event(event)
-            if found is not None:
-                usage, usage_only = found
-                await call.settle(usage, source="upstream", status="completed")
-                if usage_only and not client_wants_usage:
-                    continue
-            elif event.startswith(DONE_EVENT):
-                await _settle_estimated(call, forwarded, status="completed")
-        forwarded.append(event + b"\n\n")
-        out.append(event + b"\n\n")
-    return b"".join(out)
-
-
-async def _settle_passed_over(call: BilledCall, forwarded: list[bytes]) -> bool:
-    """Settle from a usage object or ``[DONE]`` the tail scan passed over because something
-    followed it in its chunk (a sloppy upstream); True if there was one.
-
-    This settles after those bytes were delivered, the one case that does: a crash in between
-    leaves the hold to the sweeper.
-    """
-    events = b"".join(forwarded).split(b"\n\n")
-    for event in reversed(events):
-        found = usage_event(event)
-        if found is not None:
-            await call.settle(found[0], source="upstream", status="completed")
-            return True
-    if any(event.startswith(DONE_EVENT) for event in events):
-        await _settle_estimated(call, forwarded, status="completed")
-        return True
-    return False
-
-
-class _ClientGone(Exception):
-    """The client closed its connection while we were writing to it."""
-
-
-async def _settle_estimated(call: BilledCall, events: list[bytes], *, status: str) -> None:
-    text = generated_text(events)
-    if not text:
-        await call.void()
-        return
-    await call.settle(call.estimated_usage(text), source="estimated", status=status)
-
-
-async def _finish_broken_stream(
-    call: BilledCall,
-    response: web.StreamResponse,
-    forwarded: list[bytes],
-    *,
-    status: str = "upstream_error",
-) -> None:
-    """The upstream stream ended without usage: charge what was generated (or void when
-    nothing was), and tell the client with a final SSE error event."""
-    try:
-        await _settle_estimated(call, forwarded, status=status)
-    except BillingError:
-        log.error("could not settle broken stream %s", call.request_id)
-    await _send_stream_error(
-        response,
-        "The upstream stream ended unexpectedly; you were charged only for what was generated.",
-        "upstream_error",
-    )
-
-
-async def _send_stream_error(response: web.StreamResponse, message: str, code: str) -> None:
-    """A final SSE event carrying an ``error`` object (the status is already sent)."""
-    try:
-        await response.write(
-            b"data: " + orjson.dumps(error_body(message, "server_error", code=code)) + b"\n\n"
-        )
-        await response.write_eof()
-    except _CLIENT_RESET:
-        pass

@@ -146,33 +146,32 @@ def generated_text(events: list[bytes]) -> str:
     tool-call arguments, Responses output deltas), for counting when usage never arrived."""
     out: list[str] = []
     for event in b"".join(events).split(b"\n\n"):
-        data = event_data(event)
-        if not data or data == b"[DONE]":
-            continue
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict):
+        obj = _event_object(event)  # None for [DONE], blank and non-JSON events
+        if obj is None:
             continue
         if isinstance(obj.get("delta"), str):  # Responses API *.delta events
             out.append(obj["delta"])
             continue
         for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            if isinstance(choice.get("text"), str):
-                out.append(choice["text"])
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                if isinstance(delta.get("content"), str):
-                    out.append(delta["content"])
-                for call in delta.get("tool_calls") or ():
-                    function = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(function, dict):
-                        out.append(str(function.get("name") or ""))
-                        out.append(str(function.get("arguments") or ""))
+            if isinstance(choice, dict):
+                _append_choice_text(choice, out)
     return "".join(out)
+
+
+def _append_choice_text(choice: dict[str, Any], out: list[str]) -> None:
+    """Append a stream chunk's choice's text: completion text, chat content, tool calls."""
+    if isinstance(choice.get("text"), str):
+        out.append(choice["text"])
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return
+    if isinstance(delta.get("content"), str):
+        out.append(delta["content"])
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            out.append(str(function.get("name") or ""))
+            out.append(str(function.get("arguments") or ""))
 
 
 def response_text(obj: dict[str, Any]) -> str:

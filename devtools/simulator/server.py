@@ -25,7 +25,7 @@ from devtools.simulator.state import (
     SIMULATOR_STATE,
     SimulatorState,
 )
-from gateway.sse import HeldHeadersResponse, send_whole
+from gateway.held_headers import HeldHeadersResponse, write_whole_response
 
 _SSE_HEADERS: Final = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -200,7 +200,7 @@ async def _answer(
     if sent is not None:
         return sent
     state.conclude(record, "completed")  # before the answer, as a returned response had it
-    return await send_whole(request, fmt.body(values, truncated), headers=_JSON_HEADERS)
+    return await write_whole_response(request, fmt.body(values, truncated), headers=_JSON_HEADERS)
 
 
 async def _answer_embeddings(

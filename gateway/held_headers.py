@@ -21,17 +21,16 @@ class HeldHeadersResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-async def send_whole(
+async def write_whole_response(
     request: web.BaseRequest, body: bytes, *, status: int = 200, headers: dict[str, str]
 ) -> HeldHeadersResponse:
     """Write a complete answer (``Content-Length`` set) from the handler, in one write, and
     return the prepared response for the handler to return.
 
-    What ``return web.Response(body=...)`` sends, for less CPU: in two A/B runs of the
-    gateway on one bench stack (chat, c=32, 6 and 8 pairs) its CPU per request was 4 and 18 µs
-    lower. A client that has gone away (``ConnectionResetError``, which aiohttp's
-    ``ClientConnectionResetError`` is) is not an error here: both callers have finished their
-    work (settled, or concluded the simulated request) before answering.
+    What ``return web.Response(body=...)`` sends, for less CPU per request (measured in
+    docs/benchmarks.md). A client that has gone away (``ConnectionResetError``, which
+    aiohttp's ``ClientConnectionResetError`` is) is not an error here: both callers have
+    finished their work (settled, or concluded the simulated request) before answering.
     """
     response = HeldHeadersResponse(status=status, headers=headers)
     response.content_length = len(body)
