@@ -24,9 +24,9 @@ import redis
 # of the checkout, not of the installed package, so the checkout's root must be importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from billing.metering.holds import OUTBOX_STREAM_KEY  # noqa: E402
-from billing.metering.settlement import GROUP  # noqa: E402
-from devtools.localservices import (  # noqa: E402
+from billing.metering.holds import OUTBOX_STREAM_KEY
+from billing.metering.settlement import GROUP
+from devtools.localservices import (
     PostgresServer,
     RedisServer,
     free_port,
