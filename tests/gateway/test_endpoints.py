@@ -312,7 +312,7 @@ async def test_request_ids_differ_between_requests(gw, sim):
 def test_request_ids_sort_by_creation_time(monkeypatch):
     """Time first (ms, 12 hex digits), so Postgres's unique indexes take them at one edge."""
     now = [1_764_420_000.000]
-    monkeypatch.setattr("runtime.errors.time", lambda: now[0])
+    monkeypatch.setattr("runtime.request_ids.time", lambda: now[0])
     first = new_request_id()
     same_ms = new_request_id()
     now[0] += 0.001
