@@ -81,32 +81,38 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _sweep_expired_holds(app: web.Application) -> None:
+    """One round of the hold sweeper; Redis unreachable: logged, the next round retries."""
+    try:
+        voided = await app[appkeys.HOLDS].sweep_expired()
+    except BillingUnavailableError as exc:
+        log.warning("sweeper: %s", exc)
+        return
+    if voided:
+        log.info("sweeper voided %d expired holds", voided)
+
+
+async def _refresh_rate_cards(app: web.Application) -> None:
+    """Reload the rate cards; Postgres unreachable: logged, the cards in use stay."""
+    try:
+        await app[gateway_keys.RATE_CARDS].refresh(app[appkeys.DB_POOL])
+    except POSTGRES_UNAVAILABLE as exc:
+        log.warning("rate card refresh failed (old cards stay in use): %s", exc)
+
+
 async def _background(app: web.Application) -> AsyncIterator[None]:
     """The hold sweeper, the rate card refresh and the settlement writer, each supervised
     (``runtime.supervision``): a loop that fails is logged and restarted, never lost."""
     settings = app[appkeys.SETTINGS]
     holds = app[appkeys.HOLDS]
-
-    async def sweep() -> None:
-        try:
-            voided = await holds.sweep_expired()
-        except BillingUnavailableError as exc:
-            log.warning("sweeper: %s", exc)
-            return
-        if voided:
-            log.info("sweeper voided %d expired holds", voided)
-
-    async def refresh_rate_cards() -> None:
-        try:
-            await app[gateway_keys.RATE_CARDS].refresh(app[appkeys.DB_POOL])
-        except POSTGRES_UNAVAILABLE as exc:
-            log.warning("rate card refresh failed (old cards stay in use): %s", exc)
-
     tasks = [
-        _start_supervised("hold-sweeper", partial(periodically, settings.sweep_interval_s, sweep)),
+        _start_supervised(
+            "hold-sweeper",
+            partial(periodically, settings.sweep_interval_s, partial(_sweep_expired_holds, app)),
+        ),
         _start_supervised(
             "rate-card-refresh",
-            partial(periodically, settings.rate_card_refresh_s, refresh_rate_cards),
+            partial(periodically, settings.rate_card_refresh_s, partial(_refresh_rate_cards, app)),
         ),
     ]
     writer = None
