@@ -119,3 +119,14 @@ async def test_settlement_writer_restarted_after_an_error_it_does_not_expect(
     request_ids = before + after
     assert await _usage_rows(gw.settings.database_url, request_ids) == set(request_ids)
     assert errors == []
+
+
+async def test_supervised_sweeper_voids_an_expired_hold(gw: GatewayHarness, sim) -> None:
+    account, _ = await gw.create_account(1_000_000)
+    await gw.holds.reserve(account, 400_000, request_id="req_crashed_gateway", ttl_s=0.001)
+    assert (await gw.state(account)).held_millicredits == 400_000
+    for _ in range(500):  # the harness sweeps every 0.2 s
+        if (await gw.state(account)).held_millicredits == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (await gw.state(account)).held_millicredits == 0
