@@ -28,7 +28,7 @@ from billing.purchases.stripe_client import (
 )
 from billing.purchases.stripe_events import WebhookStats, process_event
 from runtime import appkeys
-from runtime.errors import error_body, json_response
+from runtime.errors import error_response, json_response
 from runtime.resources import stripe_ctx
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,6 @@ def add_webhook_routes(app: web.Application) -> None:
     app.router.add_post(WEBHOOK_PATH, handle_stripe_webhook)
 
 
-def _error(message: str, status: int, code: str) -> web.Response:
-    error_type = "invalid_request_error" if status < 500 else "server_error"
-    return json_response(error_body(message, error_type, code=code), status)
-
-
 async def handle_stripe_webhook(request: web.Request) -> web.Response:
     """Verify the delivery, apply its event once, push changed balances to Redis.
 
@@ -64,7 +59,9 @@ async def handle_stripe_webhook(request: web.Request) -> web.Response:
     if not settings.stripe_webhook_secrets:
         stats.failures["unconfigured"] += 1
         log.error("stripe webhook delivery refused: STRIPE_WEBHOOK_SECRETS is not set")
-        return _error("Webhook signing secrets are not configured.", 503, "webhook_unconfigured")
+        return error_response(
+            503, "Webhook signing secrets are not configured.", code="webhook_unconfigured"
+        )
     payload = await request.read()
     try:
         event = construct_webhook_event(
@@ -73,7 +70,7 @@ async def handle_stripe_webhook(request: web.Request) -> web.Response:
     except InvalidWebhookError as exc:
         stats.failures["signature"] += 1
         log.warning("stripe webhook delivery rejected: %s", exc)
-        return _error(f"Invalid webhook delivery: {exc}", 400, "invalid_webhook")
+        return error_response(400, f"Invalid webhook delivery: {exc}", code="invalid_webhook")
     stripe = app.get(appkeys.STRIPE)
     try:
         result = await process_event(app[appkeys.DB_POOL], stripe, event)
@@ -82,11 +79,11 @@ async def handle_stripe_webhook(request: web.Request) -> web.Response:
         log.warning(
             "stripe event %s (%s) not applied, retry expected: %s", event["id"], event["type"], exc
         )
-        return _error("Temporarily unable to process the event.", 503, "unavailable")
+        return error_response(503, "Temporarily unable to process the event.", code="unavailable")
     except Exception:
         stats.failures["error"] += 1
         log.exception("stripe event %s (%s) failed", event["id"], event["type"])
-        return _error("Internal error processing the event.", 500, "internal_error")
+        return error_response(500, "Internal error processing the event.", code="internal_error")
     stats.events[(str(event["type"]), result.outcome)] += 1
     update = result.update
     if update is not None and update.purchase is not None and update.entries:

@@ -68,10 +68,10 @@ async def create_api_key(
 
 async def revoke_api_key(conn: asyncpg.Connection, key_id: int) -> bool:
     """Revoke a key now; returns False when it did not exist or was already revoked."""
-    result = await conn.execute(
+    status: str = await conn.execute(
         "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
     )
-    return result.endswith(" 1")
+    return status.endswith(" 1")
 
 
 async def find_active_key(

@@ -34,8 +34,12 @@ def millicredits_to_credits(amount_millicredits: int) -> float:
 
 
 def millicredits_to_usd(amount_millicredits: int) -> float:
-    """Approximate USD equivalent rounded to cents (1,000,000 mc = $1.00), for display."""
-    return round(amount_millicredits / MILLICREDITS_PER_USD, 2)
+    """Approximate USD equivalent rounded to cents (1,000,000 mc = $1.00), for display.
+
+    Never ``-0.0``: a negative amount under half a cent rounds to ``0.0``.
+    """
+    # round(-0.001, 2) is -0.0, which JSON prints as "-0.0"; ``or 0.0`` maps both zeros to +0.0.
+    return round(amount_millicredits / MILLICREDITS_PER_USD, 2) or 0.0
 
 
 def money_fields(prefix: str, amount_millicredits: int) -> dict[str, object]:

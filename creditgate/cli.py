@@ -10,19 +10,22 @@
     creditgate credits grant --account ID --credits N --reason R
     creditgate settle        (post everything waiting in the settlement outbox, then exit)
 
-Configuration comes from the environment (see README); errors print
-``{"error": "..."}`` on stdout and exit with status 1 (2 for usage errors).
+Configuration comes from the environment (see README). A command reads only what it uses:
+``serve`` the whole ``Settings``; ``settle`` and ``credits grant`` DATABASE_URL and REDIS_URL;
+the others DATABASE_URL, and REDIS_URL when it is set (``accounts show`` without it cannot
+know held and pending amounts, and says so). Errors print ``{"error": "..."}`` on stdout and
+exit with status 1 (2 for usage errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -30,12 +33,14 @@ import orjson
 import redis.asyncio as aioredis
 
 from billing import api_keys, ledger
-from billing.errors import BillingError
+from billing.errors import AccountNotFoundError, BillingError
 from billing.metering.holds import HoldStore
 from billing.metering.rate_cards import seed_rate_cards
+from billing.purchases.fulfilment import publish_balance
+from billing.purchases.packages import seed_packages
 from billing.units import credits_to_millicredits, money_fields
 from creditgate.migrator import apply_migrations
-from runtime.settings import ConfigError, Settings
+from runtime.settings import ConfigError, Settings, StoreSettings
 
 
 def _print(doc: Any) -> None:
@@ -43,76 +48,82 @@ def _print(doc: Any) -> None:
     sys.stdout.flush()
 
 
-class _Services:
-    """Postgres pool and Redis hold store for one CLI command."""
+class _Stores:
+    """The Postgres pool of one command and, when ``REDIS_URL`` is set, its Redis hold store
+    (``holds`` is None without it)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
+        self.holds: HoldStore | None = None
+        self._redis: aioredis.Redis | None = None
 
-    async def __aenter__(self) -> _Services:
+    async def __aenter__(self) -> _Stores:
         self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=2)
-        self.redis = aioredis.from_url(self.settings.redis_url, decode_responses=True)
-        self.holds = HoldStore(self.redis, lambda a: ledger.posted_balance(self.pool, a))
+        if self.settings.redis_url is not None:
+            self._redis = aioredis.from_url(self.settings.redis_url, decode_responses=True)
+            self.holds = HoldStore(self._redis, partial(ledger.posted_balance, self.pool))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
         await self.pool.close()
 
-    async def push_balance(self, account_id: int, posted: Any) -> None:
-        """Tell Redis about a new posted balance (a missing key is loaded on next use)."""
-        with contextlib.suppress(Exception):
-            await self.holds.sync_balance(account_id, posted)
 
-
-async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def cmd_migrate(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     applied = await apply_migrations(settings.database_url)
     return {"applied": applied}
 
 
-async def cmd_seed(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def cmd_seed(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     conn = await asyncpg.connect(settings.database_url)
     try:
-        result: dict[str, Any] = {"rateCardsAdded": await seed_rate_cards(conn)}
-        try:
-            from billing.purchases.packages import seed_packages
-        except ImportError:
-            pass
-        else:
-            seeded = await seed_packages(conn)
-            result["packages"] = seeded if isinstance(seeded, list | dict) else str(seeded)
-        return result
+        return {
+            "rateCardsAdded": await seed_rate_cards(conn),
+            "packages": await seed_packages(conn),
+        }
     finally:
         await conn.close()
 
 
-async def _account_doc(svc: _Services, account_id: int) -> dict[str, Any]:
-    row = await svc.pool.fetchrow(
-        "SELECT id, email, created_at, shortfall_millicredits FROM accounts WHERE id = $1",
-        account_id,
+_HOLDS_UNKNOWN = (
+    "REDIS_URL is not set: held and pending-settlement amounts, and so the available "
+    "balance, are unknown; balance is the posted balance in Postgres."
+)
+
+
+async def _account_doc(stores: _Stores, account_id: int) -> dict[str, Any]:
+    row = await stores.pool.fetchrow(
+        "SELECT id, email, created_at FROM accounts WHERE id = $1", account_id
     )
     if row is None:
-        raise BillingError(f"account {account_id} not found")
-    posted = await ledger.posted_balance(svc.pool, account_id)
-    state = await svc.holds.account_state(account_id)
-    held = state.held_millicredits
-    pending = state.pending_millicredits
-    available = max(posted.balance_millicredits - held - pending, 0)
-    return {
+        raise AccountNotFoundError(account_id)
+    posted = await ledger.posted_balance(stores.pool, account_id)
+    doc = {
         "id": row["id"],
         "email": row["email"],
         "createdAt": row["created_at"].isoformat(),
         **money_fields("balance", posted.balance_millicredits),
-        **money_fields("held", held),
-        **money_fields("pendingSettlement", pending),
-        **money_fields("available", available),
-        **money_fields("shortfall", posted.shortfall_millicredits),
     }
+    if stores.holds is None:
+        for prefix in ("held", "pendingSettlement", "available"):
+            doc.update(dict.fromkeys(money_fields(prefix, 0)))
+        doc["note"] = _HOLDS_UNKNOWN
+    else:
+        state = await stores.holds.account_state(account_id)
+        held = state.held_millicredits
+        pending = state.pending_millicredits
+        available = max(posted.balance_millicredits - held - pending, 0)
+        doc.update(money_fields("held", held))
+        doc.update(money_fields("pendingSettlement", pending))
+        doc.update(money_fields("available", available))
+    doc.update(money_fields("shortfall", posted.shortfall_millicredits))
+    return doc
 
 
-async def cmd_accounts_create(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    async with _Services(settings) as svc:
-        async with svc.pool.acquire() as conn:
+async def cmd_accounts_create(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
+    async with _Stores(settings) as stores:
+        async with stores.pool.acquire() as conn:
             account_id = await ledger.create_account(conn, args.email)
             if args.credits:
                 result = await ledger.post_entry(
@@ -123,21 +134,21 @@ async def cmd_accounts_create(settings: Settings, args: argparse.Namespace) -> d
                     idempotency_key=f"grant:{uuid.uuid4()}",
                     reference="initial credits",
                 )
-                await svc.push_balance(account_id, result.posted)
-        return await _account_doc(svc, account_id)
+                await publish_balance(stores.holds, account_id, result.posted)
+        return await _account_doc(stores, account_id)
 
 
-async def cmd_accounts_show(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    async with _Services(settings) as svc:
-        return await _account_doc(svc, args.id)
+async def cmd_accounts_show(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
+    async with _Stores(settings) as stores:
+        return await _account_doc(stores, args.id)
 
 
-async def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def cmd_keys_create(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     conn = await asyncpg.connect(settings.database_url)
     try:
         key, record = await api_keys.create_api_key(conn, args.account, name=args.name)
     except asyncpg.ForeignKeyViolationError:
-        raise BillingError(f"account {args.account} not found") from None
+        raise AccountNotFoundError(args.account) from None
     finally:
         await conn.close()
     return {
@@ -150,7 +161,7 @@ async def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> dict[
     }
 
 
-async def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def cmd_keys_revoke(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     conn = await asyncpg.connect(settings.database_url)
     try:
         revoked = await api_keys.revoke_api_key(conn, args.id)
@@ -159,10 +170,10 @@ async def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> dict[
     return {"id": args.id, "revoked": revoked}
 
 
-async def cmd_credits_grant(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def cmd_credits_grant(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     amount = credits_to_millicredits(args.credits)
-    async with _Services(settings) as svc:
-        async with svc.pool.acquire() as conn:
+    async with _Stores(settings) as stores:
+        async with stores.pool.acquire() as conn:
             result = await ledger.post_entry(
                 conn,
                 account_id=args.account,
@@ -171,7 +182,9 @@ async def cmd_credits_grant(settings: Settings, args: argparse.Namespace) -> dic
                 idempotency_key=args.idempotency_key or f"grant:{uuid.uuid4()}",
                 reference=args.reason,
             )
-        await svc.push_balance(args.account, result.posted)
+        # The gateway reserves against Redis's cached balance: without this push a grant
+        # would show only after the account's next posting (REDIS_URL is required here).
+        await publish_balance(stores.holds, args.account, result.posted)
         return {
             "entryId": result.entry.id,
             "created": result.created,
@@ -182,13 +195,14 @@ async def cmd_credits_grant(settings: Settings, args: argparse.Namespace) -> dic
         }
 
 
-async def cmd_settle(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def cmd_settle(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     from billing.metering.settlement import SettlementWriter
 
-    async with _Services(settings) as svc:
+    async with _Stores(settings) as stores:
+        assert stores.holds is not None  # REDIS_URL is required for this command
         writer = SettlementWriter(
-            svc.holds,
-            svc.pool,
+            stores.holds,
+            stores.pool,
             consumer=f"cli-{uuid.uuid4().hex[:8]}",
             claim_idle_ms=settings.settlement_claim_idle_ms,
         )
@@ -209,16 +223,30 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     serve(settings)
 
 
+def _stores() -> StoreSettings:
+    return StoreSettings.from_env()
+
+
+def _stores_with_redis() -> StoreSettings:
+    return StoreSettings.from_env(redis_required=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="creditgate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(fn=cmd_migrate)
-    sub.add_parser("seed", help="insert default rate cards and packages").set_defaults(fn=cmd_seed)
+    # ``config`` reads what a command uses and nothing else: only ``serve`` needs the whole
+    # ``Settings``; the others Postgres, and Redis where they touch holds or balances.
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(
+        fn=cmd_migrate, config=_stores
+    )
+    sub.add_parser("seed", help="insert default rate cards and packages").set_defaults(
+        fn=cmd_seed, config=_stores
+    )
     sub.add_parser("serve", help="run the gateway and admin service").set_defaults(
-        fn=cmd_serve, sync=True
+        fn=cmd_serve, config=Settings.from_env, sync=True
     )
     sub.add_parser("settle", help="post the settlement outbox to Postgres now").set_defaults(
-        fn=cmd_settle
+        fn=cmd_settle, config=_stores_with_redis
     )
 
     accounts = sub.add_parser("accounts", help="create and show accounts").add_subparsers(
@@ -227,10 +255,10 @@ def _parser() -> argparse.ArgumentParser:
     create = accounts.add_parser("create")
     create.add_argument("--email", required=True)
     create.add_argument("--credits", default=None, help="initial credits (adjustment entry)")
-    create.set_defaults(fn=cmd_accounts_create)
+    create.set_defaults(fn=cmd_accounts_create, config=_stores)
     show = accounts.add_parser("show")
     show.add_argument("id", type=int)
-    show.set_defaults(fn=cmd_accounts_show)
+    show.set_defaults(fn=cmd_accounts_show, config=_stores)
 
     keys = sub.add_parser("keys", help="create and revoke API keys").add_subparsers(
         dest="action", required=True
@@ -238,10 +266,10 @@ def _parser() -> argparse.ArgumentParser:
     kc = keys.add_parser("create")
     kc.add_argument("--account", type=int, required=True)
     kc.add_argument("--name", default="")
-    kc.set_defaults(fn=cmd_keys_create)
+    kc.set_defaults(fn=cmd_keys_create, config=_stores)
     kr = keys.add_parser("revoke")
     kr.add_argument("id", type=int)
-    kr.set_defaults(fn=cmd_keys_revoke)
+    kr.set_defaults(fn=cmd_keys_revoke, config=_stores)
 
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="action", required=True
@@ -251,7 +279,7 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--credits", required=True, help="credits (up to 3 decimals; < 0 takes)")
     grant.add_argument("--reason", required=True)
     grant.add_argument("--idempotency-key", default=None)
-    grant.set_defaults(fn=cmd_credits_grant)
+    grant.set_defaults(fn=cmd_credits_grant, config=_stores_with_redis)
     return parser
 
 
@@ -263,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     args = _parser().parse_args(argv)
+    config: Callable[[], Settings | StoreSettings] = args.config
     try:
-        settings = Settings.from_env()
+        settings = config()
     except ConfigError as exc:
         _print({"error": str(exc), "problems": exc.problems})
         return 1

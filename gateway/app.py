@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import aiohttp
@@ -35,6 +35,7 @@ from runtime import appkeys
 from runtime.errors import answer_errors
 from runtime.resources import gateway_redis_ctx, postgres_ctx, stripe_ctx
 from runtime.settings import Settings
+from runtime.supervision import periodically, supervise
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +81,39 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _sweep_expired_holds(app: web.Application) -> None:
+    """One round of the hold sweeper; Redis unreachable: logged, the next round retries."""
+    try:
+        voided = await app[appkeys.HOLDS].sweep_expired()
+    except BillingUnavailableError as exc:
+        log.warning("sweeper: %s", exc)
+        return
+    if voided:
+        log.info("sweeper voided %d expired holds", voided)
+
+
+async def _refresh_rate_cards(app: web.Application) -> None:
+    """Reload the rate cards; Postgres unreachable: logged, the cards in use stay."""
+    try:
+        await app[gateway_keys.RATE_CARDS].refresh(app[appkeys.DB_POOL])
+    except POSTGRES_UNAVAILABLE as exc:
+        log.warning("rate card refresh failed (old cards stay in use): %s", exc)
+
+
 async def _background(app: web.Application) -> AsyncIterator[None]:
+    """The hold sweeper, the rate card refresh and the settlement writer, each supervised
+    (``runtime.supervision``): a loop that fails is logged and restarted, never lost."""
     settings = app[appkeys.SETTINGS]
     holds = app[appkeys.HOLDS]
-
-    async def sweep() -> None:
-        while True:
-            await asyncio.sleep(settings.sweep_interval_s)
-            try:
-                voided = await holds.sweep_expired()
-                if voided:
-                    log.info("sweeper voided %d expired holds", voided)
-            except BillingUnavailableError as exc:
-                log.warning("sweeper: %s", exc)
-
-    async def refresh_rate_cards() -> None:
-        while True:
-            await asyncio.sleep(settings.rate_card_refresh_s)
-            try:
-                await app[gateway_keys.RATE_CARDS].refresh(app[appkeys.DB_POOL])
-            except POSTGRES_UNAVAILABLE as exc:
-                log.warning("rate card refresh failed (old cards stay in use): %s", exc)
-
     tasks = [
-        asyncio.create_task(sweep(), name="hold-sweeper"),
-        asyncio.create_task(refresh_rate_cards(), name="rate-card-refresh"),
+        _start_supervised(
+            "hold-sweeper",
+            partial(periodically, settings.sweep_interval_s, partial(_sweep_expired_holds, app)),
+        ),
+        _start_supervised(
+            "rate-card-refresh",
+            partial(periodically, settings.rate_card_refresh_s, partial(_refresh_rate_cards, app)),
+        ),
     ]
     writer = None
     reader = None
@@ -119,7 +128,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             claim_idle_ms=settings.settlement_claim_idle_ms,
             reader=reader,
         )
-        tasks.append(asyncio.create_task(writer.run(), name="settlement-writer"))
+        tasks.append(_start_supervised("settlement-writer", writer.run))
     yield
     for task in tasks:
         await _cancel_and_wait(task)
@@ -130,6 +139,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait_for(writer.drain_all(), timeout=5)
     if reader is not None:
         await reader.close()
+
+
+def _start_supervised(name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+    return asyncio.create_task(supervise(name, run), name=name)
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:

@@ -21,10 +21,7 @@ from billing.api_keys import find_active_key
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from runtime.errors import AuthenticationError
 
-_MISSING = AuthenticationError(
-    "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
-    code="missing_api_key",
-)
+_MISSING_MESSAGE = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
 _INVALID_MESSAGE = "Incorrect API key provided."
 _MAX_CACHE_ENTRIES = 100_000
 
@@ -95,7 +92,9 @@ class KeyAuthenticator:
         scheme, _, key = header.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
-            raise _MISSING
+            # A new exception each time: a shared instance's traceback would grow with every
+            # raise and keep each refused request's frames alive.
+            raise AuthenticationError(_MISSING_MESSAGE, code="missing_api_key")
         identity = await self.identify(key)
         if identity is None:
             raise AuthenticationError(_INVALID_MESSAGE)

@@ -10,7 +10,7 @@ from aiohttp import web
 from billing.errors import UnknownModelError
 from gateway import appkeys as gateway_keys
 from runtime import appkeys
-from runtime.errors import error_body, json_response
+from runtime.errors import NotFoundError, json_response
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -45,14 +45,7 @@ def _model_objects(app: web.Application) -> list[dict[str, Any]]:
 
 async def handle_unknown_v1(request: web.Request) -> web.Response:
     """Any other ``/v1`` path: 404 in OpenAI's shape; nothing is forwarded unbilled."""
-    return json_response(
-        error_body(
-            f"Invalid URL ({request.method} {request.path})",
-            "invalid_request_error",
-            code="unknown_url",
-        ),
-        404,
-    )
+    raise NotFoundError(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
 
 
 async def handle_unmatched(request: web.Request) -> web.Response:

@@ -1,15 +1,20 @@
-"""Gateway errors, and ``answer_errors``: the route wrapper that maps every error class to
-OpenAI's error envelope.
+"""Error answers in OpenAI's envelope, built in one place and chosen by exception class.
 
-Statuses are chosen by exception class, never by message text. Body shape:
+Body shape (``error_body``, the only builder of an error body):
 ``{"error": {"message": str, "type": str, "param": str | None, "code": str | None}}`` plus the
 extra fields an error promises (402: ``requiredCredits``, ``currentCredits``, ...).
+
+``answer_errors`` wraps a route so that an exception becomes its answer: the class of the
+exception picks the answer (``_ANSWERS``, looked up along the exception's MRO, so a subclass
+inherits its base's answer unless it has its own), never its message text. ``billing`` raises
+its own errors and knows nothing of HTTP; their statuses live here.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -29,13 +34,13 @@ log = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
-    """An error with a defined HTTP answer."""
+    """An error with a defined HTTP answer: ``status``, ``error_type`` and ``code`` per class."""
 
     status = 500
     error_type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -74,85 +79,230 @@ class UpstreamError(GatewayError):
 
 
 def error_body(
-    message: str, error_type: str, *, param: str | None = None, code: str | None = None
+    message: str,
+    error_type: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    extra: Mapping[str, object] | None = None,
+    extra_at_top_level: bool = False,
 ) -> dict[str, Any]:
-    """OpenAI's error envelope."""
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    """OpenAI's error envelope: the body of every error answer and of the final SSE error event.
+
+    Args:
+        extra: fields an error promises beyond OpenAI's four, added inside ``error``.
+        extra_at_top_level: ``extra`` is repeated beside ``error`` too (the 402's promise,
+            for clients that read the top level).
+    """
+    error: dict[str, Any] = {"message": message, "type": error_type, "param": param, "code": code}
+    body: dict[str, Any] = {"error": error}
+    if extra:
+        error.update(extra)
+        if extra_at_top_level:
+            body.update(extra)
+    return body
 
 
-def json_response(body: dict[str, Any], status: int, headers: dict[str, str] | None = None):
+def json_response(
+    body: Mapping[str, Any] | list[Any], status: int, headers: Mapping[str, str] | None = None
+) -> web.Response:
     """A JSON response serialized with orjson."""
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
 
 
-def insufficient_credits_body(
-    exc: InsufficientCreditsError, buy_credits_url: str
-) -> dict[str, Any]:
-    """The 402 body: OpenAI's envelope plus required/current credits and where to buy more."""
+def error_response(
+    status: int,
+    message: str,
+    *,
+    error_type: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    extra: Mapping[str, object] | None = None,
+    extra_at_top_level: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """An error answer: ``error_body`` as JSON with ``status``.
+
+    ``error_type`` defaults to ``invalid_request_error`` below 500 and ``server_error`` from
+    500 up (OpenAI's types); the other arguments are ``error_body``'s and ``json_response``'s.
+    """
+    if error_type is None:
+        error_type = "invalid_request_error" if status < 500 else "server_error"
     body = error_body(
-        f"Insufficient credits: this request needs up to "
-        f"{millicredits_to_credits(exc.required_millicredits):.3f} credits and "
-        f"{millicredits_to_credits(exc.available_millicredits):.3f} are available. "
-        f"Buy credits at {buy_credits_url}",
-        "insufficient_credits",
-        code="insufficient_credits",
+        message,
+        error_type,
+        param=param,
+        code=code,
+        extra=extra,
+        extra_at_top_level=extra_at_top_level,
     )
-    extra = {
-        "requiredCredits": millicredits_to_credits(exc.required_millicredits),
-        "currentCredits": millicredits_to_credits(exc.available_millicredits),
-        "requiredMillicredits": str(exc.required_millicredits),
-        "currentMillicredits": str(exc.available_millicredits),
-        "buyCreditsUrl": buy_credits_url,
-    }
-    body["error"].update(extra)
-    body.update(extra)
-    return body
+    return json_response(body, status, headers)
 
 
-def billing_error_response(exc: BillingError, buy_credits_url: str) -> web.Response:
-    """Map a billing error to its HTTP answer by class."""
-    if isinstance(exc, InsufficientCreditsError):
-        return json_response(insufficient_credits_body(exc, buy_credits_url), 402)
-    if isinstance(exc, AccountSuspendedError):
-        body = error_body(
-            "Paid use of this account is paused: a refund or chargeback left "
-            f"{millicredits_to_credits(exc.shortfall_millicredits):.3f} credits outstanding. "
-            f"Add credits at {buy_credits_url}",
-            "insufficient_credits",
-            code="account_suspended",
+# -- answers by exception class ---------------------------------------------------------
+
+_E = TypeVar("_E", bound=BaseException)
+# (exception, request, buy_credits_url) -> the answer; may re-raise the exception itself.
+_Answer = Callable[[_E, web.Request, str], web.Response]
+_ANSWERS: dict[type[BaseException], _Answer[Any]] = {}
+
+
+def _answers(cls: type[_E]) -> Callable[[_Answer[_E]], _Answer[_E]]:
+    """Register the decorated function as the answer to ``cls`` and its subclasses."""
+
+    def register(answer: _Answer[_E]) -> _Answer[_E]:
+        _ANSWERS[cls] = answer
+        return answer
+
+    return register
+
+
+def _answer_for(cls: type[BaseException]) -> _Answer[Any] | None:
+    for base in cls.__mro__:
+        answer = _ANSWERS.get(base)
+        if answer is not None:
+            return answer
+    return None
+
+
+@_answers(GatewayError)
+def _gateway_error(exc: GatewayError, request: web.Request, buy_credits_url: str) -> web.Response:
+    return error_response(
+        exc.status, exc.message, error_type=exc.error_type, param=exc.param, code=exc.code
+    )
+
+
+@_answers(InsufficientCreditsError)
+def _insufficient_credits(
+    exc: InsufficientCreditsError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    required = millicredits_to_credits(exc.required_millicredits)
+    current = millicredits_to_credits(exc.available_millicredits)
+    return error_response(
+        402,
+        f"Insufficient credits: this request needs up to {required:.3f} credits and "
+        f"{current:.3f} are available. Buy credits at {buy_credits_url}",
+        error_type="insufficient_credits",
+        code="insufficient_credits",
+        extra={
+            "requiredCredits": required,
+            "currentCredits": current,
+            "requiredMillicredits": str(exc.required_millicredits),
+            "currentMillicredits": str(exc.available_millicredits),
+            "buyCreditsUrl": buy_credits_url,
+        },
+        extra_at_top_level=True,
+    )
+
+
+@_answers(AccountSuspendedError)
+def _account_suspended(
+    exc: AccountSuspendedError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    return error_response(
+        402,
+        "Paid use of this account is paused: a refund or chargeback left "
+        f"{millicredits_to_credits(exc.shortfall_millicredits):.3f} credits outstanding. "
+        f"Add credits at {buy_credits_url}",
+        error_type="insufficient_credits",
+        code="account_suspended",
+        extra={
+            "shortfallMillicredits": str(exc.shortfall_millicredits),
+            "buyCreditsUrl": buy_credits_url,
+        },
+    )
+
+
+@_answers(UnknownModelError)
+def _unknown_model(
+    exc: UnknownModelError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    return error_response(404, str(exc), param="model", code="model_not_found")
+
+
+@_answers(BillingUnavailableError)
+def _billing_unavailable(
+    exc: BillingUnavailableError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    log.error("billing unavailable: %s", exc)
+    return error_response(
+        503,
+        "Billing is temporarily unavailable; the request was not sent. Retry shortly.",
+        code="billing_unavailable",
+    )
+
+
+@_answers(BillingError)
+def _unmapped_billing_error(
+    exc: BillingError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    log.error("unmapped billing error", exc_info=exc)
+    return error_response(500, "Internal error")
+
+
+@_answers(web.HTTPException)
+def _http_exception(
+    exc: web.HTTPException, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    if exc.status < 400:  # a redirect, say: not an error, aiohttp sends it as it is
+        raise exc
+    if exc.status == 404:
+        return error_response(
+            404, f"Unknown request URL: {request.method} {request.path}.", code="not_found"
         )
-        body["error"]["shortfallMillicredits"] = str(exc.shortfall_millicredits)
-        body["error"]["buyCreditsUrl"] = buy_credits_url
-        return json_response(body, 402)
-    if isinstance(exc, UnknownModelError):
-        return json_response(
-            error_body(str(exc), "invalid_request_error", param="model", code="model_not_found"),
-            404,
-        )
-    if isinstance(exc, BillingUnavailableError):
-        log.error("billing unavailable: %s", exc)
-        return json_response(
-            error_body(
-                "Billing is temporarily unavailable; the request was not sent. Retry shortly.",
-                "server_error",
-                code="billing_unavailable",
-            ),
-            503,
-        )
-    log.exception("unmapped billing error", exc_info=exc)
-    return json_response(error_body("Internal error", "server_error"), 500)
+    return error_response(exc.status, exc.reason)
+
+
+@_answers(web.HTTPMethodNotAllowed)
+def _method_not_allowed(
+    exc: web.HTTPMethodNotAllowed, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    allowed = sorted(exc.allowed_methods)
+    return error_response(
+        405,
+        f"Method {request.method} is not allowed for {request.path}; "
+        f"allowed: {', '.join(allowed)}.",
+        code="method_not_allowed",
+        headers={"Allow": ",".join(allowed)},
+    )
+
+
+@_answers(web.HTTPRequestEntityTooLarge)
+def _request_too_large(
+    exc: web.HTTPRequestEntityTooLarge, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    return error_response(
+        413,
+        f"Request body too large: the limit is {request.app._client_max_size} bytes.",
+        code="request_too_large",
+    )
+
+
+def error_answer(request: web.Request, exc: BaseException, buy_credits_url: str) -> web.Response:
+    """The answer to ``exc``, chosen by its class (see the module docstring).
+
+    Raises:
+        BaseException: ``exc`` itself when no answer is registered for its class, or it is
+            not an error (an ``HTTPException`` below 400, a redirect say).
+    """
+    answer = _answer_for(type(exc))
+    if answer is None:
+        raise exc
+    return answer(exc, request, buy_credits_url)
+
+
+_ANSWERED = (GatewayError, BillingError, web.HTTPException)
 
 
 def answer_errors(handler: Handler, buy_credits_url: str) -> Handler:
     """Wrap a route handler so errors become OpenAI envelopes, chosen by class.
 
-    ``GatewayError`` and ``BillingError`` get their defined answers (see
-    ``billing_error_response``); aiohttp's 413 and 4xx/5xx ``HTTPException``s get envelopes;
-    anything else propagates (aiohttp answers 500). Every response that has no
-    ``x-request-id`` yet gets one: refusals (401, 402, 404, ...) carry an id too, for support
-    conversations.
+    ``GatewayError``, ``BillingError`` and aiohttp's ``HTTPException``s from 400 up get their
+    answers (``error_answer``); anything else propagates (aiohttp answers 500). Every response
+    that has no ``x-request-id`` yet gets one: refusals (401, 402, 404, ...) carry an id too,
+    for support conversations.
 
     The gateway wraps each route rather than installing a middleware: aiohttp runs middlewares
     through two more coroutine frames per request, and every suspension of a billed request
@@ -162,8 +312,8 @@ def answer_errors(handler: Handler, buy_credits_url: str) -> Handler:
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
             response = await handler(request)
-        except (GatewayError, BillingError, web.HTTPException) as exc:
-            response = error_response(request, exc, buy_credits_url)
+        except _ANSWERED as exc:
+            response = error_answer(request, exc, buy_credits_url)
         if not response.prepared and "x-request-id" not in response.headers:
             response.headers["x-request-id"] = new_request_id()
         return response
@@ -180,35 +330,3 @@ def make_error_middleware(buy_credits_url: str) -> Middleware:
         return await answer_errors(handler, buy_credits_url)(request)
 
     return error_middleware
-
-
-def error_response(request: web.Request, exc: Exception, buy_credits_url: str) -> web.Response:
-    """The envelope of a ``GatewayError``, ``BillingError`` or aiohttp ``HTTPException``.
-
-    Raises:
-        web.HTTPException: ``exc`` itself when it is not an error (a redirect, say).
-    """
-    if isinstance(exc, GatewayError):
-        return json_response(
-            error_body(exc.message, exc.error_type, param=exc.param, code=exc.code), exc.status
-        )
-    if isinstance(exc, BillingError):
-        return billing_error_response(exc, buy_credits_url)
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return json_response(
-            error_body(
-                f"Request body too large: the limit is {request.app._client_max_size} bytes.",
-                "invalid_request_error",
-                code="request_too_large",
-            ),
-            413,
-        )
-    if not isinstance(exc, web.HTTPException) or exc.status < 400:
-        raise exc
-    code = "not_found" if exc.status == 404 else None
-    message = (
-        f"Unknown request URL: {request.method} {request.path}."
-        if exc.status in (404, 405)
-        else exc.reason
-    )
-    return json_response(error_body(message, "invalid_request_error", code=code), exc.status)

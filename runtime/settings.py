@@ -1,7 +1,9 @@
 """Typed configuration, read from the environment once at start-up.
 
-``Settings.from_env()`` is the only code that reads the environment. It validates every
-variable and reports all problems in one ``ConfigError``.
+``Settings.from_env()`` (the services) and ``StoreSettings.from_env()`` (the operator
+commands, which need only Postgres and maybe Redis) are the only code that reads the
+environment. Each validates every variable it needs and reports all problems in one
+``ConfigError``.
 """
 
 from __future__ import annotations
@@ -61,115 +63,173 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``env`` (default ``os.environ``).
+        """Build settings from ``env`` (default ``os.environ``); what ``creditgate serve`` needs.
 
         Raises:
             ConfigError: listing every missing or malformed variable.
         """
-        env = os.environ if env is None else env
-        problems: list[str] = []
-
-        def required(name: str) -> str:
-            value = env.get(name, "").strip()
-            if not value:
-                problems.append(f"{name} is required")
-            return value
-
-        def boolean(name: str, default: bool) -> bool:
-            raw = env.get(name)
-            if raw is None or raw.strip() == "":
-                return default
-            value = raw.strip().lower()
-            if value in _TRUE:
-                return True
-            if value in _FALSE:
-                return False
-            problems.append(f"{name} must be true or false, got {raw!r}")
-            return default
-
-        def number(name: str, default: float, *, kind: type = int, minimum: float = 0) -> float:
-            raw = env.get(name)
-            if raw is None or raw.strip() == "":
-                return default
-            try:
-                value = kind(raw.strip())
-            except ValueError:
-                problems.append(f"{name} must be a {kind.__name__}, got {raw!r}")
-                return default
-            if value < minimum:
-                problems.append(f"{name} must be >= {minimum}, got {raw!r}")
-                return default
-            return value
-
-        def url(name: str, default: str | None, schemes: tuple[str, ...]) -> str:
-            value = env.get(name, "").strip() or (default or "")
-            if not value:
-                problems.append(f"{name} is required")
-            elif not value.startswith(schemes):
-                problems.append(f"{name} must start with one of {', '.join(schemes)}")
-            return value.rstrip("/")
-
-        database_url = url("DATABASE_URL", None, ("postgres://", "postgresql://"))
-        redis_url = url("REDIS_URL", None, ("redis://", "rediss://", "unix://"))
-        upstream_base_url = url(
-            "UPSTREAM_BASE_URL", "https://api.openai.com/v1", ("http://", "https://")
-        )
-        upstream_api_key = required("UPSTREAM_API_KEY")
-        rounding_raw = env.get("ROUNDING_MODE", "exact").strip().lower() or "exact"
-        try:
-            rounding_mode = RoundingMode(rounding_raw)
-        except ValueError:
-            problems.append(f"ROUNDING_MODE must be 'exact' or 'ceil', got {rounding_raw!r}")
-            rounding_mode = RoundingMode.EXACT
-        allowlist = frozenset(
-            m.strip() for m in env.get("MODEL_ALLOWLIST", "").split(",") if m.strip()
-        )
-        port = int(number("PORT", 8080, minimum=1))
-        admin_port = int(number("ADMIN_PORT", 8081, minimum=1))
-        if port > 65535 or admin_port > 65535:
-            problems.append("PORT and ADMIN_PORT must be <= 65535")
-        encodings_dir = env.get("TIKTOKEN_ENCODINGS_DIR", "").strip()
+        read = _EnvReader(env)
+        port = read.integer("PORT", 8080, minimum=1, maximum=65535)
+        encodings_dir = read.text("TIKTOKEN_ENCODINGS_DIR")
         if encodings_dir and not Path(encodings_dir).is_dir():
-            problems.append(f"TIKTOKEN_ENCODINGS_DIR is not a directory: {encodings_dir}")
-        secrets = tuple(
-            s.strip() for s in env.get("STRIPE_WEBHOOK_SECRETS", "").split(",") if s.strip()
-        )
-        public_base_url = url(
-            "PUBLIC_BASE_URL", f"http://127.0.0.1:{port}", ("http://", "https://")
-        )
+            read.problems.append(f"TIKTOKEN_ENCODINGS_DIR is not a directory: {encodings_dir}")
         settings = cls(
-            database_url=database_url,
-            redis_url=redis_url,
-            upstream_api_key=upstream_api_key,
-            upstream_base_url=upstream_base_url,
-            rounding_mode=rounding_mode,
-            charging_enabled=boolean("CHARGING_ENABLED", True),
-            model_allowlist=allowlist,
-            host=env.get("HOST", "0.0.0.0").strip() or "0.0.0.0",
+            database_url=read.url("DATABASE_URL", _POSTGRES_SCHEMES),
+            redis_url=read.url("REDIS_URL", _REDIS_SCHEMES),
+            upstream_api_key=read.required("UPSTREAM_API_KEY"),
+            upstream_base_url=read.url(
+                "UPSTREAM_BASE_URL", _HTTP_SCHEMES, default="https://api.openai.com/v1"
+            ),
+            rounding_mode=read.rounding_mode("ROUNDING_MODE"),
+            charging_enabled=read.boolean("CHARGING_ENABLED", True),
+            model_allowlist=frozenset(read.items("MODEL_ALLOWLIST")),
+            host=read.text("HOST", "0.0.0.0"),
             port=port,
-            admin_host=env.get("ADMIN_HOST", "127.0.0.1").strip() or "127.0.0.1",
-            admin_port=admin_port,
-            public_base_url=public_base_url,
-            max_body_bytes=int(number("MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)),
-            hold_ttl_s=float(number("HOLD_TTL_S", 900.0, kind=float, minimum=1)),
-            auth_cache_ttl_s=float(number("AUTH_CACHE_TTL_S", 5.0, kind=float)),
-            rate_card_refresh_s=float(number("RATE_CARD_REFRESH_S", 30.0, kind=float, minimum=0.1)),
-            upstream_connect_timeout_s=float(
-                number("UPSTREAM_CONNECT_TIMEOUT_S", 10.0, kind=float, minimum=0.1)
+            admin_host=read.text("ADMIN_HOST", "127.0.0.1"),
+            admin_port=read.integer("ADMIN_PORT", 8081, minimum=1, maximum=65535),
+            public_base_url=read.url(
+                "PUBLIC_BASE_URL", _HTTP_SCHEMES, default=f"http://127.0.0.1:{port}"
             ),
-            upstream_read_timeout_s=float(
-                number("UPSTREAM_READ_TIMEOUT_S", 600.0, kind=float, minimum=0.1)
-            ),
-            settlement_batch_size=int(number("SETTLEMENT_BATCH_SIZE", 500, minimum=1)),
-            settlement_claim_idle_ms=int(number("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100)),
-            settlement_writer_enabled=boolean("SETTLEMENT_WRITER_ENABLED", True),
-            sweep_interval_s=float(number("SWEEP_INTERVAL_S", 5.0, kind=float, minimum=0.1)),
+            max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
+            hold_ttl_s=read.seconds("HOLD_TTL_S", 900.0, minimum=1),
+            auth_cache_ttl_s=read.seconds("AUTH_CACHE_TTL_S", 5.0, minimum=0),
+            rate_card_refresh_s=read.seconds("RATE_CARD_REFRESH_S", 30.0),
+            upstream_connect_timeout_s=read.seconds("UPSTREAM_CONNECT_TIMEOUT_S", 10.0),
+            upstream_read_timeout_s=read.seconds("UPSTREAM_READ_TIMEOUT_S", 600.0),
+            settlement_batch_size=read.integer("SETTLEMENT_BATCH_SIZE", 500, minimum=1),
+            settlement_claim_idle_ms=read.integer("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100),
+            settlement_writer_enabled=read.boolean("SETTLEMENT_WRITER_ENABLED", True),
+            sweep_interval_s=read.seconds("SWEEP_INTERVAL_S", 5.0),
             tiktoken_encodings_dir=Path(encodings_dir) if encodings_dir else None,
-            stripe_api_key=env.get("STRIPE_API_KEY", "").strip(),
-            stripe_webhook_secrets=secrets,
-            stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
-            purchases_enabled=boolean("PURCHASES_ENABLED", True),
+            stripe_api_key=read.text("STRIPE_API_KEY"),
+            stripe_webhook_secrets=read.items("STRIPE_WEBHOOK_SECRETS"),
+            stripe_api_base=read.text("STRIPE_API_BASE") or None,
+            purchases_enabled=read.boolean("PURCHASES_ENABLED", True),
         )
-        if problems:
-            raise ConfigError(problems)
+        read.raise_problems()
         return settings
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """What the operator commands (``creditgate`` other than ``serve``) need: Postgres, and
+    Redis when ``REDIS_URL`` is set or the command requires it. Units are in the names."""
+
+    database_url: str
+    redis_url: str | None = None
+    settlement_claim_idle_ms: int = 30_000
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, redis_required: bool = False
+    ) -> StoreSettings:
+        """Read ``DATABASE_URL`` (required), ``REDIS_URL`` (required when ``redis_required``,
+        else optional) and ``SETTLEMENT_CLAIM_IDLE_MS`` from ``env`` (default ``os.environ``);
+        no other variable is read.
+
+        Raises:
+            ConfigError: listing every missing or malformed variable of these.
+        """
+        read = _EnvReader(env)
+        redis_set = redis_required or bool(read.text("REDIS_URL"))
+        settings = cls(
+            database_url=read.url("DATABASE_URL", _POSTGRES_SCHEMES),
+            redis_url=read.url("REDIS_URL", _REDIS_SCHEMES) if redis_set else None,
+            settlement_claim_idle_ms=read.integer("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100),
+        )
+        read.raise_problems()
+        return settings
+
+
+_POSTGRES_SCHEMES = ("postgres://", "postgresql://")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_HTTP_SCHEMES = ("http://", "https://")
+
+
+class _EnvReader:
+    """Reads variables from one environment and collects every problem instead of stopping
+    at the first (``raise_problems`` reports them all). Each reader returns its default when
+    the variable is unset or blank, or when its value is malformed (then noting a problem)."""
+
+    def __init__(self, env: Mapping[str, str] | None) -> None:
+        self._env = os.environ if env is None else env
+        self.problems: list[str] = []
+
+    def raise_problems(self) -> None:
+        """Raises: ConfigError: when any variable read so far was missing or malformed."""
+        if self.problems:
+            raise ConfigError(self.problems)
+
+    def text(self, name: str, default: str = "") -> str:
+        """The stripped value, or ``default`` when unset or blank."""
+        return self._env.get(name, "").strip() or default
+
+    def required(self, name: str) -> str:
+        value = self.text(name)
+        if not value:
+            self.problems.append(f"{name} is required")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...], *, default: str = "") -> str:
+        """A URL starting with one of ``schemes``, without a trailing slash; required when
+        there is no ``default``."""
+        value = self.text(name, default)
+        if not value:
+            self.problems.append(f"{name} is required")
+        elif not value.startswith(schemes):
+            self.problems.append(f"{name} must start with one of {', '.join(schemes)}")
+        return value.rstrip("/")
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.text(name).lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        if value:
+            self.problems.append(f"{name} must be true or false, got {self._env[name]!r}")
+        return default
+
+    def integer(
+        self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        return int(self._number(name, default, int, minimum, maximum))
+
+    def seconds(self, name: str, default: float, *, minimum: float = 0.1) -> float:
+        return float(self._number(name, default, float, minimum, None))
+
+    def _number(
+        self,
+        name: str,
+        default: float,
+        kind: type[int] | type[float],
+        minimum: float,
+        maximum: float | None,
+    ) -> float:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be a {kind.__name__}, got {self._env[name]!r}")
+            return default
+        if value < minimum:
+            self.problems.append(f"{name} must be >= {minimum}, got {self._env[name]!r}")
+            return default
+        if maximum is not None and value > maximum:
+            self.problems.append(f"{name} must be <= {maximum}, got {self._env[name]!r}")
+            return default
+        return value
+
+    def rounding_mode(self, name: str) -> RoundingMode:
+        raw = self.text(name, "exact").lower()
+        try:
+            return RoundingMode(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be 'exact' or 'ceil', got {raw!r}")
+            return RoundingMode.EXACT
+
+    def items(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list, each item stripped, empty items dropped, order kept."""
+        return tuple(item.strip() for item in self._env.get(name, "").split(",") if item.strip())

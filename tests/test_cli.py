@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -321,8 +322,8 @@ async def test_cli_credits_with_four_decimals_exits_1(cli_env):
     assert "decimals" in doc["error"]
 
 
-async def test_cli_missing_env_exits_1_listing_every_problem():
-    code, doc = await run_cli({}, "accounts", "show", "1")
+async def test_cli_serve_missing_env_exits_1_listing_every_problem():
+    code, doc = await run_cli({}, "serve")
     assert code == 1
     problems = doc["problems"]
     for name in ("DATABASE_URL", "REDIS_URL", "UPSTREAM_API_KEY"):
@@ -331,15 +332,96 @@ async def test_cli_missing_env_exits_1_listing_every_problem():
     assert len(problems) == 3
 
 
-async def test_cli_malformed_env_exits_1_listing_every_problem(cli_env):
+@pytest.mark.parametrize(
+    "args",
+    [["migrate"], ["seed"], ["accounts", "show", "1"], ["keys", "revoke", "1"]],
+    ids=["migrate", "seed", "accounts-show", "keys-revoke"],
+)
+async def test_cli_store_command_without_env_asks_only_for_database_url(args):
+    code, doc = await run_cli({}, *args)
+    assert code == 1
+    assert doc["problems"] == ["DATABASE_URL is required"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["settle"], ["credits", "grant", "--account", "1", "--credits", "1", "--reason", "x"]],
+    ids=["settle", "credits-grant"],
+)
+async def test_cli_command_that_moves_balances_asks_for_database_and_redis(args):
+    code, doc = await run_cli({}, *args)
+    assert code == 1
+    assert doc["problems"] == ["DATABASE_URL is required", "REDIS_URL is required"]
+
+
+async def test_cli_serve_malformed_env_exits_1_listing_every_problem(cli_env):
     env = {
         **cli_env,
         "DATABASE_URL": "mysql://nope",
         "ROUNDING_MODE": "floor",
         "CHARGING_ENABLED": "perhaps",
     }
-    code, doc = await run_cli(env, "migrate")
+    code, doc = await run_cli(env, "serve")
     assert code == 1
     joined = "\n".join(doc["problems"])
     for name in ("DATABASE_URL", "ROUNDING_MODE", "CHARGING_ENABLED"):
         assert name in joined
+
+
+async def test_cli_store_command_malformed_urls_all_reported_and_others_ignored():
+    env = {"DATABASE_URL": "mysql://nope", "REDIS_URL": "http://cache", "PORT": "eighty"}
+    code, doc = await run_cli(env, "accounts", "show", "1")
+    assert code == 1
+    assert len(doc["problems"]) == 2
+    assert "DATABASE_URL" in doc["problems"][0]
+    assert "REDIS_URL" in doc["problems"][1]
+
+
+# -- only DATABASE_URL set (a second terminal beside `make run`) --------------------------
+
+
+async def test_cli_database_only_migrate_seed_accounts_and_keys_work(database_url, conn):
+    env = {"DATABASE_URL": database_url}
+    code, _ = await run_cli(env, "migrate")
+    assert code == 0
+    code, _ = await run_cli(env, "seed")
+    assert code == 0
+    email = f"{uuid.uuid4().hex}@example.com"
+    code, created = await run_cli(env, "accounts", "create", "--email", email, "--credits", "3")
+    assert code == 0, created
+    assert created["balanceMillicredits"] == "3000"
+    code, key = await run_cli(env, "keys", "create", "--account", str(created["id"]))
+    assert code == 0, key
+    code, revoked = await run_cli(env, "keys", "revoke", str(key["id"]))
+    assert (code, revoked["revoked"]) == (0, True)
+    assert await find_active_key(conn, key["key"]) is None
+
+
+async def test_cli_accounts_show_without_redis_says_holds_are_unknown(cli_env, database_url):
+    account = (await _create_account(cli_env, "20"))["id"]
+    code, doc = await run_cli({"DATABASE_URL": database_url}, "accounts", "show", str(account))
+    assert code == 0, doc
+    assert doc["balanceMillicredits"] == "20000"
+    assert doc["shortfallMillicredits"] == "0"
+    for prefix in ("held", "pendingSettlement", "available"):
+        assert doc[f"{prefix}Millicredits"] is None
+    assert "REDIS_URL is not set" in doc["note"]
+
+
+async def test_credits_grant_small_negative_amount_prints_no_negative_zero(cli_env):
+    account = (await _create_account(cli_env, "5"))["id"]
+    code, doc = await run_cli(
+        cli_env,
+        "credits",
+        "grant",
+        "--account",
+        str(account),
+        "--credits",
+        "-1",
+        "--reason",
+        "correction",
+    )
+    assert code == 0, doc
+    assert doc["amountMillicredits"] == "-1000"
+    assert doc["amountUsd"] == 0.0
+    assert math.copysign(1.0, doc["amountUsd"]) == 1.0

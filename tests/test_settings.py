@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from billing.metering.pricing import RoundingMode
-from runtime.settings import ConfigError, Settings
+from runtime.settings import ConfigError, Settings, StoreSettings
 
 REQUIRED = {
     "DATABASE_URL": "postgresql://cg@127.0.0.1:5432/cg",
@@ -147,3 +147,42 @@ def test_from_env_missing_tiktoken_dir_is_a_problem(tmp_path):
 def test_from_env_webhook_secrets_split_in_order():
     env = {**REQUIRED, "STRIPE_WEBHOOK_SECRETS": "whsec_new, whsec_old"}
     assert Settings.from_env(env).stripe_webhook_secrets == ("whsec_new", "whsec_old")
+
+
+# -- StoreSettings: the operator commands ------------------------------------------------
+
+
+def _store_problems(env: dict[str, str], **kwargs: bool) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        StoreSettings.from_env(env, **kwargs)
+    return info.value.problems
+
+
+def test_store_settings_need_only_database_url():
+    settings = StoreSettings.from_env({"DATABASE_URL": REQUIRED["DATABASE_URL"]})
+    assert settings == StoreSettings(database_url=REQUIRED["DATABASE_URL"], redis_url=None)
+
+
+def test_store_settings_read_redis_url_when_set():
+    settings = StoreSettings.from_env({**REQUIRED, "REDIS_URL": "redis://127.0.0.1:6379/0/"})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_store_settings_ignore_what_the_commands_do_not_use():
+    env = {"DATABASE_URL": REQUIRED["DATABASE_URL"], "PORT": "eighty", "ROUNDING_MODE": "x"}
+    assert StoreSettings.from_env(env).database_url == REQUIRED["DATABASE_URL"]
+
+
+def test_store_settings_report_every_problem_of_theirs_at_once():
+    env = {"DATABASE_URL": "mysql://db", "REDIS_URL": "http://cache", "PORT": "eighty"}
+    problems = _store_problems(env)
+    assert len(problems) == 2
+    assert "DATABASE_URL" in problems[0] and "REDIS_URL" in problems[1]
+
+
+def test_store_settings_redis_required_lists_it_with_database_url():
+    assert _store_problems({}, redis_required=True) == [
+        "DATABASE_URL is required",
+        "REDIS_URL is required",
+    ]
+    assert _store_problems({}) == ["DATABASE_URL is required"]

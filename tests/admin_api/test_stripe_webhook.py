@@ -295,6 +295,28 @@ async def test_webhook_without_secrets_configured_answers_503(
     assert await admin.counts() == (0, 0)
 
 
+async def test_webhook_get_answers_405_envelope_with_allow(admin: Admin) -> None:
+    response = await admin.client.get("/stripe/webhook")
+
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    assert response.headers["x-request-id"].startswith("req_")
+    error = (await response.json())["error"]
+    assert error["code"] == "method_not_allowed"
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] == "Method GET is not allowed for /stripe/webhook; allowed: POST."
+
+
+async def test_admin_unknown_path_answers_404_envelope(admin: Admin) -> None:
+    response = await admin.client.post("/stripe/webhooks")
+
+    assert response.status == 404
+    assert response.headers["x-request-id"].startswith("req_")
+    error = (await response.json())["error"]
+    assert error["code"] == "not_found"
+    assert error["message"] == "Unknown request URL: POST /stripe/webhooks."
+
+
 async def test_webhook_unknown_type_answers_200_and_is_counted(admin: Admin) -> None:
     event = admin.stub.event("customer.created", {"id": "cus_test_1", "object": "customer"})
 

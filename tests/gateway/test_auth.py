@@ -11,6 +11,7 @@ from billing import api_keys, ledger
 from billing.errors import BillingUnavailableError
 from gateway import auth
 from gateway.auth import Identity, KeyAuthenticator
+from runtime.errors import AuthenticationError
 
 
 @pytest.fixture
@@ -85,3 +86,29 @@ async def test_postgres_unreachable_fails_every_waiter_and_the_next_call_retries
     with pytest.raises(BillingUnavailableError):
         await authenticator.identify(key)
     assert lookups == [key, key]  # a failure is not cached
+
+
+def _traceback_depth(exc: BaseException) -> int:
+    depth = 0
+    tb = exc.__traceback__
+    while tb is not None:
+        depth += 1
+        tb = tb.tb_next
+    return depth
+
+
+async def test_authenticate_without_key_raises_a_fresh_error_each_time() -> None:
+    """A refusal keeps no earlier refusal's frames alive: each raise is a new exception whose
+    traceback holds only its own call (a shared instance's grew by a frame per raise)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    authenticator = KeyAuthenticator(None, ttl_s=5.0)  # type: ignore[arg-type]  # never queried
+    raised: list[AuthenticationError] = []
+    for _ in range(100):
+        request = make_mocked_request("POST", "/v1/chat/completions")
+        with pytest.raises(AuthenticationError) as info:
+            await authenticator.authenticate(request)
+        raised.append(info.value)
+    assert len({id(exc) for exc in raised}) == len(raised)
+    assert _traceback_depth(raised[-1]) == _traceback_depth(raised[0]) <= 3
+    assert raised[-1].code == "missing_api_key"

@@ -230,26 +230,39 @@ async def test_unknown_path_or_method_is_404_envelope(gw, sim, method, path):
     assert sim.requests == []
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "status"),
-    [
-        ("GET", "/../foo", 404),
-        ("POST", "/../", 404),
-        ("GET", "/../api/billing/checkout", 405),
-        ("DELETE", "/../healthz", 405),
-    ],
-)
-async def test_paths_outside_v1_no_route_serves_get_404_or_405_envelopes(
-    gw, sim, method, path, status
-):
-    """``/v1/../foo`` is ``/foo``: no route serves it (404), or only other methods (405)."""
+@pytest.mark.parametrize(("method", "path"), [("GET", "/../foo"), ("POST", "/../")])
+async def test_paths_outside_v1_no_route_serves_get_404_envelope(gw, sim, method, path):
+    """``/v1/../foo`` is ``/foo``: no route serves it."""
     _, key = await gw.create_account(1_000_000)
     got, headers, raw = await _raw(gw, method, path, key=key, data=b"{}")
-    assert got == status
+    assert got == 404
     assert headers["x-request-id"].startswith("req_")
     error = _error(raw)
     assert error["type"] == "invalid_request_error"
+    assert error["code"] == "not_found"
     assert "Unknown request URL" in error["message"]
+    assert sim.requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("GET", "/../api/billing/checkout", "POST"), ("DELETE", "/../healthz", "GET")],
+)
+async def test_paths_outside_v1_served_for_other_methods_get_405_with_allow(
+    gw, sim, method, path, allowed
+):
+    """A 405 says the method is not allowed there (not that the URL is unknown) and lists
+    the methods that are, in ``Allow``."""
+    _, key = await gw.create_account(1_000_000)
+    got, headers, raw = await _raw(gw, method, path, key=key, data=b"{}")
+    assert got == 405
+    assert headers["Allow"] == allowed
+    assert headers["x-request-id"].startswith("req_")
+    error = _error(raw)
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "method_not_allowed"
+    assert "Unknown request URL" not in error["message"]
+    assert f"Method {method} is not allowed" in error["message"]
     assert sim.requests == []
 
 

@@ -1,0 +1,63 @@
+"""Supervised background work: a loop that fails is logged and started again, never lost.
+
+``supervise(name, run)`` runs ``run()`` until it is cancelled. Whatever ends ``run()`` other
+than a cancellation (an exception its own handling did not expect, or a plain return) is
+logged with its traceback, and ``run()`` starts again after a capped exponential backoff.
+``periodically(interval_s, step)`` is the loop of a task that runs one step every interval.
+
+Source: Erlang/OTP's supervisors ("let it crash", restart with intensity limits), reduced to
+one child per supervisor and a backoff instead of a restart limit: a background loop of a
+service must come back when its dependency does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+INITIAL_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 30.0
+
+
+async def supervise(
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    *,
+    initial_backoff_s: float = INITIAL_BACKOFF_S,
+    max_backoff_s: float = MAX_BACKOFF_S,
+) -> None:
+    """Run ``run()`` again and again until cancelled; returns only by raising
+    ``asyncio.CancelledError``.
+
+    Args:
+        name: the loop's name in the logs (``settlement-writer``, ``hold-sweeper``, ...).
+        run: starts the loop; called once at start and once per restart.
+        initial_backoff_s: seconds before the first restart; doubled after each failure up
+            to ``max_backoff_s``, and back to this once a run lasted ``max_backoff_s`` or more
+            (a loop that ran well for a while and then failed restarts promptly).
+    """
+    loop = asyncio.get_running_loop()
+    backoff_s = initial_backoff_s
+    while True:
+        started = loop.time()
+        try:
+            await run()
+        except Exception:  # anything but a cancellation: log it and start again
+            log.exception("background loop %s failed; restarting in %.1fs", name, backoff_s)
+        else:
+            log.error("background loop %s returned; restarting in %.1fs", name, backoff_s)
+        if loop.time() - started >= max_backoff_s:
+            backoff_s = initial_backoff_s
+        await asyncio.sleep(backoff_s)
+        backoff_s = min(backoff_s * 2, max_backoff_s)
+
+
+async def periodically(interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
+    """Sleep ``interval_s``, run ``step()``, forever. An exception from ``step`` ends the loop
+    (for ``supervise`` to log and restart it); a step handles the failures it expects."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await step()
