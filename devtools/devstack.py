@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -179,7 +180,7 @@ def _run(stack: contextlib.ExitStack, options: _Options, data_dir: Path) -> int:
     stack.callback(_terminate, gateway, _GATEWAY_STOP_TIMEOUT_S)
     _wait_for_port(gateway, _client_host(env["HOST"]), options.gateway_port, "creditgate serve")
     started.append("the gateway")
-    _print_examples(key, options.gateway_port, simulated=simulated, started=started)
+    _print_examples(key, options.gateway_port, env, simulated=simulated, started=started)
     return gateway.wait()
 
 
@@ -344,7 +345,9 @@ def _terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         process.wait()
 
 
-def _print_examples(key: str, port: int, *, simulated: bool, started: list[str]) -> None:
+def _print_examples(
+    key: str, port: int, env: Mapping[str, str], *, simulated: bool, started: list[str]
+) -> None:
     base_url = f"http://127.0.0.1:{port}/v1"
     body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}]}'
     upstream = "SIMULATED (canned answers, see the banner above)" if simulated else "real"
@@ -370,6 +373,11 @@ Python (pip install openai):
         model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello"}}]
     )
     print(reply.choices[0].message.content)
+
+The command line, in a second terminal:
+
+    export DATABASE_URL={shlex.quote(env["DATABASE_URL"])} REDIS_URL={shlex.quote(env["REDIS_URL"])}
+    .venv/bin/creditgate accounts show 1
 
 Ctrl-C stops {", ".join(reversed(started))}; data stay in .data/.
 """,
