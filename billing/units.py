@@ -1,7 +1,7 @@
 """Money units. All amounts are ``int`` millicredits; floats exist only for display.
 
 1 credit = 1,000 millicredits (mc); $1.00 = 1,000 credits = 1,000,000 mc.
-Source: DESIGN.md "Units and arithmetic".
+Source: docs/design.md, "Units and arithmetic".
 """
 
 from __future__ import annotations

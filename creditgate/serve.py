@@ -28,9 +28,8 @@ def tune_gc_for_serving() -> None:
       as the process, so full collections stop rescanning it.
     - Generation 0 collects every ``GC_GEN0_THRESHOLD`` allocations instead of 700. A request
       allocates hundreds of containers and reference counting frees nearly all of them; at 700
-      the collector ran every few requests and rescanned the requests in flight each time
-      (perf, 32 concurrent requests: 4-5% of CPU in the gateway and in the bare pass-through
-      alike; ~0.1% at 7,000). Cyclic garbage waits a little longer: a few thousand objects.
+      the collector ran every few requests and rescanned the requests in flight each time.
+      Cyclic garbage waits a little longer: a few thousand objects.
     """
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()

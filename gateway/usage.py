@@ -61,7 +61,7 @@ def tail_to_inspect(complete: bytes) -> int:
     ``complete`` is whole SSE events (it ends with a blank line). Usage and ``[DONE]`` end a
     stream, so only the tail is looked at, walking back one event at a time: under load the
     upstream's whole answer arrives as one chunk, and scanning all of it (or running a regular
-    expression over each event) cost tens of µs per answer (py-spy, bench/run.py --profile).
+    expression over each event) would cost far more per answer than the tail.
     """
     start = len(complete)
     while start > 0:

@@ -306,7 +306,7 @@ def answer_errors(handler: Handler, buy_credits_url: str) -> Handler:
 
     The gateway wraps each route rather than installing a middleware: aiohttp runs middlewares
     through two more coroutine frames per request, and every suspension of a billed request
-    (hold, upstream, settlement) resumes through each of them (py-spy: ~5 µs per request).
+    (hold, upstream, settlement) resumes through each of them.
     """
 
     async def answer(request: web.Request) -> web.StreamResponse:

@@ -4,7 +4,7 @@ The hold placed before forwarding is the price of ``prompt_tokens`` (counted wit
 chat-format overhead included) plus every output token the request may produce:
 ``max_completion_tokens`` / ``max_tokens`` / ``max_output_tokens`` (or the rate card's
 ``max_output_tokens`` when the client sent none, and never above it), times ``n``.
-Source: DESIGN.md "A request's life", step 2.
+Source: docs/design.md, "A request's life", step 2.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A pipelined Redis connection for the hot path's Lua scripts (reserve and settle).
 
-Why not plain redis-py here: profiling the gateway (bench/, py-spy) showed redis-py's
-per-command machinery (pool checkout, command packing, timeout wrappers) at ~150 µs of CPU per
-call, a third of a request's cost. This channel keeps one connection, packs commands with
+Why not plain redis-py here: its per-command machinery (pool checkout, command packing,
+timeout wrappers) was the largest share of a billed request's CPU. This channel keeps one
+connection, packs commands with
 ``hiredis.pack_command`` and parses replies with ``hiredis.Reader`` (both from the hiredis
 library), and writes every command issued in one event-loop iteration in a single send, so
 concurrent requests share round trips. Everything else (writer, sweeper, admin) uses redis-py.
@@ -226,8 +226,9 @@ class ScriptChannel:
     def _watch(self, protocol: _Protocol) -> None:
         """Fail the connection if its oldest unanswered command is over ``timeout_s`` old.
 
-        One timer per connection rather than one per command (a timer per command cost
-        ~10 µs of a request's CPU). It re-arms for the oldest command's deadline while
+        One timer per connection rather than one per command (arming and cancelling a timer
+        for every command is a cost on every request). It re-arms for the oldest command's
+        deadline while
         commands are in flight, so a reply is late by at most ``timeout_s`` plus a tick.
         """
         protocol.watchdog = None

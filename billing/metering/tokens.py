@@ -2,7 +2,7 @@
 
 The gateway counts tokens twice per request: before forwarding, to size the hold (prompt
 tokens plus the output cap), and after a stream ended without the upstream's ``usage``, to
-settle what was generated (DESIGN.md, "A request's life", steps 2 and 5). Every count here is
+settle what was generated (docs/design.md, "A request's life", steps 2 and 5). Every count here is
 in **tokens** of the model's encoding.
 
 The encodings are read from disk, never downloaded: by default from the gzipped ``.tiktoken``

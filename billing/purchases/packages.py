@@ -3,7 +3,7 @@
 Packages live in Postgres (``packages``) so admins can change prices, Stripe price ids and
 badges without a release. The server alone maps a package code to its price and credits; any
 amount a client sends is ignored. Totals are fixed numbers, never recomputed from a bonus
-percentage. Source: DESIGN.md "Units and arithmetic" (Starter $9.99 -> 9,990 credits;
+percentage. Source: docs/design.md, "Units and arithmetic" (Starter $9.99 -> 9,990 credits;
 Professional $49.99 -> 49,990 + 2,500 bonus = 52,490; Enterprise $99.99 -> 99,990 + 10,000
 bonus = 109,990).
 

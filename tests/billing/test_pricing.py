@@ -1,4 +1,4 @@
-"""Charges to the millicredit: DESIGN.md's reference cases and properties of the rounding."""
+"""Charges to the millicredit: docs/design.md's reference cases and properties of the rounding."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ async def test_chat_non_streamed_charges_upstream_usage_exactly(gw, sim):
     request_id = raw.headers["x-request-id"]
     await gw.settled()
     usage = await gw.usage(request_id)
-    assert usage["charged_millicredits"] == 3_720  # DESIGN.md: 750 in / 200 out -> 3.720
+    assert usage["charged_millicredits"] == 3_720  # docs/design.md: 750 in / 200 out -> 3.720
     assert usage["usage_source"] == "upstream"
     assert await gw.balance(account) == 1_000_000 - 3_720
     assert await gw.ledger_sum(account) == await gw.balance(account)

@@ -334,7 +334,7 @@ async def test_rounding_ceil_charges_whole_credits(make_gateway, sim):
         model="gpt-4o", messages=HI, max_tokens=600
     )
     row = await _settled_usage(gw, raw.headers["x-request-id"])
-    # DESIGN.md: gpt-4o 1,234 in / 567 out is 70.040 credits exact, 71 in ceil mode.
+    # docs/design.md: gpt-4o 1,234 in / 567 out is 70.040 credits exact, 71 in ceil mode.
     assert row["charged_millicredits"] == 71_000
     assert row["rounding_mode"] == "ceil"
     assert await gw.balance(account) == 1_000_000 - 71_000
