@@ -21,7 +21,7 @@ import asyncpg
 import redis
 
 from billing.metering.holds import OUTBOX_STREAM_KEY
-from billing.metering.settlement import GROUP
+from billing.metering.posting import GROUP
 from devtools.localservices import (
     PostgresServer,
     RedisServer,

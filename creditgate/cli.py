@@ -183,10 +183,10 @@ async def cmd_credits_grant(settings: Settings, args: argparse.Namespace) -> dic
 
 
 async def cmd_settle(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from billing.metering.settlement import SettlementWriter
+    from billing.metering.posting import SettlementPoster
 
     async with _Services(settings) as svc:
-        writer = SettlementWriter(
+        writer = SettlementPoster(
             svc.holds,
             svc.pool,
             consumer=f"cli-{uuid.uuid4().hex[:8]}",
@@ -198,7 +198,7 @@ async def cmd_settle(settings: Settings, args: argparse.Namespace) -> dict[str, 
         return {
             "claimed": claimed,
             "read": posted,
-            "recorded": writer.stats.recorded,
+            "recorded": writer.stats.posted,
             "duplicates": writer.stats.duplicates,
         }
 

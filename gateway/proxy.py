@@ -21,7 +21,6 @@ import orjson
 from aiohttp import web
 
 from billing.errors import BillingError, BillingUnavailableError, UnknownModelError
-from billing.metering import outbox
 from billing.metering.estimate import (
     Estimate,
     EstimateError,
@@ -30,6 +29,7 @@ from billing.metering.estimate import (
     estimate_embeddings,
     estimate_responses,
 )
+from billing.metering.outbox import SettlementRecord
 from billing.metering.pricing import RateCard, charge_millicredits, worst_case_millicredits
 from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
@@ -142,32 +142,28 @@ class BilledCall:
             if charging
             else 0
         )
-        # The outbox's format-2 record: billing.metering.outbox.FIELDS, in that order.
-        payload = orjson.dumps(
-            [
-                outbox.FORMAT,
-                self.request_id,
-                self.identity.account_id,
-                self.identity.api_key_id,
-                self.model,
-                self.endpoint.name,
-                usage.prompt_tokens,
-                min(usage.cached_tokens, usage.prompt_tokens),
-                usage.completion_tokens,
-                card.id,
-                card.input_millicredits_per_1k_tokens,
-                card.cached_rate,
-                card.output_millicredits_per_1k_tokens,
-                settings.rounding_mode.value,
-                cost,
-                self.hold_millicredits,
-                source,
-                status if charging else "uncharged",
-                self.started_ms,
-                int(time.time() * 1000),
-                int((time.monotonic() - self.upstream_started) * 1000),
-            ]
-        ).decode()
+        payload = SettlementRecord(
+            request_id=self.request_id,
+            account_id=self.identity.account_id,
+            api_key_id=self.identity.api_key_id,
+            model=self.model,
+            endpoint=self.endpoint.name,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=min(usage.cached_tokens, usage.prompt_tokens),
+            completion_tokens=usage.completion_tokens,
+            rate_card_id=card.id,
+            input_millicredits_per_1k_tokens=card.input_millicredits_per_1k_tokens,
+            cached_input_millicredits_per_1k_tokens=card.cached_rate,
+            output_millicredits_per_1k_tokens=card.output_millicredits_per_1k_tokens,
+            rounding_mode=settings.rounding_mode.value,
+            cost_millicredits=cost,
+            hold_millicredits=self.hold_millicredits,
+            usage_source=source,
+            status=status if charging else "uncharged",
+            started_at_ms=self.started_ms,
+            finished_at_ms=int(time.time() * 1000),
+            upstream_latency_ms=int((time.monotonic() - self.upstream_started) * 1000),
+        ).to_json()
         # Marked first: if this await is cancelled or fails, the script may still have run,
         # so the hold must not be voided afterwards (the sweeper expires it if it did not).
         self.settled = True
@@ -229,7 +225,11 @@ async def _prepare(
         raise InvalidRequestError("You must provide a model parameter.", param="model")
     settings = app[appkeys.SETTINGS]
     card = app[gateway_keys.RATE_CARDS].get(model)
-    if card is None or (settings.model_allowlist and model not in settings.model_allowlist):
+    if (
+        card is None
+        or not card.serves(endpoint.name)  # e.g. a chat model on /v1/embeddings
+        or (settings.model_allowlist and model not in settings.model_allowlist)
+    ):
         raise UnknownModelError(model)
     stream = body.get("stream") is True
     if stream and not endpoint.streams:

@@ -330,7 +330,7 @@ async def test_reserve_with_shortfall_raises_suspended(
             entry_type="refund",
             amount_millicredits=-3_500,
             idempotency_key="refund:r1",
-            allow_partial=True,
+            rule=ledger.PostingRule.OWE,
         )
     await holds.sync_balance(account_id, refund.posted)
     await grant(pool, account_id, 10_000, holds=holds)  # credit again, shortfall still owed
@@ -354,7 +354,7 @@ async def test_reserve_uncached_shortfall_loaded_and_suspends(
             entry_type="reversal",
             amount_millicredits=-700,
             idempotency_key="reversal:r1",
-            allow_partial=True,
+            rule=ledger.PostingRule.OWE,
         )
 
     with pytest.raises(AccountSuspendedError) as err:
