@@ -21,8 +21,8 @@
 --
 -- The floor without a loop: with B the balance and S_i = B + the sum of the fresh amounts up
 -- to entry i, the sequential rule "balance_i = max(balance_i-1 + amount_i, 0)" is
--- balance_i = S_i - min(0, min over j <= i of S_j) (a walk reflected at zero), two window
--- passes. Entries before a refused one are posted exactly as the rule says, so refusing the
+-- balance_i = S_i - min(0, min over j <= i of S_j) (a walk reflected at zero): window sums
+-- and minima, no loop. Entries before a refused one are posted exactly as the rule says, so refusing the
 -- whole call when any 'whole' entry hits the floor is the sequential answer.
 --
 -- Accounts are locked in id order (concurrent callers cannot deadlock); an unknown account
@@ -41,16 +41,18 @@ RETURNS TABLE (out_ord integer, out_account_id bigint, out_entry_id bigint,
                out_balance_after_millicredits bigint, out_uncovered_millicredits bigint,
                out_balance_millicredits bigint, out_balance_version bigint,
                out_shortfall_millicredits bigint)
-LANGUAGE plpgsql ROWS 500 AS $$
+LANGUAGE plpgsql ROWS 500 SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
+    locked integer;
     unknown bigint;
 BEGIN
     PERFORM 1 FROM accounts a WHERE a.id = ANY (account_ids) ORDER BY a.id FOR UPDATE;
-    SELECT x.id INTO unknown
-      FROM unnest(account_ids) AS x(id)
-     WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.id)
-     LIMIT 1;
-    IF unknown IS NOT NULL THEN
+    GET DIAGNOSTICS locked = ROW_COUNT;
+    IF locked < (SELECT count(DISTINCT x.id) FROM unnest(account_ids) AS x(id)) THEN
+        SELECT x.id INTO unknown
+          FROM unnest(account_ids) AS x(id)
+         WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.id)
+         LIMIT 1;
         RAISE EXCEPTION 'ledger entry names unknown account %', unknown
             USING ERRCODE = 'no_data_found';
     END IF;
@@ -80,16 +82,20 @@ BEGIN
                    PARTITION BY f.account_id ORDER BY f.ord) AS reach
           FROM flagged f JOIN accounts a ON a.id = f.account_id
     ),
+    -- balance_i and balance_i-1 from the same window: each minimum taken with and without
+    -- the current row (S_0 = B, so an account's first entry sees min() of nothing as B).
     floored AS (
         SELECT s.*,
-               (s.reach - LEAST(0, MIN(s.reach) OVER (
-                   PARTITION BY s.account_id ORDER BY s.ord)))::bigint AS balance_after
+               (s.reach - LEAST(0, MIN(s.reach) OVER w))::bigint AS balance_after,
+               (s.reach - CASE WHEN s.fresh THEN s.amount ELSE 0 END
+                - LEAST(0, s.balance_before, MIN(s.reach) OVER (
+                    w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)))::bigint
+                   AS balance_before_entry
           FROM summed s
+        WINDOW w AS (PARTITION BY s.account_id ORDER BY s.ord)
     ),
     stepped AS (
-        SELECT f.*,
-               (f.balance_after - COALESCE(LAG(f.balance_after) OVER (
-                   PARTITION BY f.account_id ORDER BY f.ord), f.balance_before))::bigint AS taken
+        SELECT f.*, f.balance_after - f.balance_before_entry AS taken
           FROM floored f
     ),
     planned AS (
@@ -143,7 +149,7 @@ BEGIN
       LEFT JOIN inserted n ON p.written AND n.idempotency_key = p.idempotency_key
       LEFT JOIN moved m ON m.id = p.account_id
      WHERE CASE WHEN p.fresh AND p.uncovered > 0 AND p.rule IN ('whole', 'repay')
-                THEN refuse_negative_balance(p.account_id, p.balance_after - p.taken, p.amount)
+                THEN refuse_negative_balance(p.account_id, p.balance_before_entry, p.amount)
                 ELSE true END
      ORDER BY p.ord;
 END;

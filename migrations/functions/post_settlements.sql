@@ -15,7 +15,7 @@ CREATE OR REPLACE FUNCTION post_settlements(batch jsonb)
 RETURNS TABLE (out_request_id text, out_account_id bigint, out_posted boolean,
                out_charged_millicredits bigint, out_balance_millicredits bigint,
                out_balance_version bigint, out_shortfall_millicredits bigint)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     -- Lock the batch's accounts in id order, so concurrent posters cannot deadlock; the next
     -- statement's snapshot then sees every settlement committed before the locks.
