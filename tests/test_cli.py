@@ -122,9 +122,9 @@ async def test_seed_twice_adds_rate_cards_once(cli_env, conn):
 
 async def test_seed_keeps_existing_prices(cli_env, conn):
     await conn.execute(
-        """INSERT INTO rate_cards (model, input_millicredits_per_1k_tokens,
+        """INSERT INTO rate_cards (model, model_kind, input_millicredits_per_1k_tokens,
                output_millicredits_per_1k_tokens, max_output_tokens)
-           VALUES ('gpt-4o', 1, 2, 100)"""
+           VALUES ('gpt-4o', 'chat', 1, 2, 100)"""
     )
     code, doc = await run_cli(cli_env, "seed")
     assert code == 0
