@@ -19,7 +19,7 @@ from billing import ledger
 from billing.api_keys import find_active_key
 from billing.metering.holds import HoldStore
 from billing.metering.rate_cards import DEFAULT_RATES
-from creditgate.migrator import default_migrations_dir
+from creditgate.migrator import default_migrations_dir, discover, discover_functions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,16 +93,17 @@ async def test_migrate_fresh_database_applies_all_then_nothing(empty_database_ur
         "REDIS_URL": redis_url,
         "UPSTREAM_API_KEY": "sk-upstream-test",
     }
-    expected = sorted(path.name for path in default_migrations_dir().glob("*.sql"))
+    numbered = [path.name for path in discover(default_migrations_dir())]
+    functions = [f.name for f in discover_functions(default_migrations_dir())]
     code, first = await run_cli(env, "migrate")
     assert code == 0
-    assert first == {"applied": expected}
+    assert first == {"applied": numbered + functions}
     code, second = await run_cli(env, "migrate")
     assert code == 0
     assert second == {"applied": []}
     conn = await asyncpg.connect(empty_database_url)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(expected)
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(numbered)
         assert await conn.fetchval("SELECT count(*) FROM accounts") == 0
     finally:
         await conn.close()
