@@ -22,8 +22,8 @@
 -- The floor without a loop: with B the balance and S_i = B + the sum of the fresh amounts up
 -- to entry i, the sequential rule "balance_i = max(balance_i-1 + amount_i, 0)" is
 -- balance_i = S_i - min(0, min over j <= i of S_j) (a walk reflected at zero): window sums
--- and minima, no loop. Entries before a refused one are posted exactly as the rule says, so refusing the
--- whole call when any 'whole' entry hits the floor is the sequential answer.
+-- and minima, no loop. Entries before a refused one are posted exactly as the rule says, so
+-- refusing the whole call when any 'whole' entry hits the floor is the sequential answer.
 --
 -- Accounts are locked in id order (concurrent callers cannot deadlock); an unknown account
 -- raises no_data_found (P0002). Answers one row per input entry, in array order, with the

@@ -578,3 +578,97 @@ async def test_post_settlements_matches_the_sequential_rule_on_random_batches(
         for amount, after in zip(amounts, chain, strict=True):
             running += amount
             assert after == running  # entries in id order form one running balance
+
+
+# -- post_ledger_entries (the one writer), many entries per call --------------------------
+
+_POST_MANY_SQL = """SELECT out_created, out_amount_millicredits, out_uncovered_millicredits
+  FROM post_ledger_entries($1::bigint[], $2::text[], $3::bigint[], $4::text[], '{}', '{}',
+                           $5::text[])"""
+
+
+async def test_post_ledger_entries_matches_the_sequential_rule_with_credits_and_debits(
+    pool: asyncpg.Pool,
+) -> None:
+    """Credits and debits of two accounts interleaved in one call, debits under 'owe' or
+    'cap', repeated keys: what each entry takes, each balance and shortfall, and the
+    balance_after chain are what posting one entry at a time would give."""
+    rng = random.Random(20261202)
+    accounts = [await new_account(pool) for _ in range(2)]
+    balances = dict.fromkeys(accounts, 0)
+    shortfalls = dict.fromkeys(accounts, 0)
+    seen: set[str] = set()
+    for call in range(20):
+        entries = []
+        for i in range(rng.randint(1, 10)):
+            account_id = rng.choice(accounts)
+            amount = rng.choice([-3_000, -700, -1, 0, 1, 500, 2_000])
+            rule = "whole" if amount >= 0 else rng.choice(["owe", "cap"])
+            if entries and rng.random() < 0.1:
+                key = entries[-1][2]  # repeated within the call
+            elif seen and rng.random() < 0.15:
+                key = rng.choice(sorted(seen))  # posted by an earlier call
+            else:
+                key = f"k{call}-{i}"
+            entries.append((account_id, amount, key, rule))
+        expected = []
+        in_call: set[str] = set()  # the first of a key in a call is the one that counts
+        for account_id, amount, key, rule in entries:
+            if key in seen or key in in_call:
+                expected.append((False, None, 0))
+                continue
+            in_call.add(key)
+            taken = max(amount, -balances[account_id])
+            uncovered = taken - amount
+            balances[account_id] += taken
+            if rule == "owe":
+                shortfalls[account_id] += uncovered
+            written = not (rule == "cap" and taken == 0)
+            if written:
+                seen.add(key)
+            expected.append((written, taken, uncovered))
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                _POST_MANY_SQL,
+                [e[0] for e in entries],
+                ["adjustment"] * len(entries),
+                [e[1] for e in entries],
+                [e[2] for e in entries],
+                [e[3] for e in entries],
+            )
+        for row, (written, taken, uncovered) in zip(rows, expected, strict=True):
+            assert (row[0], row[2]) == (written, uncovered)
+            if taken is not None:
+                assert row[1] == taken
+    for account_id in accounts:
+        async with pool.acquire() as conn:
+            posted = await ledger.posted_balance(conn, account_id)
+            assert await ledger.ledger_sum_matches_balance(conn, account_id)
+        assert (posted.balance_millicredits, posted.shortfall_millicredits) == (
+            balances[account_id],
+            shortfalls[account_id],
+        )
+        running = 0
+        for entry in await _entries(pool, account_id):
+            running += entry["amount_millicredits"]
+            assert entry["balance_after_millicredits"] == running
+
+
+async def test_post_ledger_entries_whole_debit_past_the_balance_refuses_the_call(
+    pool: asyncpg.Pool,
+) -> None:
+    account_id = await new_account(pool)
+    before = await grant(pool, account_id, 1_000)
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.CheckViolationError) as err:
+            await conn.fetch(
+                _POST_MANY_SQL,
+                [account_id, account_id],
+                ["adjustment", "reversal"],
+                [500, -1_501],
+                ["credit-first", "then-too-much"],
+                ["whole", "whole"],
+            )
+        assert err.value.constraint_name == "ledger_balance_never_below_zero"
+        assert await ledger.posted_balance(conn, account_id) == before
+    assert len(await _entries(pool, account_id)) == 1
