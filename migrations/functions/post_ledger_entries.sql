@@ -26,8 +26,10 @@
 -- refusing the whole call when any 'whole' entry hits the floor is the sequential answer.
 --
 -- Accounts are locked in id order (concurrent callers cannot deadlock); an unknown account
--- raises no_data_found (P0002). Answers one row per input entry, in array order, with the
--- account's balance, version and shortfall after the call.
+-- raises no_data_found (P0002). Answers one row per input entry, in array order (out_ord is
+-- the position), with the account's balance, version and shortfall after the call;
+-- out_entry_id is the entry written or the one posted before under the key, NULL when
+-- nothing was (a 'cap' entry that took 0, or a key repeated within the call).
 CREATE OR REPLACE FUNCTION post_ledger_entries(
     account_ids bigint[],
     entry_types text[],
@@ -41,7 +43,7 @@ RETURNS TABLE (out_ord integer, out_account_id bigint, out_entry_id bigint,
                out_balance_after_millicredits bigint, out_uncovered_millicredits bigint,
                out_balance_millicredits bigint, out_balance_version bigint,
                out_shortfall_millicredits bigint)
-LANGUAGE plpgsql ROWS 500 SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql ROWS 500 AS $$
 DECLARE
     locked integer;
     unknown bigint;
@@ -95,62 +97,62 @@ BEGIN
         WINDOW w AS (PARTITION BY s.account_id ORDER BY s.ord)
     ),
     stepped AS (
-        SELECT f.*, f.balance_after - f.balance_before_entry AS taken
+        SELECT f.*, (f.balance_after - f.balance_before_entry)::bigint AS taken
           FROM floored f
     ),
+    -- Each account's totals on every one of its rows: a window, not a join. No step of this
+    -- statement joins two batch-sized sets, so no row estimate can make it quadratic.
     planned AS (
         SELECT s.*,
-               CASE WHEN s.fresh THEN s.taken - s.amount ELSE 0 END::bigint AS uncovered,
-               (s.fresh AND NOT (s.rule = 'cap' AND s.taken = 0)) AS written
-          FROM stepped s
-    ),
-    totals AS (
-        SELECT p.account_id,
-               COUNT(*) FILTER (WHERE p.written) AS entries,
-               SUM(p.taken)::bigint AS moved,
-               (COALESCE(SUM(p.uncovered) FILTER (WHERE p.written AND p.rule = 'owe'), 0)
-                + COALESCE(SUM(p.taken) FILTER (WHERE p.written AND p.rule = 'repay'), 0)
+               COUNT(*) FILTER (WHERE s.written) OVER a AS entries,
+               (SUM(s.taken) OVER a)::bigint AS moved,
+               (COALESCE(SUM(s.uncovered) FILTER (WHERE s.written AND s.rule = 'owe') OVER a, 0)
+                + COALESCE(SUM(s.taken) FILTER (WHERE s.written AND s.rule = 'repay') OVER a, 0)
                )::bigint AS owed
-          FROM planned p
-         GROUP BY p.account_id
+          FROM (SELECT t.*,
+                       CASE WHEN t.fresh THEN t.taken - t.amount ELSE 0 END::bigint AS uncovered,
+                       (t.fresh AND NOT (t.rule = 'cap' AND t.taken = 0)) AS written
+                  FROM stepped t) AS s
+        WINDOW a AS (PARTITION BY s.account_id)
     ),
-    -- Ids follow the order of each account's entries, as the balance_after chain does.
+    -- Ids drawn in (account, entry) order, so each account's ids follow its balance_after
+    -- chain; known here, so the answer needs no join to the INSERT's RETURNING.
+    numbered AS (
+        SELECT p.*,
+               CASE WHEN p.written THEN nextval('ledger_entries_id_seq') END AS entry_id
+          FROM (SELECT * FROM planned ORDER BY account_id, ord) AS p
+    ),
+    -- Data-modifying WITHs run whether or not the answer reads them.
     inserted AS (
-        INSERT INTO ledger_entries (account_id, entry_type, amount_millicredits,
+        INSERT INTO ledger_entries (id, account_id, entry_type, amount_millicredits,
                                     balance_after_millicredits, idempotency_key, reference,
                                     reverses_entry_id)
-        SELECT p.account_id, p.entry_type, p.taken, p.balance_after, p.idempotency_key,
-               p.reference, p.reverses_entry_id
-          FROM planned p
-         WHERE p.written
-         ORDER BY p.account_id, p.ord
-        RETURNING id, idempotency_key
+        SELECT n.entry_id, n.account_id, n.entry_type, n.taken, n.balance_after,
+               n.idempotency_key, n.reference, n.reverses_entry_id
+          FROM numbered n
+         WHERE n.written
+         ORDER BY n.entry_id
     ),
-    -- A data-modifying WITH runs whether or not the answer reads it.
     moved AS (
         UPDATE accounts a
            SET balance_millicredits = a.balance_millicredits + t.moved,
                balance_version = a.balance_version + t.entries,
                shortfall_millicredits = a.shortfall_millicredits + t.owed
-          FROM totals t
-         WHERE a.id = t.account_id AND t.entries > 0
-        RETURNING a.id, a.balance_millicredits, a.balance_version, a.shortfall_millicredits
+          FROM (SELECT DISTINCT account_id, entries, moved, owed FROM planned
+                 WHERE entries > 0) AS t
+         WHERE a.id = t.account_id
     )
-    SELECT p.ord, p.account_id,
-           CASE WHEN p.written THEN n.id ELSE p.existing_id END,
-           p.written,
-           CASE WHEN p.fresh THEN p.taken ELSE p.existing_amount END,
-           CASE WHEN p.fresh THEN p.balance_after ELSE p.existing_balance_after END,
-           p.uncovered,
-           COALESCE(m.balance_millicredits, p.balance_before),
-           COALESCE(m.balance_version, p.version_before),
-           COALESCE(m.shortfall_millicredits, p.shortfall_before)
-      FROM planned p
-      LEFT JOIN inserted n ON p.written AND n.idempotency_key = p.idempotency_key
-      LEFT JOIN moved m ON m.id = p.account_id
-     WHERE CASE WHEN p.fresh AND p.uncovered > 0 AND p.rule IN ('whole', 'repay')
-                THEN refuse_negative_balance(p.account_id, p.balance_before_entry, p.amount)
+    SELECT n.ord, n.account_id, COALESCE(n.entry_id, n.existing_id), n.written,
+           CASE WHEN n.fresh THEN n.taken ELSE n.existing_amount END,
+           CASE WHEN n.fresh THEN n.balance_after ELSE n.existing_balance_after END,
+           n.uncovered,
+           n.balance_before + n.moved,
+           n.version_before + n.entries,
+           n.shortfall_before + n.owed
+      FROM numbered n
+     WHERE CASE WHEN n.fresh AND n.uncovered > 0 AND n.rule IN ('whole', 'repay')
+                THEN refuse_negative_balance(n.account_id, n.balance_before_entry, n.amount)
                 ELSE true END
-     ORDER BY p.ord;
+     ORDER BY n.ord;
 END;
 $$;

@@ -1,7 +1,8 @@
 -- The one reader of a settlement record's wire form: the JSON array the gateway appends to
 -- the outbox (billing.metering.outbox.SettlementRecord.to_json), fields in the order of the
--- settlement_record type (0003). A LANGUAGE sql function of one expression, so the planner
--- inlines it: reading a field costs one ->> and a cast.
+-- settlement_record type (0003); values after the last field (the poster appends two) are
+-- not read. A LANGUAGE sql function of one expression, so the planner inlines it and
+-- (settlement_record_from_json(r)).field is one ->> and a cast.
 CREATE OR REPLACE FUNCTION settlement_record_from_json(r jsonb) RETURNS settlement_record
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT ROW(

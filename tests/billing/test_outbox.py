@@ -44,11 +44,11 @@ def test_record_round_trips_every_field(record: SettlementRecord) -> None:
 
 
 @given(_records, st.integers(min_value=0, max_value=2**62), st.integers(0, 10_000))
-def test_posting_row_wraps_the_payload_with_charged_and_seq(
+def test_posting_row_appends_charged_and_seq_to_the_record(
     record: SettlementRecord, charged: int, seq: int
 ) -> None:
     row = outbox.posting_row(record.to_json(), charged_millicredits=charged, seq=seq)
-    assert orjson.loads(row) == [charged, seq, list(record)]
+    assert orjson.loads(row) == [*record, charged, seq]
 
 
 def test_record_payload_is_under_half_the_size_of_a_keyed_object() -> None:
