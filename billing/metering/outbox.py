@@ -8,8 +8,8 @@ Each settled request becomes one entry of the stream ``cg:v1:settlements`` with 
     a  the account id
 
 The settlement poster (``billing.metering.posting``) splices each payload unread into a
-posting row, the record with ``charged_millicredits`` and ``seq`` appended
-(``posting_row``), and posts the batch to
+posting row, the record with ``charged_millicredits`` appended (``posting_row``), and
+posts the batch to
 the SQL function ``post_settlements``, which reads each record through the one function
 ``settlement_record_from_json`` into the composite type ``settlement_record``. That type
 has this record's fields in this order (``migrations/0003_create_settlement_record.sql``;
@@ -91,10 +91,10 @@ class StreamFields(NamedTuple):
 STREAM_FIELDS: Final = StreamFields(record="p", charged_millicredits="c", account_id="a")
 
 
-def posting_row(payload: str, *, charged_millicredits: int, seq: int) -> str:
+def posting_row(payload: str, *, charged_millicredits: int) -> str:
     """The JSON row ``post_settlements`` reads: the record's array with
-    ``charged_millicredits`` and ``seq`` appended (SQL reads them from the end, at -2 and
-    -1, and the record through ``settlement_record_from_json``).
+    ``charged_millicredits`` appended (SQL reads it from the end, and the record through
+    ``settlement_record_from_json``). A batch's rows are applied in their order.
 
     The payload is spliced as text, not read: decoding and re-encoding every settlement was
     the writer's largest cost (py-spy). Only its shape is checked (an array whose first
@@ -106,4 +106,4 @@ def posting_row(payload: str, *, charged_millicredits: int, seq: int) -> str:
     """
     if not (payload.startswith('["') and payload.endswith("]")):
         raise ValueError(f"not a settlement record payload: {payload[:60]!r}")
-    return f"{payload[:-1]},{charged_millicredits},{seq}]"
+    return f"{payload[:-1]},{charged_millicredits}]"

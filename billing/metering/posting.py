@@ -266,9 +266,7 @@ class SettlementPoster:
             try:
                 charged = int(fields[charged_field])
                 account_id = int(fields[account_field])
-                rows.append(
-                    posting_row(fields[record_field], charged_millicredits=charged, seq=len(rows))
-                )
+                rows.append(posting_row(fields[record_field], charged_millicredits=charged))
             except (ValueError, KeyError, TypeError) as exc:
                 # Not ours to guess at: the entry stays pending (its charge stays in the
                 # account's `pending`, so it cannot be overspent) and is logged each time a

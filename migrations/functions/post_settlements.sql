@@ -4,11 +4,11 @@
 -- collected is the usage event's shortfall; a charge of 0 writes no entry). One statement.
 --
 -- batch: a JSON array of posting rows as billing.metering.posting builds them: each is the
--- gateway's settlement record (settlement_record_from_json reads its fields) with two values
--- appended, read here from the end: charged_millicredits (what the Redis settle script
--- charged) at -2 and seq (orders an account's settlements) at -1.
+-- gateway's settlement record (settlement_record_from_json reads its fields) with what the
+-- Redis settle script charged appended (read here from the end, at -1). An account's
+-- settlements are applied in batch order.
 --
--- Answers one row per posting row, in (account, seq) order: whether it was posted now (false:
+-- Answers one row per posting row, in (account, batch) order: whether it was posted now (false:
 -- its request id was posted before, or earlier in the batch), what it took from the balance,
 -- and its account's balance, version and shortfall after the batch.
 CREATE OR REPLACE FUNCTION post_settlements(batch jsonb)
@@ -26,17 +26,18 @@ BEGIN
        FOR UPDATE;
 
     RETURN QUERY
-    -- The record's fields as columns, read once (settlement_record_from_json is inlined, so
-    -- each is one ->> and a cast; a composite column would be re-read per field).
+    -- Only the few columns the steps below need travel through them (every step copies its
+    -- rows); the usage insert reads the whole record from the batch by position.
     WITH items AS (
-        SELECT (e ->> -2)::bigint AS charged, (e ->> -1)::integer AS seq,
-               (settlement_record_from_json(e)).*
-          FROM jsonb_array_elements(batch) AS e
+        SELECT t.pos::integer AS pos, (t.e ->> -1)::bigint AS charged,
+               (settlement_record_from_json(t.e)).request_id,
+               (settlement_record_from_json(t.e)).account_id
+          FROM jsonb_array_elements(batch) WITH ORDINALITY AS t(e, pos)
     ),
     -- Fresh: the first of its request id in the batch, and not in Postgres already.
     flagged AS (
         SELECT i.*,
-               (row_number() OVER (PARTITION BY i.request_id ORDER BY i.seq) = 1
+               (row_number() OVER (PARTITION BY i.request_id ORDER BY i.pos) = 1
                 AND NOT EXISTS (SELECT 1 FROM usage_events u
                                  WHERE u.request_id = i.request_id)) AS fresh
           FROM items i
@@ -45,7 +46,7 @@ BEGIN
     ordered AS (
         SELECT f.*,
                CASE WHEN f.fresh
-                    THEN count(*) FILTER (WHERE f.fresh) OVER (ORDER BY f.seq) END::integer AS ord
+                    THEN count(*) FILTER (WHERE f.fresh) OVER (ORDER BY f.pos) END::integer AS ord
           FROM flagged f
     ),
     -- post_ledger_entries answers in its arrays' order; its answer is kept as arrays and read
@@ -78,16 +79,19 @@ BEGIN
             cached_input_millicredits_per_1k_tokens, output_millicredits_per_1k_tokens,
             rounding_mode, cost_millicredits, charged_millicredits, shortfall_millicredits,
             hold_millicredits, usage_source, status, started_at, finished_at, upstream_latency_ms)
-        SELECT p.request_id, p.account_id, p.api_key_id, p.model, p.endpoint, p.prompt_tokens,
-               p.cached_tokens, p.completion_tokens, p.rate_card_id,
-               p.input_millicredits_per_1k_tokens, p.cached_input_millicredits_per_1k_tokens,
-               p.output_millicredits_per_1k_tokens, p.rounding_mode, p.cost_millicredits,
-               p.taken, GREATEST(p.cost_millicredits - p.taken, 0), p.hold_millicredits,
-               p.usage_source, p.status, to_timestamp(p.started_at_ms / 1000.0),
-               to_timestamp(p.finished_at_ms / 1000.0), p.upstream_latency_ms
-          FROM posted p
+        SELECT r.request_id, r.account_id, r.api_key_id, r.model, r.endpoint, r.prompt_tokens,
+               r.cached_tokens, r.completion_tokens, r.rate_card_id,
+               r.input_millicredits_per_1k_tokens, r.cached_input_millicredits_per_1k_tokens,
+               r.output_millicredits_per_1k_tokens, r.rounding_mode, r.cost_millicredits,
+               p.taken, GREATEST(r.cost_millicredits - p.taken, 0), r.hold_millicredits,
+               r.usage_source, r.status, to_timestamp(r.started_at_ms / 1000.0),
+               to_timestamp(r.finished_at_ms / 1000.0), r.upstream_latency_ms
+          FROM posted p,
+               -- OFFSET 0: the row is taken out of the batch once, not once per field.
+               LATERAL (SELECT batch -> (p.pos - 1)::integer AS e OFFSET 0) AS x,
+               LATERAL (SELECT (settlement_record_from_json(x.e)).*) AS r
          WHERE p.fresh
-         ORDER BY p.account_id, p.seq
+         ORDER BY p.account_id, p.pos
     )
     -- An account's state after the batch: from post_ledger_entries (any of its deductions'
     -- rows), or, when it had none (a batch of repeats changes nothing), as locked.
@@ -101,6 +105,6 @@ BEGIN
       FROM (SELECT q.*, max(q.ord) OVER (PARTITION BY q.account_id) AS account_ord
               FROM posted q) AS p
       CROSS JOIN ledger l
-     ORDER BY p.account_id, p.seq;
+     ORDER BY p.account_id, p.pos;
 END;
 $$;

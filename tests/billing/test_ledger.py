@@ -37,8 +37,8 @@ def _settlement(account_id: int, request_id: str, cost: int, charged: int) -> Se
 def _batch(settlements: list[Settlement]) -> str:
     """The JSON batch the poster sends ``post_settlements``."""
     rows = [
-        outbox.posting_row(record.to_json(), charged_millicredits=charged, seq=seq)
-        for seq, (record, charged) in enumerate(settlements)
+        outbox.posting_row(record.to_json(), charged_millicredits=charged)
+        for record, charged in settlements
     ]
     return "[" + ",".join(rows) + "]"
 

@@ -72,8 +72,8 @@ async def _commit_without_ack(
     """What a writer does before it crashes between its commit and its acknowledgement."""
     record, charged, _account = outbox.STREAM_FIELDS
     rows = [
-        outbox.posting_row(fields[record], charged_millicredits=int(fields[charged]), seq=seq)
-        for seq, (_entry_id, fields) in enumerate(entries)
+        outbox.posting_row(fields[record], charged_millicredits=int(fields[charged]))
+        for _entry_id, fields in entries
     ]
     async with pool.acquire() as conn:
         await posting.post_settlements(conn, "[" + ",".join(rows) + "]")
