@@ -8,10 +8,9 @@ Each settled request becomes one entry of the stream ``cg:v1:settlements`` with 
     a  the account id
 
 The settlement poster (``billing.metering.posting``) splices each payload unread into a
-posting row, the record with ``charged_millicredits`` appended (``posting_row``), and
-posts the batch to
-the SQL function ``post_settlements``, which reads each record through the one function
-``settlement_record_from_json`` into the composite type ``settlement_record``. That type
+posting row, the record with ``charged_millicredits`` appended (``posting_row``), and posts
+the batch to the SQL function ``post_settlements``, which reads each record through the one
+function ``settlement_record_from_json`` into the composite type ``settlement_record``. That type
 has this record's fields in this order (``migrations/0003_create_settlement_record.sql``;
 ``tests/billing/test_outbox.py`` compares them through ``pg_attribute``).
 """

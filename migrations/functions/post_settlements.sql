@@ -1,16 +1,17 @@
 -- Post a batch of settlements from the Redis outbox: one usage event per request id, at most
 -- once, and its deduction through post_ledger_entries (rule 'cap': each charge capped at what
 -- the balance still covers, a refund may have landed since the hold; what could not be
--- collected is the usage event's shortfall; a charge of 0 writes no entry). One statement.
+-- collected is the usage event's shortfall; a charge of 0 writes no entry), in one
+-- transaction: a lock, then one statement.
 --
 -- batch: a JSON array of posting rows as billing.metering.posting builds them: each is the
 -- gateway's settlement record (settlement_record_from_json reads its fields) with what the
 -- Redis settle script charged appended (read here from the end, at -1). An account's
 -- settlements are applied in batch order.
 --
--- Answers one row per posting row, in (account, batch) order: whether it was posted now (false:
--- its request id was posted before, or earlier in the batch), what it took from the balance,
--- and its account's balance, version and shortfall after the batch.
+-- Answers one row per posting row, in (account, batch) order: whether it was posted now
+-- (false: its request id was posted before, or earlier in the batch), what it took from the
+-- balance, and its account's balance, version and shortfall after the batch.
 CREATE OR REPLACE FUNCTION post_settlements(batch jsonb)
 RETURNS TABLE (out_request_id text, out_account_id bigint, out_posted boolean,
                out_charged_millicredits bigint, out_balance_millicredits bigint,
