@@ -186,20 +186,20 @@ async def cmd_settle(settings: Settings, args: argparse.Namespace) -> dict[str, 
     from billing.metering.posting import SettlementPoster
 
     async with _Services(settings) as svc:
-        writer = SettlementPoster(
+        poster = SettlementPoster(
             svc.holds,
             svc.pool,
             consumer=f"cli-{uuid.uuid4().hex[:8]}",
             claim_idle_ms=settings.settlement_claim_idle_ms,
         )
-        await writer.ensure_group()
-        claimed = await writer.claim_stale()
-        posted = await writer.drain_all()
+        await poster.ensure_group()
+        claimed = await poster.claim_stale()
+        posted = await poster.drain_all()
         return {
             "claimed": claimed,
             "read": posted,
-            "recorded": writer.stats.posted,
-            "duplicates": writer.stats.duplicates,
+            "recorded": poster.stats.posted,
+            "duplicates": poster.stats.duplicates,
         }
 
 
