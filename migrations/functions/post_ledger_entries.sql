@@ -69,7 +69,9 @@ BEGIN
                                     reverses_entry_id, rule, ord)
          WHERE i.account_id IS NOT NULL
     ),
-    flagged AS (
+    -- MATERIALIZED: computed once even if the join to accounts below puts it on the inner
+    -- side of a nested loop (stale statistics can make accounts look like one row).
+    flagged AS MATERIALIZED (
         SELECT i.*, e.id AS existing_id, e.amount_millicredits AS existing_amount,
                e.balance_after_millicredits AS existing_balance_after,
                (e.id IS NULL AND row_number() OVER (PARTITION BY i.idempotency_key
