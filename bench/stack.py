@@ -25,7 +25,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from billing.metering.holds import OUTBOX_STREAM_KEY
-from billing.metering.settlement import GROUP
+from billing.metering.posting import GROUP
 from devtools.localservices import (
     PostgresServer,
     RedisServer,

@@ -1,8 +1,10 @@
 """The Postgres ledger of record: accounts, append-only ledger entries, usage events.
 
 Every write that changes a balance inserts a ledger entry and updates the account's
-``balance_millicredits`` and ``balance_version`` in the same transaction, under a row lock.
-Entries are keyed by a unique idempotency key: a repeat changes nothing.
+``balance_millicredits`` and ``balance_version`` in the same statement, under a row lock:
+the SQL function ``post_ledger_entries`` (``migrations/functions/``) is the only code that
+does, for ``post_entry`` here and for settlement batches (``post_settlements``). Entries are
+keyed by a unique idempotency key: a repeat changes nothing.
 
 Postgres unreachable: the functions raise ``OSError``/``asyncpg`` errors; callers on the
 request path map them to ``BillingUnavailableError`` (503).
@@ -10,6 +12,7 @@ request path map them to ``BillingUnavailableError`` (503).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -54,7 +57,8 @@ class PostResult:
         created: False when the key had been posted already (nothing changed).
         posted: the account's balance and version after the call.
         shortfall_millicredits: the part of a negative amount that the balance could not
-            cover (only with ``allow_partial``); added to the account's outstanding shortfall.
+            cover (only with ``PostingRule.OWE``); added to the account's outstanding
+            shortfall.
     """
 
     entry: LedgerEntry
@@ -105,6 +109,36 @@ async def posted_balance(conn: asyncpg.Connection | asyncpg.Pool, account_id: in
     return PostedBalance(row[0], row[1], row[2])
 
 
+class PostingRule(enum.StrEnum):
+    """What a debit does when the balance cannot cover it (``post_ledger_entries``'s rules).
+
+    WHOLE: refused (``NegativeBalanceError``), nothing written.
+    OWE: takes what the balance holds; the rest is added to the account's shortfall
+        (refunds and disputes of credits already spent).
+    CAP: takes what the balance holds; the rest is only reported; taking 0 writes no entry
+        (settlement deductions, whose usage event records the shortfall).
+    REPAY: as WHOLE, and the amount taken also lowers the account's shortfall (collecting
+        an outstanding shortfall from new credits).
+    """
+
+    WHOLE = "whole"
+    OWE = "owe"
+    CAP = "cap"
+    REPAY = "repay"
+
+
+# The one writer of entries and balances (migrations/functions/post_ledger_entries.sql),
+# here with one entry.
+_POST_ONE_SQL = """
+SELECT out_entry_id, out_created, out_amount_millicredits, out_balance_after_millicredits,
+       out_uncovered_millicredits, out_balance_millicredits, out_balance_version,
+       out_shortfall_millicredits, now()
+  FROM post_ledger_entries(ARRAY[$1::bigint], ARRAY[$2::text], ARRAY[$3::bigint],
+                           ARRAY[$4::text], ARRAY[$5::text], ARRAY[$6::bigint], ARRAY[$7::text])
+"""
+_NEVER_BELOW_ZERO = "ledger_balance_never_below_zero"
+
+
 async def post_entry(
     conn: asyncpg.Connection,
     *,
@@ -114,74 +148,72 @@ async def post_entry(
     idempotency_key: str,
     reference: str | None = None,
     reverses_entry_id: int | None = None,
-    allow_partial: bool = False,
+    rule: PostingRule = PostingRule.WHOLE,
 ) -> PostResult:
     """Append one ledger entry and move the account's balance, at most once per key.
+
+    Posts through ``post_ledger_entries`` (``migrations/functions/``), the only writer of
+    ledger entries and balances; one statement, under the account's row lock.
 
     Args:
         entry_type: one of ``ENTRY_TYPES``.
         amount_millicredits: signed; credits granted > 0, taken < 0.
         idempotency_key: unique per real-world event (e.g. ``purchase:cs_...``).
-        allow_partial: for negative amounts: take what the balance holds and report the
-            rest as ``shortfall_millicredits`` (added to ``accounts.shortfall_millicredits``)
-            instead of failing.
+        rule: what a debit does when the balance cannot cover it (``PostingRule``); with
+            ``OWE`` the uncovered part is ``PostResult.shortfall_millicredits``.
 
     Raises:
-        NegativeBalanceError: the entry would take the balance below zero (and not
-            ``allow_partial``); nothing written.
+        NegativeBalanceError: the entry would take the balance below zero under ``WHOLE`` or
+            ``REPAY``; nothing written.
         AccountNotFoundError: no such account.
         ValueError: unknown entry type.
     """
     if entry_type not in ENTRY_TYPES:
         raise ValueError(f"unknown ledger entry type {entry_type!r}")
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            "SELECT balance_millicredits, balance_version, shortfall_millicredits "
-            "FROM accounts WHERE id = $1 FOR UPDATE",
-            account_id,
-        )
-        if row is None:
-            raise AccountNotFoundError(account_id)
-        balance, version, shortfall = row
+    try:
+        # A savepoint inside the caller's transaction: a refusal leaves that usable.
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                _POST_ONE_SQL,
+                account_id,
+                entry_type,
+                amount_millicredits,
+                idempotency_key,
+                reference,
+                reverses_entry_id,
+                rule.value,
+            )
+    except asyncpg.NoDataFoundError:
+        raise AccountNotFoundError(account_id) from None
+    except asyncpg.CheckViolationError as exc:
+        if exc.constraint_name != _NEVER_BELOW_ZERO:
+            raise
+        balance = await posted_balance(conn, account_id)
+        raise NegativeBalanceError(
+            account_id=account_id,
+            balance_millicredits=balance.balance_millicredits,
+            amount_millicredits=amount_millicredits,
+        ) from None
+    assert row is not None  # one input entry, one answer row
+    entry_id, created, amount, balance_after, uncovered, *posted, created_at = row
+    if not created:
         existing = await conn.fetchrow(
             "SELECT * FROM ledger_entries WHERE idempotency_key = $1", idempotency_key
         )
-        if existing is not None:
-            return PostResult(_entry(existing), False, PostedBalance(balance, version, shortfall))
-        amount = amount_millicredits
-        missing = 0
-        if balance + amount < 0:
-            if not allow_partial:
-                raise NegativeBalanceError(
-                    account_id=account_id,
-                    balance_millicredits=balance,
-                    amount_millicredits=amount_millicredits,
-                )
-            missing = -(balance + amount)
-            amount = -balance
-        entry_row = await conn.fetchrow(
-            """INSERT INTO ledger_entries (account_id, entry_type, amount_millicredits,
-                   balance_after_millicredits, idempotency_key, reference, reverses_entry_id)
-               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
-            account_id,
-            entry_type,
-            amount,
-            balance + amount,
-            idempotency_key,
-            reference,
-            reverses_entry_id,
-        )
-        new = await conn.fetchrow(
-            """UPDATE accounts SET balance_millicredits = balance_millicredits + $2,
-                   balance_version = balance_version + 1,
-                   shortfall_millicredits = shortfall_millicredits + $3
-               WHERE id = $1
-               RETURNING balance_millicredits, balance_version, shortfall_millicredits""",
-            account_id,
-            amount,
-            missing,
-        )
-        return PostResult(_entry(entry_row), True, PostedBalance(*new), missing)
+        return PostResult(_entry(existing), False, PostedBalance(*posted))
+    entry = LedgerEntry(
+        id=entry_id,
+        account_id=account_id,
+        entry_type=entry_type,
+        amount_millicredits=amount,
+        balance_after_millicredits=balance_after,
+        idempotency_key=idempotency_key,
+        reference=reference,
+        reverses_entry_id=reverses_entry_id,
+        created_at=created_at,
+    )
+    shortfall = uncovered if rule is PostingRule.OWE else 0
+    return PostResult(entry, True, PostedBalance(*posted), shortfall)
 
 
 async def ledger_sum_matches_balance(conn: asyncpg.Connection, account_id: int) -> bool:

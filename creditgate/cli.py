@@ -196,24 +196,24 @@ async def cmd_credits_grant(settings: StoreSettings, args: argparse.Namespace) -
 
 
 async def cmd_settle(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
-    from billing.metering.settlement import SettlementWriter
+    from billing.metering.posting import SettlementPoster
 
     async with _Stores(settings) as stores:
         assert stores.holds is not None  # REDIS_URL is required for this command
-        writer = SettlementWriter(
+        poster = SettlementPoster(
             stores.holds,
             stores.pool,
             consumer=f"cli-{uuid.uuid4().hex[:8]}",
             claim_idle_ms=settings.settlement_claim_idle_ms,
         )
-        await writer.ensure_group()
-        claimed = await writer.claim_stale()
-        posted = await writer.drain_all()
+        await poster.ensure_group()
+        claimed = await poster.claim_stale()
+        posted = await poster.drain_all()
         return {
             "claimed": claimed,
             "read": posted,
-            "recorded": writer.stats.recorded,
-            "duplicates": writer.stats.duplicates,
+            "recorded": poster.stats.posted,
+            "duplicates": poster.stats.duplicates,
         }
 
 

@@ -1,19 +1,88 @@
-"""Forward-only SQL migrations: ``migrations/NNNN_verb_noun.sql`` applied in order.
+"""SQL migrations: numbered DDL files applied once, function files re-applied when they change.
 
-Each file runs in its own transaction and is recorded in ``schema_migrations``; a
-PostgreSQL advisory lock makes concurrent ``creditgate migrate`` runs safe.
+The migrations folder (package data ``creditgate.migrations``) holds two kinds of file:
+
+- ``NNNN_verb_noun.sql``: forward-only DDL (tables, constraints, indexes, types, roles,
+  grants), applied once each in number order and recorded with its SHA-256 checksum in
+  ``schema_migrations``. An applied file must never change: when one on disk differs from
+  its recorded checksum (or is gone), the runner refuses to run at all.
+- ``functions/<name>.sql``: the current body of one SQL function ``<name>`` as
+  ``CREATE OR REPLACE FUNCTION`` (a trigger function's file also binds its triggers with
+  ``CREATE OR REPLACE TRIGGER``). Applied after the numbered files, in name order, whenever
+  its checksum differs from the one recorded in ``schema_function_migrations``: a function
+  is changed by editing its file, never by restating it in a numbered migration.
+
+Each file runs in its own transaction with its record; a PostgreSQL advisory lock makes
+concurrent ``creditgate migrate`` runs safe.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_NUMBERED_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_FUNCTION_NAME = re.compile(r"^([a-z][a-z0-9_]*)\.sql$")
+_CREATES_FUNCTION = re.compile(r"\bCREATE\s+(OR\s+REPLACE\s+)?FUNCTION\b", re.IGNORECASE)
 _ADVISORY_LOCK_ID = 0x63726564  # "cred"
+FUNCTIONS_DIR = "functions"
+
+_CREATE_TABLES = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     text PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS schema_function_migrations (
+    name        text PRIMARY KEY,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class MigrationError(Exception):
+    """The migrations on disk cannot be applied to this database; nothing was applied.
+
+    Attributes:
+        file_name: the migration file at fault (relative to the migrations folder).
+    """
+
+    def __init__(self, file_name: str, problem: str) -> None:
+        super().__init__(f"{file_name}: {problem}")
+        self.file_name = file_name
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationFile:
+    """One migration file and the SHA-256 (hex) of its bytes.
+
+    Attributes:
+        name: relative to the migrations folder: ``0001_create_money_path.sql`` or
+            ``functions/post_settlements.sql``.
+        key: what the database records it by: the 4-digit version of a numbered file, the
+            function name of a function file.
+    """
+
+    path: Path
+    name: str
+    key: str
+    checksum: str
+
+    @classmethod
+    def read(cls, path: Path, name: str, key: str) -> MigrationFile:
+        """The file at ``path`` with its checksum."""
+        return cls(path, name, key, hashlib.sha256(path.read_bytes()).hexdigest())
+
+    def sql(self) -> str:
+        """The file's SQL text."""
+        return self.path.read_text(encoding="utf-8")
 
 
 def default_migrations_dir() -> Path:
@@ -23,59 +92,137 @@ def default_migrations_dir() -> Path:
 
 
 def discover(migrations_dir: Path) -> list[Path]:
-    """Migration files in order of their 4-digit prefix.
+    """The numbered migration files in order of their 4-digit prefix.
 
     Raises:
-        ValueError: a ``.sql`` file that does not follow ``NNNN_verb_noun.sql``, or two
-            files with the same number.
+        MigrationError: a ``.sql`` file not named ``NNNN_verb_noun.sql``, two files with the
+            same number, or a numbered file that creates a function (function bodies live
+            in ``functions/``).
     """
-    files = sorted(migrations_dir.glob("*.sql"))
-    seen: set[str] = set()
-    for path in files:
-        match = _MIGRATION_NAME.match(path.name)
+    return [m.path for m in _numbered(migrations_dir)]
+
+
+def _numbered(migrations_dir: Path) -> list[MigrationFile]:
+    found: dict[str, MigrationFile] = {}
+    for path in sorted(migrations_dir.glob("*.sql")):
+        match = _NUMBERED_NAME.match(path.name)
         if match is None:
-            raise ValueError(f"migration file name must be NNNN_verb_noun.sql: {path.name}")
-        if match.group(1) in seen:
-            raise ValueError(f"two migrations numbered {match.group(1)}")
-        seen.add(match.group(1))
-    return files
+            raise MigrationError(path.name, "a migration file must be named NNNN_verb_noun.sql")
+        version = match.group(1)
+        if version in found:
+            raise MigrationError(path.name, f"two migrations numbered {version}")
+        migration = MigrationFile.read(path, path.name, version)
+        if _CREATES_FUNCTION.search(migration.sql()):
+            raise MigrationError(
+                path.name, f"creates a function: put its body in {FUNCTIONS_DIR}/<name>.sql"
+            )
+        found[version] = migration
+    return list(found.values())
+
+
+def discover_functions(migrations_dir: Path) -> list[MigrationFile]:
+    """The function files (``functions/<name>.sql``) in name order.
+
+    Raises:
+        MigrationError: a file not named ``<name>.sql`` (lower case), or one that does not
+            ``CREATE OR REPLACE FUNCTION <name>``.
+    """
+    found: list[MigrationFile] = []
+    for path in sorted((migrations_dir / FUNCTIONS_DIR).glob("*")):
+        name = f"{FUNCTIONS_DIR}/{path.name}"
+        if path.name == "__init__.py" or path.name.startswith("."):
+            continue
+        match = _FUNCTION_NAME.match(path.name)
+        if match is None:
+            raise MigrationError(name, "a function file must be named <function_name>.sql")
+        migration = MigrationFile.read(path, name, match.group(1))
+        defines = rf"\bCREATE\s+OR\s+REPLACE\s+FUNCTION\s+{migration.key}\s*\("
+        if re.search(defines, migration.sql(), re.IGNORECASE) is None:
+            raise MigrationError(name, f"must CREATE OR REPLACE FUNCTION {migration.key}(...)")
+        found.append(migration)
+    return found
 
 
 async def apply_migrations(dsn: str, migrations_dir: Path | None = None) -> list[str]:
-    """Apply every migration not yet recorded in ``schema_migrations``.
+    """Apply every numbered migration not yet recorded, then every function file whose
+    checksum is new or changed.
 
     Returns:
-        The file names applied by this call, in order (empty when up to date).
+        The file names applied by this call, in order (empty when up to date), e.g.
+        ``["0001_create_money_path.sql", "functions/post_settlements.sql"]``.
 
     Raises:
+        MigrationError: a file on disk is misnamed, or an applied numbered migration was
+            edited or removed since it was applied; checked before anything is applied.
         asyncpg.PostgresError: a migration failed; it is rolled back and later files are
             not applied. Postgres unreachable: ``OSError`` from the connect.
     """
-    files = discover(migrations_dir or default_migrations_dir())
+    folder = migrations_dir or default_migrations_dir()
+    numbered = _numbered(folder)
+    functions = discover_functions(folder)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_ID)
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version text PRIMARY KEY,
-                   name text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        await conn.execute(_CREATE_TABLES)
+        applied_numbered = await _check_applied(conn, numbered)
+        applied_functions = {
+            r["name"]: r["checksum"]
+            for r in await conn.fetch("SELECT name, checksum FROM schema_function_migrations")
+        }
         applied: list[str] = []
-        for path in files:
-            version = path.name[:4]
-            if version in done:
-                continue
-            async with conn.transaction():
-                await conn.execute(path.read_text(encoding="utf-8"))
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    version,
-                    path.name,
+        for migration in numbered:
+            if migration.key not in applied_numbered:
+                await _apply(
+                    conn,
+                    migration,
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.key,
+                    migration.name,
+                    migration.checksum,
                 )
-            applied.append(path.name)
+                applied.append(migration.name)
+        for migration in functions:
+            if applied_functions.get(migration.key) != migration.checksum:
+                await _apply(
+                    conn,
+                    migration,
+                    """INSERT INTO schema_function_migrations (name, checksum) VALUES ($1, $2)
+                       ON CONFLICT (name) DO UPDATE
+                       SET checksum = EXCLUDED.checksum, applied_at = now()""",
+                    migration.key,
+                    migration.checksum,
+                )
+                applied.append(migration.name)
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _ADVISORY_LOCK_ID)
         await conn.close()
+
+
+async def _check_applied(conn: asyncpg.Connection, numbered: list[MigrationFile]) -> set[str]:
+    """The versions already applied; raises ``MigrationError`` when one drifted."""
+    on_disk = {m.key: m for m in numbered}
+    versions: set[str] = set()
+    for version, name, checksum in await conn.fetch(
+        "SELECT version, name, checksum FROM schema_migrations ORDER BY version"
+    ):
+        migration = on_disk.get(version)
+        if migration is None:
+            raise MigrationError(name, "applied to this database but no longer on disk")
+        if (migration.name, migration.checksum) != (name, checksum):
+            raise MigrationError(
+                migration.name,
+                f"changed after it was applied (recorded {name} sha256 {checksum[:12]}, "
+                f"on disk sha256 {migration.checksum[:12]}); write a new numbered "
+                "migration instead of editing an applied one",
+            )
+        versions.add(version)
+    return versions
+
+
+async def _apply(
+    conn: asyncpg.Connection, migration: MigrationFile, record_sql: str, *args: object
+) -> None:
+    async with conn.transaction():
+        await conn.execute(migration.sql())
+        await conn.execute(record_sql, *args)

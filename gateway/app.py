@@ -22,9 +22,9 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.metering.posting import SettlementPoster
 from billing.metering.rate_cards import RateCardBook
 from billing.metering.script_channel import ScriptChannel
-from billing.metering.settlement import SettlementWriter
 from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator
@@ -120,7 +120,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     if settings.settlement_writer_enabled:
         if settings.redis_url.startswith("redis://"):
             reader = ScriptChannel(settings.redis_url)
-        writer = SettlementWriter(
+        writer = SettlementPoster(
             holds,
             app[appkeys.DB_POOL],
             consumer=f"{socket.gethostname()}-{os.getpid()}",

@@ -25,7 +25,6 @@ import orjson
 from aiohttp import web
 
 from billing.errors import BillingUnavailableError, UnknownModelError
-from billing.metering import outbox
 from billing.metering.estimate import (
     Estimate,
     EstimateError,
@@ -34,6 +33,7 @@ from billing.metering.estimate import (
     estimate_embeddings,
     estimate_responses,
 )
+from billing.metering.outbox import SettlementRecord
 from billing.metering.pricing import RateCard, charge_millicredits, worst_case_millicredits
 from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
@@ -185,32 +185,28 @@ class BilledCall:
             if charging
             else 0
         )
-        # The outbox's format-2 record: billing.metering.outbox.FIELDS, in that order.
-        payload = orjson.dumps(
-            [
-                outbox.FORMAT,
-                self.request_id,
-                self.identity.account_id,
-                self.identity.api_key_id,
-                self.model,
-                self.endpoint.name,
-                usage.prompt_tokens,
-                min(usage.cached_tokens, usage.prompt_tokens),
-                usage.completion_tokens,
-                card.id,
-                card.input_millicredits_per_1k_tokens,
-                card.cached_rate,
-                card.output_millicredits_per_1k_tokens,
-                settings.rounding_mode.value,
-                cost,
-                self.hold_millicredits,
-                source,
-                status if charging else "uncharged",
-                self.started_ms,
-                int(time.time() * 1000),
-                int((time.monotonic() - self.upstream_started) * 1000),
-            ]
-        ).decode()
+        payload = SettlementRecord(
+            request_id=self.request_id,
+            account_id=self.identity.account_id,
+            api_key_id=self.identity.api_key_id,
+            model=self.model,
+            endpoint=self.endpoint.name,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=min(usage.cached_tokens, usage.prompt_tokens),
+            completion_tokens=usage.completion_tokens,
+            rate_card_id=card.id,
+            input_millicredits_per_1k_tokens=card.input_millicredits_per_1k_tokens,
+            cached_input_millicredits_per_1k_tokens=card.cached_rate,
+            output_millicredits_per_1k_tokens=card.output_millicredits_per_1k_tokens,
+            rounding_mode=settings.rounding_mode.value,
+            cost_millicredits=cost,
+            hold_millicredits=self.hold_millicredits,
+            usage_source=source,
+            status=status if charging else "uncharged",
+            started_at_ms=self.started_ms,
+            finished_at_ms=int(time.time() * 1000),
+            upstream_latency_ms=int((time.monotonic() - self.upstream_started) * 1000),
+        ).to_json()
         # CHARGED before the command is awaited: once sent, the script may run even if this
         # await is cancelled or fails (it can already be in the socket buffer), and a void sent
         # after it on another connection could overtake it and release a hold that is being
@@ -272,7 +268,11 @@ async def _prepare(
         raise InvalidRequestError("You must provide a model parameter.", param="model")
     settings = app[appkeys.SETTINGS]
     card = app[gateway_keys.RATE_CARDS].get(model)
-    if card is None or (settings.model_allowlist and model not in settings.model_allowlist):
+    if (
+        card is None
+        or not card.serves(endpoint.name)  # e.g. a chat model on /v1/embeddings
+        or (settings.model_allowlist and model not in settings.model_allowlist)
+    ):
         raise UnknownModelError(model)
     stream = body.get("stream") is True
     if stream and not endpoint.streams:

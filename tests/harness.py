@@ -19,9 +19,9 @@ from redis.exceptions import ResponseError
 
 from billing import api_keys, ledger
 from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore
+from billing.metering.posting import GROUP
 from billing.metering.pricing import charge_millicredits
 from billing.metering.rate_cards import seed_rate_cards
-from billing.metering.settlement import GROUP
 from creditgate.migrator import apply_migrations
 from devtools.localservices import free_port
 from devtools.simulator import Simulator

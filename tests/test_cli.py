@@ -20,7 +20,7 @@ from billing import ledger
 from billing.api_keys import find_active_key
 from billing.metering.holds import HoldStore
 from billing.metering.rate_cards import DEFAULT_RATES
-from creditgate.migrator import default_migrations_dir
+from creditgate.migrator import default_migrations_dir, discover, discover_functions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,16 +94,17 @@ async def test_migrate_fresh_database_applies_all_then_nothing(empty_database_ur
         "REDIS_URL": redis_url,
         "UPSTREAM_API_KEY": "sk-upstream-test",
     }
-    expected = sorted(path.name for path in default_migrations_dir().glob("*.sql"))
+    numbered = [path.name for path in discover(default_migrations_dir())]
+    functions = [f.name for f in discover_functions(default_migrations_dir())]
     code, first = await run_cli(env, "migrate")
     assert code == 0
-    assert first == {"applied": expected}
+    assert first == {"applied": numbered + functions}
     code, second = await run_cli(env, "migrate")
     assert code == 0
     assert second == {"applied": []}
     conn = await asyncpg.connect(empty_database_url)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(expected)
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(numbered)
         assert await conn.fetchval("SELECT count(*) FROM accounts") == 0
     finally:
         await conn.close()
@@ -123,9 +124,9 @@ async def test_seed_twice_adds_rate_cards_once(cli_env, conn):
 
 async def test_seed_keeps_existing_prices(cli_env, conn):
     await conn.execute(
-        """INSERT INTO rate_cards (model, input_millicredits_per_1k_tokens,
+        """INSERT INTO rate_cards (model, model_kind, input_millicredits_per_1k_tokens,
                output_millicredits_per_1k_tokens, max_output_tokens)
-           VALUES ('gpt-4o', 1, 2, 100)"""
+           VALUES ('gpt-4o', 'chat', 1, 2, 100)"""
     )
     code, doc = await run_cli(cli_env, "seed")
     assert code == 0

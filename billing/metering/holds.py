@@ -7,7 +7,7 @@ Per account (one hash tag, so one Redis Cluster slot):
     ``cg:v1:{acct:N}:holds``    hash ``request_id -> "amount_mc:deadline_ms"``
 Global:
     ``cg:v1:hold_deadlines``    zset of ``"N|request_id"`` by deadline, for the sweeper
-    ``cg:v1:settlements``       the settlement outbox stream (see ``billing.metering.settlement``)
+    ``cg:v1:settlements``       the settlement outbox stream (see ``billing.metering.posting``)
 
 ``available = bal - held - pending``; a hold is placed only when ``available >= amount``,
 so no balance can go below zero. Source: two-phase transfers as in TigerBeetle
@@ -297,7 +297,7 @@ class HoldStore:
         Args:
             cost_millicredits: the request's charge at the rate card, >= 0.
             payload: the usage record the writer posts to Postgres
-                (``billing.metering.outbox.encode``).
+                (``billing.metering.outbox.SettlementRecord.to_json``).
 
         Raises:
             BillingUnavailableError: Redis unreachable; the hold stays and the sweeper voids

@@ -9,10 +9,32 @@ Source: DESIGN.md "Units and arithmetic" (reference cases 12.000, 360.000, 3.720
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 
 from billing.units import MILLICREDITS_PER_CREDIT
+
+
+class ModelKind(enum.StrEnum):
+    """What a model serves (``rate_cards.model_kind``); each endpoint takes one kind."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+
+
+#: The kind of model each billed endpoint (by its OpenAI name) accepts; any other model is
+#: refused as OpenAI refuses an unsupported one (404 ``model_not_found``).
+ENDPOINT_MODEL_KINDS: Mapping[str, ModelKind] = MappingProxyType(
+    {
+        "chat.completions": ModelKind.CHAT,
+        "responses": ModelKind.CHAT,
+        "completions": ModelKind.COMPLETION,
+        "embeddings": ModelKind.EMBEDDING,
+    }
+)
 
 
 class RoundingMode(enum.StrEnum):
@@ -34,6 +56,7 @@ class RateCard:
         max_output_tokens: the model's output cap, used for the worst case when the
             client sends no ``max_tokens``.
         upstream_*_microusd_per_1k_tokens: what the upstream charges us (margin metrics).
+        model_kind: what the model serves; an endpoint refuses models of another kind.
     """
 
     id: int
@@ -45,6 +68,12 @@ class RateCard:
     effective_at: datetime
     upstream_input_microusd_per_1k_tokens: int = 0
     upstream_output_microusd_per_1k_tokens: int = 0
+    model_kind: ModelKind = ModelKind.CHAT
+
+    def serves(self, endpoint_name: str) -> bool:
+        """Whether the billed endpoint ``endpoint_name`` (``"embeddings"``, ...) takes this
+        model: its kind is the endpoint's (``ENDPOINT_MODEL_KINDS``)."""
+        return ENDPOINT_MODEL_KINDS.get(endpoint_name) is self.model_kind
 
     @property
     def cached_rate(self) -> int:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from billing.metering.pricing import RateCard
+from billing.metering.pricing import ModelKind, RateCard
 
 _IN_FORCE_SQL = """
-SELECT DISTINCT ON (model) id, model, input_millicredits_per_1k_tokens,
+SELECT DISTINCT ON (model) id, model, model_kind, input_millicredits_per_1k_tokens,
        cached_input_millicredits_per_1k_tokens, output_millicredits_per_1k_tokens,
        max_output_tokens, effective_at, upstream_input_microusd_per_1k_tokens,
        upstream_output_microusd_per_1k_tokens
@@ -29,6 +29,7 @@ class DefaultRate:
     """A seed row: prices in millicredits per 1k tokens; upstream cost in micro-USD per 1k."""
 
     model: str
+    model_kind: ModelKind
     input: int
     cached_input: int | None
     output: int
@@ -41,14 +42,16 @@ class DefaultRate:
 # gpt-4o 20 / 80 credits per 1k come from the product's QA list (DESIGN.md); the rest follow
 # OpenAI's list prices with the same 16x markup (2.4 credits = $0.0024 vs $0.00015).
 DEFAULT_RATES: tuple[DefaultRate, ...] = (
-    DefaultRate("gpt-4o-mini", 2_400, 1_200, 9_600, 16_384, 150, 600),
-    DefaultRate("gpt-4o", 20_000, 10_000, 80_000, 16_384, 2_500, 10_000),
-    DefaultRate("gpt-4.1", 32_000, 8_000, 128_000, 32_768, 2_000, 8_000),
-    DefaultRate("gpt-4.1-mini", 6_400, 1_600, 25_600, 32_768, 400, 1_600),
-    DefaultRate("gpt-4.1-nano", 1_600, 400, 6_400, 32_768, 100, 400),
-    DefaultRate("gpt-3.5-turbo-instruct", 24_000, None, 32_000, 4_096, 1_500, 2_000),
-    DefaultRate("text-embedding-3-small", 320, None, 0, 1, 20, 0),
-    DefaultRate("text-embedding-3-large", 2_080, None, 0, 1, 130, 0),
+    DefaultRate("gpt-4o-mini", ModelKind.CHAT, 2_400, 1_200, 9_600, 16_384, 150, 600),
+    DefaultRate("gpt-4o", ModelKind.CHAT, 20_000, 10_000, 80_000, 16_384, 2_500, 10_000),
+    DefaultRate("gpt-4.1", ModelKind.CHAT, 32_000, 8_000, 128_000, 32_768, 2_000, 8_000),
+    DefaultRate("gpt-4.1-mini", ModelKind.CHAT, 6_400, 1_600, 25_600, 32_768, 400, 1_600),
+    DefaultRate("gpt-4.1-nano", ModelKind.CHAT, 1_600, 400, 6_400, 32_768, 100, 400),
+    DefaultRate(
+        "gpt-3.5-turbo-instruct", ModelKind.COMPLETION, 24_000, None, 32_000, 4_096, 1_500, 2_000
+    ),
+    DefaultRate("text-embedding-3-small", ModelKind.EMBEDDING, 320, None, 0, 1, 20, 0),
+    DefaultRate("text-embedding-3-large", ModelKind.EMBEDDING, 2_080, None, 0, 1, 130, 0),
 )
 
 
@@ -63,6 +66,7 @@ def _rate_card(row: asyncpg.Record) -> RateCard:
         effective_at=row["effective_at"],
         upstream_input_microusd_per_1k_tokens=row["upstream_input_microusd_per_1k_tokens"],
         upstream_output_microusd_per_1k_tokens=row["upstream_output_microusd_per_1k_tokens"],
+        model_kind=ModelKind(row["model_kind"]),
     )
 
 
@@ -88,8 +92,8 @@ async def seed_rate_cards(
             """INSERT INTO rate_cards (model, input_millicredits_per_1k_tokens,
                    cached_input_millicredits_per_1k_tokens, output_millicredits_per_1k_tokens,
                    max_output_tokens, upstream_input_microusd_per_1k_tokens,
-                   upstream_output_microusd_per_1k_tokens, effective_at)
-               SELECT $1, $2, $3, $4, $5, $6, $7, '2024-01-01T00:00:00Z'
+                   upstream_output_microusd_per_1k_tokens, model_kind, effective_at)
+               SELECT $1, $2, $3, $4, $5, $6, $7, $8, '2024-01-01T00:00:00Z'
                WHERE NOT EXISTS (SELECT 1 FROM rate_cards WHERE model = $1)
                RETURNING model""",
             rate.model,
@@ -99,6 +103,7 @@ async def seed_rate_cards(
             rate.max_output_tokens,
             rate.upstream_input,
             rate.upstream_output,
+            rate.model_kind.value,
         )
         if inserted:
             added.append(inserted)

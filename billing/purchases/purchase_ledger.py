@@ -15,11 +15,12 @@ the same. The entries (all linked to the purchase entry through ``reverses_entry
 
 ``share(x) = floor(total_millicredits * x.amount / amount paid)``, and all reversals of one
 purchase together never exceed its total. A reversal takes at most the balance
-(``post_entry(allow_partial=True)``); the rest is added to ``accounts.shortfall_millicredits``,
+(``post_entry(rule=PostingRule.OWE)``); the rest is added to ``accounts.shortfall_millicredits``,
 which stops paid use (the Redis reserve script answers SUSPENDED, HTTP 402). Credits that
 later come in through Stripe (a purchase, a reinstated refund, a won dispute) first pay the
 outstanding shortfall: a ``shortfall:...`` adjustment takes ``min(shortfall, balance)`` and
-lowers the shortfall by as much. Admins see the shortfall on the account and per refund or
+lowers the shortfall by as much (``PostingRule.REPAY``: entry, balance and shortfall move in
+one step of the ledger's one writer). Admins see the shortfall on the account and per refund or
 dispute (``purchase_refunds`` / ``purchase_disputes.shortfall_millicredits``).
 
 Runs inside the caller's transaction with the purchase row locked (see
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from billing.ledger import LedgerEntry, PostedBalance, PostResult, post_entry
+from billing.ledger import LedgerEntry, PostedBalance, PostingRule, PostResult, post_entry
 
 if TYPE_CHECKING:
     from billing.purchases.purchase_records import Purchase
@@ -92,8 +93,9 @@ class _Poster:
         key: str,
         reference: str,
         reverses_entry_id: int | None = None,
-        allow_partial: bool = False,
+        rule: PostingRule = PostingRule.WHOLE,
     ) -> PostResult:
+        """Post one entry of the purchase; a credit first pays any outstanding shortfall."""
         posted = await post_entry(
             self._conn,
             account_id=self._account_id,
@@ -102,7 +104,7 @@ class _Poster:
             idempotency_key=key,
             reference=reference,
             reverses_entry_id=reverses_entry_id,
-            allow_partial=allow_partial,
+            rule=rule,
         )
         if posted.created:
             self.result.entries.append(posted.entry)
@@ -122,21 +124,11 @@ class _Poster:
             amount_millicredits=-collected,
             idempotency_key=f"shortfall:{source_key}",
             reference=source_key,
+            rule=PostingRule.REPAY,
         )
-        if not posted.created:
-            return
-        # The entry and the shortfall move together, in the same transaction, under the row
-        # lock post_entry took; the version bump lets Redis take the lower shortfall.
-        row = await self._conn.fetchrow(
-            """UPDATE accounts SET shortfall_millicredits = shortfall_millicredits - $2,
-                   balance_version = balance_version + 1
-               WHERE id = $1
-               RETURNING balance_millicredits, balance_version, shortfall_millicredits""",
-            self._account_id,
-            collected,
-        )
-        self.result.entries.append(posted.entry)
-        self.result.posted = PostedBalance(*row)
+        if posted.created:
+            self.result.entries.append(posted.entry)
+            self.result.posted = posted.posted
 
 
 async def settle_purchase(conn: asyncpg.Connection, purchase: Purchase) -> PurchaseLedger:
@@ -246,7 +238,7 @@ async def _reverse_share(
         key=take_key,
         reference=reference,
         reverses_entry_id=grant_id,
-        allow_partial=True,
+        rule=PostingRule.OWE,
     )
     if taken.created:
         await poster.execute(record_sql, reference, share, taken.shortfall_millicredits)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 import asyncpg
 
 from billing import ledger
 from billing.ledger import PostedBalance
-from billing.metering import outbox
 from billing.metering.holds import HoldStore
+from billing.metering.outbox import SettlementRecord
 
 
 async def new_account(pool: asyncpg.Pool) -> int:
@@ -48,36 +47,43 @@ def usage_record(
     account_id: int,
     cost_millicredits: int,
     hold_millicredits: int = 0,
-) -> dict[str, Any]:
-    """A settlement's usage record with the keys ``record_settlements`` reads (no ``charged``)."""
+) -> SettlementRecord:
+    """A settlement record as the gateway builds it (a gpt-4o-mini chat call)."""
     now_ms = int(time.time() * 1000)
-    return {
-        "request_id": request_id,
-        "account_id": account_id,
-        "api_key_id": None,
-        "model": "gpt-4o-mini",
-        "endpoint": "chat.completions",
-        "prompt_tokens": 100,
-        "cached_tokens": 0,
-        "completion_tokens": 50,
-        "rate_card_id": None,
-        "input_rate": 2_400,
-        "cached_rate": 0,
-        "output_rate": 9_600,
-        "rounding_mode": "exact",
-        "cost": cost_millicredits,
-        "hold": hold_millicredits,
-        "usage_source": "upstream",
-        "status": "completed",
-        "started_at_ms": now_ms - 250,
-        "finished_at_ms": now_ms,
-        "upstream_latency_ms": 200,
-    }
+    return SettlementRecord(
+        request_id=request_id,
+        account_id=account_id,
+        api_key_id=None,
+        model="gpt-4o-mini",
+        endpoint="chat.completions",
+        prompt_tokens=100,
+        cached_tokens=0,
+        completion_tokens=50,
+        rate_card_id=None,
+        input_millicredits_per_1k_tokens=2_400,
+        cached_input_millicredits_per_1k_tokens=0,
+        output_millicredits_per_1k_tokens=9_600,
+        rounding_mode="exact",
+        cost_millicredits=cost_millicredits,
+        hold_millicredits=hold_millicredits,
+        usage_source="upstream",
+        status="completed",
+        started_at_ms=now_ms - 250,
+        finished_at_ms=now_ms,
+        upstream_latency_ms=200,
+    )
 
 
-def usage_payload(**kwargs: Any) -> str:
-    """``usage_record`` as the payload ``HoldStore.settle`` appends to the outbox (format 2)."""
-    return outbox.encode(usage_record(**kwargs))
+def usage_payload(
+    *, request_id: str, account_id: int, cost_millicredits: int, hold_millicredits: int = 0
+) -> str:
+    """``usage_record`` as the payload ``HoldStore.settle`` appends to the outbox."""
+    return usage_record(
+        request_id=request_id,
+        account_id=account_id,
+        cost_millicredits=cost_millicredits,
+        hold_millicredits=hold_millicredits,
+    ).to_json()
 
 
 async def reserve_and_settle(

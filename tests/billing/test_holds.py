@@ -26,6 +26,7 @@ from billing.metering.holds import (
     PostedBalance,
     holds_key,
 )
+from billing.metering.outbox import STREAM_FIELDS, SettlementRecord
 from devtools.localservices import free_port
 from tests.billing.money import grant, new_account, reserve_and_settle, usage_payload
 
@@ -161,7 +162,9 @@ async def test_settle_charges_cost_and_releases_hold(holds: HoldStore, pool: asy
     assert await holds.redis.zcard(DEADLINES_KEY) == 0
     [(entry_id, fields)] = await holds.redis.xrange(OUTBOX_STREAM_KEY)
     assert entry_id == settled.outbox_entry_id
-    assert fields["c"] == "3000"
+    assert fields[STREAM_FIELDS.charged_millicredits] == "3000"
+    assert fields[STREAM_FIELDS.account_id] == str(account_id)
+    assert SettlementRecord.from_json(fields[STREAM_FIELDS.record]).request_id == "r1"
 
 
 async def test_settle_cost_above_hold_charges_what_balance_covers(
@@ -330,7 +333,7 @@ async def test_reserve_with_shortfall_raises_suspended(
             entry_type="refund",
             amount_millicredits=-3_500,
             idempotency_key="refund:r1",
-            allow_partial=True,
+            rule=ledger.PostingRule.OWE,
         )
     await holds.sync_balance(account_id, refund.posted)
     await grant(pool, account_id, 10_000, holds=holds)  # credit again, shortfall still owed
@@ -354,7 +357,7 @@ async def test_reserve_uncached_shortfall_loaded_and_suspends(
             entry_type="reversal",
             amount_millicredits=-700,
             idempotency_key="reversal:r1",
-            allow_partial=True,
+            rule=ledger.PostingRule.OWE,
         )
 
     with pytest.raises(AccountSuspendedError) as err:
@@ -441,7 +444,7 @@ async def test_ack_posted_of_more_entries_than_one_xdel_slice_releases_each_once
     reply = await redis_client.xreadgroup("g", "c", {OUTBOX_STREAM_KEY: ">"}, count=count)
     pairs: list[object] = []
     for entry_id, fields in reply[0][1]:
-        pairs += [entry_id, int(fields["c"])]
+        pairs += [entry_id, int(fields[STREAM_FIELDS.charged_millicredits])]
     posted = await ledger.posted_balance(pool, account_id)
     assert await holds.ack_posted(account_id, posted, pairs, group="g") == 7 * count
     assert await holds.ack_posted(account_id, posted, pairs, group="g") == 0

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import dataclass
 
 import asyncpg
-import orjson
 import pytest
 
 from billing import api_keys, ledger
 from billing.errors import AccountNotFoundError, NegativeBalanceError
 from billing.ledger import PostedBalance
-from billing.metering import ledger_posting, outbox, rate_cards
+from billing.metering import outbox, posting, rate_cards
+from billing.metering.outbox import SettlementRecord
 from tests.billing.money import grant, money_totals, new_account, usage_record
 
 
@@ -24,10 +25,42 @@ async def _entries(pool: asyncpg.Pool, account_id: int) -> list[asyncpg.Record]:
         )
 
 
-def _settlement(account_id: int, request_id: str, cost: int, charged: int) -> dict[str, object]:
-    item = usage_record(request_id=request_id, account_id=account_id, cost_millicredits=cost)
-    item["charged"] = charged
-    return item
+Settlement = tuple[SettlementRecord, int]
+
+
+def _settlement(account_id: int, request_id: str, cost: int, charged: int) -> Settlement:
+    """A settlement as the poster reads it from the outbox: the record and what was charged."""
+    record = usage_record(request_id=request_id, account_id=account_id, cost_millicredits=cost)
+    return record, charged
+
+
+def _batch(settlements: list[Settlement]) -> str:
+    """The JSON batch the poster sends ``post_settlements``."""
+    rows = [
+        outbox.posting_row(record.to_json(), charged_millicredits=charged)
+        for record, charged in settlements
+    ]
+    return "[" + ",".join(rows) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class _Posted:
+    request_id: str
+    account_id: int
+    posted: bool
+    charged_millicredits: int
+
+
+async def _post_settlements(
+    conn: asyncpg.Connection, settlements: list[Settlement]
+) -> tuple[list[_Posted], dict[int, PostedBalance]]:
+    """The SQL function the poster calls, with its answer per settlement (the poster sums
+    it per account): what each settlement did, and each account's balance after."""
+    rows = await conn.fetch("SELECT * FROM post_settlements($1::jsonb)", _batch(settlements))
+    return (
+        [_Posted(r[0], r[1], r[2], r[3]) for r in rows],
+        {r[1]: PostedBalance(r[4], r[5], r[6]) for r in rows},
+    )
 
 
 # -- post_entry ---------------------------------------------------------------------------
@@ -104,7 +137,7 @@ async def test_post_entry_below_zero_raises_and_writes_nothing(pool: asyncpg.Poo
     assert key_used == 0
 
 
-async def test_post_entry_allow_partial_takes_balance_and_records_shortfall(
+async def test_post_entry_owe_takes_balance_and_records_shortfall(
     pool: asyncpg.Pool,
 ) -> None:
     account_id = await new_account(pool)
@@ -117,7 +150,7 @@ async def test_post_entry_allow_partial_takes_balance_and_records_shortfall(
             entry_type="refund",
             amount_millicredits=-5_000,
             idempotency_key="refund:partial",
-            allow_partial=True,
+            rule=ledger.PostingRule.OWE,
         )
         again = await ledger.post_entry(
             conn,
@@ -125,7 +158,7 @@ async def test_post_entry_allow_partial_takes_balance_and_records_shortfall(
             entry_type="refund",
             amount_millicredits=-5_000,
             idempotency_key="refund:partial",
-            allow_partial=True,
+            rule=ledger.PostingRule.OWE,
         )
         balance = await ledger.posted_balance(conn, account_id)
 
@@ -260,22 +293,22 @@ async def test_accounts_balance_check_refuses_negative(pool: asyncpg.Pool) -> No
             )
 
 
-# -- record_settlements -------------------------------------------------------------------
+# -- post_settlements ---------------------------------------------------------------------
 
 
-async def test_record_settlements_same_batch_twice_records_once(pool: asyncpg.Pool) -> None:
+async def test_post_settlements_same_batch_twice_records_once(pool: asyncpg.Pool) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000)
     batch = [_settlement(account_id, f"req-{i}", cost=1_000, charged=1_000) for i in range(3)]
 
     async with pool.acquire() as conn:
-        first, balances = await ledger_posting.record_settlements(conn, batch)
-        second, balances_again = await ledger_posting.record_settlements(conn, batch)
+        first, balances = await _post_settlements(conn, batch)
+        second, balances_again = await _post_settlements(conn, batch)
         usage_rows = await conn.fetchval("SELECT count(*) FROM usage_events")
 
-    assert [r.recorded for r in first] == [True, True, True]
+    assert [r.posted for r in first] == [True, True, True]
     assert [r.charged_millicredits for r in first] == [1_000, 1_000, 1_000]
-    assert [r.recorded for r in second] == [False, False, False]
+    assert [r.posted for r in second] == [False, False, False]
     assert [r.charged_millicredits for r in second] == [0, 0, 0]
     assert balances[account_id].balance_millicredits == 7_000
     assert balances_again == balances
@@ -289,88 +322,19 @@ async def test_record_settlements_same_batch_twice_records_once(pool: asyncpg.Po
     assert [e["balance_after_millicredits"] for e in deductions] == [9_000, 8_000, 7_000]
 
 
-async def test_previous_release_entry_point_posts_object_rows_alike(pool: asyncpg.Pool) -> None:
-    """Writers of the previous release call ``record_settlements(jsonb)`` with object rows
-    (outbox format 1) until they are upgraded; it must post exactly as the rows function
-    does: same answers, same usage rows, same ledger entries."""
-    old_account, new_account_id = await new_account(pool), await new_account(pool)
-    for account_id in (old_account, new_account_id):
-        await grant(pool, account_id, 5_000)
-    costs = [(1_000, 1_000), (3_000, 3_000), (2_500, 2_500), (700, 700)]  # the third overruns
-
-    def batch(account_id: int, prefix: str) -> list[dict[str, object]]:
-        return [
-            _settlement(account_id, f"{prefix}-{i}", cost=cost, charged=charged)
-            for i, (cost, charged) in enumerate(costs)
-        ]
-
-    old_batch = batch(old_account, "v1")
-    for seq, item in enumerate(old_batch):
-        item["seq"] = seq
-    async with pool.acquire() as conn:
-        old_rows = await conn.fetch(
-            "SELECT * FROM record_settlements($1::jsonb)", orjson.dumps(old_batch).decode()
-        )
-        new_results, new_balances = await ledger_posting.record_settlements(
-            conn, batch(new_account_id, "v2")
-        )
-        usage = {
-            account_id: [
-                tuple(r)
-                for r in await conn.fetch(
-                    """SELECT cost_millicredits, charged_millicredits, shortfall_millicredits,
-                              prompt_tokens, cached_tokens, completion_tokens, model, endpoint,
-                              input_millicredits_per_1k_tokens, rounding_mode, hold_millicredits,
-                              usage_source, status, finished_at - started_at,
-                              upstream_latency_ms
-                         FROM usage_events WHERE account_id = $1 ORDER BY id""",
-                    account_id,
-                )
-            ]
-            for account_id in (old_account, new_account_id)
-        }
-
-    assert [(r[2], r[3]) for r in old_rows] == [
-        (r.recorded, r.charged_millicredits) for r in new_results
-    ]
-    assert [(r[2], r[3]) for r in old_rows] == [
-        (True, 1_000),
-        (True, 3_000),
-        (True, 1_000),
-        (True, 0),
-    ]
-    assert PostedBalance(*old_rows[-1][4:]) == new_balances[new_account_id]
-    assert usage[old_account] == usage[new_account_id]
-    assert len(usage[old_account]) == 4
-    old_entries = [
-        (e["amount_millicredits"], e["balance_after_millicredits"])
-        for e in await _entries(pool, old_account)
-    ]
-    new_entries = [
-        (e["amount_millicredits"], e["balance_after_millicredits"])
-        for e in await _entries(pool, new_account_id)
-    ]
-    assert old_entries == new_entries
-
-
-async def test_record_settlements_empty_batch_via_previous_entry_point(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as conn:
-        assert await conn.fetch("SELECT * FROM record_settlements('[]'::jsonb)") == []
-
-
-async def test_record_settlements_repeat_within_batch_records_once(pool: asyncpg.Pool) -> None:
+async def test_post_settlements_repeat_within_batch_records_once(pool: asyncpg.Pool) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000)
     item = _settlement(account_id, "req-dup", cost=4_000, charged=4_000)
 
     async with pool.acquire() as conn:
-        results, balances = await ledger_posting.record_settlements(conn, [item, dict(item)])
+        results, balances = await _post_settlements(conn, [item, item])
 
-    assert [r.recorded for r in results] == [True, False]
+    assert [r.posted for r in results] == [True, False]
     assert balances[account_id].balance_millicredits == 6_000
 
 
-async def test_record_settlements_charge_capped_at_balance_records_shortfall(
+async def test_post_settlements_charge_capped_at_balance_records_shortfall(
     pool: asyncpg.Pool,
 ) -> None:
     account_id = await new_account(pool)
@@ -383,7 +347,7 @@ async def test_record_settlements_charge_capped_at_balance_records_shortfall(
     ]
 
     async with pool.acquire() as conn:
-        results, balances = await ledger_posting.record_settlements(conn, batch)
+        results, balances = await _post_settlements(conn, batch)
         usage = {
             r[0]: (r[1], r[2], r[3])
             for r in await conn.fetch(
@@ -410,16 +374,16 @@ async def test_record_settlements_charge_capped_at_balance_records_shortfall(
     assert charged == -deducted == 2_500
 
 
-async def test_record_settlement_rows_by_account_sums_what_each_account_got(
+async def test_post_settlements_by_account_sums_what_each_account_got(
     pool: asyncpg.Pool,
 ) -> None:
-    """The writer's per-account answer: counts, charged sum and final balance per account,
-    the same transaction as the per-settlement answer (a repeat, a cap and two accounts)."""
+    """The poster's per-account answer: counts, charged sum and final balance per account
+    (a repeat, a cap and two accounts)."""
     rich, poor = await new_account(pool), await new_account(pool)
     await grant(pool, rich, 10_000)
     await grant(pool, poor, 2_500)
     async with pool.acquire() as conn:
-        await ledger_posting.record_settlements(conn, [_settlement(rich, "req-seen", 100, 100)])
+        await _post_settlements(conn, [_settlement(rich, "req-seen", 100, 100)])
         batch = [
             _settlement(rich, "req-seen", cost=100, charged=100),  # posted before: a repeat
             _settlement(poor, "req-p1", cost=2_000, charged=2_000),
@@ -427,24 +391,18 @@ async def test_record_settlement_rows_by_account_sums_what_each_account_got(
             _settlement(poor, "req-p2", cost=1_800, charged=1_500),  # capped at 500
             _settlement(rich, "req-r1", cost=700, charged=700),  # a repeat within the batch
         ]
-        rows = [
-            outbox.posting_row(outbox.encode(item), charged=int(item["charged"]), seq=seq)
-            for seq, item in enumerate(batch)
-        ]
-        postings = await ledger_posting.record_settlement_rows_by_account(
-            conn, "[" + ",".join(rows) + "]"
-        )
+        postings = await posting.post_settlements(conn, _batch(batch))
         balances = {a: await ledger.posted_balance(conn, a) for a in (rich, poor)}
 
     assert {p.account_id: p for p in postings} == {
-        rich: ledger_posting.AccountPosting(rich, 1, 2, 700, balances[rich]),
-        poor: ledger_posting.AccountPosting(poor, 2, 0, 2_500, balances[poor]),
+        rich: posting.AccountPosting(rich, 1, 2, 700, balances[rich]),
+        poor: posting.AccountPosting(poor, 2, 0, 2_500, balances[poor]),
     }
     assert balances[rich].balance_millicredits == 10_000 - 100 - 700
     assert balances[poor].balance_millicredits == 0
 
 
-async def test_record_settlements_usage_charged_equals_deductions(pool: asyncpg.Pool) -> None:
+async def test_post_settlements_usage_charged_equals_deductions(pool: asyncpg.Pool) -> None:
     accounts = [await new_account(pool) for _ in range(3)]
     for account_id, amount in zip(accounts, (5_000, 800, 0), strict=True):
         if amount:
@@ -455,7 +413,7 @@ async def test_record_settlements_usage_charged_equals_deductions(pool: asyncpg.
     ]
 
     async with pool.acquire() as conn:
-        results, balances = await ledger_posting.record_settlements(conn, batch)
+        results, balances = await _post_settlements(conn, batch)
         for account_id in accounts:
             assert await ledger.ledger_sum_matches_balance(conn, account_id)
 
@@ -465,7 +423,7 @@ async def test_record_settlements_usage_charged_equals_deductions(pool: asyncpg.
     assert balances[accounts[2]].balance_millicredits == 0
 
 
-async def test_record_settlements_unknown_account_posts_nothing(pool: asyncpg.Pool) -> None:
+async def test_post_settlements_unknown_account_posts_nothing(pool: asyncpg.Pool) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 5_000)
     batch = [
@@ -473,8 +431,8 @@ async def test_record_settlements_unknown_account_posts_nothing(pool: asyncpg.Po
         _settlement(987_654, "req-ghost", cost=100, charged=100),
     ]
     async with pool.acquire() as conn:
-        with pytest.raises(asyncpg.RaiseError, match="unknown account"):
-            await ledger_posting.record_settlements(conn, batch)
+        with pytest.raises(asyncpg.NoDataFoundError, match="unknown account 987654"):
+            await _post_settlements(conn, batch)
         assert await conn.fetchval("SELECT count(*) FROM usage_events") == 0
         assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 5_000
 
@@ -482,20 +440,20 @@ async def test_record_settlements_unknown_account_posts_nothing(pool: asyncpg.Po
 @pytest.mark.parametrize(
     ("field", "named"), [("api_key_id", "API key 987654"), ("rate_card_id", "rate card 987654")]
 )
-async def test_record_settlements_unknown_key_or_rate_card_posts_nothing(
+async def test_post_settlements_unknown_key_or_rate_card_posts_nothing(
     pool: asyncpg.Pool, field: str, named: str
 ) -> None:
-    """usage_events' references are checked per statement (migration 0007), not by foreign
+    """usage_events' references are checked per statement (a trigger), not by foreign
     keys; a batch naming a key or rate card that does not exist is refused whole, with the
     error a foreign key raised."""
     account_id = await new_account(pool)
     await grant(pool, account_id, 5_000)
-    ghost = _settlement(account_id, "req-ghost-ref", cost=100, charged=100)
-    ghost[field] = 987_654
+    record, charged = _settlement(account_id, "req-ghost-ref", cost=100, charged=100)
+    ghost = (record._replace(**{field: 987_654}), charged)
     batch = [_settlement(account_id, "req-fine", cost=100, charged=100), ghost]
     async with pool.acquire() as conn:
         with pytest.raises(asyncpg.ForeignKeyViolationError, match=rf"unknown {named}$"):
-            await ledger_posting.record_settlements(conn, batch)
+            await _post_settlements(conn, batch)
         assert await conn.fetchval("SELECT count(*) FROM usage_events") == 0
         assert (await ledger.posted_balance(conn, account_id)).balance_millicredits == 5_000
 
@@ -555,24 +513,24 @@ async def test_referenced_rows_are_never_deleted_even_by_owner(
 
 
 def _sequential_reference(
-    balances: dict[int, int], recorded: set[str], batch: list[dict[str, object]]
+    balances: dict[int, int], recorded: set[str], batch: list[Settlement]
 ) -> list[tuple[str, bool, int]]:
     """The rule written as a loop, one settlement at a time in batch order: what each
     settlement posts; updates ``balances`` and ``recorded``."""
     out = []
-    for item in batch:
-        request_id, account_id = str(item["request_id"]), int(item["account_id"])
+    for record, charged in batch:
+        request_id, account_id = record.request_id, record.account_id
         if request_id in recorded:
             out.append((request_id, False, 0))
             continue
         recorded.add(request_id)
-        posted = max(min(int(item["charged"]), balances[account_id]), 0)
+        posted = max(min(charged, balances[account_id]), 0)
         balances[account_id] -= posted
         out.append((request_id, True, posted))
     return out
 
 
-async def test_record_settlements_matches_the_sequential_rule_on_random_batches(
+async def test_post_settlements_matches_the_sequential_rule_on_random_batches(
     pool: asyncpg.Pool,
 ) -> None:
     """Batches over several accounts, with repeats within and across batches and charges
@@ -592,8 +550,8 @@ async def test_record_settlements_matches_the_sequential_rule_on_random_batches(
                 request_id = rng.choice(sorted(recorded))  # already in Postgres
                 account_id = int(request_id.split("-")[1])
             elif batch and rng.random() < 0.1:
-                request_id = str(batch[-1]["request_id"])  # repeated within the batch
-                account_id = int(batch[-1]["account_id"])
+                request_id = batch[-1][0].request_id  # repeated within the batch
+                account_id = batch[-1][0].account_id
             else:
                 counter += 1
                 account_id = rng.choice(accounts)
@@ -602,14 +560,14 @@ async def test_record_settlements_matches_the_sequential_rule_on_random_batches(
             batch.append(_settlement(account_id, request_id, cost=charged, charged=charged))
         expected = _sequential_reference(balances, recorded, batch)
         async with pool.acquire() as conn:
-            results, posted = await ledger_posting.record_settlements(conn, batch)
+            results, posted = await _post_settlements(conn, batch)
         by_request: dict[str, list[tuple[bool, int]]] = {}
         for r in results:
-            by_request.setdefault(r.request_id, []).append((r.recorded, r.charged_millicredits))
+            by_request.setdefault(r.request_id, []).append((r.posted, r.charged_millicredits))
         for request_id, was_recorded, amount in expected:
             assert (was_recorded, amount) in by_request[request_id]
-        assert sorted(r.recorded for r in results) == sorted(e[1] for e in expected)
-        for account_id in {int(i["account_id"]) for i in batch}:
+        assert sorted(r.posted for r in results) == sorted(e[1] for e in expected)
+        for account_id in {record.account_id for record, _ in batch}:
             assert posted[account_id].balance_millicredits == balances[account_id]
     for account_id in accounts:
         async with pool.acquire() as conn:
@@ -620,3 +578,97 @@ async def test_record_settlements_matches_the_sequential_rule_on_random_batches(
         for amount, after in zip(amounts, chain, strict=True):
             running += amount
             assert after == running  # entries in id order form one running balance
+
+
+# -- post_ledger_entries (the one writer), many entries per call --------------------------
+
+_POST_MANY_SQL = """SELECT out_created, out_amount_millicredits, out_uncovered_millicredits
+  FROM post_ledger_entries($1::bigint[], $2::text[], $3::bigint[], $4::text[], '{}', '{}',
+                           $5::text[])"""
+
+
+async def test_post_ledger_entries_matches_the_sequential_rule_with_credits_and_debits(
+    pool: asyncpg.Pool,
+) -> None:
+    """Credits and debits of two accounts interleaved in one call, debits under 'owe' or
+    'cap', repeated keys: what each entry takes, each balance and shortfall, and the
+    balance_after chain are what posting one entry at a time would give."""
+    rng = random.Random(20261202)
+    accounts = [await new_account(pool) for _ in range(2)]
+    balances = dict.fromkeys(accounts, 0)
+    shortfalls = dict.fromkeys(accounts, 0)
+    seen: set[str] = set()
+    for call in range(20):
+        entries = []
+        for i in range(rng.randint(1, 10)):
+            account_id = rng.choice(accounts)
+            amount = rng.choice([-3_000, -700, -1, 0, 1, 500, 2_000])
+            rule = "whole" if amount >= 0 else rng.choice(["owe", "cap"])
+            if entries and rng.random() < 0.1:
+                key = entries[-1][2]  # repeated within the call
+            elif seen and rng.random() < 0.15:
+                key = rng.choice(sorted(seen))  # posted by an earlier call
+            else:
+                key = f"k{call}-{i}"
+            entries.append((account_id, amount, key, rule))
+        expected = []
+        in_call: set[str] = set()  # the first of a key in a call is the one that counts
+        for account_id, amount, key, rule in entries:
+            if key in seen or key in in_call:
+                expected.append((False, None, 0))
+                continue
+            in_call.add(key)
+            taken = max(amount, -balances[account_id])
+            uncovered = taken - amount
+            balances[account_id] += taken
+            if rule == "owe":
+                shortfalls[account_id] += uncovered
+            written = not (rule == "cap" and taken == 0)
+            if written:
+                seen.add(key)
+            expected.append((written, taken, uncovered))
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                _POST_MANY_SQL,
+                [e[0] for e in entries],
+                ["adjustment"] * len(entries),
+                [e[1] for e in entries],
+                [e[2] for e in entries],
+                [e[3] for e in entries],
+            )
+        for row, (written, taken, uncovered) in zip(rows, expected, strict=True):
+            assert (row[0], row[2]) == (written, uncovered)
+            if taken is not None:
+                assert row[1] == taken
+    for account_id in accounts:
+        async with pool.acquire() as conn:
+            posted = await ledger.posted_balance(conn, account_id)
+            assert await ledger.ledger_sum_matches_balance(conn, account_id)
+        assert (posted.balance_millicredits, posted.shortfall_millicredits) == (
+            balances[account_id],
+            shortfalls[account_id],
+        )
+        running = 0
+        for entry in await _entries(pool, account_id):
+            running += entry["amount_millicredits"]
+            assert entry["balance_after_millicredits"] == running
+
+
+async def test_post_ledger_entries_whole_debit_past_the_balance_refuses_the_call(
+    pool: asyncpg.Pool,
+) -> None:
+    account_id = await new_account(pool)
+    before = await grant(pool, account_id, 1_000)
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.CheckViolationError) as err:
+            await conn.fetch(
+                _POST_MANY_SQL,
+                [account_id, account_id],
+                ["adjustment", "reversal"],
+                [500, -1_501],
+                ["credit-first", "then-too-much"],
+                ["whole", "whole"],
+            )
+        assert err.value.constraint_name == "ledger_balance_never_below_zero"
+        assert await ledger.posted_balance(conn, account_id) == before
+    assert len(await _entries(pool, account_id)) == 1

@@ -38,7 +38,7 @@ from hypothesis.stateful import (
 from billing import ledger
 from billing.errors import AccountSuspendedError, InsufficientCreditsError
 from billing.metering.holds import OUTBOX_STREAM_KEY, AccountHolds, HoldStore, Settled, holds_key
-from billing.metering.settlement import GROUP, SettlementWriter
+from billing.metering.posting import GROUP, SettlementPoster
 from tests.billing.money import money_totals, usage_payload
 
 _T = TypeVar("_T")
@@ -92,10 +92,10 @@ class MoneyMachine(RuleBasedStateMachine):
             self.redis, lambda account_id: ledger.posted_balance(self.pool, account_id)
         )
         # claim_idle_ms=0: a drain also takes over what other consumers read and left.
-        self.writer = SettlementWriter(
+        self.writer = SettlementPoster(
             self.holds, self.pool, consumer="writer", batch_size=WRITER_BATCH, claim_idle_ms=0
         )
-        self.slow_writer = SettlementWriter(self.holds, self.pool, consumer="slow")
+        self.slow_writer = SettlementPoster(self.holds, self.pool, consumer="slow")
         await self.writer.ensure_group()
         self.prefix = uuid.uuid4().hex[:12]  # request ids and keys unique across examples
         self.serial = 0
@@ -151,7 +151,7 @@ class MoneyMachine(RuleBasedStateMachine):
                     entry_type=entry_type,
                     amount_millicredits=amount,
                     idempotency_key=self._new_id(entry_type),
-                    allow_partial=True,
+                    rule=ledger.PostingRule.OWE,
                 )
 
         return self._run(post())

@@ -1,13 +1,20 @@
-"""The outbox payload formats: what the gateway writes, what the writer reads and splices."""
+"""The settlement record: its wire form, the posting row the poster splices, and the ties
+between its one Python definition and what SQL and Lua read."""
 
 from __future__ import annotations
 
+import re
+import typing
+from importlib import resources
+
+import asyncpg
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from billing.metering import outbox
+from billing.metering.outbox import STREAM_FIELDS, SettlementRecord
 from tests.billing.money import usage_record
 
 _records = st.builds(
@@ -18,47 +25,93 @@ _records = st.builds(
     hold_millicredits=st.integers(min_value=0, max_value=2**62),
 )
 
+# Python annotation -> the SQL type of the same values.
+_SQL_TYPES = {
+    "str": "text",
+    "str | None": "text",
+    "int": "bigint",
+    "int | None": "bigint",
+}
+# Token counts and the latency are integer columns (int4) in usage_events.
+_INTEGER_FIELDS = {"prompt_tokens", "cached_tokens", "completion_tokens", "upstream_latency_ms"}
+
 
 @given(_records)
-def test_format_2_round_trips_every_field(record):
-    payload = outbox.encode(record)
-    assert payload.startswith("[2,")
-    assert outbox.decode(payload) == record
+def test_record_round_trips_every_field(record: SettlementRecord) -> None:
+    payload = record.to_json()
+    assert orjson.loads(payload) == list(record)
+    assert SettlementRecord.from_json(payload) == record
 
 
-@given(_records, st.integers(min_value=0, max_value=2**62), st.integers(0, 10_000))
-def test_posting_row_appends_charged_and_seq_to_either_format(record, charged, seq):
-    expected = [outbox.FORMAT, *(record[name] for name in outbox.FIELDS), charged, seq]
-    for payload in (outbox.encode(record), orjson.dumps(record).decode()):
-        assert orjson.loads(outbox.posting_row(payload, charged=charged, seq=seq)) == expected
+@given(_records, st.integers(min_value=0, max_value=2**62))
+def test_posting_row_appends_charged_to_the_record(record: SettlementRecord, charged: int) -> None:
+    row = outbox.posting_row(record.to_json(), charged_millicredits=charged)
+    assert orjson.loads(row) == [*record, charged]
 
 
-def test_format_2_is_under_half_the_size_of_format_1():
+def test_record_payload_is_under_half_the_size_of_a_keyed_object() -> None:
     record = usage_record(request_id="req_" + "0" * 32, account_id=123_456, cost_millicredits=252)
-    assert len(outbox.encode(record)) < 0.5 * len(orjson.dumps(record))
+    assert len(record.to_json()) < 0.5 * len(orjson.dumps(record._asdict()))
 
 
 @pytest.mark.parametrize(
-    "payload",
-    [
-        "not json",
-        '"a string"',
-        "[]",
-        "[3, 1, 2]",  # a format this release does not know
-        '["not a settlement"]',
-        "[2,1,2,3]",  # format 2 with fields missing
-    ],
+    "payload", ["not json", '"a string"', "[]", '{"request_id": "r"}', '["r", 1, 2]']
 )
-def test_unknown_or_broken_payloads_raise_value_error(payload):
+def test_from_json_refuses_what_is_not_a_record(payload: str) -> None:
     with pytest.raises(ValueError):
-        outbox.decode(payload)
-    if not payload.startswith("[2,"):  # format 2 is spliced as text, unread
-        with pytest.raises(ValueError):
-            outbox.posting_row(payload, charged=1, seq=0)
+        SettlementRecord.from_json(payload)
 
 
-def test_format_1_payload_missing_a_field_raises_key_error():
-    record = usage_record(request_id="r", account_id=1, cost_millicredits=1)
-    del record["model"]
-    with pytest.raises(KeyError):
-        outbox.decode(orjson.dumps(record).decode())
+@pytest.mark.parametrize("payload", ["not json", '{"request_id": "r"}', "[1, 2]", '["r", 1'])
+def test_posting_row_refuses_what_is_not_shaped_like_a_record(payload: str) -> None:
+    with pytest.raises(ValueError):
+        outbox.posting_row(payload, charged_millicredits=1)
+
+
+async def test_record_fields_match_the_sql_settlement_record_type(pool: asyncpg.Pool) -> None:
+    """One record in two languages: the SQL composite type ``settlement_record`` has the
+    Python record's fields, in the same order, with the same value types. Reordering,
+    renaming or adding a field on either side alone fails here."""
+    async with pool.acquire() as conn:
+        attributes = await conn.fetch(
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+                 FROM pg_attribute a
+                WHERE a.attrelid = 'settlement_record'::regclass
+                  AND a.attnum > 0 AND NOT a.attisdropped
+                ORDER BY a.attnum"""
+        )
+    hints = typing.get_type_hints(SettlementRecord)
+    expected = [
+        (name, "integer" if name in _INTEGER_FIELDS else _SQL_TYPES[_hint(hints[name])])
+        for name in SettlementRecord._fields
+    ]
+    assert [(r[0], r[1]) for r in attributes] == expected
+
+
+async def test_sql_reads_every_field_of_a_record_as_python_wrote_it(pool: asyncpg.Pool) -> None:
+    """``settlement_record_from_json`` (the one SQL reader of the wire form) gives back each
+    field the gateway wrote, under its own name."""
+    record = usage_record(request_id="req-tie", account_id=42, cost_millicredits=1_234)
+    record = record._replace(api_key_id=7, rate_card_id=3, upstream_latency_ms=None)
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT (settlement_record_from_json($1::jsonb)).*", record.to_json()
+        )
+    assert row is not None
+    assert dict(row) == record._asdict()
+
+
+def test_settle_script_writes_the_stream_fields_python_reads() -> None:
+    """settle.lua's XADD names its fields literally; they must be ``STREAM_FIELDS``, in the
+    order record, charged, account."""
+    script = resources.files("billing.metering").joinpath("lua", "settle.lua").read_text("utf-8")
+    xadds = re.findall(r"'XADD',\s*KEYS\[4\],\s*'\*',\s*(.*)\)", script)
+    assert len(xadds) == 1
+    written = re.findall(r"'([a-z]+)',\s*([^,]+)", xadds[0])
+    assert [name for name, _value in written] == list(STREAM_FIELDS)
+    assert [value.strip() for _name, value in written] == ["ARGV[4]", "charged", "ARGV[5]"]
+
+
+def _hint(annotation: object) -> str:
+    text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
+    return text.replace("typing.", "").replace("Optional[int]", "int | None")

@@ -7,15 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 
 from billing import ledger
 from billing.ledger import PostedBalance
-from billing.metering import ledger_posting, outbox
+from billing.metering import outbox, posting
 from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
+from billing.metering.posting import GROUP, SettlementPoster
 from billing.metering.script_channel import ScriptChannel
-from billing.metering.settlement import GROUP, SettlementWriter
 from tests.billing.money import (
     grant,
     money_totals,
@@ -31,11 +30,11 @@ CLAIM_IDLE_MS = 50
 @pytest.fixture(params=["redis-py", "reader-channel"])
 async def writer(
     request: pytest.FixtureRequest, holds: HoldStore, pool: asyncpg.Pool, redis_url: str
-) -> AsyncIterator[SettlementWriter]:
+) -> AsyncIterator[SettlementPoster]:
     """The writer, reading new entries through redis-py or (as the gateway does) through a
     pipelined channel of its own: every test runs on both."""
     reader = ScriptChannel(redis_url) if request.param == "reader-channel" else None
-    writer = SettlementWriter(
+    writer = SettlementPoster(
         holds, pool, consumer="t1", claim_idle_ms=CLAIM_IDLE_MS, reader=reader
     )
     await writer.ensure_group()
@@ -71,17 +70,17 @@ async def _commit_without_ack(
     pool: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]]
 ) -> None:
     """What a writer does before it crashes between its commit and its acknowledgement."""
-    settlements = []
-    for _entry_id, fields in entries:
-        item = outbox.decode(fields["p"])
-        item["charged"] = int(fields["c"])
-        settlements.append(item)
+    record, charged, _account = outbox.STREAM_FIELDS
+    rows = [
+        outbox.posting_row(fields[record], charged_millicredits=int(fields[charged]))
+        for _entry_id, fields in entries
+    ]
     async with pool.acquire() as conn:
-        await ledger_posting.record_settlements(conn, settlements)
+        await posting.post_settlements(conn, "[" + ",".join(rows) + "]")
 
 
 async def test_writer_posts_settlements_and_acks(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -101,7 +100,7 @@ async def test_writer_posts_settlements_and_acks(
     await _assert_converged(holds, pool, account_id)
     assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
     assert await _group_pending(holds) == 0
-    assert (writer.stats.recorded, writer.stats.duplicates) == (3, 0)
+    assert (writer.stats.posted, writer.stats.duplicates) == (3, 0)
     assert writer.stats.charged_millicredits == 4_000
     async with pool.acquire() as conn:
         usage = await conn.fetch(
@@ -111,7 +110,7 @@ async def test_writer_posts_settlements_and_acks(
 
 
 async def test_writer_batches_of_many_accounts(holds: HoldStore, pool: asyncpg.Pool) -> None:
-    writer = SettlementWriter(holds, pool, consumer="t1", batch_size=4)
+    writer = SettlementPoster(holds, pool, consumer="t1", batch_size=4)
     accounts = [await new_account(pool) for _ in range(3)]
     for account_id in accounts:
         await grant(pool, account_id, 5_000, holds=holds)
@@ -132,7 +131,7 @@ async def test_writer_batches_of_many_accounts(holds: HoldStore, pool: asyncpg.P
 
 
 async def test_writer_redelivery_after_commit_before_ack_charges_once(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -149,7 +148,7 @@ async def test_writer_redelivery_after_commit_before_ack_charges_once(
     # t1 restarts and finds its unacknowledged entries.
     assert await writer.drain_all() == 3
 
-    assert (writer.stats.recorded, writer.stats.duplicates) == (0, 3)
+    assert (writer.stats.posted, writer.stats.duplicates) == (0, 3)
     assert (await _posted(pool, account_id)).balance_millicredits == 7_300
     await _assert_converged(holds, pool, account_id)
     # Pending came back to zero once: a further drain finds nothing to release twice.
@@ -159,7 +158,7 @@ async def test_writer_redelivery_after_commit_before_ack_charges_once(
 
 
 async def test_writer_claims_entries_of_dead_consumer(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -184,7 +183,7 @@ async def test_writer_claims_entries_of_dead_consumer(
 
 
 async def test_writer_claims_entries_of_dead_consumer_after_its_commit(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -204,7 +203,7 @@ async def test_writer_claims_entries_of_dead_consumer_after_its_commit(
 
 
 async def test_slow_writer_posting_claimed_entries_releases_pending_once(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -212,7 +211,7 @@ async def test_slow_writer_posting_claimed_entries_releases_pending_once(
         await reserve_and_settle(
             holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=1_000
         )
-    slow = SettlementWriter(holds, pool, consumer="slow")
+    slow = SettlementPoster(holds, pool, consumer="slow")
     reply = await holds.redis.xreadgroup(GROUP, "slow", {OUTBOX_STREAM_KEY: ">"}, count=10)
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
     assert await writer.claim_stale() == 2  # t1 takes over and posts them
@@ -228,7 +227,7 @@ async def test_drain_all_posts_every_own_unacked_entry(
     holds: HoldStore, pool: asyncpg.Pool
 ) -> None:
     """A restarted writer owns more unacknowledged entries than one batch holds."""
-    writer = SettlementWriter(holds, pool, consumer="t1", batch_size=2)
+    writer = SettlementPoster(holds, pool, consumer="t1", batch_size=2)
     await writer.ensure_group()
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -247,7 +246,7 @@ async def test_drain_all_posts_every_own_unacked_entry(
 
 
 async def test_purchase_interleaved_with_settlements_converges(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 5_000, holds=holds)
@@ -284,7 +283,7 @@ async def test_purchase_interleaved_with_settlements_converges(
 
 
 async def test_purchase_between_commit_and_ack_does_not_undercharge(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -318,7 +317,7 @@ async def test_purchase_between_commit_and_ack_does_not_undercharge(
 
 
 async def test_repeated_settle_posted_before_original_does_not_undercharge(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 1_000, holds=holds)
@@ -349,39 +348,26 @@ async def test_repeated_settle_posted_before_original_does_not_undercharge(
     assert (await _posted(pool, account_id)).balance_millicredits == 400
 
 
-async def test_writer_posts_entries_without_the_account_field(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
+async def test_writer_posts_each_record_as_written_in_one_batch(
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
 ) -> None:
-    """Outbox entries written before the settle script recorded ``a`` (an upgrade with a
-    backlog; their payloads are format 1) are posted all the same, their account read from
-    the payload."""
-    account_id = await new_account(pool)
-    await grant(pool, account_id, 10_000, holds=holds)
-    record = usage_record(request_id="old-1", account_id=account_id, cost_millicredits=700)
-    await holds.redis.xadd(OUTBOX_STREAM_KEY, {"p": orjson.dumps(record), "c": 700})
-    await holds.redis.hincrby(account_key(account_id), "pending", 700)
-    assert await writer.drain_all() == 1
-    posted = await _posted(pool, account_id)
-    assert posted.balance_millicredits == 10_000 - 700
-    await _assert_converged(holds, pool, account_id)
-
-
-async def test_writer_posts_both_payload_formats_in_one_batch(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter
-) -> None:
-    """During an upgrade the outbox holds format-1 entries (older gateways) between format-2
-    ones; one batch posts them all, every usage row as its record said."""
+    """Entries appended to the outbox as the settle script does are posted in one batch,
+    every usage row as its record said."""
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
     records = [
         usage_record(request_id=f"mixed-{i}", account_id=account_id, cost_millicredits=100 * i)
         for i in range(1, 5)
     ]
-    for i, record in enumerate(records):
-        payload = outbox.encode(record) if i % 2 else orjson.dumps(record).decode()
-        fields = {"p": payload, "c": record["cost"], "a": account_id}
+    names = outbox.STREAM_FIELDS
+    for record in records:
+        fields = {
+            names.record: record.to_json(),
+            names.charged_millicredits: record.cost_millicredits,
+            names.account_id: account_id,
+        }
         await holds.redis.xadd(OUTBOX_STREAM_KEY, fields)
-        await holds.redis.hincrby(account_key(account_id), "pending", record["cost"])
+        await holds.redis.hincrby(account_key(account_id), "pending", record.cost_millicredits)
     assert await writer.drain_all() == 4
     assert writer.stats.batches == 1
     async with pool.acquire() as conn:
@@ -392,19 +378,20 @@ async def test_writer_posts_both_payload_formats_in_one_batch(
             account_id,
         )
     assert [tuple(r) for r in rows] == [
-        (r["request_id"], r["cost"], r["cost"], 100, 50, 9_600, "upstream") for r in records
+        (r.request_id, r.cost_millicredits, r.cost_millicredits, 100, 50, 9_600, "upstream")
+        for r in records
     ]
     assert (await _posted(pool, account_id)).balance_millicredits == 10_000 - 1_000
     await _assert_converged(holds, pool, account_id)
 
 
 async def test_writer_leaves_an_unreadable_entry_pending_and_posts_the_rest(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementWriter, caplog
+    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster, caplog
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
     bad_id = await holds.redis.xadd(
-        OUTBOX_STREAM_KEY, {"p": '["not a settlement"]', "c": 300, "a": account_id}
+        OUTBOX_STREAM_KEY, {"p": '{"not": "a settlement record"}', "c": 300, "a": account_id}
     )
     await reserve_and_settle(
         holds, account_id, request_id="good", hold_millicredits=1_000, cost_millicredits=400

@@ -2,8 +2,11 @@
 -- to the outbox stream, all in one atomic step. The stream entry is the durable record the
 -- settlement writer posts to Postgres.
 -- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] deadline index, KEYS[4] outbox stream
--- ARGV: request_id, cost_mc, member, payload (billing/metering/outbox.py), account_id
+-- ARGV: request_id, cost_mc, member, payload (a SettlementRecord, billing/metering/outbox.py),
+-- account_id
 -- Returns {charged_mc, hold_mc, stream_entry_id}.
+-- The stream entry's field names are billing.metering.outbox.STREAM_FIELDS (record, charged,
+-- account; tests/billing/test_outbox.py reads them here).
 --
 -- What the hold covers is always charged in full. Only usage above the hold is capped here,
 -- at what is available once the hold is released, so an overrun never eats another request's
