@@ -17,6 +17,7 @@ so no balance can go below zero. Source: two-phase transfers as in TigerBeetle
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from billing.errors import (
 )
 from billing.ledger import PostedBalance
 from billing.metering.script_channel import ScriptChannel
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "cg:v1"
 DEADLINES_KEY = f"{KEY_PREFIX}:hold_deadlines"
@@ -438,6 +441,23 @@ class HoldStore:
         voided = 0
         for member in members:
             account, _, request_id = member.partition("|")
+            if not (account.isdigit() and request_id):
+                await self._drop_unreadable_deadline(member)
+                continue
             if await self.void(int(account), request_id=request_id, expired_before_ms=now_ms):
                 voided += 1
         return voided
+
+    async def _drop_unreadable_deadline(self, member: str) -> None:
+        """Remove a deadline-index member that names no account's hold (not
+        ``"<account id>|<request id>"``): no hold can be found through it, and left in place it
+        would come back first in every sweep. Logged at ERROR for an operator.
+
+        Raises:
+            BillingUnavailableError: Redis unreachable.
+        """
+        log.error("hold deadline index member %.200r names no hold; removed", member)
+        try:
+            await self._redis.zrem(DEADLINES_KEY, member)
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc

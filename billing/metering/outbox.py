@@ -60,8 +60,8 @@ class SettlementRecord(NamedTuple):
     upstream_latency_ms: int | None
 
     def to_json(self) -> str:
-        """The outbox payload: a JSON array of the fields in order (no names: ~40% of the
-        bytes of an object, and Postgres parses it several times faster)."""
+        """The outbox payload: a JSON array of the fields in order (no names: fewer bytes
+        than an object, and faster for Postgres to parse)."""
         return orjson.dumps(tuple(self)).decode()
 
     @classmethod
@@ -95,8 +95,8 @@ def posting_row(payload: str, *, charged_millicredits: int) -> str:
     ``charged_millicredits`` appended (SQL reads it from the end, and the record through
     ``settlement_record_from_json``). A batch's rows are applied in their order.
 
-    The payload is spliced as text, not read: decoding and re-encoding every settlement was
-    the writer's largest cost (py-spy). Only its shape is checked (an array whose first
+    The payload is spliced as text, not read: decoding and re-encoding every settlement
+    would be most of the poster's work. Only its shape is checked (an array whose first
     value, the request id, is a string); a payload of that shape with wrong values fails its
     whole batch in Postgres, and the poster retries it.
 

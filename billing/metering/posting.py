@@ -51,8 +51,8 @@ class AccountPosting:
 
 
 # The SQL function answers per settlement; summed per account in the same statement, the
-# poster reads one row per account (reading 500 rows and building an object for each cost
-# ~3 us per settlement). Balance, version and shortfall are equal on an account's rows.
+# poster reads and builds one row per account, not one per settlement. Balance, version and
+# shortfall are equal on an account's rows.
 _POST_SETTLEMENTS_SQL = """
 SELECT out_account_id,
        count(*) FILTER (WHERE out_posted),
@@ -115,7 +115,7 @@ class SettlementPoster:
         reader: ScriptChannel | None = None,
     ) -> None:
         """``reader``: a connection of its own for the blocking reads of new entries, parsed
-        by hiredis (redis-py's stream parsing cost ~2 µs per settlement, py-spy); without it,
+        by hiredis (cheaper per settlement than redis-py's stream parsing); without it,
         redis-py reads them."""
         self._holds = holds
         self._redis = holds.redis

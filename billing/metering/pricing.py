@@ -3,7 +3,7 @@
 A rate card row holds integer millicredits per 1,000 tokens. The charge sums
 ``prompt*in + cached*cached_in + completion*out`` (a value in mc/1000) and rounds once:
 ``exact`` to the next millicredit, ``ceil`` to the next whole credit.
-Source: DESIGN.md "Units and arithmetic" (reference cases 12.000, 360.000, 3.720, 70.040).
+Source: docs/design.md, "Units and arithmetic" (reference cases 12.000, 360.000, 3.720, 70.040).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class DefaultRate:
 
 
 # Credits per 1k tokens x 1000 = millicredits per 1k tokens. gpt-4o-mini 2.4 / 9.6 and
-# gpt-4o 20 / 80 credits per 1k come from the product's QA list (DESIGN.md); the rest follow
+# gpt-4o 20 / 80 credits per 1k come from the product's QA list (docs/design.md); the rest follow
 # OpenAI's list prices with the same 16x markup (2.4 credits = $0.0024 vs $0.00015).
 DEFAULT_RATES: tuple[DefaultRate, ...] = (
     DefaultRate("gpt-4o-mini", ModelKind.CHAT, 2_400, 1_200, 9_600, 16_384, 150, 600),

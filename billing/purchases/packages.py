@@ -98,7 +98,8 @@ DEFAULT_PACKAGES: tuple[PackageSpec, ...] = (
         "enterprise", "Enterprise", 9_999, "usd", 99_990 * _MC, 10_000 * _MC, 30, "Best value"
     ),
 )
-"""The catalogue of DESIGN.md; ``migrations/0003_create_purchases.sql`` inserts the same rows."""
+"""The catalogue of docs/design.md; ``migrations/0002_create_purchases.sql`` inserts the same
+rows."""
 
 
 def minor_units_per_major(currency: str) -> int:

@@ -258,6 +258,24 @@ async def test_sweep_expired_voids_only_expired_holds(holds: HoldStore, pool: as
     assert await holds.redis.zrange(DEADLINES_KEY, 0, -1) == [f"{account_id}|long"]
 
 
+@pytest.mark.parametrize("member", ["not-a-member", "x|req_1", "42|", "|req_1", "4 2|req_1"])
+async def test_sweep_expired_drops_an_unreadable_deadline_and_goes_on(
+    holds: HoldStore, pool: asyncpg.Pool, member: str
+) -> None:
+    """A member that names no hold comes first in the index; the sweep still voids the
+    expired hold behind it, and removes the member so it cannot block the next sweep."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    start_ms = int(time.time() * 1000)
+    await holds.reserve(account_id, 1_000, request_id="crashed", ttl_s=1)
+    await holds.redis.zadd(DEADLINES_KEY, {member: 0})
+
+    assert await holds.sweep_expired(now_ms=start_ms + 60_000) == 1
+
+    assert await _open_holds(holds, account_id) == {}
+    assert await holds.redis.zrange(DEADLINES_KEY, 0, -1) == []
+
+
 async def test_reserve_refused_reclaims_expired_hold(holds: HoldStore, pool: asyncpg.Pool) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 5_000, holds=holds)
