@@ -17,7 +17,7 @@ seconds apart, under the same conditions:
   machine's speed favours each side equally often;
 - after every run the gateway's settlement outbox is left to empty, so the settlement it
   still owes does not compete with the next run; the gateway's CPU per request is also given
-  with that catch-up included (its settlement writer runs in the gateway process, and in a
+  with that catch-up included (its settlement poster runs in the gateway process, and in a
   short run much of the settling can be left until after the run);
 - every ratio is taken within one round, and the summary gives the median over rounds (with
   min and max): a round hit by a burst of steal moves the median little.

@@ -1,7 +1,7 @@
 """The gateway's own services for a benchmark: PostgreSQL, Redis, a funded account and key.
 
 PostgreSQL runs with its normal durability (``fast=False``: fsync on) and Redis with its
-append-only file, as in production, so the settlement writer's numbers mean something.
+append-only file, as in production, so the settlement poster's numbers mean something.
 Everything lives in one temporary directory on loopback and is stopped by ``stop()``.
 """
 
@@ -52,7 +52,7 @@ class Backlog:
     Attributes:
         length: ``XLEN`` of the stream: settlements not yet acknowledged (acknowledged
             entries are deleted).
-        pending: ``XPENDING`` count: entries a writer has read but not yet acknowledged.
+        pending: ``XPENDING`` count: entries a poster has read but not yet acknowledged.
     """
 
     length: int

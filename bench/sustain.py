@@ -3,10 +3,10 @@
 ``bench/paired.py --sustain SECONDS`` ends with this: wrk loads the gateway alone (streamed
 chat at c=N) for SECONDS while this samples, once a second, the settlement outbox (``XLEN``
 of ``cg:v1:settlements``: settlements not yet posted to Postgres) and counts the
-``usage_events`` rows written during the run. A writer that keeps up holds the backlog to
-about one batch cycle's worth (the writer lingers ~20 ms between small batches, and a
+``usage_events`` rows written during the run. A poster that keeps up holds the backlog to
+about one batch cycle's worth (the poster lingers ~20 ms between small batches, and a
 Postgres commit waits for its fsync), with no upward trend; one that does not shows a backlog
-growing with time. The short paired runs cannot tell the two apart: the writer runs in the
+growing with time. The short paired runs cannot tell the two apart: the poster runs in the
 gateway process and each run is only seconds long.
 """
 

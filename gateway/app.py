@@ -2,7 +2,7 @@
 
 ``create_app(settings)`` wires the routes (each wrapped in its error answers) and, in
 ``cleanup_ctx``, the Postgres pool, the Redis client, the tokenizer, the rate card book, the
-upstream ``ClientSession``, the settlement writer, the hold sweeper and the Stripe client.
+upstream ``ClientSession``, the settlement poster, the hold sweeper and the Stripe client.
 Nothing happens at import time.
 """
 
@@ -101,7 +101,7 @@ async def _refresh_rate_cards(app: web.Application) -> None:
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    """The hold sweeper, the rate card refresh and the settlement writer, each supervised
+    """The hold sweeper, the rate card refresh and the settlement poster, each supervised
     (``runtime.supervision``): a loop that fails is logged and restarted, never lost."""
     settings = app[appkeys.SETTINGS]
     holds = app[appkeys.HOLDS]
@@ -115,12 +115,12 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             partial(periodically, settings.rate_card_refresh_s, partial(_refresh_rate_cards, app)),
         ),
     ]
-    writer = None
+    poster = None
     reader = None
-    if settings.settlement_writer_enabled:
+    if settings.settlement_poster_enabled:
         if settings.redis_url.startswith("redis://"):
             reader = ScriptChannel(settings.redis_url)
-        writer = SettlementPoster(
+        poster = SettlementPoster(
             holds,
             app[appkeys.DB_POOL],
             consumer=f"{socket.gethostname()}-{os.getpid()}",
@@ -128,15 +128,15 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             claim_idle_ms=settings.settlement_claim_idle_ms,
             reader=reader,
         )
-        tasks.append(_start_supervised("settlement-writer", writer.run))
+        tasks.append(_start_supervised("settlement-poster", poster.run))
     yield
     for task in tasks:
         await _cancel_and_wait(task)
     # Post what is already in the outbox before the process exits (best effort: whatever is
-    # left is claimed by another writer or by this one after a restart).
-    if writer is not None:
+    # left is claimed by another poster or by this one after a restart).
+    if poster is not None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.drain_all(), timeout=5)
+            await asyncio.wait_for(poster.drain_all(), timeout=5)
     if reader is not None:
         await reader.close()
 

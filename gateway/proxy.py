@@ -3,7 +3,7 @@
 One ``BilledCall`` per request. Settlement (the Redis settle script, which appends to the
 durable outbox) runs *before* the last bytes reach the client, so a response that was
 delivered is always charged, even if the process dies right after; the Postgres write happens
-later in the settlement writer, off the client's latency path.
+later in the settlement poster, off the client's latency path.
 
 The hold's life is ``HoldState``, moved only by ``BilledCall.settle`` and ``void``. Streamed
 answers are relayed by ``gateway.relay``; non-streamed ones are read whole, settled, then

@@ -51,7 +51,7 @@ class Settings:
     upstream_read_timeout_s: float = 600.0
     settlement_batch_size: int = 500
     settlement_claim_idle_ms: int = 30_000
-    settlement_writer_enabled: bool = True
+    settlement_poster_enabled: bool = True
     sweep_interval_s: float = 5.0
     tiktoken_encodings_dir: Path | None = None
     # Stripe (issue: buying credits)
@@ -98,7 +98,7 @@ class Settings:
             upstream_read_timeout_s=read.seconds("UPSTREAM_READ_TIMEOUT_S", 600.0),
             settlement_batch_size=read.integer("SETTLEMENT_BATCH_SIZE", 500, minimum=1),
             settlement_claim_idle_ms=read.integer("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100),
-            settlement_writer_enabled=read.boolean("SETTLEMENT_WRITER_ENABLED", True),
+            settlement_poster_enabled=read.boolean("SETTLEMENT_POSTER_ENABLED", True),
             sweep_interval_s=read.seconds("SWEEP_INTERVAL_S", 5.0),
             tiktoken_encodings_dir=Path(encodings_dir) if encodings_dir else None,
             stripe_api_key=read.text("STRIPE_API_KEY"),

@@ -33,7 +33,7 @@ async def supervise(
     ``asyncio.CancelledError``.
 
     Args:
-        name: the loop's name in the logs (``settlement-writer``, ``hold-sweeper``, ...).
+        name: the loop's name in the logs (``settlement-poster``, ``hold-sweeper``, ...).
         run: starts the loop; called once at start and once per restart.
         initial_backoff_s: seconds before the first restart; doubled after each failure up
             to ``max_backoff_s``, and back to this once a run lasted ``max_backoff_s`` or more

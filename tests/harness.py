@@ -110,7 +110,7 @@ class GatewayHarness:
         return account_id, key
 
     async def settled(self, timeout_s: float = 10.0) -> None:
-        """Wait until the settlement writer has posted every outbox entry to Postgres."""
+        """Wait until the settlement poster has posted every outbox entry to Postgres."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             length = await self.redis.xlen(OUTBOX_STREAM_KEY)
@@ -119,7 +119,7 @@ class GatewayHarness:
                 try:
                     pending = (await self.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"]
                 except ResponseError as exc:
-                    # A writer that just started may not have created its group yet (it does
+                    # A poster that just started may not have created its group yet (it does
                     # so in the background, after the gateway is ready): nothing is read yet.
                     if "NOGROUP" not in str(exc):
                         raise

@@ -66,7 +66,7 @@ class Settled:
         charged_millicredits: what was added to ``pending``: the cost, with usage above the
             hold capped at what was available; Postgres posts min(this, balance).
         hold_millicredits: the hold that was released (0 if it was already gone).
-        outbox_entry_id: the stream entry the writer will post to Postgres.
+        outbox_entry_id: the stream entry the poster will post to Postgres.
     """
 
     charged_millicredits: int
@@ -294,12 +294,12 @@ class HoldStore:
 
         What the hold covers is charged in full; usage above it is capped at what is
         available, so an overrun never eats another request's hold. Postgres caps at the true
-        balance when the writer posts it (the usage event records any shortfall). See
+        balance when the poster posts it (the usage event records any shortfall). See
         ``billing/metering/lua/settle.lua`` for why the cap never goes below the hold.
 
         Args:
             cost_millicredits: the request's charge at the rate card, >= 0.
-            payload: the usage record the writer posts to Postgres
+            payload: the usage record the poster posts to Postgres
                 (``billing.metering.outbox.SettlementRecord.to_json``).
 
         Raises:
@@ -340,7 +340,7 @@ class HoldStore:
     async def ack_posted(
         self, account_id: int, posted: PostedBalance, pairs: list[Any], *, group: str
     ) -> int:
-        """After the settlement writer's commit: acknowledge an account's outbox entries, take
+        """After the settlement poster's commit: acknowledge an account's outbox entries, take
         their charges off ``pending`` (once per entry) and apply the posted balance.
 
         Args:
@@ -352,7 +352,7 @@ class HoldStore:
             The millicredits taken off ``pending``.
 
         Raises:
-            redis.exceptions.RedisError: not acknowledged; the writer retries (the repeat is a
+            redis.exceptions.RedisError: not acknowledged; the poster retries (the repeat is a
                 no-op in Postgres).
         """
         released = await self._run(

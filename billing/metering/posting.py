@@ -2,7 +2,7 @@
 
 The settle script appends each settlement to ``cg:v1:settlements`` in the same atomic step that
 releases its hold, so a charge survives a gateway crash the moment the script returns. Posters
-(one per gateway process, in the consumer group ``settlement-writers``) read batches, post them
+(one per gateway process, in the consumer group ``settlement-posters``) read batches, post them
 with one statement (``post_settlements``, idempotent by request id), and only then
 acknowledge each entry with ``ack_posted.lua``, which also takes the entries' charges off the
 account's ``pending`` and applies the new posted balance. Entries of a poster that died are
@@ -29,7 +29,7 @@ from billing.metering.script_channel import ScriptChannel
 
 log = logging.getLogger(__name__)
 
-GROUP = "settlement-writers"
+GROUP = "settlement-posters"
 
 
 @dataclass(frozen=True, slots=True)

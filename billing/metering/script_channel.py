@@ -5,7 +5,7 @@ timeout wrappers) was the largest share of a billed request's CPU. This channel 
 connection, packs commands with
 ``hiredis.pack_command`` and parses replies with ``hiredis.Reader`` (both from the hiredis
 library), and writes every command issued in one event-loop iteration in a single send, so
-concurrent requests share round trips. Everything else (writer, sweeper, admin) uses redis-py.
+concurrent requests share round trips. Everything else (poster, sweeper, admin) uses redis-py.
 
 Failure behaviour: a connection error, or a reply slower than ``timeout_s``, fails every
 command in flight with ``ConnectionError`` and drops the connection (replies are matched to

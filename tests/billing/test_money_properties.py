@@ -3,7 +3,7 @@
 A Hypothesis ``RuleBasedStateMachine`` grants credits, places holds (some already expired, as a
 crashed gateway leaves them), settles them (sometimes above the hold, sometimes twice), voids
 and sweeps them, posts refunds that may leave a shortfall, lets one consumer read outbox entries
-and die and another post them late, and drains the settlement writer. It predicts every answer
+and die and another post them late, and drains the settlement poster. It predicts every answer
 from Redis's state before the call and checks after every step that no balance goes below
 zero, the ledger sums to the balance, nothing is settled twice and, once the outbox is drained,
 Redis holds Postgres's balance.
@@ -61,7 +61,7 @@ class OpenHold:
 
 class MoneyMachine(RuleBasedStateMachine):
     """Two accounts (one clean, one refundable), the open holds and settlements as the model
-    expects them, and a settlement writer plus a dead and a slow consumer of the outbox."""
+    expects them, and a settlement poster plus a dead and a slow consumer of the outbox."""
 
     def __init__(self, database_url: str, redis_url: str) -> None:
         super().__init__()
@@ -299,7 +299,7 @@ class MoneyMachine(RuleBasedStateMachine):
         assert before.available_millicredits is not None
         settled = self._settle(account_id, request_id, cost, 0)
         self.repeated.add(request_id)
-        self.overdrawn.add(account_id)  # uncapped until the writer posts (or drops) it
+        self.overdrawn.add(account_id)  # uncapped until the poster posts (or drops) it
         assert settled.hold_millicredits == 0
         assert settled.charged_millicredits == cost
 
@@ -325,8 +325,8 @@ class MoneyMachine(RuleBasedStateMachine):
         claimed_first=st.booleans(),
     )
     def background(self, action: str, count: int, claimed_first: bool) -> None:
-        """The sweeper runs; the writer drains; a consumer reads entries and dies; a slow
-        writer reads entries, and next time posts them (perhaps after the writer claimed and
+        """The sweeper runs; the poster drains; a consumer reads entries and dies; a slow
+        writer reads entries, and next time posts them (perhaps after the poster claimed and
         posted them, or a drain did)."""
         if action == "sweep":
             self._sweep()
@@ -347,7 +347,7 @@ class MoneyMachine(RuleBasedStateMachine):
             self.slow_entries = []
 
     def _drain(self) -> None:
-        # As the writer's run loop does: claim batch after batch while batches come back full.
+        # As the poster's run loop does: claim batch after batch while batches come back full.
         while self._run(self.writer.claim_stale()) == WRITER_BATCH:
             pass
         self._run(self.writer.drain_all())

@@ -1,4 +1,4 @@
-"""The settlement writer: outbox stream -> Postgres, acknowledged after commit, crash-safe."""
+"""The settlement poster: outbox stream -> Postgres, acknowledged after commit, crash-safe."""
 
 from __future__ import annotations
 
@@ -28,17 +28,17 @@ CLAIM_IDLE_MS = 50
 
 
 @pytest.fixture(params=["redis-py", "reader-channel"])
-async def writer(
+async def poster(
     request: pytest.FixtureRequest, holds: HoldStore, pool: asyncpg.Pool, redis_url: str
 ) -> AsyncIterator[SettlementPoster]:
-    """The writer, reading new entries through redis-py or (as the gateway does) through a
+    """The poster, reading new entries through redis-py or (as the gateway does) through a
     pipelined channel of its own: every test runs on both."""
     reader = ScriptChannel(redis_url) if request.param == "reader-channel" else None
-    writer = SettlementPoster(
+    poster = SettlementPoster(
         holds, pool, consumer="t1", claim_idle_ms=CLAIM_IDLE_MS, reader=reader
     )
-    await writer.ensure_group()
-    yield writer
+    await poster.ensure_group()
+    yield poster
     if reader is not None:
         await reader.close()
 
@@ -69,7 +69,7 @@ async def _assert_converged(holds: HoldStore, pool: asyncpg.Pool, account_id: in
 async def _commit_without_ack(
     pool: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    """What a writer does before it crashes between its commit and its acknowledgement."""
+    """What a poster does before it crashes between its commit and its acknowledgement."""
     record, charged, _account = outbox.STREAM_FIELDS
     rows = [
         outbox.posting_row(fields[record], charged_millicredits=int(fields[charged]))
@@ -79,8 +79,8 @@ async def _commit_without_ack(
         await posting.post_settlements(conn, "[" + ",".join(rows) + "]")
 
 
-async def test_writer_posts_settlements_and_acks(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+async def test_poster_posts_settlements_and_acks(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -93,15 +93,15 @@ async def test_writer_posts_settlements_and_acks(
     assert charges == [1_500, 2_500, 0]
     assert (await holds.account_state(account_id)).pending_millicredits == 4_000
 
-    assert await writer.drain_all() == 3
+    assert await poster.drain_all() == 3
 
     posted = await _posted(pool, account_id)
     assert posted.balance_millicredits == 6_000
     await _assert_converged(holds, pool, account_id)
     assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
     assert await _group_pending(holds) == 0
-    assert (writer.stats.posted, writer.stats.duplicates) == (3, 0)
-    assert writer.stats.charged_millicredits == 4_000
+    assert (poster.stats.posted, poster.stats.duplicates) == (3, 0)
+    assert poster.stats.charged_millicredits == 4_000
     async with pool.acquire() as conn:
         usage = await conn.fetch(
             "SELECT request_id, charged_millicredits FROM usage_events ORDER BY request_id"
@@ -109,8 +109,8 @@ async def test_writer_posts_settlements_and_acks(
     assert [tuple(r) for r in usage] == [("r0", 1_500), ("r1", 2_500), ("r2", 0)]
 
 
-async def test_writer_batches_of_many_accounts(holds: HoldStore, pool: asyncpg.Pool) -> None:
-    writer = SettlementPoster(holds, pool, consumer="t1", batch_size=4)
+async def test_poster_batches_of_many_accounts(holds: HoldStore, pool: asyncpg.Pool) -> None:
+    poster = SettlementPoster(holds, pool, consumer="t1", batch_size=4)
     accounts = [await new_account(pool) for _ in range(3)]
     for account_id in accounts:
         await grant(pool, account_id, 5_000, holds=holds)
@@ -123,15 +123,15 @@ async def test_writer_batches_of_many_accounts(holds: HoldStore, pool: asyncpg.P
             cost_millicredits=100 + i,
         )
 
-    assert await writer.drain_all() == 15
+    assert await poster.drain_all() == 15
 
     for account_id in accounts:
         await _assert_converged(holds, pool, account_id)
-    assert writer.stats.batches == 4
+    assert poster.stats.batches == 4
 
 
-async def test_writer_redelivery_after_commit_before_ack_charges_once(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+async def test_poster_redelivery_after_commit_before_ack_charges_once(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -139,26 +139,26 @@ async def test_writer_redelivery_after_commit_before_ack_charges_once(
         await reserve_and_settle(
             holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=900
         )
-    # Writer t1 reads the batch, commits it, and dies before acknowledging.
+    # Poster t1 reads the batch, commits it, and dies before acknowledging.
     reply = await holds.redis.xreadgroup(GROUP, "t1", {OUTBOX_STREAM_KEY: ">"}, count=10)
     await _commit_without_ack(pool, reply[0][1])
     assert (await _posted(pool, account_id)).balance_millicredits == 7_300
     assert (await holds.account_state(account_id)).pending_millicredits == 2_700
 
     # t1 restarts and finds its unacknowledged entries.
-    assert await writer.drain_all() == 3
+    assert await poster.drain_all() == 3
 
-    assert (writer.stats.posted, writer.stats.duplicates) == (0, 3)
+    assert (poster.stats.posted, poster.stats.duplicates) == (0, 3)
     assert (await _posted(pool, account_id)).balance_millicredits == 7_300
     await _assert_converged(holds, pool, account_id)
     # Pending came back to zero once: a further drain finds nothing to release twice.
-    assert await writer.drain_all() == 0
+    assert await poster.drain_all() == 0
     assert (await holds.account_state(account_id)).pending_millicredits == 0
     assert await _group_pending(holds) == 0
 
 
-async def test_writer_claims_entries_of_dead_consumer(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+async def test_poster_claims_entries_of_dead_consumer(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -170,20 +170,20 @@ async def test_writer_claims_entries_of_dead_consumer(
     assert len(reply[0][1]) == 4
 
     # t1 sees nothing new: the entries belong to the dead consumer until they go stale.
-    assert await writer.drain_all() == 0
+    assert await poster.drain_all() == 0
     assert (await _posted(pool, account_id)).balance_millicredits == 10_000
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
 
-    assert await writer.claim_stale() == 4
+    assert await poster.claim_stale() == 4
 
     assert (await _posted(pool, account_id)).balance_millicredits == 7_000
     await _assert_converged(holds, pool, account_id)
     assert await _group_pending(holds) == 0
-    assert await writer.claim_stale() == 0
+    assert await poster.claim_stale() == 0
 
 
-async def test_writer_claims_entries_of_dead_consumer_after_its_commit(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+async def test_poster_claims_entries_of_dead_consumer_after_its_commit(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -195,15 +195,15 @@ async def test_writer_claims_entries_of_dead_consumer_after_its_commit(
     await _commit_without_ack(pool, reply[0][1])
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
 
-    assert await writer.claim_stale() == 2
+    assert await poster.claim_stale() == 2
 
-    assert writer.stats.duplicates == 2
+    assert poster.stats.duplicates == 2
     assert (await _posted(pool, account_id)).balance_millicredits == 8_800
     await _assert_converged(holds, pool, account_id)
 
 
-async def test_slow_writer_posting_claimed_entries_releases_pending_once(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+async def test_slow_poster_posting_claimed_entries_releases_pending_once(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -214,9 +214,9 @@ async def test_slow_writer_posting_claimed_entries_releases_pending_once(
     slow = SettlementPoster(holds, pool, consumer="slow")
     reply = await holds.redis.xreadgroup(GROUP, "slow", {OUTBOX_STREAM_KEY: ">"}, count=10)
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
-    assert await writer.claim_stale() == 2  # t1 takes over and posts them
+    assert await poster.claim_stale() == 2  # t1 takes over and posts them
 
-    await slow.post(reply[0][1])  # the slow writer wakes up and posts what it had read
+    await slow.post(reply[0][1])  # the slow poster wakes up and posts what it had read
 
     assert slow.stats.duplicates == 2
     assert (await _posted(pool, account_id)).balance_millicredits == 8_000
@@ -226,9 +226,9 @@ async def test_slow_writer_posting_claimed_entries_releases_pending_once(
 async def test_drain_all_posts_every_own_unacked_entry(
     holds: HoldStore, pool: asyncpg.Pool
 ) -> None:
-    """A restarted writer owns more unacknowledged entries than one batch holds."""
-    writer = SettlementPoster(holds, pool, consumer="t1", batch_size=2)
-    await writer.ensure_group()
+    """A restarted poster owns more unacknowledged entries than one batch holds."""
+    poster = SettlementPoster(holds, pool, consumer="t1", batch_size=2)
+    await poster.ensure_group()
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
     for i in range(5):
@@ -238,7 +238,7 @@ async def test_drain_all_posts_every_own_unacked_entry(
     # t1 read all five and died before posting anything.
     await holds.redis.xreadgroup(GROUP, "t1", {OUTBOX_STREAM_KEY: ">"}, count=10)
 
-    assert await writer.drain_all() == 5
+    assert await poster.drain_all() == 5
 
     assert (await _posted(pool, account_id)).balance_millicredits == 7_500
     await _assert_converged(holds, pool, account_id)
@@ -246,7 +246,7 @@ async def test_drain_all_posts_every_own_unacked_entry(
 
 
 async def test_purchase_interleaved_with_settlements_converges(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 5_000, holds=holds)
@@ -262,7 +262,7 @@ async def test_purchase_interleaved_with_settlements_converges(
     assert (state.balance_millicredits, state.version) == (14_990, purchase.version)
     assert state.available_millicredits == 14_990 - 1_000 - 1_200
 
-    await writer.drain_all()
+    await poster.drain_all()
     await holds.settle(
         account_id,
         request_id="r1",
@@ -272,7 +272,7 @@ async def test_purchase_interleaved_with_settlements_converges(
     await grant(pool, account_id, 100, holds=holds)
     # A reload read before the purchase arrives late: ignored, it is older.
     assert not await holds.sync_balance(account_id, stale)
-    await writer.drain_all()
+    await poster.drain_all()
 
     posted = await _posted(pool, account_id)
     assert posted.balance_millicredits == 5_000 - 1_200 + 9_990 - 800 + 100
@@ -283,7 +283,7 @@ async def test_purchase_interleaved_with_settlements_converges(
 
 
 async def test_purchase_between_commit_and_ack_does_not_undercharge(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -291,7 +291,7 @@ async def test_purchase_between_commit_and_ack_does_not_undercharge(
         holds, account_id, request_id="a", hold_millicredits=5_000, cost_millicredits=5_000
     )
     await holds.reserve(account_id, 5_000, request_id="b")
-    # A writer commits "a" (Postgres 5,000 at version 2) and dies before acknowledging it.
+    # A poster commits "a" (Postgres 5,000 at version 2) and dies before acknowledging it.
     reply = await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=10)
     await _commit_without_ack(pool, reply[0][1])
     # A purchase lands meanwhile and tells Redis its (balance, version): 6,000 at version 3,
@@ -310,14 +310,14 @@ async def test_purchase_between_commit_and_ack_does_not_undercharge(
     )
     assert b.charged_millicredits == 5_000  # the balance covers it and the hold was for it
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
-    await writer.claim_stale()
-    await writer.drain_all()
+    await poster.claim_stale()
+    await poster.drain_all()
     assert (await _posted(pool, account_id)).balance_millicredits == 1_000
     await _assert_converged(holds, pool, account_id)
 
 
 async def test_repeated_settle_posted_before_original_does_not_undercharge(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 1_000, holds=holds)
@@ -333,11 +333,11 @@ async def test_repeated_settle_posted_before_original_does_not_undercharge(
         payload=usage_payload(request_id="r1", account_id=account_id, cost_millicredits=600),
     )
     assert (first, repeat.charged_millicredits) == (600, 600)
-    # A writer reads the original entry and dies; a healthy writer posts the repeat first.
+    # A poster reads the original entry and dies; a healthy poster posts the repeat first.
     await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=1)
-    await writer.drain_all()
+    await poster.drain_all()
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
-    await writer.claim_stale()
+    await poster.claim_stale()
 
     await _assert_converged(holds, pool, account_id)
     async with pool.acquire() as conn:
@@ -348,8 +348,8 @@ async def test_repeated_settle_posted_before_original_does_not_undercharge(
     assert (await _posted(pool, account_id)).balance_millicredits == 400
 
 
-async def test_writer_posts_each_record_as_written_in_one_batch(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster
+async def test_poster_posts_each_record_as_written_in_one_batch(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
     """Entries appended to the outbox as the settle script does are posted in one batch,
     every usage row as its record said."""
@@ -368,8 +368,8 @@ async def test_writer_posts_each_record_as_written_in_one_batch(
         }
         await holds.redis.xadd(OUTBOX_STREAM_KEY, fields)
         await holds.redis.hincrby(account_key(account_id), "pending", record.cost_millicredits)
-    assert await writer.drain_all() == 4
-    assert writer.stats.batches == 1
+    assert await poster.drain_all() == 4
+    assert poster.stats.batches == 1
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             """SELECT request_id, cost_millicredits, charged_millicredits, prompt_tokens,
@@ -385,8 +385,8 @@ async def test_writer_posts_each_record_as_written_in_one_batch(
     await _assert_converged(holds, pool, account_id)
 
 
-async def test_writer_leaves_an_unreadable_entry_pending_and_posts_the_rest(
-    holds: HoldStore, pool: asyncpg.Pool, writer: SettlementPoster, caplog
+async def test_poster_leaves_an_unreadable_entry_pending_and_posts_the_rest(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster, caplog
 ) -> None:
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
@@ -396,8 +396,8 @@ async def test_writer_leaves_an_unreadable_entry_pending_and_posts_the_rest(
     await reserve_and_settle(
         holds, account_id, request_id="good", hold_millicredits=1_000, cost_millicredits=400
     )
-    assert await writer.drain_all() == 1
-    assert writer.stats.unreadable == 1
+    assert await poster.drain_all() == 1
+    assert poster.stats.unreadable == 1
     assert (await _posted(pool, account_id)).balance_millicredits == 10_000 - 400
     pending = await holds.redis.xpending_range(OUTBOX_STREAM_KEY, GROUP, "-", "+", 10)
     assert [p["message_id"] for p in pending] == [bad_id]

@@ -107,7 +107,7 @@ async def test_gateway_sigkill_after_delivery_charges_each_response_once(
     make_gateway, sim, writer_enabled
 ):
     # A harness only for accounts and assertions; the gateway under test is a subprocess.
-    gw = await make_gateway(settlement_writer_enabled=False)
+    gw = await make_gateway(settlement_poster_enabled=False)
     account, key = await gw.create_account(50_000_000)
     port = free_port()
     env = {
@@ -120,7 +120,7 @@ async def test_gateway_sigkill_after_delivery_charges_each_response_once(
         "PORT": str(port),
         "ADMIN_PORT": str(free_port()),
         "SETTLEMENT_CLAIM_IDLE_MS": "300",
-        "SETTLEMENT_WRITER_ENABLED": "true" if writer_enabled else "false",
+        "SETTLEMENT_POSTER_ENABLED": "true" if writer_enabled else "false",
     }
     process = await asyncio.to_thread(_serve, env)
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
@@ -143,8 +143,8 @@ async def test_gateway_sigkill_after_delivery_charges_each_response_once(
         process.send_signal(signal.SIGKILL)
         await asyncio.to_thread(process.communicate)
         await client.close()
-    # Restart with the writer on: it claims what the dead process read and posts the rest.
-    env["SETTLEMENT_WRITER_ENABLED"] = "true"
+    # Restart with the poster on: it claims what the dead process read and posts the rest.
+    env["SETTLEMENT_POSTER_ENABLED"] = "true"
     env["PORT"] = str(free_port())
     env["ADMIN_PORT"] = str(free_port())
     process = await asyncio.to_thread(_serve, env)

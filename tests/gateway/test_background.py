@@ -1,4 +1,4 @@
-"""The gateway's background loops under failure: the settlement writer comes back after its
+"""The gateway's background loops under failure: the settlement poster comes back after its
 Postgres connections are killed under load (each loop is supervised, ``runtime.supervision``)."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ async def test_settlement_resumes_after_postgres_connections_are_terminated(
     await gw.settled()
 
     # Requests keep flowing (four clients at a time) while every other connection to the
-    # database is terminated, a few times over: the gateway's pool (the settlement writer's
+    # database is terminated, a few times over: the gateway's pool (the settlement poster's
     # and the request path's) and the harness's. Some kills land inside a posting.
     flowing = [asyncio.create_task(_served_request_ids(client, 10, errors)) for _ in range(4)]
     killer = await asyncpg.connect(gw.settings.database_url)
@@ -87,13 +87,13 @@ async def test_settlement_resumes_after_postgres_connections_are_terminated(
     assert set(errors) <= {503}
 
 
-async def test_settlement_writer_restarted_after_an_error_it_does_not_expect(
+async def test_settlement_poster_restarted_after_an_error_it_does_not_expect(
     make_gateway, sim, monkeypatch
 ) -> None:
     """asyncpg raises ``InternalClientError`` (not a ``PostgresError`` nor an
     ``InterfaceError``) when a connection is terminated while the pool resets it; the
     terminate test above meets it now and then. Here it is raised once, for certain, where
-    the writer asks the gateway's pool for a connection."""
+    the poster asks the gateway's pool for a connection."""
     gw: GatewayHarness = await make_gateway(auth_cache_ttl_s=60.0)
     _, key = await gw.create_account(10_000_000)
     client = gw.client(key)
@@ -115,7 +115,7 @@ async def test_settlement_writer_restarted_after_an_error_it_does_not_expect(
     after = await _served_request_ids(client, 10, errors)
     await gw.settled(timeout_s=30)
 
-    assert raised, "the writer never asked the pool for a connection"
+    assert raised, "the poster never asked the pool for a connection"
     request_ids = before + after
     assert await _usage_rows(gw.settings.database_url, request_ids) == set(request_ids)
     assert errors == []

@@ -2,7 +2,7 @@
 end of the chunked body, and nothing after ``[DONE]`` is forwarded.
 
 Each write to a client socket is recorded by wrapping aiohttp's ``StreamWriter`` (the gateway's
-server-side writers only: not its upstream requests, not the simulator's answers).
+server-side posters only: not its upstream requests, not the simulator's answers).
 """
 
 from __future__ import annotations

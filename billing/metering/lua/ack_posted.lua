@@ -1,4 +1,4 @@
--- After the settlement writer committed a batch to Postgres: acknowledge this account's
+-- After the settlement poster committed a batch to Postgres: acknowledge this account's
 -- outbox entries, take their charges off `pending` (once per entry: only when XACK says the
 -- entry was still pending) and apply the account's new posted (balance, version).
 -- KEYS[1] account hash, KEYS[2] outbox stream

@@ -1,6 +1,6 @@
 -- Settle request ARGV[1]: release its hold, add its cost to `pending` and append the settlement
 -- to the outbox stream, all in one atomic step. The stream entry is the durable record the
--- settlement writer posts to Postgres.
+-- settlement poster posts to Postgres.
 -- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] deadline index, KEYS[4] outbox stream
 -- ARGV: request_id, cost_mc, member, payload (a SettlementRecord, billing/metering/outbox.py),
 -- account_id
@@ -12,9 +12,9 @@
 -- at what is available once the hold is released, so an overrun never eats another request's
 -- hold. Postgres then posts min(charged, balance) against the true balance. The cap never goes
 -- below the hold: Redis's view may briefly count a posted charge twice (a balance synced after
--- the writer's commit but before its ack), and capping a covered charge against that view
+-- the poster's commit but before its ack), and capping a covered charge against that view
 -- would undercharge. A missing hold (voided by the sweeper, or a repeat) is not capped either:
--- Postgres keeps one settlement per request id and caps it there; until the writer posts,
+-- Postgres keeps one settlement per request id and caps it there; until the poster posts,
 -- `available` may be below zero, which only refuses new holds.
 local hold = 0
 local h = redis.call('HGET', KEYS[2], ARGV[1])
