@@ -54,6 +54,24 @@ class UnknownModelError(BillingError):
         self.model = model
 
 
+class ModelNotServedError(UnknownModelError):
+    """The model's rate card is of another kind than the endpoint serves, e.g. a chat model on
+    ``/v1/embeddings`` (HTTP 404, as OpenAI answers; nothing is held or forwarded).
+
+    Attributes:
+        model_kind: what the model is (``chat``, ``completion``, ``embedding``).
+        endpoint_path: the route it was sent to, e.g. ``/v1/embeddings``.
+    """
+
+    def __init__(self, model: str, *, model_kind: str, endpoint_path: str) -> None:
+        super().__init__(model)
+        self.args = (
+            f"The model `{model}` is a {model_kind} model and is not supported on {endpoint_path}.",
+        )
+        self.model_kind = model_kind
+        self.endpoint_path = endpoint_path
+
+
 class AccountNotFoundError(BillingError):
     """No account with that id."""
 

@@ -66,7 +66,7 @@ _SIMULATED_BANNER = """
 ##   SIMULATED UPSTREAM -- NO REAL MODEL IS CALLED                      ##
 ##                                                                      ##
 ##   UPSTREAM_API_KEY is not set, so the gateway forwards to the local  ##
-##   simulator (devtools.simulator on 127.0.0.1:8090). Every answer is   ##
+##   simulator (devtools.simulator on 127.0.0.1:8090). Every answer is  ##
 ##   canned text and its token counts are rough estimates; credits are  ##
 ##   still charged for them exactly as for real usage.                  ##
 ##                                                                      ##

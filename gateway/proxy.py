@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from billing.errors import BillingUnavailableError, UnknownModelError
+from billing.errors import BillingUnavailableError, ModelNotServedError, UnknownModelError
 from billing.metering.estimate import (
     Estimate,
     EstimateError,
@@ -268,12 +268,12 @@ async def _prepare(
         raise InvalidRequestError("You must provide a model parameter.", param="model")
     settings = app[appkeys.SETTINGS]
     card = app[gateway_keys.RATE_CARDS].get(model)
-    if (
-        card is None
-        or not card.serves(endpoint.name)  # e.g. a chat model on /v1/embeddings
-        or (settings.model_allowlist and model not in settings.model_allowlist)
-    ):
+    if card is None or (settings.model_allowlist and model not in settings.model_allowlist):
         raise UnknownModelError(model)
+    if not card.serves(endpoint.name):  # e.g. a chat model on /v1/embeddings
+        raise ModelNotServedError(
+            model, model_kind=card.model_kind.value, endpoint_path="/v1" + endpoint.path
+        )
     stream = body.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequestError(f"{endpoint.name} does not stream.", param="stream")

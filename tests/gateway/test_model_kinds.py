@@ -32,6 +32,9 @@ async def test_embeddings_with_chat_model_is_404_and_charges_nothing(gw, sim):
     assert info.value.status_code == 404
     assert info.value.code == "model_not_found"
     assert info.value.body["param"] == "model"
+    assert info.value.body["message"] == (
+        "The model `gpt-4o-mini` is a chat model and is not supported on /v1/embeddings."
+    )
     await gw.settled()
     assert sim.requests == []
     assert await gw.pool.fetchval("SELECT count(*) FROM usage_events") == 0
