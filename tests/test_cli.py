@@ -381,6 +381,24 @@ async def test_cli_store_command_malformed_urls_all_reported_and_others_ignored(
 # -- only DATABASE_URL set (a second terminal beside `make run`) --------------------------
 
 
+async def test_migrate_refuses_a_database_whose_applied_migration_differs(empty_database_url):
+    """Drift (the recorded checksum of an applied file differs from the shipped file) is
+    refused with a JSON error naming the file and exit status 1, not a traceback."""
+    env = {"DATABASE_URL": empty_database_url}
+    assert (await run_cli(env, "migrate"))[0] == 0
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(
+            "UPDATE schema_migrations SET checksum = 'edited' WHERE version = '0001'"
+        )
+    finally:
+        await conn.close()
+    code, doc = await run_cli(env, "migrate")
+    assert code == 1
+    assert doc["type"] == "MigrationError"
+    assert doc["error"].startswith("0001_create_money_path.sql: ")
+
+
 async def test_cli_database_only_migrate_seed_accounts_and_keys_work(database_url, conn):
     env = {"DATABASE_URL": database_url}
     code, _ = await run_cli(env, "migrate")
