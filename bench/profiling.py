@@ -23,7 +23,7 @@ _RATE_HZ = 100
 _GRACE_S = 30.0
 _LINE_NUMBER = re.compile(r":\d+\)$")
 # Frames of our own code, for the inclusive view (py-spy already shortened the paths).
-_OWN_CODE = re.compile(r"\((?:.*/)?(?:gateway|billing|creditgate|admin_api)/[^/]+\.py\)$")
+_OWN_CODE = re.compile(r"\((?:.*/)?(?:gateway|billing|creditgate|admin_api|runtime)/[^/]+\.py\)$")
 # Frames in nearly every sample say nothing; nor do the process's entry points.
 _WRAPPER_PERCENT = 95.0
 _ENTRY_POINTS = ("(creditgate/cli.py)", "(creditgate/serve.py)")

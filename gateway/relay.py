@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -44,33 +45,28 @@ _CLIENT_RESET = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
-async def relay_stream(
+def relay_stream(
     call: BilledCall, upstream: aiohttp.ClientResponse, client_wants_usage: bool
-) -> web.StreamResponse:
+) -> Coroutine[Any, Any, web.StreamResponse]:
     """Forward the upstream's event stream to the client, settling ``call`` on the way.
+
+    Returns the relay's coroutine for the handler to await (not a coroutine of its own: every
+    resumption of a stream passes through each awaiting frame, so the chain is kept short).
 
     Args:
         upstream: a streamed answer with a status below 400; the caller releases it.
         client_wants_usage: the client asked for ``stream_options.include_usage``; if not,
             the extra usage-only chunk (which the gateway asked for) is not forwarded.
 
-    Returns:
-        The response, already written and ended (the handler returns it).
+    Awaiting it returns the response, already written and ended (the handler returns it).
 
-    Raises:
+    Raises (when awaited):
         asyncio.CancelledError: the client went away while the upstream was silent (aiohttp
             cancels the handler); what was generated is settled first.
     """
     headers = {**_SSE_HEADERS, "x-request-id": call.request_id}
     response = HeldHeadersResponse(status=upstream.status, headers=headers)
-    try:
-        await response.prepare(call.request)
-    except _CLIENT_RESET:
-        await call.void()  # the client left before the first byte: nothing generated for it
-        upstream.close()
-        return response
-    await _StreamRelay(call, upstream, response, client_wants_usage).run()
-    return response
+    return _StreamRelay(call, upstream, response, client_wants_usage).run()
 
 
 class _ClientGone(Exception):
@@ -97,26 +93,32 @@ class _StreamRelay:
         # Whole events as forwarded (for counting the text if usage never comes).
         self.forwarded: list[bytes] = []
 
-    async def run(self) -> None:
+    async def run(self) -> web.StreamResponse:
         """Relay to the end, then settle and end the response by how the stream ended."""
+        response = self.response
+        try:
+            await response.prepare(self.call.request)  # headers held until the first write
+        except _CLIENT_RESET:
+            await self.call.void()  # the client left before the first byte: nothing generated
+            self.upstream.close()
+            return response
         try:
             await self._pump()
         except (_ClientGone, asyncio.CancelledError) as exc:
             await self._client_gone()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            return
         except (aiohttp.ClientError, TimeoutError) as exc:
             await self._upstream_broke(exc)
-            return
         except BillingUnavailableError:
             await _send_stream_error(
-                self.response,
+                response,
                 "Billing is temporarily unavailable; the response was cut short.",
                 "billing_unavailable",
             )
-            return
-        await self._upstream_ended()
+        else:
+            await self._upstream_ended()
+        return response
 
     async def _pump(self) -> None:
         """Forward every whole event the upstream sends, settling on usage or ``[DONE]``.
@@ -127,9 +129,11 @@ class _StreamRelay:
             BillingUnavailableError: Redis unreachable at settlement.
         """
         call, framer, forwarded = self.call, self.framer, self.forwarded
+        write = self.response.write
         async for chunk in self.upstream.content.iter_any():
-            # Runs once per upstream chunk: the pass-through case (nothing to look at) stays
-            # inline; only usage, [DONE] and the tail of a stream take the slower path.
+            # Runs once per upstream chunk: the pass-through case (nothing to look at) and its
+            # write stay inline (a coroutine call per chunk showed in the stream benchmark);
+            # only usage, [DONE] and the stream's last write take the slower path.
             events = framer.feed(chunk)
             if not events:
                 continue  # no whole event yet, or after [DONE]: read on, send nothing
@@ -140,7 +144,13 @@ class _StreamRelay:
                 events = await self._pass_events(events, start)
                 if not events:
                     continue
-            await self._write(events, last=framer.is_final(events))
+            if framer.is_final(events):
+                await self._write(events, last=True)
+                continue
+            try:
+                await write(events)
+            except _CLIENT_RESET as exc:
+                raise _ClientGone from exc
         rest = framer.close()
         if rest:
             forwarded.append(rest)
@@ -169,8 +179,11 @@ class _StreamRelay:
         if head:
             self.forwarded.append(head)
         out: list[bytes] = [head]
+        call = self.call
         for event in events[start:].split(EVENT_END):
-            if not event.strip() or await self._settle_on(event):
+            if not event.strip():
+                continue
+            if not call.hold_state.is_final and await self._settle_on(event):
                 continue
             whole = event + EVENT_END
             self.forwarded.append(whole)
@@ -178,12 +191,10 @@ class _StreamRelay:
         return b"".join(out)
 
     async def _settle_on(self, event: bytes) -> bool:
-        """Settle if ``event`` ends the answer: its usage settles the request, ``[DONE]``
-        without usage settles estimated. True when the event is to be dropped: the extra
-        usage-only chunk, for a client that did not ask for it."""
+        """Settle (the call is not settled yet) if ``event`` ends the answer: its usage
+        settles the request, ``[DONE]`` without usage settles estimated. True when the event
+        is to be dropped: the extra usage-only chunk, for a client that did not ask for it."""
         call = self.call
-        if call.hold_state.is_final:
-            return False
         found = usage_event(event)
         if found is not None:
             usage, usage_only = found
