@@ -31,6 +31,7 @@ from gateway.auth import KeyAuthenticator
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
 from gateway.purchase_routes import checkout_routes
+from gateway.usage import UsageStats
 from runtime import appkeys
 from runtime.errors import answer_errors
 from runtime.resources import gateway_redis_ctx, postgres_ctx, stripe_ctx
@@ -168,6 +169,7 @@ def create_app(settings: Settings) -> web.Application:
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[appkeys.SETTINGS] = settings
+    app[gateway_keys.USAGE_STATS] = UsageStats()
     app.cleanup_ctx.extend(
         [postgres_ctx, gateway_redis_ctx, _billing_state, _upstream, _background, stripe_ctx]
     )

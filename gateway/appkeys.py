@@ -10,10 +10,12 @@ from yarl import URL
 from billing.metering.rate_cards import RateCardBook
 from billing.metering.tokens import TokenCounter
 from gateway.auth import KeyAuthenticator
+from gateway.usage import UsageStats
 
 RATE_CARDS = web.AppKey("rate_cards", RateCardBook)
 TOKENS = web.AppKey("tokens", TokenCounter)
 AUTH = web.AppKey("auth", KeyAuthenticator)
+USAGE_STATS = web.AppKey("usage_stats", UsageStats)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict[str, str])
 # Each billed endpoint's upstream URL, parsed once (key: the path below /v1).

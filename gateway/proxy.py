@@ -12,6 +12,7 @@ written in one piece.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
@@ -40,7 +41,7 @@ from gateway import appkeys as gateway_keys
 from gateway.auth import Identity
 from gateway.held_headers import write_whole_response
 from gateway.relay import relay_stream
-from gateway.usage import Usage, parse_usage, response_text
+from gateway.usage import UnusableUsage, Usage, parse_usage, response_text, usage_bound
 from runtime import appkeys
 from runtime.errors import InvalidRequestError, error_body, json_response
 from runtime.request_ids import new_request_id
@@ -155,8 +156,54 @@ class BilledCall:
 
     # -- settlement -----------------------------------------------------------------------
 
-    async def settle(self, usage: Usage, *, source: str, status: str) -> None:
+    async def settle_reported(
+        self, reported: Usage | UnusableUsage, *, text: Callable[[], str]
+    ) -> None:
+        """Settle a completed answer on the upstream's usage report (untrusted input).
+
+        Within ``usage_bound`` it is charged as reported (``usage_source = upstream``);
+        above it, charged at the bound, recorded with the reported counts and ``clamped``;
+        unusable, charged at our own count of the prompt and of ``text()`` (the answer's
+        generated text), ``estimated``. Both cases log a warning and count in the app's
+        ``UsageStats``.
+
+        Raises:
+            BillingUnavailableError: as ``settle``.
+        """
+        stats = self.app[gateway_keys.USAGE_STATS]
+        if isinstance(reported, UnusableUsage):
+            stats.unusable += 1
+            log.warning(
+                "unusable usage for %s (%s); charged our own count",
+                self.request_id,
+                reported.reason,
+            )
+            await self.settle(self.estimated_usage(text()), source="estimated", status="completed")
+            return
+        bound = usage_bound(self.estimate)
+        if reported.within(bound):
+            await self.settle(reported, source="upstream", status="completed")
+            return
+        charged = reported.clamped_to(bound)
+        stats.clamped += 1
+        log.warning(
+            "usage for %s above what the request could produce: reported prompt_tokens=%d "
+            "completion_tokens=%d, charged prompt_tokens=%d completion_tokens=%d",
+            self.request_id,
+            reported.prompt_tokens,
+            reported.completion_tokens,
+            charged.prompt_tokens,
+            charged.completion_tokens,
+        )
+        await self.settle(charged, source="clamped", status="completed", reported=reported)
+
+    async def settle(
+        self, usage: Usage, *, source: str, status: str, reported: Usage | None = None
+    ) -> None:
         """Charge ``usage`` at the rate card (the Redis settle script, see module docstring).
+
+        ``reported``: the token counts the settlement record carries when they are not the
+        ones charged (the upstream's, for ``source="clamped"``); ``usage`` when None.
 
         Returns as soon as the settle command is in the kernel's socket buffer (it reaches
         Redis even if this process dies next; it goes out with the loop iteration's batch of
@@ -185,15 +232,16 @@ class BilledCall:
             if charging
             else 0
         )
+        recorded = usage if reported is None else reported
         payload = SettlementRecord(
             request_id=self.request_id,
             account_id=self.identity.account_id,
             api_key_id=self.identity.api_key_id,
             model=self.model,
             endpoint=self.endpoint.name,
-            prompt_tokens=usage.prompt_tokens,
-            cached_tokens=min(usage.cached_tokens, usage.prompt_tokens),
-            completion_tokens=usage.completion_tokens,
+            prompt_tokens=recorded.prompt_tokens,
+            cached_tokens=min(recorded.cached_tokens, recorded.prompt_tokens),
+            completion_tokens=recorded.completion_tokens,
             rate_card_id=card.id,
             input_millicredits_per_1k_tokens=card.input_millicredits_per_1k_tokens,
             cached_input_millicredits_per_1k_tokens=card.cached_rate,
@@ -442,23 +490,23 @@ async def _relay_error(call: BilledCall, upstream: aiohttp.ClientResponse) -> we
 
 
 async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Non-streamed: read the whole answer, settle, then respond."""
+    """Non-streamed: read the whole answer, settle, then respond with it as it came (a body
+    that is not JSON, or of another shape than OpenAI's, is relayed too)."""
     try:
         data = await upstream.read()
     except (aiohttp.ClientError, TimeoutError):
         await call.void()
         return _upstream_unavailable(call)
-    usage = None
     obj: Any = None
-    try:
+    with contextlib.suppress(orjson.JSONDecodeError):
         obj = orjson.loads(data)
-        usage = parse_usage(obj.get("usage")) if isinstance(obj, dict) else None
-    except orjson.JSONDecodeError:
-        pass
+    # Any body, JSON or not, is relayed as the upstream sent it; the charge comes from its
+    # usage if that is usable, else from our own count of the prompt and its text.
+    usage = parse_usage(obj.get("usage")) if isinstance(obj, dict) else None
     if usage is not None:
-        await call.settle(usage, source="upstream", status="completed")
+        await call.settle_reported(usage, text=partial(response_text, obj))
     else:
-        text = response_text(obj) if isinstance(obj, dict) else ""
+        text = response_text(obj)
         await call.settle(call.estimated_usage(text), source="estimated", status="completed")
     # Settled already: the answer was generated, whether or not the client is still there.
     return await write_whole_response(

@@ -9,7 +9,7 @@ The request settles when its usage event or ``[DONE]`` passes, before those byte
 (see ``gateway.proxy``). How the stream can end, and what is charged:
 
 =================================  ==========================================================
-upstream sends usage / ``[DONE]``  its usage (or tiktoken's count of the text), "completed"
+upstream sends usage / ``[DONE]``  its usage (bounded), or our count of text, "completed"
 client goes away                   the text forwarded so far, "client_disconnected"
 upstream breaks before ``[DONE]``  the text forwarded so far, "upstream_error", + error event
 upstream ends without either       the same as a break (the generation did not complete)
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -198,7 +199,9 @@ class _StreamRelay:
         found = usage_event(event)
         if found is not None:
             usage, usage_only = found
-            await call.settle(usage, source="upstream", status="completed")
+            await call.settle_reported(
+                usage, text=lambda: generated_text([*self.forwarded, event + EVENT_END])
+            )
             return usage_only and not self.client_wants_usage
         if event.startswith(DONE_EVENT):
             await self._settle_estimated(self.forwarded, status="completed")
@@ -243,7 +246,9 @@ class _StreamRelay:
         for event in reversed(events):
             found = usage_event(event)
             if found is not None:
-                await self.call.settle(found[0], source="upstream", status="completed")
+                await self.call.settle_reported(
+                    found[0], text=partial(generated_text, self.forwarded)
+                )
                 return True
         if any(event.startswith(DONE_EVENT) for event in events):
             await self._settle_estimated(self.forwarded, status="completed")

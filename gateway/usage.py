@@ -1,16 +1,35 @@
-"""Reading token usage out of OpenAI responses and stream events.
+"""Reading token usage out of OpenAI responses and stream events, and bounding it.
 
 Chat and completions report ``usage.{prompt_tokens, completion_tokens,
 prompt_tokens_details.cached_tokens}``; the Responses API reports ``usage.{input_tokens,
 output_tokens, input_tokens_details.cached_tokens}``; embeddings report ``prompt_tokens`` only.
+
+The upstream's answer is untrusted input: nothing here raises on any JSON shape. A usage
+report is charged only when every count in it is an integer from 0 to
+``MAX_REPORTED_TOKENS`` (``parse_usage``; otherwise it is ``UnusableUsage`` and the gateway
+charges its own count), and never above what the request could produce (``usage_bound``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
+
+from billing.metering.estimate import Estimate
+
+#: The largest token count a usage report may carry: the usage row's token columns are
+#: PostgreSQL ``integer`` (``migrations/0001``), and a count the row cannot hold could not be
+#: posted. A larger count makes the report unusable.
+MAX_REPORTED_TOKENS: Final = 2**31 - 1
+
+#: A reported prompt is charged at most ``PROMPT_BOUND_FACTOR`` x our own count +
+#: ``PROMPT_BOUND_SLACK_TOKENS``: our count (tiktoken, ``billing.metering.tokens``) can fall
+#: short of the upstream's (tool definitions rendered its way, images, parts we do not count),
+#: but not by half, nor by more than a thousand tokens on a short prompt.
+PROMPT_BOUND_FACTOR: Final = 2
+PROMPT_BOUND_SLACK_TOKENS: Final = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,30 +40,119 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
 
+    def within(self, bound: Usage) -> bool:
+        """Whether neither the prompt nor the completion count is above ``bound``'s."""
+        return (
+            self.prompt_tokens <= bound.prompt_tokens
+            and self.completion_tokens <= bound.completion_tokens
+        )
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    def clamped_to(self, bound: Usage) -> Usage:
+        """These counts, each at most ``bound``'s; the cached part at most the prompt."""
+        prompt = min(self.prompt_tokens, bound.prompt_tokens)
+        completion = min(self.completion_tokens, bound.completion_tokens)
+        return Usage(prompt, completion, min(self.cached_tokens, prompt))
 
 
-def parse_usage(usage: Any) -> Usage | None:
-    """A ``Usage`` from an OpenAI ``usage`` object of any endpoint, or None if absent."""
+def usage_bound(estimate: Estimate) -> Usage:
+    """The most usage a request can be charged for, whatever the upstream reports.
+
+    Prompt: ``PROMPT_BOUND_FACTOR`` x our count + ``PROMPT_BOUND_SLACK_TOKENS``. Completion:
+    the request's output cap (its ``max_*tokens``, never above the rate card's) x ``n``, the
+    ``Estimate``'s ``max_completion_tokens``, which the hold was placed for.
+    """
+    return Usage(
+        PROMPT_BOUND_FACTOR * estimate.prompt_tokens + PROMPT_BOUND_SLACK_TOKENS,
+        estimate.max_completion_tokens,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UnusableUsage:
+    """A usage report that cannot be charged: a count that is not an integer from 0 to
+    ``MAX_REPORTED_TOKENS`` (a string, a float, a boolean, null, a negative number).
+
+    Attributes:
+        reason: what is wrong, for the log, e.g. ``"'prompt_tokens' is -1000"``.
+    """
+
+    reason: str
+
+
+@dataclass(slots=True)
+class UsageStats:
+    """Counters for metrics: upstream usage reports charged at ``usage_bound``
+    (``usage_source = clamped``) and reports not used at all (``UnusableUsage``, charged at
+    our own count)."""
+
+    clamped: int = 0
+    unusable: int = 0
+
+
+class _UnusableCountError(Exception):
+    """A count in a usage report is not a usable integer (the message says which)."""
+
+
+_RESPONSES_KEYS = ("input_tokens", "output_tokens", "input_tokens_details")
+_CHAT_KEYS = ("prompt_tokens", "completion_tokens", "prompt_tokens_details")
+
+
+def parse_usage(usage: Any) -> Usage | UnusableUsage | None:
+    """A ``Usage`` from an OpenAI ``usage`` object of any endpoint; None if absent (not an
+    object, or no ``input_tokens`` / ``prompt_tokens``); ``UnusableUsage`` if a count is
+    not an integer from 0 to ``MAX_REPORTED_TOKENS`` (``bool`` is not an integer here).
+
+    A missing completion count is 0 (embeddings report none); a missing or null details
+    object, or cached count, is 0.
+    """
     if not isinstance(usage, dict):
         return None
-    if "input_tokens" in usage:
-        details = usage.get("input_tokens_details") or {}
-        return Usage(
-            _int(usage.get("input_tokens")),
-            _int(usage.get("output_tokens")),
-            _int(details.get("cached_tokens") if isinstance(details, dict) else 0),
-        )
-    if "prompt_tokens" in usage:
-        details = usage.get("prompt_tokens_details") or {}
-        return Usage(
-            _int(usage.get("prompt_tokens")),
-            _int(usage.get("completion_tokens")),
-            _int(details.get("cached_tokens") if isinstance(details, dict) else 0),
-        )
+    for keys in (_RESPONSES_KEYS, _CHAT_KEYS):
+        if keys[0] in usage:
+            try:
+                return _read_counts(usage, *keys)
+            except _UnusableCountError as exc:
+                return UnusableUsage(str(exc))
     return None
+
+
+def _read_counts(
+    usage: dict[str, Any], prompt_key: str, completion_key: str, details_key: str
+) -> Usage:
+    """Raises: _UnusableCountError."""
+    prompt = _count(usage, prompt_key)
+    completion = _count(usage, completion_key) if completion_key in usage else 0
+    details = usage.get(details_key)
+    if details is None:
+        return Usage(prompt, completion)
+    if not isinstance(details, dict):
+        raise _UnusableCountError(f"{details_key!r} is {_describe(details)}")
+    cached = 0 if details.get("cached_tokens") is None else _count(details, "cached_tokens")
+    return Usage(prompt, completion, cached)
+
+
+def _count(obj: dict[str, Any], key: str) -> int:
+    """``obj[key]`` if it is an integer from 0 to ``MAX_REPORTED_TOKENS``.
+
+    Raises: _UnusableCountError.
+    """
+    value = obj.get(key)
+    if type(value) is int and 0 <= value <= MAX_REPORTED_TOKENS:
+        return value
+    raise _UnusableCountError(f"{key!r} is {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    """A short description of a JSON value for a log line (never the whole of a large one)."""
+    if value is None:
+        return "null"
+    if isinstance(value, int) and not -(2**64) < value < 2**64:
+        return "an integer beyond 64 bits"  # (orjson reads those as floats)
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return f"a JSON {'array' if isinstance(value, list) else 'object'}"
 
 
 DONE_EVENT = b"data: [DONE]"
@@ -101,13 +209,14 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(parts) if parts else None
 
 
-def usage_event(event: bytes) -> tuple[Usage, bool] | None:
-    """If this SSE event carries the request's final usage: ``(usage, is_usage_only_chunk)``.
+def usage_event(event: bytes) -> tuple[Usage | UnusableUsage, bool] | None:
+    """If this SSE event carries the request's final usage: ``(usage, is_usage_only_chunk)``,
+    the usage as ``parse_usage`` reads it (``UnusableUsage`` when a count is not usable).
 
     ``is_usage_only_chunk`` marks the extra chat/completions chunk (``choices: []``) that
     ``stream_options.include_usage`` adds, which clients that did not ask for it never see.
     Responses API usage comes in ``response.completed`` / ``response.incomplete`` /
-    ``response.failed`` events, which are always forwarded.
+    ``response.failed`` events, which are always forwarded. Never raises.
     """
     # Cheap rejections first (this runs on the last events of every stream): every usage
     # object parse_usage accepts names a "*_tokens" key.
@@ -141,52 +250,60 @@ def _event_object(event: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _objects(value: Any) -> list[dict[str, Any]]:
+    """The objects in ``value`` if it is an array (anything else holds none)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _strings(out: list[str], *values: Any) -> None:
+    """Append those of ``values`` that are strings."""
+    out.extend(value for value in values if isinstance(value, str))
+
+
 def generated_text(events: list[bytes]) -> str:
     """The text generated so far in forwarded stream events (chat deltas, completion text,
-    tool-call arguments, Responses output deltas), for counting when usage never arrived."""
+    tool-call names and arguments, Responses output deltas), for counting when usage never
+    arrived. Never raises: fields of another shape than OpenAI's hold no text."""
     out: list[str] = []
     for event in b"".join(events).split(b"\n\n"):
         obj = _event_object(event)  # None for [DONE], blank and non-JSON events
         if obj is None:
             continue
-        if isinstance(obj.get("delta"), str):  # Responses API *.delta events
-            out.append(obj["delta"])
+        delta = obj.get("delta")
+        if isinstance(delta, str):  # Responses API *.delta events
+            out.append(delta)
             continue
-        for choice in obj.get("choices") or ():
-            if isinstance(choice, dict):
-                _append_choice_text(choice, out)
+        for choice in _objects(obj.get("choices")):
+            _strings(out, choice.get("text"))
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                _append_message_text(delta, out)
     return "".join(out)
 
 
-def _append_choice_text(choice: dict[str, Any], out: list[str]) -> None:
-    """Append a stream chunk's choice's text: completion text, chat content, tool calls."""
-    if isinstance(choice.get("text"), str):
-        out.append(choice["text"])
-    delta = choice.get("delta")
-    if not isinstance(delta, dict):
-        return
-    if isinstance(delta.get("content"), str):
-        out.append(delta["content"])
-    for call in delta.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
+def _append_message_text(message: dict[str, Any], out: list[str]) -> None:
+    """Append a chat message's (or stream delta's) content and tool calls' names and
+    arguments."""
+    _strings(out, message.get("content"))
+    for call in _objects(message.get("tool_calls")):
+        function = call.get("function")
         if isinstance(function, dict):
-            out.append(str(function.get("name") or ""))
-            out.append(str(function.get("arguments") or ""))
+            _strings(out, function.get("name"), function.get("arguments"))
 
 
-def response_text(obj: dict[str, Any]) -> str:
-    """The generated text of a non-streamed response (for estimating when usage is absent)."""
+def response_text(obj: Any) -> str:
+    """The generated text of a non-streamed response (for estimating when usage is absent or
+    unusable): chat messages and their tool calls, completion text, Responses output text.
+    Never raises: any JSON value is accepted, and fields of another shape hold no text."""
+    if not isinstance(obj, dict):
+        return ""
     out: list[str] = []
-    for choice in obj.get("choices") or ():
-        if isinstance(choice, dict):
-            message = choice.get("message")
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                out.append(message["content"])
-            if isinstance(choice.get("text"), str):
-                out.append(choice["text"])
-    for item in obj.get("output") or ():
-        if isinstance(item, dict):
-            for part in item.get("content") or ():
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    out.append(part["text"])
+    for choice in _objects(obj.get("choices")):
+        message = choice.get("message")
+        if isinstance(message, dict):
+            _append_message_text(message, out)
+        _strings(out, choice.get("text"))
+    for item in _objects(obj.get("output")):
+        for part in _objects(item.get("content")):
+            _strings(out, part.get("text"))
     return "".join(out)

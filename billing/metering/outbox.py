@@ -29,11 +29,17 @@ class SettlementRecord(NamedTuple):
     millicredits; times are Unix milliseconds.
 
     Attributes:
-        cached_tokens: the cached part of ``prompt_tokens`` (never more than it).
+        prompt_tokens, cached_tokens, completion_tokens: the usage as the upstream reported
+            it (as counted by us when ``usage_source`` is ``"estimated"``);
+            ``cached_tokens`` is never more than ``prompt_tokens``.
         rounding_mode: ``"exact"`` or ``"ceil"`` (``billing.metering.pricing.RoundingMode``).
-        cost_millicredits: the usage at the rate card, before any cap.
+        cost_millicredits: the usage at the rate card, before any cap; for ``"clamped"``,
+            the charge of the counts bounded by ``gateway.usage.usage_bound``, not of the
+            token fields (nothing downstream recomputes it from them).
         hold_millicredits: the hold placed for the request (0 when charging is off).
-        usage_source: ``"upstream"`` (reported) or ``"estimated"`` (counted by us).
+        usage_source: ``"upstream"`` (reported), ``"clamped"`` (reported above what the
+            request could produce, charged at the bound) or ``"estimated"`` (counted by us:
+            no usable report).
         status: ``completed``, ``client_disconnected``, ``upstream_error`` or ``uncharged``.
         upstream_latency_ms: from sending the request upstream to the end of its response.
     """

@@ -45,6 +45,10 @@ class Scenario:
             seconds after the one that ends with ``[DONE]`` (``None``: in the same write).
         disconnect_after_stream: cut the connection after a whole stream's last write
             instead of ending its chunked body (an upstream that breaks after ``[DONE]``).
+        raw_answer: answer 200 with exactly these bytes, in one write, instead of a
+            generated answer: the JSON body of a non-streamed request, the event stream of a
+            streamed one. For shapes nothing else scripts: a body that is not JSON, fields
+            of the wrong type, numbers orjson cannot write.
     """
 
     chunks: int = 16
@@ -64,6 +68,7 @@ class Scenario:
     stream_trailer: bytes = b""
     stream_trailer_delay_s: float | None = None
     disconnect_after_stream: bool = False
+    raw_answer: bytes | None = None
 
 
 @dataclass(kw_only=True)

@@ -159,6 +159,10 @@ async def _generate(request: web.Request, kind: _Kind) -> web.StreamResponse:
         refusal = await _scripted_refusal(request, state, record, script.scenario)
         if refusal is not None:
             return refusal
+        if script.scenario.raw_answer is not None:
+            state.conclude(record, "completed")
+            headers = _SSE_HEADERS if body.get("stream") is True else _JSON_HEADERS
+            return await write_whole_response(request, script.scenario.raw_answer, headers=headers)
         if kind == "embeddings":
             return await _answer_embeddings(request, state, record, script.scenario, body)
         return await _answer(request, state, record, script, kind, body)

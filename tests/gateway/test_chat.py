@@ -56,7 +56,8 @@ async def test_chat_streamed_with_include_usage_passes_usage_chunk(gw, sim):
     sim.push(Scenario(chunks=3, prompt_tokens=10_000, cached_tokens=0))
     stream = await gw.client(key).chat.completions.create(
         model="gpt-4o",
-        messages=[{"role": "user", "content": "hi"}],
+        # Long enough that 10,000 prompt tokens are within the bound (gateway.usage).
+        messages=[{"role": "user", "content": "hi " * 5_000}],
         stream=True,
         stream_options={"include_usage": True},
     )

@@ -16,6 +16,9 @@ from gateway import appkeys as gateway_keys
 from runtime.request_ids import new_request_id
 
 HI = [{"role": "user", "content": "hi"}]
+# About 600 tokens: the usage these tests script (1,234 prompt tokens and so on) must be
+# within what the request could produce (gateway.usage.usage_bound: twice our count + 1,000).
+LONG = [{"role": "user", "content": "hi " * 600}]
 
 
 def _charge(gw, model: str, **tokens: int) -> int:
@@ -77,7 +80,7 @@ async def test_responses_non_streamed_charges_input_output_and_cached(gw, sim):
     account, key = await gw.create_account(1_000_000)
     sim.push(Scenario(chunks=12, prompt_tokens=2_000, cached_tokens=500))
     raw = await gw.client(key).responses.with_raw_response.create(
-        model="gpt-4o-mini", input="hello there", max_output_tokens=100
+        model="gpt-4o-mini", input="hello there " * 300, max_output_tokens=100
     )
     response = raw.parse()
     assert response.output_text == " hello" * 12
@@ -127,7 +130,7 @@ async def test_embeddings_charges_input_tokens_only(gw, sim):
     account, key = await gw.create_account(1_000_000)
     sim.push(Scenario(prompt_tokens=1_234, chunks=50))
     raw = await gw.client(key).embeddings.with_raw_response.create(
-        model="text-embedding-3-small", input=["first text", "second text"]
+        model="text-embedding-3-small", input=["first text " * 150, "second text " * 150]
     )
     result = raw.parse()
     assert len(result.data) == 2
@@ -213,7 +216,7 @@ async def test_usage_row_carries_every_field_of_the_settlement(gw, sim):
     sim.push(Scenario(chunks=7, prompt_tokens=1_234, cached_tokens=34))
     before = time.time()
     raw = await gw.client(key).chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=HI, max_tokens=50
+        model="gpt-4o", messages=LONG, max_tokens=50
     )
     after = time.time()
     row = await _settled_usage(gw, raw.headers["x-request-id"])
@@ -237,7 +240,7 @@ async def test_usage_row_carries_every_field_of_the_settlement(gw, sim):
     expected = _charge(gw, "gpt-4o", prompt_tokens=1_234, completion_tokens=7, cached_tokens=34)
     assert row["cost_millicredits"] == row["charged_millicredits"] == expected
     card_now = gw.rate_cards.get("gpt-4o")
-    body = {"model": "gpt-4o", "messages": HI, "max_tokens": 50}
+    body = {"model": "gpt-4o", "messages": LONG, "max_tokens": 50}
     estimate = estimate_chat(body, card_now, gw.app[gateway_keys.TOKENS])
     assert row["hold_millicredits"] == worst_case_millicredits(
         card_now,
@@ -331,7 +334,7 @@ async def test_rounding_ceil_charges_whole_credits(make_gateway, sim):
     account, key = await gw.create_account(1_000_000)
     sim.push(Scenario(chunks=567, prompt_tokens=1_234))
     raw = await gw.client(key).chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=HI, max_tokens=600
+        model="gpt-4o", messages=LONG, max_tokens=600
     )
     row = await _settled_usage(gw, raw.headers["x-request-id"])
     # docs/design.md: gpt-4o 1,234 in / 567 out is 70.040 credits exact, 71 in ceil mode.
@@ -344,7 +347,7 @@ async def test_rounding_exact_charges_to_the_millicredit(gw, sim):
     _, key = await gw.create_account(1_000_000)
     sim.push(Scenario(chunks=567, prompt_tokens=1_234))
     raw = await gw.client(key).chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=HI, max_tokens=600
+        model="gpt-4o", messages=LONG, max_tokens=600
     )
     row = await _settled_usage(gw, raw.headers["x-request-id"])
     assert row["charged_millicredits"] == 70_040
