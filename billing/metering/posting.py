@@ -329,7 +329,7 @@ class SettlementPoster:
         for entry in batch:
             by_account[entry.account_id].extend((entry.entry_id, entry.charged_millicredits))
         async with self._pool.acquire() as conn:
-            postings = await post_settlements(conn, "[" + ",".join(e.row for e in batch) + "]")
+            postings = await post_settlements(conn, "[" + ",".join([e.row for e in batch]) + "]")
         # On the gateway's pipelined channel every account's ack goes out in one write.
         acks = [
             self._holds.ack_posted(p.account_id, p.balance, by_account[p.account_id], group=GROUP)
