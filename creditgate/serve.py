@@ -12,6 +12,8 @@ from aiohttp import web
 
 from admin_api.app import create_admin_app
 from gateway.app import create_app
+from runtime.http_protocol import edge_runner
+from runtime.redaction import install_redacting_filter
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,16 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     # handler_cancellation: a client that disconnects stops its upstream request at once.
-    gateway_runner = web.AppRunner(
-        create_app(settings), access_log=None, handler_cancellation=True, shutdown_timeout=30
+    gateway_runner = edge_runner(
+        create_app(settings),
+        settings,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=30,
     )
-    admin_runner = web.AppRunner(create_admin_app(settings), access_log=None, shutdown_timeout=10)
+    admin_runner = edge_runner(
+        create_admin_app(settings), settings, access_log=None, shutdown_timeout=10
+    )
     await gateway_runner.setup()
     await admin_runner.setup()
     try:
@@ -74,7 +82,8 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
 
 
 def serve(settings: Settings) -> None:
-    """Blocking entry point of ``creditgate serve``."""
+    """Blocking entry point of ``creditgate serve``; keys are redacted from its logs."""
+    install_redacting_filter()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
