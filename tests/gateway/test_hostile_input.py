@@ -10,11 +10,15 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 
+from admin_api.app import create_admin_app
 from billing.api_keys import generate_key
-from runtime.http_protocol import EdgeServer
+from devtools.localservices import free_port
+from runtime.http_protocol import EdgeServer, edge_runner
 from runtime.redaction import RedactingFilter
+from runtime.settings import Settings
 
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
 
@@ -133,6 +137,25 @@ async def test_bad_chunk_size_after_the_headers_is_400_envelope(gw) -> None:
     assert answer.status == 400
     assert answer.error()["code"] == "bad_request"
     assert len(gw.sim.requests) == 0
+
+
+async def test_admin_service_answers_malformed_requests_in_the_envelope(
+    database_url: str, redis_url: str
+) -> None:
+    settings = Settings(database_url=database_url, redis_url=redis_url, upstream_api_key="sk-x")
+    runner = edge_runner(create_admin_app(settings), settings, access_log=None)
+    await runner.setup()
+    port = free_port()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        key = generate_key()
+        bad = await exchange(port, request_head("/stripe/webhook", f"X: {key}".encode() + b"\x00"))
+        unknown = await exchange(port, request_head("/a%0D%0Ab"))
+    finally:
+        await runner.cleanup()
+    assert (bad.status, bad.error()["code"]) == (400, "bad_request")
+    assert key.encode() not in bad.body
+    assert (unknown.status, unknown.error()["code"]) == (404, "not_found")
 
 
 # -- connections that never finish a request (defect 9) ---------------------------------
