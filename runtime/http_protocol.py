@@ -82,10 +82,11 @@ class EdgeRequestHandler(RequestHandler):
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
-        # Waiting for a request (``_waiter`` pending, nothing queued): these bytes start its head.
+        # Waiting for a request (``_waiter`` pending, nothing queued): these bytes start its
+        # head. The deadline is armed only if they do not complete it: no timer for a head
+        # that arrives whole, the usual case on a kept-alive connection.
         waiter = self._waiter
-        if self._header_deadline is None and waiter is not None and not waiter.done() and data:
-            self._arm_header_deadline()
+        awaiting_head = waiter is not None and not waiter.done()
         super().data_received(data)
         if self._messages:  # a request's head is complete (or refused by the parser)
             if self._header_deadline is not None:
@@ -93,6 +94,8 @@ class EdgeRequestHandler(RequestHandler):
                 self._header_deadline = None
             if self._current_request is not None:
                 self._fail_broken_body(self._current_request)
+        elif awaiting_head and data and self._header_deadline is None:
+            self._arm_header_deadline()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_deadline is not None:
