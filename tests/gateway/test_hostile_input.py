@@ -109,8 +109,21 @@ async def test_malformed_header_is_400_envelope_and_key_not_logged_or_echoed(
         ("GET", "/" + "a" * 9000, 400),  # a request line over aiohttp's 8,190 bytes
         ("POST", "/healthz%0A", 404),
         ("DELETE", "/healthz", 405),
+        ("GET", "/v1/%FF%C3%28", 404),
+        ("GET", "/%ZZ", 404),
     ],
-    ids=["v1_crlf", "crlf", "lf_key", "nul", "long_path", "path_over_limit", "post_lf", "405"],
+    ids=[
+        "v1_crlf",
+        "crlf",
+        "lf_key",
+        "nul",
+        "long_path",
+        "path_over_limit",
+        "post_lf",
+        "405",
+        "not_utf8",
+        "bad_escape",
+    ],
 )
 async def test_any_path_answers_in_the_envelope(gw, method: str, path: str, status: int) -> None:
     answer = await exchange(gw.settings.port, request_head(path, method=method))
