@@ -12,7 +12,7 @@ from aiohttp import web
 
 from admin_api.app import create_admin_app
 from gateway.app import create_app
-from runtime.http_protocol import edge_runner
+from runtime.http_protocol import edge_runner, ensure_descriptor_budget
 from runtime.redaction import install_redacting_filter
 from runtime.settings import Settings
 
@@ -46,6 +46,7 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    ensure_descriptor_budget(settings)
     # handler_cancellation: a client that disconnects stops its upstream request at once.
     gateway_runner = edge_runner(
         create_app(settings),

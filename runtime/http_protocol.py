@@ -12,7 +12,9 @@ service. Its connections are ``EdgeRequestHandler``s, aiohttp's ``RequestHandler
   connection closes when the next request's headers have not arrived this long after the
   previous response.
 - **A connection cap** (``HTTP_MAX_CONNECTIONS`` per service, 4096): a connection beyond it is
-  closed as soon as it is accepted, before anything is read from it, and counted.
+  closed as soon as it is accepted, before anything is read from it, and counted. For the cap
+  to hold before the process runs out of file descriptors, ``ensure_descriptor_budget`` raises
+  the soft ``RLIMIT_NOFILE`` at start-up (and warns when the hard limit is too low).
 - **Error answers in the envelope**: what aiohttp answers itself (``handle_error``: a request
   its parser refuses, an exception escaping a route, a handler's ``TimeoutError``) is
   ``runtime.errors.edge_error_response``, with an ``x-request-id``, instead of aiohttp's
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,9 @@ from runtime.errors import edge_error_response
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Descriptors beyond the connections: Postgres and Redis pools, the listening sockets, logs.
+_DESCRIPTOR_MARGIN = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,3 +209,32 @@ def edge_runner(app: web.Application, settings: Settings, **kwargs: Any) -> Edge
     """The runner of one service, limited by the ``HTTP_*`` settings; ``kwargs`` are
     ``web.AppRunner``'s (``access_log``, ``handler_cancellation``, ``shutdown_timeout`` ...)."""
     return EdgeAppRunner(app, limits=ConnectionLimits.from_settings(settings), **kwargs)
+
+
+def ensure_descriptor_budget(settings: Settings) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to what both services' connection caps need; returns
+    the soft limit in force.
+
+    Needed: ``3 x HTTP_MAX_CONNECTIONS`` + a margin (the gateway holds a client's and, while it
+    proxies, an upstream's descriptor per connection; the admin service one). The soft limit is
+    raised up to the hard limit, never lowered; when even the hard limit is lower, a warning
+    says so: then the process may run out of descriptors (new connections wait in the listen
+    backlog) before the cap closes any.
+    """
+    needed = 3 * settings.http_max_connections + _DESCRIPTOR_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed:
+        log.warning(
+            "file descriptor limit %d is below the %d that HTTP_MAX_CONNECTIONS=%d needs: "
+            "raise the hard limit (ulimit -Hn) or lower HTTP_MAX_CONNECTIONS",
+            soft,
+            needed,
+            settings.http_max_connections,
+        )
+    return soft

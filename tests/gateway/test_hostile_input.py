@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -17,7 +19,7 @@ from admin_api.app import create_admin_app
 from billing.api_keys import generate_key
 from devtools.localservices import free_port
 from gateway import appkeys as gateway_keys
-from runtime.http_protocol import EdgeServer, edge_runner
+from runtime.http_protocol import EdgeServer, edge_runner, ensure_descriptor_budget
 from runtime.redaction import RedactingFilter
 from runtime.settings import Settings
 
@@ -299,3 +301,36 @@ async def test_exception_escaping_a_route_is_an_envelope(
     )
     assert answer.status == status
     assert answer.error()["type"] == "server_error"
+
+
+@pytest.fixture
+def restore_descriptor_limit() -> Iterator[tuple[int, int]]:
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    yield limits
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def _settings_for(max_connections: int) -> Settings:
+    return Settings(
+        database_url="", redis_url="", upstream_api_key="", http_max_connections=max_connections
+    )
+
+
+def test_descriptor_budget_raises_the_soft_limit_to_what_the_cap_needs(
+    restore_descriptor_limit: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, hard = restore_descriptor_limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (600, hard))
+    assert ensure_descriptor_budget(_settings_for(200)) == 3 * 200 + 256
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 3 * 200 + 256
+    assert ensure_descriptor_budget(_settings_for(10)) == 3 * 200 + 256  # never lowered
+    assert not caplog.records
+
+
+def test_descriptor_budget_warns_when_the_hard_limit_is_too_low(
+    restore_descriptor_limit: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, hard = restore_descriptor_limit
+    assert hard != resource.RLIM_INFINITY
+    assert ensure_descriptor_budget(_settings_for(hard)) == hard
+    assert "HTTP_MAX_CONNECTIONS" in caplog.text
