@@ -7,7 +7,10 @@ service. Its connections are ``EdgeRequestHandler``s, aiohttp's ``RequestHandler
   within this many seconds of the connection's opening (its first request) or of the request's
   first byte (later requests on a kept-alive connection); else the connection is closed. Bytes
   arriving do not extend it, so a client trickling a header a byte at a time (slow loris) is
-  cut at the deadline. The body is the route's to read (``MAX_BODY_BYTES``).
+  cut at the deadline.
+- **A body deadline** (``HTTP_BODY_TIMEOUT_S``, 120 s): a body that has not arrived whole this
+  long after its headers closes the connection (the route's read then fails and, in the
+  gateway, the route is cancelled). A body that arrives with its headers costs no timer.
 - **A keep-alive idle timeout** (``HTTP_KEEPALIVE_TIMEOUT_S``, 75 s, aiohttp's own timer): a
   connection closes when the next request's headers have not arrived this long after the
   previous response.
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
@@ -53,6 +57,7 @@ class ConnectionLimits:
     """What one service allows a connection (see the module docstring)."""
 
     header_timeout_s: float
+    body_timeout_s: float
     keepalive_timeout_s: float
     max_connections: int
 
@@ -61,6 +66,7 @@ class ConnectionLimits:
         """The ``HTTP_*`` settings."""
         return cls(
             header_timeout_s=settings.http_header_timeout_s,
+            body_timeout_s=settings.http_body_timeout_s,
             keepalive_timeout_s=settings.http_keepalive_timeout_s,
             max_connections=settings.http_max_connections,
         )
@@ -70,12 +76,13 @@ class EdgeRequestHandler(RequestHandler):
     """One client connection: aiohttp's handler with the header deadline, the connection cap
     and envelope error answers (see the module docstring)."""
 
-    __slots__ = ("_header_deadline", "_header_timeout_s")
+    __slots__ = ("_body_deadline", "_header_deadline", "_limits")
 
-    def __init__(self, manager: EdgeServer, *, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, manager: EdgeServer, *, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._header_timeout_s = header_timeout_s
+        self._limits = limits
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._body_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -100,13 +107,17 @@ class EdgeRequestHandler(RequestHandler):
                 self._header_deadline = None
             if self._current_request is not None:
                 self._fail_broken_body(self._current_request)
+            body = self._messages[-1][1]
+            if not body.is_eof():  # only the newest request's body can still be arriving
+                self._arm_body_deadline(body)
         elif awaiting_head and data and self._header_deadline is None:
             self._arm_header_deadline()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
+        for deadline in (self._header_deadline, self._body_deadline):
+            if deadline is not None:
+                deadline.cancel()
+        self._header_deadline = self._body_deadline = None
         super().connection_lost(exc)
 
     def handle_error(
@@ -123,8 +134,23 @@ class EdgeRequestHandler(RequestHandler):
 
     def _arm_header_deadline(self) -> None:
         self._header_deadline = self._loop.call_later(
-            self._header_timeout_s, self._header_deadline_passed
+            self._limits.header_timeout_s, self._header_deadline_passed
         )
+
+    def _arm_body_deadline(self, body: StreamReader) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+        deadline = self._loop.call_later(
+            self._limits.body_timeout_s, self._body_deadline_passed, body
+        )
+        self._body_deadline = deadline
+        body.on_eof(deadline.cancel)
+
+    def _body_deadline_passed(self, body: StreamReader) -> None:
+        self._body_deadline = None
+        if not body.is_eof():
+            log.debug("closing a connection whose request body is overdue")
+            self.force_close()
 
     def _header_deadline_passed(self) -> None:
         self._header_deadline = None
@@ -153,15 +179,13 @@ class EdgeServer(web.Server):
     def __init__(self, handler: Any, *, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._kwargs["keepalive_timeout"] = limits.keepalive_timeout_s
-        self._header_timeout_s = limits.header_timeout_s
+        self._limits = limits
         self.max_connections = limits.max_connections
         self.open_connections = 0
         self.refused_connections = 0
 
     def __call__(self) -> EdgeRequestHandler:
-        return EdgeRequestHandler(
-            self, loop=self._loop, header_timeout_s=self._header_timeout_s, **self._kwargs
-        )
+        return EdgeRequestHandler(self, loop=self._loop, limits=self._limits, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

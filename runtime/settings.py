@@ -46,6 +46,7 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     # The HTTP edge (runtime.http_protocol), for the gateway and the admin service alike.
     http_header_timeout_s: float = 60.0
+    http_body_timeout_s: float = 120.0
     http_keepalive_timeout_s: float = 75.0
     http_max_connections: int = 4096
     hold_ttl_s: float = 900.0
@@ -96,6 +97,7 @@ class Settings:
             ),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
             http_header_timeout_s=read.seconds("HTTP_HEADER_TIMEOUT_S", 60.0),
+            http_body_timeout_s=read.seconds("HTTP_BODY_TIMEOUT_S", 120.0),
             http_keepalive_timeout_s=read.seconds("HTTP_KEEPALIVE_TIMEOUT_S", 75.0),
             http_max_connections=read.integer("HTTP_MAX_CONNECTIONS", 4096, minimum=1),
             hold_ttl_s=read.seconds("HOLD_TTL_S", 900.0, minimum=1),

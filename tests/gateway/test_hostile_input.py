@@ -220,6 +220,58 @@ async def test_header_trickle_is_cut_at_the_header_deadline(
     assert loop.time() - started >= 0.9  # not before the deadline
 
 
+async def test_body_trickle_is_cut_at_the_body_deadline_and_nothing_is_forwarded(
+    make_gateway, sim
+) -> None:
+    gw = await make_gateway(http_body_timeout_s=1.0, http_keepalive_timeout_s=30.0)
+    _, key = await gw.create_account(1_000_000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.settings.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def trickle() -> None:  # a body byte every 0.1 s, never the whole body
+        while True:
+            await asyncio.sleep(0.1)
+            writer.write(b" ")
+            await writer.drain()
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        assert await _closed_by_server(reader, 10.0)
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert loop.time() - started >= 0.9  # not before the deadline
+    assert len(sim.requests) == 0
+
+
+async def test_body_in_pieces_within_the_deadline_is_served(make_gateway, sim) -> None:
+    gw = await make_gateway(http_body_timeout_s=2.0)
+    _, key = await gw.create_account(1_000_000)
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.settings.port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        for i in range(0, len(body), 20):
+            await asyncio.sleep(0.05)
+            writer.write(body[i : i + 20])
+        answer = Answer(await asyncio.wait_for(reader.read(), 10))
+    finally:
+        writer.close()
+    assert answer.status == 200
+    assert len(sim.requests) == 1
+
+
 async def test_idle_connections_are_closed(make_gateway) -> None:
     gw = await make_gateway(http_header_timeout_s=1.0, http_keepalive_timeout_s=1.0)
     port = gw.settings.port
