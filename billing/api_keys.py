@@ -1,12 +1,15 @@
 """API keys: generated once, shown once, stored only as SHA-256 digests.
 
 Format: ``cg_live_`` + 43 URL-safe base64 characters (32 random bytes), so secret scanners can
-match the fixed prefix. The first 12 characters are kept as a visible ``key_prefix``.
+match the fixed prefix. The first 12 characters are kept as a visible ``key_prefix``. A string
+of any other shape (other characters, non-ASCII, undecodable bytes, another length) is simply
+not a key: ``find_active_key`` answers None for it without a query.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +18,8 @@ import asyncpg
 
 KEY_PREFIX = "cg_live_"
 VISIBLE_PREFIX_CHARS = 12
+# The whole key: the prefix and 43 characters of the URL-safe base64 alphabet (ASCII only).
+_KEY_SHAPE = re.compile(r"cg_live_[A-Za-z0-9_-]{43}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +40,18 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def is_key_shaped(key: str) -> bool:
+    """Whether ``key`` has the shape of a key ``generate_key`` makes (ASCII, right length)."""
+    return _KEY_SHAPE.fullmatch(key) is not None
+
+
 def key_digest(key: str) -> bytes:
-    """SHA-256 of the key's UTF-8 bytes: the only form stored and looked up."""
+    """SHA-256 of the key's UTF-8 bytes: the only form stored and looked up.
+
+    Raises:
+        UnicodeEncodeError: ``key`` holds lone surrogates (undecodable header bytes); callers
+            with untrusted input check ``is_key_shaped`` first.
+    """
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
@@ -79,10 +94,12 @@ async def find_active_key(
 ) -> tuple[int, int] | None:
     """``(api_key_id, account_id)`` of an active key (not revoked, not expired), else None.
 
+    ``key`` is untrusted (a client's header): anything not key-shaped is None, unqueried.
+
     Raises:
         OSError / asyncpg.PostgresError: Postgres unreachable.
     """
-    if not key.startswith(KEY_PREFIX):
+    if not is_key_shaped(key):
         return None
     row = await conn.fetchrow(
         """SELECT id, account_id FROM api_keys

@@ -13,7 +13,9 @@ from aiohttp import web
 from admin_api.app import create_admin_app
 from gateway import appkeys as gateway_keys
 from gateway.app import create_app
+from runtime.http_protocol import edge_runner, ensure_descriptor_budget
 from runtime.metrics import CounterReading, create_metrics_app, metrics_registry
+from runtime.redaction import install_redacting_filter
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,14 +73,17 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    ensure_descriptor_budget(settings)
     # handler_cancellation: a client that disconnects stops its upstream request at once.
     gateway = create_app(settings)
-    gateway_runner = web.AppRunner(
-        gateway, access_log=None, handler_cancellation=True, shutdown_timeout=30
+    gateway_runner = edge_runner(
+        gateway, settings, access_log=None, handler_cancellation=True, shutdown_timeout=30
     )
-    admin_runner = web.AppRunner(create_admin_app(settings), access_log=None, shutdown_timeout=10)
-    metrics_runner = web.AppRunner(
-        create_metrics_app(metrics_registry(process_counters(gateway))), access_log=None
+    admin_runner = edge_runner(
+        create_admin_app(settings), settings, access_log=None, shutdown_timeout=10
+    )
+    metrics_runner = edge_runner(
+        create_metrics_app(metrics_registry(process_counters(gateway))), settings, access_log=None
     )
     await gateway_runner.setup()
     await admin_runner.setup()
@@ -110,7 +115,8 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
 
 
 def serve(settings: Settings) -> None:
-    """Blocking entry point of ``creditgate serve``."""
+    """Blocking entry point of ``creditgate serve``; keys are redacted from its logs."""
+    install_redacting_filter()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds

@@ -179,10 +179,11 @@ def create_app(settings: Settings) -> web.Application:
         *(("POST", "/v1" + e.path, partial(handle_billed, endpoint=e)) for e in ENDPOINTS),
         ("GET", "/v1/models", handle_models),
         ("GET", "/v1/models/{model}", handle_model),
-        ("*", "/v1/{tail:.*}", handle_unknown_v1),
+        # ``[\s\S]``, not ``.``: a path may hold a decoded CR or LF (``%0D%0A``) too.
+        ("*", r"/v1/{tail:[\s\S]*}", handle_unknown_v1),
         ("GET", "/healthz", _healthz),
         *checkout_routes(),
-        ("*", "/{tail:.*}", handle_unmatched),
+        ("*", r"/{tail:[\s\S]*}", handle_unmatched),
     ]
     url = buy_credits_url(settings)
     for method, path, handler in routes:

@@ -7,17 +7,24 @@ extra fields an error promises (402: ``requiredCredits``, ``currentCredits``, ..
 ``answer_errors`` wraps a route so that an exception becomes its answer: the class of the
 exception picks the answer (``_ANSWERS``, looked up along the exception's MRO, so a subclass
 inherits its base's answer unless it has its own), never its message text. ``billing`` raises
-its own errors and knows nothing of HTTP; their statuses live here.
+its own errors and knows nothing of HTTP; their statuses live here. ``edge_error_response`` is
+the answer to what fails outside any route (aiohttp's parser, an escaped exception): see
+``runtime.http_protocol``.
+
+Every message passes through ``runtime.redaction.redact``: a message that quotes client input
+(a path, a header) never echoes a key.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 
 from billing.errors import (
@@ -28,6 +35,7 @@ from billing.errors import (
     UnknownModelError,
 )
 from billing.units import millicredits_to_credits
+from runtime.redaction import redact
 from runtime.request_ids import new_request_id
 
 log = logging.getLogger(__name__)
@@ -90,11 +98,17 @@ def error_body(
     """OpenAI's error envelope: the body of every error answer and of the final SSE error event.
 
     Args:
+        message: redacted here (``runtime.redaction``), so it may quote client input.
         extra: fields an error promises beyond OpenAI's four, added inside ``error``.
         extra_at_top_level: ``extra`` is repeated beside ``error`` too (the 402's promise,
             for clients that read the top level).
     """
-    error: dict[str, Any] = {"message": message, "type": error_type, "param": param, "code": code}
+    error: dict[str, Any] = {
+        "message": redact(message),
+        "type": error_type,
+        "param": param,
+        "code": code,
+    }
     body: dict[str, Any] = {"error": error}
     if extra:
         error.update(extra)
@@ -280,6 +294,44 @@ def _request_too_large(
     )
 
 
+def _malformed_request_response(exc: HttpProcessingError) -> web.Response:
+    # aiohttp's parser refused the request line, a header or the body (a bad chunk size): the
+    # connection cannot carry another request. Only the reason's first line is kept (the rest
+    # quotes the raw bytes), redacted like every message.
+    reason = exc.message.partition("\n")[0].strip()[:200] or "unreadable request"
+    status = exc.code if 400 <= exc.code < 500 else 400
+    response = error_response(status, f"Malformed HTTP request: {reason}", code="bad_request")
+    response.force_close()
+    return response
+
+
+@_answers(HttpProcessingError)
+def _malformed_request(
+    exc: HttpProcessingError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    return _malformed_request_response(exc)
+
+
+def edge_error_response(status: int, exc: BaseException | None) -> web.Response:
+    """The answer when no route answered: aiohttp's ``RequestHandler.handle_error`` cases.
+
+    Args:
+        status: aiohttp's choice: 400 (the parser refused the request), 500 (an exception
+            escaped a handler), 504 (a handler raised ``TimeoutError``).
+        exc: the exception, if any; an ``HttpProcessingError`` gets its registered answer.
+
+    The connection is closed after it (as aiohttp does); the answer has an ``x-request-id``.
+    """
+    if isinstance(exc, HttpProcessingError):
+        response = _malformed_request_response(exc)
+    else:
+        message = "Internal error" if status == 500 else HTTPStatus(status).phrase
+        response = error_response(status, message)
+        response.force_close()
+    response.headers["x-request-id"] = new_request_id()
+    return response
+
+
 def error_answer(request: web.Request, exc: BaseException, buy_credits_url: str) -> web.Response:
     """The answer to ``exc``, chosen by its class (see the module docstring).
 
@@ -293,14 +345,15 @@ def error_answer(request: web.Request, exc: BaseException, buy_credits_url: str)
     return answer(exc, request, buy_credits_url)
 
 
-_ANSWERED = (GatewayError, BillingError, web.HTTPException)
+_ANSWERED = (GatewayError, BillingError, web.HTTPException, HttpProcessingError)
 
 
 def answer_errors(handler: Handler, buy_credits_url: str) -> Handler:
     """Wrap a route handler so errors become OpenAI envelopes, chosen by class.
 
-    ``GatewayError``, ``BillingError`` and aiohttp's ``HTTPException``s from 400 up get their
-    answers (``error_answer``); anything else propagates (aiohttp answers 500). Every response
+    ``GatewayError``, ``BillingError``, aiohttp's ``HTTPException``s from 400 up and its
+    parser's ``HttpProcessingError`` (a body that breaks mid-read) get their answers
+    (``error_answer``); anything else propagates (aiohttp answers 500). Every response
     that has no ``x-request-id`` yet gets one: refusals (401, 402, 404, ...) carry an id too,
     for support conversations.
 

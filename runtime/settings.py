@@ -45,6 +45,11 @@ class Settings:
     metrics_port: int = 9464
     public_base_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 4 * 1024 * 1024
+    # The HTTP edge (runtime.http_protocol), for the gateway and the admin service alike.
+    http_header_timeout_s: float = 60.0
+    http_body_timeout_s: float = 120.0
+    http_keepalive_timeout_s: float = 75.0
+    http_max_connections: int = 4096
     hold_ttl_s: float = 900.0
     auth_cache_ttl_s: float = 5.0
     rate_card_refresh_s: float = 30.0
@@ -93,6 +98,10 @@ class Settings:
                 "PUBLIC_BASE_URL", _HTTP_SCHEMES, default=f"http://127.0.0.1:{port}"
             ),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
+            http_header_timeout_s=read.seconds("HTTP_HEADER_TIMEOUT_S", 60.0),
+            http_body_timeout_s=read.seconds("HTTP_BODY_TIMEOUT_S", 120.0),
+            http_keepalive_timeout_s=read.seconds("HTTP_KEEPALIVE_TIMEOUT_S", 75.0),
+            http_max_connections=read.integer("HTTP_MAX_CONNECTIONS", 4096, minimum=1),
             hold_ttl_s=read.seconds("HOLD_TTL_S", 900.0, minimum=1),
             auth_cache_ttl_s=read.seconds("AUTH_CACHE_TTL_S", 5.0, minimum=0),
             rate_card_refresh_s=read.seconds("RATE_CARD_REFRESH_S", 30.0),

@@ -27,6 +27,7 @@ from devtools.localservices import free_port
 from devtools.simulator import Simulator
 from gateway import appkeys as gateway_keys
 from gateway.app import create_app
+from runtime.http_protocol import edge_runner
 from runtime.settings import Settings
 
 
@@ -67,8 +68,8 @@ class GatewayHarness:
         self.settings = settings
         self.sim = sim
         self.app = create_app(settings)
-        self.runner = web.AppRunner(
-            self.app, access_log=None, handler_cancellation=True, shutdown_timeout=1
+        self.runner = edge_runner(
+            self.app, settings, access_log=None, handler_cancellation=True, shutdown_timeout=1
         )
         self.base_url = f"http://127.0.0.1:{settings.port}/v1"
         self._clients: list[openai.AsyncOpenAI] = []

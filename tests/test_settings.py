@@ -198,3 +198,30 @@ def test_store_settings_redis_required_lists_it_with_database_url():
         "REDIS_URL is required",
     ]
     assert _store_problems({}) == ["DATABASE_URL is required"]
+
+
+def test_from_env_http_edge_limits_parse_and_default():
+    defaults = Settings.from_env(REQUIRED)
+    assert (
+        defaults.http_header_timeout_s,
+        defaults.http_body_timeout_s,
+        defaults.http_keepalive_timeout_s,
+        defaults.http_max_connections,
+    ) == (60.0, 120.0, 75.0, 4096)
+    settings = Settings.from_env(
+        {
+            **REQUIRED,
+            "HTTP_HEADER_TIMEOUT_S": "5",
+            "HTTP_BODY_TIMEOUT_S": "7",
+            "HTTP_KEEPALIVE_TIMEOUT_S": "2.5",
+            "HTTP_MAX_CONNECTIONS": "100",
+        }
+    )
+    assert (
+        settings.http_header_timeout_s,
+        settings.http_body_timeout_s,
+        settings.http_keepalive_timeout_s,
+        settings.http_max_connections,
+    ) == (5.0, 7.0, 2.5, 100)
+    problems = _problems({**REQUIRED, "HTTP_MAX_CONNECTIONS": "0", "HTTP_HEADER_TIMEOUT_S": "x"})
+    assert len(problems) == 2

@@ -232,7 +232,7 @@ def construct_webhook_event(
         InvalidWebhookError: no header or secret, no matching ``v1`` signature (HMAC-SHA256 of
             ``"{t}.{body}"``, checked by ``stripe.WebhookSignature``), a timestamp older than
             ``tolerance_s`` or more than ``WEBHOOK_MAX_CLOCK_SKEW_S`` in the future, or a
-            body that is not UTF-8 JSON of a Stripe event.
+            body that is not UTF-8 JSON of a Stripe event (nested too deep to parse included).
     """
     if not signature_header:
         raise InvalidWebhookError("missing Stripe-Signature header")
@@ -258,7 +258,7 @@ def construct_webhook_event(
         raise InvalidWebhookError("signature timestamp is in the future")
     try:
         event = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the stack
         raise InvalidWebhookError(f"body is not JSON: {exc}") from exc
     if not _is_event(event):
         raise InvalidWebhookError("body is not a Stripe event")

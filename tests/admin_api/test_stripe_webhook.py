@@ -207,6 +207,7 @@ async def test_webhook_repeat_answers_200_and_changes_nothing(admin: Admin) -> N
         ("no_header", 400),
         ("garbled_header", 400),
         ("tampered_body", 400),
+        ("nested_5000_deep", 400),
     ],
 )
 async def test_webhook_bad_delivery_answers_400_and_writes_nothing(
@@ -230,6 +231,8 @@ async def test_webhook_bad_delivery_answers_400_and_writes_nothing(
             "header": sign(payload, WEBHOOK_SECRET),
             "body": payload.replace(b'"paid"', b'"PAID"'),
         },
+        # Validly signed; past the JSON parser's recursion limit (it raised RecursionError).
+        "nested_5000_deep": {"body": b"[" * 5000 + b"]" * 5000},
     }[case]
 
     response = await admin.deliver(event, **kwargs)
