@@ -44,6 +44,8 @@ class Settings:
     admin_port: int = 8081
     public_base_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 4 * 1024 * 1024
+    prompt_count_inline_max_bytes: int = 16 * 1024
+    prompt_count_threads: int = 2
     hold_ttl_s: float = 900.0
     auth_cache_ttl_s: float = 5.0
     rate_card_refresh_s: float = 30.0
@@ -91,6 +93,10 @@ class Settings:
                 "PUBLIC_BASE_URL", _HTTP_SCHEMES, default=f"http://127.0.0.1:{port}"
             ),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
+            prompt_count_inline_max_bytes=read.integer(
+                "PROMPT_COUNT_INLINE_MAX_BYTES", 16 * 1024, minimum=0
+            ),
+            prompt_count_threads=read.integer("PROMPT_COUNT_THREADS", 2, minimum=1, maximum=64),
             hold_ttl_s=read.seconds("HOLD_TTL_S", 900.0, minimum=1),
             auth_cache_ttl_s=read.seconds("AUTH_CACHE_TTL_S", 5.0, minimum=0),
             rate_card_refresh_s=read.seconds("RATE_CARD_REFRESH_S", 30.0),
