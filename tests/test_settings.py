@@ -186,3 +186,13 @@ def test_store_settings_redis_required_lists_it_with_database_url():
         "REDIS_URL is required",
     ]
     assert _store_problems({}) == ["DATABASE_URL is required"]
+
+
+def test_from_env_prompt_counting_defaults_read_and_bounds():
+    defaults = Settings.from_env(REQUIRED)
+    assert (defaults.prompt_count_inline_max_bytes, defaults.prompt_count_threads) == (16384, 2)
+    env = {**REQUIRED, "PROMPT_COUNT_INLINE_MAX_BYTES": "0", "PROMPT_COUNT_THREADS": "4"}
+    settings = Settings.from_env(env)
+    assert (settings.prompt_count_inline_max_bytes, settings.prompt_count_threads) == (0, 4)
+    [problem] = _problems({**REQUIRED, "PROMPT_COUNT_THREADS": "0"})
+    assert "PROMPT_COUNT_THREADS" in problem

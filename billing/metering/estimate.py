@@ -3,7 +3,9 @@
 The hold placed before forwarding is the price of ``prompt_tokens`` (counted with tiktoken,
 chat-format overhead included) plus every output token the request may produce:
 ``max_completion_tokens`` / ``max_tokens`` / ``max_output_tokens`` (or the rate card's
-``max_output_tokens`` when the client sent none, and never above it), times ``n``.
+``max_output_tokens`` when the client sent none, and never above it), times ``n``. Tool
+definitions and a structured-output schema (``response_format`` / ``text.format`` of type
+``json_schema``) are part of the prompt, counted as their compact JSON text.
 Source: docs/design.md, "A request's life", step 2.
 
 Each endpoint's ``Estimator`` sizes a body in steps, cheapest first, so that the gateway can
@@ -107,7 +109,8 @@ def _input(body: Body) -> str | list[Any]:
     return data
 
 
-# -- /v1/chat/completions: messages (+ tools), max_completion_tokens|max_tokens, n ----------
+# -- /v1/chat/completions: messages (+ tools, response_format), max_completion_tokens|max_tokens,
+# n
 
 
 def _chat_output(body: Body, rate_card: RateCard) -> int:
@@ -125,13 +128,25 @@ def _chat_prompt_lower_bound(body: Body, rate_card: RateCard, tokens: TokenCount
 
 
 def _chat_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -> int:
+    model = rate_card.model
     tools_param = "tools" if body.get("tools") else "functions"
     try:
         return tokens.count_chat_prompt(
-            body["messages"], rate_card.model, tools=body.get(tools_param), tools_param=tools_param
+            body["messages"], model, tools=body.get(tools_param), tools_param=tools_param
+        ) + tokens.count_json(
+            _json_schema(body.get("response_format")), model, param="response_format"
         )
     except UncountableInputError as exc:
         raise EstimateError(str(exc), exc.param) from None
+
+
+def _json_schema(response_format: object) -> object:
+    """A structured-output format (``{"type": "json_schema", ...}``: chat's
+    ``response_format``, Responses' ``text.format``), which the upstream adds to the prompt;
+    None for any other value."""
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        return response_format
+    return None
 
 
 CHAT = Estimator(_chat_output, _chat_prompt_lower_bound, _chat_prompt)
@@ -164,7 +179,7 @@ def _completions_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -
 COMPLETIONS = Estimator(_completions_output, _completions_prompt_lower_bound, _completions_prompt)
 
 
-# -- /v1/responses: input (+ instructions, tools), max_output_tokens -------------------------
+# -- /v1/responses: input (+ instructions, tools, text.format), max_output_tokens ------------
 
 
 def _responses_output(body: Body, rate_card: RateCard) -> int:
@@ -182,13 +197,15 @@ def _responses_prompt_lower_bound(body: Body, rate_card: RateCard, tokens: Token
 
 
 def _responses_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -> int:
+    text = body.get("text")
+    text_format = text.get("format") if isinstance(text, dict) else None
     try:
         return tokens.count_responses_input(
             body["input"],
             rate_card.model,
             instructions=body.get("instructions"),
             tools=body.get("tools"),
-        )
+        ) + tokens.count_json(_json_schema(text_format), rate_card.model, param="text")
     except UncountableInputError as exc:
         raise EstimateError(str(exc), exc.param) from None
 

@@ -250,7 +250,8 @@ class TokenCounter:
 
     Build one at start-up with :meth:`load` and share it: loading both encodings takes about
     0.6 s and 115 MB. Counting is synchronous and CPU-bound (tiktoken's Rust core): 300 kB of
-    prose takes about 20 ms, so callers may move very large inputs to a thread.
+    prose takes about 20 ms, so the gateway counts large bodies in worker threads (tiktoken
+    releases the GIL while it encodes; every method here is safe to call from any thread).
 
     Special-token strings in user text (``"<|endoftext|>"``) are counted as ordinary text,
     never rejected, as the upstream treats them.
@@ -332,6 +333,16 @@ class TokenCounter:
         for message in messages:
             total += TOKENS_PER_MESSAGE + _count_message_fields(encoding, message)
         return total + _count_json(encoding, tools, tools_param)
+
+    def count_json(self, value: object, model: str, *, param: str) -> int:
+        """Tokens of a client's JSON value as its compact JSON text (0 for an empty one): a
+        structured-output schema, which the upstream adds to the prompt.
+
+        Raises:
+            UncountableInputError: ``value`` is nested deeper than :data:`JSON_MAX_DEPTH`;
+                ``param`` names the request field it came from.
+        """
+        return _count_json(self.encoding_for_model(model), value, param)
 
     def count_completions_prompt(self, prompt: object, model: str) -> int:
         """Prompt tokens of a legacy Completions request (no message framing).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -18,6 +19,8 @@ import tiktoken_ext.openai_public as openai_public
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from billing.metering.estimate import estimate_chat, estimate_responses
+from billing.metering.pricing import RateCard
 from billing.metering.tokens import (
     CL100K_BASE,
     ENCODING_SHA256,
@@ -548,4 +551,33 @@ def test_chat_prompt_lower_bound_looks_at_a_bounded_number_of_messages(
     )
     assert counter.chat_prompt_lower_bound([big], "gpt-4o") == (
         REPLY_PRIMING_TOKENS + TOKENS_PER_MESSAGE + 10
+    )
+
+
+def test_estimates_count_a_json_schema_output_format(counter: TokenCounter) -> None:
+    card = RateCard(
+        id=1,
+        model="gpt-4o",
+        input_millicredits_per_1k_tokens=20_000,
+        cached_input_millicredits_per_1k_tokens=None,
+        output_millicredits_per_1k_tokens=80_000,
+        max_output_tokens=16_384,
+        effective_at=datetime(2024, 1, 1, tzinfo=UTC),
+    )
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    chat_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    responses_format = {"type": "json_schema", "name": "a", "schema": schema}
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    plain = estimate_chat(chat, card, counter).prompt_tokens
+    with_schema = estimate_chat({**chat, "response_format": chat_format}, card, counter)
+    assert with_schema.prompt_tokens == plain + counter.count_text(
+        orjson.dumps(chat_format).decode(), "gpt-4o"
+    )
+    as_text = {**chat, "response_format": {"type": "text"}}
+    assert estimate_chat(as_text, card, counter).prompt_tokens == plain
+    responses = {"model": "gpt-4o", "input": "hi"}
+    plain = estimate_responses(responses, card, counter).prompt_tokens
+    with_text = {**responses, "text": {"format": responses_format}}
+    assert estimate_responses(with_text, card, counter).prompt_tokens == plain + (
+        counter.count_text(orjson.dumps(responses_format).decode(), "gpt-4o")
     )

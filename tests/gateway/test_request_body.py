@@ -98,8 +98,34 @@ async def _post(gw, path: str, key: str, body: dict[str, Any]) -> tuple[int, dic
             },
             None,
         ),
+        (
+            "/chat/completions",
+            {
+                "model": "gpt-4o-mini",
+                "messages": HI,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": DEEP}},
+            },
+            "response_format",
+        ),
+        (
+            "/responses",
+            {
+                "model": "gpt-4o-mini",
+                "input": "hi",
+                "text": {"format": {"type": "json_schema", "name": "x", "schema": DEEP}},
+            },
+            "text",
+        ),
     ],
-    ids=["chat-tools", "chat-functions", "responses-tools", "responses-input", "stream-options"],
+    ids=[
+        "chat-tools",
+        "chat-functions",
+        "responses-tools",
+        "responses-input",
+        "stream-options",
+        "chat-response-format",
+        "responses-text-format",
+    ],
 )
 async def test_body_nested_300_deep_answers_400_nothing_held(gw, sim, path, body, param):
     account, key = await gw.create_account(1_000_000)
