@@ -309,8 +309,8 @@ async def _prepare(
     """Authenticate, parse, price and hold. Returns the call, the body to forward,
     ``stream``, and whether the client asked for usage in its stream itself.
 
-    Everything that can refuse the request (400, 402, 404) runs before the hold is placed,
-    cheapest first (docs/design.md, "A request's life", step 2)."""
+    Checks run cheapest first, and every refusal but the reserve's own 402 comes before
+    any hold is placed (docs/design.md, "A request's life", step 2)."""
     app = request.app
     identity = await app[gateway_keys.AUTH].authenticate(request)
     raw = await request.read()

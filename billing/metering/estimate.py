@@ -129,10 +129,12 @@ def _chat_prompt_lower_bound(body: Body, rate_card: RateCard, tokens: TokenCount
 
 def _chat_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -> int:
     model = rate_card.model
-    tools_param = "tools" if body.get("tools") else "functions"
+    tools, tools_param = body.get("tools"), "tools"
+    if not tools:
+        tools, tools_param = body.get("functions"), "functions"
     try:
         return tokens.count_chat_prompt(
-            body["messages"], model, tools=body.get(tools_param), tools_param=tools_param
+            body["messages"], model, tools=tools, tools_param=tools_param
         ) + tokens.count_json(
             _json_schema(body.get("response_format")), model, param="response_format"
         )

@@ -342,7 +342,7 @@ class TokenCounter:
             UncountableInputError: ``value`` is nested deeper than :data:`JSON_MAX_DEPTH`;
                 ``param`` names the request field it came from.
         """
-        return _count_json(self.encoding_for_model(model), value, param)
+        return _count_json(self.encoding_for_model(model), value, param) if value else 0
 
     def count_completions_prompt(self, prompt: object, model: str) -> int:
         """Prompt tokens of a legacy Completions request (no message framing).
