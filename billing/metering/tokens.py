@@ -113,7 +113,7 @@ IMAGE_TOKENS: Final = 765
 
 # orjson refuses to write a value nested deeper than this (it raises "Recursion limit
 # reached"), though it reads up to 1,024 levels; a client's tools or input nested deeper is
-# refused with a 400 rather than counted some other way (OpenAI refuses such schemas too).
+# refused with a 400 rather than counted some other way (no real tool schema comes near it).
 JSON_MAX_DEPTH: Final = 254
 
 # A prompt's items looked at for its cheap lower bound (``*_lower_bound``): the bound must
