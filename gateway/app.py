@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import aiohttp
@@ -50,11 +51,14 @@ async def _billing_state(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     pool = app[appkeys.DB_POOL]
     app[gateway_keys.TOKENS] = TokenCounter.load(settings.tiktoken_encodings_dir)
+    counting = ThreadPoolExecutor(settings.prompt_count_threads, "prompt-count")
+    app[gateway_keys.PROMPT_COUNTING] = counting
     book = RateCardBook()
     await book.refresh(pool)
     app[gateway_keys.RATE_CARDS] = book
     app[gateway_keys.AUTH] = KeyAuthenticator(pool, ttl_s=settings.auth_cache_ttl_s)
     yield
+    counting.shutdown(wait=False, cancel_futures=True)
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:

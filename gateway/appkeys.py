@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import aiohttp
 from aiohttp import web
 from yarl import URL
@@ -22,3 +24,5 @@ UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict[str, str])
 # Each billed endpoint's upstream URL, parsed once (key: the path below /v1).
 UPSTREAM_URLS = web.AppKey("upstream_urls", dict[str, URL])
+# Threads that count large prompts off the event loop (PROMPT_COUNT_THREADS of them).
+PROMPT_COUNTING = web.AppKey("prompt_counting", ThreadPoolExecutor)

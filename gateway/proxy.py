@@ -12,6 +12,7 @@ written in one piece.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
@@ -27,16 +28,17 @@ from aiohttp import web
 
 from billing.errors import BillingUnavailableError, ModelNotServedError, UnknownModelError
 from billing.metering.estimate import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
     Estimate,
     EstimateError,
-    estimate_chat,
-    estimate_completions,
-    estimate_embeddings,
-    estimate_responses,
+    Estimator,
 )
 from billing.metering.outbox import SettlementRecord
 from billing.metering.pricing import RateCard, charge_millicredits, worst_case_millicredits
-from billing.metering.tokens import TokenCounter
+from billing.metering.tokens import JSON_MAX_DEPTH
 from gateway import appkeys as gateway_keys
 from gateway.auth import Identity
 from gateway.held_headers import write_whole_response
@@ -48,8 +50,6 @@ from runtime.request_ids import new_request_id
 
 log = logging.getLogger(__name__)
 
-EstimateFn = Callable[[dict[str, Any], RateCard, TokenCounter], Estimate]
-
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -57,21 +57,22 @@ class Endpoint:
 
     Attributes:
         path: path below the ``/v1`` base, e.g. ``/chat/completions``.
+        estimator: how its body is sized for the hold.
         include_usage: the endpoint takes ``stream_options.include_usage``.
     """
 
     name: str
     path: str
-    estimate: EstimateFn
+    estimator: Estimator
     include_usage: bool
     streams: bool = True
 
 
 ENDPOINTS = (
-    Endpoint("chat.completions", "/chat/completions", estimate_chat, True),
-    Endpoint("completions", "/completions", estimate_completions, True),
-    Endpoint("responses", "/responses", estimate_responses, False),
-    Endpoint("embeddings", "/embeddings", estimate_embeddings, False, streams=False),
+    Endpoint("chat.completions", "/chat/completions", CHAT, True),
+    Endpoint("completions", "/completions", COMPLETIONS, True),
+    Endpoint("responses", "/responses", RESPONSES, False),
+    Endpoint("embeddings", "/embeddings", EMBEDDINGS, False, streams=False),
 )
 
 
@@ -304,9 +305,12 @@ def _headers(call: BilledCall) -> dict[str, str]:
 
 async def _prepare(
     request: web.Request, endpoint: Endpoint
-) -> tuple[BilledCall, bytes, dict[str, Any], bool]:
-    """Authenticate, parse, price and hold. Returns the call, the raw and parsed body and
-    ``stream``."""
+) -> tuple[BilledCall, bytes, bool, bool]:
+    """Authenticate, parse, price and hold. Returns the call, the body to forward,
+    ``stream``, and whether the client asked for usage in its stream itself.
+
+    Checks run cheapest first, and every refusal but the reserve's own 402 comes before
+    any hold is placed (docs/design.md, "A request's life", step 2)."""
     app = request.app
     identity = await app[gateway_keys.AUTH].authenticate(request)
     raw = await request.read()
@@ -327,10 +331,10 @@ async def _prepare(
         raise InvalidRequestError(f"{endpoint.name} does not stream.", param="stream")
     request_id = new_request_id()
     started_ms = int(time.time() * 1000)
-    try:
-        estimate = endpoint.estimate(body, card, app[gateway_keys.TOKENS])
-    except EstimateError as exc:
-        raise InvalidRequestError(str(exc), param=exc.param) from None
+    estimate = await _estimate(app, endpoint.estimator, identity, card, body, len(raw))
+    data, client_wants_usage = raw, False
+    if stream and endpoint.include_usage:
+        data, client_wants_usage = _stream_body(raw, body)
     hold_millicredits = await _reserve(app, identity, card, estimate, request_id)
     call = BilledCall(
         request,
@@ -343,7 +347,51 @@ async def _prepare(
         estimate=estimate,
         hold_millicredits=hold_millicredits,
     )
-    return call, raw, body, stream
+    return call, data, stream, client_wants_usage
+
+
+async def _estimate(
+    app: web.Application,
+    estimator: Estimator,
+    identity: Identity,
+    card: RateCard,
+    body: dict[str, Any],
+    body_bytes: int,
+) -> Estimate:
+    """The request's token estimate, cheapest step first.
+
+    A body of at most ``PROMPT_COUNT_INLINE_MAX_BYTES`` is counted on the event loop (a few
+    ms at most). A larger one is first priced at a lower bound of its prompt plus its output
+    allowance and refused if the balance cannot cover even that (one Redis read, no
+    tokenizing), then counted in the prompt-counting threads, so the loop is never blocked
+    by it (tiktoken releases the GIL while it encodes).
+
+    Raises:
+        InvalidRequestError: a field of the wrong shape, or one that cannot be counted (400).
+        InsufficientCreditsError, AccountSuspendedError: the balance cannot cover the lower
+            bound (402).
+        BillingUnavailableError: Redis or Postgres unreachable (503).
+    """
+    settings = app[appkeys.SETTINGS]
+    tokens = app[gateway_keys.TOKENS]
+    try:
+        output_tokens = estimator.output_tokens(body, card)
+        if body_bytes <= settings.prompt_count_inline_max_bytes:
+            return Estimate(estimator.prompt_tokens(body, card, tokens), output_tokens)
+        if settings.charging_enabled:
+            lower_bound = worst_case_millicredits(
+                card,
+                prompt_tokens=estimator.prompt_tokens_lower_bound(body, card, tokens),
+                max_output_tokens=output_tokens,
+                rounding_mode=settings.rounding_mode,
+            )
+            await app[appkeys.HOLDS].refuse_uncovered(identity.account_id, lower_bound)
+        prompt_tokens = await asyncio.get_running_loop().run_in_executor(
+            app[gateway_keys.PROMPT_COUNTING], estimator.prompt_tokens, body, card, tokens
+        )
+    except EstimateError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
+    return Estimate(prompt_tokens, output_tokens)
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -419,10 +467,7 @@ def _upstream_unavailable(call: BilledCall) -> web.Response:
 async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """Serve one billed request (see module docstring); the app routes
     ``partial(handle_billed, endpoint=...)`` inside its error answers (no wrapper of our own)."""
-    call, data, body, stream = await _prepare(request, endpoint)
-    client_wants_usage = False
-    if stream and endpoint.include_usage:
-        data, client_wants_usage = _stream_body(data, body)
+    call, data, stream, client_wants_usage = await _prepare(request, endpoint)
     try:
         upstream = await _open_upstream(call, data)
         if upstream is None:
@@ -466,7 +511,13 @@ def _asking_for_usage(raw: bytes, body: dict[str, Any], options: dict[str, Any])
         brace = raw.index(b"{") + 1
         return raw[:brace] + _INCLUDE_USAGE_MEMBER + raw[brace:]
     body["stream_options"] = {**options, "include_usage": True}
-    return orjson.dumps(body)
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:  # only nesting can fail: the body was parsed from JSON
+        raise InvalidRequestError(
+            "The request body is nested too deeply to be forwarded: at most "
+            f"{JSON_MAX_DEPTH} levels are accepted."
+        ) from None
 
 
 async def _relay_error(call: BilledCall, upstream: aiohttp.ClientResponse) -> web.Response:

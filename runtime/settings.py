@@ -50,6 +50,8 @@ class Settings:
     http_body_timeout_s: float = 120.0
     http_keepalive_timeout_s: float = 75.0
     http_max_connections: int = 4096
+    prompt_count_inline_max_bytes: int = 16 * 1024
+    prompt_count_threads: int = 2
     hold_ttl_s: float = 900.0
     auth_cache_ttl_s: float = 5.0
     rate_card_refresh_s: float = 30.0
@@ -102,6 +104,10 @@ class Settings:
             http_body_timeout_s=read.seconds("HTTP_BODY_TIMEOUT_S", 120.0),
             http_keepalive_timeout_s=read.seconds("HTTP_KEEPALIVE_TIMEOUT_S", 75.0),
             http_max_connections=read.integer("HTTP_MAX_CONNECTIONS", 4096, minimum=1),
+            prompt_count_inline_max_bytes=read.integer(
+                "PROMPT_COUNT_INLINE_MAX_BYTES", 16 * 1024, minimum=0
+            ),
+            prompt_count_threads=read.integer("PROMPT_COUNT_THREADS", 2, minimum=1, maximum=64),
             hold_ttl_s=read.seconds("HOLD_TTL_S", 900.0, minimum=1),
             auth_cache_ttl_s=read.seconds("AUTH_CACHE_TTL_S", 5.0, minimum=0),
             rate_card_refresh_s=read.seconds("RATE_CARD_REFRESH_S", 30.0),

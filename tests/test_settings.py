@@ -225,3 +225,13 @@ def test_from_env_http_edge_limits_parse_and_default():
     ) == (5.0, 7.0, 2.5, 100)
     problems = _problems({**REQUIRED, "HTTP_MAX_CONNECTIONS": "0", "HTTP_HEADER_TIMEOUT_S": "x"})
     assert len(problems) == 2
+
+
+def test_from_env_prompt_counting_defaults_read_and_bounds():
+    defaults = Settings.from_env(REQUIRED)
+    assert (defaults.prompt_count_inline_max_bytes, defaults.prompt_count_threads) == (16384, 2)
+    env = {**REQUIRED, "PROMPT_COUNT_INLINE_MAX_BYTES": "0", "PROMPT_COUNT_THREADS": "4"}
+    settings = Settings.from_env(env)
+    assert (settings.prompt_count_inline_max_bytes, settings.prompt_count_threads) == (0, 4)
+    [problem] = _problems({**REQUIRED, "PROMPT_COUNT_THREADS": "0"})
+    assert "PROMPT_COUNT_THREADS" in problem

@@ -20,7 +20,8 @@ import base64
 import gzip
 import hashlib
 import importlib.resources
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any, Final
 
@@ -110,6 +111,15 @@ REPLY_PRIMING_TOKENS: Final = 3
 # is settled from the upstream's reported usage.
 IMAGE_TOKENS: Final = 765
 
+# orjson refuses to write a value nested deeper than this (it raises "Recursion limit
+# reached"), though it reads up to 1,024 levels; a client's tools or input nested deeper is
+# refused with a 400 rather than counted some other way (no real tool schema comes near it).
+JSON_MAX_DEPTH: Final = 254
+
+# A prompt's items looked at for its cheap lower bound (``*_lower_bound``): the bound must
+# cost a bounded amount of work however many messages a body has.
+LOWER_BOUND_MAX_ITEMS: Final = 64
+
 _TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
 _IMAGE_PART_TYPES: Final = frozenset({"image_url", "input_image"})
 
@@ -126,6 +136,19 @@ class TokenizerDataError(BillingError):
         super().__init__(f"cannot load tiktoken encoding {encoding_name} from {path}: {reason}")
         self.encoding_name = encoding_name
         self.path = path
+
+
+class UncountableInputError(ValueError):
+    """A field of the request cannot be counted (a JSON value nested deeper than
+    :data:`JSON_MAX_DEPTH`); the gateway answers 400 ``invalid_request_error``.
+
+    Attributes:
+        param: the request field it is in (``"tools"``, ``"input"``, ...).
+    """
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EncodingHashMismatchError(TokenizerDataError):
@@ -227,7 +250,8 @@ class TokenCounter:
 
     Build one at start-up with :meth:`load` and share it: loading both encodings takes about
     0.6 s and 115 MB. Counting is synchronous and CPU-bound (tiktoken's Rust core): 300 kB of
-    prose takes about 20 ms, so callers may move very large inputs to a thread.
+    prose takes about 20 ms, so the gateway counts large bodies in worker threads (tiktoken
+    releases the GIL while it encodes; every method here is safe to call from any thread).
 
     Special-token strings in user text (``"<|endoftext|>"``) are counted as ordinary text,
     never rejected, as the upstream treats them.
@@ -238,6 +262,12 @@ class TokenCounter:
         if DEFAULT_ENCODING not in encodings:
             raise ValueError(f"encodings must include {DEFAULT_ENCODING}")
         self._encodings = dict(encodings)
+        # The longest token of each vocabulary, in bytes (128 for both): a text of b bytes
+        # is at least ceil(b / this) tokens, whatever it says.
+        self._max_token_bytes = {
+            name: max(map(len, encoding.token_byte_values()))
+            for name, encoding in self._encodings.items()
+        }
 
     @classmethod
     def load(cls, directory: Path | None = None) -> TokenCounter:
@@ -276,7 +306,8 @@ class TokenCounter:
         messages: Iterable[Mapping[str, Any]],
         model: str,
         *,
-        tools: Iterable[Mapping[str, Any]] | None = None,
+        tools: object = None,
+        tools_param: str = "tools",
     ) -> int:
         """Prompt tokens of a Chat Completions request, as OpenAI counts them.
 
@@ -288,6 +319,10 @@ class TokenCounter:
                 as text, ``tool_calls`` by function name and arguments.
             tools: the request's ``tools`` (or legacy ``functions``) definitions, counted as
                 their compact JSON text.
+            tools_param: the field ``tools`` came from, named by the error.
+
+        Raises:
+            UncountableInputError: ``tools`` is nested deeper than :data:`JSON_MAX_DEPTH`.
 
         Source: OpenAI cookbook "How to count tokens with tiktoken": 3 tokens per message,
         +1 per ``name``, +3 priming the reply. OpenAI publishes no rule for tool definitions;
@@ -297,7 +332,17 @@ class TokenCounter:
         total = REPLY_PRIMING_TOKENS
         for message in messages:
             total += TOKENS_PER_MESSAGE + _count_message_fields(encoding, message)
-        return total + _count_json(encoding, tools)
+        return total + _count_json(encoding, tools, tools_param)
+
+    def count_json(self, value: object, model: str, *, param: str) -> int:
+        """Tokens of a client's JSON value as its compact JSON text (0 for an empty one): a
+        structured-output schema, which the upstream adds to the prompt.
+
+        Raises:
+            UncountableInputError: ``value`` is nested deeper than :data:`JSON_MAX_DEPTH`;
+                ``param`` names the request field it came from.
+        """
+        return _count_json(self.encoding_for_model(model), value, param) if value else 0
 
     def count_completions_prompt(self, prompt: object, model: str) -> int:
         """Prompt tokens of a legacy Completions request (no message framing).
@@ -317,7 +362,7 @@ class TokenCounter:
         model: str,
         *,
         instructions: str | None = None,
-        tools: Iterable[Mapping[str, Any]] | None = None,
+        tools: object = None,
     ) -> int:
         """Input tokens of a Responses API request.
 
@@ -329,12 +374,16 @@ class TokenCounter:
             instructions: the system/developer message, counted as one more message.
             tools: tool definitions, counted as their compact JSON text.
 
+        Raises:
+            UncountableInputError: ``tools`` or an input item is nested deeper than
+                :data:`JSON_MAX_DEPTH`.
+
         OpenAI publishes no counting rule for the Responses API; this applies the chat-format
         rule (3 tokens per item, 3 priming the reply), whose input the Responses API renders
         the same way.
         """
         encoding = self.encoding_for_model(model)
-        total = REPLY_PRIMING_TOKENS + _count_json(encoding, tools)
+        total = REPLY_PRIMING_TOKENS + _count_json(encoding, tools, "tools")
         if isinstance(instructions, str):
             total += TOKENS_PER_MESSAGE + _count(encoding, instructions)
         if isinstance(input, str):
@@ -344,15 +393,88 @@ class TokenCounter:
                 total += TOKENS_PER_MESSAGE + _count_responses_item(encoding, item)
         return total
 
+    # -- cheap lower bounds ---------------------------------------------------------------
+    # Each is at most the matching count above, for the same arguments, and costs a bounded
+    # amount of work (no tokenizing; at most LOWER_BOUND_MAX_ITEMS items looked at): a term
+    # of the count is either bounded from below or left out. The gateway prices them to
+    # refuse what the balance cannot cover before it counts a large prompt.
+
+    def text_lower_bound(self, text: str, model: str) -> int:
+        """At most ``count_text(text, model)``: no token is longer than the vocabulary's
+        longest (128 bytes) and no character shorter than one byte."""
+        longest = self._max_token_bytes[self.encoding_for_model(model).name]
+        return -(-len(text) // longest)
+
+    def chat_prompt_lower_bound(self, messages: Sequence[object], model: str) -> int:
+        """At most ``count_chat_prompt(messages, model, ...)``: the framing of every message
+        and the text of the first messages' string contents."""
+        total = REPLY_PRIMING_TOKENS + TOKENS_PER_MESSAGE * len(messages)
+        for message in islice(messages, LOWER_BOUND_MAX_ITEMS):
+            if isinstance(message, Mapping) and isinstance(content := message.get("content"), str):
+                total += self.text_lower_bound(content, model)
+        return total
+
+    def prompt_lower_bound(self, prompt: object, model: str) -> int:
+        """At most ``count_completions_prompt`` (and ``count_embeddings_input``) of ``prompt``:
+        the text or token ids of its first elements."""
+        if isinstance(prompt, str):
+            return self.text_lower_bound(prompt, model)
+        if not isinstance(prompt, list):
+            return 0
+        total = 0
+        for element in islice(prompt, LOWER_BOUND_MAX_ITEMS):
+            if isinstance(element, str):
+                total += self.text_lower_bound(element, model)
+            elif isinstance(element, int | list):
+                total += 1 if isinstance(element, int) else len(element)
+        return total
+
+    def responses_input_lower_bound(
+        self, input: object, model: str, *, instructions: str | None = None
+    ) -> int:
+        """At most ``count_responses_input(input, model, instructions=instructions, ...)``:
+        the framing of every item and the text of the first items' string contents."""
+        total = REPLY_PRIMING_TOKENS
+        if isinstance(instructions, str):
+            total += TOKENS_PER_MESSAGE + self.text_lower_bound(instructions, model)
+        if isinstance(input, str):
+            return total + TOKENS_PER_MESSAGE + self.text_lower_bound(input, model)
+        if not isinstance(input, list):
+            return total
+        total += TOKENS_PER_MESSAGE * len(input)
+        for item in islice(input, LOWER_BOUND_MAX_ITEMS):
+            total += self.text_lower_bound(text, model) if (text := _item_text(item)) else 0
+        return total
+
+
+def _item_text(item: object) -> str | None:
+    """The text of a Responses input item that is counted as text: a string item, or a
+    message whose content is a string."""
+    if isinstance(item, str):
+        return item
+    if not isinstance(item, Mapping):
+        return None
+    kind = item.get("type")
+    content = item.get("content")
+    is_message = kind == "message" or (kind is None and "role" in item)
+    return content if is_message and isinstance(content, str) else None
+
 
 def _count(encoding: tiktoken.Encoding, text: str) -> int:
     return len(encoding.encode_ordinary(text))
 
 
-def _count_json(encoding: tiktoken.Encoding, value: object) -> int:
+def _count_json(encoding: tiktoken.Encoding, value: object, param: str) -> int:
     if not value:
         return 0
-    return _count(encoding, orjson.dumps(value).decode())
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # only nesting can fail: the value was parsed from JSON
+        raise UncountableInputError(
+            f"'{param}' is nested too deeply: at most {JSON_MAX_DEPTH} levels are accepted.",
+            param=param,
+        ) from None
+    return _count(encoding, text.decode())
 
 
 def _count_message_fields(encoding: tiktoken.Encoding, message: Mapping[str, Any]) -> int:
@@ -413,6 +535,8 @@ def _count_content(encoding: tiktoken.Encoding, content: object) -> int:
         if not isinstance(part, Mapping):
             continue
         kind = part.get("type")
+        if not isinstance(kind, str):  # a list or an object would not even hash
+            continue
         if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
             total += _count(encoding, part["text"])
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
@@ -436,7 +560,7 @@ def _count_responses_item(encoding: tiktoken.Encoding, item: object) -> int:
         return _count_tool_call(encoding, {"function": item})
     if kind == "function_call_output":
         return _count_content(encoding, item.get("output"))
-    return _count_json(encoding, item)
+    return _count_json(encoding, item, "input")
 
 
 def _count_prompt_like(encoding: tiktoken.Encoding, prompt: object) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -18,10 +19,14 @@ import tiktoken_ext.openai_public as openai_public
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from billing.metering.estimate import estimate_chat, estimate_responses
+from billing.metering.pricing import RateCard
 from billing.metering.tokens import (
     CL100K_BASE,
     ENCODING_SHA256,
     IMAGE_TOKENS,
+    JSON_MAX_DEPTH,
+    LOWER_BOUND_MAX_ITEMS,
     O200K_BASE,
     PAT_STR,
     REPLY_PRIMING_TOKENS,
@@ -31,6 +36,7 @@ from billing.metering.tokens import (
     EncodingHashMismatchError,
     TokenCounter,
     TokenizerDataError,
+    UncountableInputError,
     encoding_name_for_model,
     load_encoding,
 )
@@ -368,3 +374,210 @@ def test_count_responses_input_items(counter: TokenCounter) -> None:
         + counter.count_text("18 C", model)
     )
     assert counter.count_responses_input(items, model) == expected
+
+
+# --- client JSON of any depth and type (issue 11, defect 5) -------------------------------
+
+
+def _nested(depth: int) -> object:
+    """``depth`` levels of arrays and objects, as parsed JSON (orjson reads up to 1,024)."""
+    value: object = "leaf"
+    for level in range(depth):
+        value = {"properties": value} if level % 2 else [value]
+    return value
+
+
+def test_json_max_depth_is_what_orjson_writes() -> None:
+    orjson.dumps(_nested(JSON_MAX_DEPTH))
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(_nested(JSON_MAX_DEPTH + 1))
+
+
+@pytest.mark.parametrize("depth", [JSON_MAX_DEPTH + 1, 300, 1_000])
+def test_count_tools_nested_too_deep_raises_uncountable_input(
+    counter: TokenCounter, depth: int
+) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": _nested(depth)}}]
+    with pytest.raises(UncountableInputError) as raised:
+        counter.count_chat_prompt(messages, "gpt-4o", tools=tools)
+    assert raised.value.param == "tools"
+    with pytest.raises(UncountableInputError) as raised:
+        counter.count_chat_prompt(messages, "gpt-4o", tools=tools, tools_param="functions")
+    assert raised.value.param == "functions"
+    with pytest.raises(UncountableInputError) as raised:
+        counter.count_responses_input("hi", "gpt-4o", tools=tools)
+    assert raised.value.param == "tools"
+
+
+def test_count_responses_item_nested_too_deep_raises_uncountable_input(
+    counter: TokenCounter,
+) -> None:
+    items = [{"type": "reasoning", "summary": _nested(300)}]
+    with pytest.raises(UncountableInputError) as raised:
+        counter.count_responses_input(items, "gpt-4o")
+    assert raised.value.param == "input"
+
+
+def test_count_nested_within_limit_counts_its_json_text(counter: TokenCounter) -> None:
+    tools = [_nested(JSON_MAX_DEPTH - 1)]
+    assert counter.count_chat_prompt([], "gpt-4o", tools=tools) == REPLY_PRIMING_TOKENS + (
+        counter.count_text(orjson.dumps(tools).decode(), "gpt-4o")
+    )
+
+
+# Every place a field of another type than OpenAI's (a number, an array, an object, null
+# where a string is expected, and so on) can sit; none may raise.
+SURPRISES: list[object] = [None, True, 7, -1.5, 2**63, "x", [], ["x"], {}, {"type": "text"}]
+
+
+@pytest.mark.parametrize("value", SURPRISES, ids=repr)
+def test_count_chat_prompt_any_field_type_counts_without_error(
+    counter: TokenCounter, value: object
+) -> None:
+    model = "gpt-4o"
+    messages = [
+        {"role": value, "content": value, "name": value},
+        {"role": "user", "content": [value, {"type": value, "text": value}]},
+        {"role": "user", "content": [{"type": "text", "text": value}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": value}]},
+        {"role": "user", "content": [{"type": "refusal", "refusal": value}]},
+        {"role": "assistant", "tool_calls": value, "function_call": value},
+        {"role": "assistant", "tool_calls": [value, {"function": value}]},
+        {"role": "assistant", "tool_calls": [{"function": {"name": value, "arguments": value}}]},
+        {"role": "tool", "tool_call_id": value, "content": value},
+    ]
+    assert counter.count_chat_prompt(messages, model, tools=value) >= REPLY_PRIMING_TOKENS
+    assert counter.chat_prompt_lower_bound(messages, model) >= REPLY_PRIMING_TOKENS
+
+
+@pytest.mark.parametrize("value", SURPRISES, ids=repr)
+def test_count_responses_and_prompts_any_field_type_counts_without_error(
+    counter: TokenCounter, value: object
+) -> None:
+    model = "gpt-4o"
+    items = [
+        value,
+        {"type": value, "role": value, "content": value},
+        {"role": "user", "content": [{"type": value, "text": value}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]},
+        {"type": "function_call", "name": value, "arguments": value},
+        {"type": "function_call_output", "output": value},
+        {"type": "function_call_output", "output": [{"type": "input_text", "text": value}]},
+        {"type": value},
+    ]
+    assert counter.count_responses_input(items, model, tools=value) >= REPLY_PRIMING_TOKENS
+    assert counter.responses_input_lower_bound(items, model) >= REPLY_PRIMING_TOKENS
+    for prompt in (value, [value], [value, [value]]):
+        assert counter.count_completions_prompt(prompt, model) >= 0
+        assert counter.count_embeddings_input(prompt, model) >= 0
+        assert counter.prompt_lower_bound(prompt, model) >= 0
+
+
+# --- cheap lower bounds -----------------------------------------------------------------
+
+_texts = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=300)
+_parts = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": _texts}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.just({"url": "x"})}),
+)
+_messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant"])},
+        optional={"content": _texts | st.lists(_parts, max_size=3), "name": _texts},
+    ),
+    max_size=LOWER_BOUND_MAX_ITEMS + 8,
+)
+_items = st.lists(
+    st.one_of(
+        _texts,
+        st.fixed_dictionaries({"role": st.just("user"), "content": _texts}),
+        st.fixed_dictionaries(
+            {"type": st.just("message"), "role": st.just("user"), "content": _texts}
+        ),
+        st.fixed_dictionaries({"type": st.just("function_call_output"), "output": _texts}),
+    ),
+    max_size=LOWER_BOUND_MAX_ITEMS + 8,
+)
+_prompts = st.one_of(
+    _texts,
+    st.lists(_texts | st.integers(0, 100_000) | st.lists(st.integers(0, 9), max_size=5)),
+)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(messages=_messages, items=_items, prompt=_prompts, instructions=st.none() | _texts)
+def test_lower_bounds_never_exceed_counts(
+    counter: TokenCounter, messages, items, prompt, instructions
+) -> None:
+    for model in MODEL_BY_ENCODING.values():
+        assert counter.chat_prompt_lower_bound(messages, model) <= counter.count_chat_prompt(
+            messages, model
+        )
+        assert counter.responses_input_lower_bound(
+            items, model, instructions=instructions
+        ) <= counter.count_responses_input(items, model, instructions=instructions)
+        assert counter.prompt_lower_bound(prompt, model) <= counter.count_completions_prompt(
+            prompt, model
+        )
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(text=st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=2_000))
+def test_text_lower_bound_never_exceeds_count(counter: TokenCounter, text: str) -> None:
+    for model in MODEL_BY_ENCODING.values():
+        assert counter.text_lower_bound(text, model) <= counter.count_text(text, model)
+
+
+@pytest.mark.parametrize("text", ["a" * 100_000, " " * 100_000, "0" * 100_000, "é" * 50_000])
+def test_text_lower_bound_of_long_runs_is_at_most_count_and_positive(
+    counter: TokenCounter, text: str
+) -> None:
+    # Runs are where tokens are longest; the bound is chars / 128 whatever the text.
+    for model in MODEL_BY_ENCODING.values():
+        bound = counter.text_lower_bound(text, model)
+        assert bound == -(-len(text) // 128)
+        assert 0 < bound <= counter.count_text(text, model)
+
+
+def test_chat_prompt_lower_bound_looks_at_a_bounded_number_of_messages(
+    counter: TokenCounter,
+) -> None:
+    big = {"role": "user", "content": "x" * 1280}
+    small = {"role": "user", "content": ""}
+    messages = [small] * LOWER_BOUND_MAX_ITEMS + [big]
+    assert counter.chat_prompt_lower_bound(messages, "gpt-4o") == (
+        REPLY_PRIMING_TOKENS + TOKENS_PER_MESSAGE * len(messages)
+    )
+    assert counter.chat_prompt_lower_bound([big], "gpt-4o") == (
+        REPLY_PRIMING_TOKENS + TOKENS_PER_MESSAGE + 10
+    )
+
+
+def test_estimates_count_a_json_schema_output_format(counter: TokenCounter) -> None:
+    card = RateCard(
+        id=1,
+        model="gpt-4o",
+        input_millicredits_per_1k_tokens=20_000,
+        cached_input_millicredits_per_1k_tokens=None,
+        output_millicredits_per_1k_tokens=80_000,
+        max_output_tokens=16_384,
+        effective_at=datetime(2024, 1, 1, tzinfo=UTC),
+    )
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    chat_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    responses_format = {"type": "json_schema", "name": "a", "schema": schema}
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    plain = estimate_chat(chat, card, counter).prompt_tokens
+    with_schema = estimate_chat({**chat, "response_format": chat_format}, card, counter)
+    assert with_schema.prompt_tokens == plain + counter.count_text(
+        orjson.dumps(chat_format).decode(), "gpt-4o"
+    )
+    as_text = {**chat, "response_format": {"type": "text"}}
+    assert estimate_chat(as_text, card, counter).prompt_tokens == plain
+    responses = {"model": "gpt-4o", "input": "hi"}
+    plain = estimate_responses(responses, card, counter).prompt_tokens
+    with_text = {**responses, "text": {"format": responses_format}}
+    assert estimate_responses(with_text, card, counter).prompt_tokens == plain + (
+        counter.count_text(orjson.dumps(responses_format).decode(), "gpt-4o")
+    )

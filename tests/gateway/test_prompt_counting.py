@@ -1,0 +1,213 @@
+"""Counting a prompt is the gateway's most expensive step before the hold (issue 11, defect 4):
+what the balance cannot cover is refused before any tokenizing, and a large prompt is counted
+off the event loop, so other requests are not held up while it is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import string
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from billing.metering.estimate import estimate_chat
+from billing.metering.pricing import worst_case_millicredits
+from gateway import appkeys as gateway_keys
+
+# Below the gateway's default 4 MiB body limit; tiktoken takes a few hundred ms to count it.
+BIG_PROMPT_CHARS = 3_600_000
+GAP_LIMIT_S = 0.1  # "a few ms" with room for a loaded 2-core CI machine; inline took > 0.2 s
+PROBE_INTERVAL_S = 0.005
+
+
+def _prose(chars: int, seed: int = 0) -> str:
+    """Deterministic word salad: about 0.45 tokens per character in o200k_base."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(5000)]
+    text = " ".join(rng.choices(words, k=chars // 5 + 1))
+    return text[:chars]
+
+
+@pytest.fixture(scope="module")
+def big_prompt() -> str:
+    return _prose(BIG_PROMPT_CHARS)
+
+
+class EncodeCalls:
+    """Wraps the gateway's encodings: records the name of the thread of every tiktoken call."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def wrap(self, encode: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
+        def recorded(text: str) -> list[int]:
+            self.threads.append(threading.current_thread().name)
+            return encode(text)
+
+        return recorded
+
+
+@pytest.fixture
+def encode_calls(gw, monkeypatch) -> Iterator[EncodeCalls]:
+    calls = EncodeCalls()
+    counter = gw.app[gateway_keys.TOKENS]
+    for model in ("gpt-4o-mini", "gpt-3.5-turbo-instruct", "text-embedding-3-small"):
+        encoding = counter.encoding_for_model(model)
+        if not hasattr(encoding.encode_ordinary, "__wrapped_by_test__"):
+            wrapped = calls.wrap(encoding.encode_ordinary)
+            wrapped.__wrapped_by_test__ = True  # type: ignore[attr-defined]
+            monkeypatch.setattr(encoding, "encode_ordinary", wrapped)
+    yield calls
+
+
+async def _post(gw, path: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        data = io.BytesIO(orjson.dumps(body))
+        async with session.post(gw.base_url + path, data=data, headers=headers) as r:
+            assert r.headers.get("x-request-id", "").startswith("req_")
+            return r.status, orjson.loads(await r.read())
+
+
+def _big_bodies(prompt: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {
+        "chat": (
+            "/chat/completions",
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]},
+        ),
+        "completions": (
+            "/completions",
+            {"model": "gpt-3.5-turbo-instruct", "prompt": prompt, "max_tokens": 16},
+        ),
+        "responses": ("/responses", {"model": "gpt-4o-mini", "input": prompt}),
+        # No output tokens: only the prompt's lower bound (chars / 128) refuses it.
+        "embeddings": ("/embeddings", {"model": "text-embedding-3-small", "input": [prompt]}),
+    }
+
+
+class LoopGapProbe:
+    """Measures event-loop blocking directly: the longest time past its due that a task
+    sleeping ``PROBE_INTERVAL_S`` at a time woke up."""
+
+    def __init__(self) -> None:
+        self.max_gap_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            self.max_gap_s = max(self.max_gap_s, loop.time() - before - PROBE_INTERVAL_S)
+
+    async def __aenter__(self) -> LoopGapProbe:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(PROBE_INTERVAL_S)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self._task
+
+
+@pytest.mark.parametrize("cached_balance", [False, True], ids=["balance-not-cached", "cached"])
+async def test_zero_balance_big_prompts_refused_402_without_tokenizing(
+    gw, sim, encode_calls, big_prompt, cached_balance
+):
+    account, key = await gw.create_account(0)
+    if cached_balance:  # a small request first: it loads the balance into Redis
+        small = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        status, _ = await _post(gw, "/chat/completions", key, small)
+        assert status == 402
+    encode_calls.threads.clear()
+    bodies = _big_bodies(big_prompt)
+    answers = await asyncio.gather(
+        *(_post(gw, path, key, body) for path, body in bodies.values()),
+        *(_post(gw, bodies["chat"][0], key, bodies["chat"][1]) for _ in range(3)),
+    )
+    for status, obj in answers:
+        assert status == 402
+        assert obj["error"]["code"] == "insufficient_credits"
+        assert obj["currentMillicredits"] == "0"
+        assert int(obj["requiredMillicredits"]) > 0
+    assert encode_calls.threads == []
+    assert sim.requests == []
+    state = await gw.state(account)
+    assert (state.held_millicredits, state.pending_millicredits) == (0, 0)
+
+
+async def test_big_prompt_counted_off_the_loop_as_inline_count(gw, sim, encode_calls, big_prompt):
+    """The balance covers the lower bound, not the whole prompt: the gateway counts it (in a
+    worker thread, the loop free meanwhile) and the reserve refuses the exact worst case,
+    the same as counted inline."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": big_prompt}]}
+    card = gw.rate_cards.get("gpt-4o-mini")
+    estimate = estimate_chat(body, card, gw.app[gateway_keys.TOKENS])
+    worst_case = worst_case_millicredits(
+        card,
+        prompt_tokens=estimate.prompt_tokens,
+        max_output_tokens=estimate.max_completion_tokens,
+        rounding_mode=gw.settings.rounding_mode,
+    )
+    _, key = await gw.create_account(worst_case - 1)
+    encode_calls.threads.clear()
+    async with LoopGapProbe() as probe:
+        status, obj = await _post(gw, "/chat/completions", key, body)
+    assert probe.max_gap_s < GAP_LIMIT_S, f"event loop blocked for {probe.max_gap_s:.3f} s"
+    assert status == 402
+    assert obj["requiredMillicredits"] == str(worst_case)
+    assert obj["currentMillicredits"] == str(worst_case - 1)
+    assert encode_calls.threads and all(
+        name.startswith("prompt-count") for name in encode_calls.threads
+    )
+    assert sim.requests == []
+
+
+async def test_big_prompt_paid_is_forwarded_and_charged(gw, sim, encode_calls):
+    """Above the inline threshold, under the simulator's 1 MiB body limit: the whole path."""
+    prompt = _prose(200_000, seed=1)
+    account, key = await gw.create_account(10_000_000)
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16,
+    }
+    status, obj = await _post(gw, "/chat/completions", key, body)
+    assert status == 200, obj
+    assert any(name.startswith("prompt-count") for name in encode_calls.threads)
+    await gw.settled()
+    assert await gw.balance(account) < 10_000_000
+    assert await gw.ledger_sum(account) == await gw.balance(account)
+
+
+async def test_small_prompt_counted_inline(gw, sim, encode_calls):
+    """Below ``PROMPT_COUNT_INLINE_MAX_BYTES`` nothing changes: counted on the loop's thread,
+    no extra Redis read."""
+    _, key = await gw.create_account(1_000_000)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+    status, _ = await _post(gw, "/chat/completions", key, body)
+    assert status == 200
+    assert encode_calls.threads
+    assert set(encode_calls.threads) == {threading.main_thread().name}
+
+
+async def test_big_prompt_suspended_account_refused_without_tokenizing(
+    gw, sim, encode_calls, big_prompt
+):
+    account, key = await gw.create_account(1_000_000)
+    await gw.pool.execute(
+        "UPDATE accounts SET shortfall_millicredits = 5000 WHERE id = $1", account
+    )
+    path, body = _big_bodies(big_prompt)["chat"]
+    status, obj = await _post(gw, path, key, body)
+    assert status == 402
+    assert obj["error"]["code"] == "account_suspended"
+    assert encode_calls.threads == []
