@@ -5,6 +5,9 @@ Per account (one hash tag, so one Redis Cluster slot):
                                 (sum of open holds), ``pending`` (settled, not yet posted to
                                 Postgres), ``shortfall`` (outstanding; stops paid use)
     ``cg:v1:{acct:N}:holds``    hash ``request_id -> "amount_mc:deadline_ms"``
+    ``cg:v1:{acct:N}:settled:R`` string ``"charged_mc:hold_mc:entry_id"``: request R was
+                                settled (a repeat answers this); expires after
+                                ``settled_marker_ttl_s``
 Global:
     ``cg:v1:hold_deadlines``    zset of ``"N|request_id"`` by deadline, for the sweeper
     ``cg:v1:settlements``       the settlement outbox stream (see ``billing.metering.posting``)
@@ -52,6 +55,16 @@ def account_key(account_id: int) -> str:
 def holds_key(account_id: int) -> str:
     """Redis key of an account's open holds."""
     return f"{KEY_PREFIX}:{{acct:{account_id}}}:holds"
+
+
+def settled_key(account_id: int, request_id: str) -> str:
+    """Redis key of the marker ``settle.lua`` leaves for a settled request (its idempotency)."""
+    return f"{KEY_PREFIX}:{{acct:{account_id}}}:settled:{request_id}"
+
+
+#: How long a settled request's marker lives: the window in which a repeat of its settle (a
+#: reply lost in a stall, sent again by the gateway's rescue) is recognised and changes nothing.
+SETTLED_MARKER_TTL_S = 600.0
 
 
 def _member(account_id: int, request_id: str) -> str:
@@ -192,6 +205,7 @@ class HoldStore:
         load_balance: BalanceLoader,
         *,
         channel: ScriptChannel | None = None,
+        settled_marker_ttl_s: float = SETTLED_MARKER_TTL_S,
     ) -> None:
         """Register the scripts (once, at start-up).
 
@@ -201,8 +215,11 @@ class HoldStore:
                 has no cached balance (never read a missing balance as zero).
             channel: a pipelined connection for the hot path's reserve and settle scripts
                 (the gateway passes one; other callers use ``redis``).
+            settled_marker_ttl_s: how long a repeat of a settle is recognised (see
+                ``settle.lua``).
         """
         self._redis = redis
+        self._settled_marker_ttl_ms = int(settled_marker_ttl_s * 1000)
         self._channel = channel
         self._load_balance = load_balance
         self._reserve = redis.register_script(_load_script("reserve.lua"))
@@ -302,9 +319,12 @@ class HoldStore:
             payload: the usage record the poster posts to Postgres
                 (``billing.metering.outbox.SettlementRecord.to_json``).
 
+        Idempotent by request id: a repeat within ``settled_marker_ttl_s`` returns the first
+        settlement and changes nothing (a settle whose reply was lost can be sent again).
+
         Raises:
-            BillingUnavailableError: Redis unreachable; the hold stays and the sweeper voids
-                it at its deadline (the request goes uncharged: documented window).
+            BillingUnavailableError: Redis unreachable or too slow; the script may or may not
+                have run (send it again: the repeat is recognised).
         """
         pending = await self.send_settle(
             account_id, request_id=request_id, cost_millicredits=cost_millicredits, payload=payload
@@ -323,8 +343,21 @@ class HoldStore:
         Raises:
             BillingUnavailableError: Redis unreachable (also from ``PendingSettlement.result``).
         """
-        keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY, OUTBOX_STREAM_KEY]
-        args = [request_id, cost_millicredits, _member(account_id, request_id), payload, account_id]
+        keys = [
+            account_key(account_id),
+            holds_key(account_id),
+            DEADLINES_KEY,
+            OUTBOX_STREAM_KEY,
+            settled_key(account_id, request_id),
+        ]
+        args = [
+            request_id,
+            cost_millicredits,
+            _member(account_id, request_id),
+            payload,
+            account_id,
+            self._settled_marker_ttl_ms,
+        ]
         script = self._settle
 
         def run() -> Awaitable[Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from billing import ledger
 from billing.ledger import PostedBalance
@@ -316,16 +317,52 @@ async def test_purchase_between_commit_and_ack_does_not_undercharge(
     await _assert_converged(holds, pool, account_id)
 
 
-async def test_repeated_settle_posted_before_original_does_not_undercharge(
+async def test_settle_twice_charges_once(
     holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
+    """A settle sent again because its reply was lost (the first did run): the repeat answers
+    the first settlement and changes nothing, so `pending` and the outbox count it once."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    await holds.reserve(account_id, 600, request_id="r1")
+    payload = usage_payload(request_id="r1", account_id=account_id, cost_millicredits=500)
+    first = await holds.settle(
+        account_id, request_id="r1", cost_millicredits=500, payload=payload
+    )
+    repeat = await holds.settle(
+        account_id, request_id="r1", cost_millicredits=500, payload=payload
+    )
+    assert repeat == first
+    assert (first.charged_millicredits, first.hold_millicredits) == (500, 600)
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
+    assert (await holds.account_state(account_id)).pending_millicredits == 500
+    await poster.drain_all()
+    # Posted: a repeat now (its entry acknowledged and deleted) still changes nothing.
+    assert await holds.settle(
+        account_id, request_id="r1", cost_millicredits=500, payload=payload
+    ) == first
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+    await _assert_converged(holds, pool, account_id)
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+
+
+async def test_repeat_after_its_marker_expired_posted_before_original_does_not_undercharge(
+    redis_client: aioredis.Redis, pool: asyncpg.Pool, poster: SettlementPoster
+) -> None:
+    """Past the marker's life (or after Redis lost its data) a repeat appends a second entry;
+    Postgres keeps one settlement per request id and the acks release both pendings."""
+    holds = HoldStore(
+        redis_client,
+        lambda account_id: ledger.posted_balance(pool, account_id),
+        settled_marker_ttl_s=0.05,
+    )
     account_id = await new_account(pool)
     await grant(pool, account_id, 1_000, holds=holds)
     first = await reserve_and_settle(
         holds, account_id, request_id="r1", hold_millicredits=600, cost_millicredits=600
     )
-    # The same settlement again (settle.lua allows it: Postgres keeps one per request id); it
-    # is not capped against Redis's view, which still counts the first charge.
+    await asyncio.sleep(0.1)
+    # Not capped against Redis's view, which still counts the first charge.
     repeat = await holds.settle(
         account_id,
         request_id="r1",
