@@ -137,6 +137,27 @@ class ScriptChannel:
             )
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to redis: {exc}") from exc
+        try:
+            await self._set_up(protocol)
+        except BaseException as exc:
+            # Never leave a half-opened connection behind (a stalled Redis would collect
+            # one per attempt), and report a slow setup as the connection failure it is.
+            protocol._fail(RedisConnectionError(f"redis connection setup failed: {exc!r}"))
+            if isinstance(exc, TimeoutError | RedisConnectionError | OSError):
+                raise RedisConnectionError(
+                    f"redis connection setup took over {self._timeout_s}s or failed: {exc!r}"
+                ) from exc
+            raise
+        return protocol
+
+    async def _set_up(self, protocol: _Protocol) -> None:
+        """AUTH, SELECT and SCRIPT LOAD of the preloaded scripts, each within ``timeout_s``.
+
+        Raises:
+            TimeoutError: Redis did not answer one of them in time.
+            redis.exceptions.ConnectionError: the connection dropped meanwhile.
+        """
+        loop = asyncio.get_running_loop()
         setup: list[tuple[Any, ...]] = []
         if self._password is not None:
             auth = (
@@ -154,7 +175,6 @@ class ScriptChannel:
             assert protocol.transport is not None
             protocol.transport.write(hiredis.pack_command(command))
             await asyncio.wait_for(future, self._timeout_s)
-        return protocol
 
     async def _ready(self) -> _Protocol:
         if self._protocol is not None:
