@@ -8,6 +8,7 @@ from aiohttp import web
 from yarl import URL
 
 from billing.metering.rate_cards import RateCardBook
+from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import TokenCounter
 from gateway.auth import KeyAuthenticator
 from gateway.usage import UsageStats
@@ -20,3 +21,5 @@ UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict[str, str])
 # Each billed endpoint's upstream URL, parsed once (key: the path below /v1).
 UPSTREAM_URLS = web.AppKey("upstream_urls", dict[str, URL])
+# Settlements and voids Redis did not confirm, retried in the background (one per process).
+SETTLEMENT_RESCUE = web.AppKey("settlement_rescue", SettlementRescue)

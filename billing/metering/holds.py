@@ -144,7 +144,7 @@ class PendingSettlement:
 
         Raises:
             BillingUnavailableError: Redis unreachable or too slow; whether the script ran is
-                unknown (if not, the sweeper voids the hold at its deadline).
+                unknown (send it again: ``settle.lua`` recognises a repeat).
         """
         try:
             if self._reply is None:
@@ -439,6 +439,19 @@ class HoldStore:
             [posted.balance_millicredits, posted.version, posted.shortfall_millicredits],
         )
         return bool(applied)
+
+    async def reload_balance(self, account_id: int) -> None:
+        """Read the account's posted balance from Postgres and give it to Redis (applied only
+        if newer): after a charge was posted without Redis (``SettlementRescue``).
+
+        Raises:
+            BillingUnavailableError: Redis or Postgres unreachable.
+        """
+        posted = await self._load_balance(account_id)
+        try:
+            await self.sync_balance(account_id, posted)
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
 
     async def account_state(self, account_id: int) -> AccountHolds:
         """Redis's view of an account (for `accounts show` and the admin API).

@@ -326,21 +326,18 @@ async def test_settle_twice_charges_once(
     await grant(pool, account_id, 1_000, holds=holds)
     await holds.reserve(account_id, 600, request_id="r1")
     payload = usage_payload(request_id="r1", account_id=account_id, cost_millicredits=500)
-    first = await holds.settle(
-        account_id, request_id="r1", cost_millicredits=500, payload=payload
-    )
-    repeat = await holds.settle(
-        account_id, request_id="r1", cost_millicredits=500, payload=payload
-    )
+    first = await holds.settle(account_id, request_id="r1", cost_millicredits=500, payload=payload)
+    repeat = await holds.settle(account_id, request_id="r1", cost_millicredits=500, payload=payload)
     assert repeat == first
     assert (first.charged_millicredits, first.hold_millicredits) == (500, 600)
     assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
     assert (await holds.account_state(account_id)).pending_millicredits == 500
     await poster.drain_all()
     # Posted: a repeat now (its entry acknowledged and deleted) still changes nothing.
-    assert await holds.settle(
-        account_id, request_id="r1", cost_millicredits=500, payload=payload
-    ) == first
+    assert (
+        await holds.settle(account_id, request_id="r1", cost_millicredits=500, payload=payload)
+        == first
+    )
     assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
     await _assert_converged(holds, pool, account_id)
     assert (await _posted(pool, account_id)).balance_millicredits == 500
