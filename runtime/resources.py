@@ -21,6 +21,10 @@ from billing.purchases.stripe_client import StripeClient
 from runtime import appkeys
 
 
+#: The hot path's script channel as ``CLIENT LIST`` names it.
+SCRIPT_CHANNEL_NAME = "creditgate-scripts"
+
+
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open the asyncpg pool for ``SETTINGS.database_url``; close it at shutdown."""
     settings = app[appkeys.SETTINGS]
@@ -60,7 +64,7 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
 
     url = settings.redis_url
     channel = (
-        ScriptChannel(url, timeout_s=settings.redis_socket_timeout_s)
+        ScriptChannel(url, timeout_s=settings.redis_socket_timeout_s, name=SCRIPT_CHANNEL_NAME)
         if pipelined and url.startswith("redis://")
         else None
     )

@@ -103,9 +103,10 @@ class ScriptChannel:
     Args:
         url: ``redis://[user:password@]host:port/db`` (the same ``REDIS_URL`` as redis-py).
         timeout_s: the longest a reply may take before the connection is dropped.
+        name: the connection's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows an operator).
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 5.0, name: str | None = None) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "redis":
             raise ValueError("ScriptChannel supports redis:// URLs only")
@@ -115,6 +116,7 @@ class ScriptChannel:
         self._username = unquote(parsed.username) if parsed.username else None
         self._password = unquote(parsed.password) if parsed.password else None
         self._timeout_s = timeout_s
+        self._name = name
         self._preloaded: list[str] = []
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
@@ -151,7 +153,8 @@ class ScriptChannel:
         return protocol
 
     async def _set_up(self, protocol: _Protocol) -> None:
-        """AUTH, SELECT and SCRIPT LOAD of the preloaded scripts, each within ``timeout_s``.
+        """AUTH, CLIENT SETNAME, SELECT and SCRIPT LOAD of the preloaded scripts, each within
+        ``timeout_s``.
 
         Raises:
             TimeoutError: Redis did not answer one of them in time.
@@ -166,6 +169,8 @@ class ScriptChannel:
                 else ("AUTH", self._password)
             )
             setup.append(auth)
+        if self._name is not None:
+            setup.append(("CLIENT", "SETNAME", self._name))
         if self._db:
             setup.append(("SELECT", self._db))
         setup.extend(("SCRIPT", "LOAD", script) for script in self._preloaded)

@@ -20,6 +20,7 @@ import redis.exceptions
 from devtools.localservices import RedisServer, start_redis
 from devtools.simulator import Scenario
 from gateway import appkeys as gateway_keys
+from runtime.resources import SCRIPT_CHANNEL_NAME
 from tests.harness import GatewayHarness
 
 HI = [{"role": "user", "content": "hi"}]
@@ -104,9 +105,7 @@ async def test_settle_reply_lost_in_a_stall_is_sent_again_and_charged_once(
     gw = await make_gateway(redis_socket_timeout_s=TIMEOUT_S)
     account, key = await gw.create_account(1_000_000)
     sim.push(Scenario(chunks=4, delay_s=0.15, prompt_tokens=20))
-    request_id, text = await _request_during_pause(
-        gw, key, account, stream=stream, pause_ms=2_000
-    )
+    request_id, text = await _request_during_pause(gw, key, account, stream=stream, pause_ms=2_000)
     assert text == " hello" * 4  # delivered
     await _assert_charged_once(gw, account, request_id)
     rescue = gw.app[gateway_keys.SETTLEMENT_RESCUE]
@@ -132,9 +131,7 @@ async def test_settle_lost_when_redis_restarts_empty_is_charged_once(
     gw = await make_gateway(redis_url=own_redis.url, redis_socket_timeout_s=TIMEOUT_S)
     account, key = await gw.create_account(1_000_000)
     sim.push(Scenario(chunks=4, delay_s=0.15, prompt_tokens=20))
-    request_id, text = await _request_during_pause(
-        gw, key, account, stream=False, pause_ms=30_000
-    )
+    request_id, text = await _request_during_pause(gw, key, account, stream=False, pause_ms=30_000)
     assert text == " hello" * 4
     own_redis.stop()
     restarted = start_redis(tmp_path / "redis-b", port=own_redis.port, appendonly=False)
@@ -145,3 +142,51 @@ async def test_settle_lost_when_redis_restarts_empty_is_charged_once(
     finally:
         await gw.stop()
         restarted.stop()
+
+
+async def _script_channels(redis_url: str) -> int:
+    admin = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        clients = await admin.client_list(_type="normal")
+    finally:
+        await admin.aclose()
+    return sum(c["name"] == SCRIPT_CHANNEL_NAME for c in clients)
+
+
+async def test_redis_stall_answers_503_billing_unavailable_and_leaks_no_connection(
+    make_gateway, sim
+):
+    """Requests during a stall longer than the timeout: the first times out on the live
+    connection, the next ones on reconnects whose SCRIPT LOAD waits. Each answers 503
+    ``billing_unavailable`` in the envelope with an x-request-id, and no connection is left
+    open behind the stall."""
+    gw = await make_gateway(redis_socket_timeout_s=TIMEOUT_S)
+    account, key = await gw.create_account(1_000_000)
+    client = gw.client(key)
+    await client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    assert await _script_channels(gw.settings.redis_url) == 1
+    await _pause(gw.settings.redis_url, 2_500)
+    for _ in range(4):
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+        assert info.value.status_code == 503
+        assert info.value.body["code"] == "billing_unavailable"
+        assert info.value.response.headers["x-request-id"].startswith("req_")
+    await _until(_paused_over(gw.settings.redis_url))
+    await client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    assert await _script_channels(gw.settings.redis_url) == 1
+    assert len(sim.requests) == 2  # nothing forwarded during the stall
+
+
+def _paused_over(redis_url: str):
+    async def check() -> bool:
+        admin = aioredis.from_url(redis_url)
+        try:
+            await asyncio.wait_for(admin.ping(), 0.2)
+        except TimeoutError:
+            return False
+        finally:
+            await admin.aclose()
+        return True
+
+    return check
