@@ -17,9 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from billing.errors import BillingUnavailableError
 from devtools.localservices import RedisServer, start_redis
 from devtools.simulator import Scenario
 from gateway import appkeys as gateway_keys
+from runtime import appkeys
 from runtime.resources import SCRIPT_CHANNEL_NAME
 from tests.harness import GatewayHarness
 
@@ -161,7 +163,7 @@ async def test_redis_stall_answers_503_billing_unavailable_and_leaks_no_connecti
     ``billing_unavailable`` in the envelope with an x-request-id, and no connection is left
     open behind the stall."""
     gw = await make_gateway(redis_socket_timeout_s=TIMEOUT_S)
-    account, key = await gw.create_account(1_000_000)
+    _, key = await gw.create_account(1_000_000)
     client = gw.client(key)
     await client.chat.completions.create(model="gpt-4o-mini", messages=HI)
     assert await _script_channels(gw.settings.redis_url) == 1
@@ -190,3 +192,37 @@ def _paused_over(redis_url: str):
         return True
 
     return check
+
+
+async def test_void_failed_in_a_stall_is_voided_once_redis_answers(make_gateway, sim):
+    """The upstream breaks before any output while Redis is paused: the void fails, and the
+    hold is released as soon as Redis answers, not at its deadline minutes later."""
+    gw = await make_gateway(redis_socket_timeout_s=TIMEOUT_S)
+    account, key = await gw.create_account(1_000_000)
+    sim.push(Scenario(chunks=4, delay_s=0.3, fail_after_chunks=1))
+    client = gw.client(key)
+    task = asyncio.create_task(client.chat.completions.create(model="gpt-4o-mini", messages=HI))
+    await _until(lambda: _held(gw, account))
+    await _pause(gw.settings.redis_url, 1_500)
+    with pytest.raises(openai.APIStatusError) as info:
+        await task
+    assert info.value.status_code == 502
+
+    async def released() -> bool:
+        return not await _held(gw, account)
+
+    await _until(released)  # bounded well below the hold's deadline (670 s by default)
+    assert gw.app[gateway_keys.SETTLEMENT_RESCUE].stats.voided == 1
+    assert await gw.balance(account) == 1_000_000
+    assert (await gw.state(account)).pending_millicredits == 0
+
+
+async def test_redis_py_clients_fail_in_a_stall_instead_of_hanging(make_gateway):
+    """The sweeper's (and the poster's claims', the admin service's) redis-py client has a
+    socket timeout: a stalled Redis fails the call, which is retried, rather than hanging."""
+    gw = await make_gateway(redis_socket_timeout_s=TIMEOUT_S)
+    holds = gw.app[appkeys.HOLDS]
+    await _pause(gw.settings.redis_url, 3_000)
+    with pytest.raises(BillingUnavailableError):
+        # wait_for only guards the test: without a socket timeout this raises TimeoutError.
+        await asyncio.wait_for(holds.sweep_expired(), 2.0)
