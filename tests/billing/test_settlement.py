@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,9 @@ from billing.ledger import PostedBalance
 from billing.metering import outbox, posting
 from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
 from billing.metering.posting import GROUP, SettlementPoster
+from billing.metering.rescue import LostSettlement, SettlementRescue
 from billing.metering.script_channel import ScriptChannel
+from devtools.localservices import free_port
 from tests.billing.money import (
     grant,
     money_totals,
@@ -436,3 +439,87 @@ async def test_poster_leaves_an_unreadable_entry_pending_and_posts_the_rest(
     pending = await holds.redis.xpending_range(OUTBOX_STREAM_KEY, GROUP, "-", "+", 10)
     assert [p["message_id"] for p in pending] == [bad_id]
     assert any("is unreadable" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
+# -- the settlement rescue (a settle whose reply was lost) ---------------------------------
+
+
+async def _lost(holds: HoldStore, account_id: int, *, cost: int = 500) -> LostSettlement:
+    await holds.reserve(account_id, 600, request_id="lost")
+    payload = usage_payload(request_id="lost", account_id=account_id, cost_millicredits=cost)
+    return LostSettlement(account_id, "lost", cost, payload, lost_at=0.0)
+
+
+@pytest.mark.parametrize("first_ran", [True, False], ids=["ran", "did-not-run"])
+async def test_rescue_resends_a_lost_settle_and_charges_once(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster, first_ran: bool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    lost = await _lost(holds, account_id)
+    if first_ran:  # the script ran; only its reply was lost
+        await holds.settle(
+            account_id, request_id="lost", cost_millicredits=500, payload=lost.payload
+        )
+    rescue = SettlementRescue(holds, pool)
+    rescue.settle_later(account_id, request_id="lost", cost_millicredits=500, payload=lost.payload)
+    await rescue.retry_once()
+    assert rescue.outstanding == 0
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
+    state = await holds.account_state(account_id)
+    assert (state.held_millicredits, state.pending_millicredits) == (0, 500)
+    await poster.drain_all()
+    await _assert_converged(holds, pool, account_id)
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+
+
+@pytest.mark.parametrize("first_ran", [True, False], ids=["ran", "did-not-run"])
+async def test_rescue_posted_directly_releases_the_hold_and_charges_once(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster, first_ran: bool
+) -> None:
+    """Redis did not answer for ``post_after_s``: the record goes to Postgres; once Redis
+    answers the hold is voided and the cached balance reloaded. If the first settle did run
+    after all, its outbox entry is a duplicate there."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    lost = await _lost(holds, account_id)
+    if first_ran:
+        await holds.settle(
+            account_id, request_id="lost", cost_millicredits=500, payload=lost.payload
+        )
+    rescue = SettlementRescue(holds, pool)
+    assert await rescue.post_directly([lost])
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+    await rescue.retry_once()  # Redis answers again: void, after reloading the balance
+    assert rescue.outstanding == 0
+    await poster.drain_all()
+    await _assert_converged(holds, pool, account_id)
+    state = await holds.account_state(account_id)
+    assert (state.held_millicredits, state.available_millicredits) == (0, 500)
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+
+
+async def test_rescue_with_redis_down_posts_to_postgres_after_its_limit(
+    pool: asyncpg.Pool,
+) -> None:
+    dead = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", decode_responses=True)
+    holds = HoldStore(dead, lambda account_id: ledger.posted_balance(pool, account_id))
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000)
+    payload = usage_payload(request_id="lost", account_id=account_id, cost_millicredits=500)
+    rescue = SettlementRescue(holds, pool, retry_interval_s=0.01, post_after_s=0.0)
+    task = asyncio.create_task(rescue.run())
+    try:
+        rescue.settle_later(account_id, request_id="lost", cost_millicredits=500, payload=payload)
+        for _ in range(500):
+            if rescue.stats.posted_directly:
+                break
+            await asyncio.sleep(0.01)
+        assert rescue.stats.posted_directly == 1
+        assert rescue.outstanding == 1  # the hold's void waits for Redis
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await dead.aclose()
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
