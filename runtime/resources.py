@@ -20,7 +20,6 @@ from billing.metering.script_channel import ScriptChannel
 from billing.purchases.stripe_client import StripeClient
 from runtime import appkeys
 
-
 #: The hot path's script channel as ``CLIENT LIST`` names it.
 SCRIPT_CHANNEL_NAME = "creditgate-scripts"
 
