@@ -125,7 +125,11 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     reader = None
     if settings.settlement_poster_enabled:
         if settings.redis_url.startswith("redis://"):
-            reader = ScriptChannel(settings.redis_url, timeout_s=settings.redis_socket_timeout_s)
+            reader = ScriptChannel(
+                settings.redis_url,
+                timeout_s=settings.redis_socket_timeout_s,
+                name="creditgate-outbox-reader",
+            )
         poster = SettlementPoster(
             holds,
             app[appkeys.DB_POOL],

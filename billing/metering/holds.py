@@ -64,7 +64,9 @@ def settled_key(account_id: int, request_id: str) -> str:
 
 #: How long a settled request's marker lives: the window in which a repeat of its settle (a
 #: reply lost in a stall, sent again by the gateway's rescue) is recognised and changes nothing.
-SETTLED_MARKER_TTL_S = 600.0
+#: Longer than the rescue goes on sending a settle to Redis (``rescue.POST_AFTER_S``, then
+#: it posts to Postgres), with room for its retry waits; one key per settlement lives this long.
+SETTLED_MARKER_TTL_S = 120.0
 
 
 def _member(account_id: int, request_id: str) -> str:

@@ -35,6 +35,10 @@ from billing.metering.posting import post_settlements
 
 log = logging.getLogger(__name__)
 
+#: Seconds a lost settlement is sent to Redis before it is posted to Postgres directly (below
+#: ``holds.SETTLED_MARKER_TTL_S``: a repeat in Redis must still find the first's marker).
+POST_AFTER_S = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class LostSettlement:
@@ -96,7 +100,7 @@ class SettlementRescue:
         *,
         retry_interval_s: float = 0.2,
         max_retry_interval_s: float = 5.0,
-        post_after_s: float = 30.0,
+        post_after_s: float = POST_AFTER_S,
     ) -> None:
         self._holds = holds
         self._pool = pool

@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from billing import ledger
 from billing.ledger import PostedBalance
-from billing.metering import outbox, posting
+from billing.metering import holds as holds_module
+from billing.metering import outbox, posting, rescue
 from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
 from billing.metering.posting import GROUP, SettlementPoster
 from billing.metering.rescue import LostSettlement, SettlementRescue
@@ -523,3 +524,9 @@ async def test_rescue_with_redis_down_posts_to_postgres_after_its_limit(
             await task
         await dead.aclose()
     assert (await _posted(pool, account_id)).balance_millicredits == 500
+
+
+def test_rescue_gives_up_on_redis_while_a_repeat_still_finds_the_marker() -> None:
+    """The rescue sends a settle to Redis for at most POST_AFTER_S (plus one retry wait and
+    one timeout), then posts to Postgres: every repeat it sends must find the marker."""
+    assert rescue.POST_AFTER_S + 5.0 + 5.0 < holds_module.SETTLED_MARKER_TTL_S
