@@ -142,8 +142,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     yield
     for task in tasks:
         await _cancel_and_wait(task)
-    # Settlements and voids Redis did not confirm: a last try, then Postgres (best effort).
+    # Settlements and voids Redis did not confirm (the replies still in flight first): a last
+    # try, then Postgres (best effort).
     with contextlib.suppress(Exception):
+        await holds.wait_for_replies()
         await rescue.finish(timeout_s=5)
     # Post what is already in the outbox before the process exits (best effort: whatever is
     # left is claimed by another poster or by this one after a restart).

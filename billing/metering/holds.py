@@ -250,6 +250,13 @@ class HoldStore:
                 return reply
         return self._run(script, keys, args)
 
+    async def wait_for_replies(self) -> None:
+        """At shutdown: wait until the settle commands in flight on the pipelined channel
+        have their replies or have failed, so a failure reaches its ``on_failure`` report
+        (``ScriptChannel.wait_idle``). No channel: returns at once."""
+        if self._channel is not None:
+            await self._channel.wait_idle()
+
     @property
     def redis(self) -> aioredis.Redis:
         """The Redis client the scripts run on."""

@@ -266,6 +266,17 @@ class ScriptChannel:
         else:
             protocol.watchdog = loop.call_at(deadline, self._watch, protocol)
 
+    async def wait_idle(self) -> None:
+        """Wait until every command sent has its reply or has failed (at shutdown: a failure
+        runs its callbacks). Bounded by the watchdog: at most about ``2 * timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self._timeout_s
+        while (protocol := self._protocol) is not None and protocol.waiters:
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let the replies' done callbacks run
+
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script by SHA, loading it first if Redis does not know it."""
         try:

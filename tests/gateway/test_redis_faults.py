@@ -226,3 +226,56 @@ async def test_redis_py_clients_fail_in_a_stall_instead_of_hanging(make_gateway)
     with pytest.raises(BillingUnavailableError):
         # wait_for only guards the test: without a socket timeout this raises TimeoutError.
         await asyncio.wait_for(holds.sweep_expired(), 2.0)
+
+
+async def test_settle_lost_at_shutdown_is_posted_to_postgres(
+    make_gateway, sim, own_redis: RedisServer
+):
+    """The gateway stops while Redis is still stalled: its rescue posts the delivered
+    answer's settlement to Postgres directly instead of dropping it."""
+    gw = await make_gateway(redis_url=own_redis.url, redis_socket_timeout_s=TIMEOUT_S)
+    account, key = await gw.create_account(1_000_000)
+    sim.push(Scenario(chunks=4, delay_s=0.15, prompt_tokens=20))
+    request_id, text = await _request_during_pause(gw, key, account, stream=False, pause_ms=30_000)
+    assert text == " hello" * 4
+    rescue = gw.app[gateway_keys.SETTLEMENT_RESCUE]
+    await gw.runner.cleanup()  # the gateway's shutdown (the harness's stop runs it again)
+    assert rescue.stats.posted_directly == 1
+    usage = await gw.usage(request_id)
+    assert usage is not None
+    assert usage["charged_millicredits"] > 0
+    assert await gw.balance(account) == 1_000_000 - usage["charged_millicredits"]
+
+
+async def test_settle_failed_before_delivery_voids_the_hold_once_redis_is_back(
+    make_gateway, sim, tmp_path: Path
+):
+    """Redis goes away while the upstream answers: the settle cannot be sent, the client
+    gets 503 and is not charged, and the hold (kept by Redis's append-only file across the
+    restart) is voided as soon as Redis is back, not at its deadline."""
+    server = start_redis(tmp_path / "redis-aof", appendonly=True)
+    try:
+        gw = await make_gateway(redis_url=server.url, redis_socket_timeout_s=TIMEOUT_S)
+        account, key = await gw.create_account(1_000_000)
+        sim.push(Scenario(chunks=4, delay_s=0.3, prompt_tokens=20))
+        client = gw.client(key)
+        task = asyncio.create_task(client.chat.completions.create(model="gpt-4o-mini", messages=HI))
+        await _until(lambda: _held(gw, account))
+        server.stop()  # SIGTERM: the append-only file keeps the hold
+        with pytest.raises(openai.APIStatusError) as info:
+            await task
+        assert info.value.status_code == 503
+        assert info.value.body["code"] == "billing_unavailable"
+        server = start_redis(tmp_path / "redis-aof", port=server.port, appendonly=True)
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            await gw.redis.ping()
+
+        async def released() -> bool:
+            return not await _held(gw, account)
+
+        await _until(released)
+        assert gw.app[gateway_keys.SETTLEMENT_RESCUE].stats.voided == 1
+        assert await gw.usage(request_id=info.value.response.headers["x-request-id"]) is None
+        assert await gw.balance(account) == 1_000_000
+    finally:
+        server.stop()
