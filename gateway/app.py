@@ -25,6 +25,7 @@ from yarl import URL
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.metering.posting import PosterStats, SettlementPoster
 from billing.metering.rate_cards import RateCardBook
+from billing.metering.rescue import SettlementRescue
 from billing.metering.script_channel import ScriptChannel
 from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
@@ -106,11 +107,15 @@ async def _refresh_rate_cards(app: web.Application) -> None:
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    """The hold sweeper, the rate card refresh and the settlement poster, each supervised
-    (``runtime.supervision``): a loop that fails is logged and restarted, never lost."""
+    """The settlement rescue, the hold sweeper, the rate card refresh and the settlement
+    poster, each supervised (``runtime.supervision``): a loop that fails is logged and
+    restarted, never lost."""
     settings = app[appkeys.SETTINGS]
     holds = app[appkeys.HOLDS]
+    rescue = SettlementRescue(holds, app[appkeys.DB_POOL])
+    app[gateway_keys.SETTLEMENT_RESCUE] = rescue
     tasks = [
+        _start_supervised("settlement-rescue", rescue.run),
         _start_supervised(
             "hold-sweeper",
             partial(periodically, settings.sweep_interval_s, partial(_sweep_expired_holds, app)),
@@ -124,7 +129,11 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     reader = None
     if settings.settlement_poster_enabled:
         if settings.redis_url.startswith("redis://"):
-            reader = ScriptChannel(settings.redis_url)
+            reader = ScriptChannel(
+                settings.redis_url,
+                timeout_s=settings.redis_socket_timeout_s,
+                name="creditgate-outbox-reader",
+            )
         poster = SettlementPoster(
             holds,
             app[appkeys.DB_POOL],
@@ -138,6 +147,11 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     yield
     for task in tasks:
         await _cancel_and_wait(task)
+    # Settlements and voids Redis did not confirm (the replies still in flight first): a last
+    # try, then Postgres (best effort).
+    with contextlib.suppress(Exception):
+        await holds.wait_for_replies()
+        await rescue.finish(timeout_s=5)
     # Post what is already in the outbox before the process exits (best effort: whatever is
     # left is claimed by another poster or by this one after a restart).
     if poster is not None:

@@ -11,6 +11,7 @@ from yarl import URL
 
 from billing.metering.posting import PosterStats
 from billing.metering.rate_cards import RateCardBook
+from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import TokenCounter
 from gateway.auth import KeyAuthenticator
 from gateway.usage import UsageStats
@@ -26,3 +27,5 @@ UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict[str, str])
 UPSTREAM_URLS = web.AppKey("upstream_urls", dict[str, URL])
 # Threads that count large prompts off the event loop (PROMPT_COUNT_THREADS of them).
 PROMPT_COUNTING = web.AppKey("prompt_counting", ThreadPoolExecutor)
+# Settlements and voids Redis did not confirm, retried in the background (one per process).
+SETTLEMENT_RESCUE = web.AppKey("settlement_rescue", SettlementRescue)

@@ -38,6 +38,7 @@ from billing.metering.estimate import (
 )
 from billing.metering.outbox import SettlementRecord
 from billing.metering.pricing import RateCard, charge_millicredits, worst_case_millicredits
+from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import JSON_MAX_DEPTH
 from gateway import appkeys as gateway_keys
 from gateway.auth import Identity
@@ -259,19 +260,26 @@ class BilledCall:
         # CHARGED before the command is awaited: once sent, the script may run even if this
         # await is cancelled or fails (it can already be in the socket buffer), and a void sent
         # after it on another connection could overtake it and release a hold that is being
-        # charged. So a call whose settle was sent is never voided; if the script never ran,
-        # the sweeper releases the hold at its deadline.
+        # charged. So a call whose settle was sent is never voided here; a failure goes to the
+        # rescue (see _settle_failed and below).
         self.hold_state = HoldState.CHARGED
+        account_id = self.identity.account_id
         pending = await self.app[appkeys.HOLDS].send_settle(
-            self.identity.account_id,
-            request_id=self.request_id,
-            cost_millicredits=cost,
-            payload=payload,
+            account_id, request_id=self.request_id, cost_millicredits=cost, payload=payload
         )
+        rescue = self.app[gateway_keys.SETTLEMENT_RESCUE]
         if await pending.in_kernel():
-            pending.on_failure(partial(_settle_failed, self.request_id))
-        else:
+            pending.on_failure(
+                partial(_settle_failed, rescue, account_id, self.request_id, cost, payload)
+            )
+            return
+        try:
             await pending.result()
+        except BillingUnavailableError:
+            # Not delivered (the caller answers 503 or an SSE error): the hold is voided once
+            # Redis answers, which releases nothing if the script did run (then it charged).
+            rescue.void_later(account_id, request_id=self.request_id)
+            raise
 
     async def void(self) -> None:
         """Release the hold with no charge (nothing was generated for the client).
@@ -285,7 +293,10 @@ class BilledCall:
         try:
             await self.app[appkeys.HOLDS].void(self.identity.account_id, request_id=self.request_id)
         except BillingUnavailableError:
-            log.warning("void of %s failed; the sweeper releases it", self.request_id)
+            log.warning("void of %s failed; voided again once Redis answers", self.request_id)
+            self.app[gateway_keys.SETTLEMENT_RESCUE].void_later(
+                self.identity.account_id, request_id=self.request_id
+            )
 
     def estimated_usage(self, text: str) -> Usage:
         """Usage when the upstream never reported it: our prompt count + tiktoken of output."""
@@ -294,9 +305,20 @@ class BilledCall:
         return Usage(self.estimate.prompt_tokens, completion)
 
 
-def _settle_failed(request_id: str, exc: BaseException) -> None:
-    # Delivered, maybe uncharged: if the script did not run, the sweeper voids the hold.
-    log.error("settlement of %s failed after delivery: %s", request_id, exc)
+def _settle_failed(
+    rescue: SettlementRescue,
+    account_id: int,
+    request_id: str,
+    cost_millicredits: int,
+    payload: str,
+    exc: BaseException,
+) -> None:
+    """The reply of a delivered answer's settle was lost: the script may or may not have run.
+    The rescue sends it again (``settle.lua`` recognises a repeat), so it is charged once."""
+    log.warning("settlement of %s failed after delivery (%s); sent again", request_id, exc)
+    rescue.settle_later(
+        account_id, request_id=request_id, cost_millicredits=cost_millicredits, payload=payload
+    )
 
 
 def _headers(call: BilledCall) -> dict[str, str]:
@@ -431,7 +453,10 @@ async def _reserve(
         rounding_mode=settings.rounding_mode,
     )
     await app[appkeys.HOLDS].reserve(
-        identity.account_id, hold_millicredits, request_id=request_id, ttl_s=settings.hold_ttl_s
+        identity.account_id,
+        hold_millicredits,
+        request_id=request_id,
+        ttl_s=settings.hold_deadline_s,
     )
     return hold_millicredits
 

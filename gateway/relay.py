@@ -13,7 +13,7 @@ upstream sends usage / ``[DONE]``  its usage (bounded), or our count of text, "c
 client goes away                   the text forwarded so far, "client_disconnected"
 upstream breaks before ``[DONE]``  the text forwarded so far, "upstream_error", + error event
 upstream ends without either       the same as a break (the generation did not complete)
-Redis down at settlement           nothing (the sweeper releases the hold), + error event
+Redis down at settlement           nothing (voided once Redis answers), + error event
 nothing generated                  the hold is voided
 =================================  ==========================================================
 """

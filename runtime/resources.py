@@ -24,6 +24,9 @@ from billing.metering.script_channel import ScriptChannel
 from billing.purchases.stripe_client import StripeClient
 from runtime import appkeys
 
+#: The hot path's script channel as ``CLIENT LIST`` names it.
+SCRIPT_CHANNEL_NAME = "creditgate-scripts"
+
 log = logging.getLogger(__name__)
 
 REQUIRED_EVICTION_POLICY = "noeviction"
@@ -91,14 +94,21 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
     missing cached balance is loaded from Postgres). ``pipelined`` adds the hot path's
     ``ScriptChannel`` (the gateway; see ``billing.metering.script_channel``).
 
+    Every Redis command here fails after ``REDIS_SOCKET_TIMEOUT_S`` without a reply (and a
+    connect after ``REDIS_CONNECT_TIMEOUT_S``) instead of waiting for a stalled Redis forever:
+    the sweeper, the poster's claims and the admin service retry or answer 503.
+
     Raises:
         RedisEvictionPolicyError: Redis may evict keys (``check_eviction_policy``).
     """
+    settings = app[appkeys.SETTINGS]
     client = aioredis.from_url(
-        app[appkeys.SETTINGS].redis_url,
+        settings.redis_url,
         decode_responses=True,
         health_check_interval=30,
         max_connections=64,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
     )
     try:
         await check_eviction_policy(client)
@@ -113,8 +123,12 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
         except POSTGRES_UNAVAILABLE as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
 
-    url = app[appkeys.SETTINGS].redis_url
-    channel = ScriptChannel(url) if pipelined and url.startswith("redis://") else None
+    url = settings.redis_url
+    channel = (
+        ScriptChannel(url, timeout_s=settings.redis_socket_timeout_s, name=SCRIPT_CHANNEL_NAME)
+        if pipelined and url.startswith("redis://")
+        else None
+    )
     app[appkeys.REDIS] = client
     app[appkeys.HOLDS] = HoldStore(client, load_balance, channel=channel)
     yield

@@ -27,6 +27,10 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+#: Seconds a derived hold deadline adds to the upstream timeouts (``Settings.hold_deadline_s``).
+HOLD_TTL_MARGIN_S = 60.0
+
+
 @dataclass(frozen=True)
 class Settings:
     """Gateway and admin service configuration. Units are in the names."""
@@ -52,7 +56,8 @@ class Settings:
     http_max_connections: int = 4096
     prompt_count_inline_max_bytes: int = 16 * 1024
     prompt_count_threads: int = 2
-    hold_ttl_s: float = 900.0
+    hold_ttl_s: float | None = None
+    """``HOLD_TTL_S``; None (unset): ``hold_deadline_s`` derives it from the upstream timeouts."""
     auth_cache_ttl_s: float = 5.0
     rate_card_refresh_s: float = 30.0
     upstream_connect_timeout_s: float = 10.0
@@ -61,6 +66,8 @@ class Settings:
     settlement_claim_idle_ms: int = 30_000
     settlement_poster_enabled: bool = True
     sweep_interval_s: float = 5.0
+    redis_socket_timeout_s: float = 5.0
+    redis_connect_timeout_s: float = 5.0
     tiktoken_encodings_dir: Path | None = None
     # Stripe (issue: buying credits)
     stripe_api_key: str = ""
@@ -68,6 +75,19 @@ class Settings:
     stripe_api_base: str | None = None
     purchases_enabled: bool = True
     extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def hold_deadline_s(self) -> float:
+        """Seconds from a hold's placement to its deadline (the sweeper then voids it).
+
+        ``HOLD_TTL_S`` when set; else the longest a request can wait for its upstream before
+        the gateway gives up on it (``UPSTREAM_CONNECT_TIMEOUT_S + UPSTREAM_READ_TIMEOUT_S``)
+        plus ``HOLD_TTL_MARGIN_S``: a hold whose owner died or lost Redis then frees the
+        account's balance soon after its request could still have been running.
+        """
+        if self.hold_ttl_s is not None:
+            return self.hold_ttl_s
+        return self.upstream_connect_timeout_s + self.upstream_read_timeout_s + HOLD_TTL_MARGIN_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,7 +128,7 @@ class Settings:
                 "PROMPT_COUNT_INLINE_MAX_BYTES", 16 * 1024, minimum=0
             ),
             prompt_count_threads=read.integer("PROMPT_COUNT_THREADS", 2, minimum=1, maximum=64),
-            hold_ttl_s=read.seconds("HOLD_TTL_S", 900.0, minimum=1),
+            hold_ttl_s=read.optional_seconds("HOLD_TTL_S", minimum=1),
             auth_cache_ttl_s=read.seconds("AUTH_CACHE_TTL_S", 5.0, minimum=0),
             rate_card_refresh_s=read.seconds("RATE_CARD_REFRESH_S", 30.0),
             upstream_connect_timeout_s=read.seconds("UPSTREAM_CONNECT_TIMEOUT_S", 10.0),
@@ -117,6 +137,8 @@ class Settings:
             settlement_claim_idle_ms=read.integer("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100),
             settlement_poster_enabled=read.boolean("SETTLEMENT_POSTER_ENABLED", True),
             sweep_interval_s=read.seconds("SWEEP_INTERVAL_S", 5.0),
+            redis_socket_timeout_s=read.seconds("REDIS_SOCKET_TIMEOUT_S", 5.0),
+            redis_connect_timeout_s=read.seconds("REDIS_CONNECT_TIMEOUT_S", 5.0),
             tiktoken_encodings_dir=Path(encodings_dir) if encodings_dir else None,
             stripe_api_key=read.text("STRIPE_API_KEY"),
             stripe_webhook_secrets=read.items("STRIPE_WEBHOOK_SECRETS"),
@@ -214,6 +236,12 @@ class _EnvReader:
 
     def seconds(self, name: str, default: float, *, minimum: float = 0.1) -> float:
         return float(self._number(name, default, float, minimum, None))
+
+    def optional_seconds(self, name: str, *, minimum: float = 0.1) -> float | None:
+        """Seconds, or None when unset or blank (or malformed, then noting a problem)."""
+        if not self.text(name):
+            return None
+        return self.seconds(name, 0.0, minimum=minimum)
 
     def _number(
         self,

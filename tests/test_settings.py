@@ -235,3 +235,26 @@ def test_from_env_prompt_counting_defaults_read_and_bounds():
     assert (settings.prompt_count_inline_max_bytes, settings.prompt_count_threads) == (0, 4)
     [problem] = _problems({**REQUIRED, "PROMPT_COUNT_THREADS": "0"})
     assert "PROMPT_COUNT_THREADS" in problem
+
+
+def test_hold_deadline_unset_follows_the_upstream_timeouts():
+    settings = Settings.from_env(
+        {**REQUIRED, "UPSTREAM_CONNECT_TIMEOUT_S": "5", "UPSTREAM_READ_TIMEOUT_S": "120"}
+    )
+    assert settings.hold_ttl_s is None
+    assert settings.hold_deadline_s == 5 + 120 + 60
+    assert Settings.from_env(REQUIRED).hold_deadline_s == 10 + 600 + 60
+
+
+def test_hold_deadline_set_is_taken_as_is():
+    assert Settings.from_env({**REQUIRED, "HOLD_TTL_S": "30"}).hold_deadline_s == 30
+
+
+def test_redis_timeouts_read_from_env():
+    settings = Settings.from_env(
+        {**REQUIRED, "REDIS_SOCKET_TIMEOUT_S": "2.5", "REDIS_CONNECT_TIMEOUT_S": "1"}
+    )
+    assert (settings.redis_socket_timeout_s, settings.redis_connect_timeout_s) == (2.5, 1.0)
+    assert _problems({**REQUIRED, "REDIS_SOCKET_TIMEOUT_S": "0"}) == [
+        "REDIS_SOCKET_TIMEOUT_S must be >= 0.1, got '0'"
+    ]

@@ -5,6 +5,9 @@ Per account (one hash tag, so one Redis Cluster slot):
                                 (sum of open holds), ``pending`` (settled, not yet posted to
                                 Postgres), ``shortfall`` (outstanding; stops paid use)
     ``cg:v1:{acct:N}:holds``    hash ``request_id -> "amount_mc:deadline_ms"``
+    ``cg:v1:{acct:N}:settled:R`` string ``"charged_mc:hold_mc:entry_id"``: request R was
+                                settled (a repeat answers this); expires after
+                                ``settled_marker_ttl_s``
 Global:
     ``cg:v1:hold_deadlines``    zset of ``"N|request_id"`` by deadline, for the sweeper
     ``cg:v1:settlements``       the settlement outbox stream (see ``billing.metering.posting``)
@@ -52,6 +55,18 @@ def account_key(account_id: int) -> str:
 def holds_key(account_id: int) -> str:
     """Redis key of an account's open holds."""
     return f"{KEY_PREFIX}:{{acct:{account_id}}}:holds"
+
+
+def settled_key(account_id: int, request_id: str) -> str:
+    """Redis key of the marker ``settle.lua`` leaves for a settled request (its idempotency)."""
+    return f"{KEY_PREFIX}:{{acct:{account_id}}}:settled:{request_id}"
+
+
+#: How long a settled request's marker lives: the window in which a repeat of its settle (a
+#: reply lost in a stall, sent again by the gateway's rescue) is recognised and changes nothing.
+#: Longer than the rescue goes on sending a settle to Redis (``rescue.POST_AFTER_S``, then
+#: it posts to Postgres), with room for its retry waits; one key per settlement lives this long.
+SETTLED_MARKER_TTL_S = 120.0
 
 
 def _member(account_id: int, request_id: str) -> str:
@@ -131,7 +146,7 @@ class PendingSettlement:
 
         Raises:
             BillingUnavailableError: Redis unreachable or too slow; whether the script ran is
-                unknown (if not, the sweeper voids the hold at its deadline).
+                unknown (send it again: ``settle.lua`` recognises a repeat).
         """
         try:
             if self._reply is None:
@@ -192,6 +207,7 @@ class HoldStore:
         load_balance: BalanceLoader,
         *,
         channel: ScriptChannel | None = None,
+        settled_marker_ttl_s: float = SETTLED_MARKER_TTL_S,
     ) -> None:
         """Register the scripts (once, at start-up).
 
@@ -201,8 +217,11 @@ class HoldStore:
                 has no cached balance (never read a missing balance as zero).
             channel: a pipelined connection for the hot path's reserve and settle scripts
                 (the gateway passes one; other callers use ``redis``).
+            settled_marker_ttl_s: how long a repeat of a settle is recognised (see
+                ``settle.lua``).
         """
         self._redis = redis
+        self._settled_marker_ttl_ms = int(settled_marker_ttl_s * 1000)
         self._channel = channel
         self._load_balance = load_balance
         self._reserve = redis.register_script(_load_script("reserve.lua"))
@@ -230,6 +249,13 @@ class HoldStore:
             if reply is not None:
                 return reply
         return self._run(script, keys, args)
+
+    async def wait_for_replies(self) -> None:
+        """At shutdown: wait until the settle commands in flight on the pipelined channel
+        have their replies or have failed, so a failure reaches its ``on_failure`` report
+        (``ScriptChannel.wait_idle``). No channel: returns at once."""
+        if self._channel is not None:
+            await self._channel.wait_idle()
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -337,9 +363,12 @@ class HoldStore:
             payload: the usage record the poster posts to Postgres
                 (``billing.metering.outbox.SettlementRecord.to_json``).
 
+        Idempotent by request id: a repeat within ``settled_marker_ttl_s`` returns the first
+        settlement and changes nothing (a settle whose reply was lost can be sent again).
+
         Raises:
-            BillingUnavailableError: Redis unreachable; the hold stays and the sweeper voids
-                it at its deadline (the request goes uncharged: documented window).
+            BillingUnavailableError: Redis unreachable or too slow; the script may or may not
+                have run (send it again: the repeat is recognised).
         """
         pending = await self.send_settle(
             account_id, request_id=request_id, cost_millicredits=cost_millicredits, payload=payload
@@ -358,8 +387,21 @@ class HoldStore:
         Raises:
             BillingUnavailableError: Redis unreachable (also from ``PendingSettlement.result``).
         """
-        keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY, OUTBOX_STREAM_KEY]
-        args = [request_id, cost_millicredits, _member(account_id, request_id), payload, account_id]
+        keys = [
+            account_key(account_id),
+            holds_key(account_id),
+            DEADLINES_KEY,
+            OUTBOX_STREAM_KEY,
+            settled_key(account_id, request_id),
+        ]
+        args = [
+            request_id,
+            cost_millicredits,
+            _member(account_id, request_id),
+            payload,
+            account_id,
+            self._settled_marker_ttl_ms,
+        ]
         script = self._settle
 
         def run() -> Awaitable[Any]:
@@ -441,6 +483,19 @@ class HoldStore:
             [posted.balance_millicredits, posted.version, posted.shortfall_millicredits],
         )
         return bool(applied)
+
+    async def reload_balance(self, account_id: int) -> None:
+        """Read the account's posted balance from Postgres and give it to Redis (applied only
+        if newer): after a charge was posted without Redis (``SettlementRescue``).
+
+        Raises:
+            BillingUnavailableError: Redis or Postgres unreachable.
+        """
+        posted = await self._load_balance(account_id)
+        try:
+            await self.sync_balance(account_id, posted)
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
 
     async def account_state(self, account_id: int) -> AccountHolds:
         """Redis's view of an account (for `accounts show` and the admin API).

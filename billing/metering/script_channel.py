@@ -103,9 +103,10 @@ class ScriptChannel:
     Args:
         url: ``redis://[user:password@]host:port/db`` (the same ``REDIS_URL`` as redis-py).
         timeout_s: the longest a reply may take before the connection is dropped.
+        name: the connection's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows an operator).
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 5.0, name: str | None = None) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "redis":
             raise ValueError("ScriptChannel supports redis:// URLs only")
@@ -115,6 +116,7 @@ class ScriptChannel:
         self._username = unquote(parsed.username) if parsed.username else None
         self._password = unquote(parsed.password) if parsed.password else None
         self._timeout_s = timeout_s
+        self._name = name
         self._preloaded: list[str] = []
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
@@ -137,6 +139,28 @@ class ScriptChannel:
             )
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to redis: {exc}") from exc
+        try:
+            await self._set_up(protocol)
+        except BaseException as exc:
+            # Never leave a half-opened connection behind (a stalled Redis would collect
+            # one per attempt), and report a slow setup as the connection failure it is.
+            protocol._fail(RedisConnectionError(f"redis connection setup failed: {exc!r}"))
+            if isinstance(exc, TimeoutError | RedisConnectionError | OSError):
+                raise RedisConnectionError(
+                    f"redis connection setup took over {self._timeout_s}s or failed: {exc!r}"
+                ) from exc
+            raise
+        return protocol
+
+    async def _set_up(self, protocol: _Protocol) -> None:
+        """AUTH, CLIENT SETNAME, SELECT and SCRIPT LOAD of the preloaded scripts, each within
+        ``timeout_s``.
+
+        Raises:
+            TimeoutError: Redis did not answer one of them in time.
+            redis.exceptions.ConnectionError: the connection dropped meanwhile.
+        """
+        loop = asyncio.get_running_loop()
         setup: list[tuple[Any, ...]] = []
         if self._password is not None:
             auth = (
@@ -145,6 +169,8 @@ class ScriptChannel:
                 else ("AUTH", self._password)
             )
             setup.append(auth)
+        if self._name is not None:
+            setup.append(("CLIENT", "SETNAME", self._name))
         if self._db:
             setup.append(("SELECT", self._db))
         setup.extend(("SCRIPT", "LOAD", script) for script in self._preloaded)
@@ -154,7 +180,6 @@ class ScriptChannel:
             assert protocol.transport is not None
             protocol.transport.write(hiredis.pack_command(command))
             await asyncio.wait_for(future, self._timeout_s)
-        return protocol
 
     async def _ready(self) -> _Protocol:
         if self._protocol is not None:
@@ -240,6 +265,17 @@ class ScriptChannel:
             protocol._fail(RedisConnectionError(f"redis reply took over {self._timeout_s}s"))
         else:
             protocol.watchdog = loop.call_at(deadline, self._watch, protocol)
+
+    async def wait_idle(self) -> None:
+        """Wait until every command sent has its reply or has failed (at shutdown: a failure
+        runs its callbacks). Bounded by the watchdog: at most about ``2 * timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self._timeout_s
+        while (protocol := self._protocol) is not None and protocol.waiters:
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let the replies' done callbacks run
 
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script by SHA, loading it first if Redis does not know it."""

@@ -198,12 +198,12 @@ async def test_settle_without_hold_charges_cost_for_postgres_to_cap(
     await holds.reserve(account_id, 1_000, request_id="r1")
     first = await _settle(holds, account_id, "r1", 600)
 
-    # A repeat finds no hold: its cost is not capped against Redis's view (which still counts
-    # the first); Postgres keeps one settlement per request id and caps it at the balance.
-    repeat = await _settle(holds, account_id, "r1", 600)
+    # r2's hold is gone (voided at its deadline by the sweeper): its cost is not capped
+    # against Redis's view; Postgres keeps one settlement per request id and caps it there.
+    late = await _settle(holds, account_id, "r2", 600)
 
     assert first.charged_millicredits == 600
-    assert (repeat.hold_millicredits, repeat.charged_millicredits) == (0, 600)
+    assert (late.hold_millicredits, late.charged_millicredits) == (0, 600)
     assert (await holds.account_state(account_id)).available_millicredits == -200
 
 

@@ -77,9 +77,6 @@ class MoneyMachine(RuleBasedStateMachine):
         # request id -> (account, cost, charged by the first settle)
         self.settled: dict[str, tuple[int, int, int]] = {}
         self.refunded: set[int] = set()
-        # Accounts with a repeated settlement not yet drained: Redis may show available < 0.
-        self.overdrawn: set[int] = set()
-        self.repeated: set[str] = set()  # request ids settled more than once
         self.slow_entries: list[tuple[str, dict[str, Any]]] = []
 
     # -- plumbing ---------------------------------------------------------------------
@@ -292,16 +289,14 @@ class MoneyMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.settled)
     @rule(data=st.data())
     def settle_again(self, data: st.DataObject) -> None:
-        """A repeated settlement (a retry): no hold left, Postgres must not post it twice."""
+        """A repeated settlement (the rescue's retry of one whose reply was lost): settle.lua
+        answers the first settlement and changes nothing; Postgres posts it once."""
         request_id = data.draw(st.sampled_from(sorted(self.settled)), label="request_id")
-        account_id, cost, _charged = self.settled[request_id]
+        account_id, cost, charged = self.settled[request_id]
         before = self._state(account_id)
-        assert before.available_millicredits is not None
         settled = self._settle(account_id, request_id, cost, 0)
-        self.repeated.add(request_id)
-        self.overdrawn.add(account_id)  # uncapped until the poster posts (or drops) it
-        assert settled.hold_millicredits == 0
-        assert settled.charged_millicredits == cost
+        assert settled.charged_millicredits == charged
+        assert self._state(account_id) == before
 
     def _void(self, data: st.DataObject, request_id: str) -> None:
         hold = self.open.pop(request_id)
@@ -352,7 +347,6 @@ class MoneyMachine(RuleBasedStateMachine):
             pass
         self._run(self.writer.drain_all())
         assert int(self._run(self.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"]) == 0
-        self.overdrawn.clear()
         assert self._run(self.redis.xlen(OUTBOX_STREAM_KEY)) == 0
         for account_id in self.accounts:
             state = self._state(account_id)
@@ -372,10 +366,8 @@ class MoneyMachine(RuleBasedStateMachine):
         for request_id, (account_id, cost, charged) in self.settled.items():
             assert usage[request_id][:2] == (account_id, cost)
             # Postgres posts exactly what Redis charged: the balance covered it there too.
-            # Not checked after a refund (see REFUNDABLE), nor for a request settled more than
-            # once: Postgres keeps whichever of its entries is posted first, and the repeat
-            # carries the uncapped cost, which Postgres caps at the balance.
-            if account_id not in self.refunded and request_id not in self.repeated:
+            # Not checked after a refund (see REFUNDABLE).
+            if account_id not in self.refunded:
                 assert usage[request_id][2] == charged
 
     # -- invariants -------------------------------------------------------------------
@@ -407,7 +399,7 @@ class MoneyMachine(RuleBasedStateMachine):
             assert state.pending_millicredits >= 0
             if state.balance_millicredits is not None:
                 assert state.balance_millicredits >= 0
-                if account_id not in self.refunded and account_id not in self.overdrawn:
+                if account_id not in self.refunded:
                     assert state.available_millicredits is not None
                     assert state.available_millicredits >= 0
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio
 import redis.exceptions
 
 from billing.metering.script_channel import ScriptChannel
@@ -112,3 +113,42 @@ async def test_a_cancelled_wait_for_the_write_leaves_the_others_alone(channel: S
     assert await second[1] is True
     assert await first[0] == "1"
     assert await second[0] == "2"
+
+
+async def _normal_clients(redis_url: str) -> int:
+    admin = redis.asyncio.from_url(redis_url)
+    try:
+        # This admin connection itself is one of them: not counted.
+        return len(await admin.client_list(_type="normal")) - 1
+    finally:
+        await admin.aclose()
+
+
+async def test_stalled_setup_fails_as_connection_error_and_leaks_no_connection(redis_url: str):
+    """A Redis stall longer than the timeout while the channel reconnects (its SCRIPT LOAD
+    waits): each attempt fails with ConnectionError (the gateway's 503), never a bare
+    TimeoutError, and closes the connection it opened."""
+    ch = ScriptChannel(redis_url, timeout_s=0.3)
+    ch.preload(_ECHO_ARG)
+    admin = redis.asyncio.from_url(redis_url)
+    try:
+        assert await ch.execute("PING") == "PONG"
+        await admin.ping()
+        before = await _normal_clients(redis_url)
+        await admin.execute_command("CLIENT", "PAUSE", 2500, "ALL")
+        failures: list[BaseException] = []
+        for _ in range(4):  # the live connection times out, then each reconnect stalls
+            try:
+                await ch.execute("PING")
+            except Exception as exc:
+                failures.append(exc)
+        assert len(failures) == 4
+        assert all(isinstance(f, redis.exceptions.ConnectionError) for f in failures), failures
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        assert await ch.execute("PING") == "PONG"
+        await asyncio.sleep(0.1)  # let Redis notice the closed ones
+        assert await _normal_clients(redis_url) == before
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await ch.close()

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from billing import ledger
 from billing.ledger import PostedBalance
-from billing.metering import outbox, posting
+from billing.metering import holds as holds_module
+from billing.metering import outbox, posting, rescue
 from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
 from billing.metering.posting import GROUP, SettlementPoster
+from billing.metering.rescue import LostSettlement, SettlementRescue
 from billing.metering.script_channel import ScriptChannel
+from devtools.localservices import free_port
 from tests.billing.money import (
     grant,
     money_totals,
@@ -316,16 +321,49 @@ async def test_purchase_between_commit_and_ack_does_not_undercharge(
     await _assert_converged(holds, pool, account_id)
 
 
-async def test_repeated_settle_posted_before_original_does_not_undercharge(
+async def test_settle_twice_charges_once(
     holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
 ) -> None:
+    """A settle sent again because its reply was lost (the first did run): the repeat answers
+    the first settlement and changes nothing, so `pending` and the outbox count it once."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    await holds.reserve(account_id, 600, request_id="r1")
+    payload = usage_payload(request_id="r1", account_id=account_id, cost_millicredits=500)
+    first = await holds.settle(account_id, request_id="r1", cost_millicredits=500, payload=payload)
+    repeat = await holds.settle(account_id, request_id="r1", cost_millicredits=500, payload=payload)
+    assert repeat == first
+    assert (first.charged_millicredits, first.hold_millicredits) == (500, 600)
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
+    assert (await holds.account_state(account_id)).pending_millicredits == 500
+    await poster.drain_all()
+    # Posted: a repeat now (its entry acknowledged and deleted) still changes nothing.
+    assert (
+        await holds.settle(account_id, request_id="r1", cost_millicredits=500, payload=payload)
+        == first
+    )
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+    await _assert_converged(holds, pool, account_id)
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+
+
+async def test_repeat_after_its_marker_expired_posted_before_original_does_not_undercharge(
+    redis_client: aioredis.Redis, pool: asyncpg.Pool, poster: SettlementPoster
+) -> None:
+    """Past the marker's life (or after Redis lost its data) a repeat appends a second entry;
+    Postgres keeps one settlement per request id and the acks release both pendings."""
+    holds = HoldStore(
+        redis_client,
+        lambda account_id: ledger.posted_balance(pool, account_id),
+        settled_marker_ttl_s=0.05,
+    )
     account_id = await new_account(pool)
     await grant(pool, account_id, 1_000, holds=holds)
     first = await reserve_and_settle(
         holds, account_id, request_id="r1", hold_millicredits=600, cost_millicredits=600
     )
-    # The same settlement again (settle.lua allows it: Postgres keeps one per request id); it
-    # is not capped against Redis's view, which still counts the first charge.
+    await asyncio.sleep(0.1)
+    # Not capped against Redis's view, which still counts the first charge.
     repeat = await holds.settle(
         account_id,
         request_id="r1",
@@ -404,3 +442,93 @@ async def test_poster_dead_letters_an_unreadable_entry_and_posts_the_rest(
         dead = await conn.fetchval("SELECT stream_entry_id FROM settlement_dead_letters")
     assert dead == bad_id
     assert any("dead-lettered" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
+# -- the settlement rescue (a settle whose reply was lost) ---------------------------------
+
+
+async def _lost(holds: HoldStore, account_id: int, *, cost: int = 500) -> LostSettlement:
+    await holds.reserve(account_id, 600, request_id="lost")
+    payload = usage_payload(request_id="lost", account_id=account_id, cost_millicredits=cost)
+    return LostSettlement(account_id, "lost", cost, payload, lost_at=0.0)
+
+
+@pytest.mark.parametrize("first_ran", [True, False], ids=["ran", "did-not-run"])
+async def test_rescue_resends_a_lost_settle_and_charges_once(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster, first_ran: bool
+) -> None:
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    lost = await _lost(holds, account_id)
+    if first_ran:  # the script ran; only its reply was lost
+        await holds.settle(
+            account_id, request_id="lost", cost_millicredits=500, payload=lost.payload
+        )
+    rescue = SettlementRescue(holds, pool)
+    rescue.settle_later(account_id, request_id="lost", cost_millicredits=500, payload=lost.payload)
+    await rescue.retry_once()
+    assert rescue.outstanding == 0
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
+    state = await holds.account_state(account_id)
+    assert (state.held_millicredits, state.pending_millicredits) == (0, 500)
+    await poster.drain_all()
+    await _assert_converged(holds, pool, account_id)
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+
+
+@pytest.mark.parametrize("first_ran", [True, False], ids=["ran", "did-not-run"])
+async def test_rescue_posted_directly_releases_the_hold_and_charges_once(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster, first_ran: bool
+) -> None:
+    """Redis did not answer for ``post_after_s``: the record goes to Postgres; once Redis
+    answers the hold is voided and the cached balance reloaded. If the first settle did run
+    after all, its outbox entry is a duplicate there."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000, holds=holds)
+    lost = await _lost(holds, account_id)
+    if first_ran:
+        await holds.settle(
+            account_id, request_id="lost", cost_millicredits=500, payload=lost.payload
+        )
+    rescue = SettlementRescue(holds, pool)
+    assert await rescue.post_directly([lost])
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+    await rescue.retry_once()  # Redis answers again: void, after reloading the balance
+    assert rescue.outstanding == 0
+    await poster.drain_all()
+    await _assert_converged(holds, pool, account_id)
+    state = await holds.account_state(account_id)
+    assert (state.held_millicredits, state.available_millicredits) == (0, 500)
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+
+
+async def test_rescue_with_redis_down_posts_to_postgres_after_its_limit(
+    pool: asyncpg.Pool,
+) -> None:
+    dead = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", decode_responses=True)
+    holds = HoldStore(dead, lambda account_id: ledger.posted_balance(pool, account_id))
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 1_000)
+    payload = usage_payload(request_id="lost", account_id=account_id, cost_millicredits=500)
+    rescue = SettlementRescue(holds, pool, retry_interval_s=0.01, post_after_s=0.0)
+    task = asyncio.create_task(rescue.run())
+    try:
+        rescue.settle_later(account_id, request_id="lost", cost_millicredits=500, payload=payload)
+        for _ in range(500):
+            if rescue.stats.posted_directly:
+                break
+            await asyncio.sleep(0.01)
+        assert rescue.stats.posted_directly == 1
+        assert rescue.outstanding == 1  # the hold's void waits for Redis
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await dead.aclose()
+    assert (await _posted(pool, account_id)).balance_millicredits == 500
+
+
+def test_rescue_gives_up_on_redis_while_a_repeat_still_finds_the_marker() -> None:
+    """The rescue sends a settle to Redis for at most POST_AFTER_S (plus one retry wait and
+    one timeout), then posts to Postgres: every repeat it sends must find the marker."""
+    assert rescue.POST_AFTER_S + 5.0 + 5.0 < holds_module.SETTLED_MARKER_TTL_S
