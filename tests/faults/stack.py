@@ -215,7 +215,9 @@ class FaultStack:
 
     async def _start(self) -> None:
         self._pg_base = await asyncio.to_thread(self.template.copy)
-        self.pg = await asyncio.to_thread(start_postgres, self._pg_base, None, fast=True)
+        # Durable settings (not ``fast``): with synchronous_commit off a crash loses commits
+        # the poster already acknowledged, which is the test setup's loss, not the gateway's.
+        self.pg = await asyncio.to_thread(start_postgres, self._pg_base, None)
         self.redis_server = await asyncio.to_thread(start_redis, self.work_dir / "redis")
         self.pg_proxy = await FaultProxy("127.0.0.1", self.pg.port).start()
         self.redis_proxy = await FaultProxy("127.0.0.1", self.redis_server.port).start()
@@ -344,7 +346,7 @@ class FaultStack:
 
     async def start_postgres_again(self) -> None:
         assert self.pg is not None and self._pg_base is not None
-        self.pg = await asyncio.to_thread(start_postgres, self._pg_base, self.pg.port, fast=True)
+        self.pg = await asyncio.to_thread(start_postgres, self._pg_base, self.pg.port)
         self.pool = await _our_pool(self.database_url)
 
     async def terminate_gateway_backends(self) -> int:

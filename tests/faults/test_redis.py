@@ -25,7 +25,6 @@ async def test_redis_killed_and_restarted_empty(stack: FaultStack, traffic: Traf
     await asyncio.sleep(1.0)
     await stack.start_redis_again()
     ended = time.monotonic()
-    await asyncio.sleep(1.0)
     await assert_verdict(stack, traffic, case="redis killed, restarted empty", fault_ended_at=ended)
 
 
@@ -36,7 +35,6 @@ async def test_redis_paused(stack: FaultStack, traffic: Traffic, pause_s: int) -
     await stack.redis_command("CLIENT", "PAUSE", str(pause_s * 1000), "ALL")
     await asyncio.sleep(pause_s)
     ended = time.monotonic()
-    await asyncio.sleep(1.0)
     await assert_verdict(stack, traffic, case=f"redis paused {pause_s} s", fault_ended_at=ended)
 
 
@@ -46,7 +44,6 @@ async def test_redis_shutdown_nosave_with_aof(stack: FaultStack, traffic: Traffi
     await asyncio.sleep(0.5)
     await stack.start_redis_again()
     ended = time.monotonic()
-    await asyncio.sleep(1.0)
     await assert_verdict(
         stack, traffic, case="redis SHUTDOWN NOSAVE with AOF", fault_ended_at=ended
     )

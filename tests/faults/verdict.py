@@ -28,6 +28,7 @@ from tests.faults.traffic import MAX_TOKENS, Completed, Traffic
 RECOVERY_TIMES: list[tuple[str, float]] = []
 # A hold is overdue once its deadline is this far past: the sweeper runs every 0.2 s here.
 _OVERDUE_GRACE_MS = 2_000
+_TRAFFIC_AFTER_RECOVERY_S = 0.5
 
 
 async def assert_verdict(
@@ -41,11 +42,13 @@ async def assert_verdict(
 ) -> None:
     """Assert the verdict for one case; ``fault_ended_at`` is ``time.monotonic()`` when the
     fault was lifted."""
-    await traffic.stop()
+    # Measured while the background traffic still runs, then a little more traffic after it.
     await traffic.wait_serving(timeout_s=recovery_timeout_s)
     recovery_s = time.monotonic() - fault_ended_at
     RECOVERY_TIMES.append((case, recovery_s))
     print(f"[faults] {case}: serving again {recovery_s:.2f} s after the fault ended")
+    await asyncio.sleep(_TRAFFIC_AFTER_RECOVERY_S)
+    await traffic.stop()
     problems = await _wait_settled(stack, settle_timeout_s)
     problems += await _ledger_problems(stack)
     problems += await _charge_problems(stack, traffic.completed)
