@@ -104,9 +104,7 @@ class FaultProxy:
             _reset(writer)
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(
-                self.target_host, self.target_port
-            )
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             _reset(writer)  # the target is down: the client sees a refused-like reset
             return

@@ -32,9 +32,7 @@ async def test_postgres_stopped_20_s(stack: FaultStack, traffic: Traffic) -> Non
     await assert_verdict(stack, traffic, case="postgres stopped 20 s", fault_ended_at=ended)
 
 
-async def test_postgres_writer_connections_terminated(
-    stack: FaultStack, traffic: Traffic
-) -> None:
+async def test_postgres_writer_connections_terminated(stack: FaultStack, traffic: Traffic) -> None:
     await asyncio.sleep(1.0)
     terminated = 0
     for _ in range(5):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,11 +55,15 @@ class Traffic:
     workers: int = 3
     pause_s: float = 0.05
     completed: list[Completed] = field(default_factory=list)
+    # Answers the client got part of (content, then an error or a cut): charged once, > 0.
+    partial: list[Completed] = field(default_factory=list)
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
     accounts: list[tuple[int, str]] = field(default_factory=list)
     _clients: dict[str, openai.AsyncOpenAI] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _running: bool = False
+    _gate: asyncio.Event = field(default_factory=asyncio.Event)
+    _in_flight: int = 0
 
     def client(self, key: str) -> openai.AsyncOpenAI:
         """The SDK for one key, pointed at the gateway (no retries: every call is one)."""
@@ -76,6 +81,7 @@ class Traffic:
         for _ in range(self.workers - len(self.accounts)):
             self.accounts.append(await self.stack.create_account())
         self._running = True
+        self._gate.set()
         self._tasks = [
             asyncio.create_task(self._work(account, key, index))
             for index, (account, key) in enumerate(self.accounts)
@@ -84,6 +90,7 @@ class Traffic:
 
     async def stop(self) -> None:
         self._running = False
+        self._gate.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=CLIENT_TIMEOUT_S + 10)
         for task in self._tasks:
@@ -97,7 +104,14 @@ class Traffic:
     async def _work(self, account_id: int, key: str, index: int) -> None:
         streamed = bool(index % 2)
         while self._running:
-            await self.one(account_id, key, streamed=streamed)
+            await self._gate.wait()
+            if not self._running:
+                return
+            self._in_flight += 1
+            try:
+                await self.one(account_id, key, streamed=streamed)
+            finally:
+                self._in_flight -= 1
             streamed = not streamed
             await asyncio.sleep(self.pause_s)
 
@@ -117,6 +131,52 @@ class Traffic:
             return None
         self.completed.append(done)
         return done
+
+    async def quiesce(self) -> None:
+        """Hold the workers and wait until none has a request in flight, so the simulator's
+        scripted answers go to the case's own requests only."""
+        self._gate.clear()
+        async with asyncio.timeout(CLIENT_TIMEOUT_S + 5):
+            while self._in_flight:
+                await asyncio.sleep(0.01)
+
+    def resume(self) -> None:
+        self._gate.set()
+
+    async def probe(self, account_id: int, key: str, *, streamed: bool) -> Completed | None:
+        """One paid request whose answer may be hostile: sent with the SDK, read raw (the SDK's
+        models would refuse some shapes). A whole answer goes to ``completed`` (untrusted), an
+        answer cut after some bytes to ``partial``."""
+        client = self.client(key)
+        kwargs: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+        if streamed:
+            kwargs |= {"stream": True, "stream_options": {"include_usage": True}}
+        try:
+            raw = await client.chat.completions.with_raw_response.create(**kwargs)
+        except openai.APIStatusError as exc:
+            self.failures[f"status {exc.status_code}"] += 1
+            return None
+        except Exception as exc:  # noqa: BLE001
+            self.failures[type(exc).__name__] += 1
+            return None
+        request_id = raw.headers["x-request-id"]
+        body = bytearray()
+        try:
+            async for piece in raw.http_response.aiter_bytes():
+                body += piece
+            whole, usage = _read_stream(bytes(body)) if streamed else _read_body(bytes(body))
+        except Exception as exc:  # noqa: BLE001 - a cut answer
+            self.failures[type(exc).__name__] += 1
+            whole, usage = False, None
+        record = Completed(request_id, account_id, MODEL, streamed, usage, trusted=False)
+        if whole:
+            self.completed.append(record)
+            return record
+        if body:
+            self.partial.append(record)
+        else:
+            self.failures["empty answer"] += 1
+        return None
 
     async def wait_serving(self, *, timeout_s: float = 60.0) -> float:
         """Seconds until one plain and one streamed paid request both complete in a row."""
@@ -160,6 +220,37 @@ async def _streamed(client: openai.AsyncOpenAI, account_id: int) -> Completed:
     return Completed(raw.headers["x-request-id"], account_id, MODEL, True, usage)
 
 
-async def run_during(traffic: Traffic, seconds: float) -> None:
-    """Let the traffic run for ``seconds``."""
-    await asyncio.sleep(seconds)
+def _read_body(body: bytes) -> tuple[bool, dict[str, Any] | None]:
+    """(whole, usage) of a plain answer: whole when it is a JSON object without ``error``."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False, None
+    if not isinstance(parsed, dict) or "error" in parsed:
+        return False, None
+    usage = parsed.get("usage")
+    return True, usage if isinstance(usage, dict) else None
+
+
+def _read_stream(body: bytes) -> tuple[bool, dict[str, Any] | None]:
+    """(whole, usage) of an event stream: whole when it ends with ``[DONE]`` and carries no
+    error event; usage from the last event that has one."""
+    done = errored = False
+    usage = None
+    for event in body.split(b"\n\n"):
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                done = True
+                continue
+            try:
+                parsed = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(parsed, dict):
+                errored = errored or "error" in parsed
+                if isinstance(parsed.get("usage"), dict):
+                    usage = parsed["usage"]
+    return done and not errored, usage

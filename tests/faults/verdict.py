@@ -39,9 +39,9 @@ async def assert_verdict(
     fault_ended_at: float,
     recovery_timeout_s: float = 60.0,
     settle_timeout_s: float = 30.0,
-) -> None:
+) -> Traffic:
     """Assert the verdict for one case; ``fault_ended_at`` is ``time.monotonic()`` when the
-    fault was lifted."""
+    fault was lifted. Returns ``traffic`` for a case's own further assertions."""
     # Measured while the background traffic still runs, then a little more traffic after it.
     await traffic.wait_serving(timeout_s=recovery_timeout_s)
     recovery_s = time.monotonic() - fault_ended_at
@@ -51,13 +51,19 @@ async def assert_verdict(
     await traffic.stop()
     problems = await _wait_settled(stack, settle_timeout_s)
     problems += await _ledger_problems(stack)
-    problems += await _charge_problems(stack, traffic.completed)
+    problems += await _charge_problems(stack, traffic.completed, traffic.partial)
     completed = len(traffic.completed)
+    hostile = sum(1 for c in traffic.completed if not honest_usage(c.usage))
+    print(
+        f"[faults] {case}: {completed} completed ({hostile} with untrusted usage), "
+        f"{len(traffic.partial)} cut, failures {dict(traffic.failures)}"
+    )
     assert not problems, (
         f"{case}: {len(problems)} problem(s) over {completed} completed responses "
         f"(failures: {dict(traffic.failures)}):\n  - " + "\n  - ".join(problems[:40])
     )
     assert completed > 0, f"{case}: no response completed"
+    return traffic
 
 
 async def _wait_settled(stack: FaultStack, timeout_s: float) -> list[str]:
@@ -110,8 +116,10 @@ async def _ledger_problems(stack: FaultStack) -> list[str]:
     return problems
 
 
-async def _charge_problems(stack: FaultStack, completed: list[Completed]) -> list[str]:
-    ids = [c.request_id for c in completed]
+async def _charge_problems(
+    stack: FaultStack, completed: list[Completed], partial: list[Completed]
+) -> list[str]:
+    ids = [c.request_id for c in [*completed, *partial]]
     usage_rows = {
         r["request_id"]: r
         for r in await stack.pool.fetch(
@@ -130,7 +138,24 @@ async def _charge_problems(stack: FaultStack, completed: list[Completed]) -> lis
         problem = _charge_problem(stack, done, usage_rows.get(done.request_id), deductions)
         if problem:
             problems.append(f"{done.request_id} ({_kind(done)}): {problem}")
+    for cut in partial:
+        problem = _partial_problem(cut, usage_rows.get(cut.request_id), deductions)
+        if problem:
+            problems.append(f"{cut.request_id} ({_kind(cut)}, cut): {problem}")
     return problems
+
+
+def _partial_problem(cut: Completed, usage: Any, deductions: dict[str, list[int]]) -> str | None:
+    """An answer the client got part of: charged once for what was delivered (> 0)."""
+    if usage is None:
+        return "delivered bytes never charged (no usage event)"
+    charged = usage["charged_millicredits"]
+    if charged <= 0:
+        return f"delivered bytes charged {charged} mc"
+    taken = deductions.get(cut.request_id, [])
+    if taken != [-charged]:
+        return f"usage charged {charged} mc but deductions are {taken}"
+    return None
 
 
 def honest_usage(usage: dict[str, Any] | None) -> bool:
