@@ -130,14 +130,7 @@ class GatewayProcess:
         self._generation += 1
         out = self.log_dir / f"gateway-{self._generation}.out"
         err = self.log_dir / f"gateway-{self._generation}.err"
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "creditgate.cli", "serve"],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-            )
+        self.process = await asyncio.to_thread(_spawn_gateway, self.env, out, err)
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while b"READY" not in out.read_bytes():
             if self.process.poll() is not None:
@@ -177,6 +170,17 @@ class GatewayProcess:
     def log_text(self) -> str:
         return "".join(
             p.read_text(errors="replace") for p in sorted(self.log_dir.glob("gateway-*.err"))
+        )
+
+
+def _spawn_gateway(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "creditgate.cli", "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
         )
 
 
@@ -313,7 +317,7 @@ class FaultStack:
         client = aioredis.from_url(self.redis_server.url)
         try:
             await client.execute_command("SHUTDOWN", "NOSAVE")
-        except Exception:  # the connection closes under the reply  # noqa: BLE001, S110
+        except Exception:  # the connection closes under the reply
             pass
         finally:
             await client.aclose()

@@ -31,10 +31,8 @@ async def test_gateway_sigkill_mid_stream(stack: FaultStack, traffic: Traffic) -
 
 async def test_gateway_sigkill_after_delivery(stack: FaultStack, traffic: Traffic) -> None:
     await asyncio.sleep(1.0)
-    delivered = len(traffic.completed)
-    async with asyncio.timeout(10):
-        while len(traffic.completed) == delivered:
-            await asyncio.sleep(0)  # kill within the same loop turn as the delivery
+    traffic.delivered.clear()
+    await asyncio.wait_for(traffic.delivered.wait(), 10)  # kill right after a delivery
     stack.gateway.kill()
     ended = time.monotonic()
     await stack.gateway.start()

@@ -166,7 +166,7 @@ def _body(streamed: bool) -> dict[str, Any]:
 
 async def _leave_during_body(stack: FaultStack, key: str) -> bool:
     """Headers and part of the body sent, then the socket closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + f"Authorization: Bearer {key}\r\nContent-Length: 1000\r\n\r\n".encode()

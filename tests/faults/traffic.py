@@ -64,6 +64,9 @@ class Traffic:
     _running: bool = False
     _gate: asyncio.Event = field(default_factory=asyncio.Event)
     _in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set whenever a response completes (a case waits on it to strike right after a delivery).
+    delivered: asyncio.Event = field(default_factory=asyncio.Event)
 
     def client(self, key: str) -> openai.AsyncOpenAI:
         """The SDK for one key, pointed at the gateway (no retries: every call is one)."""
@@ -108,10 +111,13 @@ class Traffic:
             if not self._running:
                 return
             self._in_flight += 1
+            self._idle.clear()
             try:
                 await self.one(account_id, key, streamed=streamed)
             finally:
                 self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
             streamed = not streamed
             await asyncio.sleep(self.pause_s)
 
@@ -126,19 +132,19 @@ class Traffic:
         except openai.APIStatusError as exc:
             self.failures[f"status {exc.status_code}"] += 1
             return None
-        except Exception as exc:  # noqa: BLE001 - every way a call can fail is an outcome
+        except Exception as exc:
             self.failures[type(exc).__name__] += 1
             return None
         self.completed.append(done)
+        self.delivered.set()
         return done
 
     async def quiesce(self) -> None:
         """Hold the workers and wait until none has a request in flight, so the simulator's
         scripted answers go to the case's own requests only."""
         self._gate.clear()
-        async with asyncio.timeout(CLIENT_TIMEOUT_S + 5):
-            while self._in_flight:
-                await asyncio.sleep(0.01)
+        if self._in_flight:
+            await asyncio.wait_for(self._idle.wait(), CLIENT_TIMEOUT_S + 5)
 
     def resume(self) -> None:
         self._gate.set()
@@ -156,7 +162,7 @@ class Traffic:
         except openai.APIStatusError as exc:
             self.failures[f"status {exc.status_code}"] += 1
             return None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.failures[type(exc).__name__] += 1
             return None
         request_id = raw.headers["x-request-id"]
@@ -165,7 +171,7 @@ class Traffic:
             async for piece in raw.http_response.aiter_bytes():
                 body += piece
             whole, usage = _read_stream(bytes(body)) if streamed else _read_body(bytes(body))
-        except Exception as exc:  # noqa: BLE001 - a cut answer
+        except Exception as exc:
             self.failures[type(exc).__name__] += 1
             whole, usage = False, None
         record = Completed(request_id, account_id, MODEL, streamed, usage, trusted=False)

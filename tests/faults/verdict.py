@@ -73,7 +73,7 @@ async def _wait_settled(stack: FaultStack, timeout_s: float) -> list[str]:
     while True:
         try:
             problems = await _redis_problems(stack)
-        except Exception as exc:  # noqa: BLE001 - Redis still coming back
+        except Exception as exc:
             problems = [f"Redis not readable: {exc!r}"]
         if not problems or time.monotonic() > deadline:
             return problems
