@@ -20,7 +20,7 @@ import asyncio
 import time
 from typing import Any
 
-from billing.metering.holds import DEADLINES_KEY, OUTBOX_STREAM_KEY, account_key
+from billing.metering.holds import DEADLINES_KEY, OUTBOX_STREAM_KEY, account_key, holds_key
 from billing.metering.pricing import charge_millicredits
 from tests.faults.stack import FaultStack
 from tests.faults.traffic import MAX_TOKENS, Completed, Traffic
@@ -91,11 +91,21 @@ async def _redis_problems(stack: FaultStack) -> list[str]:
     )
     if overdue:
         problems.append(f"{len(overdue)} hold(s) past their deadline, e.g. {overdue[:3]}")
-    for account_id in await stack.pool.fetch("SELECT id FROM accounts ORDER BY id"):
-        state: dict[str, Any] = await stack.redis.hgetall(account_key(account_id["id"]))
+    for row in await stack.pool.fetch("SELECT id FROM accounts ORDER BY id"):
+        account_id = row["id"]
+        state: dict[str, Any] = await stack.redis.hgetall(account_key(account_id))
         pending = int(state.get("pending", 0))
         if pending:
-            problems.append(f"account {account_id['id']}: pending {pending} mc not drained")
+            problems.append(f"account {account_id}: pending {pending} mc not drained")
+        # A hold the deadline index lost would escape the sweeper: read the holds themselves.
+        holds: dict[str, str] = await stack.redis.hgetall(holds_key(account_id))
+        stale = [
+            rid
+            for rid, value in holds.items()
+            if int(value.rpartition(":")[2]) < now_ms - _OVERDUE_GRACE_MS
+        ]
+        if stale:
+            problems.append(f"account {account_id}: {len(stale)} hold(s) overdue, {stale[:3]}")
     return problems
 
 
