@@ -4,6 +4,10 @@
 PostgreSQL is not initialised per case: ``PostgresTemplate`` runs initdb, the migrations and the
 rate-card seed once per session into a stopped data directory, and each case starts its own
 server on a copy of it (a few hundred milliseconds instead of seconds).
+
+``CG_FAULTS_GATEWAY_PYTHONPATH=/path/to/checkout`` runs the gateway subprocess from another
+checkout (to try a branch's gateway before a merge; the schema still comes from this one).
+``CG_FAULTS_KEEP=1`` keeps each case's directory (gateway logs, Redis files).
 """
 
 from __future__ import annotations
@@ -176,7 +180,7 @@ class GatewayProcess:
 def _spawn_gateway(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
     with out.open("wb") as stdout, err.open("wb") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "creditgate.cli", "serve"],
+            [sys.executable, "-P", "-m", "creditgate.cli", "serve"],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -242,6 +246,9 @@ class FaultStack:
             "PURCHASES_ENABLED": "false",
             **self.settings,
         }
+        if os.environ.get("CG_FAULTS_GATEWAY_PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["CG_FAULTS_GATEWAY_PYTHONPATH"]
+            env["PYTHONDONTWRITEBYTECODE"] = "1"  # read another checkout, write nothing there
         self.gateway = GatewayProcess(env, self.work_dir)
         await self.gateway.start()
 

@@ -13,7 +13,8 @@ from tests.faults.tcp_proxy import FaultProxy
 from tests.faults.traffic import Traffic
 from tests.faults.verdict import assert_verdict
 
-pytestmark = pytest.mark.faults
+# Bounded: a failing case waits out its verdict's timeouts (recovery 60 s, settling 30 s).
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
 _FAULT_S = 3.0
 

@@ -11,7 +11,8 @@ from tests.faults.stack import FaultStack
 from tests.faults.traffic import Traffic
 from tests.faults.verdict import assert_verdict
 
-pytestmark = pytest.mark.faults
+# Bounded: a failing case waits out its verdict's timeouts (recovery 60 s, settling 30 s).
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
 
 async def test_no_fault_baseline(stack: FaultStack, traffic: Traffic) -> None:

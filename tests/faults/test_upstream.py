@@ -29,7 +29,8 @@ from tests.faults.traffic import (
 )
 from tests.faults.verdict import assert_verdict
 
-pytestmark = pytest.mark.faults
+# Bounded: a failing case waits out its verdict's timeouts (recovery 60 s, settling 30 s).
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
 _COMPANIONS = 3
 
