@@ -11,6 +11,17 @@ POSTGRES_UNAVAILABLE: Final = (OSError, asyncpg.PostgresError, asyncpg.Interface
 refused connect (``OSError``), a server error (``PostgresError``) or a connection closed under
 the caller (``InterfaceError``). Catch this tuple, never a hand-written copy of it."""
 
+POSTGRES_REFUSED_DATA: Final = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.NoDataFoundError,
+)
+"""The part of ``POSTGRES_UNAVAILABLE`` that is the statement's data at fault, not the server:
+a value out of range or malformed (SQLSTATE class 22), a constraint or reference violated
+(class 23; ``usage_events_check_references`` raises 23503 for an unknown account, API key or
+rate card), an unknown account in ``post_ledger_entries`` (P0002). The same data fails again
+however often it is retried; catch this before ``POSTGRES_UNAVAILABLE``."""
+
 
 class BillingError(Exception):
     """Base class of every error raised by ``billing``."""
@@ -78,6 +89,14 @@ class AccountNotFoundError(BillingError):
     def __init__(self, account_id: int) -> None:
         super().__init__(f"account {account_id} not found")
         self.account_id = account_id
+
+
+class DeadLetterNotFoundError(BillingError):
+    """No dead-lettered settlement for that outbox stream entry id."""
+
+    def __init__(self, stream_entry_id: str) -> None:
+        super().__init__(f"no dead-lettered settlement for outbox entry {stream_entry_id}")
+        self.stream_entry_id = stream_entry_id
 
 
 class NegativeBalanceError(BillingError):

@@ -9,9 +9,12 @@
     creditgate keys revoke ID
     creditgate credits grant --account ID --credits N --reason R
     creditgate settle        (post everything waiting in the settlement outbox, then exit)
+    creditgate outbox dead-letters [--all]
+    creditgate outbox replay ENTRY_ID
 
 Configuration comes from the environment (see README). A command reads only what it uses:
-``serve`` the whole ``Settings``; ``settle`` and ``credits grant`` DATABASE_URL and REDIS_URL;
+``serve`` the whole ``Settings``; ``settle``, ``credits grant`` and ``outbox replay``
+DATABASE_URL and REDIS_URL;
 the others DATABASE_URL, and REDIS_URL when it is set (``accounts show`` without it cannot
 know held and pending amounts, and says so). Errors print ``{"error": "..."}`` on stdout and
 exit with status 1 (2 for usage errors).
@@ -34,6 +37,12 @@ import redis.asyncio as aioredis
 
 from billing import api_keys, ledger
 from billing.errors import AccountNotFoundError, BillingError
+from billing.metering.dead_letters import (
+    DeadLetter,
+    ReplayOutcome,
+    list_dead_letters,
+    replay_dead_letter,
+)
 from billing.metering.holds import HoldStore
 from billing.metering.rate_cards import seed_rate_cards
 from billing.purchases.fulfilment import publish_balance
@@ -214,6 +223,56 @@ async def cmd_settle(settings: StoreSettings, args: argparse.Namespace) -> dict[
             "read": posted,
             "recorded": poster.stats.posted,
             "duplicates": poster.stats.duplicates,
+            "deadLettered": poster.stats.dead_lettered,
+        }
+
+
+def _dead_letter_doc(letter: DeadLetter) -> dict[str, Any]:
+    charged = letter.charged_millicredits
+    return {
+        "entryId": letter.stream_entry_id,
+        "requestId": letter.request_id,
+        "accountId": letter.account_id,
+        "chargedMillicredits": None if charged is None else str(charged),
+        "error": letter.error,
+        "payload": letter.payload,
+        "createdAt": letter.created_at.isoformat(),
+        "replayedAt": letter.replayed_at.isoformat() if letter.replayed_at else None,
+    }
+
+
+async def cmd_outbox_dead_letters(
+    settings: StoreSettings, args: argparse.Namespace
+) -> dict[str, Any]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        letters = await list_dead_letters(conn, include_replayed=args.all)
+    finally:
+        await conn.close()
+    return {"deadLetters": [_dead_letter_doc(letter) for letter in letters]}
+
+
+_REPLAY_NOTES = {
+    ReplayOutcome.POSTED: "posted",
+    ReplayOutcome.ALREADY_REPLAYED: "replayed before; nothing posted",
+    ReplayOutcome.ALREADY_POSTED: "its request id was already posted; nothing posted",
+}
+
+
+async def cmd_outbox_replay(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
+    async with _Stores(settings) as stores:
+        async with stores.pool.acquire() as conn:
+            replay = await replay_dead_letter(conn, args.entry_id)
+        posting = replay.posting
+        if posting is not None:
+            # The charge was released from Redis's pending when dead-lettered; the gateway
+            # reserves against the cached balance, which must now show the deduction.
+            await publish_balance(stores.holds, posting.account_id, posting.balance)
+        return {
+            "outcome": replay.outcome.value,
+            "note": _REPLAY_NOTES[replay.outcome],
+            **money_fields("charged", posting.charged_millicredits if posting else 0),
+            "deadLetter": _dead_letter_doc(replay.dead_letter),
         }
 
 
@@ -248,6 +307,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("settle", help="post the settlement outbox to Postgres now").set_defaults(
         fn=cmd_settle, config=_stores_with_redis
     )
+
+    outbox = sub.add_parser(
+        "outbox", help="dead-lettered settlements: list and replay"
+    ).add_subparsers(dest="action", required=True)
+    listing = (
+        "List dead-lettered settlements, oldest first, as one JSON document "
+        '{"deadLetters": [{entryId, requestId, accountId, chargedMillicredits, error, payload, '
+        "createdAt, replayedAt}, ...]} (like every command; not JSON lines, not a table)."
+    )
+    dead = outbox.add_parser("dead-letters", help=listing, description=listing)
+    dead.add_argument("--all", action="store_true", help="include those already replayed")
+    dead.set_defaults(fn=cmd_outbox_dead_letters, config=_stores)
+    replaying = (
+        "Post one dead letter through post_settlements after its cause was fixed, and mark "
+        "it replayed; a second replay, or one whose request id was already posted, is a no-op "
+        "that says so."
+    )
+    replay = outbox.add_parser("replay", help=replaying, description=replaying)
+    replay.add_argument("entry_id", metavar="ENTRY_ID", help="its outbox stream entry id")
+    replay.set_defaults(fn=cmd_outbox_replay, config=_stores_with_redis)
 
     accounts = sub.add_parser("accounts", help="create and show accounts").add_subparsers(
         dest="action", required=True

@@ -11,7 +11,9 @@ import signal
 from aiohttp import web
 
 from admin_api.app import create_admin_app
+from gateway import appkeys as gateway_keys
 from gateway.app import create_app
+from runtime.metrics import CounterReading, create_metrics_app, metrics_registry
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,31 +38,64 @@ def tune_gc_for_serving() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+def process_counters(gateway: web.Application) -> list[CounterReading]:
+    """The counters ``/metrics`` exports, read from the gateway's stats objects."""
+    usage = gateway[gateway_keys.USAGE_STATS]
+    poster = gateway[gateway_keys.POSTER_STATS]
+    return [
+        CounterReading(
+            "creditgate_usage_clamped",
+            "Upstream usage reports above what the request could produce, charged at the bound.",
+            lambda: usage.clamped,
+        ),
+        CounterReading(
+            "creditgate_usage_unusable",
+            "Upstream usage reports not usable at all, charged at our own token count.",
+            lambda: usage.unusable,
+        ),
+        CounterReading(
+            "creditgate_settlements_dead_lettered",
+            "Outbox entries Postgres refused or that could not be read, moved to "
+            "settlement_dead_letters (creditgate outbox dead-letters).",
+            lambda: poster.dead_lettered,
+        ),
+    ]
+
+
 async def run_services(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Serve the gateway on ``HOST:PORT`` and the admin app on ``ADMIN_HOST:ADMIN_PORT``
-    until ``stop`` is set or SIGINT/SIGTERM arrives."""
+    """Serve the gateway on ``HOST:PORT``, the admin app on ``ADMIN_HOST:ADMIN_PORT`` and
+    ``/metrics`` on ``HOST:METRICS_PORT`` (not when 0) until ``stop`` is set or
+    SIGINT/SIGTERM arrives."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     # handler_cancellation: a client that disconnects stops its upstream request at once.
+    gateway = create_app(settings)
     gateway_runner = web.AppRunner(
-        create_app(settings), access_log=None, handler_cancellation=True, shutdown_timeout=30
+        gateway, access_log=None, handler_cancellation=True, shutdown_timeout=30
     )
     admin_runner = web.AppRunner(create_admin_app(settings), access_log=None, shutdown_timeout=10)
+    metrics_runner = web.AppRunner(
+        create_metrics_app(metrics_registry(process_counters(gateway))), access_log=None
+    )
     await gateway_runner.setup()
     await admin_runner.setup()
+    await metrics_runner.setup()
     try:
         await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024).start()
         await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
+        if settings.metrics_port:
+            await web.TCPSite(metrics_runner, settings.host, settings.metrics_port).start()
         tune_gc_for_serving()
         log.info(
-            "creditgate serving on http://%s:%d (admin on http://%s:%d)",
+            "creditgate serving on http://%s:%d (admin on http://%s:%d, metrics on port %s)",
             settings.host,
             settings.port,
             settings.admin_host,
             settings.admin_port,
+            settings.metrics_port or "none",
         )
         print(
             f"READY gateway=http://{settings.host}:{settings.port} "
@@ -69,6 +104,7 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
         )
         await stop.wait()
     finally:
+        await metrics_runner.cleanup()
         await gateway_runner.cleanup()
         await admin_runner.cleanup()
 

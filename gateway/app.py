@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
-from billing.metering.posting import SettlementPoster
+from billing.metering.posting import PosterStats, SettlementPoster
 from billing.metering.rate_cards import RateCardBook
 from billing.metering.script_channel import ScriptChannel
 from billing.metering.tokens import TokenCounter
@@ -128,6 +128,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             batch_size=settings.settlement_batch_size,
             claim_idle_ms=settings.settlement_claim_idle_ms,
             reader=reader,
+            stats=app[gateway_keys.POSTER_STATS],
         )
         tasks.append(_start_supervised("settlement-poster", poster.run))
     yield
@@ -170,6 +171,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[appkeys.SETTINGS] = settings
     app[gateway_keys.USAGE_STATS] = UsageStats()
+    app[gateway_keys.POSTER_STATS] = PosterStats()
     app.cleanup_ctx.extend(
         [postgres_ctx, gateway_redis_ctx, _billing_state, _upstream, _background, stripe_ctx]
     )

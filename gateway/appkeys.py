@@ -7,6 +7,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from billing.metering.posting import PosterStats
 from billing.metering.rate_cards import RateCardBook
 from billing.metering.tokens import TokenCounter
 from gateway.auth import KeyAuthenticator
@@ -16,6 +17,7 @@ RATE_CARDS = web.AppKey("rate_cards", RateCardBook)
 TOKENS = web.AppKey("tokens", TokenCounter)
 AUTH = web.AppKey("auth", KeyAuthenticator)
 USAGE_STATS = web.AppKey("usage_stats", UsageStats)
+POSTER_STATS = web.AppKey("poster_stats", PosterStats)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_HEADERS = web.AppKey("upstream_headers", dict[str, str])
 # Each billed endpoint's upstream URL, parsed once (key: the path below /v1).

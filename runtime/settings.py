@@ -42,6 +42,7 @@ class Settings:
     port: int = 8080
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
+    metrics_port: int = 9464
     public_base_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 4 * 1024 * 1024
     hold_ttl_s: float = 900.0
@@ -87,6 +88,7 @@ class Settings:
             port=port,
             admin_host=read.text("ADMIN_HOST", "127.0.0.1"),
             admin_port=read.integer("ADMIN_PORT", 8081, minimum=1, maximum=65535),
+            metrics_port=read.integer("METRICS_PORT", 9464, minimum=0, maximum=65535),
             public_base_url=read.url(
                 "PUBLIC_BASE_URL", _HTTP_SCHEMES, default=f"http://127.0.0.1:{port}"
             ),

@@ -18,9 +18,10 @@ import redis.asyncio as aioredis
 
 from billing import ledger
 from billing.api_keys import find_active_key
-from billing.metering.holds import HoldStore
+from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
 from billing.metering.rate_cards import DEFAULT_RATES
 from creditgate.migrator import default_migrations_dir, discover, discover_functions
+from tests.billing.money import usage_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -444,3 +445,93 @@ async def test_credits_grant_small_negative_amount_prints_no_negative_zero(cli_e
     assert doc["amountMillicredits"] == "-1000"
     assert doc["amountUsd"] == 0.0
     assert math.copysign(1.0, doc["amountUsd"]) == 1.0
+
+
+# -- outbox dead letters ----------------------------------------------------------------
+
+
+async def _append_settlement(redis_url: str, record: Any) -> str:
+    """An outbox entry as settle.lua appends it, its charge added to ``pending``."""
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        entry_id: str = await client.xadd(
+            OUTBOX_STREAM_KEY,
+            {"p": record.to_json(), "c": record.cost_millicredits, "a": record.account_id},
+        )
+        await client.hincrby(account_key(record.account_id), "pending", record.cost_millicredits)
+    finally:
+        await client.aclose()
+    return entry_id
+
+
+async def test_outbox_replay_posts_a_dead_letter_once_its_account_exists(cli_env, conn):
+    """A settlement naming an account not created yet is dead-lettered by ``settle`` (it no
+    longer blocks the outbox), listed, refused on replay until the account exists, then
+    posted once; a second replay says it did nothing."""
+    account_id = (await _create_account(cli_env))["id"] + 1  # the next account's id
+    record = usage_record(request_id="req-early", account_id=account_id, cost_millicredits=400)
+    entry_id = await _append_settlement(cli_env["REDIS_URL"], record)
+
+    code, settled = await run_cli(cli_env, "settle")
+    assert code == 0, settled
+    assert (settled["recorded"], settled["deadLettered"]) == (0, 1)
+    code, listed = await run_cli(cli_env, "outbox", "dead-letters")
+    assert code == 0, listed
+    (letter,) = listed["deadLetters"]
+    assert (letter["entryId"], letter["requestId"], letter["accountId"]) == (
+        entry_id,
+        "req-early",
+        account_id,
+    )
+    assert letter["chargedMillicredits"] == "400"
+    assert letter["replayedAt"] is None
+    assert str(account_id) in letter["error"]
+
+    code, refused = await run_cli(cli_env, "outbox", "replay", entry_id)
+    assert code == 1
+    assert str(account_id) in refused["error"]
+
+    assert (await _create_account(cli_env, "10"))["id"] == account_id
+    code, replayed = await run_cli(cli_env, "outbox", "replay", entry_id)
+    assert code == 0, replayed
+    assert replayed["outcome"] == "posted"
+    assert replayed["chargedMillicredits"] == "400"
+    assert replayed["deadLetter"]["replayedAt"] is not None
+    code, again = await run_cli(cli_env, "outbox", "replay", entry_id)
+    assert code == 0, again
+    assert again["outcome"] == "already_replayed"
+    assert again["chargedMillicredits"] == "0"
+
+    code, shown = await run_cli(cli_env, "accounts", "show", str(account_id))
+    assert (shown["balanceMillicredits"], shown["availableMillicredits"]) == ("9600", "9600")
+    assert (
+        await conn.fetchval("SELECT count(*) FROM usage_events WHERE request_id = 'req-early'") == 1
+    )
+    assert (await run_cli(cli_env, "outbox", "dead-letters"))[1] == {"deadLetters": []}
+    code, everything = await run_cli(cli_env, "outbox", "dead-letters", "--all")
+    assert [d["entryId"] for d in everything["deadLetters"]] == [entry_id]
+
+
+async def test_outbox_replay_of_a_request_posted_since_is_a_no_op(cli_env, conn):
+    account_id = (await _create_account(cli_env, "10"))["id"]
+    stray = usage_record(request_id="req-twice", account_id=account_id + 1, cost_millicredits=300)
+    entry_id = await _append_settlement(cli_env["REDIS_URL"], stray)
+    assert (await run_cli(cli_env, "settle"))[1]["deadLettered"] == 1
+    posted = usage_record(request_id="req-twice", account_id=account_id, cost_millicredits=300)
+    await _append_settlement(cli_env["REDIS_URL"], posted)
+    assert (await run_cli(cli_env, "settle"))[1]["recorded"] == 1
+
+    code, doc = await run_cli(cli_env, "outbox", "replay", entry_id)
+
+    assert code == 0, doc
+    assert doc["outcome"] == "already_posted"
+    assert doc["deadLetter"]["replayedAt"] is not None
+    assert (
+        await conn.fetchval("SELECT count(*) FROM usage_events WHERE request_id = 'req-twice'") == 1
+    )
+
+
+async def test_outbox_replay_unknown_entry_exits_1(cli_env):
+    code, doc = await run_cli(cli_env, "outbox", "replay", "1-0")
+    assert code == 1
+    assert doc["type"] == "DeadLetterNotFoundError"

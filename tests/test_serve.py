@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 
+import aiohttp
 import pytest
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
-from creditgate.serve import GC_GEN0_THRESHOLD, tune_gc_for_serving
+from billing.metering.holds import OUTBOX_STREAM_KEY
+from creditgate.serve import GC_GEN0_THRESHOLD, run_services, tune_gc_for_serving
+from devtools.localservices import free_port
+from devtools.simulator import Simulator
+from tests.harness import gateway_settings, seed_database
 
 
 @pytest.fixture
@@ -25,3 +34,59 @@ def test_tune_gc_freezes_the_start_up_heap_and_raises_only_generation_0(restore_
     assert gc.get_freeze_count() > 0
     assert gc.get_threshold() == (GC_GEN0_THRESHOLD, before[1], before[2])
     assert GC_GEN0_THRESHOLD > before[0]
+
+
+async def _scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(url) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    return {
+        name: float(value)
+        for family in text_string_to_metric_families(text)
+        for name, _labels, value, *_ in family.samples
+    }
+
+
+async def test_serve_exports_dead_letters_on_the_metrics_port_only(
+    restore_gc, database_url: str, redis_url: str, sim: Simulator
+) -> None:
+    """``creditgate serve`` answers /metrics on METRICS_PORT, and the dead-letter counter
+    moves when its settlement poster dead-letters an entry; the proxy port has no /metrics."""
+    await seed_database(database_url)
+    settings = gateway_settings(
+        database_url, redis_url, sim.base_url, admin_port=free_port(), metrics_port=free_port()
+    )
+    stop = asyncio.Event()
+    serving = asyncio.create_task(run_services(settings, stop))
+    url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    name = "creditgate_settlements_dead_lettered_total"
+    try:
+        async with aiohttp.ClientSession() as session:
+            while True:  # until the sites are up
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    before = await _scrape(session, url)
+                    break
+                await asyncio.sleep(0.05)
+            assert before[name] == 0
+            assert before["creditgate_usage_clamped_total"] == 0
+            assert before["creditgate_usage_unusable_total"] == 0
+
+            client = aioredis.from_url(redis_url, decode_responses=True)
+            try:
+                await client.xadd(OUTBOX_STREAM_KEY, {"p": "not a record", "c": "1", "a": "1"})
+            finally:
+                await client.aclose()
+            while True:  # until the poster met the entry
+                after = await _scrape(session, url)
+                if after[name]:
+                    break
+                await asyncio.sleep(0.05)
+            assert after[name] == 1
+
+            proxy = f"http://127.0.0.1:{settings.port}/metrics"
+            async with session.get(proxy) as response:
+                assert response.status == 404
+    finally:
+        stop.set()
+        await serving

@@ -138,6 +138,18 @@ def test_from_env_port_out_of_range_is_a_problem(raw):
     assert "PORT" in problem
 
 
+@pytest.mark.parametrize(("raw", "expected"), [(None, 9464), ("0", 0), ("9100", 9100)])
+def test_from_env_metrics_port_defaults_and_0_disables(raw, expected):
+    env = REQUIRED if raw is None else {**REQUIRED, "METRICS_PORT": raw}
+    assert Settings.from_env(env).metrics_port == expected
+
+
+def test_from_env_metrics_port_out_of_range_is_a_problem():
+    assert _problems({**REQUIRED, "METRICS_PORT": "65536"}) == [
+        "METRICS_PORT must be <= 65535, got '65536'"
+    ]
+
+
 def test_from_env_missing_tiktoken_dir_is_a_problem(tmp_path):
     missing = tmp_path / "nowhere"
     [problem] = _problems({**REQUIRED, "TIKTOKEN_ENCODINGS_DIR": str(missing)})

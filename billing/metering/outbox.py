@@ -103,8 +103,9 @@ def posting_row(payload: str, *, charged_millicredits: int) -> str:
 
     The payload is spliced as text, not read: decoding and re-encoding every settlement
     would be most of the poster's work. Only its shape is checked (an array whose first
-    value, the request id, is a string); a payload of that shape with wrong values fails its
-    whole batch in Postgres, and the poster retries it.
+    value, the request id, is a string); Postgres refuses a payload of that shape with wrong
+    values, and the poster isolates it from its batch and dead-letters it
+    (``billing.metering.posting``).
 
     Raises:
         ValueError: the payload does not start with ``["`` and end with ``]``.

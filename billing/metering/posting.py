@@ -8,6 +8,13 @@ acknowledge each entry with ``ack_posted.lua``, which also takes the entries' ch
 account's ``pending`` and applies the new posted balance. Entries of a poster that died are
 claimed by the others after ``claim_idle_ms``. Redis down: the poster retries with backoff;
 Postgres down: entries stay pending and are retried (nothing lost, nothing doubled).
+
+An entry Postgres refuses for its data (``POSTGRES_REFUSED_DATA``: a value out of range, an
+unknown account) would fail its whole batch on every retry. The poster splits a refused
+batch in halves until each refused entry stands alone, posts the rest, and dead-letters each
+refused entry, and each entry it cannot read: a row in ``settlement_dead_letters`` first, then
+``dead_letter.lua`` acknowledges and deletes the entry and releases its charge from
+``pending``. ``creditgate outbox replay`` posts a dead letter once its cause is fixed.
 """
 
 from __future__ import annotations
@@ -16,14 +23,15 @@ import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
+import orjson
 from redis.exceptions import RedisError, ResponseError
 
-from billing.errors import POSTGRES_UNAVAILABLE
+from billing.errors import POSTGRES_REFUSED_DATA, POSTGRES_UNAVAILABLE
 from billing.ledger import PostedBalance
-from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore
+from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, _load_script, account_key
 from billing.metering.outbox import STREAM_FIELDS, posting_row
 from billing.metering.script_channel import ScriptChannel
 
@@ -88,14 +96,36 @@ async def post_settlements(conn: asyncpg.Connection, batch: str) -> list[Account
 @dataclass(slots=True)
 class PosterStats:
     """Counters for metrics: batches and settlements posted, duplicates skipped, failures,
-    and outbox entries left pending because they could not be read."""
+    and outbox entries dead-lettered (``unreadable`` of them because they could not be
+    read, the others because Postgres refused their record)."""
 
     batches: int = 0
     posted: int = 0
     duplicates: int = 0
     failures: int = 0
     unreadable: int = 0
+    dead_lettered: int = 0
     charged_millicredits: int = 0
+
+
+class _Posting(NamedTuple):
+    """One readable outbox entry on its way to Postgres."""
+
+    entry_id: str
+    fields: dict[str, Any]
+    account_id: int
+    charged_millicredits: int
+    row: str
+
+
+_INSERT_DEAD_LETTER_SQL = """
+INSERT INTO settlement_dead_letters
+    (stream_entry_id, request_id, account_id, charged_millicredits, payload, error)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (stream_entry_id) DO NOTHING
+"""
+
+_INT64_MAX = 2**63 - 1
 
 
 class SettlementPoster:
@@ -113,10 +143,12 @@ class SettlementPoster:
         claim_idle_ms: int = 30_000,
         linger_s: float = 0.02,
         reader: ScriptChannel | None = None,
+        stats: PosterStats | None = None,
     ) -> None:
         """``reader``: a connection of its own for the blocking reads of new entries, parsed
         by hiredis (cheaper per settlement than redis-py's stream parsing); without it,
-        redis-py reads them."""
+        redis-py reads them. ``stats``: the counters to add to (the process's, for its
+        metrics); a new ``PosterStats`` without it."""
         self._holds = holds
         self._redis = holds.redis
         self._reader = reader
@@ -126,7 +158,8 @@ class SettlementPoster:
         self._block_ms = block_ms
         self._claim_idle_ms = claim_idle_ms
         self._linger_s = linger_s
-        self.stats = PosterStats()
+        self._dead_letter_script = self._redis.register_script(_load_script("dead_letter.lua"))
+        self.stats = stats if stats is not None else PosterStats()
 
     async def ensure_group(self) -> None:
         """Create the stream and consumer group if missing (idempotent)."""
@@ -221,9 +254,9 @@ class SettlementPoster:
 
     async def drain_all(self) -> int:
         """Post everything readable now, own pending entries included (for CLI and tests);
-        returns how many entries were posted (unreadable ones stay pending, uncounted)."""
+        returns how many entries were posted (dead-lettered ones uncounted)."""
         await self.ensure_group()
-        unreadable_before = self.stats.unreadable
+        dead_lettered_before = self.stats.dead_lettered
         total = 0
         # Entries this consumer read before but did not acknowledge: all of them, a batch at a
         # time (a poster stopped mid-run may own more than one batch).
@@ -243,7 +276,7 @@ class SettlementPoster:
                 total += len(entries)
         while n := await self.drain_once():
             total += n
-        return total - (self.stats.unreadable - unreadable_before)
+        return total - (self.stats.dead_lettered - dead_lettered_before)
 
     async def post(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
         """Commit a batch to Postgres, then acknowledge it in Redis per account.
@@ -252,38 +285,51 @@ class SettlementPoster:
             entries: ``[(entry_id, {field: value})]`` as read from the outbox, with the
                 fields of ``billing.metering.outbox.STREAM_FIELDS``.
 
-        An entry without a readable record, charge or account is logged at ERROR and left
-        pending (``stats.unreadable``); the rest of the batch is posted.
+        An entry without a readable record, charge or account, and an entry whose record
+        Postgres refuses (``POSTGRES_REFUSED_DATA``), is dead-lettered (``dead_letter``);
+        the rest of the batch is posted.
 
         Raises:
-            asyncpg.PostgresError / OSError: nothing acknowledged; the entries are retried.
+            POSTGRES_UNAVAILABLE: what was not committed is not acknowledged; retried.
             RedisError: committed but not acknowledged; the retry is a no-op in Postgres.
         """
-        rows: list[str] = []
-        by_account: dict[int, list[Any]] = defaultdict(list)
+        batch: list[_Posting] = []
         record_field, charged_field, account_field = STREAM_FIELDS
         for entry_id, fields in entries:
             try:
                 charged = int(fields[charged_field])
                 account_id = int(fields[account_field])
-                rows.append(posting_row(fields[record_field], charged_millicredits=charged))
+                row = posting_row(fields[record_field], charged_millicredits=charged)
             except (ValueError, KeyError, TypeError) as exc:
-                # Not ours to guess at: the entry stays pending (its charge stays in the
-                # account's `pending`, so it cannot be overspent) and is logged each time a
-                # poster claims it, for an operator to post or delete by hand.
                 self.stats.unreadable += 1
-                log.error(
-                    "outbox entry %s is unreadable (%s), left pending: %.200r",
-                    entry_id,
-                    exc,
-                    fields,
-                )
+                await self.dead_letter(entry_id, fields, f"unreadable outbox entry: {exc}")
                 continue
-            by_account[account_id].extend((entry_id, charged))
-        if not rows:
-            return
+            batch.append(_Posting(entry_id, fields, account_id, charged, row))
+        if batch:
+            await self._post_isolating(batch)
+
+    async def _post_isolating(self, batch: list[_Posting]) -> None:
+        """Post ``batch``; when Postgres refuses its data, post each half the same way, so
+        each refused entry ends alone and is dead-lettered (a batch of n with one bad entry
+        costs about 2 log2(n) statements)."""
+        try:
+            await self._post_and_ack(batch)
+        except POSTGRES_REFUSED_DATA as exc:
+            if len(batch) == 1:
+                entry = batch[0]
+                await self.dead_letter(entry.entry_id, entry.fields, f"{type(exc).__name__}: {exc}")
+                return
+            middle = len(batch) // 2
+            await self._post_isolating(batch[:middle])
+            await self._post_isolating(batch[middle:])
+
+    async def _post_and_ack(self, batch: list[_Posting]) -> None:
+        """One statement for the batch, then the acknowledgements of its accounts."""
+        by_account: dict[int, list[Any]] = defaultdict(list)
+        for entry in batch:
+            by_account[entry.account_id].extend((entry.entry_id, entry.charged_millicredits))
         async with self._pool.acquire() as conn:
-            postings = await post_settlements(conn, "[" + ",".join(rows) + "]")
+            postings = await post_settlements(conn, "[" + ",".join([e.row for e in batch]) + "]")
         # On the gateway's pipelined channel every account's ack goes out in one write.
         acks = [
             self._holds.ack_posted(p.account_id, p.balance, by_account[p.account_id], group=GROUP)
@@ -299,3 +345,70 @@ class SettlementPoster:
             stats.posted += p.posted
             stats.duplicates += p.duplicates
             stats.charged_millicredits += p.charged_millicredits
+
+    async def dead_letter(self, entry_id: str, fields: dict[str, Any], error: str) -> None:
+        """Move one outbox entry to ``settlement_dead_letters``: the row first, then
+        ``dead_letter.lua`` acknowledges and deletes the entry and releases its charge from
+        the account's ``pending`` (once: a repeat after a crash writes and releases nothing).
+
+        Postgres or Redis unreachable: raises (``POSTGRES_UNAVAILABLE``, ``RedisError``); the
+        entry stays pending and is met again, and nothing is released before the row exists.
+        """
+        letter = _dead_letter_row(entry_id, fields, error)
+        async with self._pool.acquire() as conn:
+            await conn.execute(_INSERT_DEAD_LETTER_SQL, *letter)
+        account_id, charged = letter[2], letter[3]
+        keys = [OUTBOX_STREAM_KEY]
+        if account_id is not None:
+            keys.append(account_key(account_id))
+        await self._dead_letter_script(keys=keys, args=[GROUP, entry_id, charged or 0])
+        self.stats.dead_lettered += 1
+        log.error(
+            "settlement %s (outbox entry %s, account %s) dead-lettered: %s",
+            letter[1],
+            entry_id,
+            account_id,
+            error,
+        )
+
+
+def _dead_letter_row(
+    entry_id: str, fields: dict[str, Any], error: str
+) -> tuple[str, str | None, int | None, int | None, str, str]:
+    """The ``settlement_dead_letters`` values of an entry, whatever it holds: (entry id,
+    request id, account id, charged millicredits, payload, error); what cannot be read is
+    None, and the payload is the whole entry as JSON when it has no record field."""
+    record_field, charged_field, account_field = STREAM_FIELDS
+    payload = fields.get(record_field)
+    request_id = None
+    if isinstance(payload, str):
+        try:
+            value = orjson.loads(payload)
+        except ValueError:
+            value = None
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            request_id = _text(value[0])
+    else:
+        payload = orjson.dumps(fields, default=str).decode()
+    return (
+        entry_id,
+        request_id,
+        _int64(fields.get(account_field)),
+        _int64(fields.get(charged_field)),
+        _text(payload),
+        _text(error),
+    )
+
+
+def _int64(value: Any) -> int | None:
+    """``value`` as a non-negative bigint, or None."""
+    try:
+        number = int(value)
+    except (ValueError, TypeError):
+        return None
+    return number if 0 <= number <= _INT64_MAX else None
+
+
+def _text(value: str) -> str:
+    """``value`` as Postgres text can hold it (no NUL character)."""
+    return value.replace("\x00", "\ufffd")

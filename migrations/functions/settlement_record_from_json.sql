@@ -7,7 +7,7 @@ CREATE OR REPLACE FUNCTION settlement_record_from_json(r jsonb) RETURNS settleme
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT ROW(
         r ->> 0, (r ->> 1)::bigint, (r ->> 2)::bigint, r ->> 3, r ->> 4,
-        (r ->> 5)::integer, (r ->> 6)::integer, (r ->> 7)::integer, (r ->> 8)::bigint,
+        (r ->> 5)::bigint, (r ->> 6)::bigint, (r ->> 7)::bigint, (r ->> 8)::bigint,
         (r ->> 9)::bigint, (r ->> 10)::bigint, (r ->> 11)::bigint, r ->> 12,
         (r ->> 13)::bigint, (r ->> 14)::bigint, r ->> 15, r ->> 16,
         (r ->> 17)::bigint, (r ->> 18)::bigint, (r ->> 19)::integer

@@ -32,8 +32,8 @@ _SQL_TYPES = {
     "int": "bigint",
     "int | None": "bigint",
 }
-# Token counts and the latency are integer columns (int4) in usage_events.
-_INTEGER_FIELDS = {"prompt_tokens", "cached_tokens", "completion_tokens", "upstream_latency_ms"}
+# The latency is an integer column (int4) in usage_events; token counts are bigint (0005).
+_INTEGER_FIELDS = {"upstream_latency_ms"}
 
 
 @given(_records)

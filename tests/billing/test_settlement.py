@@ -385,7 +385,7 @@ async def test_poster_posts_each_record_as_written_in_one_batch(
     await _assert_converged(holds, pool, account_id)
 
 
-async def test_poster_leaves_an_unreadable_entry_pending_and_posts_the_rest(
+async def test_poster_dead_letters_an_unreadable_entry_and_posts_the_rest(
     holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster, caplog
 ) -> None:
     account_id = await new_account(pool)
@@ -397,8 +397,10 @@ async def test_poster_leaves_an_unreadable_entry_pending_and_posts_the_rest(
         holds, account_id, request_id="good", hold_millicredits=1_000, cost_millicredits=400
     )
     assert await poster.drain_all() == 1
-    assert poster.stats.unreadable == 1
+    assert (poster.stats.unreadable, poster.stats.dead_lettered) == (1, 1)
     assert (await _posted(pool, account_id)).balance_millicredits == 10_000 - 400
-    pending = await holds.redis.xpending_range(OUTBOX_STREAM_KEY, GROUP, "-", "+", 10)
-    assert [p["message_id"] for p in pending] == [bad_id]
-    assert any("is unreadable" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    assert await _group_pending(holds) == 0
+    async with pool.acquire() as conn:
+        dead = await conn.fetchval("SELECT stream_entry_id FROM settlement_dead_letters")
+    assert dead == bad_id
+    assert any("dead-lettered" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
