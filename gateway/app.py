@@ -103,7 +103,7 @@ async def _refresh_rate_cards(app: web.Application) -> None:
     try:
         await app[gateway_keys.RATE_CARDS].refresh(app[appkeys.DB_POOL])
     except POSTGRES_UNAVAILABLE as exc:
-        log.warning("rate card refresh failed (old cards stay in use): %s", exc)
+        log.warning("rate card refresh failed (old cards stay in use): %r", exc)
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

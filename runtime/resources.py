@@ -78,9 +78,20 @@ async def check_eviction_policy(client: aioredis.Redis) -> None:
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the asyncpg pool for ``SETTINGS.database_url``; close it at shutdown."""
+    """Open the asyncpg pool for ``SETTINGS.database_url``; close it at shutdown.
+
+    A statement without an answer after ``POSTGRES_COMMAND_TIMEOUT_S`` (a connect after
+    ``POSTGRES_CONNECT_TIMEOUT_S``) raises ``TimeoutError`` (an ``OSError``, so one of
+    ``billing.errors.POSTGRES_UNAVAILABLE``: 503 on the request path, a retry in background
+    loops) instead of waiting forever on a Postgres that stopped answering."""
     settings = app[appkeys.SETTINGS]
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=10,
+        timeout=settings.postgres_connect_timeout_s,
+        command_timeout=settings.postgres_command_timeout_s,
+    )
     app[appkeys.DB_POOL] = pool
     yield
     try:

@@ -68,6 +68,8 @@ class Settings:
     sweep_interval_s: float = 5.0
     redis_socket_timeout_s: float = 5.0
     redis_connect_timeout_s: float = 5.0
+    postgres_command_timeout_s: float = 10.0
+    postgres_connect_timeout_s: float = 5.0
     tiktoken_encodings_dir: Path | None = None
     # Stripe (issue: buying credits)
     stripe_api_key: str = ""
@@ -139,6 +141,8 @@ class Settings:
             sweep_interval_s=read.seconds("SWEEP_INTERVAL_S", 5.0),
             redis_socket_timeout_s=read.seconds("REDIS_SOCKET_TIMEOUT_S", 5.0),
             redis_connect_timeout_s=read.seconds("REDIS_CONNECT_TIMEOUT_S", 5.0),
+            postgres_command_timeout_s=read.seconds("POSTGRES_COMMAND_TIMEOUT_S", 10.0),
+            postgres_connect_timeout_s=read.seconds("POSTGRES_CONNECT_TIMEOUT_S", 5.0),
             tiktoken_encodings_dir=Path(encodings_dir) if encodings_dir else None,
             stripe_api_key=read.text("STRIPE_API_KEY"),
             stripe_webhook_secrets=read.items("STRIPE_WEBHOOK_SECRETS"),

@@ -195,7 +195,12 @@ class SettlementPoster:
             except (RedisError, *POSTGRES_UNAVAILABLE) as exc:
                 group_ready = False
                 self.stats.failures += 1
-                log.warning("settlement poster: %s; retrying in %.1fs", exc, backoff_s)
+                if isinstance(exc, TimeoutError):
+                    # A statement without an answer (POSTGRES_COMMAND_TIMEOUT_S): the pool's
+                    # other connections may be as dead (a network partition swallows them
+                    # without a reset). Replace them all rather than wait out each one.
+                    await self._pool.expire_connections()
+                log.warning("settlement poster: %r; retrying in %.1fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
 
