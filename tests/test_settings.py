@@ -258,3 +258,16 @@ def test_redis_timeouts_read_from_env():
     assert _problems({**REQUIRED, "REDIS_SOCKET_TIMEOUT_S": "0"}) == [
         "REDIS_SOCKET_TIMEOUT_S must be >= 0.1, got '0'"
     ]
+
+
+def test_postgres_timeouts_default_and_read_from_env():
+    assert (
+        Settings.from_env(REQUIRED).postgres_command_timeout_s,
+        Settings.from_env(REQUIRED).postgres_connect_timeout_s,
+    ) == (10.0, 5.0)
+    settings = Settings.from_env(
+        {**REQUIRED, "POSTGRES_COMMAND_TIMEOUT_S": "2.5", "POSTGRES_CONNECT_TIMEOUT_S": "1"}
+    )
+    assert (settings.postgres_command_timeout_s, settings.postgres_connect_timeout_s) == (2.5, 1.0)
+    [problem] = _problems({**REQUIRED, "POSTGRES_COMMAND_TIMEOUT_S": "never"})
+    assert "POSTGRES_COMMAND_TIMEOUT_S" in problem
