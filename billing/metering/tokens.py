@@ -291,7 +291,7 @@ class TokenCounter:
 
     def count_text(self, text: str, model: str) -> int:
         """Tokens in ``text`` alone, with no message framing."""
-        return len(self.encoding_for_model(model).encode_ordinary(text))
+        return _count(self.encoding_for_model(model), text)
 
     def count_generated(self, text: str, model: str) -> int:
         """Output tokens of generated ``text``, for settling a stream whose usage never came.
@@ -460,8 +460,18 @@ def _item_text(item: object) -> str | None:
     return content if is_message and isinstance(content, str) else None
 
 
+# From this length on, a text's tokens are counted from tiktoken's buffer of ids instead of a
+# list of Python ints: building the list of a 3.6 MB prompt's ids holds the GIL for ~30 ms,
+# which stalls the event loop while a worker thread counts; the buffer takes none of it.
+_BUFFER_COUNT_MIN_CHARS = 16_384
+
+
 def _count(encoding: tiktoken.Encoding, text: str) -> int:
-    return len(encoding.encode_ordinary(text))
+    """Tokens in ``text`` with no special tokens (``encode_ordinary``'s count)."""
+    if len(text) < _BUFFER_COUNT_MIN_CHARS:
+        return len(encoding.encode_ordinary(text))
+    # With nothing allowed or disallowed, special-token text is encoded as ordinary text.
+    return len(encoding.encode_to_numpy(text, disallowed_special=()))
 
 
 def _count_json(encoding: tiktoken.Encoding, value: object, param: str) -> int:

@@ -19,6 +19,7 @@ import tiktoken_ext.openai_public as openai_public
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from billing.metering import tokens
 from billing.metering.estimate import estimate_chat, estimate_responses
 from billing.metering.pricing import RateCard
 from billing.metering.tokens import (
@@ -581,3 +582,15 @@ def test_estimates_count_a_json_schema_output_format(counter: TokenCounter) -> N
     assert estimate_responses(with_text, card, counter).prompt_tokens == plain + (
         counter.count_text(orjson.dumps(responses_format).decode(), "gpt-4o")
     )
+
+
+def test_long_text_counts_the_same_through_the_buffer(counter):
+    """Texts from _BUFFER_COUNT_MIN_CHARS on are counted from tiktoken's buffer of ids: the
+    same count as encode_ordinary, special-token text included as ordinary text."""
+    text = ("Hello, world! <|endoftext|> naïve café 123 " * 1000)[
+        : 2 * tokens._BUFFER_COUNT_MIN_CHARS
+    ]
+    for model in MODEL_BY_ENCODING.values():
+        encoding = counter.encoding_for_model(model)
+        assert counter.count_text(text, model) == len(encoding.encode_ordinary(text))
+        assert counter.count_text(text[:100], model) == len(encoding.encode_ordinary(text[:100]))

@@ -9,7 +9,7 @@ import io
 import random
 import string
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import aiohttp
@@ -22,7 +22,8 @@ from gateway import appkeys as gateway_keys
 
 # Below the gateway's default 4 MiB body limit; tiktoken takes a few hundred ms to count it.
 BIG_PROMPT_CHARS = 3_600_000
-GAP_LIMIT_S = 0.1  # "a few ms" with room for a loaded 2-core CI machine; inline took > 0.2 s
+GAP_LIMIT_S = 0.025  # "a few ms" (~5 ms measured) with room for a loaded 2-core CI machine;
+# inline counting took > 0.2 s, a worker thread building a list of the ids ~0.03 s
 PROBE_INTERVAL_S = 0.005
 
 
@@ -45,10 +46,10 @@ class EncodeCalls:
     def __init__(self) -> None:
         self.threads: list[str] = []
 
-    def wrap(self, encode: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
-        def recorded(text: str) -> list[int]:
+    def wrap(self, encode: Callable[..., Sized]) -> Callable[..., Sized]:
+        def recorded(text: str, **options: Any) -> Sized:
             self.threads.append(threading.current_thread().name)
-            return encode(text)
+            return encode(text, **options)
 
         return recorded
 
@@ -59,10 +60,13 @@ def encode_calls(gw, monkeypatch) -> Iterator[EncodeCalls]:
     counter = gw.app[gateway_keys.TOKENS]
     for model in ("gpt-4o-mini", "gpt-3.5-turbo-instruct", "text-embedding-3-small"):
         encoding = counter.encoding_for_model(model)
-        if not hasattr(encoding.encode_ordinary, "__wrapped_by_test__"):
-            wrapped = calls.wrap(encoding.encode_ordinary)
-            wrapped.__wrapped_by_test__ = True  # type: ignore[attr-defined]
-            monkeypatch.setattr(encoding, "encode_ordinary", wrapped)
+        # Short texts are counted with encode_ordinary, long ones with encode_to_numpy.
+        for method in ("encode_ordinary", "encode_to_numpy"):
+            original = getattr(encoding, method)
+            if not hasattr(original, "__wrapped_by_test__"):
+                wrapped = calls.wrap(original)
+                wrapped.__wrapped_by_test__ = True  # type: ignore[attr-defined]
+                monkeypatch.setattr(encoding, method, wrapped)
     yield calls
 
 
