@@ -364,19 +364,26 @@ async def test_reserve_with_shortfall_raises_suspended(
     assert (await holds.account_state(account_id)).held_millicredits == 0
 
 
-async def test_reserve_uncached_shortfall_loaded_and_suspends(
-    holds: HoldStore, pool: asyncpg.Pool
-) -> None:
+async def _owing(pool: asyncpg.Pool, shortfall_millicredits: int) -> int:
+    """A new account with nothing and ``shortfall_millicredits`` owed (a reversal of credits
+    already spent), in Postgres only: Redis has no cached balance for it."""
     account_id = await new_account(pool)
     async with pool.acquire() as conn:
         await ledger.post_entry(
             conn,
             account_id=account_id,
             entry_type="reversal",
-            amount_millicredits=-700,
+            amount_millicredits=-shortfall_millicredits,
             idempotency_key="reversal:r1",
             rule=ledger.PostingRule.OWE,
         )
+    return account_id
+
+
+async def test_reserve_uncached_shortfall_loaded_and_suspends(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    account_id = await _owing(pool, 700)
 
     with pytest.raises(AccountSuspendedError) as err:
         await holds.reserve(account_id, 1, request_id="r1")
@@ -432,16 +439,7 @@ async def test_refuse_uncovered_counts_unposted_charges(
 async def test_refuse_uncovered_uncached_shortfall_raises_suspended(
     holds: HoldStore, pool: asyncpg.Pool
 ) -> None:
-    account_id = await new_account(pool)
-    async with pool.acquire() as conn:
-        await ledger.post_entry(
-            conn,
-            account_id=account_id,
-            entry_type="reversal",
-            amount_millicredits=-700,
-            idempotency_key="reversal:r1",
-            rule=ledger.PostingRule.OWE,
-        )
+    account_id = await _owing(pool, 700)
 
     with pytest.raises(AccountSuspendedError) as err:
         await holds.refuse_uncovered(account_id, 0)

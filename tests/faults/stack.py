@@ -29,8 +29,7 @@ import redis.asyncio as aioredis
 
 from billing import api_keys, ledger
 from billing.metering.pricing import RateCard
-from billing.metering.rate_cards import rate_cards_in_force, seed_rate_cards
-from creditgate.migrator import apply_migrations
+from billing.metering.rate_cards import rate_cards_in_force
 from devtools.localservices import (
     PostgresServer,
     RedisServer,
@@ -41,6 +40,7 @@ from devtools.localservices import (
 )
 from devtools.simulator import Simulator
 from tests.faults.tcp_proxy import FaultProxy
+from tests.harness import seed_database
 
 DATABASE = "creditgate"
 UPSTREAM_KEY = "sk-upstream-operator"
@@ -103,13 +103,7 @@ async def _prepare_database(server: PostgresServer) -> None:
         await conn.execute(f'CREATE DATABASE "{DATABASE}"')
     finally:
         await conn.close()
-    dsn = server.dsn_for(DATABASE)
-    await apply_migrations(dsn)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await seed_rate_cards(conn)
-    finally:
-        await conn.close()
+    await seed_database(server.dsn_for(DATABASE))
 
 
 class GatewayProcess:
