@@ -87,6 +87,7 @@ class GatewayStack:
             "PORT": str(port),
             "ADMIN_HOST": "127.0.0.1",
             "ADMIN_PORT": str(admin_port),
+            "METRICS_PORT": "0",  # no fixed port: a `make run` beside the bench keeps 9464
         }
 
     def usage_rows(self) -> int:
