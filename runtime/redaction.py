@@ -20,17 +20,20 @@ import re
 
 REDACTED = "[REDACTED]"
 
-# A secret starts where no word character or dash precedes it (so "task-list" is no "sk-")
-# and runs over its alphabet; anything after ``Bearer`` up to white space is a credential.
+# A secret is matched wherever it starts, even glued to a word or after a control character
+# that aiohttp's parser echoed escaped ("\\t", "\\x00": a letter or digit then precedes it),
+# and runs over its alphabet. ``sk-`` needs 20 characters after it (OpenAI keys have more), so
+# "task-list" stays. After ``Bearer`` and white space (or an escaped tab), anything up to white
+# space or a quote is a credential.
 _SECRET = re.compile(
-    r"(?P<prefix>(?<![A-Za-z0-9_-])"
-    r"(?:cg_live_|cg_admin_|sk-|whsec_|sk_live_|sk_test_|rk_live_|rk_test_))[A-Za-z0-9_-]+"
-    r"|(?P<scheme>(?<![A-Za-z0-9_-])(?i:bearer)[ \t]+)[^\s'\"]+"
+    r"(?P<prefix>cg_live_|cg_admin_|whsec_|sk_live_|sk_test_|rk_live_|rk_test_)[A-Za-z0-9_-]+"
+    r"|(?P<openai>sk-)[A-Za-z0-9_-]{20,}"
+    r"|(?P<scheme>(?i:bearer)(?:[ \t]|\\t)+)[^\s'\"]+"
 )
 
 
 def _replacement(match: re.Match[str]) -> str:
-    return (match.group("prefix") or match.group("scheme")) + REDACTED
+    return (match.group("prefix") or match.group("openai") or match.group("scheme")) + REDACTED
 
 
 def redact(text: str) -> str:

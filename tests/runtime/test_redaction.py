@@ -26,14 +26,26 @@ KEY = generate_key()
         (f"bearer\t{KEY}", f"bearer\t{REDACTED}"),
         (f"GET /v1/{KEY}/x", f"GET /v1/cg_live_{REDACTED}/x"),
         ("cg_admin_abc-DEF_123", f"cg_admin_{REDACTED}"),
-        ("key sk-proj-abc123XYZ end", f"key sk-{REDACTED} end"),
+        ("key sk-proj-abc123XYZabc123XYZ end", f"key sk-{REDACTED} end"),
+        # As aiohttp's parser echoes a header with control characters: escaped, so a letter
+        # or digit precedes the key; and keys glued to a word (a header name, a path).
+        (f"b'Bearer\\t{KEY}\\x00'", f"b'Bearer\\t{REDACTED}'"),
+        (
+            f"Invalid header value char: b'\\x00{KEY}'",
+            f"Invalid header value char: b'\\x00cg_live_{REDACTED}'",
+        ),
+        (f"Bad Header{KEY}: x", f"Bad Headercg_live_{REDACTED}: x"),
+        (f"/v1/x_{KEY}", f"/v1/x_cg_live_{REDACTED}"),
         (
             "whsec_abc sk_live_1 sk_test_2 rk_live_3 rk_test_4",
             f"whsec_{REDACTED} sk_live_{REDACTED} sk_test_{REDACTED} rk_live_{REDACTED} "
             f"rk_test_{REDACTED}",
         ),
         # Not secrets: words that merely contain a prefix, a publishable Stripe key.
-        ("task-list ask-me pk_test_123 cg_live", "task-list ask-me pk_test_123 cg_live"),
+        (
+            "task-list ask-me sk-short pk_test_123 cg_live",
+            "task-list ask-me sk-short pk_test_123 cg_live",
+        ),
     ],
 )
 def test_redact_replaces_secrets_and_keeps_their_prefix(text: str, expected: str) -> None:
