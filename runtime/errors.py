@@ -312,6 +312,18 @@ def _malformed_request(
     return _malformed_request_response(exc)
 
 
+@_answers(web.RequestPayloadError)
+def _undecodable_body(
+    exc: web.RequestPayloadError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    # aiohttp's decompressor refused the body: its bytes are not what Content-Encoding says.
+    return error_response(
+        400,
+        "The request body could not be decoded: it does not match its Content-Encoding.",
+        code="invalid_body",
+    )
+
+
 def edge_error_response(status: int, exc: BaseException | None) -> web.Response:
     """The answer when no route answered: aiohttp's ``RequestHandler.handle_error`` cases.
 
@@ -345,7 +357,17 @@ def error_answer(request: web.Request, exc: BaseException, buy_credits_url: str)
     return answer(exc, request, buy_credits_url)
 
 
-_ANSWERED = (GatewayError, BillingError, web.HTTPException, HttpProcessingError)
+def framework_error_response(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
+    """The envelope, with an ``x-request-id``, for an error aiohttp raised before any route
+    ran (its router's 404 or 405 for a request target no route can match, such as ``*`` or
+    ``host:port``; its 417 for an ``Expect`` other than ``100-continue``)."""
+    response = error_answer(request, exc, "")  # type: ignore[arg-type]
+    response.headers["x-request-id"] = new_request_id()
+    return response
+
+
+# Every exception class that has an answer (those registered above).
+_ANSWERED = tuple(_ANSWERS)
 
 
 def answer_errors(handler: Handler, buy_credits_url: str) -> Handler:

@@ -19,7 +19,8 @@ service. Its connections are ``EdgeRequestHandler``s, aiohttp's ``RequestHandler
   to hold before the process runs out of file descriptors, ``ensure_descriptor_budget`` raises
   the soft ``RLIMIT_NOFILE`` at start-up (and warns when the hard limit is too low).
 - **Error answers in the envelope**: what aiohttp answers itself (``handle_error``: a request
-  its parser refuses, an exception escaping a route, a handler's ``TimeoutError``) is
+  its parser refuses, an exception escaping a route, a handler's ``TimeoutError``; in
+  ``finish_response``, an ``HTTPException`` its router or ``Expect`` check raised) is
   ``runtime.errors.edge_error_response``, with an ``x-request-id``, instead of aiohttp's
   ``text/plain``.
 - **A body that breaks mid-read** (a bad chunk size after the headers) fails the route's read
@@ -43,7 +44,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from runtime.errors import edge_error_response
+from runtime.errors import edge_error_response, framework_error_response
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,19 @@ class EdgeRequestHandler(RequestHandler):
                 self._arm_body_deadline(body)
         elif awaiting_head and data and self._header_deadline is None:
             self._arm_header_deadline()
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # An HTTPException reaching here escaped every route: aiohttp's router (a target no
+        # route matches) or its Expect check raised it. Routes' own answers carry an id.
+        if (
+            isinstance(resp, web.HTTPException)
+            and resp.status >= 400
+            and "x-request-id" not in resp.headers
+        ):
+            resp = framework_error_response(request, resp)
+        return await super().finish_response(request, resp, start_time)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         for deadline in (self._header_deadline, self._body_deadline):

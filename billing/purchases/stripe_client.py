@@ -275,5 +275,6 @@ def _is_event(event: object) -> TypeGuard[dict[str, Any]]:
         and isinstance(event.get("type"), str)
         and isinstance(data, Mapping)
         and isinstance(data.get("object"), Mapping)
-        and isinstance(data["object"].get("id", ""), str)
+        and isinstance(data["object"].get("id"), str)  # every Stripe object has one
+        and bool(data["object"]["id"])
     )

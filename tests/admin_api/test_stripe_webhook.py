@@ -208,6 +208,7 @@ async def test_webhook_repeat_answers_200_and_changes_nothing(admin: Admin) -> N
         ("garbled_header", 400),
         ("tampered_body", 400),
         ("nested_5000_deep", 400),
+        ("object_without_id", 400),
     ],
 )
 async def test_webhook_bad_delivery_answers_400_and_writes_nothing(
@@ -233,6 +234,11 @@ async def test_webhook_bad_delivery_answers_400_and_writes_nothing(
         },
         # Validly signed; past the JSON parser's recursion limit (it raised RecursionError).
         "nested_5000_deep": {"body": b"[" * 5000 + b"]" * 5000},
+        # Validly signed; a Stripe object always has an id (applying it raised KeyError).
+        "object_without_id": {
+            "body": b'{"id":"evt_1","object":"event","type":"checkout.session.completed",'
+            b'"data":{"object":{}}}'
+        },
     }[case]
 
     response = await admin.deliver(event, **kwargs)

@@ -134,6 +134,41 @@ async def test_any_path_answers_in_the_envelope(gw, method: str, path: str, stat
     assert "cg_live_secret" not in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (request_head("*", method="OPTIONS"), 404),
+        (request_head("evil:443", method="CONNECT"), 404),
+        (request_head("/v1/models", b"Expect: 200-ok"), 417),
+        (request_head("/healthz", b"Expect: 200-ok"), 417),
+    ],
+    ids=["options_asterisk", "connect_authority", "expect_unknown", "expect_unknown_healthz"],
+)
+async def test_answers_of_the_framework_itself_are_envelopes(gw, head: bytes, status: int) -> None:
+    """What aiohttp's router and its Expect check answer, before any route runs."""
+    answer = await exchange(gw.settings.port, head)
+    assert answer.status == status
+    answer.error()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_body_whose_content_encoding_does_not_decode_is_400_envelope(
+    gw, encoding: str
+) -> None:
+    _, key = await gw.create_account(1_000_000)
+    body = b"abcde"
+    answer = await exchange(
+        gw.settings.port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Encoding: " + encoding.encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+    )
+    assert answer.status == 400
+    assert answer.error()["code"] in ("bad_request", "invalid_body")
+    assert len(gw.sim.requests) == 0
+
+
 async def test_bad_chunk_size_after_the_headers_is_400_envelope(gw) -> None:
     _, key = await gw.create_account(1_000_000)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.settings.port)
