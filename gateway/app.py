@@ -120,7 +120,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     reader = None
     if settings.settlement_poster_enabled:
         if settings.redis_url.startswith("redis://"):
-            reader = ScriptChannel(settings.redis_url)
+            reader = ScriptChannel(settings.redis_url, decode_responses=False)
         poster = SettlementPoster(
             holds,
             app[appkeys.DB_POOL],

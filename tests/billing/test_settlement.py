@@ -33,7 +33,7 @@ async def poster(
 ) -> AsyncIterator[SettlementPoster]:
     """The poster, reading new entries through redis-py or (as the gateway does) through a
     pipelined channel of its own: every test runs on both."""
-    reader = ScriptChannel(redis_url) if request.param == "reader-channel" else None
+    reader = ScriptChannel(redis_url, decode_responses=False) if request.param == "reader-channel" else None
     poster = SettlementPoster(
         holds, pool, consumer="t1", claim_idle_ms=CLAIM_IDLE_MS, reader=reader
     )
