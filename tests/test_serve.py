@@ -105,7 +105,10 @@ async def _scrape_labelled(
 
 
 async def _until(session: aiohttp.ClientSession, url: str, key: tuple[str, str], value: float):
-    while (await _scrape_labelled(session, url)).get(key) != value:
+    """Scrape until ``key`` reads ``value`` (the test's timeout fails it otherwise)."""
+    while True:
+        if (await _scrape_labelled(session, url)).get(key) == value:
+            return
         await asyncio.sleep(0.05)
 
 
@@ -150,7 +153,7 @@ async def test_serve_exports_the_edge_connection_counters(
                 session, url, ("creditgate_http_connections_timed_out_total", "stage=header"), 1
             )
             await _until(session, url, opened, 0)
-            reader, slow_body = await asyncio.open_connection("127.0.0.1", settings.port)
+            _, slow_body = await asyncio.open_connection("127.0.0.1", settings.port)
             slow_body.write(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
             )
