@@ -6,10 +6,18 @@ from typing import Final
 
 import asyncpg
 
-POSTGRES_UNAVAILABLE: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+POSTGRES_UNAVAILABLE: Final = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 """What asyncpg raises when Postgres is unreachable, restarting or refusing a statement: a
-refused connect (``OSError``), a server error (``PostgresError``) or a connection closed under
-the caller (``InterfaceError``). Catch this tuple, never a hand-written copy of it."""
+refused connect (``OSError``), a server error (``PostgresError``; a backend terminated under a
+pooled connection is its ``ConnectionDoesNotExistError``), a connection closed under the caller
+(``InterfaceError``) or a connection left in a state asyncpg cannot use
+(``InternalClientError``, which subclasses none of the others). Catch this tuple, never a
+hand-written copy of it."""
 
 POSTGRES_REFUSED_DATA: Final = (
     asyncpg.DataError,

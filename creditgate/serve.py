@@ -7,14 +7,20 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Iterator, Mapping
 
 from aiohttp import web
 
 from admin_api.app import create_admin_app
 from gateway import appkeys as gateway_keys
 from gateway.app import create_app
-from runtime.http_protocol import edge_runner, ensure_descriptor_budget
-from runtime.metrics import CounterReading, create_metrics_app, metrics_registry
+from runtime.http_protocol import EdgeAppRunner, EdgeServer, edge_runner, ensure_descriptor_budget
+from runtime.metrics import (
+    CounterReading,
+    LabelledReading,
+    create_metrics_app,
+    metrics_registry,
+)
 from runtime.redaction import install_redacting_filter
 from runtime.settings import Settings
 
@@ -64,6 +70,46 @@ def process_counters(gateway: web.Application) -> list[CounterReading]:
     ]
 
 
+def edge_readings(runners: Mapping[str, EdgeAppRunner]) -> list[LabelledReading]:
+    """The edge's connection counters ``/metrics`` exports, per service (``runners``' keys:
+    ``gateway``, ``admin``), read from each runner's ``EdgeServer`` once it is set up."""
+
+    def servers() -> Iterator[tuple[str, EdgeServer]]:
+        for service, runner in runners.items():
+            if isinstance(runner.server, EdgeServer):
+                yield service, runner.server
+
+    def timed_out() -> dict[str, int]:
+        totals = {"header": 0, "body": 0}
+        for _, server in servers():
+            for stage, count in server.timed_out_connections.items():
+                totals[stage] += count
+        return totals
+
+    return [
+        LabelledReading(
+            "creditgate_http_connections_open",
+            "Client connections open now.",
+            "service",
+            lambda: {service: server.open_connections for service, server in servers()},
+            gauge=True,
+        ),
+        LabelledReading(
+            "creditgate_http_connections_refused",
+            "Connections closed as soon as accepted: HTTP_MAX_CONNECTIONS reached.",
+            "service",
+            lambda: {service: server.refused_connections for service, server in servers()},
+        ),
+        LabelledReading(
+            "creditgate_http_connections_timed_out",
+            "Connections closed by the header (HTTP_HEADER_TIMEOUT_S) or body "
+            "(HTTP_BODY_TIMEOUT_S) deadline.",
+            "stage",
+            timed_out,
+        ),
+    ]
+
+
 async def run_services(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve the gateway on ``HOST:PORT``, the admin app on ``ADMIN_HOST:ADMIN_PORT`` and
     ``/metrics`` on ``HOST:METRICS_PORT`` (not when 0) until ``stop`` is set or
@@ -82,8 +128,11 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     admin_runner = edge_runner(
         create_admin_app(settings), settings, access_log=None, shutdown_timeout=10
     )
+    edges = edge_readings({"gateway": gateway_runner, "admin": admin_runner})
     metrics_runner = edge_runner(
-        create_metrics_app(metrics_registry(process_counters(gateway))), settings, access_log=None
+        create_metrics_app(metrics_registry(process_counters(gateway), edges)),
+        settings,
+        access_log=None,
     )
     await gateway_runner.setup()
     await admin_runner.setup()

@@ -133,6 +133,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
                 settings.redis_url,
                 timeout_s=settings.redis_socket_timeout_s,
                 name="creditgate-outbox-reader",
+                decode_responses=False,
             )
         poster = SettlementPoster(
             holds,

@@ -164,13 +164,20 @@ class EdgeRequestHandler(RequestHandler):
         self._body_deadline = None
         if not body.is_eof():
             log.debug("closing a connection whose request body is overdue")
+            self._count_timed_out("body")
             self.force_close()
 
     def _header_deadline_passed(self) -> None:
         self._header_deadline = None
         if self._waiter is not None and not self._messages:
             log.debug("closing a connection whose request headers are overdue")
+            self._count_timed_out("header")
             self.force_close()
+
+    def _count_timed_out(self, stage: str) -> None:
+        manager = self._manager
+        assert isinstance(manager, EdgeServer)
+        manager.timed_out_connections[stage] += 1
 
     def _fail_broken_body(self, request: BaseRequest) -> None:
         # The parser failed while this request's body was arriving: aiohttp queues the error
@@ -188,6 +195,8 @@ class EdgeServer(web.Server):
     Attributes:
         open_connections: connections open now (accepted and not yet lost).
         refused_connections: connections closed at once by the cap since start-up.
+        timed_out_connections: connections closed by a deadline since start-up, by stage
+            (``header``, ``body``).
     """
 
     def __init__(self, handler: Any, *, limits: ConnectionLimits, **kwargs: Any) -> None:
@@ -197,6 +206,7 @@ class EdgeServer(web.Server):
         self.max_connections = limits.max_connections
         self.open_connections = 0
         self.refused_connections = 0
+        self.timed_out_connections = {"header": 0, "body": 0}
 
     def __call__(self) -> EdgeRequestHandler:
         return EdgeRequestHandler(self, loop=self._loop, limits=self._limits, **self._kwargs)

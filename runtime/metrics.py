@@ -10,12 +10,12 @@ the service builds (``creditgate.serve.process_counters``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 
@@ -36,23 +36,52 @@ class CounterReading:
     read: Callable[[], int]
 
 
-class StatsCollector(Collector):
-    """A Prometheus collector of ``CounterReading``s."""
+@dataclass(frozen=True, slots=True)
+class LabelledReading:
+    """A counter or gauge with one label, read from stats objects at scrape time.
 
-    def __init__(self, counters: Sequence[CounterReading]) -> None:
+    Attributes:
+        name: as ``CounterReading.name`` (a gauge's is its whole name).
+        label: the label's name, e.g. ``service``.
+        read: ``{label value: value}`` now (on the event loop's thread).
+        gauge: a gauge (a value now), not a counter.
+    """
+
+    name: str
+    documentation: str
+    label: str
+    read: Callable[[], Mapping[str, int]]
+    gauge: bool = False
+
+
+class StatsCollector(Collector):
+    """A Prometheus collector of ``CounterReading``s and ``LabelledReading``s."""
+
+    def __init__(
+        self, counters: Sequence[CounterReading], labelled: Sequence[LabelledReading] = ()
+    ) -> None:
         self._counters = tuple(counters)
+        self._labelled = tuple(labelled)
 
     def collect(self) -> Iterator[Metric]:
         """Each counter with its value now."""
         for counter in self._counters:
             yield CounterMetricFamily(counter.name, counter.documentation, value=counter.read())
+        for reading in self._labelled:
+            family_type = GaugeMetricFamily if reading.gauge else CounterMetricFamily
+            family = family_type(reading.name, reading.documentation, labels=[reading.label])
+            for label_value, value in reading.read().items():
+                family.add_metric([label_value], value)
+            yield family
 
 
-def metrics_registry(counters: Sequence[CounterReading]) -> CollectorRegistry:
-    """A registry of its own holding ``counters`` (not prometheus_client's global one: no
-    state at import time, and one registry per process and test)."""
+def metrics_registry(
+    counters: Sequence[CounterReading], labelled: Sequence[LabelledReading] = ()
+) -> CollectorRegistry:
+    """A registry of its own holding ``counters`` and ``labelled`` (not prometheus_client's
+    global one: no state at import time, and one registry per process and test)."""
     registry = CollectorRegistry()
-    registry.register(StatsCollector(counters))
+    registry.register(StatsCollector(counters, labelled))
     return registry
 
 

@@ -90,3 +90,78 @@ async def test_serve_exports_dead_letters_on_the_metrics_port_only(
     finally:
         stop.set()
         await serving
+
+
+async def _scrape_labelled(
+    session: aiohttp.ClientSession, url: str
+) -> dict[tuple[str, str], float]:
+    async with session.get(url) as response:
+        text = await response.text()
+    return {
+        (name, ",".join(f"{k}={v}" for k, v in sorted(labels.items()))): float(value)
+        for family in text_string_to_metric_families(text)
+        for name, labels, value, *_ in family.samples
+    }
+
+
+async def _until(session: aiohttp.ClientSession, url: str, key: tuple[str, str], value: float):
+    """Scrape until ``key`` reads ``value`` (the test's timeout fails it otherwise)."""
+    while True:
+        if (await _scrape_labelled(session, url)).get(key) == value:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_serve_exports_the_edge_connection_counters(
+    restore_gc, database_url: str, redis_url: str, sim: Simulator
+) -> None:
+    """Open, refused (the cap) and timed-out (header and body deadlines) connections of the
+    gateway show on /metrics; before, /metrics had none of them."""
+    await seed_database(database_url)
+    settings = gateway_settings(
+        database_url,
+        redis_url,
+        sim.base_url,
+        admin_port=free_port(),
+        metrics_port=free_port(),
+        http_max_connections=1,
+        http_header_timeout_s=0.3,
+        http_body_timeout_s=0.3,
+    )
+    stop = asyncio.Event()
+    serving = asyncio.create_task(run_services(settings, stop))
+    url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    opened = ("creditgate_http_connections_open", "service=gateway")
+    try:
+        async with aiohttp.ClientSession() as session:
+            while True:  # until the sites are up
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    before = await _scrape_labelled(session, url)
+                    break
+                await asyncio.sleep(0.05)
+            assert before[opened] == 0
+            assert before[("creditgate_http_connections_open", "service=admin")] == 0
+
+            _, silent = await asyncio.open_connection("127.0.0.1", settings.port)
+            await _until(session, url, opened, 1)
+            _, refused = await asyncio.open_connection("127.0.0.1", settings.port)
+            await _until(
+                session, url, ("creditgate_http_connections_refused_total", "service=gateway"), 1
+            )
+            # The silent connection sends no header: the header deadline closes it.
+            await _until(
+                session, url, ("creditgate_http_connections_timed_out_total", "stage=header"), 1
+            )
+            await _until(session, url, opened, 0)
+            _, slow_body = await asyncio.open_connection("127.0.0.1", settings.port)
+            slow_body.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+            )
+            await _until(
+                session, url, ("creditgate_http_connections_timed_out_total", "stage=body"), 1
+            )
+            for writer in (silent, refused, slow_body):
+                writer.close()
+    finally:
+        stop.set()
+        await serving

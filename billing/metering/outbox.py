@@ -17,6 +17,7 @@ has this record's fields in this order (``migrations/0003_create_settlement_reco
 
 from __future__ import annotations
 
+import re
 from typing import Final, NamedTuple
 
 import orjson
@@ -96,20 +97,30 @@ class StreamFields(NamedTuple):
 STREAM_FIELDS: Final = StreamFields(record="p", charged_millicredits="c", account_id="a")
 
 
-def posting_row(payload: str, *, charged_millicredits: int) -> str:
+# A payload's head: the request id (a JSON string, escapes included) and the account id, the
+# record's first two fields; read without parsing the rest of the record.
+_PAYLOAD_HEAD = re.compile(r'\["[^"\\]*(?:\\.[^"\\]*)*",(\d+),')
+
+
+def posting_row(payload: str, *, charged_millicredits: int, account_id: int | None = None) -> str:
     """The JSON row ``post_settlements`` reads: the record's array with
     ``charged_millicredits`` appended (SQL reads it from the end, and the record through
     ``settlement_record_from_json``). A batch's rows are applied in their order.
 
     The payload is spliced as text, not read: decoding and re-encoding every settlement
-    would be most of the poster's work. Only its shape is checked (an array whose first
-    value, the request id, is a string); Postgres refuses a payload of that shape with wrong
-    values, and the poster isolates it from its batch and dead-letters it
-    (``billing.metering.posting``).
+    would be most of the poster's work. Only its head is checked (an array whose first value,
+    the request id, is a string, and whose second, the account id, is ``account_id`` when
+    given: the outbox entry's account, whose ``pending`` holds the charge); Postgres refuses a
+    payload of that shape with wrong values, and the poster isolates it from its batch and
+    dead-letters it (``billing.metering.posting``).
 
     Raises:
-        ValueError: the payload does not start with ``["`` and end with ``]``.
+        ValueError: the payload does not start with a request id and an account id and end
+            with ``]``, or its account id is not ``account_id``.
     """
-    if not (payload.startswith('["') and payload.endswith("]")):
+    head = _PAYLOAD_HEAD.match(payload)
+    if head is None or not payload.endswith("]"):
         raise ValueError(f"not a settlement record payload: {payload[:60]!r}")
+    if account_id is not None and int(head[1]) != account_id:
+        raise ValueError(f"the entry's account {account_id} is not its record's account {head[1]}")
     return f"{payload[:-1]},{charged_millicredits}]"

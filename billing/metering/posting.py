@@ -15,6 +15,13 @@ batch in halves until each refused entry stands alone, posts the rest, and dead-
 refused entry, and each entry it cannot read: a row in ``settlement_dead_letters`` first, then
 ``dead_letter.lua`` acknowledges and deletes the entry and releases its charge from
 ``pending``. ``creditgate outbox replay`` posts a dead letter once its cause is fixed.
+
+No bad entry stops settlement: the outbox is read as bytes and each entry decoded here, so an
+entry that is not UTF-8 is one unreadable entry (its payload stored with its bad bytes escaped,
+``\\xff``) instead of a decoding error failing every read. Unreadable too: a missing field, a
+charge or account that is not a non-negative 64-bit integer, and a record whose account is not
+the entry's (the charge sits in the entry account's ``pending``; posting it to another account
+would charge one and never acknowledge the other).
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import asyncpg
 import orjson
+from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError, ResponseError
 
 from billing.errors import POSTGRES_REFUSED_DATA, POSTGRES_UNAVAILABLE
@@ -38,6 +47,14 @@ from billing.metering.script_channel import ScriptChannel
 log = logging.getLogger(__name__)
 
 GROUP = "settlement-posters"
+
+#: An outbox entry as read: its id and fields, undecoded.
+RawEntry = tuple[bytes, dict[bytes, bytes]]
+
+# redis-py's option for a reply left undecoded (what its DUMP uses): a client made with
+# decode_responses=True would otherwise fail the whole read on one entry that is not UTF-8.
+_UNDECODED: Final = {NEVER_DECODE: True}
+_RECORD, _CHARGED, _ACCOUNT = (name.encode() for name in STREAM_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +129,7 @@ class _Posting(NamedTuple):
     """One readable outbox entry on its way to Postgres."""
 
     entry_id: str
-    fields: dict[str, Any]
+    fields: Mapping[bytes, bytes]
     account_id: int
     charged_millicredits: int
     row: str
@@ -210,23 +227,28 @@ class SettlementPoster:
         if self._reader is not None:
             entries = await self._read_new(self._reader, block_ms)
         else:
-            reply: Any = await self._redis.xreadgroup(
-                GROUP,
-                self._consumer,
-                {OUTBOX_STREAM_KEY: ">"},
-                count=self._batch_size,
-                block=block_ms,
-            )
-            entries = reply[0][1] if reply else []
+            entries = await self._read_group(">", block_ms)
         if not entries:
             return 0
         await self.post(entries)
         return len(entries)
 
-    async def _read_new(
-        self, reader: ScriptChannel, block_ms: int | None
-    ) -> list[tuple[str, dict[str, str]]]:
-        """XREADGROUP of new entries on ``reader``: ``[(entry_id, {field: value})]``."""
+    async def _read_group(self, after_id: bytes | str, block_ms: int | None) -> list[RawEntry]:
+        """XREADGROUP through redis-py, undecoded: new entries (``after_id`` ``">"``) or this
+        consumer's pending ones after ``after_id``."""
+        block = ("BLOCK", block_ms) if block_ms is not None else ()
+        reply: Any = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+            "XREADGROUP",
+            *("GROUP", GROUP, self._consumer, "COUNT", self._batch_size),
+            *block,
+            *("STREAMS", OUTBOX_STREAM_KEY, after_id),
+            **_UNDECODED,
+        )
+        return reply[0][1] if reply else []
+
+    async def _read_new(self, reader: ScriptChannel, block_ms: int | None) -> list[RawEntry]:
+        """XREADGROUP of new entries on ``reader`` (made with ``decode_responses=False``):
+        ``[(entry_id, {field: value})]``."""
         block = ("BLOCK", block_ms) if block_ms is not None else ()
         group = ("GROUP", GROUP, self._consumer, "COUNT", self._batch_size)
         reply = await reader.execute(
@@ -244,13 +266,11 @@ class SettlementPoster:
     async def claim_stale(self) -> int:
         """Take over entries another poster read but never acknowledged (it crashed); post
         them; returns how many were claimed."""
-        reply: Any = await self._redis.xautoclaim(
-            OUTBOX_STREAM_KEY,
-            GROUP,
-            self._consumer,
-            min_idle_time=self._claim_idle_ms,
-            start_id="0-0",
-            count=self._batch_size,
+        reply: Any = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+            "XAUTOCLAIM",
+            *(OUTBOX_STREAM_KEY, GROUP, self._consumer, self._claim_idle_ms, "0-0"),
+            *("COUNT", self._batch_size),
+            **_UNDECODED,
         )
         entries = [e for e in reply[1] if e and e[1]]
         if entries:
@@ -265,12 +285,9 @@ class SettlementPoster:
         total = 0
         # Entries this consumer read before but did not acknowledge: all of them, a batch at a
         # time (a poster stopped mid-run may own more than one batch).
-        after_id = "0"
+        after_id: bytes | str = "0"
         while True:
-            reply: Any = await self._redis.xreadgroup(
-                GROUP, self._consumer, {OUTBOX_STREAM_KEY: after_id}, count=self._batch_size
-            )
-            batch = reply[0][1] if reply else []
+            batch = await self._read_group(after_id, None)
             if not batch:
                 break
             after_id = batch[-1][0]
@@ -283,28 +300,30 @@ class SettlementPoster:
             total += n
         return total - (self.stats.dead_lettered - dead_lettered_before)
 
-    async def post(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+    async def post(self, entries: list[RawEntry]) -> None:
         """Commit a batch to Postgres, then acknowledge it in Redis per account.
 
         Args:
-            entries: ``[(entry_id, {field: value})]`` as read from the outbox, with the
-                fields of ``billing.metering.outbox.STREAM_FIELDS``.
+            entries: ``[(entry_id, {field: value})]`` as read from the outbox, undecoded,
+                with the fields of ``billing.metering.outbox.STREAM_FIELDS``.
 
-        An entry without a readable record, charge or account, and an entry whose record
-        Postgres refuses (``POSTGRES_REFUSED_DATA``), is dead-lettered (``dead_letter``);
-        the rest of the batch is posted.
+        An unreadable entry (see the module docstring), and an entry whose record Postgres
+        refuses (``POSTGRES_REFUSED_DATA``), is dead-lettered (``dead_letter``); the rest of
+        the batch is posted.
 
         Raises:
             POSTGRES_UNAVAILABLE: what was not committed is not acknowledged; retried.
             RedisError: committed but not acknowledged; the retry is a no-op in Postgres.
         """
         batch: list[_Posting] = []
-        record_field, charged_field, account_field = STREAM_FIELDS
-        for entry_id, fields in entries:
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()  # Redis writes ids: digits and a dash
             try:
-                charged = int(fields[charged_field])
-                account_id = int(fields[account_field])
-                row = posting_row(fields[record_field], charged_millicredits=charged)
+                charged = _int64_field(fields[_CHARGED])
+                account_id = _int64_field(fields[_ACCOUNT])
+                # UnicodeDecodeError is a ValueError.
+                payload = fields[_RECORD].decode()
+                row = posting_row(payload, charged_millicredits=charged, account_id=account_id)
             except (ValueError, KeyError, TypeError) as exc:
                 self.stats.unreadable += 1
                 await self.dead_letter(entry_id, fields, f"unreadable outbox entry: {exc}")
@@ -351,7 +370,9 @@ class SettlementPoster:
             stats.duplicates += p.duplicates
             stats.charged_millicredits += p.charged_millicredits
 
-    async def dead_letter(self, entry_id: str, fields: dict[str, Any], error: str) -> None:
+    async def dead_letter(
+        self, entry_id: str, fields: Mapping[bytes, bytes] | Mapping[str, str], error: str
+    ) -> None:
         """Move one outbox entry to ``settlement_dead_letters``: the row first, then
         ``dead_letter.lua`` acknowledges and deletes the entry and releases its charge from
         the account's ``pending`` (once: a repeat after a crash writes and releases nothing).
@@ -377,12 +398,31 @@ class SettlementPoster:
         )
 
 
+def _int64_field(value: bytes) -> int:
+    """An outbox entry's charge or account id.
+
+    Raises:
+        ValueError: not a base-10 integer in [0, 2**63 - 1].
+    """
+    number = int(value)
+    if not 0 <= number <= _INT64_MAX:
+        raise ValueError(f"{number} is not a non-negative 64-bit integer")
+    return number
+
+
+def _escaped(value: bytes | str) -> str:
+    """``value`` as text; bytes that are not UTF-8 escaped (``\\xff``)."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
 def _dead_letter_row(
-    entry_id: str, fields: dict[str, Any], error: str
+    entry_id: str, raw_fields: Mapping[bytes, bytes] | Mapping[str, str], error: str
 ) -> tuple[str, str | None, int | None, int | None, str, str]:
     """The ``settlement_dead_letters`` values of an entry, whatever it holds: (entry id,
     request id, account id, charged millicredits, payload, error); what cannot be read is
-    None, and the payload is the whole entry as JSON when it has no record field."""
+    None, the payload is the whole entry as JSON when it has no record field, and bytes that
+    are not UTF-8 are escaped."""
+    fields = {_escaped(name): _escaped(value) for name, value in raw_fields.items()}
     record_field, charged_field, account_field = STREAM_FIELDS
     payload = fields.get(record_field)
     request_id = None

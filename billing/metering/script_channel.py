@@ -27,7 +27,11 @@ from redis.exceptions import NoScriptError, ResponseError
 class _Protocol(asyncio.Protocol):
     def __init__(self, channel: ScriptChannel) -> None:
         self._channel = channel
-        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        self._reader = (
+            hiredis.Reader(encoding="utf-8", errors="replace")
+            if channel.decode_responses
+            else hiredis.Reader()
+        )
         self.transport: asyncio.Transport | None = None
         # (future, loop time sent), oldest first: replies come back in the order sent.
         self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
@@ -104,9 +108,18 @@ class ScriptChannel:
         url: ``redis://[user:password@]host:port/db`` (the same ``REDIS_URL`` as redis-py).
         timeout_s: the longest a reply may take before the connection is dropped.
         name: the connection's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows an operator).
+        decode_responses: replies' strings decoded as UTF-8 (an invalid byte becomes
+            U+FFFD); False: ``bytes`` as Redis sent them (the settlement poster's reads).
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 5.0, name: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 5.0,
+        name: str | None = None,
+        decode_responses: bool = True,
+    ) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "redis":
             raise ValueError("ScriptChannel supports redis:// URLs only")
@@ -117,6 +130,7 @@ class ScriptChannel:
         self._password = unquote(parsed.password) if parsed.password else None
         self._timeout_s = timeout_s
         self._name = name
+        self.decode_responses = decode_responses
         self._preloaded: list[str] = []
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
@@ -194,7 +208,8 @@ class ScriptChannel:
         return await asyncio.shield(self._connecting)
 
     async def execute(self, *command: Any) -> Any:
-        """Send one command; its reply (strings decoded as UTF-8).
+        """Send one command; its reply (strings decoded as UTF-8 unless ``decode_responses``
+        is False).
 
         Raises:
             redis.exceptions.ConnectionError: unreachable, dropped or too slow.

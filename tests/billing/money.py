@@ -119,3 +119,13 @@ async def money_totals(pool: asyncpg.Pool) -> tuple[int, int]:
                         WHERE entry_type = 'deduction')"""
         )
     return int(row[0]), int(row[1])
+
+
+def raw_entries(
+    entries: list[tuple[str, dict[str, str]]],
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Outbox entries read by a decoding client, as the poster reads them (undecoded)."""
+    return [
+        (entry_id.encode(), {name.encode(): value.encode() for name, value in fields.items()})
+        for entry_id, fields in entries
+    ]

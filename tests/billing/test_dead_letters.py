@@ -234,3 +234,54 @@ async def test_replay_posts_a_dead_letter_once_its_account_exists(
     assert first.dead_letter.replayed_at is not None
     assert again.outcome is ReplayOutcome.ALREADY_REPLAYED
     assert (await ledger.posted_balance(pool, account_id)).balance_millicredits == 10_000 - 400
+
+
+@pytest.mark.parametrize(
+    ("fields", "released"),
+    [
+        ({"p": b'["req-\xff",{account},1]', "c": b"300", "a": b"{account}"}, 300),
+        ({b"p\xfe": b"[]", "c": b"300", "a": b"{account}"}, 300),
+        ({"p": b'["no-account",{account},1]', "c": b"300"}, 0),
+        ({"p": b'["negative",{account},1]', "c": b"-300", "a": b"{account}"}, 0),
+        ({"p": b'["other",{other},1]', "c": b"300", "a": b"{account}"}, 300),
+    ],
+    ids=["not-utf-8", "field-name-not-utf-8", "no-account", "negative-charge", "other-account"],
+)
+async def test_poster_dead_letters_an_undecodable_or_inconsistent_entry_and_goes_on(
+    holds: HoldStore,
+    pool: asyncpg.Pool,
+    poster: SettlementPoster,
+    fields: dict[str | bytes, bytes],
+    released: int,
+) -> None:
+    """Before the fix, bytes that are not UTF-8 failed every read of the stream (nothing after
+    them was ever posted), and an entry whose record names another account was posted to
+    that account and never acknowledged."""
+    account_id, other = await new_account(pool), await new_account(pool)
+    for owner in (account_id, other):
+        await grant(pool, owner, 10_000, holds=holds)
+    values = {b"{account}": str(account_id).encode(), b"{other}": str(other).encode()}
+    entry = {}
+    for name, value in fields.items():
+        for placeholder, number in values.items():
+            value = value.replace(placeholder, number)
+        entry[name] = value
+    entry_id = await holds.redis.xadd(OUTBOX_STREAM_KEY, entry)
+    await holds.redis.hincrby(account_key(account_id), "pending", 300)
+    good = usage_record(request_id="after", account_id=account_id, cost_millicredits=100)
+    await _append(holds, good, account_id=account_id)
+
+    assert await poster.drain_all() == 1
+
+    (letter,) = await _letters(pool)
+    assert letter.stream_entry_id == entry_id
+    assert letter.error.startswith("unreadable outbox entry")
+    assert "\ufffd" not in letter.payload
+    if "not-utf-8" in letter.error or b"\xff" in entry.get("p", b""):
+        assert "\\xff" in letter.payload
+    assert await _pending(holds, account_id) == 300 - released
+    assert await _pending(holds, other) == 0
+    assert (await ledger.posted_balance(pool, account_id)).balance_millicredits == 10_000 - 100
+    assert (await ledger.posted_balance(pool, other)).balance_millicredits == 10_000
+    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+    assert (await holds.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"] == 0

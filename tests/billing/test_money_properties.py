@@ -39,7 +39,7 @@ from billing import ledger
 from billing.errors import AccountSuspendedError, InsufficientCreditsError
 from billing.metering.holds import OUTBOX_STREAM_KEY, AccountHolds, HoldStore, Settled, holds_key
 from billing.metering.posting import GROUP, SettlementPoster
-from tests.billing.money import money_totals, usage_payload
+from tests.billing.money import money_totals, raw_entries, usage_payload
 
 _T = TypeVar("_T")
 
@@ -338,7 +338,7 @@ class MoneyMachine(RuleBasedStateMachine):
         else:
             if claimed_first:
                 self._run(self.writer.claim_stale())
-            self._run(self.slow_writer.post(self.slow_entries))
+            self._run(self.slow_writer.post(raw_entries(self.slow_entries)))
             self.slow_entries = []
 
     def _drain(self) -> None:

@@ -24,6 +24,7 @@ from tests.billing.money import (
     grant,
     money_totals,
     new_account,
+    raw_entries,
     reserve_and_settle,
     usage_payload,
     usage_record,
@@ -38,7 +39,11 @@ async def poster(
 ) -> AsyncIterator[SettlementPoster]:
     """The poster, reading new entries through redis-py or (as the gateway does) through a
     pipelined channel of its own: every test runs on both."""
-    reader = ScriptChannel(redis_url) if request.param == "reader-channel" else None
+    reader = (
+        ScriptChannel(redis_url, decode_responses=False)
+        if request.param == "reader-channel"
+        else None
+    )
     poster = SettlementPoster(
         holds, pool, consumer="t1", claim_idle_ms=CLAIM_IDLE_MS, reader=reader
     )
@@ -221,7 +226,7 @@ async def test_slow_poster_posting_claimed_entries_releases_pending_once(
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
     assert await poster.claim_stale() == 2  # t1 takes over and posts them
 
-    await slow.post(reply[0][1])  # the slow poster wakes up and posts what it had read
+    await slow.post(raw_entries(reply[0][1]))  # the slow poster wakes up and posts what it had read
 
     assert slow.stats.duplicates == 2
     assert (await _posted(pool, account_id)).balance_millicredits == 8_000

@@ -112,3 +112,34 @@ async def test_authenticate_without_key_raises_a_fresh_error_each_time() -> None
     assert len({id(exc) for exc in raised}) == len(raised)
     assert _traceback_depth(raised[-1]) == _traceback_depth(raised[0]) <= 3
     assert raised[-1].code == "missing_api_key"
+
+
+async def test_backend_terminated_under_a_lookup_is_billing_unavailable(
+    database_url: str, lookups
+) -> None:
+    """A pooled connection whose backend dies mid-lookup (pg_terminate_backend) fails the
+    lookup as BillingUnavailableError (the gateway's 503 billing_unavailable), never a 500."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        _, key, _ = await _account_and_key(pool)
+        authenticator = KeyAuthenticator(pool)
+        killer = await asyncpg.connect(database_url)
+        try:
+            async with killer.transaction():
+                # The lookup's query waits on this lock: its backend is killed mid-query.
+                await killer.execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+                lookup = asyncio.ensure_future(authenticator.identify(key))
+                backend_pid = None
+                while backend_pid is None:
+                    await asyncio.sleep(0.01)
+                    backend_pid = await killer.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    )
+                assert await killer.fetchval("SELECT pg_terminate_backend($1)", backend_pid)
+        finally:
+            await killer.close()
+        with pytest.raises(BillingUnavailableError):
+            await lookup
+        assert lookups == [key]
+    finally:
+        await pool.close()
