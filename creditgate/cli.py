@@ -49,6 +49,7 @@ from billing.purchases.fulfilment import publish_balance
 from billing.purchases.packages import seed_packages
 from billing.units import credits_to_millicredits, money_fields
 from creditgate.migrator import MigrationError, apply_migrations
+from runtime.resources import RedisEvictionPolicyError
 from runtime.settings import ConfigError, Settings, StoreSettings
 
 
@@ -382,7 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             fn(settings, args)
             return 0
         result = asyncio.run(fn(settings, args))
-    except (BillingError, MigrationError, ValueError, asyncpg.PostgresError, OSError) as exc:
+    except (
+        BillingError,
+        MigrationError,
+        RedisEvictionPolicyError,
+        ValueError,
+        asyncpg.PostgresError,
+        OSError,
+    ) as exc:
         _print({"error": str(exc), "type": type(exc).__name__})
         return 1
     _print(result)

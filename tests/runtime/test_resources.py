@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import asyncpg
+import orjson
 import pytest
+import redis
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -78,3 +83,37 @@ async def test_redis_without_config_command_starts_with_a_warning(
         await limited.aclose()
         await redis_client.acl_deluser("no-config")
     assert any("cannot read Redis maxmemory-policy" in r.getMessage() for r in caplog.records)
+
+
+def test_creditgate_serve_on_an_evicting_redis_exits_1_with_one_json_error(
+    redis_url: str, database_url: str
+) -> None:
+    """What an operator sees: one JSON document naming the policy and the fix, exit 1."""
+    client = redis.Redis.from_url(redis_url)
+    client.config_set("maxmemory-policy", "volatile-ttl")
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "UPSTREAM_API_KEY": "sk-x",
+        "PORT": str(free_port()),
+        "ADMIN_PORT": str(free_port()),
+        "METRICS_PORT": "0",
+    }
+    try:
+        served = subprocess.run(
+            [sys.executable, "-m", "creditgate.cli", "serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+    assert served.returncode == 1
+    answer = orjson.loads(served.stdout)
+    assert answer["type"] == "RedisEvictionPolicyError"
+    assert "'volatile-ttl'" in answer["error"]
+    assert "maxmemory-policy noeviction" in answer["error"]
+    assert "Traceback" not in served.stderr
