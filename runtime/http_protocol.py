@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
@@ -141,9 +142,22 @@ class EdgeRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        """aiohttp's logging and its rule that nothing can be answered once output began,
-        then the envelope (``runtime.errors.edge_error_response``) instead of its text."""
-        super().handle_error(request, status, exc, message)
+        """The envelope (``runtime.errors.edge_error_response``) instead of aiohttp's text.
+
+        A request the parser refused is the client's fault and anyone can send one: it is
+        logged in one INFO line (no traceback), so malformed requests cannot flood the log.
+        Anything else keeps aiohttp's logging (a traceback at ERROR). Either way nothing can
+        be answered once output began (``ConnectionError``, as aiohttp)."""
+        if isinstance(exc, HttpProcessingError):
+            log.info(
+                "refused a malformed request from %s: %s",
+                request.remote,
+                exc.message.partition("\n")[0][:200],
+            )
+            if request.writer.output_size > 0:
+                raise ConnectionError("the answer had begun; the connection is dropped")
+        else:
+            super().handle_error(request, status, exc, message)
         return edge_error_response(status, exc)
 
     def _arm_header_deadline(self) -> None:

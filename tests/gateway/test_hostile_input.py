@@ -82,6 +82,11 @@ async def test_bearer_key_with_non_utf8_bytes_is_401_envelope(gw) -> None:
         pytest.param(b"Authorization: Bearer KEY" + b"x" * 9000, id="header_over_8190_bytes"),
         pytest.param(b"Authorization: Bearer KEY\x00", id="nul_byte"),
         pytest.param(b"X-Api-Key: KEY\x00", id="bare_key_nul_byte"),
+        # The parser echoes control characters escaped ("\\t", "\\x00") right before the key.
+        pytest.param(b"Authorization: Bearer\tKEY\x00", id="tab_then_key_nul_byte"),
+        pytest.param(b"Authorization: \x00KEY", id="nul_then_key"),
+        pytest.param(b"X-Api-Key: \x01KEY", id="control_then_key"),
+        pytest.param(b"Authorization: Bearer\tKEY" + b"x" * 9000, id="tab_then_key_over_8190"),
     ],
 )
 async def test_malformed_header_is_400_envelope_and_key_not_logged_or_echoed(
@@ -97,7 +102,9 @@ async def test_malformed_header_is_400_envelope_and_key_not_logged_or_echoed(
     assert answer.error()["code"] == "bad_request"
     assert key.encode() not in answer.body
     assert key[12:] not in caplog.text  # what follows the visible prefix never reaches a log
-    assert caplog.records, "aiohttp logs the refused request"
+    refused = [r for r in caplog.records if "malformed request" in r.getMessage()]
+    assert len(refused) == 1, "the refused request is logged, once"
+    assert refused[0].levelno == logging.INFO and refused[0].exc_info is None  # no traceback
 
 
 @pytest.mark.parametrize(
