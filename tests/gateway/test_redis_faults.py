@@ -106,8 +106,11 @@ async def test_settle_reply_lost_in_a_stall_is_sent_again_and_charged_once(
     sends it again once Redis answers, and the answer is charged exactly once."""
     gw = await make_gateway(redis_socket_timeout_s=TIMEOUT_S)
     account, key = await gw.create_account(1_000_000)
-    sim.push(Scenario(chunks=4, delay_s=0.15, prompt_tokens=20))
-    request_id, text = await _request_during_pause(gw, key, account, stream=stream, pause_ms=2_000)
+    # The answer takes 2 s after the hold, the pause starts well within that (the hold is seen
+    # in ~0.05 s) and lasts 3.5 s: the settle is sent while Redis is paused, however loaded
+    # the machine (with 0.6 s, a slow poll let the settle land before the pause began).
+    sim.push(Scenario(chunks=4, delay_s=0.5, prompt_tokens=20))
+    request_id, text = await _request_during_pause(gw, key, account, stream=stream, pause_ms=3_500)
     assert text == " hello" * 4  # delivered
     await _assert_charged_once(gw, account, request_id)
     rescue = gw.app[gateway_keys.SETTLEMENT_RESCUE]
