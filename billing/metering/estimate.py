@@ -232,23 +232,3 @@ def _embeddings_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) ->
 
 
 EMBEDDINGS = Estimator(_embeddings_output, _embeddings_prompt_lower_bound, _embeddings_prompt)
-
-
-def estimate_chat(body: Body, rate_card: RateCard, tokens: TokenCounter) -> Estimate:
-    """``/v1/chat/completions`` (see ``CHAT``)."""
-    return CHAT.estimate(body, rate_card, tokens)
-
-
-def estimate_completions(body: Body, rate_card: RateCard, tokens: TokenCounter) -> Estimate:
-    """``/v1/completions`` (see ``COMPLETIONS``)."""
-    return COMPLETIONS.estimate(body, rate_card, tokens)
-
-
-def estimate_responses(body: Body, rate_card: RateCard, tokens: TokenCounter) -> Estimate:
-    """``/v1/responses`` (see ``RESPONSES``)."""
-    return RESPONSES.estimate(body, rate_card, tokens)
-
-
-def estimate_embeddings(body: Body, rate_card: RateCard, tokens: TokenCounter) -> Estimate:
-    """``/v1/embeddings`` (see ``EMBEDDINGS``)."""
-    return EMBEDDINGS.estimate(body, rate_card, tokens)

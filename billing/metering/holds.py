@@ -110,7 +110,8 @@ class AccountHolds:
 BalanceLoader = Callable[[int], Awaitable[PostedBalance]]
 
 
-def _load_script(name: str) -> str:
+def load_script(name: str) -> str:
+    """The text of ``billing/metering/lua/<name>`` (a script shipped as package data)."""
     return resources.files("billing.metering").joinpath("lua", name).read_text(encoding="utf-8")
 
 
@@ -224,14 +225,14 @@ class HoldStore:
         self._settled_marker_ttl_ms = int(settled_marker_ttl_s * 1000)
         self._channel = channel
         self._load_balance = load_balance
-        self._reserve = redis.register_script(_load_script("reserve.lua"))
-        self._settle = redis.register_script(_load_script("settle.lua"))
+        self._reserve = redis.register_script(load_script("reserve.lua"))
+        self._settle = redis.register_script(load_script("settle.lua"))
         if channel is not None:
             channel.preload(str(self._reserve.script))
             channel.preload(str(self._settle.script))
-        self._void = redis.register_script(_load_script("void.lua"))
-        self._apply_balance = redis.register_script(_load_script("apply_balance.lua"))
-        self._ack_posted = redis.register_script(_load_script("ack_posted.lua"))
+        self._void = redis.register_script(load_script("void.lua"))
+        self._apply_balance = redis.register_script(load_script("apply_balance.lua"))
+        self._ack_posted = redis.register_script(load_script("ack_posted.lua"))
         if channel is not None:
             channel.preload(str(self._ack_posted.script))
 
@@ -295,7 +296,7 @@ class HoldStore:
             except NoScriptError:
                 result = await self._run(self._reserve, keys, args)
             if result[0] == "LOAD":
-                await self.sync_balance(account_id, await self._load_balance(account_id))
+                await self._load_into_redis(account_id)
                 result = await self._run(self._reserve, keys, args)
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
@@ -335,8 +336,7 @@ class HoldStore:
             )
             _, bal, held, pending, shortfall = (int(f) if f else 0 for f in fields)
             if fields[0] is None:
-                posted = await self._load_balance(account_id)
-                await self.sync_balance(account_id, posted)
+                posted = await self._load_into_redis(account_id)
                 bal, shortfall = posted.balance_millicredits, posted.shortfall_millicredits
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
@@ -491,11 +491,21 @@ class HoldStore:
         Raises:
             BillingUnavailableError: Redis or Postgres unreachable.
         """
-        posted = await self._load_balance(account_id)
         try:
-            await self.sync_balance(account_id, posted)
+            await self._load_into_redis(account_id)
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
+
+    async def _load_into_redis(self, account_id: int) -> PostedBalance:
+        """The account's posted balance from Postgres, given to Redis (applied only if newer).
+
+        Raises:
+            RedisError: Redis unreachable.
+            BillingUnavailableError: Postgres unreachable (``load_balance``).
+        """
+        posted = await self._load_balance(account_id)
+        await self.sync_balance(account_id, posted)
+        return posted
 
     async def account_state(self, account_id: int) -> AccountHolds:
         """Redis's view of an account (for `accounts show` and the admin API).

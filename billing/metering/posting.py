@@ -40,7 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from billing.errors import POSTGRES_REFUSED_DATA, POSTGRES_UNAVAILABLE
 from billing.ledger import PostedBalance
-from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, _load_script, account_key
+from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key, load_script
 from billing.metering.outbox import STREAM_FIELDS, posting_row
 from billing.metering.script_channel import ScriptChannel
 
@@ -175,7 +175,7 @@ class SettlementPoster:
         self._block_ms = block_ms
         self._claim_idle_ms = claim_idle_ms
         self._linger_s = linger_s
-        self._dead_letter_script = self._redis.register_script(_load_script("dead_letter.lua"))
+        self._dead_letter_script = self._redis.register_script(load_script("dead_letter.lua"))
         self.stats = stats if stats is not None else PosterStats()
 
     async def ensure_group(self) -> None:
@@ -398,7 +398,7 @@ class SettlementPoster:
         )
 
 
-def _int64_field(value: bytes) -> int:
+def _int64_field(value: bytes | str) -> int:
     """An outbox entry's charge or account id.
 
     Raises:
@@ -446,12 +446,11 @@ def _dead_letter_row(
 
 
 def _int64(value: Any) -> int | None:
-    """``value`` as a non-negative bigint, or None."""
+    """``value`` as a non-negative bigint (``_int64_field``), or None."""
     try:
-        number = int(value)
+        return _int64_field(value)
     except (ValueError, TypeError):
         return None
-    return number if 0 <= number <= _INT64_MAX else None
 
 
 def _text(value: str) -> str:

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing.metering import tokens
-from billing.metering.estimate import estimate_chat, estimate_responses
+from billing.metering.estimate import CHAT, RESPONSES
 from billing.metering.pricing import RateCard
 from billing.metering.tokens import (
     CL100K_BASE,
@@ -569,17 +569,17 @@ def test_estimates_count_a_json_schema_output_format(counter: TokenCounter) -> N
     chat_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
     responses_format = {"type": "json_schema", "name": "a", "schema": schema}
     chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-    plain = estimate_chat(chat, card, counter).prompt_tokens
-    with_schema = estimate_chat({**chat, "response_format": chat_format}, card, counter)
+    plain = CHAT.estimate(chat, card, counter).prompt_tokens
+    with_schema = CHAT.estimate({**chat, "response_format": chat_format}, card, counter)
     assert with_schema.prompt_tokens == plain + counter.count_text(
         orjson.dumps(chat_format).decode(), "gpt-4o"
     )
     as_text = {**chat, "response_format": {"type": "text"}}
-    assert estimate_chat(as_text, card, counter).prompt_tokens == plain
+    assert CHAT.estimate(as_text, card, counter).prompt_tokens == plain
     responses = {"model": "gpt-4o", "input": "hi"}
-    plain = estimate_responses(responses, card, counter).prompt_tokens
+    plain = RESPONSES.estimate(responses, card, counter).prompt_tokens
     with_text = {**responses, "text": {"format": responses_format}}
-    assert estimate_responses(with_text, card, counter).prompt_tokens == plain + (
+    assert RESPONSES.estimate(with_text, card, counter).prompt_tokens == plain + (
         counter.count_text(orjson.dumps(responses_format).decode(), "gpt-4o")
     )
 

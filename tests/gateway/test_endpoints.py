@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from billing.metering.estimate import estimate_chat
+from billing.metering.estimate import CHAT
 from billing.metering.pricing import RoundingMode, charge_millicredits, worst_case_millicredits
 from billing.metering.rate_cards import DEFAULT_RATES
 from devtools.simulator import Scenario
@@ -241,7 +241,7 @@ async def test_usage_row_carries_every_field_of_the_settlement(gw, sim):
     assert row["cost_millicredits"] == row["charged_millicredits"] == expected
     card_now = gw.rate_cards.get("gpt-4o")
     body = {"model": "gpt-4o", "messages": LONG, "max_tokens": 50}
-    estimate = estimate_chat(body, card_now, gw.app[gateway_keys.TOKENS])
+    estimate = CHAT.estimate(body, card_now, gw.app[gateway_keys.TOKENS])
     assert row["hold_millicredits"] == worst_case_millicredits(
         card_now,
         prompt_tokens=estimate.prompt_tokens,
@@ -420,7 +420,7 @@ async def test_charging_enabled_holds_worst_case_mid_stream(gw, sim):
 async def test_chat_n2_doubles_hold_beyond_balance_for_one(gw, sim):
     body = {"model": "gpt-4o-mini", "messages": HI, "max_tokens": 1_000}
     card = gw.rate_cards.get("gpt-4o-mini")
-    estimate = estimate_chat(dict(body), card, gw.app[gateway_keys.TOKENS])
+    estimate = CHAT.estimate(dict(body), card, gw.app[gateway_keys.TOKENS])
 
     def hold(n: int) -> int:
         return worst_case_millicredits(

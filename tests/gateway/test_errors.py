@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 
 from billing import api_keys
-from billing.metering.estimate import estimate_chat
+from billing.metering.estimate import CHAT
 from billing.metering.pricing import charge_millicredits
 from devtools.localservices import free_port
 from devtools.simulator import Scenario
@@ -353,7 +353,7 @@ async def test_upstream_failure_mid_stream_ends_with_error_event_and_charges_gen
     assert row["status"] == "upstream_error"
     assert row["completion_tokens"] == 2
     card = gw.rate_cards.get("gpt-4o-mini")
-    prompt_tokens = estimate_chat(request, card, gw.app[gateway_keys.TOKENS]).prompt_tokens
+    prompt_tokens = CHAT.estimate(request, card, gw.app[gateway_keys.TOKENS]).prompt_tokens
     assert row["prompt_tokens"] == prompt_tokens
     expected = charge_millicredits(card, prompt_tokens=prompt_tokens, completion_tokens=2)
     assert row["charged_millicredits"] == expected

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
-from billing.metering.estimate import estimate_chat
+from billing.metering.estimate import CHAT
 from billing.metering.pricing import worst_case_millicredits
 from gateway import appkeys as gateway_keys
 
@@ -154,7 +154,7 @@ async def test_big_prompt_counted_off_the_loop_as_inline_count(gw, sim, encode_c
     the same as counted inline."""
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": big_prompt}]}
     card = gw.rate_cards.get("gpt-4o-mini")
-    estimate = estimate_chat(body, card, gw.app[gateway_keys.TOKENS])
+    estimate = CHAT.estimate(body, card, gw.app[gateway_keys.TOKENS])
     worst_case = worst_case_millicredits(
         card,
         prompt_tokens=estimate.prompt_tokens,

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from billing.metering.estimate import estimate_chat, estimate_responses
+from billing.metering.estimate import CHAT, RESPONSES
 from billing.metering.pricing import charge_millicredits
 from devtools.simulator import Scenario
 from gateway import appkeys as gateway_keys
@@ -40,7 +40,7 @@ async def _post(
 
 def _our_prompt(gw, request: dict[str, Any]) -> int:
     card = gw.rate_cards.get(request["model"])
-    estimate = estimate_responses if "input" in request else estimate_chat
+    estimate = RESPONSES.estimate if "input" in request else CHAT.estimate
     return estimate(request, card, gw.app[gateway_keys.TOKENS]).prompt_tokens
 
 
