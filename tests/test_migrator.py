@@ -125,8 +125,8 @@ async def test_apply_edited_function_file_reapplied_and_its_body_in_force(
     function_file = migrations_copy / "functions" / "ledger_entries_append_only.sql"
     function_file.write_text(
         function_file.read_text().replace(
-            "'ledger_entries is append-only: % is not allowed'",
-            "'ledger_entries is append-only (edited body): % is not allowed'",
+            "'% is append-only: % is not allowed'",
+            "'% is append-only (edited body): % is not allowed'",
         )
     )
 

@@ -135,7 +135,7 @@ async def seed_packages(conn: asyncpg.Connection) -> list[Package]:
                         base_millicredits, bonus_millicredits, total_millicredits, sort_order,
                         badge)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                    ON CONFLICT (code) DO UPDATE SET
+                    ON CONFLICT (code) WHERE superseded_at IS NULL DO UPDATE SET
                         name = EXCLUDED.name,
                         price_minor_units = EXCLUDED.price_minor_units,
                         currency = EXCLUDED.currency,

@@ -1,8 +1,9 @@
--- Append-only: corrections are new entries, never edits. Stops the table's owner too; the
--- application's role has no UPDATE, DELETE or TRUNCATE on it anyway (0001).
+-- Append-only tables: corrections are new entries, never edits. Bound to ledger_entries and
+-- audit_log. Stops the table's owner too; the application's role has no UPDATE, DELETE or
+-- TRUNCATE on them anyway (0001, 0007).
 CREATE OR REPLACE FUNCTION ledger_entries_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'ledger_entries is append-only: % is not allowed', TG_OP
+    RAISE EXCEPTION '% is append-only: % is not allowed', TG_TABLE_NAME, TG_OP
         USING ERRCODE = 'insufficient_privilege';
 END;
 $$;
@@ -12,4 +13,10 @@ CREATE OR REPLACE TRIGGER ledger_entries_no_update_delete
     FOR EACH ROW EXECUTE FUNCTION ledger_entries_append_only();
 CREATE OR REPLACE TRIGGER ledger_entries_no_truncate
     BEFORE TRUNCATE ON ledger_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_entries_append_only();
+CREATE OR REPLACE TRIGGER audit_log_no_update_delete
+    BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION ledger_entries_append_only();
+CREATE OR REPLACE TRIGGER audit_log_no_truncate
+    BEFORE TRUNCATE ON audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION ledger_entries_append_only();
