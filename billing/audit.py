@@ -1,0 +1,87 @@
+"""The audit log: who changed what, written in the same transaction as the change.
+
+Every mutating admin API call and CLI command writes one ``audit_log`` row through
+``record_audit``, on the connection (and inside the transaction) that makes the change, so a
+change without its audit row, or an audit row without its change, cannot commit. The table
+is append-only (a trigger refuses UPDATE, DELETE and TRUNCATE for every role; the
+application's role has only SELECT and INSERT on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who acts: an admin token (``kind="token"``, its id and name) or the CLI.
+
+    Attributes:
+        kind: ``"token"`` or ``"cli"``.
+        name: the token's name, or ``"cli"``.
+        token_id: the admin token's id; None for the CLI.
+        request_id: the admin API request's ``x-request-id``; None for the CLI.
+        client_address: the caller's address as the service saw it; None for the CLI.
+    """
+
+    kind: str
+    name: str
+    token_id: int | None = None
+    request_id: str | None = None
+    client_address: str | None = None
+
+
+CLI_ACTOR = Actor(kind="cli", name="cli")
+
+
+def _json(value: Any) -> str | None:
+    # default=str: datetimes, Decimals and enums as their text; bigint amounts stay integers.
+    return None if value is None else orjson.dumps(value, default=str).decode()
+
+
+async def record_audit(
+    conn: asyncpg.Connection,
+    actor: Actor,
+    *,
+    action: str,
+    target_type: str,
+    target_id: str | int | None,
+    before: Any = None,
+    after: Any = None,
+) -> int:
+    """Append one audit row on ``conn`` (call it inside the change's transaction).
+
+    Args:
+        action: dotted verb, e.g. ``"account.suspend"``, ``"key.revoke"``, ``"flag.set"``.
+        target_type: ``"account"``, ``"api_key"``, ``"rate_card"``, ``"package"``,
+            ``"flag"``, ``"admin_token"``, ``"ledger_entry"``.
+        before, after: JSON-able snapshots of the target (None where there is none).
+
+    Returns:
+        The audit row's id.
+
+    Raises:
+        asyncpg.PostgresError: as any statement on ``conn`` (the change rolls back with it).
+    """
+    return int(
+        await conn.fetchval(
+            """INSERT INTO audit_log (actor_kind, actor_token_id, actor_name, action,
+                   target_type, target_id, before, after, request_id, client_address)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10)
+               RETURNING id""",
+            actor.kind,
+            actor.token_id,
+            actor.name,
+            action,
+            target_type,
+            None if target_id is None else str(target_id),
+            _json(before),
+            _json(after),
+            actor.request_id,
+            actor.client_address,
+        )
+    )
