@@ -92,6 +92,7 @@ class AdminContext:
         body: the validated ``body=`` model, or None.
         query: the validated ``query=`` model, or None.
         params: the validated ``params=`` model (path parameters), or None.
+        headers: the validated ``headers=`` model (e.g. ``Idempotency-Key``), or None.
         actor: the caller for ``record_audit``: token id and name, request id, client address.
         role: the caller's role.
         request_id: this request's ``x-request-id``.
@@ -104,6 +105,7 @@ class AdminContext:
     body: Any = None
     query: Any = None
     params: Any = None
+    headers: Any = None
 
     @property
     def settings(self) -> Settings:
@@ -151,6 +153,7 @@ class AdminRoute:
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     params: type[BaseModel] | None = None
+    headers: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     path_names: tuple[str, ...] = field(default=())
 
@@ -182,13 +185,15 @@ class AdminRouter:
         body: type[BaseModel] | None = None,
         query: type[BaseModel] | None = None,
         params: type[BaseModel] | None = None,
+        headers: type[BaseModel] | None = None,
         response: type[BaseModel] | None = None,
         status: int = 200,
     ) -> Callable[[Handler], Handler]:
         """Declare a route; ``path`` is absolute (``/admin/v1/...``) or relative to it.
 
         A path with ``{name}`` placeholders needs ``params=``, a model with those fields
-        (``IdPath`` for ``{id}``).
+        (``IdPath`` for ``{id}``). ``headers=`` is a model whose fields' aliases are header
+        names (``Field(alias="Idempotency-Key")``), matched case-insensitively.
         """
         full_path = (
             path if path.startswith(API_PREFIX + "/") else API_PREFIX + "/" + path.lstrip("/")
@@ -212,6 +217,7 @@ class AdminRouter:
                     body=body,
                     query=query,
                     params=params,
+                    headers=headers,
                     response=response,
                     path_names=names,
                 )
@@ -305,6 +311,8 @@ async def _context(route: AdminRoute, request: web.Request, request_id: str) -> 
         ctx.params = _validate(route.params, dict(request.match_info), "path")
     if route.query is not None:
         ctx.query = _validate(route.query, _query_values(request), "query")
+    if route.headers is not None:
+        ctx.headers = _validate(route.headers, _header_values(route.headers, request), "header")
     if route.body is not None:
         ctx.body = _validate_body(route.body, await request.read())
     return ctx
@@ -316,6 +324,11 @@ def _query_values(request: web.Request) -> dict[str, Any]:
         given = request.query.getall(name)
         values[name] = given[0] if len(given) == 1 else given
     return values
+
+
+def _header_values(model: type[BaseModel], request: web.Request) -> dict[str, str]:
+    names = (field.alias or name for name, field in model.model_fields.items())
+    return {name: request.headers[name] for name in names if name in request.headers}
 
 
 def _validate(model: type[BaseModel], values: Mapping[str, Any], location: str) -> BaseModel:
