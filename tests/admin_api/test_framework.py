@@ -267,3 +267,10 @@ async def test_openapi_documents_a_declared_header(probe_api: AdminApi):
         "header",
         True,
     )
+
+
+async def test_missing_token_message_says_what_to_send_unredacted(admin_api: AdminApi):
+    response = await admin_api.client.get("/admin/v1/me")
+    message = (await response.json())["error"]["message"]
+    assert "Authorization" in message and "Bearer" in message
+    assert "REDACTED" not in message
