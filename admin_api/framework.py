@@ -23,6 +23,7 @@ handler's ``ctx.actor`` writes into the audit log.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -44,13 +45,14 @@ from admin_api.errors import (
     Unauthorized,
     Unprocessable,
     admin_error_response,
+    database_unavailable_response,
     from_billing_error,
     from_validation_error,
 )
 from admin_api.models import AdminModel, Id, IdPath, Page, Paginated, decode_cursor, encode_cursor
 from billing.admin_tokens import Role
 from billing.audit import Actor
-from billing.errors import BillingError
+from billing.errors import POSTGRES_REFUSED_DATA, POSTGRES_UNAVAILABLE, BillingError
 from billing.metering.holds import HoldStore
 from runtime import appkeys
 from runtime.errors import json_response
@@ -79,6 +81,8 @@ __all__ = [
     "encode_cursor",
     "install",
 ]
+
+log = logging.getLogger(__name__)
 
 API_PREFIX = "/admin/v1"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -287,6 +291,11 @@ def _endpoint(route: AdminRoute) -> Callable[[web.Request], Awaitable[web.Stream
             if answer is None:
                 raise
             return admin_error_response(answer, request_id)
+        except POSTGRES_REFUSED_DATA:
+            raise  # a statement's data at fault: a bug, answered 500 and logged
+        except POSTGRES_UNAVAILABLE as exc:
+            log.warning("admin %s %s: Postgres unavailable: %s", route.method, route.path, exc)
+            return database_unavailable_response(request_id)
         return _success(route, result, request_id)
 
     endpoint.__name__ = route.operation_id

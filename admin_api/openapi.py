@@ -48,7 +48,7 @@ class Error(BaseModel):
 
 
 def _error_statuses(route: AdminRoute) -> list[int]:
-    statuses = [401]
+    statuses = [401, 503]
     if route.body or route.query or route.params or route.headers:
         statuses.append(400)
     if route.role is not Role.VIEWER:

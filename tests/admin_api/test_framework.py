@@ -7,12 +7,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from admin_api import tokens
 from admin_api.app import create_admin_app
 from admin_api.framework import AdminContext, AdminModel, AdminRouter, Conflict
-from admin_api.models import Page, ShortText, decode_cursor, encode_cursor
+from admin_api.models import Page, QueryBool, ShortText, decode_cursor, encode_cursor
 from billing.admin_tokens import Role
 from billing.errors import AccountNotFoundError
 from tests.admin_api.conftest import AdminApi, admin_settings
@@ -227,6 +227,8 @@ async def probe(ctx: AdminContext) -> _Echo:
         raise Conflict("This idempotency key was used with other content.")
     if ctx.headers.idempotency_key == "no-account":
         raise AccountNotFoundError(42)
+    if ctx.headers.idempotency_key == "db-down":
+        raise ConnectionRefusedError("connection refused")
     return _Echo(idempotency_key=ctx.headers.idempotency_key)
 
 
@@ -250,7 +252,11 @@ async def test_declared_header_is_validated_and_given_to_the_handler(probe_api: 
 
 async def test_handler_errors_answer_their_status_with_the_request_id(probe_api: AdminApi):
     auth = probe_api.headers(Role.OPERATOR)
-    for key, status, code in (("taken", 409, "conflict"), ("no-account", 404, "not_found")):
+    for key, status, code in (
+        ("taken", 409, "conflict"),
+        ("no-account", 404, "not_found"),
+        ("db-down", 503, "database_unavailable"),
+    ):
         response = await probe_api.client.post(
             "/admin/v1/probe", headers={**auth, "Idempotency-Key": key}
         )
@@ -274,3 +280,14 @@ async def test_missing_token_message_says_what_to_send_unredacted(admin_api: Adm
     message = (await response.json())["error"]["message"]
     assert "Authorization" in message and "Bearer" in message
     assert "REDACTED" not in message
+
+
+def test_query_bool_takes_only_true_and_false():
+    class _Flags(AdminModel):
+        all: QueryBool = False
+
+    assert _Flags.model_validate({"all": "true"}).all is True
+    assert _Flags.model_validate({"all": "false"}).all is False
+    for loose in ("yes", "1", "on", "True"):
+        with pytest.raises(ValidationError):
+            _Flags.model_validate({"all": loose})
