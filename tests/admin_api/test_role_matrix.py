@@ -49,8 +49,10 @@ def _creator(routes: tuple[AdminRoute, ...], route: AdminRoute) -> AdminRoute | 
 async def _path(admin_api: AdminApi, routes: tuple[AdminRoute, ...], route: AdminRoute) -> str:
     """``route``'s path for one call: ``{id}`` names a row made for it by its creator route
     (as an admin, with its example body) when there is one and it succeeds, so the mutation
-    really happens; other placeholders name a row that does not exist."""
+    really happens; other placeholders take the ``params=`` model's example, or name a row
+    that does not exist."""
     values: dict[str, Any] = {name: _ABSENT_ID for name in route.path_names}
+    values.update(_example(route.params))
     creator = _creator(routes, route) if "id" in route.path_names else None
     if creator is not None:
         response, created = await admin_api.call(
