@@ -43,6 +43,7 @@ from typing import Any
 
 import asyncpg
 
+from billing.admin_tokens import find_active_admin_token
 from devtools.localservices import (
     LocalServiceError,
     start_postgres,
@@ -91,10 +92,12 @@ class _Options:
     pg_port: int
     redis_port: int
     gateway_port: int
+    admin_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> _Options:
-        """Read DATABASE_URL, REDIS_URL, UPSTREAM_API_KEY, PG_PORT, REDIS_PORT and PORT.
+        """Read DATABASE_URL, REDIS_URL, UPSTREAM_API_KEY, PG_PORT, REDIS_PORT, PORT and
+        ADMIN_PORT.
 
         Raises:
             DevstackError: a port variable is not a TCP port number.
@@ -113,6 +116,7 @@ class _Options:
             pg_port=port("PG_PORT", 54329),
             redis_port=port("REDIS_PORT", 63799),
             gateway_port=port("PORT", 8080),
+            admin_port=port("ADMIN_PORT", 8081),
         )
 
 
@@ -172,6 +176,7 @@ def _run(stack: contextlib.ExitStack, options: _Options, data_dir: Path) -> int:
     print(f"migrate:    {json.dumps(_creditgate(env, 'migrate'))}", flush=True)
     print(f"seed:       {json.dumps(_creditgate(env, 'seed'))}", flush=True)
     key = _demo_key(env, data_dir / "demo.json")
+    admin_token = _demo_admin_token(env, data_dir / "demo.json")
 
     env.setdefault("HOST", "127.0.0.1")
     gateway = subprocess.Popen(
@@ -181,6 +186,7 @@ def _run(stack: contextlib.ExitStack, options: _Options, data_dir: Path) -> int:
     _wait_for_port(gateway, _client_host(env["HOST"]), options.gateway_port, "creditgate serve")
     started.append("the gateway")
     _print_examples(key, options.gateway_port, env, simulated=simulated, started=started)
+    _print_admin_examples(admin_token, options.admin_port)
     return gateway.wait()
 
 
@@ -246,6 +252,35 @@ def _demo_key(env: Mapping[str, str], state_path: Path) -> str:
     state_path.touch(mode=0o600)
     state_path.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     return key
+
+
+def _demo_admin_token(env: Mapping[str, str], state_path: Path) -> str:
+    """An admin-role token for the admin API: the saved one while it is active in this
+    database, else a new one (``creditgate admin create-token``), saved beside the demo key."""
+    database = hashlib.sha256(env["DATABASE_URL"].encode()).hexdigest()
+    saved = _read_json(state_path)
+    token = saved.get("admin_token")
+    if (
+        saved.get("database") == database
+        and isinstance(token, str)
+        and asyncio.run(_admin_token_active(env["DATABASE_URL"], token))
+    ):
+        return token
+    token = str(
+        _creditgate(env, "admin", "create-token", "--role", "admin", "--name", "make-run")["token"]
+    )
+    state_path.write_text(
+        json.dumps({**saved, "admin_token": token}, indent=2) + "\n", encoding="utf-8"
+    )
+    return token
+
+
+async def _admin_token_active(dsn: str, token: str) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await find_active_admin_token(conn, token) is not None
+    finally:
+        await conn.close()
 
 
 async def _account_id_by_email(dsn: str, email: str) -> int | None:
@@ -380,6 +415,17 @@ The command line, in a second terminal:
     .venv/bin/creditgate accounts show 1
 
 Ctrl-C stops {", ".join(reversed(started))}; data stay in .data/.
+""",
+        flush=True,
+    )
+
+
+def _print_admin_examples(token: str, port: int) -> None:
+    print(
+        f"""Admin API (README, "Admin API"), admin token (role admin):
+
+    export ADMIN_TOKEN={token}
+    curl http://127.0.0.1:{port}/admin/v1/accounts -H "Authorization: Bearer $ADMIN_TOKEN"
 """,
         flush=True,
     )
