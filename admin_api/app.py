@@ -10,7 +10,7 @@ from aiohttp import web
 from admin_api.stripe_webhook import add_webhook_routes
 from runtime import appkeys
 from runtime.errors import make_error_middleware
-from runtime.resources import postgres_ctx, redis_ctx
+from runtime.resources import control_ctx, postgres_ctx, redis_ctx
 from runtime.settings import Settings
 
 
@@ -21,7 +21,7 @@ def create_admin_app(settings: Settings) -> web.Application:
         middlewares=[make_error_middleware(settings.public_base_url + "/credits")],
     )
     app[appkeys.SETTINGS] = settings
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx])
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, control_ctx])
     app.router.add_get("/healthz", _healthz)
     add_webhook_routes(app)
     return app
