@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from admin_api import audit_log, tokens
+from admin_api import audit_log, flags, tokens
 from admin_api.framework import AdminRouter, install
 from admin_api.stripe_webhook import add_webhook_routes
 from runtime import appkeys
@@ -20,6 +20,7 @@ from runtime.settings import Settings
 ROUTERS: tuple[AdminRouter, ...] = (
     tokens.router,
     audit_log.router,
+    flags.router,
 )
 
 

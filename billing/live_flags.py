@@ -178,20 +178,39 @@ class IntegerKind(FlagKind[int]):
 class ModelListKind(FlagKind[frozenset[str]]):
     """Model names; in the environment, comma-separated (blank items dropped)."""
 
-    def __init__(self) -> None:
-        self.json_schema = {"type": "array", "items": {"type": "string", "minLength": 1}}
+    MAX_MODELS = 1000
+    MAX_NAME_LENGTH = 200
+    _REASON = (
+        f"must be a list of at most {MAX_MODELS} model names "
+        f"(non-empty strings of at most {MAX_NAME_LENGTH} characters)"
+    )
 
-    _REASON = "must be a list of model names (non-empty strings)"
+    def __init__(self) -> None:
+        self.json_schema = {
+            "type": "array",
+            "maxItems": self.MAX_MODELS,
+            # No NUL: Postgres's jsonb cannot store one.
+            "items": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": self.MAX_NAME_LENGTH,
+                "pattern": "^[^\\x00]*$",
+            },
+        }
 
     def from_json(self, value: object) -> frozenset[str]:
-        if not isinstance(value, list):
+        if not isinstance(value, list) or len(value) > self.MAX_MODELS:
             raise ValueError(self._REASON)
         names = []
         for item in value:
-            if not isinstance(item, str) or not item.strip():
+            if not isinstance(item, str) or not self._is_name(item):
                 raise ValueError(self._REASON)
             names.append(item.strip())
         return frozenset(names)
+
+    def _is_name(self, item: str) -> bool:
+        name = item.strip()
+        return bool(name) and len(item) <= self.MAX_NAME_LENGTH and "\x00" not in name
 
     def from_text(self, raw: str) -> frozenset[str]:
         return frozenset(item.strip() for item in raw.split(",") if item.strip())
@@ -400,6 +419,7 @@ class FlagState:
     source: str
     updated_at: datetime | None
     updated_by: str | None
+    env: str
     description: str
     json_schema: Mapping[str, Any]
 
@@ -446,6 +466,7 @@ def _state(flag: FlagDefinition[Any], initial: LiveFlags, row: asyncpg.Record | 
         source="environment" if row is None else "database",
         updated_at=None if row is None else row["updated_at"],
         updated_by=None if row is None else row["updated_by"],
+        env=flag.env,
         description=flag.description,
         json_schema=flag.kind.json_schema,
     )
