@@ -17,7 +17,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -83,6 +83,14 @@ ENDPOINTS = (
 )
 
 
+#: Set (``true``) on a charged answer when the account's available balance after its hold is
+#: below ``billing.low_balance_threshold_credits`` (the Credits page's warning level).
+LOW_BALANCE_HEADER = "x-creditgate-low-balance"
+
+
+_JSON_CONTENT_TYPE = {"Content-Type": "application/json"}
+
+
 class ChargingPausedError(GatewayError):
     """Charging is paused with ``billing.charging_paused_mode = block`` (503): nothing is
     held or forwarded."""
@@ -132,6 +140,9 @@ class BilledCall:
         charged: the live flags charge this request (read once, when it started: a flag
             flipped mid-request does not split its hold from its settlement).
         rounding_mode: the live flags' rounding when it started (its hold's and charge's).
+        low_balance: the account's available balance after the hold is below the live
+            ``billing.low_balance_threshold_credits`` (the answer says so in
+            ``x-creditgate-low-balance: true``; known only when a hold was placed).
     """
 
     __slots__ = (
@@ -143,6 +154,7 @@ class BilledCall:
         "hold_millicredits",
         "hold_state",
         "identity",
+        "low_balance",
         "model",
         "request",
         "request_id",
@@ -165,6 +177,7 @@ class BilledCall:
         hold_millicredits: int,
         charged: bool,
         rounding_mode: RoundingMode,
+        low_balance: bool = False,
     ) -> None:
         self.request = request
         self.app = request.app
@@ -180,6 +193,17 @@ class BilledCall:
         self.upstream_started = 0.0
         self.charged = charged
         self.rounding_mode = rounding_mode
+        self.low_balance = low_balance
+
+    def response_headers(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``base`` and the headers of every answer of this call: its ``x-request-id``, and
+        ``x-creditgate-low-balance: true`` when its balance is low (one new dict)."""
+        headers = (
+            {**base, "x-request-id": self.request_id} if base else {"x-request-id": self.request_id}
+        )
+        if self.low_balance:
+            headers[LOW_BALANCE_HEADER] = "true"
+        return headers
 
     # -- settlement -----------------------------------------------------------------------
 
@@ -345,10 +369,6 @@ def _settle_failed(
     )
 
 
-def _headers(call: BilledCall) -> dict[str, str]:
-    return {"x-request-id": call.request_id}
-
-
 async def _prepare(
     request: web.Request, endpoint: Endpoint
 ) -> tuple[BilledCall, bytes, bool, bool]:
@@ -391,9 +411,12 @@ async def _prepare(
     data, client_wants_usage = raw, False
     if stream and endpoint.include_usage:
         data, client_wants_usage = _stream_body(raw, body)
-    hold_millicredits = (
-        await _reserve(app, identity, card, estimate, request_id, rounding_mode) if charged else 0
-    )
+    hold_millicredits, low_balance = 0, False
+    if charged:
+        hold_millicredits, available_millicredits = await _reserve(
+            app, identity, card, estimate, request_id, rounding_mode
+        )
+        low_balance = available_millicredits < flags.low_balance_threshold_credits * 1000
     call = BilledCall(
         request,
         endpoint,
@@ -406,6 +429,7 @@ async def _prepare(
         hold_millicredits=hold_millicredits,
         charged=charged,
         rounding_mode=rounding_mode,
+        low_balance=low_balance,
     )
     return call, data, stream, client_wants_usage
 
@@ -480,8 +504,9 @@ async def _reserve(
     estimate: Estimate,
     request_id: str,
     rounding_mode: RoundingMode,
-) -> int:
-    """Hold a charged request's worst-case cost; returns the millicredits held.
+) -> tuple[int, int]:
+    """Hold a charged request's worst-case cost; returns the millicredits held and the
+    account's available balance after the hold (millicredits).
 
     Raises:
         InsufficientCreditsError, AccountSuspendedError: the account cannot cover it (402).
@@ -494,13 +519,13 @@ async def _reserve(
         max_output_tokens=estimate.max_completion_tokens,
         rounding_mode=rounding_mode,
     )
-    await app[appkeys.HOLDS].reserve(
+    available_millicredits = await app[appkeys.HOLDS].reserve(
         identity.account_id,
         hold_millicredits,
         request_id=request_id,
         ttl_s=settings.hold_deadline_s,
     )
-    return hold_millicredits
+    return hold_millicredits, available_millicredits
 
 
 async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientResponse | None:
@@ -527,7 +552,7 @@ def _upstream_unavailable(call: BilledCall) -> web.Response:
             code="upstream_unavailable",
         ),
         502,
-        _headers(call),
+        call.response_headers(),
     )
 
 
@@ -604,7 +629,7 @@ async def _relay_error(call: BilledCall, upstream: aiohttp.ClientResponse) -> we
             "upstream_error",
             code="upstream_error",
         )
-    return json_response(obj, upstream.status, _headers(call))
+    return json_response(obj, upstream.status, call.response_headers())
 
 
 async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -631,5 +656,5 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
         call.request,
         data,
         status=upstream.status,
-        headers={"Content-Type": "application/json", "x-request-id": call.request_id},
+        headers=call.response_headers(_JSON_CONTENT_TYPE),
     )

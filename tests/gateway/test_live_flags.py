@@ -253,3 +253,29 @@ async def test_environment_flags_in_force_until_a_row_overrides(make_gateway):
         40,
         20,
     )
+
+
+async def test_low_balance_header_follows_the_live_threshold(slow_tick, sim):
+    gw = slow_tick
+    _, key = await gw.create_account(1_000_000)  # 1,000 credits; the default threshold is 500
+    client = gw.client(key)
+    sim.push(Scenario(chunks=2))
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HI, max_tokens=20
+    )
+    assert "x-creditgate-low-balance" not in raw.headers
+
+    await _flipped(gw, "billing.low_balance_threshold_credits", 5_000)
+
+    sim.push(Scenario(chunks=2))
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HI, max_tokens=20
+    )
+    assert raw.headers["x-creditgate-low-balance"] == "true"
+    sim.push(Scenario(chunks=2))
+    stream = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HI, max_tokens=20, stream=True
+    )
+    assert stream.headers["x-creditgate-low-balance"] == "true"
+    async for _ in stream.parse():
+        pass
