@@ -160,7 +160,7 @@ async def test_forget_all_drops_cached_keys_so_a_revocation_lands(pool) -> None:
 async def test_lookup_running_across_forget_all_is_not_cached(pool, lookups) -> None:
     # The lookup may have read the key just before its revocation committed: caching its
     # answer after forget_all would keep a revoked key working for the whole TTL.
-    account_id, key, key_id = await _account_and_key(pool)
+    _, key, key_id = await _account_and_key(pool)
     authenticator = KeyAuthenticator(pool, ttl_s=300)
     first = asyncio.create_task(authenticator.identify(key))
     await asyncio.sleep(0)  # the lookup has started
