@@ -139,26 +139,30 @@ class ControlListener:
                 log.warning("control: listener cannot connect (retried every tick): %r", exc)
             self._listen_failing = True
             return
+        self._conn = conn  # from here on, closed by _disconnect (even when cancelled)
+        conn.add_termination_listener(self._terminated)
         try:
-            conn.add_termination_listener(self._terminated)
             await conn.add_listener(CONTROL_CHANNEL, self._notified)
         except POSTGRES_UNAVAILABLE as exc:
-            conn.terminate()
+            await self._disconnect()
             self._pending.update(_MISSED_WHILE_DOWN)
             log.warning("control: LISTEN failed: %r", exc)
             return
         if self._listen_failing:
             log.info("control: listener connected again")
         self._listen_failing = False
-        self._conn = conn
         self._pending.update(ControlKind)  # events sent while it was down are lost
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), timeout=2)
-            except (TimeoutError, *POSTGRES_UNAVAILABLE):
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await asyncio.wait_for(conn.close(), timeout=2)
+        except (TimeoutError, *POSTGRES_UNAVAILABLE):
+            pass  # terminated below
+        finally:  # also when cancelled mid-close: never leave the connection open
+            if not conn.is_closed():
                 conn.terminate()
 
     async def _react(self) -> None:
