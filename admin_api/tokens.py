@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pydantic import AwareDatetime, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from admin_api.framework import (
     AdminContext,
@@ -17,9 +17,9 @@ from admin_api.framework import (
     Role,
     Unprocessable,
 )
-from admin_api.models import ShortText
+from admin_api.models import ShortText, Timestamp
 from billing import admin_tokens
-from billing.admin_tokens import AdminTokenRecord
+from billing.admin_tokens import AdminTokenRecord, Keep
 
 router = AdminRouter(tag="tokens")
 
@@ -58,7 +58,7 @@ class TokenCreate(AdminModel):
 
     name: ShortText = ""
     role: Role
-    expires_at: AwareDatetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class TokenUpdate(AdminModel):
@@ -67,7 +67,7 @@ class TokenUpdate(AdminModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "renamed"}]})
 
     name: ShortText | None = None
-    expires_at: AwareDatetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class Me(AdminModel):
@@ -127,17 +127,11 @@ async def list_tokens(ctx: AdminContext) -> Paginated[TokenOut]:
 )
 async def update_token(ctx: AdminContext) -> TokenOut:
     body: TokenUpdate = ctx.body
-    changes: dict[str, object] = {}
-    if "name" in body.model_fields_set and body.name is not None:
-        changes["name"] = body.name
-    if "expires_at" in body.model_fields_set:
-        changes["expires_at"] = _future(body.expires_at)
+    given = body.model_fields_set
+    expires_at = _future(body.expires_at) if "expires_at" in given else Keep.EXPIRY
     async with ctx.pool.acquire() as conn:
         record = await admin_tokens.update_admin_token(
-            conn,
-            ctx.actor,
-            ctx.params.id,
-            **changes,  # type: ignore[arg-type]
+            conn, ctx.actor, ctx.params.id, name=body.name, expires_at=expires_at
         )
     return TokenOut.of(record)
 
