@@ -66,6 +66,10 @@ class FlagList(AdminModel):
 class FlagPath(AdminModel):
     """The path of a route on one flag."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "billing.charging_rollout_percent"}]}
+    )
+
     name: ShortText = Field(description="The flag's name, e.g. `billing.charging_enabled`.")
 
 
