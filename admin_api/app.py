@@ -10,19 +10,20 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from admin_api import audit_log, tokens
+from admin_api import audit_log, flags, tokens
 from admin_api.framework import AdminRouter, install
 from admin_api.openapi import add_openapi_route
 from admin_api.stripe_webhook import add_webhook_routes
 from runtime import appkeys
 from runtime.errors import make_error_middleware
-from runtime.resources import postgres_ctx, redis_ctx
+from runtime.resources import control_ctx, postgres_ctx, redis_ctx
 from runtime.settings import Settings
 
 #: Every router of the admin API (one per route module).
 ROUTERS: tuple[AdminRouter, ...] = (
     tokens.router,
     audit_log.router,
+    flags.router,
 )
 
 
@@ -36,7 +37,7 @@ def create_admin_app(
         middlewares=[make_error_middleware(settings.public_base_url + "/credits")],
     )
     app[appkeys.SETTINGS] = settings
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx])
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, control_ctx])
     app.router.add_get("/healthz", _healthz)
     add_webhook_routes(app)
     install(app, routers)

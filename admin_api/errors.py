@@ -28,6 +28,7 @@ from billing.errors import (
     DeadLetterNotFoundError,
     NegativeBalanceError,
 )
+from billing.live_flags import UnknownFlagError
 from runtime.errors import GatewayError, error_response
 
 
@@ -101,6 +102,7 @@ BILLING_ANSWERS: dict[type[BillingError], type[AdminError]] = {
     DeadLetterNotFoundError: NotFound,
     AdminTokenRevokedError: Conflict,
     NegativeBalanceError: Unprocessable,
+    UnknownFlagError: NotFound,
 }
 
 #: The statuses an admin route may answer with an error (the OpenAPI document lists them).

@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` wires the routes (each wrapped in its error answers) and, in
 ``cleanup_ctx``, the Postgres pool, the Redis client, the tokenizer, the rate card book, the
-upstream ``ClientSession``, the settlement poster, the hold sweeper and the Stripe client.
+control listener with the live flags, the upstream ``ClientSession``, the settlement poster,
+the hold sweeper and the Stripe client.
 Nothing happens at import time.
 """
 
@@ -22,6 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
+from billing.control import ControlKind
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.metering.posting import PosterStats, SettlementPoster
 from billing.metering.rate_cards import RateCardBook
@@ -36,9 +38,9 @@ from gateway.purchase_routes import checkout_routes
 from gateway.usage import UsageStats
 from runtime import appkeys
 from runtime.errors import answer_errors
-from runtime.resources import gateway_redis_ctx, postgres_ctx, stripe_ctx
+from runtime.resources import control_ctx, gateway_redis_ctx, postgres_ctx, stripe_ctx
 from runtime.settings import Settings
-from runtime.supervision import periodically, supervise
+from runtime.supervision import cancel_and_wait, periodically, supervise
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,26 @@ async def _billing_state(app: web.Application) -> AsyncIterator[None]:
     app[gateway_keys.AUTH] = KeyAuthenticator(pool, ttl_s=settings.auth_cache_ttl_s)
     yield
     counting.shutdown(wait=False, cancel_futures=True)
+
+
+def _control(app: web.Application) -> AsyncIterator[None]:
+    """The control listener (``runtime.control``): the live flags, and the gateway's reactions
+    to operators' changes: revoked keys and suspended accounts drop the cached keys, a
+    published rate card reloads the book. (Packages need nothing: the purchase routes read
+    them per request.)"""
+    auth = app[gateway_keys.AUTH]
+
+    async def forget_keys() -> None:
+        auth.forget_all()
+
+    return control_ctx(
+        app,
+        reactions={
+            ControlKind.KEYS: forget_keys,
+            ControlKind.ACCOUNTS: forget_keys,
+            ControlKind.RATE_CARDS: partial(_refresh_rate_cards, app),
+        },
+    )
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
@@ -147,7 +169,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         tasks.append(_start_supervised("settlement-poster", poster.run))
     yield
     for task in tasks:
-        await _cancel_and_wait(task)
+        await cancel_and_wait(task)
     # Settlements and voids Redis did not confirm (the replies still in flight first): a last
     # try, then Postgres (best effort).
     with contextlib.suppress(Exception):
@@ -166,21 +188,6 @@ def _start_supervised(name: str, run: Callable[[], Awaitable[None]]) -> asyncio.
     return asyncio.create_task(supervise(name, run), name=name)
 
 
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel a background task and wait until it has really stopped.
-
-    The cancel is repeated: on Python 3.11, ``asyncio.wait_for`` (which redis-py uses when it
-    connects) drops a cancellation that arrives as the awaited operation completes
-    (CPython gh-86296), and the task then loops on as if never cancelled; a single cancel and
-    ``await task`` hung the shutdown forever.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def create_app(settings: Settings) -> web.Application:
     """The gateway application (OpenAI-compatible routes under ``/v1``).
 
@@ -192,7 +199,15 @@ def create_app(settings: Settings) -> web.Application:
     app[gateway_keys.USAGE_STATS] = UsageStats()
     app[gateway_keys.POSTER_STATS] = PosterStats()
     app.cleanup_ctx.extend(
-        [postgres_ctx, gateway_redis_ctx, _billing_state, _upstream, _background, stripe_ctx]
+        [
+            postgres_ctx,
+            gateway_redis_ctx,
+            _billing_state,
+            _control,
+            _upstream,
+            _background,
+            stripe_ctx,
+        ]
     )
     routes: list[tuple[str, str, Handler]] = [
         *(("POST", "/v1" + e.path, partial(handle_billed, endpoint=e)) for e in ENDPOINTS),

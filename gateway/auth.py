@@ -1,10 +1,14 @@
 """Bearer-key authentication with a short in-process cache.
 
 Keys are looked up in Postgres by SHA-256 digest. Results (hits and misses) are cached for
-``ttl_s`` seconds so the hot path needs no query per request; a revoked key therefore stops
-working within ``ttl_s`` (default 5 s) on every gateway process. Concurrent requests with a key
+``ttl_s`` seconds so the hot path needs no query per request. Concurrent requests with a key
 that is not cached (or whose entry just expired) share one lookup, so a busy key costs
 Postgres one query per ``ttl_s``, not one per request in flight.
+
+A revoked key, or a suspended account's, stops working at once on every process that hears
+the change's ``KEYS`` or ``ACCOUNTS`` control event: the control listener calls
+``forget_all`` (``runtime.control``; within ``CONTROL_REFRESH_S`` when it is not connected),
+and otherwise within ``ttl_s`` at the latest.
 """
 
 from __future__ import annotations
@@ -45,6 +49,15 @@ class KeyAuthenticator:
         self._cache: dict[str, tuple[float, Identity | None]] = {}
         # Lookups in flight, by key: later callers await the first one's task.
         self._lookups: dict[str, asyncio.Task[Identity | None]] = {}
+        # Bumped by forget_all: a lookup that started before it does not cache its answer
+        # (it may have read a key in the instant before its revocation committed).
+        self._generation = 0
+
+    def forget_all(self) -> None:
+        """Drop every cached answer: the next request of each key looks it up again (keys
+        were revoked or changed, or accounts suspended; ``runtime.control``)."""
+        self._cache.clear()
+        self._generation += 1
 
     async def identify(self, key: str) -> Identity | None:
         """The identity of an active key, or None (unknown, revoked, expired).
@@ -65,11 +78,14 @@ class KeyAuthenticator:
         return await asyncio.shield(lookup)
 
     async def _look_up(self, key: str) -> Identity | None:
+        generation = self._generation
         try:
             found = await find_active_key(self._pool, key)
         except POSTGRES_UNAVAILABLE as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
         identity = Identity(found[0], found[1]) if found else None
+        if generation != self._generation:
+            return identity  # answered, but not cached: forget_all ran meanwhile
         if len(self._cache) >= _MAX_CACHE_ENTRIES:
             self._cache.clear()
         self._cache[key] = (time.monotonic() + self._ttl_s, identity)

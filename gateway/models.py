@@ -14,7 +14,7 @@ from runtime.errors import NotFoundError, json_response
 
 
 async def handle_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models on the active rate card (allow-list applied)."""
+    """``GET /v1/models``: the models on the active rate card (the live allow list applied)."""
     await request.app[gateway_keys.AUTH].authenticate(request)
     return json_response({"object": "list", "data": _model_objects(request.app)}, 200)
 
@@ -30,7 +30,7 @@ async def handle_model(request: web.Request) -> web.Response:
 
 
 def _model_objects(app: web.Application) -> list[dict[str, Any]]:
-    allow = app[appkeys.SETTINGS].model_allowlist
+    flags = app[appkeys.CONTROL].flags
     return [
         {
             "id": card.model,
@@ -39,7 +39,7 @@ def _model_objects(app: web.Application) -> list[dict[str, Any]]:
             "owned_by": "creditgate",
         }
         for card in app[gateway_keys.RATE_CARDS].models()
-        if not allow or card.model in allow
+        if flags.serves_model(card.model)
     ]
 
 

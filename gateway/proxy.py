@@ -17,7 +17,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from billing.errors import BillingUnavailableError, ModelNotServedError, UnknownModelError
+from billing.live_flags import Billing
 from billing.metering.estimate import (
     CHAT,
     COMPLETIONS,
@@ -37,7 +38,12 @@ from billing.metering.estimate import (
     Estimator,
 )
 from billing.metering.outbox import SettlementRecord
-from billing.metering.pricing import RateCard, charge_millicredits, worst_case_millicredits
+from billing.metering.pricing import (
+    RateCard,
+    RoundingMode,
+    charge_millicredits,
+    worst_case_millicredits,
+)
 from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import JSON_MAX_DEPTH
 from gateway import appkeys as gateway_keys
@@ -46,7 +52,7 @@ from gateway.held_headers import write_whole_response
 from gateway.relay import relay_stream
 from gateway.usage import UnusableUsage, Usage, parse_usage, response_text, usage_bound
 from runtime import appkeys
-from runtime.errors import InvalidRequestError, error_body, json_response
+from runtime.errors import GatewayError, InvalidRequestError, error_body, json_response
 from runtime.request_ids import new_request_id
 
 log = logging.getLogger(__name__)
@@ -77,6 +83,23 @@ ENDPOINTS = (
 )
 
 
+#: Set (``true``) on a charged answer when the account's available balance after its hold is
+#: below ``billing.low_balance_threshold_credits`` (the Credits page's warning level).
+LOW_BALANCE_HEADER = "x-creditgate-low-balance"
+
+
+_JSON_CONTENT_TYPE = {"Content-Type": "application/json"}
+
+
+class ChargingPausedError(GatewayError):
+    """Charging is paused with ``billing.charging_paused_mode = block`` (503): nothing is
+    held or forwarded."""
+
+    status = 503
+    error_type = "server_error"
+    code = "charging_paused"
+
+
 class HoldState(enum.Enum):
     """Where a call's hold is in its life. Only ``BilledCall.settle`` and ``void`` move it::
 
@@ -89,8 +112,9 @@ class HoldState(enum.Enum):
     """
 
     NOTHING_HELD = "nothing_held"
-    """No millicredits held: charging is off, or the worst case prices at 0. A void has
-    nothing to release and leaves the state as it is."""
+    """No millicredits held: the request is not charged (charging off, or its account
+    outside the rollout), or the worst case prices at 0. A void has nothing to release and
+    leaves the state as it is."""
     RESERVED = "reserved"
     """A hold of ``hold_millicredits`` (> 0) is placed in Redis."""
     CHARGED = "charged"
@@ -113,19 +137,28 @@ class BilledCall:
         hold_millicredits: the hold placed for the worst case; 0 when nothing is held.
         hold_state: see ``HoldState``; changed only by ``settle`` and ``void``.
         upstream_started: ``time.monotonic()`` when the upstream request was sent.
+        charged: the live flags charge this request (read once, when it started: a flag
+            flipped mid-request does not split its hold from its settlement).
+        rounding_mode: the live flags' rounding when it started (its hold's and charge's).
+        low_balance: the account's available balance after the hold is below the live
+            ``billing.low_balance_threshold_credits`` (the answer says so in
+            ``x-creditgate-low-balance: true``; known only when a hold was placed).
     """
 
     __slots__ = (
         "app",
         "card",
+        "charged",
         "endpoint",
         "estimate",
         "hold_millicredits",
         "hold_state",
         "identity",
+        "low_balance",
         "model",
         "request",
         "request_id",
+        "rounding_mode",
         "started_ms",
         "upstream_started",
     )
@@ -142,6 +175,9 @@ class BilledCall:
         card: RateCard,
         estimate: Estimate,
         hold_millicredits: int,
+        charged: bool,
+        rounding_mode: RoundingMode,
+        low_balance: bool = False,
     ) -> None:
         self.request = request
         self.app = request.app
@@ -155,6 +191,19 @@ class BilledCall:
         self.hold_millicredits = hold_millicredits
         self.hold_state = HoldState.RESERVED if hold_millicredits else HoldState.NOTHING_HELD
         self.upstream_started = 0.0
+        self.charged = charged
+        self.rounding_mode = rounding_mode
+        self.low_balance = low_balance
+
+    def response_headers(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``base`` and the headers of every answer of this call: its ``x-request-id``, and
+        ``x-creditgate-low-balance: true`` when its balance is low (one new dict)."""
+        headers = (
+            {**base, "x-request-id": self.request_id} if base else {"x-request-id": self.request_id}
+        )
+        if self.low_balance:
+            headers[LOW_BALANCE_HEADER] = "true"
+        return headers
 
     # -- settlement -----------------------------------------------------------------------
 
@@ -220,16 +269,15 @@ class BilledCall:
         """
         if self.hold_state.is_final:
             return
-        settings = self.app[appkeys.SETTINGS]
         card = self.card
-        charging = settings.charging_enabled
+        charging = self.charged
         cost = (
             charge_millicredits(
                 card,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 cached_tokens=usage.cached_tokens,
-                rounding_mode=settings.rounding_mode,
+                rounding_mode=self.rounding_mode,
             )
             if charging
             else 0
@@ -248,7 +296,7 @@ class BilledCall:
             input_millicredits_per_1k_tokens=card.input_millicredits_per_1k_tokens,
             cached_input_millicredits_per_1k_tokens=card.cached_rate,
             output_millicredits_per_1k_tokens=card.output_millicredits_per_1k_tokens,
-            rounding_mode=settings.rounding_mode.value,
+            rounding_mode=self.rounding_mode.value,
             cost_millicredits=cost,
             hold_millicredits=self.hold_millicredits,
             usage_source=source,
@@ -321,10 +369,6 @@ def _settle_failed(
     )
 
 
-def _headers(call: BilledCall) -> dict[str, str]:
-    return {"x-request-id": call.request_id}
-
-
 async def _prepare(
     request: web.Request, endpoint: Endpoint
 ) -> tuple[BilledCall, bytes, bool, bool]:
@@ -332,7 +376,8 @@ async def _prepare(
     ``stream``, and whether the client asked for usage in its stream itself.
 
     Checks run cheapest first, and every refusal but the reserve's own 402 comes before
-    any hold is placed (docs/design.md, "A request's life", step 2)."""
+    any hold is placed (docs/design.md, "A request's life", step 2). The live flags are read
+    once, here: the request keeps that snapshot to its settlement."""
     app = request.app
     identity = await app[gateway_keys.AUTH].authenticate(request)
     raw = await request.read()
@@ -340,9 +385,9 @@ async def _prepare(
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("You must provide a model parameter.", param="model")
-    settings = app[appkeys.SETTINGS]
+    flags = app[appkeys.CONTROL].flags
     card = app[gateway_keys.RATE_CARDS].get(model)
-    if card is None or (settings.model_allowlist and model not in settings.model_allowlist):
+    if card is None or not flags.serves_model(model):
         raise UnknownModelError(model)
     if not card.serves(endpoint.name):  # e.g. a chat model on /v1/embeddings
         raise ModelNotServedError(
@@ -351,13 +396,27 @@ async def _prepare(
     stream = body.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequestError(f"{endpoint.name} does not stream.", param="stream")
+    billing = flags.billing_for(identity.account_id)
+    if billing is Billing.BLOCKED:
+        raise ChargingPausedError(
+            "Paid requests are paused by the operator; nothing was sent or charged. Retry later."
+        )
+    charged = billing is Billing.CHARGED
+    rounding_mode = flags.rounding_mode
     request_id = new_request_id()
     started_ms = int(time.time() * 1000)
-    estimate = await _estimate(app, endpoint.estimator, identity, card, body, len(raw))
+    estimate = await _estimate(
+        app, endpoint.estimator, identity, card, body, len(raw), rounding_mode if charged else None
+    )
     data, client_wants_usage = raw, False
     if stream and endpoint.include_usage:
         data, client_wants_usage = _stream_body(raw, body)
-    hold_millicredits = await _reserve(app, identity, card, estimate, request_id)
+    hold_millicredits, low_balance = 0, False
+    if charged:
+        hold_millicredits, available_millicredits = await _reserve(
+            app, identity, card, estimate, request_id, rounding_mode
+        )
+        low_balance = available_millicredits < flags.low_balance_threshold_credits * 1000
     call = BilledCall(
         request,
         endpoint,
@@ -368,6 +427,9 @@ async def _prepare(
         card=card,
         estimate=estimate,
         hold_millicredits=hold_millicredits,
+        charged=charged,
+        rounding_mode=rounding_mode,
+        low_balance=low_balance,
     )
     return call, data, stream, client_wants_usage
 
@@ -379,14 +441,16 @@ async def _estimate(
     card: RateCard,
     body: dict[str, Any],
     body_bytes: int,
+    charged_rounding: RoundingMode | None,
 ) -> Estimate:
     """The request's token estimate, cheapest step first.
 
     A body of at most ``PROMPT_COUNT_INLINE_MAX_BYTES`` is counted on the event loop (a few
     ms at most). A larger one is first priced at a lower bound of its prompt plus its output
-    allowance and refused if the balance cannot cover even that (one Redis read, no
-    tokenizing), then counted in the prompt-counting threads, so the loop is never blocked
-    by it (tiktoken releases the GIL while it encodes).
+    allowance (at ``charged_rounding``; not when the request is not charged, None) and
+    refused if the balance cannot cover even that (one Redis read, no tokenizing), then
+    counted in the prompt-counting threads, so the loop is never blocked by it (tiktoken
+    releases the GIL while it encodes).
 
     Raises:
         InvalidRequestError: a field of the wrong shape, or one that cannot be counted (400).
@@ -400,12 +464,12 @@ async def _estimate(
         output_tokens = estimator.output_tokens(body, card)
         if body_bytes <= settings.prompt_count_inline_max_bytes:
             return Estimate(estimator.prompt_tokens(body, card, tokens), output_tokens)
-        if settings.charging_enabled:
+        if charged_rounding is not None:
             lower_bound = worst_case_millicredits(
                 card,
                 prompt_tokens=estimator.prompt_tokens_lower_bound(body, card, tokens),
                 max_output_tokens=output_tokens,
-                rounding_mode=settings.rounding_mode,
+                rounding_mode=charged_rounding,
             )
             await app[appkeys.HOLDS].refuse_uncovered(identity.account_id, lower_bound)
         prompt_tokens = await asyncio.get_running_loop().run_in_executor(
@@ -434,31 +498,34 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 
 async def _reserve(
-    app: web.Application, identity: Identity, card: RateCard, estimate: Estimate, request_id: str
-) -> int:
-    """Hold the request's worst-case cost; returns the millicredits held (0, and no hold,
-    when charging is off).
+    app: web.Application,
+    identity: Identity,
+    card: RateCard,
+    estimate: Estimate,
+    request_id: str,
+    rounding_mode: RoundingMode,
+) -> tuple[int, int]:
+    """Hold a charged request's worst-case cost; returns the millicredits held and the
+    account's available balance after the hold (millicredits).
 
     Raises:
         InsufficientCreditsError, AccountSuspendedError: the account cannot cover it (402).
         BillingUnavailableError: Redis or Postgres unreachable (503).
     """
     settings = app[appkeys.SETTINGS]
-    if not settings.charging_enabled:
-        return 0
     hold_millicredits = worst_case_millicredits(
         card,
         prompt_tokens=estimate.prompt_tokens,
         max_output_tokens=estimate.max_completion_tokens,
-        rounding_mode=settings.rounding_mode,
+        rounding_mode=rounding_mode,
     )
-    await app[appkeys.HOLDS].reserve(
+    available_millicredits = await app[appkeys.HOLDS].reserve(
         identity.account_id,
         hold_millicredits,
         request_id=request_id,
         ttl_s=settings.hold_deadline_s,
     )
-    return hold_millicredits
+    return hold_millicredits, available_millicredits
 
 
 async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientResponse | None:
@@ -485,7 +552,7 @@ def _upstream_unavailable(call: BilledCall) -> web.Response:
             code="upstream_unavailable",
         ),
         502,
-        _headers(call),
+        call.response_headers(),
     )
 
 
@@ -562,7 +629,7 @@ async def _relay_error(call: BilledCall, upstream: aiohttp.ClientResponse) -> we
             "upstream_error",
             code="upstream_error",
         )
-    return json_response(obj, upstream.status, _headers(call))
+    return json_response(obj, upstream.status, call.response_headers())
 
 
 async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -589,5 +656,5 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
         call.request,
         data,
         status=upstream.status,
-        headers={"Content-Type": "application/json", "x-request-id": call.request_id},
+        headers=call.response_headers(_JSON_CONTENT_TYPE),
     )

@@ -157,8 +157,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 
 def _stripe_or_503(app: web.Application) -> StripeClient:
-    settings = app[appkeys.SETTINGS]
-    if not settings.purchases_enabled:
+    if not app[appkeys.CONTROL].flags.purchases_enabled:
         raise PurchasesUnavailableError(
             "Credit purchases are temporarily disabled. Your balance and API access are not "
             "affected; please try again later."

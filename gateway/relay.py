@@ -65,7 +65,7 @@ def relay_stream(
         asyncio.CancelledError: the client went away while the upstream was silent (aiohttp
             cancels the handler); what was generated is settled first.
     """
-    headers = {**_SSE_HEADERS, "x-request-id": call.request_id}
+    headers = call.response_headers(_SSE_HEADERS)
     response = HeldHeadersResponse(status=upstream.status, headers=headers)
     return _StreamRelay(call, upstream, response, client_wants_usage).run()
 

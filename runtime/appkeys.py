@@ -13,6 +13,7 @@ from aiohttp import web
 from billing.metering.holds import HoldStore
 from billing.purchases.stripe_client import StripeClient
 from billing.purchases.stripe_events import WebhookStats
+from runtime.control import ControlListener
 from runtime.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -22,3 +23,5 @@ HOLDS = web.AppKey("holds", HoldStore)
 # Set only when STRIPE_API_KEY is configured (``runtime.resources.stripe_ctx``).
 STRIPE = web.AppKey("stripe", StripeClient)
 STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", WebhookStats)
+# The live flags (``CONTROL.flags``) and the control events' listener (``control_ctx``).
+CONTROL = web.AppKey("control", ControlListener)

@@ -1,14 +1,15 @@
 """Shared service resources opened and closed in an aiohttp ``cleanup_ctx``.
 
-Both the gateway and the admin service use them: a Postgres pool (``DB_POOL``) and a Redis
-client with the ``HoldStore`` scripts registered (``REDIS``, ``HOLDS``).
+Both the gateway and the admin service use them: a Postgres pool (``DB_POOL``), a Redis
+client with the ``HoldStore`` scripts registered (``REDIS``, ``HOLDS``) and the control
+listener with the live flags (``CONTROL``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -17,12 +18,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from billing.control import ControlKind
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import PostedBalance, posted_balance
 from billing.metering.holds import HoldStore
 from billing.metering.script_channel import ScriptChannel
 from billing.purchases.stripe_client import StripeClient
 from runtime import appkeys
+from runtime.control import ControlListener, Reaction
+from runtime.supervision import cancel_and_wait, supervise
 
 #: The hot path's script channel as ``CLIENT LIST`` names it.
 SCRIPT_CHANNEL_NAME = "creditgate-scripts"
@@ -164,3 +168,30 @@ async def stripe_ctx(app: web.Application) -> AsyncIterator[None]:
     app[appkeys.STRIPE] = stripe
     yield
     await stripe.close()
+
+
+async def control_ctx(
+    app: web.Application, *, reactions: Mapping[ControlKind, Reaction] | None = None
+) -> AsyncIterator[None]:
+    """Start the application's control listener (``CONTROL``, ``runtime.control``) after one
+    read of the flags, with ``reactions`` to control events; stop it at shutdown. Needs
+    ``DB_POOL`` first.
+
+    Postgres unreachable at start: the environment's flags are in force until it answers
+    (the listener retries every ``CONTROL_REFRESH_S``); the service starts all the same.
+    """
+    settings = app[appkeys.SETTINGS]
+    listener = ControlListener(
+        settings.database_url,
+        app[appkeys.DB_POOL],
+        settings.initial_flags(),
+        refresh_s=settings.control_refresh_s,
+        connect_timeout_s=settings.postgres_connect_timeout_s,
+    )
+    for kind, reaction in (reactions or {}).items():
+        listener.react(kind, reaction)
+    await listener.refresh_flags()
+    app[appkeys.CONTROL] = listener
+    task = asyncio.create_task(supervise("control-listener", listener.run), name="control")
+    yield
+    await cancel_and_wait(task)

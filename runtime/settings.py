@@ -12,8 +12,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+from billing import live_flags
+from billing.live_flags import ChargingPausedMode, FlagDefinition, LiveFlags
 from billing.metering.pricing import RoundingMode
+
+_T = TypeVar("_T")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -39,9 +44,14 @@ class Settings:
     redis_url: str
     upstream_api_key: str
     upstream_base_url: str = "https://api.openai.com/v1"
-    rounding_mode: RoundingMode = RoundingMode.EXACT
-    charging_enabled: bool = True
-    model_allowlist: frozenset[str] = frozenset()
+    # The live flags' initial values (``billing.live_flags``; a row of the flags table
+    # overrides each): ``initial_flags()``.
+    rounding_mode: RoundingMode = live_flags.ROUNDING_MODE.default
+    charging_enabled: bool = live_flags.CHARGING_ENABLED.default
+    charging_paused_mode: ChargingPausedMode = live_flags.CHARGING_PAUSED_MODE.default
+    model_allowlist: frozenset[str] = live_flags.MODEL_ALLOWLIST.default
+    low_balance_threshold_credits: int = live_flags.LOW_BALANCE_THRESHOLD_CREDITS.default
+    charging_rollout_percent: int = live_flags.CHARGING_ROLLOUT_PERCENT.default
     host: str = "0.0.0.0"
     port: int = 8080
     admin_host: str = "127.0.0.1"
@@ -75,7 +85,10 @@ class Settings:
     stripe_api_key: str = ""
     stripe_webhook_secrets: tuple[str, ...] = ()
     stripe_api_base: str | None = None
-    purchases_enabled: bool = True
+    purchases_enabled: bool = live_flags.PURCHASE_ENABLED.default
+    control_refresh_s: float = 1.0
+    """``CONTROL_REFRESH_S``: seconds between re-reads of the flags by each process's control
+    listener (``runtime.control``), the safety net for a missed event."""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -90,6 +103,18 @@ class Settings:
         if self.hold_ttl_s is not None:
             return self.hold_ttl_s
         return self.upstream_connect_timeout_s + self.upstream_read_timeout_s + HOLD_TTL_MARGIN_S
+
+    def initial_flags(self) -> LiveFlags:
+        """The live flags as the environment sets them (before the flags table's rows)."""
+        return LiveFlags(
+            purchases_enabled=self.purchases_enabled,
+            charging_enabled=self.charging_enabled,
+            charging_paused_mode=self.charging_paused_mode,
+            rounding_mode=self.rounding_mode,
+            model_allowlist=self.model_allowlist,
+            low_balance_threshold_credits=self.low_balance_threshold_credits,
+            charging_rollout_percent=self.charging_rollout_percent,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -110,9 +135,12 @@ class Settings:
             upstream_base_url=read.url(
                 "UPSTREAM_BASE_URL", _HTTP_SCHEMES, default="https://api.openai.com/v1"
             ),
-            rounding_mode=read.rounding_mode("ROUNDING_MODE"),
-            charging_enabled=read.boolean("CHARGING_ENABLED", True),
-            model_allowlist=frozenset(read.items("MODEL_ALLOWLIST")),
+            rounding_mode=read.flag(live_flags.ROUNDING_MODE),
+            charging_enabled=read.flag(live_flags.CHARGING_ENABLED),
+            charging_paused_mode=read.flag(live_flags.CHARGING_PAUSED_MODE),
+            model_allowlist=read.flag(live_flags.MODEL_ALLOWLIST),
+            low_balance_threshold_credits=read.flag(live_flags.LOW_BALANCE_THRESHOLD_CREDITS),
+            charging_rollout_percent=read.flag(live_flags.CHARGING_ROLLOUT_PERCENT),
             host=read.text("HOST", "0.0.0.0"),
             port=port,
             admin_host=read.text("ADMIN_HOST", "127.0.0.1"),
@@ -147,7 +175,8 @@ class Settings:
             stripe_api_key=read.text("STRIPE_API_KEY"),
             stripe_webhook_secrets=read.items("STRIPE_WEBHOOK_SECRETS"),
             stripe_api_base=read.text("STRIPE_API_BASE") or None,
-            purchases_enabled=read.boolean("PURCHASES_ENABLED", True),
+            purchases_enabled=read.flag(live_flags.PURCHASE_ENABLED),
+            control_refresh_s=read.seconds("CONTROL_REFRESH_S", 1.0),
         )
         read.raise_problems()
         return settings
@@ -271,13 +300,17 @@ class _EnvReader:
             return default
         return value
 
-    def rounding_mode(self, name: str) -> RoundingMode:
-        raw = self.text(name, "exact").lower()
+    def flag(self, flag: FlagDefinition[_T]) -> _T:
+        """A live flag's initial value from its variable (``flag.env``), read and validated
+        as the flag's kind says (``billing.live_flags``); its default when unset or blank."""
+        raw = self.text(flag.env)
+        if not raw:
+            return flag.default
         try:
-            return RoundingMode(raw)
-        except ValueError:
-            self.problems.append(f"{name} must be 'exact' or 'ceil', got {raw!r}")
-            return RoundingMode.EXACT
+            return flag.kind.from_text(raw)
+        except ValueError as exc:
+            self.problems.append(f"{flag.env} {exc}, got {self._env[flag.env]!r}")
+            return flag.default
 
     def items(self, name: str) -> tuple[str, ...]:
         """A comma-separated list, each item stripped, empty items dropped, order kept."""

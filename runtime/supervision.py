@@ -13,6 +13,7 @@ service must come back when its dependency does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -53,6 +54,21 @@ async def supervise(
             backoff_s = initial_backoff_s
         await asyncio.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, max_backoff_s)
+
+
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait until it has really stopped.
+
+    The cancel is repeated: on Python 3.11, ``asyncio.wait_for`` (which redis-py and asyncpg
+    use when they connect) drops a cancellation that arrives as the awaited operation
+    completes (CPython gh-86296), and the task then loops on as if never cancelled; a single
+    cancel and ``await task`` hung the shutdown forever.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def periodically(interval_s: float, step: Callable[[], Awaitable[None]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from billing.live_flags import ChargingPausedMode, LiveFlags
 from billing.metering.pricing import RoundingMode
 from runtime.settings import ConfigError, Settings, StoreSettings
 
@@ -271,3 +272,42 @@ def test_postgres_timeouts_default_and_read_from_env():
     assert (settings.postgres_command_timeout_s, settings.postgres_connect_timeout_s) == (2.5, 1.0)
     [problem] = _problems({**REQUIRED, "POSTGRES_COMMAND_TIMEOUT_S": "never"})
     assert "POSTGRES_COMMAND_TIMEOUT_S" in problem
+
+
+def test_from_env_live_flag_initial_values():
+    env = {
+        **REQUIRED,
+        "CHARGING_PAUSED_MODE": " Block ",
+        "LOW_BALANCE_THRESHOLD_CREDITS": "0",
+        "CHARGING_ROLLOUT_PERCENT": "25",
+        "CONTROL_REFRESH_S": "0.5",
+    }
+    settings = Settings.from_env(env)
+    assert settings.charging_paused_mode is ChargingPausedMode.BLOCK
+    assert settings.low_balance_threshold_credits == 0
+    assert settings.charging_rollout_percent == 25
+    assert settings.control_refresh_s == 0.5
+    flags = settings.initial_flags()
+    assert (flags.charging_paused_mode, flags.charging_rollout_percent) == (
+        ChargingPausedMode.BLOCK,
+        25,
+    )
+
+
+def test_from_env_live_flag_defaults():
+    flags = Settings.from_env(REQUIRED).initial_flags()
+    assert flags == LiveFlags()
+    assert (flags.low_balance_threshold_credits, flags.charging_rollout_percent) == (500, 100)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "reason"),
+    [
+        ("CHARGING_PAUSED_MODE", "stop", "must be 'free' or 'block'"),
+        ("CHARGING_ROLLOUT_PERCENT", "101", "must be an integer from 0 to 100"),
+        ("CHARGING_ROLLOUT_PERCENT", "half", "must be an integer from 0 to 100"),
+        ("LOW_BALANCE_THRESHOLD_CREDITS", "-1", "must be an integer >= 0"),
+    ],
+)
+def test_from_env_bad_live_flag_is_a_problem(name, raw, reason):
+    assert _problems({**REQUIRED, name: raw}) == [f"{name} {reason}, got {raw!r}"]

@@ -143,3 +143,30 @@ async def test_backend_terminated_under_a_lookup_is_billing_unavailable(
         assert lookups == [key]
     finally:
         await pool.close()
+
+
+async def test_forget_all_drops_cached_keys_so_a_revocation_lands(pool) -> None:
+    account_id, key, key_id = await _account_and_key(pool)
+    authenticator = KeyAuthenticator(pool, ttl_s=300)
+    assert await authenticator.identify(key) == Identity(key_id, account_id)
+    await pool.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
+    assert await authenticator.identify(key) is not None  # cached for 300 s
+
+    authenticator.forget_all()
+
+    assert await authenticator.identify(key) is None
+
+
+async def test_lookup_running_across_forget_all_is_not_cached(pool, lookups) -> None:
+    # The lookup may have read the key just before its revocation committed: caching its
+    # answer after forget_all would keep a revoked key working for the whole TTL.
+    _, key, key_id = await _account_and_key(pool)
+    authenticator = KeyAuthenticator(pool, ttl_s=300)
+    first = asyncio.create_task(authenticator.identify(key))
+    await asyncio.sleep(0)  # the lookup has started
+    await pool.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
+    authenticator.forget_all()
+    await first  # answered from before the revocation (either way)
+
+    assert await authenticator.identify(key) is None
+    assert lookups == [key, key]

@@ -37,6 +37,7 @@ def settles(monkeypatch) -> list[str]:
 async def _call(gw, key: str, *, hold_millicredits: int) -> BilledCall:
     """A call as ``_prepare`` builds it, its hold (if any) placed in Redis."""
     identity = await gw.app[gateway_keys.AUTH].identify(key)
+    flags = gw.app[appkeys.CONTROL].flags
     request_id = new_request_id()
     if hold_millicredits:
         await gw.app[appkeys.HOLDS].reserve(
@@ -52,6 +53,8 @@ async def _call(gw, key: str, *, hold_millicredits: int) -> BilledCall:
         card=gw.rate_cards.get("gpt-4o-mini"),
         estimate=Estimate(prompt_tokens=100, max_completion_tokens=50),
         hold_millicredits=hold_millicredits,
+        charged=flags.charging_enabled,
+        rounding_mode=flags.rounding_mode,
     )
 
 
