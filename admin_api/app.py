@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from admin_api import audit_log, tokens
+from admin_api import audit_log, packages, rate_cards, tokens
 from admin_api.framework import AdminRouter, install
 from admin_api.stripe_webhook import add_webhook_routes
 from runtime import appkeys
@@ -20,6 +20,8 @@ from runtime.settings import Settings
 ROUTERS: tuple[AdminRouter, ...] = (
     tokens.router,
     audit_log.router,
+    rate_cards.router,
+    packages.router,
 )
 
 

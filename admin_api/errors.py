@@ -27,6 +27,8 @@ from billing.errors import (
     DeadLetterNotFoundError,
     NegativeBalanceError,
 )
+from billing.metering.rate_cards import DuplicateRateCardError, RateCardError
+from billing.purchases.packages import DuplicatePackageError, UnknownPackageError
 from runtime.errors import GatewayError, error_response
 
 
@@ -100,6 +102,10 @@ BILLING_ANSWERS: dict[type[BillingError], type[AdminError]] = {
     DeadLetterNotFoundError: NotFound,
     AdminTokenRevokedError: Conflict,
     NegativeBalanceError: Unprocessable,
+    UnknownPackageError: NotFound,
+    DuplicatePackageError: Conflict,
+    DuplicateRateCardError: Conflict,
+    RateCardError: Unprocessable,
 }
 
 #: The statuses an admin route may answer with an error (the OpenAPI document lists them).

@@ -106,8 +106,10 @@ class Package:
 
     @property
     def price(self) -> Decimal:
-        """The price in major units (``Decimal("9.99")``), for display and JSON strings."""
-        return Decimal(self.price_minor_units) / minor_units_per_major(self.currency)
+        """The price in major units with the currency's decimals (``Decimal("9.99")``,
+        ``Decimal("199.00")``), for display and JSON strings."""
+        per_major = minor_units_per_major(self.currency)
+        return (Decimal(self.price_minor_units) / per_major).quantize(Decimal(1) / per_major)
 
 
 @dataclass(frozen=True, slots=True)
