@@ -1,6 +1,7 @@
-"""Publishing a rate card reaches a running gateway: requests through the official ``openai``
-SDK are charged at the new card once published (or once a scheduled card's time has come),
-and the usage rows of earlier requests keep the rates they were charged at."""
+"""Publishing a rate card through the admin API reaches a running gateway: requests through
+the official ``openai`` SDK are charged at the new card once published (or once a scheduled
+card's time has come), and the usage rows of earlier requests keep the rates they were
+charged at."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
 
+from admin_api.app import create_admin_app
+from billing.admin_tokens import Role, create_admin_token
 from billing.audit import CLI_ACTOR
 from billing.metering.pricing import RateCard, charge_millicredits
-from billing.metering.rate_cards import RateCardDraft, publish_rate_card
+from billing.metering.rate_cards import current_and_scheduled
 from devtools.simulator import Scenario
+from tests.admin_api.conftest import admin_settings
 from tests.harness import GatewayHarness
 
 MODEL = "gpt-4o-mini"
@@ -22,18 +28,31 @@ PROMPT_TOKENS = 1_000
 COMPLETION_TOKENS = 10
 
 
-async def publish(gw: GatewayHarness, **fields: Any) -> RateCard:
-    """Publish a card for MODEL (3.000 / 12.000 credits per 1k unless overridden)."""
-    draft = RateCardDraft(
-        **{
-            "model": MODEL,
-            "input_millicredits_per_1k_tokens": 3_000,
-            "output_millicredits_per_1k_tokens": 12_000,
-            **fields,
-        }
-    )
+@pytest.fixture
+async def admin(database_url: str, redis_url: str, aiohttp_client: Any) -> TestClient:
+    """The admin service (its API) on the gateway's database."""
+    client = await aiohttp_client(create_admin_app(admin_settings(database_url, redis_url)))
+    return client
+
+
+async def publish(gw: GatewayHarness, admin: TestClient, **fields: Any) -> RateCard:
+    """``POST /admin/v1/rate-cards`` for MODEL (3.000 / 12.000 credits per 1k unless
+    overridden); returns the published card as the gateway's book will hold it."""
     async with gw.pool.acquire() as conn:
-        return await publish_rate_card(conn, CLI_ACTOR, draft)
+        token, _ = await create_admin_token(conn, CLI_ACTOR, role=Role.ADMIN, name="e2e")
+    body = {
+        "model": MODEL,
+        "inputCreditsPer1kTokens": "3.000",
+        "outputCreditsPer1kTokens": "12.000",
+        **fields,
+    }
+    response = await admin.post(
+        "/admin/v1/rate-cards", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status == 201, await response.text()
+    published = await response.json()
+    [card] = [c for c in await current_and_scheduled(gw.pool) if c.card.id == published["id"]]
+    return card.card
 
 
 async def ask(gw: GatewayHarness, key: str) -> str:
@@ -66,7 +85,9 @@ def charge(card: RateCard) -> int:
     )
 
 
-async def test_published_card_changes_what_a_running_gateway_charges(make_gateway, sim) -> None:
+async def test_published_card_changes_what_a_running_gateway_charges(
+    make_gateway, sim, admin
+) -> None:
     # Until the control listener is merged, the periodic reload brings the card in.
     gw = await make_gateway(rate_card_refresh_s=0.2)
     sim.set_default(Scenario(chunks=COMPLETION_TOKENS, prompt_tokens=PROMPT_TOKENS))
@@ -75,7 +96,7 @@ async def test_published_card_changes_what_a_running_gateway_charges(make_gatewa
     assert old is not None
     before = await ask(gw, key)
 
-    new = await publish(gw, display_label="Eco")
+    new = await publish(gw, admin, displayLabel="Eco")
     await wait_in_force(gw, new)
     after = await ask(gw, key)
 
@@ -95,7 +116,7 @@ async def test_published_card_changes_what_a_running_gateway_charges(make_gatewa
     ]
 
 
-async def test_scheduled_card_takes_effect_at_its_time(make_gateway, sim) -> None:
+async def test_scheduled_card_takes_effect_at_its_time(make_gateway, sim, admin) -> None:
     # No periodic reload during the test: only the book's own timer can switch the card.
     gw = await make_gateway(rate_card_refresh_s=3600)
     sim.set_default(Scenario(chunks=COMPLETION_TOKENS, prompt_tokens=PROMPT_TOKENS))
@@ -103,7 +124,7 @@ async def test_scheduled_card_takes_effect_at_its_time(make_gateway, sim) -> Non
     old = gw.rate_cards.get(MODEL)
     at = datetime.now(UTC) + timedelta(seconds=3)
 
-    new = await publish(gw, effective_at=at)
+    new = await publish(gw, admin, effectiveAt=at.isoformat())
     # What the RATE_CARDS event makes every gateway do.
     await gw.rate_cards.refresh(gw.pool)
     early = await ask(gw, key)
