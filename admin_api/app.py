@@ -10,6 +10,7 @@ from aiohttp import web
 
 from admin_api import audit_log, packages, rate_cards, tokens
 from admin_api.framework import AdminRouter, install
+from admin_api.openapi import add_openapi_route
 from admin_api.stripe_webhook import add_webhook_routes
 from runtime import appkeys
 from runtime.errors import make_error_middleware
@@ -37,6 +38,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     add_webhook_routes(app)
     install(app, ROUTERS)
+    add_openapi_route(app)
     return app
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
 from admin_api.framework import AdminContext, AdminModel, AdminRouter, Id, Page, Paginated, Role
-from admin_api.models import ShortText
+from admin_api.models import ShortText, Timestamp
 from billing.audit import AuditEntry, AuditFilter, list_audit_entries
 
 router = AdminRouter(tag="audit")
@@ -21,8 +21,8 @@ class AuditQuery(Page):
     action: ShortText | None = Field(None, description="e.g. `account.suspend`.")
     target_type: ShortText | None = Field(None, description="e.g. `account`, `admin_token`.")
     target_id: ShortText | None = None
-    since: AwareDatetime | None = Field(None, description="From this time (inclusive).")
-    until: AwareDatetime | None = Field(None, description="Before this time (exclusive).")
+    since: Timestamp | None = Field(None, description="From this time (inclusive).")
+    until: Timestamp | None = Field(None, description="Before this time (exclusive).")
 
 
 class AuditEntryOut(AdminModel):

@@ -242,7 +242,7 @@ class AdminRouter:
 
 
 #: The installed route table, for the OpenAPI document and the tests.
-ROUTES = web.AppKey("admin_routes", tuple)
+ROUTES: web.AppKey[tuple[AdminRoute, ...]] = web.AppKey("admin_routes")
 
 
 def install(app: web.Application, routers: Iterable[AdminRouter]) -> tuple[AdminRoute, ...]:

@@ -13,9 +13,18 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 
 #: The largest id Postgres's bigint holds; path and query ids are bounded by it.
@@ -107,3 +116,20 @@ class Paginated(AdminModel, Generic[_Item]):
 Text = Annotated[str, StringConstraints(max_length=1000, pattern=r"^[^\x00]*$")]
 #: A name or label: Text up to 200 characters.
 ShortText = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]
+
+
+def _iso_8601(value: object) -> datetime:
+    # pydantic's lax mode would read a number (or a numeric query string) as Unix seconds,
+    # and its strict mode no string at all in a query: the API's times are ISO 8601 strings.
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    raise ValueError("expected an ISO 8601 date-time with a UTC offset, e.g. 2026-01-31T00:00:00Z")
+
+
+#: A point in time given by the client: an ISO 8601 string with its UTC offset.
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_8601)]

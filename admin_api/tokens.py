@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pydantic import AwareDatetime, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from admin_api.framework import (
     AdminContext,
@@ -17,7 +17,7 @@ from admin_api.framework import (
     Role,
     Unprocessable,
 )
-from admin_api.models import ShortText
+from admin_api.models import ShortText, Timestamp
 from billing import admin_tokens
 from billing.admin_tokens import AdminTokenRecord
 
@@ -58,7 +58,7 @@ class TokenCreate(AdminModel):
 
     name: ShortText = ""
     role: Role
-    expires_at: AwareDatetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class TokenUpdate(AdminModel):
@@ -67,7 +67,7 @@ class TokenUpdate(AdminModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "renamed"}]})
 
     name: ShortText | None = None
-    expires_at: AwareDatetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class Me(AdminModel):

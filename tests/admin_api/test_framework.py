@@ -181,3 +181,21 @@ def test_page_window_gives_next_cursor_only_when_more_rows():
     kept, cursor = page.window([9, 8, 7], key=lambda x: x)
     assert (kept, decode_cursor(cursor)) == ([9, 8], 8)
     assert page.window([9, 8], key=lambda x: x) == ([9, 8], None)
+
+
+@pytest.mark.parametrize("value", ["0.5", "1700000000", "2026-01-31", "2026-01-31T00:00:00"])
+async def test_times_must_be_iso_8601_with_offset(admin_api: AdminApi, value: str):
+    response, body = await admin_api.call("GET", "/admin/v1/audit-log", params={"until": value})
+    assert response.status == 400
+    assert body["error"]["details"][0]["field"] == "until"
+    response, body = await admin_api.call(
+        "POST", "/admin/v1/tokens", json={"role": "viewer", "expiresAt": 1700000000}
+    )
+    assert response.status == 400
+
+
+async def test_times_with_offset_are_accepted(admin_api: AdminApi):
+    response, _ = await admin_api.call(
+        "GET", "/admin/v1/audit-log", params={"until": "2026-01-31T00:00:00Z"}
+    )
+    assert response.status == 200
