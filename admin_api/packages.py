@@ -129,6 +129,8 @@ class PackageListQuery(AdminModel):
 class CodePath(AdminModel):
     """The path of one package."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"code": "starter"}]})
+
     code: PackageCode
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints
+from pydantic import ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 from admin_api.framework import AdminContext, AdminModel, AdminRouter, NotFound, Role
-from admin_api.models import ShortText
+from admin_api.models import ShortText, Timestamp
 from billing.metering.pricing import ModelKind, RateCard
 from billing.metering.rate_cards import (
     ListedRateCard,
@@ -116,6 +116,8 @@ class RateCardList(RateCardModel):
 class ModelPath(RateCardModel):
     """The path of a model's cards."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "gpt-4o-mini"}]})
+
     model: ModelName
 
 
@@ -138,15 +140,16 @@ class RateCardPublish(RateCardModel):
                     "inputCreditsPer1kTokens": "2.400",
                     "cachedInputCreditsPer1kTokens": "1.200",
                     "outputCreditsPer1kTokens": "9.600",
+                    "modelKind": "chat",
+                    "maxOutputTokens": 16384,
                     "displayLabel": "Eco",
-                    "effectiveAt": "2030-01-01T00:00:00Z",
                 }
             ]
         }
     )
 
     model: ModelName
-    effective_at: AwareDatetime | None = None
+    effective_at: Timestamp | None = None
     input_credits_per_1k_tokens: CreditsPer1k
     cached_input_credits_per_1k_tokens: CreditsPer1k | None = None
     output_credits_per_1k_tokens: CreditsPer1k
