@@ -382,6 +382,7 @@ def _packages_html(packages: list[Package]) -> str:
         f"<li>{html.escape(p.name)}: ${p.price:.2f} for "
         f"{_credits_text(p.total_millicredits)} credits"
         + (f" ({html.escape(p.badge)})" if p.badge else "")
+        + (f": {html.escape(p.tagline)}" if p.tagline else "")
         + "</li>"
         for p in packages
     )

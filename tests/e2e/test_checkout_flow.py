@@ -397,7 +397,7 @@ async def test_purchase_keeps_its_package_version_after_an_admin_edit(shop: Shop
 
     response = await shop.admin.patch(
         "/admin/v1/packages/starter",
-        json={"priceMinorUnits": "1099", "bonusCredits": "1000"},
+        json={"priceMinorUnits": "1099", "bonusCredits": "1000", "tagline": "Try <it>"},
         headers=headers,
     )
     assert response.status == 200, await response.text()
@@ -410,6 +410,10 @@ async def test_purchase_keeps_its_package_version_after_an_admin_edit(shop: Shop
         "10.99",
         str(STARTER_MC + 1_000_000),
     )
+    assert listed[0]["tagline"] == "Try <it>"
+    status, page = await shop.page("/credits")
+    assert status == 200
+    assert "Starter: $10.99 for 10,990.00 credits: Try &lt;it&gt;</li>" in page
     # The checkout started before the edit is paid and fulfilled as bought.
     paid = shop.stub.pay(checkout["checkoutSessionId"])
     assert (await shop.webhook(shop.stub.event("checkout.session.completed", paid))).status == 200
