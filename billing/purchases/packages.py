@@ -220,11 +220,14 @@ async def list_packages(
     include_history: bool = False,
 ) -> list[Package]:
     """Current packages in display order (``sort_order``, then code); active ones only by
-    default. ``include_history`` adds the superseded versions (each code's newest first)."""
+    default. ``include_history`` adds the superseded versions, each after its code's current
+    version (newest first)."""
+    # The current version's sort order places every version of its code.
     rows = await conn.fetch(
-        f"""SELECT {_PACKAGE_COLUMNS} FROM packages
+        f"""SELECT {_PACKAGE_COLUMNS} FROM packages AS p
             WHERE (active OR $1) AND (superseded_at IS NULL OR $2)
-            ORDER BY sort_order, code, version DESC""",
+            ORDER BY (SELECT c.sort_order FROM packages AS c
+                      WHERE c.code = p.code AND c.superseded_at IS NULL), code, version DESC""",
         include_inactive,
         include_history,
     )

@@ -54,9 +54,15 @@ async def test_price_edit_makes_a_new_version_and_supersedes_the_old(pool: async
     assert [p.version for p in versions] == [2, 1]
     assert versions[1].price_minor_units == 999 and versions[1].superseded_at is not None
     assert [p.code for p in await list_packages(pool)] == ["starter", "professional", "enterprise"]
+    await edit(pool, "starter", sort_order=99)  # in place: the old version keeps its 10
     history = await list_packages(pool, include_history=True)
-    assert [(p.code, p.version) for p in history][:2] == [("starter", 2), ("starter", 1)]
-    [row] = await audit_rows(pool)
+    assert [(p.code, p.version) for p in history] == [
+        ("professional", 1),
+        ("enterprise", 1),
+        ("starter", 2),
+        ("starter", 1),
+    ]
+    row, _ = await audit_rows(pool)
     assert (row["action"], row["target_type"], row["target_id"]) == (
         "package.edit",
         "package",
