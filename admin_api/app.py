@@ -6,6 +6,8 @@ Runs beside the gateway on ``ADMIN_PORT`` (default 8081); ``creditgate serve`` s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiohttp import web
 
 from admin_api import audit_log, packages, rate_cards, tokens
@@ -26,9 +28,11 @@ ROUTERS: tuple[AdminRouter, ...] = (
 )
 
 
-def create_admin_app(settings: Settings) -> web.Application:
+def create_admin_app(
+    settings: Settings, routers: Sequence[AdminRouter] = ROUTERS
+) -> web.Application:
     """The admin application (webhook at ``POST /stripe/webhook``, the admin API under
-    ``/admin/v1/``)."""
+    ``/admin/v1/``: ``routers``, by default all of them)."""
     app = web.Application(
         client_max_size=1024 * 1024,
         middlewares=[make_error_middleware(settings.public_base_url + "/credits")],
@@ -37,7 +41,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx])
     app.router.add_get("/healthz", _healthz)
     add_webhook_routes(app)
-    install(app, ROUTERS)
+    install(app, routers)
     add_openapi_route(app)
     return app
 

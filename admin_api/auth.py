@@ -83,7 +83,9 @@ async def authenticate(request: web.Request) -> AdminIdentity:
     """
     header = request.headers.get("Authorization", "")
     if header[: len(_BEARER)].lower() != _BEARER:
-        raise Unauthorized("Missing admin token: send `Authorization: Bearer cg_admin_...`.")
+        raise Unauthorized(
+            "Missing admin token: send it in the Authorization header (scheme: Bearer)."
+        )
     identity = await find_active_admin_token(
         request.app[appkeys.DB_POOL], header[len(_BEARER) :].strip()
     )

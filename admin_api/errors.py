@@ -9,7 +9,8 @@ Body (``runtime.errors.error_body``, the one envelope builder, with ``details`` 
 A handler raises ``NotFound``, ``Conflict``, ``Unprocessable`` or ``BadRequest``; a billing
 error it lets through is answered by ``BILLING_ANSWERS`` (looked up along the error's MRO);
 a pydantic ``ValidationError`` of the body, query or path is a 400 whose ``details`` name
-each field. Anything else propagates to the service's error middleware.
+each field; Postgres unreachable is a 503 (``database_unavailable``). Anything else propagates
+to the service's error middleware (500).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ ERROR_STATUSES: dict[int, str] = {
     404: "The target does not exist.",
     409: "Conflicts with the current state (e.g. an idempotency key reused).",
     422: "A rule refuses the request (e.g. a debit below zero).",
+    503: "The database is unavailable; nothing was changed (`database_unavailable`).",
 }
 
 
@@ -152,5 +154,16 @@ def admin_error_response(exc: AdminError, request_id: str) -> web.Response:
         param=exc.param,
         code=exc.code,
         extra=extra,
+        headers={"x-request-id": request_id},
+    )
+
+
+def database_unavailable_response(request_id: str) -> web.Response:
+    """503: Postgres is unreachable or stopped answering; nothing was changed (a change and
+    its audit row commit together or not at all)."""
+    return error_response(
+        503,
+        "The database is unavailable; nothing was changed. Retry shortly.",
+        code="database_unavailable",
         headers={"x-request-id": request_id},
     )

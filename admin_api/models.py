@@ -133,3 +133,14 @@ def _iso_8601(value: object) -> datetime:
 
 #: A point in time given by the client: an ISO 8601 string with its UTC offset.
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_8601)]
+
+
+def _query_bool(value: object) -> object:
+    # pydantic's lax bool also takes "yes", "on", "1"...: a query flag is "true" or "false".
+    if isinstance(value, str) and value not in ("true", "false"):
+        raise ValueError("expected true or false")
+    return value
+
+
+#: A boolean query parameter: ``true`` or ``false`` only.
+QueryBool = Annotated[bool, BeforeValidator(_query_bool)]

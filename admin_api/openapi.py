@@ -48,8 +48,8 @@ class Error(BaseModel):
 
 
 def _error_statuses(route: AdminRoute) -> list[int]:
-    statuses = [401]
-    if route.body or route.query or route.params:
+    statuses = [401, 503]
+    if route.body or route.query or route.params or route.headers:
         statuses.append(400)
     if route.role is not Role.VIEWER:
         statuses.append(403)
@@ -63,7 +63,7 @@ def _error_statuses(route: AdminRoute) -> list[int]:
 def _models(routes: Iterable[AdminRoute]) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
     wanted: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(Error, "serialization"): None}
     for route in routes:
-        for model in (route.params, route.query, route.body):
+        for model in (route.params, route.query, route.headers, route.body):
             if model is not None:
                 wanted[(model, "validation")] = None
         if route.response is not None:
@@ -105,7 +105,7 @@ class _Schemas:
 
 
 def _parameters(
-    model: type[BaseModel] | None, where: Literal["path", "query"], schemas: _Schemas
+    model: type[BaseModel] | None, where: Literal["path", "query", "header"], schemas: _Schemas
 ) -> list[dict[str, Any]]:
     if model is None:
         return []
@@ -140,7 +140,8 @@ def _operation(route: AdminRoute, schemas: _Schemas) -> dict[str, Any]:
         "tags": [route.tag],
         "description": f"Role: {route.role.value} or above.",
         "parameters": _parameters(route.params, "path", schemas)
-        + _parameters(route.query, "query", schemas),
+        + _parameters(route.query, "query", schemas)
+        + _parameters(route.headers, "header", schemas),
         "responses": responses,
     }
     if route.handler.__doc__:

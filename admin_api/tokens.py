@@ -19,7 +19,7 @@ from admin_api.framework import (
 )
 from admin_api.models import ShortText, Timestamp
 from billing import admin_tokens
-from billing.admin_tokens import AdminTokenRecord
+from billing.admin_tokens import AdminTokenRecord, Keep
 
 router = AdminRouter(tag="tokens")
 
@@ -127,17 +127,11 @@ async def list_tokens(ctx: AdminContext) -> Paginated[TokenOut]:
 )
 async def update_token(ctx: AdminContext) -> TokenOut:
     body: TokenUpdate = ctx.body
-    changes: dict[str, object] = {}
-    if "name" in body.model_fields_set and body.name is not None:
-        changes["name"] = body.name
-    if "expires_at" in body.model_fields_set:
-        changes["expires_at"] = _future(body.expires_at)
+    given = body.model_fields_set
+    expires_at = _future(body.expires_at) if "expires_at" in given else Keep.EXPIRY
     async with ctx.pool.acquire() as conn:
         record = await admin_tokens.update_admin_token(
-            conn,
-            ctx.actor,
-            ctx.params.id,
-            **changes,  # type: ignore[arg-type]
+            conn, ctx.actor, ctx.params.id, name=body.name, expires_at=expires_at
         )
     return TokenOut.of(record)
 

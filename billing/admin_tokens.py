@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -176,7 +176,10 @@ async def list_admin_tokens(
     return [_record(row) for row in rows]
 
 
-_UNSET: Any = object()
+class Keep(enum.Enum):
+    """``update_admin_token``'s "leave the expiry as it is" (None clears it)."""
+
+    EXPIRY = "keep"
 
 
 async def update_admin_token(
@@ -185,10 +188,11 @@ async def update_admin_token(
     token_id: int,
     *,
     name: str | None = None,
-    expires_at: datetime | None = _UNSET,
+    expires_at: datetime | Literal[Keep.EXPIRY] | None = Keep.EXPIRY,
 ) -> AdminTokenRecord:
-    """Rename a token and/or set (or clear, with None) its expiry, with its audit row
-    (``admin_token.update``), in one transaction. Arguments left out are unchanged.
+    """Rename a token (``name`` None: unchanged) and/or set its expiry (None: never
+    expires; ``Keep.EXPIRY``: unchanged), with its audit row (``admin_token.update``), in one
+    transaction.
 
     Raises:
         AdminTokenNotFoundError: no such token.
@@ -203,8 +207,8 @@ async def update_admin_token(
                 WHERE id = $1 RETURNING {_COLUMNS}""",
             token_id,
             name,
-            expires_at is not _UNSET,
-            None if expires_at is _UNSET else expires_at,
+            expires_at is not Keep.EXPIRY,
+            None if expires_at is Keep.EXPIRY else expires_at,
         )
         after = _record(row)
         await record_audit(

@@ -7,10 +7,15 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import Field, ValidationError
 
-from admin_api.models import Page, decode_cursor, encode_cursor
+from admin_api import tokens
+from admin_api.app import create_admin_app
+from admin_api.framework import AdminContext, AdminModel, AdminRouter, Conflict
+from admin_api.models import Page, QueryBool, ShortText, decode_cursor, encode_cursor
 from billing.admin_tokens import Role
-from tests.admin_api.conftest import AdminApi
+from billing.errors import AccountNotFoundError
+from tests.admin_api.conftest import AdminApi, admin_settings
 
 
 def _assert_envelope(body: dict, code: str) -> None:
@@ -199,3 +204,90 @@ async def test_times_with_offset_are_accepted(admin_api: AdminApi):
         "GET", "/admin/v1/audit-log", params={"until": "2026-01-31T00:00:00Z"}
     )
     assert response.status == 200
+
+
+# -- a route declared here: headers, handler errors, the OpenAPI of a header -------------
+
+_probe = AdminRouter(tag="probe")
+
+
+class _Idempotency(AdminModel):
+    idempotency_key: ShortText = Field(alias="Idempotency-Key", min_length=1)
+
+
+class _Echo(AdminModel):
+    idempotency_key: str
+
+
+@_probe.post(
+    "/admin/v1/probe", role=Role.OPERATOR, headers=_Idempotency, response=_Echo, summary="Echo"
+)
+async def probe(ctx: AdminContext) -> _Echo:
+    if ctx.headers.idempotency_key == "taken":
+        raise Conflict("This idempotency key was used with other content.")
+    if ctx.headers.idempotency_key == "no-account":
+        raise AccountNotFoundError(42)
+    if ctx.headers.idempotency_key == "db-down":
+        raise ConnectionRefusedError("connection refused")
+    return _Echo(idempotency_key=ctx.headers.idempotency_key)
+
+
+@pytest.fixture
+async def probe_api(database_url, redis_url, aiohttp_client) -> AdminApi:
+    app = create_admin_app(admin_settings(database_url, redis_url), routers=[tokens.router, _probe])
+    api = AdminApi(await aiohttp_client(app), {})
+    api.tokens[Role.OPERATOR], _ = await api.mint(Role.OPERATOR)
+    return api
+
+
+async def test_declared_header_is_validated_and_given_to_the_handler(probe_api: AdminApi):
+    client = probe_api.client
+    auth = probe_api.headers(Role.OPERATOR)
+    response = await client.post("/admin/v1/probe", headers={**auth, "idempotency-key": "k1"})
+    assert (response.status, await response.json()) == (200, {"idempotencyKey": "k1"})
+    response = await client.post("/admin/v1/probe", headers=auth)
+    assert response.status == 400
+    assert (await response.json())["error"]["details"][0]["field"] == "Idempotency-Key"
+
+
+async def test_handler_errors_answer_their_status_with_the_request_id(probe_api: AdminApi):
+    auth = probe_api.headers(Role.OPERATOR)
+    for key, status, code in (
+        ("taken", 409, "conflict"),
+        ("no-account", 404, "not_found"),
+        ("db-down", 503, "database_unavailable"),
+    ):
+        response = await probe_api.client.post(
+            "/admin/v1/probe", headers={**auth, "Idempotency-Key": key}
+        )
+        assert response.status == status
+        assert response.headers["x-request-id"].startswith("req_")
+        assert (await response.json())["error"]["code"] == code
+
+
+async def test_openapi_documents_a_declared_header(probe_api: AdminApi):
+    document = await (await probe_api.client.get("/admin/v1/openapi.json")).json()
+    (parameter,) = document["paths"]["/admin/v1/probe"]["post"]["parameters"]
+    assert (parameter["name"], parameter["in"], parameter["required"]) == (
+        "Idempotency-Key",
+        "header",
+        True,
+    )
+
+
+async def test_missing_token_message_says_what_to_send_unredacted(admin_api: AdminApi):
+    response = await admin_api.client.get("/admin/v1/me")
+    message = (await response.json())["error"]["message"]
+    assert "Authorization" in message and "Bearer" in message
+    assert "REDACTED" not in message
+
+
+def test_query_bool_takes_only_true_and_false():
+    class _Flags(AdminModel):
+        all: QueryBool = False
+
+    assert _Flags.model_validate({"all": "true"}).all is True
+    assert _Flags.model_validate({"all": "false"}).all is False
+    for loose in ("yes", "1", "on", "True"):
+        with pytest.raises(ValidationError):
+            _Flags.model_validate({"all": loose})
