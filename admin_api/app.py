@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from admin_api import audit_log, flags, tokens
+from admin_api import audit_log, flags, packages, rate_cards, tokens
 from admin_api.framework import AdminRouter, install
 from admin_api.openapi import add_openapi_route
 from admin_api.stripe_webhook import add_webhook_routes
@@ -24,6 +24,8 @@ ROUTERS: tuple[AdminRouter, ...] = (
     tokens.router,
     audit_log.router,
     flags.router,
+    rate_cards.router,
+    packages.router,
 )
 
 

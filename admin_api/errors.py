@@ -29,6 +29,8 @@ from billing.errors import (
     NegativeBalanceError,
 )
 from billing.live_flags import UnknownFlagError
+from billing.metering.rate_cards import DuplicateRateCardError, RateCardError
+from billing.purchases.packages import DuplicatePackageError, UnknownPackageError
 from runtime.errors import GatewayError, error_response
 
 
@@ -103,6 +105,10 @@ BILLING_ANSWERS: dict[type[BillingError], type[AdminError]] = {
     AdminTokenRevokedError: Conflict,
     NegativeBalanceError: Unprocessable,
     UnknownFlagError: NotFound,
+    UnknownPackageError: NotFound,
+    DuplicatePackageError: Conflict,
+    DuplicateRateCardError: Conflict,
+    RateCardError: Unprocessable,
 }
 
 #: The statuses an admin route may answer with an error (the OpenAPI document lists them).

@@ -6,9 +6,12 @@ Source: docs/design.md, "Units and arithmetic".
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
+
 MILLICREDITS_PER_CREDIT = 1_000
 CREDITS_PER_USD = 1_000
 MILLICREDITS_PER_USD = MILLICREDITS_PER_CREDIT * CREDITS_PER_USD
+MICROUSD_PER_USD = 1_000_000
 
 
 def credits_to_millicredits(credits: int | str) -> int:
@@ -50,3 +53,34 @@ def money_fields(prefix: str, amount_millicredits: int) -> dict[str, object]:
         f"{prefix}Credits": millicredits_to_credits(amount_millicredits),
         f"{prefix}Usd": millicredits_to_usd(amount_millicredits),
     }
+
+
+def credits_text(amount_millicredits: int) -> str:
+    """Millicredits as a decimal string of credits with exactly 3 decimals (2400 -> "2.400"),
+    the API's text for prices; exact, unlike ``millicredits_to_credits``."""
+    sign = "-" if amount_millicredits < 0 else ""
+    whole, frac = divmod(abs(amount_millicredits), MILLICREDITS_PER_CREDIT)
+    return f"{sign}{whole}.{frac:03d}"
+
+
+def usd_to_microusd(usd: str) -> int:
+    """A decimal string of US dollars (``"0.00015"``, up to 6 decimals) -> micro-USD.
+
+    Raises:
+        ValueError: not a plain decimal number, or more than six decimals.
+    """
+    try:
+        amount = Decimal(usd.strip())
+    except InvalidOperation:
+        raise ValueError(f"not a USD amount: {usd!r}") from None
+    micro = amount * MICROUSD_PER_USD
+    if not amount.is_finite() or micro != micro.to_integral_value():
+        raise ValueError(f"USD amounts have at most 6 decimals: {usd!r}")
+    return int(micro)
+
+
+def microusd_text(amount_microusd: int) -> str:
+    """Micro-USD as a decimal string of US dollars with 6 decimals (150 -> "0.000150")."""
+    sign = "-" if amount_microusd < 0 else ""
+    whole, frac = divmod(abs(amount_microusd), MICROUSD_PER_USD)
+    return f"{sign}{whole}.{frac:06d}"

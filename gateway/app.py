@@ -61,6 +61,7 @@ async def _billing_state(app: web.Application) -> AsyncIterator[None]:
     app[gateway_keys.RATE_CARDS] = book
     app[gateway_keys.AUTH] = KeyAuthenticator(pool, ttl_s=settings.auth_cache_ttl_s)
     yield
+    book.close()
     counting.shutdown(wait=False, cancel_futures=True)
 
 

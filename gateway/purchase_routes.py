@@ -80,7 +80,8 @@ def checkout_routes() -> list[tuple[str, str, Handler]]:
 def package_json(package: Package, reference: Package | None = None) -> dict[str, Any]:
     """A package at the JSON edge: money as strings, display numbers beside them.
 
-    Shape: ``{"code", "name", "badge", "currency", "price": "9.99", "priceMinorUnits": "999",
+    Shape: ``{"code", "name", "badge", "tagline", "currency", "price": "9.99",
+    "priceMinorUnits": "999",
     "baseMillicredits": "9990000", "baseCredits": 9990.0, "baseUsd": 9.99, "bonus...",
     "total...", "pricePer1kCredits": "1.0000", "savingsPercent": "0.0"}``; savings are
     against ``reference`` (Starter), or null without one.
@@ -90,6 +91,7 @@ def package_json(package: Package, reference: Package | None = None) -> dict[str
         "code": package.code,
         "name": package.name,
         "badge": package.badge,
+        "tagline": package.tagline,
         "currency": package.currency,
         "price": str(package.price),
         "priceMinorUnits": str(package.price_minor_units),
@@ -379,6 +381,7 @@ def _packages_html(packages: list[Package]) -> str:
         f"<li>{html.escape(p.name)}: ${p.price:.2f} for "
         f"{_credits_text(p.total_millicredits)} credits"
         + (f" ({html.escape(p.badge)})" if p.badge else "")
+        + (f": {html.escape(p.tagline)}" if p.tagline else "")
         + "</li>"
         for p in packages
     )

@@ -57,6 +57,7 @@ class RateCard:
             client sends no ``max_tokens``.
         upstream_*_microusd_per_1k_tokens: what the upstream charges us (margin metrics).
         model_kind: what the model serves; an endpoint refuses models of another kind.
+        display_label: the model's label for people ("Eco", "Advanced"); "" when none.
     """
 
     id: int
@@ -69,6 +70,7 @@ class RateCard:
     upstream_input_microusd_per_1k_tokens: int = 0
     upstream_output_microusd_per_1k_tokens: int = 0
     model_kind: ModelKind = ModelKind.CHAT
+    display_label: str = ""
 
     def serves(self, endpoint_name: str) -> bool:
         """Whether the billed endpoint ``endpoint_name`` (``"embeddings"``, ...) takes this

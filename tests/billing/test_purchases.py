@@ -19,7 +19,6 @@ from billing.purchases.packages import (
     list_packages,
     price_per_1k_credits,
     savings_percent,
-    seed_packages,
 )
 from billing.purchases.purchase_records import apply_checkout_session, get_purchase
 from tests.billing.purchase_world import ENTERPRISE_MC, PROFESSIONAL_MC, STARTER_MC, World
@@ -43,21 +42,6 @@ async def test_packages_migration_seeds_the_design_catalogue(pool: asyncpg.Pool)
             stored.total_millicredits,
             stored.badge,
         )
-
-
-async def test_seed_packages_resets_prices_and_keeps_price_id(pool: asyncpg.Pool) -> None:
-    await pool.execute(
-        "UPDATE packages SET price_minor_units = 1, stripe_price_id = 'price_123' "
-        "WHERE code = 'starter'"
-    )
-    async with pool.acquire() as conn:
-        seeded = await seed_packages(conn)
-        again = await seed_packages(conn)
-    assert seeded == again
-    starter = await get_package(pool, "starter")
-    assert starter.price_minor_units == 999
-    assert starter.stripe_price_id == "price_123"
-    assert await pool.fetchval("SELECT count(*) FROM packages") == 3
 
 
 async def test_get_package_unknown_or_inactive_raises(pool: asyncpg.Pool) -> None:

@@ -16,6 +16,8 @@ from aiohttp.test_utils import TestClient
 
 from admin_api.app import create_admin_app
 from billing import api_keys, ledger
+from billing.admin_tokens import Role, create_admin_token
+from billing.audit import CLI_ACTOR
 from gateway.app import create_app
 from runtime import appkeys
 from runtime.settings import Settings
@@ -377,3 +379,72 @@ async def test_return_with_another_session_id_does_not_ask_stripe(shop: Shop) ->
     assert await shop.balance() == 0
     status, _ = await shop.page("/credits?purchase=pur_unknown")
     assert status == 404
+
+
+# -- package versions, edited through the admin API --------------------------------------
+
+
+async def admin_headers(shop: Shop) -> dict[str, str]:
+    async with shop.pool.acquire() as conn:
+        token, _ = await create_admin_token(conn, CLI_ACTOR, role=Role.ADMIN, name="catalog")
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_purchase_keeps_its_package_version_after_an_admin_edit(shop: Shop) -> None:
+    headers = await admin_headers(shop)
+    bought = await shop.pool.fetchval("SELECT id FROM packages WHERE code = 'starter'")
+    checkout = await shop.started("starter")
+
+    response = await shop.admin.patch(
+        "/admin/v1/packages/starter",
+        json={"priceMinorUnits": "1099", "bonusCredits": "1000", "tagline": "Try <it>"},
+        headers=headers,
+    )
+    assert response.status == 200, await response.text()
+    newer = await response.json()
+
+    # Buyers see the new version at once.
+    listed = (await (await shop.gateway.get("/api/billing/packages")).json())["data"]
+    assert (listed[0]["code"], listed[0]["price"], listed[0]["totalMillicredits"]) == (
+        "starter",
+        "10.99",
+        str(STARTER_MC + 1_000_000),
+    )
+    assert listed[0]["tagline"] == "Try <it>"
+    status, page = await shop.page("/credits")
+    assert status == 200
+    assert "Starter: $10.99 for 10,990.00 credits: Try &lt;it&gt;</li>" in page
+    # The checkout started before the edit is paid and fulfilled as bought.
+    paid = shop.stub.pay(checkout["checkoutSessionId"])
+    assert (await shop.webhook(shop.stub.event("checkout.session.completed", paid))).status == 200
+    assert await shop.balance() == STARTER_MC
+    row = await shop.pool.fetchrow(
+        "SELECT * FROM purchases WHERE public_id = $1", checkout["purchaseId"]
+    )
+    assert (row["status"], row["package_id"], row["price_minor_units"]) == ("paid", bought, 999)
+    assert row["total_millicredits"] == STARTER_MC
+    # The next purchase is of the new version, at its price.
+    again = await shop.started("starter")
+    [*_, (_, _, params, _)] = [r for r in shop.stub.requests if r[0] == "POST"]
+    assert params["line_items"][0]["price_data"]["unit_amount"] == "1099"
+    later = await shop.pool.fetchrow(
+        "SELECT * FROM purchases WHERE public_id = $1", again["purchaseId"]
+    )
+    assert (later["package_id"], later["total_millicredits"]) == (
+        newer["id"],
+        STARTER_MC + 1_000_000,
+    )
+
+
+async def test_deactivated_package_is_neither_offered_nor_sold(shop: Shop) -> None:
+    headers = await admin_headers(shop)
+
+    response = await shop.admin.post("/admin/v1/packages/enterprise/deactivate", headers=headers)
+    assert response.status == 200, await response.text()
+
+    listed = (await (await shop.gateway.get("/api/billing/packages")).json())["data"]
+    assert [p["code"] for p in listed] == ["starter", "professional"]
+    response = await shop.buy({"packageCode": "enterprise"})
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "unknown_package"
+    assert shop.stub.requests == []
