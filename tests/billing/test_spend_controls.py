@@ -25,6 +25,7 @@ from billing.spend_controls import (
     spend_windows,
     window_spend,
 )
+from devtools.localservices import free_port
 from tests.billing.money import grant, new_account, usage_payload, usage_record
 
 DAY_MS = 86_400_000
@@ -400,3 +401,15 @@ async def test_rate_limit_is_shared_and_refuses_past_the_limit(
         assert await first.admit(1, 10, 3) == 1  # another key counts apart
     finally:
         await other.aclose()
+
+
+async def test_rate_limit_fails_open_and_counts_it_when_redis_is_unreachable() -> None:
+    dead = aioredis.from_url(
+        f"redis://127.0.0.1:{free_port()}", decode_responses=True, socket_connect_timeout=0.2
+    )
+    try:
+        limiter = RateLimiter(dead)
+        assert await limiter.admit(1, 9, 1) == 0
+        assert limiter.failed_open == 1
+    finally:
+        await dead.aclose()
