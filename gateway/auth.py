@@ -2,7 +2,10 @@
 
 Keys are looked up in Postgres by SHA-256 digest. Results (hits and misses) are cached for
 ``ttl_s`` seconds so the hot path needs no query per request; a revoked key therefore stops
-working within ``ttl_s`` (default 5 s) on every gateway process. Concurrent requests with a key
+working within ``ttl_s`` (default 5 s) on every gateway process, and so does a change of the
+account's status or of either's spend controls, which the identity carries (one query, a
+join: ``billing.api_keys.find_active_key``). A suspended account's keys are refused here
+(403). Concurrent requests with a key
 that is not cached (or whose entry just expired) share one lookup, so a busy key costs
 Postgres one query per ``ttl_s``, not one per request in flight.
 """

@@ -61,6 +61,9 @@ end
 local function hold_count_charge(account_key, h, charged)
   if not h.day then return end
   local f = spend_fields(account_key, h.day, h.month, h.key)
+  if redis.call('EXISTS', f[1][1], f[3][1]) == 0 then
+    return  -- no counters in these windows (an account without caps): one call, not four
+  end
   for i = 1, 4 do
     if string.sub(h.counted, i, i) == '1' then
       add_if_counted(f[i], charged - h.amount)
