@@ -267,8 +267,10 @@ async def window_spend(
     """
     row = await conn.fetchrow(
         """SELECT
-             COALESCE(sum(charged_millicredits) FILTER (WHERE started_at >= $3), 0),
              COALESCE(sum(charged_millicredits) FILTER (WHERE started_at >= $3
+                                                          AND started_at < $6), 0),
+             COALESCE(sum(charged_millicredits) FILTER (WHERE started_at >= $3
+                                                          AND started_at < $6
                                                           AND api_key_id = $2), 0),
              COALESCE(sum(charged_millicredits), 0),
              COALESCE(sum(charged_millicredits) FILTER (WHERE api_key_id = $2), 0)
@@ -279,6 +281,7 @@ async def window_spend(
         datetime.fromtimestamp(windows.day_start_ms / 1000, UTC),
         datetime.fromtimestamp(windows.month_start_ms / 1000, UTC),
         datetime.fromtimestamp(windows.month_reset_ms / 1000, UTC),
+        datetime.fromtimestamp(windows.day_reset_ms / 1000, UTC),
     )
     assert row is not None  # an aggregate always answers one row
     return int(row[0]), int(row[1]), int(row[2]), int(row[3])

@@ -256,6 +256,7 @@ async def test_settle_after_midnight_moves_the_window_the_request_started_in(
     key_id = await _new_key(pool, account_id)
     now_ms = int(time.time() * 1000)
     yesterday_late = (now_ms // DAY_MS) * DAY_MS - 1  # 23:59:59.999 UTC yesterday
+    await _post_usage(pool, account_id, key_id, [5_000], now_ms - 1_000)  # today's, not counted
     await capped_holds.reserve(
         account_id,
         4_000,
