@@ -15,7 +15,8 @@ Each holder (the key, its account) may have, all optional (NULL in Postgres: no 
 
 An account can also be **suspended** by an operator: every billed request of its keys is
 refused (403). ``SpendControls`` is None on an identity when none of this is set, so a key
-without controls costs nothing on the hot path.
+without controls pays no check here and no Redis or Postgres call more (its holds still keep
+the account's spend counters up to date where they exist, inside the reserve script).
 
 Source: docs/admin/caps.md (issue 12, "Spend controls").
 """
