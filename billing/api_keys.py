@@ -16,6 +16,8 @@ from datetime import datetime
 
 import asyncpg
 
+from billing.spend_controls import SpendControls, limits_from_row
+
 KEY_PREFIX = "cg_live_"
 
 
@@ -122,10 +124,23 @@ async def revoke_api_key(conn: asyncpg.Connection, key_id: int) -> bool:
     return status.endswith(" 1")
 
 
-async def find_active_key(
-    conn: asyncpg.Connection | asyncpg.Pool, key: str
-) -> tuple[int, int] | None:
-    """``(api_key_id, account_id)`` of an active key (not revoked, not expired), else None.
+@dataclass(frozen=True, slots=True)
+class ActiveKey:
+    """An active key's identity and what the gateway enforces for it.
+
+    Attributes:
+        controls: the key's and its account's spend controls and the account's suspension;
+            None when nothing is set (``SpendControls.of``).
+    """
+
+    api_key_id: int
+    account_id: int
+    controls: SpendControls | None
+
+
+async def find_active_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> ActiveKey | None:
+    """The active key (not revoked, not expired) with its account's status and both holders'
+    spend controls, in one query; None for any other key.
 
     ``key`` is untrusted (a client's header): anything not key-shaped is None, unqueried.
 
@@ -135,9 +150,22 @@ async def find_active_key(
     if not is_key_shaped(key):
         return None
     row = await conn.fetchrow(
-        """SELECT id, account_id FROM api_keys
-           WHERE key_digest = $1 AND revoked_at IS NULL
-             AND (expires_at IS NULL OR expires_at > now())""",
+        """SELECT k.id, k.account_id, a.status,
+                  k.daily_spend_cap_millicredits, k.monthly_spend_cap_millicredits,
+                  k.max_request_millicredits, k.allowed_models, k.requests_per_minute,
+                  a.daily_spend_cap_millicredits, a.monthly_spend_cap_millicredits,
+                  a.max_request_millicredits, a.allowed_models
+           FROM api_keys k JOIN accounts a ON a.id = k.account_id
+           WHERE k.key_digest = $1 AND k.revoked_at IS NULL
+             AND (k.expires_at IS NULL OR k.expires_at > now())""",
         key_digest(key),
     )
-    return (row[0], row[1]) if row is not None else None
+    if row is None:
+        return None
+    controls = SpendControls.of(
+        account_suspended=row[2] == "suspended",
+        key=limits_from_row(row[3], row[4], row[5], row[6]),
+        account=limits_from_row(row[8], row[9], row[10], row[11]),
+        requests_per_minute=row[7],
+    )
+    return ActiveKey(row[0], row[1], controls)

@@ -46,6 +46,7 @@ from billing.metering.pricing import (
 )
 from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import JSON_MAX_DEPTH
+from billing.spend_controls import check_max_request, check_model
 from gateway import appkeys as gateway_keys
 from gateway.auth import Identity
 from gateway.held_headers import write_whole_response
@@ -380,6 +381,11 @@ async def _prepare(
     once, here: the request keeps that snapshot to its settlement."""
     app = request.app
     identity = await app[gateway_keys.AUTH].authenticate(request)
+    controls = identity.controls
+    if controls is not None and controls.requests_per_minute is not None:
+        await app[appkeys.RATE_LIMITER].admit(
+            identity.account_id, identity.api_key_id, controls.requests_per_minute
+        )
     raw = await request.read()
     body = _json_object(raw)
     model = body.get("model")
@@ -393,6 +399,8 @@ async def _prepare(
         raise ModelNotServedError(
             model, model_kind=card.model_kind.value, endpoint_path="/v1" + endpoint.path
         )
+    if controls is not None:
+        check_model(controls, model)
     stream = body.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequestError(f"{endpoint.name} does not stream.", param="stream")
@@ -414,7 +422,7 @@ async def _prepare(
     hold_millicredits, low_balance = 0, False
     if charged:
         hold_millicredits, available_millicredits = await _reserve(
-            app, identity, card, estimate, request_id, rounding_mode
+            app, identity, card, estimate, request_id, rounding_mode, started_ms
         )
         low_balance = available_millicredits < flags.low_balance_threshold_credits * 1000
     call = BilledCall(
@@ -504,12 +512,16 @@ async def _reserve(
     estimate: Estimate,
     request_id: str,
     rounding_mode: RoundingMode,
+    started_ms: int,
 ) -> tuple[int, int]:
-    """Hold a charged request's worst-case cost; returns the millicredits held and the
-    account's available balance after the hold (millicredits).
+    """Hold a charged request's worst-case cost within the spend caps of its key and
+    account; returns the millicredits held and the account's available balance after the
+    hold (millicredits).
 
     Raises:
         InsufficientCreditsError, AccountSuspendedError: the account cannot cover it (402).
+        SpendCapExceededError: the hold is above a maximum per request, or would pass a daily
+            or monthly cap (402); nothing held.
         BillingUnavailableError: Redis or Postgres unreachable (503).
     """
     settings = app[appkeys.SETTINGS]
@@ -519,11 +531,17 @@ async def _reserve(
         max_output_tokens=estimate.max_completion_tokens,
         rounding_mode=rounding_mode,
     )
+    controls = identity.controls
+    if controls is not None:
+        check_max_request(controls, hold_millicredits)
     available_millicredits = await app[appkeys.HOLDS].reserve(
         identity.account_id,
         hold_millicredits,
         request_id=request_id,
         ttl_s=settings.hold_deadline_s,
+        api_key_id=identity.api_key_id,
+        started_ms=started_ms,
+        window_caps=None if controls is None else controls.window_caps,
     )
     return hold_millicredits, available_millicredits
 
