@@ -1,21 +1,36 @@
-"""The admin service's aiohttp application: health, metrics and the Stripe webhook.
+"""The admin service's aiohttp application: health, the Stripe webhook and the admin API
+(``/admin/v1/``, ``admin_api.framework``).
 
 Runs beside the gateway on ``ADMIN_PORT`` (default 8081); ``creditgate serve`` starts both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiohttp import web
 
+from admin_api import audit_log, tokens
+from admin_api.framework import AdminRouter, install
+from admin_api.openapi import add_openapi_route
 from admin_api.stripe_webhook import add_webhook_routes
 from runtime import appkeys
 from runtime.errors import make_error_middleware
 from runtime.resources import postgres_ctx, redis_ctx
 from runtime.settings import Settings
 
+#: Every router of the admin API (one per route module).
+ROUTERS: tuple[AdminRouter, ...] = (
+    tokens.router,
+    audit_log.router,
+)
 
-def create_admin_app(settings: Settings) -> web.Application:
-    """The admin application (webhook at ``POST /stripe/webhook``)."""
+
+def create_admin_app(
+    settings: Settings, routers: Sequence[AdminRouter] = ROUTERS
+) -> web.Application:
+    """The admin application (webhook at ``POST /stripe/webhook``, the admin API under
+    ``/admin/v1/``: ``routers``, by default all of them)."""
     app = web.Application(
         client_max_size=1024 * 1024,
         middlewares=[make_error_middleware(settings.public_base_url + "/credits")],
@@ -24,6 +39,8 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx])
     app.router.add_get("/healthz", _healthz)
     add_webhook_routes(app)
+    install(app, routers)
+    add_openapi_route(app)
     return app
 
 

@@ -31,9 +31,41 @@ from billing.spend_controls import (
 )
 
 KEY_PREFIX = "cg_live_"
-VISIBLE_PREFIX_CHARS = 12
-# The whole key: the prefix and 43 characters of the URL-safe base64 alphabet (ASCII only).
-_KEY_SHAPE = re.compile(r"cg_live_[A-Za-z0-9_-]{43}")
+
+
+class SecretFormat:
+    """A bearer secret's shape: a fixed prefix and 43 URL-safe base64 characters (32 random
+    bytes, ASCII only). API keys (``cg_live_``) and admin tokens (``cg_admin_``,
+    ``billing.admin_tokens``) share it; only the SHA-256 digest (``key_digest``) is stored.
+
+    Attributes:
+        prefix: the fixed prefix secret scanners match.
+        visible_chars: how many leading characters are kept as the visible prefix (the fixed
+            prefix and 4 random characters).
+    """
+
+    __slots__ = ("_shape", "prefix", "visible_chars")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.visible_chars = len(prefix) + 4
+        self._shape = re.compile(re.escape(prefix) + r"[A-Za-z0-9_-]{43}")
+
+    def generate(self) -> str:
+        """A new random secret: the prefix and 43 url-safe characters (256 bits)."""
+        return self.prefix + secrets.token_urlsafe(32)
+
+    def is_shaped(self, secret: str) -> bool:
+        """Whether ``secret`` has the shape ``generate`` makes (ASCII, right length)."""
+        return self._shape.fullmatch(secret) is not None
+
+    def visible_prefix(self, secret: str) -> str:
+        """The part of a secret that may be shown and stored beside its digest."""
+        return secret[: self.visible_chars]
+
+
+KEY_FORMAT = SecretFormat(KEY_PREFIX)
+VISIBLE_PREFIX_CHARS = KEY_FORMAT.visible_chars  # 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,16 +144,17 @@ def key_snapshot(record: ApiKeyRecord) -> dict[str, Any]:
 
 def generate_key() -> str:
     """A new random key: ``cg_live_<43 url-safe chars>`` (256 bits of entropy)."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    return KEY_FORMAT.generate()
 
 
 def is_key_shaped(key: str) -> bool:
     """Whether ``key`` has the shape of a key ``generate_key`` makes (ASCII, right length)."""
-    return _KEY_SHAPE.fullmatch(key) is not None
+    return KEY_FORMAT.is_shaped(key)
 
 
 def key_digest(key: str) -> bytes:
-    """SHA-256 of the key's UTF-8 bytes: the only form stored and looked up.
+    """SHA-256 of the key's (or an admin token's) UTF-8 bytes: the only form stored and
+    looked up.
 
     Raises:
         UnicodeEncodeError: ``key`` holds lone surrogates (undecodable header bytes); callers
@@ -153,7 +186,7 @@ async def create_api_key(
             RETURNING {_RETURNING}""",
         account_id,
         key_digest(key),
-        key[:VISIBLE_PREFIX_CHARS],
+        KEY_FORMAT.visible_prefix(key),
         name,
         expires_at,
         controls.daily_spend_cap_millicredits,

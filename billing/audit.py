@@ -10,6 +10,7 @@ application's role has only SELECT and INSERT on it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -85,3 +86,83 @@ async def record_audit(
             actor.client_address,
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One ``audit_log`` row; ``before`` and ``after`` decoded from JSON."""
+
+    id: int
+    at: datetime
+    actor_kind: str
+    actor_token_id: int | None
+    actor_name: str
+    action: str
+    target_type: str
+    target_id: str | None
+    before: Any
+    after: Any
+    request_id: str | None
+    client_address: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """What ``list_audit_entries`` selects; None selects everything."""
+
+    actor_token_id: int | None = None
+    action: str | None = None
+    target_type: str | None = None
+    target_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+async def list_audit_entries(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    where: AuditFilter,
+    *,
+    limit: int,
+    before_id: int | None = None,
+) -> list[AuditEntry]:
+    """Audit rows newest first, at most ``limit``, with an id below ``before_id`` (keyset
+    pagination); ``since`` inclusive, ``until`` exclusive.
+
+    Raises:
+        asyncpg.PostgresError / OSError: Postgres unreachable.
+    """
+    rows = await conn.fetch(
+        """SELECT id, at, actor_kind, actor_token_id, actor_name, action, target_type,
+                  target_id, before, after, request_id, client_address
+           FROM audit_log
+           WHERE ($1::bigint IS NULL OR id < $1)
+             AND ($2::bigint IS NULL OR actor_token_id = $2)
+             AND ($3::text IS NULL OR action = $3)
+             AND ($4::text IS NULL OR target_type = $4)
+             AND ($5::text IS NULL OR target_id = $5)
+             AND ($6::timestamptz IS NULL OR at >= $6)
+             AND ($7::timestamptz IS NULL OR at < $7)
+           ORDER BY id DESC LIMIT $8""",
+        before_id,
+        where.actor_token_id,
+        where.action,
+        where.target_type,
+        where.target_id,
+        where.since,
+        where.until,
+        limit,
+    )
+    return [
+        AuditEntry(
+            **{
+                **dict(row),
+                "before": _decoded(row["before"]),
+                "after": _decoded(row["after"]),
+            }
+        )
+        for row in rows
+    ]
+
+
+def _decoded(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)

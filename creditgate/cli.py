@@ -11,6 +11,9 @@
     creditgate settle        (post everything waiting in the settlement outbox, then exit)
     creditgate outbox dead-letters [--all]
     creditgate outbox replay ENTRY_ID
+    creditgate admin create-token --role viewer|operator|admin [--name N] [--expires-in-days D]
+    creditgate admin tokens
+    creditgate admin revoke-token ID
 
 Configuration comes from the environment (see README). A command reads only what it uses:
 ``serve`` the whole ``Settings``; ``settle``, ``credits grant`` and ``outbox replay``
@@ -18,16 +21,21 @@ DATABASE_URL and REDIS_URL;
 the others DATABASE_URL, and REDIS_URL when it is set (``accounts show`` without it cannot
 know held and pending amounts, and says so). Errors print ``{"error": "..."}`` on stdout and
 exit with status 1 (2 for usage errors).
+
+Every command that changes something writes one audit row as the actor ``cli``
+(``billing.audit.CLI_ACTOR``) in the transaction of its change.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -35,8 +43,9 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from billing import api_keys, ledger
+from billing import admin_tokens, api_keys, ledger
 from billing.accounts import balance_fields
+from billing.audit import CLI_ACTOR, record_audit
 from billing.errors import AccountNotFoundError, BillingError
 from billing.metering.dead_letters import (
     DeadLetter,
@@ -114,7 +123,8 @@ async def _account_doc(stores: _Stores, account_id: int) -> dict[str, Any]:
 
 async def cmd_accounts_create(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     async with _Stores(settings) as stores:
-        async with stores.pool.acquire() as conn:
+        result = None
+        async with stores.pool.acquire() as conn, conn.transaction():
             account_id = await ledger.create_account(conn, args.email)
             if args.credits:
                 result = await ledger.post_entry(
@@ -125,7 +135,17 @@ async def cmd_accounts_create(settings: StoreSettings, args: argparse.Namespace)
                     idempotency_key=f"grant:{uuid.uuid4()}",
                     reference="initial credits",
                 )
-                await publish_balance(stores.holds, account_id, result.posted)
+            after = {"email": args.email, "initial_entry_id": result.entry.id if result else None}
+            await record_audit(
+                conn,
+                CLI_ACTOR,
+                action="account.create",
+                target_type="account",
+                target_id=account_id,
+                after=after,
+            )
+        if result is not None:
+            await publish_balance(stores.holds, account_id, result.posted)
         return await _account_doc(stores, account_id)
 
 
@@ -137,7 +157,16 @@ async def cmd_accounts_show(settings: StoreSettings, args: argparse.Namespace) -
 async def cmd_keys_create(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     conn = await asyncpg.connect(settings.database_url)
     try:
-        key, record = await api_keys.create_api_key(conn, args.account, name=args.name)
+        async with conn.transaction():
+            key, record = await api_keys.create_api_key(conn, args.account, name=args.name)
+            await record_audit(
+                conn,
+                CLI_ACTOR,
+                action="key.create",
+                target_type="api_key",
+                target_id=record.id,
+                after=dataclasses.asdict(record),
+            )
     except asyncpg.ForeignKeyViolationError:
         raise AccountNotFoundError(args.account) from None
     finally:
@@ -155,7 +184,12 @@ async def cmd_keys_create(settings: StoreSettings, args: argparse.Namespace) -> 
 async def cmd_keys_revoke(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     conn = await asyncpg.connect(settings.database_url)
     try:
-        revoked = await api_keys.revoke_api_key(conn, args.id)
+        async with conn.transaction():
+            revoked = await api_keys.revoke_api_key(conn, args.id)
+            if revoked:  # an unknown or already revoked key: nothing changed, nothing audited
+                await record_audit(
+                    conn, CLI_ACTOR, action="key.revoke", target_type="api_key", target_id=args.id
+                )
     finally:
         await conn.close()
     return {"id": args.id, "revoked": revoked}
@@ -164,7 +198,7 @@ async def cmd_keys_revoke(settings: StoreSettings, args: argparse.Namespace) -> 
 async def cmd_credits_grant(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     amount = credits_to_millicredits(args.credits)
     async with _Stores(settings) as stores:
-        async with stores.pool.acquire() as conn:
+        async with stores.pool.acquire() as conn, conn.transaction():
             result = await ledger.post_entry(
                 conn,
                 account_id=args.account,
@@ -173,6 +207,15 @@ async def cmd_credits_grant(settings: StoreSettings, args: argparse.Namespace) -
                 idempotency_key=args.idempotency_key or f"grant:{uuid.uuid4()}",
                 reference=args.reason,
             )
+            if result.created:  # a repeated idempotency key posts nothing: no audit row
+                await record_audit(
+                    conn,
+                    CLI_ACTOR,
+                    action="credits.grant",
+                    target_type="ledger_entry",
+                    target_id=result.entry.id,
+                    after=dataclasses.asdict(result.entry),
+                )
         # The gateway reserves against Redis's cached balance: without this push a grant
         # would show only after the account's next posting (REDIS_URL is required here).
         await publish_balance(stores.holds, args.account, result.posted)
@@ -243,8 +286,17 @@ _REPLAY_NOTES = {
 
 async def cmd_outbox_replay(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
     async with _Stores(settings) as stores:
-        async with stores.pool.acquire() as conn:
+        async with stores.pool.acquire() as conn, conn.transaction():
             replay = await replay_dead_letter(conn, args.entry_id)
+            if replay.outcome is not ReplayOutcome.ALREADY_REPLAYED:  # it set replayed_at
+                await record_audit(
+                    conn,
+                    CLI_ACTOR,
+                    action="dead_letter.replay",
+                    target_type="settlement_dead_letter",
+                    target_id=args.entry_id,
+                    after={"outcome": replay.outcome.value},
+                )
         posting = replay.posting
         if posting is not None:
             # The charge was released from Redis's pending when dead-lettered; the gateway
@@ -256,6 +308,67 @@ async def cmd_outbox_replay(settings: StoreSettings, args: argparse.Namespace) -
             **money_fields("charged", posting.charged_millicredits if posting else 0),
             "deadLetter": _dead_letter_doc(replay.dead_letter),
         }
+
+
+def _admin_token_doc(record: admin_tokens.AdminTokenRecord) -> dict[str, Any]:
+    def when(value: datetime | None) -> str | None:
+        return None if value is None else value.isoformat()
+
+    return {
+        "id": record.id,
+        "name": record.name,
+        "role": record.role.value,
+        "tokenPrefix": record.token_prefix,
+        "createdAt": when(record.created_at),
+        "createdByTokenId": record.created_by_token_id,
+        "expiresAt": when(record.expires_at),
+        "revokedAt": when(record.revoked_at),
+        "lastUsedAt": when(record.last_used_at),
+    }
+
+
+async def cmd_admin_create_token(
+    settings: StoreSettings, args: argparse.Namespace
+) -> dict[str, Any]:
+    expires_at = None
+    if args.expires_in_days is not None:
+        expires_at = datetime.now(UTC) + timedelta(days=args.expires_in_days)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        token, record = await admin_tokens.create_admin_token(
+            conn,
+            CLI_ACTOR,
+            role=admin_tokens.Role(args.role),
+            name=args.name,
+            expires_at=expires_at,
+        )
+    finally:
+        await conn.close()
+    return {
+        **_admin_token_doc(record),
+        "token": token,
+        "note": "The token is shown once; only its SHA-256 digest is stored.",
+    }
+
+
+async def cmd_admin_tokens(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        records = await admin_tokens.list_admin_tokens(conn, limit=10_000)
+    finally:
+        await conn.close()
+    return {"tokens": [_admin_token_doc(record) for record in records]}
+
+
+async def cmd_admin_revoke_token(
+    settings: StoreSettings, args: argparse.Namespace
+) -> dict[str, Any]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        record = await admin_tokens.revoke_admin_token(conn, CLI_ACTOR, args.id)
+    finally:
+        await conn.close()
+    return _admin_token_doc(record)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -332,6 +445,8 @@ def _parser() -> argparse.ArgumentParser:
     kr.add_argument("id", type=int)
     kr.set_defaults(fn=cmd_keys_revoke, config=_stores)
 
+    _admin_parser(sub)
+
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="action", required=True
     )
@@ -342,6 +457,34 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--idempotency-key", default=None)
     grant.set_defaults(fn=cmd_credits_grant, config=_stores_with_redis)
     return parser
+
+
+def _positive_days(text: str) -> float:
+    days = float(text)
+    if not days > 0:
+        raise argparse.ArgumentTypeError("must be a number of days > 0")
+    return days
+
+
+def _admin_parser(sub: Any) -> None:
+    admin = sub.add_parser(
+        "admin", help="admin API tokens: create (the first one), list, revoke"
+    ).add_subparsers(dest="action", required=True)
+    creating = (
+        "Create an admin API token and print it once, as JSON (only its SHA-256 digest is "
+        "stored). Audited as actor cli."
+    )
+    create = admin.add_parser("create-token", help=creating, description=creating)
+    create.add_argument("--role", required=True, choices=[role.value for role in admin_tokens.Role])
+    create.add_argument("--name", default="")
+    create.add_argument("--expires-in-days", type=_positive_days, default=None)
+    create.set_defaults(fn=cmd_admin_create_token, config=_stores)
+    admin.add_parser("tokens", help="list admin tokens, newest first").set_defaults(
+        fn=cmd_admin_tokens, config=_stores
+    )
+    revoke = admin.add_parser("revoke-token", help="revoke an admin token now (audited)")
+    revoke.add_argument("id", type=int)
+    revoke.set_defaults(fn=cmd_admin_revoke_token, config=_stores)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -501,6 +501,8 @@ async def test_outbox_replay_posts_a_dead_letter_once_its_account_exists(cli_env
     assert code == 0, again
     assert again["outcome"] == "already_replayed"
     assert again["chargedMillicredits"] == "0"
+    replays = await conn.fetch("SELECT * FROM audit_log WHERE action = 'dead_letter.replay'")
+    assert [(row["target_id"], row["actor_kind"]) for row in replays] == [(entry_id, "cli")]
 
     code, shown = await run_cli(cli_env, "accounts", "show", str(account_id))
     assert (shown["balanceMillicredits"], shown["availableMillicredits"]) == ("9600", "9600")
@@ -535,3 +537,95 @@ async def test_outbox_replay_unknown_entry_exits_1(cli_env):
     code, doc = await run_cli(cli_env, "outbox", "replay", "1-0")
     assert code == 1
     assert doc["type"] == "DeadLetterNotFoundError"
+
+
+# -- admin tokens and the audit of mutating commands ------------------------------------
+
+
+async def _audit_rows(conn: asyncpg.Connection, action: str) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM audit_log WHERE action = $1 ORDER BY id", action)
+
+
+async def test_admin_create_token_prints_it_once_audited_as_cli(database_url, conn):
+    env = {"DATABASE_URL": database_url}
+    code, doc = await run_cli(
+        env, "admin", "create-token", "--role", "admin", "--name", "first", "--expires-in-days", "2"
+    )
+    assert code == 0, doc
+    token = doc["token"]
+    assert token.startswith("cg_admin_") and len(token) == len("cg_admin_") + 43
+    assert (doc["role"], doc["name"], doc["createdByTokenId"]) == ("admin", "first", None)
+    assert doc["expiresAt"] is not None
+    row = await conn.fetchrow("SELECT * FROM admin_tokens WHERE id = $1", doc["id"])
+    assert bytes(row["token_digest"]) == hashlib.sha256(token.encode()).digest()
+    (audit,) = await _audit_rows(conn, "admin_token.create")
+    assert (audit["actor_kind"], audit["actor_name"], audit["actor_token_id"]) == (
+        "cli",
+        "cli",
+        None,
+    )
+    assert audit["target_id"] == str(doc["id"])
+
+    code, listed = await run_cli(env, "admin", "tokens")
+    assert code == 0
+    assert [item["id"] for item in listed["tokens"]] == [doc["id"]]
+    assert "token" not in listed["tokens"][0]
+
+    code, revoked = await run_cli(env, "admin", "revoke-token", str(doc["id"]))
+    assert code == 0, revoked
+    assert revoked["revokedAt"] is not None
+    assert len(await _audit_rows(conn, "admin_token.revoke")) == 1
+    code, again = await run_cli(env, "admin", "revoke-token", str(doc["id"]))
+    assert code == 1
+    assert "revoked" in again["error"]
+
+
+async def test_admin_create_token_refuses_unknown_role(database_url):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "creditgate.cli",
+        "admin",
+        "create-token",
+        "--role",
+        "root",
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await process.communicate()
+    assert process.returncode == 2
+
+
+async def test_mutating_commands_write_one_cli_audit_row_each(cli_env, conn):
+    account = (await _create_account(cli_env, "5"))["id"]
+    _, key = await run_cli(cli_env, "keys", "create", "--account", str(account))
+    await run_cli(cli_env, "keys", "revoke", str(key["id"]))
+    await run_cli(cli_env, "keys", "revoke", str(key["id"]))  # no change: no row
+    grant = ["credits", "grant", "--account", str(account), "--credits", "1", "--reason", "r"]
+    _, granted = await run_cli(cli_env, *grant, "--idempotency-key", "once")
+    await run_cli(cli_env, *grant, "--idempotency-key", "once")  # a repeat: no row
+    code, _ = await run_cli(
+        cli_env, "credits", "grant", "--account", str(account), "--credits", "-99", "--reason", "r"
+    )
+    assert code == 1  # refused: rolled back with no row
+
+    rows = await conn.fetch("SELECT * FROM audit_log ORDER BY id")
+    assert [(row["action"], row["target_id"]) for row in rows] == [
+        ("account.create", str(account)),
+        ("key.create", str(key["id"])),
+        ("key.revoke", str(key["id"])),
+        ("credits.grant", str(granted["entryId"])),
+    ]
+    assert {(row["actor_kind"], row["actor_name"]) for row in rows} == {("cli", "cli")}
+    key_row = rows[1]
+    assert key["key"] not in str(key_row["after"])
+
+
+async def test_accounts_create_with_taken_email_writes_no_audit_row(cli_env, conn):
+    email = f"{uuid.uuid4().hex}@example.com"
+    assert (await run_cli(cli_env, "accounts", "create", "--email", email))[0] == 0
+    code, _ = await run_cli(cli_env, "accounts", "create", "--email", email, "--credits", "1")
+    assert code == 1
+    assert len(await _audit_rows(conn, "account.create")) == 1
