@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from admin_api import audit_log, tokens
+from admin_api import accounts, audit_log, keys, ledger_usage, tokens
 from admin_api.framework import AdminRouter, install
 from admin_api.openapi import add_openapi_route
 from admin_api.stripe_webhook import add_webhook_routes
@@ -23,6 +23,9 @@ from runtime.settings import Settings
 ROUTERS: tuple[AdminRouter, ...] = (
     tokens.router,
     audit_log.router,
+    accounts.router,
+    keys.router,
+    ledger_usage.router,
 )
 
 

@@ -24,9 +24,12 @@ from pydantic import ValidationError
 from billing.admin_tokens import AdminTokenNotFoundError, AdminTokenRevokedError
 from billing.errors import (
     AccountNotFoundError,
+    ApiKeyNotFoundError,
     BillingError,
     DeadLetterNotFoundError,
+    DuplicateAccountError,
     NegativeBalanceError,
+    NoShortfallError,
 )
 from runtime.errors import GatewayError, error_response
 
@@ -101,6 +104,9 @@ BILLING_ANSWERS: dict[type[BillingError], type[AdminError]] = {
     DeadLetterNotFoundError: NotFound,
     AdminTokenRevokedError: Conflict,
     NegativeBalanceError: Unprocessable,
+    ApiKeyNotFoundError: NotFound,
+    DuplicateAccountError: Conflict,
+    NoShortfallError: Unprocessable,
 }
 
 #: The statuses an admin route may answer with an error (the OpenAPI document lists them).

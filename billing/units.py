@@ -50,3 +50,11 @@ def money_fields(prefix: str, amount_millicredits: int) -> dict[str, object]:
         f"{prefix}Credits": millicredits_to_credits(amount_millicredits),
         f"{prefix}Usd": millicredits_to_usd(amount_millicredits),
     }
+
+
+def credits_text(amount_millicredits: int) -> str:
+    """Millicredits as a decimal string of credits with exactly 3 decimals (2400 -> "2.400"),
+    the API's text for prices; exact, unlike ``millicredits_to_credits``."""
+    sign = "-" if amount_millicredits < 0 else ""
+    whole, frac = divmod(abs(amount_millicredits), MILLICREDITS_PER_CREDIT)
+    return f"{sign}{whole}.{frac:03d}"
