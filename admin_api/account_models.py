@@ -17,7 +17,7 @@ from pydantic import Field, StringConstraints
 from admin_api.framework import AdminModel
 from billing.api_keys import ApiKeyRecord
 from billing.ledger import LedgerEntry, UsageEvent
-from billing.spend_controls import SpendControls
+from billing.spend_controls import Limits
 from billing.units import credits_text, credits_to_millicredits, money_fields
 
 #: A non-negative amount of credits as a decimal string, up to 3 decimals and 10^12 credits
@@ -67,15 +67,15 @@ class ControlsIn(AdminModel):
             changes["allowed_models"] = None if models is None else list(models)
         return changes
 
-    def controls(self) -> SpendControls:
+    def controls(self) -> Limits:
         """The controls as given (absent: none)."""
         changes = self.control_changes(set(type(self).model_fields))
         models = changes["allowed_models"]
-        return SpendControls(
+        return Limits(
             daily_spend_cap_millicredits=changes["daily_spend_cap_millicredits"],
             monthly_spend_cap_millicredits=changes["monthly_spend_cap_millicredits"],
             max_request_millicredits=changes["max_request_millicredits"],
-            allowed_models=None if models is None else tuple(models),
+            allowed_models=None if models is None else frozenset(models),
         )
 
 
@@ -94,14 +94,14 @@ class ControlsOut(AdminModel):
     allowed_models: list[str] | None
 
 
-def controls_fields(controls: SpendControls) -> dict[str, Any]:
+def controls_fields(controls: Limits) -> dict[str, Any]:
     """The ``ControlsOut`` fields (camelCase) of stored controls."""
     models = controls.allowed_models
     return {
         **money("dailySpendCap", controls.daily_spend_cap_millicredits),
         **money("monthlySpendCap", controls.monthly_spend_cap_millicredits),
         **money("maxRequest", controls.max_request_millicredits),
-        "allowedModels": None if models is None else list(models),
+        "allowedModels": None if models is None else sorted(models),
     }
 
 

@@ -26,9 +26,9 @@ from billing.ledger import PostedBalance
 from billing.metering.holds import HoldStore
 from billing.spend_controls import (
     CONTROL_COLUMNS,
-    SpendControls,
-    controls_from_row,
-    controls_snapshot,
+    Limits,
+    limits_from_record,
+    limits_snapshot,
     update_columns,
 )
 from billing.units import money_fields
@@ -63,7 +63,7 @@ class Account:
     suspended_at: datetime | None
     suspension_reason: str | None
     posted: PostedBalance
-    controls: SpendControls
+    controls: Limits
 
 
 def _account(row: asyncpg.Record) -> Account:
@@ -78,7 +78,7 @@ def _account(row: asyncpg.Record) -> Account:
         posted=PostedBalance(
             row["balance_millicredits"], row["balance_version"], row["shortfall_millicredits"]
         ),
-        controls=controls_from_row(row),
+        controls=limits_from_record(row),
     )
 
 
@@ -92,7 +92,7 @@ def account_snapshot(account: Account) -> dict[str, Any]:
         "suspension_reason": account.suspension_reason,
         "balance_millicredits": account.posted.balance_millicredits,
         "shortfall_millicredits": account.posted.shortfall_millicredits,
-        **controls_snapshot(account.controls),
+        **limits_snapshot(account.controls),
     }
 
 

@@ -12,7 +12,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -23,10 +23,11 @@ from billing.control import ControlKind, notify_control
 from billing.errors import AccountNotFoundError, ApiKeyNotFoundError
 from billing.spend_controls import (
     CONTROL_COLUMNS,
-    NO_CONTROLS,
+    Limits,
     SpendControls,
-    controls_from_row,
-    controls_snapshot,
+    limits_from_record,
+    limits_from_row,
+    limits_snapshot,
     update_columns,
 )
 
@@ -86,7 +87,7 @@ class ApiKeyRecord:
     created_at: datetime
     revoked_at: datetime | None
     expires_at: datetime | None
-    controls: SpendControls = NO_CONTROLS
+    controls: Limits = field(default_factory=Limits)
     requests_per_minute: int | None = None
     last_used_at: datetime | None = None
 
@@ -121,7 +122,7 @@ def _record(row: asyncpg.Record) -> ApiKeyRecord:
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
         expires_at=row["expires_at"],
-        controls=controls_from_row(row),
+        controls=limits_from_record(row),
         requests_per_minute=row["requests_per_minute"],
         last_used_at=row.get("last_used_at"),
     )
@@ -138,7 +139,7 @@ def key_snapshot(record: ApiKeyRecord) -> dict[str, Any]:
         "revoked_at": record.revoked_at,
         "expires_at": record.expires_at,
         "requests_per_minute": record.requests_per_minute,
-        **controls_snapshot(record.controls),
+        **limits_snapshot(record.controls),
     }
 
 
@@ -169,7 +170,7 @@ async def create_api_key(
     *,
     name: str = "",
     expires_at: datetime | None = None,
-    controls: SpendControls = NO_CONTROLS,
+    controls: Limits | None = None,
     requests_per_minute: int | None = None,
 ) -> tuple[str, ApiKeyRecord]:
     """Create a key for an account; returns ``(key, record)``. The key is not kept anywhere.
@@ -178,6 +179,7 @@ async def create_api_key(
         asyncpg.ForeignKeyViolationError: no such account.
     """
     key = generate_key()
+    controls = controls or Limits()
     models = controls.allowed_models
     row = await conn.fetchrow(
         f"""INSERT INTO api_keys (account_id, key_digest, key_prefix, name, expires_at,
@@ -192,7 +194,7 @@ async def create_api_key(
         controls.daily_spend_cap_millicredits,
         controls.monthly_spend_cap_millicredits,
         controls.max_request_millicredits,
-        None if models is None else list(models),
+        None if models is None else sorted(models),
         requests_per_minute,
     )
     return key, _record(row)
@@ -206,10 +208,23 @@ async def revoke_api_key(conn: asyncpg.Connection, key_id: int) -> bool:
     return status.endswith(" 1")
 
 
-async def find_active_key(
-    conn: asyncpg.Connection | asyncpg.Pool, key: str
-) -> tuple[int, int] | None:
-    """``(api_key_id, account_id)`` of an active key (not revoked, not expired), else None.
+@dataclass(frozen=True, slots=True)
+class ActiveKey:
+    """An active key's identity and what the gateway enforces for it.
+
+    Attributes:
+        controls: the key's and its account's spend controls and the account's suspension;
+            None when nothing is set (``SpendControls.of``).
+    """
+
+    api_key_id: int
+    account_id: int
+    controls: SpendControls | None
+
+
+async def find_active_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> ActiveKey | None:
+    """The active key (not revoked, not expired) with its account's status and both holders'
+    spend controls, in one query; None for any other key.
 
     ``key`` is untrusted (a client's header): anything not key-shaped is None, unqueried.
 
@@ -219,12 +234,25 @@ async def find_active_key(
     if not is_key_shaped(key):
         return None
     row = await conn.fetchrow(
-        """SELECT id, account_id FROM api_keys
-           WHERE key_digest = $1 AND revoked_at IS NULL
-             AND (expires_at IS NULL OR expires_at > now())""",
+        """SELECT k.id, k.account_id, a.status,
+                  k.daily_spend_cap_millicredits, k.monthly_spend_cap_millicredits,
+                  k.max_request_millicredits, k.allowed_models, k.requests_per_minute,
+                  a.daily_spend_cap_millicredits, a.monthly_spend_cap_millicredits,
+                  a.max_request_millicredits, a.allowed_models
+           FROM api_keys k JOIN accounts a ON a.id = k.account_id
+           WHERE k.key_digest = $1 AND k.revoked_at IS NULL
+             AND (k.expires_at IS NULL OR k.expires_at > now())""",
         key_digest(key),
     )
-    return (row[0], row[1]) if row is not None else None
+    if row is None:
+        return None
+    controls = SpendControls.of(
+        account_suspended=row[2] == "suspended",
+        key=limits_from_row(row[3], row[4], row[5], row[6]),
+        account=limits_from_row(row[8], row[9], row[10], row[11]),
+        requests_per_minute=row[7],
+    )
+    return ActiveKey(row[0], row[1], controls)
 
 
 async def get_api_key(
@@ -279,7 +307,7 @@ async def issue_api_key(
     *,
     name: str = "",
     expires_at: datetime | None = None,
-    controls: SpendControls = NO_CONTROLS,
+    controls: Limits | None = None,
     requests_per_minute: int | None = None,
 ) -> tuple[str, ApiKeyRecord]:
     """``create_api_key`` with its audit row (``key.create``) and control event, in one

@@ -156,3 +156,74 @@ class NoShortfallError(BillingError):
     def __init__(self, account_id: int) -> None:
         super().__init__(f"account {account_id} has no outstanding shortfall")
         self.account_id = account_id
+
+
+class AccountDeactivatedError(BillingError):
+    """An operator suspended the account: every billed request of its keys is refused
+    (HTTP 403 ``account_deactivated``), nothing held or forwarded."""
+
+    def __init__(self, account_id: int) -> None:
+        super().__init__(f"account {account_id} is suspended")
+        self.account_id = account_id
+
+
+class ModelNotAllowedError(BillingError):
+    """The model is not in the key's or the account's allow list (HTTP 403
+    ``model_not_allowed``); nothing held or forwarded.
+
+    Attributes:
+        holder: ``key`` or ``account``: whose list refused it.
+    """
+
+    def __init__(self, model: str, *, holder: str) -> None:
+        super().__init__(f"The model `{model}` is not in this {holder}'s allowed models.")
+        self.model = model
+        self.holder = holder
+
+
+class SpendCapExceededError(BillingError):
+    """The request would pass a spend cap (HTTP 402 ``spend_cap_exceeded``); nothing held
+    or forwarded.
+
+    Attributes:
+        cap: a ``billing.spend_controls.SpendCap`` value (``key_daily``, ...).
+        cap_millicredits: the cap.
+        spent_millicredits: the window's spend so far (holds and charges); 0 for a
+            per-request cap.
+        required_millicredits: the request's hold.
+        resets_at_ms: when the window ends (Unix ms); None for a per-request cap.
+    """
+
+    def __init__(
+        self,
+        *,
+        cap: str,
+        cap_millicredits: int,
+        spent_millicredits: int,
+        required_millicredits: int,
+        resets_at_ms: int | None,
+    ) -> None:
+        super().__init__(
+            f"{cap} spend cap of {cap_millicredits} mc would be exceeded "
+            f"(spent {spent_millicredits} mc, required {required_millicredits} mc)"
+        )
+        self.cap = cap
+        self.cap_millicredits = cap_millicredits
+        self.spent_millicredits = spent_millicredits
+        self.required_millicredits = required_millicredits
+        self.resets_at_ms = resets_at_ms
+
+
+class RateLimitedError(BillingError):
+    """The key made its ``requests_per_minute`` requests in the last 60 s (HTTP 429
+    ``rate_limit_exceeded`` with ``Retry-After``).
+
+    Attributes:
+        limit: the key's requests per minute.
+        retry_after_ms: when the oldest counted request leaves the window.
+    """
+
+    def __init__(self, *, limit: int, retry_after_ms: int) -> None:
+        super().__init__(f"rate limit of {limit} requests per minute reached")
+        self.limit = limit
+        self.retry_after_ms = retry_after_ms

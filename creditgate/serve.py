@@ -8,12 +8,14 @@ import gc
 import logging
 import signal
 from collections.abc import Iterator, Mapping
+from functools import partial
 
 from aiohttp import web
 
 from admin_api.app import create_admin_app
 from gateway import appkeys as gateway_keys
 from gateway.app import create_app
+from runtime import appkeys
 from runtime.http_protocol import EdgeAppRunner, EdgeServer, edge_runner, ensure_descriptor_budget
 from runtime.metrics import (
     CounterReading,
@@ -67,7 +69,18 @@ def process_counters(gateway: web.Application) -> list[CounterReading]:
             "settlement_dead_letters (creditgate outbox dead-letters).",
             lambda: poster.dead_lettered,
         ),
+        CounterReading(
+            "creditgate_rate_limit_failed_open",
+            "Requests of keys with a requests-per-minute limit let through unchecked: Redis "
+            "could not be asked.",
+            partial(_rate_limit_failed_open, gateway),
+        ),
     ]
+
+
+def _rate_limit_failed_open(gateway: web.Application) -> int:
+    limiter = gateway.get(appkeys.RATE_LIMITER)
+    return 0 if limiter is None else limiter.failed_open
 
 
 def edge_readings(runners: Mapping[str, EdgeAppRunner]) -> list[LabelledReading]:

@@ -2,7 +2,10 @@
 
 Keys are looked up in Postgres by SHA-256 digest. Results (hits and misses) are cached for
 ``ttl_s`` seconds so the hot path needs no query per request; a revoked key therefore stops
-working within ``ttl_s`` (default 5 s) on every gateway process. Concurrent requests with a key
+working within ``ttl_s`` (default 5 s) on every gateway process, and so does a change of the
+account's status or of either's spend controls, which the identity carries (one query, a
+join: ``billing.api_keys.find_active_key``). A suspended account's keys are refused here
+(403). Concurrent requests with a key
 that is not cached (or whose entry just expired) share one lookup, so a busy key costs
 Postgres one query per ``ttl_s``, not one per request in flight.
 """
@@ -18,7 +21,8 @@ import asyncpg
 from aiohttp import web
 
 from billing.api_keys import find_active_key
-from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.errors import POSTGRES_UNAVAILABLE, AccountDeactivatedError, BillingUnavailableError
+from billing.spend_controls import SpendControls
 from runtime.errors import AuthenticationError
 
 _MISSING_MESSAGE = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
@@ -28,10 +32,12 @@ _MAX_CACHE_ENTRIES = 100_000
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is calling: the key's id and its account."""
+    """Who is calling: the key's id and its account, and what is enforced for them
+    (``controls``: None when nothing is, the usual case, which then costs nothing)."""
 
     api_key_id: int
     account_id: int
+    controls: SpendControls | None = None
 
 
 class KeyAuthenticator:
@@ -69,7 +75,7 @@ class KeyAuthenticator:
             found = await find_active_key(self._pool, key)
         except POSTGRES_UNAVAILABLE as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
-        identity = Identity(found[0], found[1]) if found else None
+        identity = Identity(found.api_key_id, found.account_id, found.controls) if found else None
         if len(self._cache) >= _MAX_CACHE_ENTRIES:
             self._cache.clear()
         self._cache[key] = (time.monotonic() + self._ttl_s, identity)
@@ -86,6 +92,7 @@ class KeyAuthenticator:
         Raises:
             AuthenticationError: no bearer key, or an unknown, revoked or expired one (401,
                 the same answer for all three).
+            AccountDeactivatedError: the key's account is suspended (403).
             BillingUnavailableError: Postgres unreachable (503).
         """
         header = request.headers.get("Authorization", "")
@@ -98,4 +105,6 @@ class KeyAuthenticator:
         identity = await self.identify(key)
         if identity is None:
             raise AuthenticationError(_INVALID_MESSAGE)
+        if identity.controls is not None and identity.controls.account_suspended:
+            raise AccountDeactivatedError(identity.account_id)
         return identity

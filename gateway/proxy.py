@@ -40,6 +40,7 @@ from billing.metering.outbox import SettlementRecord
 from billing.metering.pricing import RateCard, charge_millicredits, worst_case_millicredits
 from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import JSON_MAX_DEPTH
+from billing.spend_controls import check_max_request, check_model
 from gateway import appkeys as gateway_keys
 from gateway.auth import Identity
 from gateway.held_headers import write_whole_response
@@ -335,6 +336,11 @@ async def _prepare(
     any hold is placed (docs/design.md, "A request's life", step 2)."""
     app = request.app
     identity = await app[gateway_keys.AUTH].authenticate(request)
+    controls = identity.controls
+    if controls is not None and controls.requests_per_minute is not None:
+        await app[appkeys.RATE_LIMITER].admit(
+            identity.account_id, identity.api_key_id, controls.requests_per_minute
+        )
     raw = await request.read()
     body = _json_object(raw)
     model = body.get("model")
@@ -348,6 +354,8 @@ async def _prepare(
         raise ModelNotServedError(
             model, model_kind=card.model_kind.value, endpoint_path="/v1" + endpoint.path
         )
+    if controls is not None:
+        check_model(controls, model)
     stream = body.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequestError(f"{endpoint.name} does not stream.", param="stream")
@@ -357,7 +365,7 @@ async def _prepare(
     data, client_wants_usage = raw, False
     if stream and endpoint.include_usage:
         data, client_wants_usage = _stream_body(raw, body)
-    hold_millicredits = await _reserve(app, identity, card, estimate, request_id)
+    hold_millicredits = await _reserve(app, identity, card, estimate, request_id, started_ms)
     call = BilledCall(
         request,
         endpoint,
@@ -434,13 +442,20 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 
 async def _reserve(
-    app: web.Application, identity: Identity, card: RateCard, estimate: Estimate, request_id: str
+    app: web.Application,
+    identity: Identity,
+    card: RateCard,
+    estimate: Estimate,
+    request_id: str,
+    started_ms: int,
 ) -> int:
-    """Hold the request's worst-case cost; returns the millicredits held (0, and no hold,
-    when charging is off).
+    """Hold the request's worst-case cost within the spend caps of its key and account;
+    returns the millicredits held (0, and no hold, when charging is off).
 
     Raises:
         InsufficientCreditsError, AccountSuspendedError: the account cannot cover it (402).
+        SpendCapExceededError: the hold is above a maximum per request, or would pass a daily
+            or monthly cap (402); nothing held.
         BillingUnavailableError: Redis or Postgres unreachable (503).
     """
     settings = app[appkeys.SETTINGS]
@@ -452,11 +467,17 @@ async def _reserve(
         max_output_tokens=estimate.max_completion_tokens,
         rounding_mode=settings.rounding_mode,
     )
+    controls = identity.controls
+    if controls is not None:
+        check_max_request(controls, hold_millicredits)
     await app[appkeys.HOLDS].reserve(
         identity.account_id,
         hold_millicredits,
         request_id=request_id,
         ttl_s=settings.hold_deadline_s,
+        api_key_id=identity.api_key_id,
+        started_ms=started_ms,
+        window_caps=None if controls is None else controls.window_caps,
     )
     return hold_millicredits
 

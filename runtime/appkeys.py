@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from billing.metering.holds import HoldStore
+from billing.metering.rate_limit import RateLimiter
 from billing.purchases.stripe_client import StripeClient
 from billing.purchases.stripe_events import WebhookStats
 from runtime.settings import Settings
@@ -19,6 +20,7 @@ SETTINGS = web.AppKey("settings", Settings)
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
 HOLDS = web.AppKey("holds", HoldStore)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 # Set only when STRIPE_API_KEY is configured (``runtime.resources.stripe_ctx``).
 STRIPE = web.AppKey("stripe", StripeClient)
 STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", WebhookStats)

@@ -28,12 +28,17 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 
 from billing.errors import (
+    AccountDeactivatedError,
     AccountSuspendedError,
     BillingError,
     BillingUnavailableError,
     InsufficientCreditsError,
+    ModelNotAllowedError,
+    RateLimitedError,
+    SpendCapExceededError,
     UnknownModelError,
 )
+from billing.spend_controls import SpendCap, iso_utc
 from billing.units import millicredits_to_credits
 from runtime.redaction import redact
 from runtime.request_ids import new_request_id
@@ -225,6 +230,89 @@ def _account_suspended(
         extra={
             "shortfallMillicredits": str(exc.shortfall_millicredits),
             "buyCreditsUrl": buy_credits_url,
+        },
+    )
+
+
+@_answers(AccountDeactivatedError)
+def _account_deactivated(
+    exc: AccountDeactivatedError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    return error_response(
+        403,
+        "This account is suspended. Contact support to reactivate it.",
+        code="account_deactivated",
+    )
+
+
+@_answers(ModelNotAllowedError)
+def _model_not_allowed(
+    exc: ModelNotAllowedError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    return error_response(403, str(exc), param="model", code="model_not_allowed")
+
+
+_CAP_NAMES = {
+    "day": "daily spend cap",
+    "month": "monthly spend cap",
+    "request": "maximum charge per request",
+}
+
+
+@_answers(SpendCapExceededError)
+def _spend_cap_exceeded(
+    exc: SpendCapExceededError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    cap = SpendCap(exc.cap)
+    limit = millicredits_to_credits(exc.cap_millicredits)
+    resets_at = None if exc.resets_at_ms is None else iso_utc(exc.resets_at_ms)
+    if resets_at is None:
+        message = (
+            f"The {cap.holder}'s maximum charge per request of {limit:.3f} credits is below "
+            f"this request's worst case of "
+            f"{millicredits_to_credits(exc.required_millicredits):.3f} credits."
+        )
+    else:
+        message = (
+            f"The {cap.holder}'s {_CAP_NAMES[cap.window]} of {limit:.3f} credits would be "
+            f"exceeded; it resets at {resets_at}."
+        )
+    return error_response(
+        402,
+        message,
+        error_type="insufficient_quota",
+        code="spend_cap_exceeded",
+        extra={
+            "cap": cap.value,
+            "window": cap.window,
+            "resetsAt": resets_at,
+            "capCredits": limit,
+            "spentCredits": millicredits_to_credits(exc.spent_millicredits),
+            "requiredCredits": millicredits_to_credits(exc.required_millicredits),
+            "capMillicredits": str(exc.cap_millicredits),
+            "spentMillicredits": str(exc.spent_millicredits),
+            "requiredMillicredits": str(exc.required_millicredits),
+        },
+        extra_at_top_level=True,
+    )
+
+
+@_answers(RateLimitedError)
+def _rate_limited(
+    exc: RateLimitedError, request: web.Request, buy_credits_url: str
+) -> web.Response:
+    retry_after_s = max(-(-exc.retry_after_ms // 1000), 1)
+    return error_response(
+        429,
+        f"Rate limit reached for requests per minute (RPM) on this API key: limit "
+        f"{exc.limit}, used {exc.limit}, requested 1. Please try again in {retry_after_s}s.",
+        error_type="requests",
+        code="rate_limit_exceeded",
+        headers={
+            "Retry-After": str(retry_after_s),
+            "x-ratelimit-limit-requests": str(exc.limit),
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": f"{retry_after_s}s",
         },
     )
 

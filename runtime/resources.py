@@ -1,7 +1,8 @@
 """Shared service resources opened and closed in an aiohttp ``cleanup_ctx``.
 
 Both the gateway and the admin service use them: a Postgres pool (``DB_POOL``) and a Redis
-client with the ``HoldStore`` scripts registered (``REDIS``, ``HOLDS``).
+client with the ``HoldStore`` scripts registered (``REDIS``, ``HOLDS``), and the per-key
+request rate limiter (``RATE_LIMITER``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import PostedBalance, posted_balance
 from billing.metering.holds import HoldStore
+from billing.metering.rate_limit import RateLimiter
 from billing.metering.script_channel import ScriptChannel
 from billing.purchases.stripe_client import StripeClient
+from billing.spend_controls import SpendWindows, window_spend
 from runtime import appkeys
 
 #: The hot path's script channel as ``CLIENT LIST`` names it.
@@ -134,6 +137,14 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
         except POSTGRES_UNAVAILABLE as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
 
+    async def load_spend(
+        account_id: int, api_key_id: int, windows: SpendWindows
+    ) -> tuple[int, int, int, int]:
+        try:
+            return await window_spend(pool, account_id, api_key_id, windows)
+        except POSTGRES_UNAVAILABLE as exc:
+            raise BillingUnavailableError(f"postgres: {exc}") from exc
+
     url = settings.redis_url
     channel = (
         ScriptChannel(url, timeout_s=settings.redis_socket_timeout_s, name=SCRIPT_CHANNEL_NAME)
@@ -141,7 +152,8 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
         else None
     )
     app[appkeys.REDIS] = client
-    app[appkeys.HOLDS] = HoldStore(client, load_balance, channel=channel)
+    app[appkeys.HOLDS] = HoldStore(client, load_balance, channel=channel, load_spend=load_spend)
+    app[appkeys.RATE_LIMITER] = RateLimiter(client)
     yield
     if channel is not None:
         await channel.close()

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from billing import ledger
-from billing.api_keys import find_active_key
+from billing.api_keys import ActiveKey, find_active_key
 from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
 from billing.metering.rate_cards import DEFAULT_RATES
 from creditgate.migrator import default_migrations_dir, discover, discover_functions
@@ -199,7 +199,7 @@ async def test_keys_create_prints_key_once_and_stores_only_its_digest(cli_env, c
     assert bytes(row["key_digest"]) == hashlib.sha256(key.encode()).digest()
     stored_text = " ".join(str(value) for value in row.values())
     assert key not in stored_text
-    assert await find_active_key(conn, key) == (doc["id"], account)
+    assert await find_active_key(conn, key) == ActiveKey(doc["id"], account, None)
 
 
 async def test_keys_revoke_deactivates_key_once(cli_env, conn):

@@ -4,7 +4,14 @@ Per account (one hash tag, so one Redis Cluster slot):
     ``cg:v1:{acct:N}:account``  hash ``bal`` (posted balance at ``ver``), ``ver``, ``held``
                                 (sum of open holds), ``pending`` (settled, not yet posted to
                                 Postgres), ``shortfall`` (outstanding; stops paid use)
-    ``cg:v1:{acct:N}:holds``    hash ``request_id -> "amount_mc:deadline_ms"``
+    ``cg:v1:{acct:N}:holds``    hash ``request_id -> hold value`` (below)
+    ``cg:v1:{acct:N}:spend:d:<YYYYMMDD>``, ``...:spend:m:<YYYYMM>``  hashes ``a`` (the
+                                account's spend in that UTC day / month) and ``k:<key_id>``
+                                (a key's), in mc: the holds of requests that started in the
+                                window plus the charges of those settled. Created only from
+                                Postgres (``load_spend.lua``), when a cap needs one that is
+                                missing; from then on every hold of the account counts in
+                                them. They expire a day after their window ends.
     ``cg:v1:{acct:N}:settled:R`` string ``"charged_mc:hold_mc:entry_id"``: request R was
                                 settled (a repeat answers this); expires after
                                 ``settled_marker_ttl_s``
@@ -12,8 +19,19 @@ Global:
     ``cg:v1:hold_deadlines``    zset of ``"N|request_id"`` by deadline, for the sweeper
     ``cg:v1:settlements``       the settlement outbox stream (see ``billing.metering.posting``)
 
+A hold's value: ``"amount_mc:deadline_ms:day:month:key_id:counted"``: ``day``
+(``20261203``) and ``month`` (``202612``) are the UTC windows its request started in,
+``key_id`` its API key (0: none), ``counted`` four ``0``/``1`` flags, whether the amount was
+added to the day's account field, the day's key field, the month's account field, the month's
+key field (those that existed then). Void and expiry take the amount off what it counted;
+settle moves those by ``charged - amount`` and adds the charge to fields loaded since. One
+reader and writer in Lua, ``lua/hold_value.lua`` (prepended to the scripts that use it), one
+in Python, ``parse_hold_value``. The older ``"amount_mc:deadline_ms"`` is read as counting
+nothing.
+
 ``available = bal - held - pending``; a hold is placed only when ``available >= amount``,
-so no balance can go below zero. Source: two-phase transfers as in TigerBeetle
+so no balance can go below zero; and only when no spend cap of the key or the account would
+be passed (``billing.spend_controls``). Source: two-phase transfers as in TigerBeetle
 (pending -> post | void | expire).
 """
 
@@ -36,9 +54,11 @@ from billing.errors import (
     AccountSuspendedError,
     BillingUnavailableError,
     InsufficientCreditsError,
+    SpendCapExceededError,
 )
 from billing.ledger import PostedBalance
 from billing.metering.script_channel import ScriptChannel
+from billing.spend_controls import COUNTER_CAPS, SpendWindows, WindowCaps, spend_windows
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +87,55 @@ def settled_key(account_id: int, request_id: str) -> str:
 #: Longer than the rescue goes on sending a settle to Redis (``rescue.POST_AFTER_S``, then
 #: it posts to Postgres), with room for its retry waits; one key per settlement lives this long.
 SETTLED_MARKER_TTL_S = 120.0
+
+
+def spend_key(account_id: int, window: str, window_id: str) -> str:
+    """Redis key of an account's spend counters of one window: ``window`` is ``d`` (a UTC
+    day, ``window_id`` ``20261203``) or ``m`` (a month, ``202612``)."""
+    return f"{KEY_PREFIX}:{{acct:{account_id}}}:spend:{window}:{window_id}"
+
+
+#: How long a window's spend counters outlive it: a request settles in the window it started
+#: in, up to its hold's deadline (and the rescue's retries) later.
+SPEND_COUNTER_GRACE_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class HoldValue:
+    """A hold as the holds hash stores it (see the module docstring).
+
+    Attributes:
+        counted: which spend counter fields counted the amount: (day account, day key,
+            month account, month key); all False for the older form.
+    """
+
+    amount_millicredits: int
+    deadline_ms: int
+    day_id: str | None = None
+    month_id: str | None = None
+    api_key_id: int | None = None
+    counted: tuple[bool, bool, bool, bool] = (False, False, False, False)
+
+
+def parse_hold_value(value: str) -> HoldValue:
+    """Read a holds hash value (as ``lua/hold_value.lua``'s ``hold_parse``).
+
+    Raises:
+        ValueError: not a hold value.
+    """
+    parts = value.split(":")
+    if len(parts) == 2:
+        return HoldValue(int(parts[0]), int(parts[1]))
+    amount, deadline, day, month, key, counted = parts
+    flags = tuple(c == "1" for c in counted)
+    if len(flags) != 4 or not set(counted) <= {"0", "1"}:
+        raise ValueError(f"not a hold value: {value!r}")
+    return HoldValue(int(amount), int(deadline), day, month, int(key), flags)
+
+
+SpendLoader = Callable[[int, int, SpendWindows], Awaitable[tuple[int, int, int, int]]]
+"""``(account_id, api_key_id, windows) -> sums`` of posted charges in the windows, in
+``COUNTER_CAPS`` order (``billing.spend_controls.window_spend``)."""
 
 
 def _member(account_id: int, request_id: str) -> str:
@@ -113,6 +182,12 @@ BalanceLoader = Callable[[int], Awaitable[PostedBalance]]
 def load_script(name: str) -> str:
     """The text of ``billing/metering/lua/<name>`` (a script shipped as package data)."""
     return resources.files("billing.metering").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def load_hold_script(name: str) -> str:
+    """``load_script(name)`` after ``hold_value.lua``, the one reader and writer of a hold's
+    value in Lua (the scripts that read holds call its functions)."""
+    return load_script("hold_value.lua") + load_script(name)
 
 
 class PendingSettlement:
@@ -185,6 +260,30 @@ class PendingSettlement:
         retry.add_done_callback(partial(_retried, report))
 
 
+def _refusal(
+    result: Any, account_id: int, amount_millicredits: int, windows: SpendWindows
+) -> Exception:
+    """The error for a refusing answer of ``reserve.lua``."""
+    status = result[0]
+    if status == "INSUFFICIENT":
+        return InsufficientCreditsError(
+            required_millicredits=amount_millicredits,
+            available_millicredits=max(int(result[1]), 0),
+        )
+    if status == "SUSPENDED":
+        return AccountSuspendedError(account_id=account_id, shortfall_millicredits=int(result[1]))
+    if status == "CAP":
+        cap = COUNTER_CAPS[int(result[1]) - 1]
+        return SpendCapExceededError(
+            cap=cap,
+            cap_millicredits=int(result[2]),
+            spent_millicredits=int(result[3]),
+            required_millicredits=amount_millicredits,
+            resets_at_ms=windows.resets_at_ms(cap),
+        )
+    return BillingUnavailableError(f"reserve: unexpected answer {result!r}")
+
+
 # NOSCRIPT retries of settlements whose replies were read in the background (strong refs).
 _RETRIES: set[asyncio.Future[Any]] = set()
 
@@ -209,6 +308,7 @@ class HoldStore:
         *,
         channel: ScriptChannel | None = None,
         settled_marker_ttl_s: float = SETTLED_MARKER_TTL_S,
+        load_spend: SpendLoader | None = None,
     ) -> None:
         """Register the scripts (once, at start-up).
 
@@ -220,17 +320,22 @@ class HoldStore:
                 (the gateway passes one; other callers use ``redis``).
             settled_marker_ttl_s: how long a repeat of a settle is recognised (see
                 ``settle.lua``).
+            load_spend: reads a window's posted spend from Postgres, for a spend cap whose
+                counters Redis has not got (``billing.spend_controls.window_spend``); without
+                it a capped reserve fails closed (``BillingUnavailableError``).
         """
         self._redis = redis
         self._settled_marker_ttl_ms = int(settled_marker_ttl_s * 1000)
         self._channel = channel
         self._load_balance = load_balance
-        self._reserve = redis.register_script(load_script("reserve.lua"))
-        self._settle = redis.register_script(load_script("settle.lua"))
+        self._load_spend = load_spend
+        self._reserve = redis.register_script(load_hold_script("reserve.lua"))
+        self._settle = redis.register_script(load_hold_script("settle.lua"))
         if channel is not None:
             channel.preload(str(self._reserve.script))
             channel.preload(str(self._settle.script))
-        self._void = redis.register_script(load_script("void.lua"))
+        self._void = redis.register_script(load_hold_script("void.lua"))
+        self._load_spend_script = redis.register_script(load_script("load_spend.lua"))
         self._apply_balance = redis.register_script(load_script("apply_balance.lua"))
         self._ack_posted = redis.register_script(load_script("ack_posted.lua"))
         if channel is not None:
@@ -264,14 +369,26 @@ class HoldStore:
         return self._redis
 
     async def reserve(
-        self, account_id: int, amount_millicredits: int, *, request_id: str, ttl_s: float = 900
+        self,
+        account_id: int,
+        amount_millicredits: int,
+        *,
+        request_id: str,
+        ttl_s: float = 900,
+        api_key_id: int = 0,
+        started_ms: int | None = None,
+        window_caps: WindowCaps | None = None,
     ) -> int:
-        """Place a hold on an account's available balance.
+        """Place a hold on an account's available balance, within its spend caps.
 
         Args:
             amount_millicredits: upper-bound cost of the request; >= 0.
             request_id: idempotency key; a repeat keeps the existing hold.
             ttl_s: seconds until an unsettled hold is voided by the sweeper.
+            api_key_id: the request's key (its spend counter field); 0: none.
+            started_ms: when the request started (Unix ms; default now): its spend windows.
+            window_caps: the day and month caps that apply (``SpendControls.window_caps``);
+                None: none (the hold still counts in the counters that exist).
 
         Returns:
             The available balance after the hold, in millicredits.
@@ -279,17 +396,30 @@ class HoldStore:
         Raises:
             InsufficientCreditsError: available < amount (the gateway answers 402).
             AccountSuspendedError: the account has an outstanding shortfall (402).
+            SpendCapExceededError: a cap would be passed (402); nothing written.
             BillingUnavailableError: Redis or Postgres unreachable (503).
         """
         now_ms = int(time.time() * 1000)
-        keys = [account_key(account_id), holds_key(account_id), DEADLINES_KEY]
-        args = [
+        windows = spend_windows(now_ms if started_ms is None else started_ms)
+        keys = [
+            account_key(account_id),
+            holds_key(account_id),
+            DEADLINES_KEY,
+            spend_key(account_id, "d", windows.day_id),
+            spend_key(account_id, "m", windows.month_id),
+        ]
+        args: list[Any] = [
             request_id,
             amount_millicredits,
             now_ms + int(ttl_s * 1000),
             _member(account_id, request_id),
             now_ms,
+            windows.day_id,
+            windows.month_id,
+            api_key_id,
         ]
+        if window_caps is not None:
+            args.extend("" if cap is None else cap for cap in window_caps)
         try:
             try:
                 result = await self._call(self._reserve, keys, args)
@@ -298,21 +428,37 @@ class HoldStore:
             if result[0] == "LOAD":
                 await self._load_into_redis(account_id)
                 result = await self._run(self._reserve, keys, args)
+            if result[0] == "LOAD_SPEND":
+                await self._load_spend_into_redis(account_id, api_key_id, windows, keys[3:])
+                result = await self._run(self._reserve, keys, args)
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
         status = result[0]
         if status == "OK":
             return int(result[1])
-        if status == "INSUFFICIENT":
-            raise InsufficientCreditsError(
-                required_millicredits=amount_millicredits,
-                available_millicredits=max(int(result[1]), 0),
-            )
-        if status == "SUSPENDED":
-            raise AccountSuspendedError(
-                account_id=account_id, shortfall_millicredits=int(result[1])
-            )
-        raise BillingUnavailableError(f"reserve: unexpected answer {result!r}")
+        raise _refusal(result, account_id, amount_millicredits, windows)
+
+    async def _load_spend_into_redis(
+        self, account_id: int, api_key_id: int, windows: SpendWindows, keys: list[str]
+    ) -> None:
+        """Create the missing spend counter fields of the windows from Postgres.
+
+        Raises:
+            RedisError: Redis unreachable.
+            BillingUnavailableError: Postgres unreachable, or no loader.
+        """
+        if self._load_spend is None:
+            raise BillingUnavailableError("spend counters missing and no loader")
+        sums = await self._load_spend(account_id, api_key_id, windows)
+        await self._load_spend_script(
+            keys,
+            [
+                f"k:{api_key_id}",
+                *sums,
+                windows.day_reset_ms + SPEND_COUNTER_GRACE_MS,
+                windows.month_reset_ms + SPEND_COUNTER_GRACE_MS,
+            ],
+        )
 
     async def refuse_uncovered(self, account_id: int, amount_millicredits: int) -> None:
         """Raise what ``reserve`` would for a request that costs at least

@@ -25,6 +25,7 @@ from billing.metering.holds import (
     HoldStore,
     PostedBalance,
     holds_key,
+    parse_hold_value,
 )
 from billing.metering.outbox import STREAM_FIELDS, SettlementRecord
 from devtools.localservices import free_port
@@ -42,7 +43,7 @@ async def _settle(holds: HoldStore, account_id: int, request_id: str, cost: int)
 
 async def _open_holds(holds: HoldStore, account_id: int) -> dict[str, int]:
     raw = await holds.redis.hgetall(holds_key(account_id))
-    return {request_id: int(value.split(":")[0]) for request_id, value in raw.items()}
+    return {rid: parse_hold_value(value).amount_millicredits for rid, value in raw.items()}
 
 
 # -- reserve ------------------------------------------------------------------------------

@@ -37,7 +37,14 @@ from hypothesis.stateful import (
 
 from billing import ledger
 from billing.errors import AccountSuspendedError, InsufficientCreditsError
-from billing.metering.holds import OUTBOX_STREAM_KEY, AccountHolds, HoldStore, Settled, holds_key
+from billing.metering.holds import (
+    OUTBOX_STREAM_KEY,
+    AccountHolds,
+    HoldStore,
+    Settled,
+    holds_key,
+    parse_hold_value,
+)
 from billing.metering.posting import GROUP, SettlementPoster
 from tests.billing.money import money_totals, raw_entries, usage_payload
 
@@ -388,7 +395,7 @@ class MoneyMachine(RuleBasedStateMachine):
         for account_id in self.accounts:
             state = self._state(account_id)
             raw = self._run(self.redis.hgetall(holds_key(account_id)))
-            holds = {rid: int(value.split(":")[0]) for rid, value in raw.items()}
+            holds = {rid: parse_hold_value(v).amount_millicredits for rid, v in raw.items()}
             expected = {
                 rid: hold.amount_millicredits
                 for rid, hold in self.open.items()

@@ -20,7 +20,13 @@ import asyncio
 import time
 from typing import Any
 
-from billing.metering.holds import DEADLINES_KEY, OUTBOX_STREAM_KEY, account_key, holds_key
+from billing.metering.holds import (
+    DEADLINES_KEY,
+    OUTBOX_STREAM_KEY,
+    account_key,
+    holds_key,
+    parse_hold_value,
+)
 from billing.metering.pricing import charge_millicredits
 from tests.faults.stack import FaultStack
 from tests.faults.traffic import MAX_TOKENS, Completed, Traffic
@@ -102,7 +108,7 @@ async def _redis_problems(stack: FaultStack) -> list[str]:
         stale = [
             rid
             for rid, value in holds.items()
-            if int(value.rpartition(":")[2]) < now_ms - _OVERDUE_GRACE_MS
+            if parse_hold_value(value).deadline_ms < now_ms - _OVERDUE_GRACE_MS
         ]
         if stale:
             problems.append(f"account {account_id}: {len(stale)} hold(s) overdue, {stale[:3]}")

@@ -6,6 +6,7 @@
 -- ARGV: request_id, cost_mc, member, payload (a SettlementRecord, billing/metering/outbox.py),
 -- account_id, marker_ttl_ms
 -- Returns {charged_mc, hold_mc, stream_entry_id}.
+-- (hold_value.lua is prepended: hold_parse, hold_count_charge.)
 -- The stream entry's field names are billing.metering.outbox.STREAM_FIELDS (record, charged,
 -- account; tests/billing/test_outbox.py reads them here).
 --
@@ -30,9 +31,10 @@ if done then
   return {tonumber(c), tonumber(held), id}
 end
 local hold = 0
-local h = redis.call('HGET', KEYS[2], ARGV[1])
+local v = redis.call('HGET', KEYS[2], ARGV[1])
+local h = v and hold_parse(v)
 if h then
-  hold = tonumber(string.match(h, '^(%d+)'))
+  hold = h.amount
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[3])
   -- Lua's -0 reaches Redis as "-0", which HINCRBY rejects: skip the no-op for a 0 mc hold.
@@ -53,6 +55,11 @@ if h and charged > hold then
 end
 if charged > 0 then
   redis.call('HINCRBY', KEYS[1], 'pending', charged)
+end
+if h then
+  -- The spend counters of the window the request started in move from its hold to its charge.
+  -- (A hold the sweeper voided was taken off them then; its late charge is not counted.)
+  hold_count_charge(KEYS[1], h, charged)
 end
 local id = redis.call('XADD', KEYS[4], '*', 'p', ARGV[4], 'c', charged, 'a', ARGV[5])
 redis.call('SET', KEYS[5], charged .. ':' .. hold .. ':' .. id, 'PX', ARGV[6])
