@@ -38,7 +38,7 @@ from admin_api.models import Id, ShortText
 from billing import accounts, api_keys, ledger
 from billing.accounts import Account
 from billing.adjustments import AdjustmentRequest, forgive_shortfall, post_adjustment
-from billing.errors import IdempotencyKeyReusedError, NegativeBalanceError
+from billing.errors import IdempotencyKeyReusedError, NegativeBalanceError, NoShortfallError
 from billing.purchases.fulfilment import publish_balance
 from billing.units import credits_to_millicredits, money_fields
 
@@ -326,9 +326,14 @@ async def update_account(ctx: AdminContext) -> AccountOut:
     summary="Forgive an account's outstanding shortfall (422 when there is none)",
 )
 async def forgive_account_shortfall(ctx: AdminContext) -> ForgivenOut:
-    async with ctx.pool.acquire() as conn:
-        forgiven = await forgive_shortfall(conn, ctx.actor, ctx.params.id, reason=ctx.body.reason)
-        account = await accounts.get_account(conn, ctx.params.id)
+    try:
+        async with ctx.pool.acquire() as conn:
+            forgiven = await forgive_shortfall(
+                conn, ctx.actor, ctx.params.id, reason=ctx.body.reason
+            )
+            account = await accounts.get_account(conn, ctx.params.id)
+    except NoShortfallError as exc:
+        raise Unprocessable(str(exc), code="no_shortfall") from None
     await publish_balance(ctx.holds, account.id, forgiven.posted)
     return ForgivenOut.model_validate(
         {

@@ -210,4 +210,5 @@ async def test_forgive_shortfall_clears_it_in_postgres_and_redis(admin_api: Admi
     assert (state.shortfall_millicredits, state.version) == (0, posted.version)
     response, again = await admin_api.call("POST", path, json={"reason": "twice"})
     assert response.status == 422, again
+    assert again["error"]["code"] == "no_shortfall"
     assert len(await _audit(admin_api, "account.forgive_shortfall")) == 1
