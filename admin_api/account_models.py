@@ -105,8 +105,8 @@ def controls_fields(controls: Limits) -> dict[str, Any]:
     }
 
 
-class KeyOut(ControlsOut):
-    """An API key as listed (never the key itself)."""
+class _KeyFields(AdminModel):
+    """A key's own fields (before its controls in the JSON)."""
 
     id: int
     account_id: int
@@ -117,6 +117,10 @@ class KeyOut(ControlsOut):
     expires_at: datetime | None
     revoked_at: datetime | None
     requests_per_minute: int | None
+
+
+class KeyOut(ControlsOut, _KeyFields):
+    """An API key as listed (never the key itself)."""
 
     @classmethod
     def of(cls, record: ApiKeyRecord) -> KeyOut:

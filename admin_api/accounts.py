@@ -53,8 +53,8 @@ Email = Annotated[
 RECENT_ACTIVITY_ROWS = 10
 
 
-class AccountOut(ControlsOut):
-    """An account: its posted balance and shortfall, status and spend controls."""
+class _AccountFields(AdminModel):
+    """An account's own fields (before its controls in the JSON)."""
 
     id: int
     email: str
@@ -69,6 +69,10 @@ class AccountOut(ControlsOut):
     shortfall_millicredits: str = Field(description="Owed; > 0 stops paid use.")
     shortfall_credits: float
     shortfall_usd: float
+
+
+class AccountOut(ControlsOut, _AccountFields):
+    """An account: its posted balance and shortfall, status and spend controls."""
 
     @classmethod
     def fields_of(cls, account: Account) -> dict[str, Any]:
