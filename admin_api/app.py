@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from admin_api import audit_log, flags, packages, rate_cards, tokens
+from admin_api import accounts, audit_log, flags, keys, ledger_usage, packages, rate_cards, tokens
 from admin_api.framework import AdminRouter, install
 from admin_api.openapi import add_openapi_route
 from admin_api.stripe_webhook import add_webhook_routes
@@ -26,6 +26,9 @@ ROUTERS: tuple[AdminRouter, ...] = (
     flags.router,
     rate_cards.router,
     packages.router,
+    accounts.router,
+    keys.router,
+    ledger_usage.router,
 )
 
 

@@ -24,9 +24,12 @@ from pydantic import ValidationError
 from billing.admin_tokens import AdminTokenNotFoundError, AdminTokenRevokedError
 from billing.errors import (
     AccountNotFoundError,
+    ApiKeyNotFoundError,
     BillingError,
     DeadLetterNotFoundError,
+    DuplicateAccountError,
     NegativeBalanceError,
+    NoShortfallError,
 )
 from billing.live_flags import UnknownFlagError
 from billing.metering.rate_cards import DuplicateRateCardError, RateCardError
@@ -109,6 +112,9 @@ BILLING_ANSWERS: dict[type[BillingError], type[AdminError]] = {
     DuplicatePackageError: Conflict,
     DuplicateRateCardError: Conflict,
     RateCardError: Unprocessable,
+    ApiKeyNotFoundError: NotFound,
+    DuplicateAccountError: Conflict,
+    NoShortfallError: Unprocessable,
 }
 
 #: The statuses an admin route may answer with an error (the OpenAPI document lists them).

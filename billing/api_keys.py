@@ -11,12 +11,25 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Final
 
 import asyncpg
 
-from billing.spend_controls import SpendControls, limits_from_row
+from billing.audit import Actor, record_audit
+from billing.control import ControlKind, notify_control
+from billing.errors import AccountNotFoundError, ApiKeyNotFoundError
+from billing.spend_controls import (
+    CONTROL_COLUMNS,
+    Limits,
+    SpendControls,
+    limits_from_record,
+    limits_from_row,
+    limits_snapshot,
+    update_columns,
+)
 
 KEY_PREFIX = "cg_live_"
 
@@ -58,7 +71,14 @@ VISIBLE_PREFIX_CHARS = KEY_FORMAT.visible_chars  # 12
 
 @dataclass(frozen=True, slots=True)
 class ApiKeyRecord:
-    """A stored key (never the key itself)."""
+    """A stored key (never the key itself).
+
+    Attributes:
+        controls: the key's own spend controls (the account's apply too).
+        requests_per_minute: the key's rate limit; None for none.
+        last_used_at: when its newest usage event finished; None if never used (filled by
+            ``get_api_key`` and ``list_api_keys`` only).
+    """
 
     id: int
     account_id: int
@@ -67,6 +87,60 @@ class ApiKeyRecord:
     created_at: datetime
     revoked_at: datetime | None
     expires_at: datetime | None
+    controls: Limits = field(default_factory=Limits)
+    requests_per_minute: int | None = None
+    last_used_at: datetime | None = None
+
+
+_RETURNING = (
+    "id, account_id, key_prefix, name, created_at, revoked_at, expires_at, "
+    + ", ".join(CONTROL_COLUMNS)
+    + ", requests_per_minute"
+)
+# Last used: the key's newest usage event, by id (usage_events_api_key_id_idx).
+_SELECT_KEY = (
+    "SELECT k.id, k.account_id, k.key_prefix, k.name, k.created_at, k.revoked_at, "
+    "k.expires_at, "
+    + ", ".join(f"k.{column}" for column in CONTROL_COLUMNS)
+    + ", k.requests_per_minute, "
+    "(SELECT u.finished_at FROM usage_events u WHERE u.api_key_id = k.id "
+    "ORDER BY u.id DESC LIMIT 1) AS last_used_at FROM api_keys k"
+)
+
+UPDATABLE_COLUMNS: Final = frozenset(
+    {"name", "expires_at", "requests_per_minute", *CONTROL_COLUMNS}
+)
+"""What ``update_api_key`` may change."""
+
+
+def _record(row: asyncpg.Record) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        id=row["id"],
+        account_id=row["account_id"],
+        key_prefix=row["key_prefix"],
+        name=row["name"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+        expires_at=row["expires_at"],
+        controls=limits_from_record(row),
+        requests_per_minute=row["requests_per_minute"],
+        last_used_at=row.get("last_used_at"),
+    )
+
+
+def key_snapshot(record: ApiKeyRecord) -> dict[str, Any]:
+    """The key as a JSON-able dict of its column names (audit ``before``/``after``); never
+    the secret, which is not stored."""
+    return {
+        "id": record.id,
+        "account_id": record.account_id,
+        "key_prefix": record.key_prefix,
+        "name": record.name,
+        "revoked_at": record.revoked_at,
+        "expires_at": record.expires_at,
+        "requests_per_minute": record.requests_per_minute,
+        **limits_snapshot(record.controls),
+    }
 
 
 def generate_key() -> str:
@@ -96,6 +170,8 @@ async def create_api_key(
     *,
     name: str = "",
     expires_at: datetime | None = None,
+    controls: Limits | None = None,
+    requests_per_minute: int | None = None,
 ) -> tuple[str, ApiKeyRecord]:
     """Create a key for an account; returns ``(key, record)``. The key is not kept anywhere.
 
@@ -103,17 +179,25 @@ async def create_api_key(
         asyncpg.ForeignKeyViolationError: no such account.
     """
     key = generate_key()
+    controls = controls or Limits()
+    models = controls.allowed_models
     row = await conn.fetchrow(
-        """INSERT INTO api_keys (account_id, key_digest, key_prefix, name, expires_at)
-           VALUES ($1, $2, $3, $4, $5)
-           RETURNING id, account_id, key_prefix, name, created_at, revoked_at, expires_at""",
+        f"""INSERT INTO api_keys (account_id, key_digest, key_prefix, name, expires_at,
+                                  {", ".join(CONTROL_COLUMNS)}, requests_per_minute)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            RETURNING {_RETURNING}""",
         account_id,
         key_digest(key),
         KEY_FORMAT.visible_prefix(key),
         name,
         expires_at,
+        controls.daily_spend_cap_millicredits,
+        controls.monthly_spend_cap_millicredits,
+        controls.max_request_millicredits,
+        None if models is None else sorted(models),
+        requests_per_minute,
     )
-    return key, ApiKeyRecord(*row)
+    return key, _record(row)
 
 
 async def revoke_api_key(conn: asyncpg.Connection, key_id: int) -> bool:
@@ -169,3 +253,116 @@ async def find_active_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> 
         requests_per_minute=row[7],
     )
     return ActiveKey(row[0], row[1], controls)
+
+
+async def get_api_key(
+    conn: asyncpg.Connection | asyncpg.Pool, api_key_id: int, *, for_update: bool = False
+) -> ApiKeyRecord:
+    """One key with its last use; ``for_update`` locks its row until the transaction ends.
+
+    Raises:
+        ApiKeyNotFoundError: no such key.
+    """
+    row = await conn.fetchrow(
+        _SELECT_KEY + " WHERE k.id = $1" + (" FOR UPDATE OF k" if for_update else ""),
+        api_key_id,
+    )
+    if row is None:
+        raise ApiKeyNotFoundError(api_key_id)
+    return _record(row)
+
+
+async def list_api_keys(
+    conn: asyncpg.Connection | asyncpg.Pool, account_id: int
+) -> list[ApiKeyRecord]:
+    """Every key of an account (revoked and expired too), oldest first."""
+    rows = await conn.fetch(_SELECT_KEY + " WHERE k.account_id = $1 ORDER BY k.id", account_id)
+    return [_record(row) for row in rows]
+
+
+async def _audit_key(
+    conn: asyncpg.Connection,
+    actor: Actor,
+    action: str,
+    before: ApiKeyRecord | None,
+    after: ApiKeyRecord,
+) -> None:
+    """The audit row and the control event of one key change (inside its transaction)."""
+    await record_audit(
+        conn,
+        actor,
+        action=action,
+        target_type="api_key",
+        target_id=after.id,
+        before=None if before is None else key_snapshot(before),
+        after=key_snapshot(after),
+    )
+    await notify_control(conn, ControlKind.KEYS, account_id=after.account_id, api_key_id=after.id)
+
+
+async def issue_api_key(
+    conn: asyncpg.Connection,
+    actor: Actor,
+    account_id: int,
+    *,
+    name: str = "",
+    expires_at: datetime | None = None,
+    controls: Limits | None = None,
+    requests_per_minute: int | None = None,
+) -> tuple[str, ApiKeyRecord]:
+    """``create_api_key`` with its audit row (``key.create``) and control event, in one
+    transaction; returns ``(key, record)``: the key is shown to the caller once.
+
+    Raises:
+        AccountNotFoundError: no such account.
+    """
+    async with conn.transaction():
+        try:
+            async with conn.transaction():
+                key, record = await create_api_key(
+                    conn,
+                    account_id,
+                    name=name,
+                    expires_at=expires_at,
+                    controls=controls,
+                    requests_per_minute=requests_per_minute,
+                )
+        except asyncpg.ForeignKeyViolationError:
+            raise AccountNotFoundError(account_id) from None
+        await _audit_key(conn, actor, "key.create", None, record)
+    return key, record
+
+
+async def update_api_key(
+    conn: asyncpg.Connection, actor: Actor, api_key_id: int, changes: Mapping[str, Any]
+) -> ApiKeyRecord:
+    """Set the key's name, expiry, rate limit and spend controls named in ``changes``
+    (column name -> value; None clears). Audit ``key.update`` and a control event.
+
+    Raises:
+        ApiKeyNotFoundError: no such key.
+        ValueError: a column outside ``UPDATABLE_COLUMNS``.
+    """
+    async with conn.transaction():
+        before = await get_api_key(conn, api_key_id, for_update=True)
+        await update_columns(conn, "api_keys", api_key_id, changes, allowed=UPDATABLE_COLUMNS)
+        after = await get_api_key(conn, api_key_id)
+        await _audit_key(conn, actor, "key.update", before, after)
+    return after
+
+
+async def revoke_api_key_audited(
+    conn: asyncpg.Connection, actor: Actor, api_key_id: int
+) -> ApiKeyRecord:
+    """Revoke a key now (a revoked key keeps its first ``revoked_at``), with its audit row
+    (``key.revoke``) and a control event so every gateway drops it from its auth cache.
+
+    Raises:
+        ApiKeyNotFoundError: no such key.
+    """
+    async with conn.transaction():
+        before = await get_api_key(conn, api_key_id, for_update=True)
+        await revoke_api_key(conn, api_key_id)
+        after = await get_api_key(conn, api_key_id)
+        await _audit_key(conn, actor, "key.revoke", before, after)
+    return after

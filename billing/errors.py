@@ -120,6 +120,44 @@ class NegativeBalanceError(BillingError):
         self.amount_millicredits = amount_millicredits
 
 
+class DuplicateAccountError(BillingError):
+    """Another account already has this email or external id (HTTP 409).
+
+    Attributes:
+        field: ``"email"`` or ``"external_id"``.
+    """
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"another account has this {field.replace('_', ' ')}")
+        self.field = field
+
+
+class ApiKeyNotFoundError(BillingError):
+    """No API key with that id."""
+
+    def __init__(self, api_key_id: int) -> None:
+        super().__init__(f"API key {api_key_id} not found")
+        self.api_key_id = api_key_id
+
+
+class IdempotencyKeyReusedError(BillingError):
+    """An idempotency key was posted before with other content (HTTP 409); nothing written."""
+
+    def __init__(self, idempotency_key: str) -> None:
+        super().__init__(
+            f"idempotency key {idempotency_key!r} was used before for a different request"
+        )
+        self.idempotency_key = idempotency_key
+
+
+class NoShortfallError(BillingError):
+    """A shortfall was to be forgiven, but the account owes nothing (HTTP 422)."""
+
+    def __init__(self, account_id: int) -> None:
+        super().__init__(f"account {account_id} has no outstanding shortfall")
+        self.account_id = account_id
+
+
 class AccountDeactivatedError(BillingError):
     """An operator suspended the account: every billed request of its keys is refused
     (HTTP 403 ``account_deactivated``), nothing held or forwarded."""

@@ -81,14 +81,19 @@ def _entry(row: asyncpg.Record) -> LedgerEntry:
     )
 
 
-async def create_account(conn: asyncpg.Connection, email: str) -> int:
+async def create_account(
+    conn: asyncpg.Connection, email: str, *, external_id: str | None = None
+) -> int:
     """Create an account with a zero balance; returns its id.
 
     Raises:
-        asyncpg.UniqueViolationError: the email is taken.
+        asyncpg.UniqueViolationError: the email (constraint ``accounts_email_key``) or the
+            external id (``accounts_external_id_key``) is taken.
     """
     account_id: int = await conn.fetchval(
-        "INSERT INTO accounts (email) VALUES ($1) RETURNING id", email
+        "INSERT INTO accounts (email, external_id) VALUES ($1, $2) RETURNING id",
+        email,
+        external_id,
     )
     return account_id
 
@@ -228,3 +233,114 @@ async def ledger_sum_matches_balance(conn: asyncpg.Connection, account_id: int) 
     if row is None:
         raise AccountNotFoundError(account_id)
     return bool(row[0] == row[1])
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One billed request as posted (``usage_events``), with the rates in force when it
+    happened (the rate card snapshot, millicredits per 1k tokens)."""
+
+    id: int
+    request_id: str
+    account_id: int
+    api_key_id: int | None
+    model: str
+    endpoint: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    rate_card_id: int | None
+    input_millicredits_per_1k_tokens: int
+    cached_input_millicredits_per_1k_tokens: int
+    output_millicredits_per_1k_tokens: int
+    rounding_mode: str
+    cost_millicredits: int
+    charged_millicredits: int
+    shortfall_millicredits: int
+    usage_source: str
+    status: str
+    started_at: datetime
+    finished_at: datetime
+
+
+_USAGE_COLUMNS = ", ".join(UsageEvent.__dataclass_fields__)
+_ENTRY_COLUMNS = ", ".join(LedgerEntry.__dataclass_fields__)
+
+
+def newest_first_query(
+    select: str, filters: list[tuple[str, object]], *, before_id: int | None, limit: int
+) -> tuple[str, list[object]]:
+    """``select`` with ``WHERE`` conditions for the filters that are not None (each SQL
+    with ``{}`` for its parameter's number), newest (highest id) first, after a cursor."""
+    conditions: list[str] = []
+    args: list[object] = []
+    for sql, value in [*filters, ("id < {}", before_id)]:
+        if value is not None:
+            args.append(value)
+            conditions.append(sql.format(f"${len(args)}"))
+    where = " WHERE " + " AND ".join(conditions) if conditions else ""
+    args.append(limit)
+    return f"{select}{where} ORDER BY id DESC LIMIT ${len(args)}", args
+
+
+async def list_ledger_entries(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    account_id: int | None = None,
+    entry_type: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> list[LedgerEntry]:
+    """Ledger entries matching every filter given, newest first.
+
+    Args:
+        since, until: ``since <= created_at < until``.
+        before_id: the cursor: only entries with a lower id.
+    """
+    query, args = newest_first_query(
+        f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries",
+        [
+            ("account_id = {}", account_id),
+            ("entry_type = {}", entry_type),
+            ("created_at >= {}", since),
+            ("created_at < {}", until),
+        ],
+        before_id=before_id,
+        limit=limit,
+    )
+    return [_entry(row) for row in await conn.fetch(query, *args)]
+
+
+async def list_usage_events(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    account_id: int | None = None,
+    model: str | None = None,
+    api_key_id: int | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> list[UsageEvent]:
+    """Usage events matching every filter given, newest first.
+
+    Args:
+        since, until: ``since <= started_at < until`` (the request's start, as spend
+            windows count it).
+        before_id: the cursor: only events with a lower id.
+    """
+    query, args = newest_first_query(
+        f"SELECT {_USAGE_COLUMNS} FROM usage_events",
+        [
+            ("account_id = {}", account_id),
+            ("model = {}", model),
+            ("api_key_id = {}", api_key_id),
+            ("started_at >= {}", since),
+            ("started_at < {}", until),
+        ],
+        before_id=before_id,
+        limit=limit,
+    )
+    return [UsageEvent(*row) for row in await conn.fetch(query, *args)]

@@ -24,10 +24,11 @@ Source: docs/admin/caps.md (issue 12, "Spend controls").
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import Any, Final
 
 import asyncpg
 
@@ -286,3 +287,59 @@ async def window_spend(
     )
     assert row is not None  # an aggregate always answers one row
     return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+
+# Stored controls as operators change them (the admin API): the same four columns on
+# ``accounts`` and ``api_keys`` (migrations/0007).
+
+CONTROL_COLUMNS: Final = (
+    "daily_spend_cap_millicredits",
+    "monthly_spend_cap_millicredits",
+    "max_request_millicredits",
+    "allowed_models",
+)
+"""The spend-control columns both ``accounts`` and ``api_keys`` carry, in ``Limits`` order."""
+
+
+def limits_from_record(row: Mapping[str, Any]) -> Limits:
+    """The ``Limits`` of a row that selected ``CONTROL_COLUMNS`` by name."""
+    return limits_from_row(*(row[column] for column in CONTROL_COLUMNS))
+
+
+def limits_snapshot(limits: Limits) -> dict[str, Any]:
+    """The limits as a JSON-able dict of their column names (audit before/after); the
+    allowed models sorted."""
+    models = limits.allowed_models
+    return {
+        "daily_spend_cap_millicredits": limits.daily_spend_cap_millicredits,
+        "monthly_spend_cap_millicredits": limits.monthly_spend_cap_millicredits,
+        "max_request_millicredits": limits.max_request_millicredits,
+        "allowed_models": None if models is None else sorted(models),
+    }
+
+
+async def update_columns(
+    conn: asyncpg.Connection,
+    table: str,
+    row_id: int,
+    changes: Mapping[str, Any],
+    *,
+    allowed: frozenset[str],
+) -> None:
+    """``UPDATE table SET column = value, ... WHERE id = row_id`` for the given columns.
+
+    Only names in ``allowed`` are written (they become SQL identifiers: never a client's
+    text); ``table`` is the caller's constant. Nothing is written when ``changes`` is empty.
+
+    Raises:
+        ValueError: a column outside ``allowed``.
+        asyncpg.UniqueViolationError / CheckViolationError: as the table's constraints say.
+    """
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    if not changes:
+        return
+    assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(changes, 2))
+    values = (sorted(v) if isinstance(v, frozenset) else v for v in changes.values())
+    await conn.execute(f"UPDATE {table} SET {assignments} WHERE id = $1", row_id, *values)

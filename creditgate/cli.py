@@ -44,6 +44,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from billing import admin_tokens, api_keys, ledger
+from billing.accounts import balance_fields
 from billing.audit import CLI_ACTOR, record_audit
 from billing.errors import AccountNotFoundError, BillingError
 from billing.metering.dead_letters import (
@@ -105,12 +106,6 @@ async def cmd_seed(settings: StoreSettings, args: argparse.Namespace) -> dict[st
         await conn.close()
 
 
-_HOLDS_UNKNOWN = (
-    "REDIS_URL is not set: held and pending-settlement amounts, and so the available "
-    "balance, are unknown; balance is the posted balance in Postgres."
-)
-
-
 async def _account_doc(stores: _Stores, account_id: int) -> dict[str, Any]:
     row = await stores.pool.fetchrow(
         "SELECT id, email, created_at FROM accounts WHERE id = $1", account_id
@@ -118,26 +113,12 @@ async def _account_doc(stores: _Stores, account_id: int) -> dict[str, Any]:
     if row is None:
         raise AccountNotFoundError(account_id)
     posted = await ledger.posted_balance(stores.pool, account_id)
-    doc = {
+    return {
         "id": row["id"],
         "email": row["email"],
         "createdAt": row["created_at"].isoformat(),
-        **money_fields("balance", posted.balance_millicredits),
+        **await balance_fields(stores.holds, account_id, posted),
     }
-    if stores.holds is None:
-        for prefix in ("held", "pendingSettlement", "available"):
-            doc.update(dict.fromkeys(money_fields(prefix, 0)))
-        doc["note"] = _HOLDS_UNKNOWN
-    else:
-        state = await stores.holds.account_state(account_id)
-        held = state.held_millicredits
-        pending = state.pending_millicredits
-        available = max(posted.balance_millicredits - held - pending, 0)
-        doc.update(money_fields("held", held))
-        doc.update(money_fields("pendingSettlement", pending))
-        doc.update(money_fields("available", available))
-    doc.update(money_fields("shortfall", posted.shortfall_millicredits))
-    return doc
 
 
 async def cmd_accounts_create(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
