@@ -5,7 +5,7 @@ Prices are credits per 1,000 tokens as decimal strings with at most three decima
 (``"2.400"``), shown beside the integer millicredits stored (``2400``); upstream costs are
 US dollars per 1,000 tokens with at most six decimals (``"0.000150"``), stored as micro-USD.
 A published card takes effect on every gateway at its ``effectiveAt`` (``RATE_CARDS`` event,
-then the book's timer; docs/admin/catalog.md).
+then the book's timer; docs/design.md, "Admin API and live control").
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ refused (403). ``SpendControls`` is None on an identity when none of this is set
 without controls pays no check here and no Redis or Postgres call more (its holds still keep
 the account's spend counters up to date where they exist, inside the reserve script).
 
-Source: docs/admin/caps.md (issue 12, "Spend controls").
+Source: docs/design.md, "Admin API and live control" (issue 12, "Spend controls").
 """
 
 from __future__ import annotations
