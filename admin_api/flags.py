@@ -1,6 +1,7 @@
 """Live flags over HTTP: list them (viewer), set one and reset one to its initial value
 (admin). The flags, their values and their validation are ``billing.live_flags``'s; every
-running process has a change within seconds (``runtime.control``, docs/design.md, "Admin API and live control")."""
+running process has a change within seconds (``runtime.control``; docs/design.md,
+"Admin API and live control")."""
 
 from __future__ import annotations
 

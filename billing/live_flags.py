@@ -3,7 +3,7 @@
 The seven flags are named as the go-live runbook names them. ``DEFINITIONS`` is the one table
 of them (name, type and its validation, environment variable, default, description): the
 settings read the environment through it, the services read the ``flags`` table through it,
-the admin API validates and describes with it, and docs/design.md, "Admin API and live control" documents it.
+the admin API validates and describes with it, and docs/admin-api.md documents it.
 
 Where a value comes from: a row of the ``flags`` table (set by ``set_flag``) overrides the
 environment's value (``runtime.settings.Settings``, the *initial* value); ``reset_flag``

@@ -24,7 +24,8 @@ is down, as the auth cache's own expiry gives today).
 
 Delays: a flag flip, a revoked key or a suspended account takes effect on a process within
 the NOTIFY's delivery plus one query (milliseconds) when the listener is connected, and
-within ``CONTROL_REFRESH_S`` plus one query when it is not (docs/design.md, "Admin API and live control").
+within ``CONTROL_REFRESH_S`` plus one query when it is not (docs/design.md, "Admin API
+and live control").
 """
 
 from __future__ import annotations
