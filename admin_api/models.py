@@ -121,14 +121,21 @@ ShortText = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*
 def _iso_8601(value: object) -> datetime:
     # pydantic's lax mode would read a number (or a numeric query string) as Unix seconds,
     # and its strict mode no string at all in a query: the API's times are ISO 8601 strings.
-    if isinstance(value, datetime):
-        return value
+    parsed = value if isinstance(value, datetime) else None
     if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value)
+            parsed = datetime.fromisoformat(value)
         except ValueError:
-            pass
-    raise ValueError("expected an ISO 8601 date-time with a UTC offset, e.g. 2026-01-31T00:00:00Z")
+            parsed = None
+    if parsed is None:
+        raise ValueError(
+            "expected an ISO 8601 date-time with a UTC offset, e.g. 2026-01-31T00:00:00Z"
+        )
+    # Years 1 and 9999 may leave Postgres's (and Python's) range once moved to UTC, and year 1
+    # is Postgres's -infinity: the API takes years 1900 to 9000.
+    if not 1900 <= parsed.year <= 9000:
+        raise ValueError("the year must be between 1900 and 9000")
+    return parsed
 
 
 #: A point in time given by the client: an ISO 8601 string with its UTC offset.

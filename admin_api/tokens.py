@@ -103,7 +103,7 @@ async def create_token(ctx: AdminContext) -> TokenCreated:
 
 @router.get(
     "/admin/v1/tokens",
-    role=Role.ADMIN,
+    role=Role.VIEWER,
     query=Page,
     response=Paginated[TokenOut],
     summary="List admin tokens, newest first",

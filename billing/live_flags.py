@@ -297,7 +297,8 @@ LOW_BALANCE_THRESHOLD_CREDITS = FlagDefinition(
     "billing.low_balance_threshold_credits",
     "low_balance_threshold_credits",
     "LOW_BALANCE_THRESHOLD_CREDITS",
-    IntegerKind(0),
+    # At most 10^12 credits: in millicredits it stays far inside a bigint and JSON's safe range.
+    IntegerKind(0, 10**12),
     500,
     "Credits below which a balance counts as low (the Credits page warns).",
 )

@@ -71,7 +71,9 @@ async def test_bearer_scheme_is_case_insensitive(admin_api: AdminApi):
 
 @pytest.mark.parametrize("role", [Role.VIEWER, Role.OPERATOR])
 async def test_role_below_route_is_403_insufficient_role(admin_api: AdminApi, role: Role):
-    response, body = await admin_api.call("GET", "/admin/v1/tokens", role=role)
+    response, body = await admin_api.call(
+        "PUT", "/admin/v1/flags/billing.charging_rollout_percent", role=role, json={"value": 5}
+    )
     assert response.status == 403
     _assert_envelope(body, "insufficient_role")
     assert "admin" in body["error"]["message"]

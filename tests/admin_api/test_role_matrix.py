@@ -160,3 +160,26 @@ def test_body_example_of_every_route_is_valid(route: AdminRoute):
     assert examples, f"{route.body.__name__} has no example (json_schema_extra)"
     for example in examples:
         route.body.model_validate_json(orjson.dumps(example), strict=True)
+
+
+def _required_role(method: str, path: str) -> Role:
+    """The issue's rule, written independently of the route table: viewer reads everything;
+    operator also mutates accounts, keys and adjustments; admin everything else."""
+    if method == "GET":
+        return Role.VIEWER
+    if path.startswith(("/admin/v1/accounts", "/admin/v1/keys")):
+        return Role.OPERATOR
+    return Role.ADMIN
+
+
+def test_every_route_declares_the_role_the_issue_gives_it() -> None:
+    # The matrix above checks each route against its own declaration; this pins the
+    # declarations, so that a mutating token route declared viewer cannot pass.
+    routes = [route for router in ROUTERS for route in router.routes]
+    assert routes
+    wrong = [
+        (route.method, route.path, route.role.value)
+        for route in routes
+        if route.role is not _required_role(route.method, route.path)
+    ]
+    assert wrong == []
