@@ -306,7 +306,7 @@ def test_from_env_live_flag_defaults():
         ("CHARGING_PAUSED_MODE", "stop", "must be 'free' or 'block'"),
         ("CHARGING_ROLLOUT_PERCENT", "101", "must be an integer from 0 to 100"),
         ("CHARGING_ROLLOUT_PERCENT", "half", "must be an integer from 0 to 100"),
-        ("LOW_BALANCE_THRESHOLD_CREDITS", "-1", "must be an integer >= 0"),
+        ("LOW_BALANCE_THRESHOLD_CREDITS", "-1", "must be an integer from 0 to 1000000000000"),
     ],
 )
 def test_from_env_bad_live_flag_is_a_problem(name, raw, reason):
