@@ -32,6 +32,7 @@ from billing.metering.script_channel import ScriptChannel
 from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator
+from gateway.credits_page import credits_page_routes, setup_credits_page
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
 from gateway.purchase_routes import checkout_routes
@@ -199,6 +200,7 @@ def create_app(settings: Settings) -> web.Application:
     app[appkeys.SETTINGS] = settings
     app[gateway_keys.USAGE_STATS] = UsageStats()
     app[gateway_keys.POSTER_STATS] = PosterStats()
+    setup_credits_page(app, settings)
     app.cleanup_ctx.extend(
         [
             postgres_ctx,
@@ -218,6 +220,7 @@ def create_app(settings: Settings) -> web.Application:
         ("*", r"/v1/{tail:[\s\S]*}", handle_unknown_v1),
         ("GET", "/healthz", _healthz),
         *checkout_routes(),
+        *credits_page_routes(),
         ("*", r"/{tail:[\s\S]*}", handle_unmatched),
     ]
     url = buy_credits_url(settings)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -29,3 +30,5 @@ UPSTREAM_URLS = web.AppKey("upstream_urls", dict[str, URL])
 PROMPT_COUNTING = web.AppKey("prompt_counting", ThreadPoolExecutor)
 # Settlements and voids Redis did not confirm, retried in the background (one per process).
 SETTLEMENT_RESCUE = web.AppKey("settlement_rescue", SettlementRescue)
+# The Credits page's string catalogue (gateway/credits/strings.json with the configured texts).
+CREDITS_STRINGS = web.AppKey("credits_strings", dict[str, Any])

@@ -1,21 +1,17 @@
-"""Buying credits on the gateway: packages, starting Checkout, and the return page.
+"""Buying credits on the gateway: packages and starting Checkout.
 
 Routes (``checkout_routes``):
     GET  /api/billing/packages               the active packages (no authentication)
     POST /api/billing/checkout               ``{"packageCode", "returnPath"?}`` -> Checkout URL
     GET  /api/billing/purchases/{purchaseId}  one of the caller's purchases
-    GET  /credits                            plain status page; Checkout's success and cancel
-                                             URLs land here (``?purchase=...&session_id=...``)
 
-The success return fulfils through the same idempotent function as the webhook, so credits
-show at once even when the webhook is late. Errors use OpenAI's envelope through the
-gateway's error answers (``runtime.errors.answer_errors``), chosen by class.
+Checkout's success and cancel URLs land on the Credits page (``gateway.credits_page``).
+Errors use OpenAI's envelope through the gateway's error answers
+(``runtime.errors.answer_errors``), chosen by class.
 """
 
 from __future__ import annotations
 
-import html
-import logging
 from typing import Any
 
 import orjson
@@ -25,8 +21,6 @@ from aiohttp.typedefs import Handler
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import PostedBalance, posted_balance
 from billing.purchases.fulfilment import (
-    CREDITS_PATH,
-    fulfil_from_stripe,
     start_checkout,
     status_url,
 )
@@ -39,12 +33,10 @@ from billing.purchases.packages import (
 )
 from billing.purchases.purchase_records import Purchase, PurchaseNotFoundError, get_purchase
 from billing.purchases.stripe_client import StripeClient, StripeRequestError, StripeUnavailableError
-from billing.units import millicredits_to_credits, millicredits_to_usd, money_fields
+from billing.units import money_fields
 from gateway import appkeys as gateway_keys
 from runtime import appkeys
 from runtime.errors import GatewayError, InvalidRequestError, NotFoundError, json_response
-
-log = logging.getLogger(__name__)
 
 _MAX_RETURN_PATH = 512
 
@@ -73,7 +65,6 @@ def checkout_routes() -> list[tuple[str, str, Handler]]:
         ("GET", "/api/billing/packages", handle_packages),
         ("POST", "/api/billing/checkout", handle_checkout),
         ("GET", "/api/billing/purchases/{purchase_id}", handle_purchase),
-        ("GET", CREDITS_PATH, handle_credits_page),
     ]
 
 
@@ -262,149 +253,3 @@ async def handle_purchase(request: web.Request) -> web.Response:
     except POSTGRES_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"postgres: {exc}") from exc
     return json_response(purchase_json(purchase, balance), 200)
-
-
-async def handle_credits_page(request: web.Request) -> web.Response:
-    """``GET /credits``: a plain page with a purchase's status (until the Credits page).
-
-    Query: ``purchase`` (the public id), ``session_id`` (Checkout's success return: while
-    the purchase is pending and the id is its session's, the session is retrieved from
-    Stripe and applied, so the credits show at once), ``checkout=cancelled`` (the cancel
-    return). The public id and session id are unguessable; the page shows no personal data
-    beyond the balance. Stripe down: the page says "pending" (the webhook will fulfil).
-    Postgres down: 503.
-    """
-    public_id = request.query.get("purchase")
-    session_id = request.query.get("session_id")
-    cancelled = request.query.get("checkout") == "cancelled"
-    pool = request.app[appkeys.DB_POOL]
-    try:
-        if not public_id:
-            return _page("Credits", _packages_html(await list_packages(pool)))
-        try:
-            purchase = await get_purchase(pool, public_id)
-        except PurchaseNotFoundError:
-            return _page("Purchase not found", "<p>We could not find this purchase.</p>", 404)
-        if session_id and session_id == purchase.checkout_session_id:
-            purchase = await _fulfil_on_return(request.app, purchase, session_id)
-        balance = await posted_balance(pool, purchase.account_id)
-    except POSTGRES_UNAVAILABLE as exc:
-        log.warning("credits page: postgres: %s", exc)
-        return _page(
-            "Credits", "<p>We cannot show this right now. Please reload in a moment.</p>", 503
-        )
-    return _page(
-        "Your purchase",
-        _purchase_html(purchase, balance, cancelled=cancelled, returned=bool(session_id)),
-        refresh_s=5 if purchase.status in ("pending", "processing") and session_id else None,
-    )
-
-
-async def _fulfil_on_return(app: web.Application, purchase: Purchase, session_id: str) -> Purchase:
-    """Apply the session as Stripe has it now, while the purchase still waits for payment."""
-    stripe = app.get(appkeys.STRIPE)
-    if stripe is None or purchase.status not in ("pending", "processing"):
-        return purchase
-    try:
-        update = await fulfil_from_stripe(
-            app[appkeys.DB_POOL],
-            stripe,
-            app.get(appkeys.HOLDS),
-            session_id,
-            public_id=purchase.public_id,
-        )
-    except (StripeUnavailableError, StripeRequestError, BillingUnavailableError) as exc:
-        # The webhook fulfils it; until then the page says "pending".
-        log.warning("success return for %s not applied: %s", purchase.public_id, exc)
-        return purchase
-    return update.purchase or purchase
-
-
-def _credits_text(amount_millicredits: int) -> str:
-    return f"{millicredits_to_credits(amount_millicredits):,.2f}"
-
-
-_STATUS_TEXT = {
-    "paid": "Payment received. {credits} credits were added to your account.",
-    "processing": (
-        "Purchase pending: your payment is being processed by your bank. {credits} credits "
-        "will be added as soon as it clears; you do not need to stay on this page."
-    ),
-    "failed": (
-        "The payment did not go through. You have not been charged and no credits were added."
-    ),
-    "expired": "This checkout expired before payment. You have not been charged.",
-    "needs_review": (
-        "We received your payment and are checking it before adding {credits} credits. "
-        "Our support team has been notified; no action is needed from you."
-    ),
-}
-
-
-def _purchase_html(
-    purchase: Purchase, balance: PostedBalance | None, *, cancelled: bool, returned: bool
-) -> str:
-    credits = _credits_text(purchase.total_millicredits)
-    if purchase.status == "pending" and cancelled:
-        text = (
-            "Checkout was cancelled. You have not been charged and no credits were added. "
-            "You can buy credits whenever you like."
-        )
-    elif purchase.status == "pending":
-        text = (
-            "Purchase pending: we are waiting for the payment provider to confirm your "
-            f"payment. {credits} credits will be added as soon as it does."
-            if returned
-            else "This purchase has not been paid yet."
-        )
-    else:
-        text = _STATUS_TEXT[purchase.status].format(credits=credits)
-    parts = [
-        f'<p id="status" data-status="{html.escape(purchase.status)}">{html.escape(text)}</p>',
-        f"<p>Package: {html.escape(purchase.package_code.title())} ({credits} credits)</p>",
-    ]
-    if balance is not None:
-        parts.append(
-            f'<p id="balance">Balance: {_credits_text(balance.balance_millicredits)} Credits '
-            f"(~${millicredits_to_usd(balance.balance_millicredits):,.2f} USD equivalent)</p>"
-        )
-    if purchase.receipt_url:
-        parts.append(f'<p><a href="{html.escape(purchase.receipt_url)}">Receipt</a></p>')
-    parts.append(
-        f'<p><a href="{html.escape(purchase.return_path or CREDITS_PATH)}">Continue</a></p>'
-    )
-    return "\n".join(parts)
-
-
-def _packages_html(packages: list[Package]) -> str:
-    rows = "\n".join(
-        f"<li>{html.escape(p.name)}: ${p.price:.2f} for "
-        f"{_credits_text(p.total_millicredits)} credits"
-        + (f" ({html.escape(p.badge)})" if p.badge else "")
-        + (f": {html.escape(p.tagline)}" if p.tagline else "")
-        + "</li>"
-        for p in packages
-    )
-    return (
-        "<p>Credits are prepaid. 1,000 Credits = $1.00. You only pay for actual token "
-        "usage.</p>\n"
-        f"<ul>{rows}</ul>\n<p>Buy with <code>POST /api/billing/checkout</code>.</p>"
-    )
-
-
-def _page(
-    title: str, body: str, status: int = 200, *, refresh_s: int | None = None
-) -> web.Response:
-    refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
-    document = (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="robots" content="noindex">'
-        f"{refresh}<title>{html.escape(title)}</title></head>\n"
-        f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
-    )
-    return web.Response(
-        text=document,
-        status=status,
-        content_type="text/html",
-        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
-    )

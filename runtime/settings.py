@@ -32,6 +32,13 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+#: The Credits page's FAQ answers unless ``CREDITS_REFUND_POLICY_TEXT`` / ``CREDITS_EXPIRY_TEXT``
+#: say otherwise.
+DEFAULT_REFUND_POLICY_TEXT = (
+    "Unused credits are refundable within 14 days of purchase; contact support."
+)
+DEFAULT_EXPIRY_TEXT = "Credits do not expire."
+
 #: Seconds a derived hold deadline adds to the upstream timeouts (``Settings.hold_deadline_s``).
 HOLD_TTL_MARGIN_S = 60.0
 
@@ -89,6 +96,9 @@ class Settings:
     control_refresh_s: float = 1.0
     """``CONTROL_REFRESH_S``: seconds between re-reads of the flags by each process's control
     listener (``runtime.control``), the safety net for a missed event."""
+    # The Credits page's FAQ answers, shown as configured (escaped).
+    credits_refund_policy_text: str = DEFAULT_REFUND_POLICY_TEXT
+    credits_expiry_text: str = DEFAULT_EXPIRY_TEXT
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -177,6 +187,10 @@ class Settings:
             stripe_api_base=read.text("STRIPE_API_BASE") or None,
             purchases_enabled=read.flag(live_flags.PURCHASE_ENABLED),
             control_refresh_s=read.seconds("CONTROL_REFRESH_S", 1.0),
+            credits_refund_policy_text=read.text(
+                "CREDITS_REFUND_POLICY_TEXT", DEFAULT_REFUND_POLICY_TEXT
+            ),
+            credits_expiry_text=read.text("CREDITS_EXPIRY_TEXT", DEFAULT_EXPIRY_TEXT),
         )
         read.raise_problems()
         return settings
