@@ -201,7 +201,6 @@ async def test_fifty_webhooks_racing_the_success_return_grant_once(shop: Shop) -
     status, page = await shop.page(shop.success_path(checkout))
     assert 'data-status="paid"' in page
     assert "9,990.00 credits were added" in page
-    assert "Balance: 9,990.00 Credits (~$9.99 USD equivalent)" in page
     state = await shop.gateway.app[appkeys.HOLDS].account_state(shop.account_id)
     assert state.balance_millicredits == STARTER_MC
 
@@ -214,7 +213,7 @@ async def test_success_return_before_the_webhook_shows_credits_at_once(shop: Sho
 
     assert status == 200
     assert 'data-status="paid"' in page
-    assert '<a href="/dashboard?tab=credits">Continue</a>' in page
+    assert 'href="/dashboard?tab=credits">Return to app</a>' in page
     assert await shop.balance() == 52_490_000
     response = await shop.gateway.get(
         f"/api/billing/purchases/{checkout['purchaseId']}",
@@ -411,9 +410,6 @@ async def test_purchase_keeps_its_package_version_after_an_admin_edit(shop: Shop
         str(STARTER_MC + 1_000_000),
     )
     assert listed[0]["tagline"] == "Try <it>"
-    status, page = await shop.page("/credits")
-    assert status == 200
-    assert "Starter: $10.99 for 10,990.00 credits: Try &lt;it&gt;</li>" in page
     # The checkout started before the edit is paid and fulfilled as bought.
     paid = shop.stub.pay(checkout["checkoutSessionId"])
     assert (await shop.webhook(shop.stub.event("checkout.session.completed", paid))).status == 200
