@@ -138,13 +138,22 @@ _MC = MILLICREDITS_PER_CREDIT
 
 DEFAULT_PACKAGES: tuple[PackageSpec, ...] = (
     PackageSpec("starter", "Starter", 999, "usd", 9_990 * _MC, 0, 10),
-    PackageSpec("professional", "Professional", 4_999, "usd", 49_990 * _MC, 2_500 * _MC, 20),
+    PackageSpec(
+        "professional",
+        "Professional",
+        4_999,
+        "usd",
+        49_990 * _MC,
+        2_500 * _MC,
+        20,
+        "Best for frequent use",
+    ),
     PackageSpec(
         "enterprise", "Enterprise", 9_999, "usd", 99_990 * _MC, 10_000 * _MC, 30, "Best value"
     ),
 )
 """The catalogue of docs/design.md; ``migrations/0002_create_purchases.sql`` inserts the same
-rows."""
+rows (0009 gives Professional its badge)."""
 
 
 def minor_units_per_major(currency: str) -> int:

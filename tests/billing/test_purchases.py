@@ -35,7 +35,7 @@ async def test_packages_migration_seeds_the_design_catalogue(pool: asyncpg.Pool)
     ]
     assert [p.total_millicredits for p in packages] == [STARTER_MC, PROFESSIONAL_MC, ENTERPRISE_MC]
     assert [p.bonus_millicredits for p in packages] == [0, 2_500_000, 10_000_000]
-    assert [p.badge for p in packages] == [None, None, "Best value"]
+    assert [p.badge for p in packages] == [None, "Best for frequent use", "Best value"]
     for spec, stored in zip(DEFAULT_PACKAGES, packages, strict=True):
         assert (spec.code, spec.total_millicredits, spec.badge) == (
             stored.code,
