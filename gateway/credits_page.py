@@ -14,7 +14,7 @@ billing session cookie (``Path=/api/billing``). A success return still applies t
 Session at once (``_fulfil_on_return``, the webhook's idempotent fulfilment), so the credits
 show even when the webhook is late; the page then follows the purchase until it is paid.
 
-Security headers (docs/design.md, "The Credits page"): a Content-Security-Policy without
+Security headers on the page: a Content-Security-Policy without
 inline scripts or styles, ``nosniff``, ``no-referrer``, ``no-store``.
 """
 
