@@ -147,14 +147,17 @@ class DefaultRate:
     max_output_tokens: int
     upstream_input: int
     upstream_output: int
+    display_label: str = ""
 
 
 # Credits per 1k tokens x 1000 = millicredits per 1k tokens. gpt-4o-mini 2.4 / 9.6 and
 # gpt-4o 20 / 80 credits per 1k come from the product's QA list (docs/design.md); the rest follow
 # OpenAI's list prices with the same 16x markup (2.4 credits = $0.0024 vs $0.00015).
 DEFAULT_RATES: tuple[DefaultRate, ...] = (
-    DefaultRate("gpt-4o-mini", ModelKind.CHAT, 2_400, 1_200, 9_600, 16_384, 150, 600),
-    DefaultRate("gpt-4o", ModelKind.CHAT, 20_000, 10_000, 80_000, 16_384, 2_500, 10_000),
+    DefaultRate("gpt-4o-mini", ModelKind.CHAT, 2_400, 1_200, 9_600, 16_384, 150, 600, "Eco"),
+    DefaultRate(
+        "gpt-4o", ModelKind.CHAT, 20_000, 10_000, 80_000, 16_384, 2_500, 10_000, "Advanced"
+    ),
     DefaultRate("gpt-4.1", ModelKind.CHAT, 32_000, 8_000, 128_000, 32_768, 2_000, 8_000),
     DefaultRate("gpt-4.1-mini", ModelKind.CHAT, 6_400, 1_600, 25_600, 32_768, 400, 1_600),
     DefaultRate("gpt-4.1-nano", ModelKind.CHAT, 1_600, 400, 6_400, 32_768, 100, 400),
@@ -204,8 +207,9 @@ async def seed_rate_cards(
             """INSERT INTO rate_cards (model, input_millicredits_per_1k_tokens,
                    cached_input_millicredits_per_1k_tokens, output_millicredits_per_1k_tokens,
                    max_output_tokens, upstream_input_microusd_per_1k_tokens,
-                   upstream_output_microusd_per_1k_tokens, model_kind, effective_at)
-               SELECT $1, $2, $3, $4, $5, $6, $7, $8, '2024-01-01T00:00:00Z'
+                   upstream_output_microusd_per_1k_tokens, model_kind, display_label,
+                   effective_at)
+               SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, '2024-01-01T00:00:00Z'
                WHERE NOT EXISTS (SELECT 1 FROM rate_cards WHERE model = $1)
                RETURNING model""",
             rate.model,
@@ -216,6 +220,7 @@ async def seed_rate_cards(
             rate.upstream_input,
             rate.upstream_output,
             rate.model_kind.value,
+            rate.display_label,
         )
         if inserted:
             added.append(inserted)

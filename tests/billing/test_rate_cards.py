@@ -189,3 +189,13 @@ async def test_book_switches_to_a_scheduled_card_at_its_time_without_a_reload(
     assert switched_at >= at
     assert book.scheduled() == []
     assert book.get("gpt-4o") is not None
+
+
+async def test_seeded_cards_carry_the_credits_pages_labels(seeded: asyncpg.Pool) -> None:
+    cards = await rate_cards_in_force(seeded)
+
+    assert (cards["gpt-4o-mini"].display_label, cards["gpt-4o"].display_label) == (
+        "Eco",
+        "Advanced",
+    )
+    assert cards["gpt-4.1"].display_label == ""
