@@ -335,11 +335,9 @@
     body.replaceChildren();
     for (const rate of me.activeRates || []) {
       body.append(el("tr", {}, [
-        el("td", {}, [
-          el("span", { text: rate.displayName || rate.label || rate.model }),
-          document.createTextNode(" "),
-          el("code", { text: rate.model }),
-        ]),
+        el("td", {}, rate.label
+          ? [el("span", { text: rate.label }), document.createTextNode(" "), el("code", { text: `(${rate.model})` })]
+          : [el("code", { text: rate.model })]),
         el("td", { className: "num", text: rate.inputCreditsPer1k }),
         el("td", { className: "num", text: rate.outputCreditsPer1k }),
         el("td", { text: dateText(rate.updatedAt) }),
