@@ -8,6 +8,7 @@ A Content-Security-Policy violation or an uncaught script error fails any of the
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from collections.abc import Awaitable, Callable
@@ -270,7 +271,7 @@ async def test_usage_table_filters_pages_details_and_csv(live: LiveStack, page: 
         await page.locator("#usage-csv").click()
     download = await info.value
     path = await download.path()
-    table = list(csv.DictReader(io.StringIO(Path(path).read_text())))
+    table = list(csv.DictReader(io.StringIO(await asyncio.to_thread(Path(path).read_text))))
     assert [(r["model"], r["request_id"]) for r in table] == [
         ("gpt-4o", "req_browser_1"),
         ("gpt-4o", "req_browser_0"),
