@@ -42,7 +42,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -154,6 +154,10 @@ class StripeStub:
         webhook_url: where the Checkout page's events go (None: nowhere, only recorded).
         webhook_secret: the signing secret of those events.
         retry_delays_s: seconds before each retry of a failed delivery.
+        async_settle_delay_s: None (default): Pay is a card payment, paid at once. A number:
+            Pay is an asynchronous payment (a bank debit): the session completes unpaid and
+            settles that many seconds later, with ``checkout.session.async_payment_succeeded``
+            (a purchase shows "pending" in between).
         deliveries: every webhook delivery, oldest first.
     """
 
@@ -169,8 +173,9 @@ class StripeStub:
         self.webhook_url = webhook_url
         self.webhook_secret = webhook_secret
         self.retry_delays_s = tuple(retry_delays_s)
+        self.async_settle_delay_s: float | None = None
         self.deliveries: list[WebhookDelivery] = []
-        self._retries: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.sessions: dict[str, dict[str, Any]] = {}
         self.payment_intents: dict[str, dict[str, Any]] = {}
         self.charges: dict[str, dict[str, Any]] = {}
@@ -219,9 +224,9 @@ class StripeStub:
         app[_HTTP] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_DELIVERY_TIMEOUT_S))
         self._app = app
         yield
-        for task in list(self._retries):
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._retries, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         await app[_HTTP].close()
 
     @web.middleware
@@ -376,8 +381,11 @@ class StripeStub:
         if session["status"] == "expired":
             raise web.HTTPGone(text=checkout_page_html(session), content_type="text/html")
         if session["status"] == "open":
-            paid = self.pay(session["id"])
+            delay_s = self.async_settle_delay_s
+            paid = self.pay(session["id"], asynchronous=delay_s is not None)
             await self.deliver(self.event("checkout.session.completed", paid))
+            if delay_s is not None:
+                self._in_background(self._settle_later(session["id"], delay_s))
         url = str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session["id"])
         raise web.HTTPSeeOther(url)
 
@@ -397,15 +405,24 @@ class StripeStub:
             log.warning("no webhook URL: %s %s not delivered", event["type"], event["id"])
             return delivery
         if not await self._attempt(delivery, event):
-            task = asyncio.get_running_loop().create_task(self._retry(delivery, event))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            self._in_background(self._retry(delivery, event))
         return delivery
 
     async def wait_for_deliveries(self) -> None:
-        """Wait until every delivery has succeeded or used up its retries."""
-        while self._retries:
-            await asyncio.gather(*self._retries)
+        """Wait until every delivery has succeeded or used up its retries, and every
+        asynchronous payment has settled."""
+        while self._background:
+            await asyncio.gather(*self._background)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _settle_later(self, session_id: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        settled = self.settle_async(session_id, succeeded=True)
+        await self.deliver(self.event("checkout.session.async_payment_succeeded", settled))
 
     async def _retry(self, delivery: WebhookDelivery, event: dict[str, Any]) -> None:
         try:
@@ -708,11 +725,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--api-key", default=TEST_API_KEY, help="the key clients must send")
     parser.add_argument("--webhook-url", help="where checkout.session.completed is POSTed")
     parser.add_argument("--webhook-secret", default=WEBHOOK_SECRET)
+    parser.add_argument(
+        "--settle-after-s",
+        type=float,
+        help="Pay is a bank debit that settles this many seconds later (default: a card, "
+        "paid at once)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="stripe-sim: %(message)s")
     stub = StripeStub(
         args.api_key, webhook_url=args.webhook_url, webhook_secret=args.webhook_secret
     )
+    stub.async_settle_delay_s = args.settle_after_s
     stub.base_url = f"http://{args.host}:{args.port}"
     print(
         f"Simulated Stripe on {stub.base_url} (no real payment); "

@@ -179,6 +179,40 @@ async def test_stand_in_gives_up_on_a_dead_webhook_url_and_logs_it(
     assert stub.session(session["id"])["payment_status"] == "paid"
 
 
+async def test_stand_in_asynchronous_pay_completes_unpaid_then_settles(
+    receiver_factory: Any,
+) -> None:
+    receiver = await receiver_factory()
+    stub = StripeStub(webhook_url=f"http://127.0.0.1:{receiver.port}/stripe/webhook")
+    stub.async_settle_delay_s = 0.2
+    await stub.start()
+    try:
+        session = stub.create_session(
+            {
+                "line_items": [{"price_data": {"unit_amount": "999", "currency": "usd"}}],
+                "success_url": "http://shop.test/ok",
+            }
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(session["url"] + "/pay", allow_redirects=False) as response,
+        ):
+            assert response.status == 303
+        assert stub.session(session["id"])["payment_status"] == "unpaid"
+        await stub.wait_for_deliveries()
+    finally:
+        await stub.stop()
+
+    events = [
+        stripe.Webhook.construct_event(body, signature, stub.webhook_secret)
+        for body, signature in receiver.received
+    ]
+    assert [(e["type"], e["data"]["object"]["payment_status"]) for e in events] == [
+        ("checkout.session.completed", "unpaid"),
+        ("checkout.session.async_payment_succeeded", "paid"),
+    ]
+
+
 def test_banner_says_which_stripe_payments_use(capsys: pytest.CaptureFixture[str]) -> None:
     simulated = devstack._Options.from_env({})
     devstack._print_payments({"STRIPE_API_BASE": "http://127.0.0.1:8091"}, simulated)
