@@ -231,3 +231,17 @@ def test_banner_says_which_stripe_payments_use(capsys: pytest.CaptureFixture[str
     assert "STRIPE_WEBHOOK_SECRETS is not set" in lines[1]
     assert lines[2].startswith("Payments: Stripe LIVE mode: real money")
     assert "stripe listen --forward-to http://127.0.0.1:8081/stripe/webhook" in lines[2]
+
+
+def test_credits_page_without_portal_links_prints_the_page_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    options = devstack._Options.from_env({"PORT": "18080", "ADMIN_PORT": str(free_port())})
+
+    devstack._print_credits_page(1, "cg_admin_x", options)
+
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "Credits page: http://127.0.0.1:18080/credits (sign in there with the demo API key; "
+        "no portal link: "
+    )
