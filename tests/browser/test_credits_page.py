@@ -343,3 +343,27 @@ async def test_screenshots_at_desktop_and_phone_width(
         await page.screenshot(path=screenshots / name, full_page=True)
         width = await page.evaluate("() => document.documentElement.scrollWidth")
         assert width <= (viewport or {"width": 1280})["width"]  # no sideways scrolling
+
+
+async def test_monthly_statement_downloads_as_csv_and_pdf(live: LiveStack, page: Page) -> None:
+    account = await live.create_account(5_000_000)
+    charged = await live.insert_usage(account, model="gpt-4o")
+    month = datetime.now(UTC).strftime("%Y-%m")
+    await open_with_portal_link(live, page, account)
+    await expect(page.locator("#statement-month")).to_have_value(month)
+
+    async with page.expect_download() as info:
+        await page.get_by_role("link", name="Download statement CSV").click()
+    download = await info.value
+    assert download.suggested_filename == f"statement-{month}.csv"
+    text = await asyncio.to_thread(Path(await download.path()).read_text)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["item"], int(r["millicredits"])) for r in rows if r["section"] == "usage"] == [
+        ("gpt-4o", charged)
+    ]
+
+    async with page.expect_download() as info:
+        await page.get_by_role("link", name="Download statement PDF").click()
+    download = await info.value
+    assert download.suggested_filename == f"statement-{month}.pdf"
+    assert (await asyncio.to_thread(Path(await download.path()).read_bytes)).startswith(b"%PDF")
