@@ -367,3 +367,44 @@ async def test_monthly_statement_downloads_as_csv_and_pdf(live: LiveStack, page:
     download = await info.value
     assert download.suggested_filename == f"statement-{month}.pdf"
     assert (await asyncio.to_thread(Path(await download.path()).read_bytes)).startswith(b"%PDF")
+
+
+async def set_flag(live: LiveStack, name: str, value: object) -> None:
+    async with live.http.put(
+        f"{live.admin_url}/admin/v1/flags/{name}",
+        json={"value": value},
+        headers={"Authorization": f"Bearer {live.admin_token}"},
+    ) as response:
+        assert response.status == 200, await response.text()
+
+
+async def me_of(live: LiveStack, account: BrowserAccount) -> dict[str, object]:
+    async with live.http.get(
+        live.url("/api/billing/me"), headers={"Authorization": f"Bearer {account.key}"}
+    ) as response:
+        assert response.status == 200, await response.text()
+        body: dict[str, object] = await response.json()
+        return body
+
+
+async def test_purchases_off_disables_buying_and_paused_charging_is_announced(
+    live: LiveStack, page: Page
+) -> None:
+    account = await live.create_account(9_000_000)
+    await set_flag(live, "billing.purchase_enabled", False)
+    await set_flag(live, "billing.charging_enabled", False)
+    # The gateway hears of the change through its control listener.
+    for _ in range(100):
+        me = await me_of(live, account)
+        if not me["purchasesEnabled"] and me["chargingPaused"]:
+            break
+        await asyncio.sleep(0.1)
+
+    await open_with_portal_link(live, page, account)
+
+    await expect(page.locator("#purchases-off")).to_be_visible()
+    await expect(page.locator("button.buy")).to_have_count(3)
+    for button in await page.locator("button.buy").all():
+        await expect(button).to_be_disabled()
+    await expect(page.locator("#banner-charging-paused")).to_contain_text("Charging is paused")
+    await expect(page.locator("#banner-low-balance")).to_be_hidden()
