@@ -30,7 +30,6 @@ import jinja2
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from runtime.return_to import validated_return_to
 
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.purchases.fulfilment import CREDITS_PATH, fulfil_from_stripe
@@ -39,6 +38,7 @@ from billing.purchases.stripe_client import StripeRequestError, StripeUnavailabl
 from gateway import appkeys as gateway_keys
 from runtime import appkeys
 from runtime.errors import InvalidRequestError, NotFoundError
+from runtime.return_to import validated_return_to
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
