@@ -85,7 +85,7 @@
 
   class ApiError extends Error {
     constructor(status, body) {
-      super(body?.error?.message || `HTTP ${status}`);
+      super(body?.error?.message || t(S.page.httpError, { status }));
       this.status = status;
       this.code = body?.error?.code || null;
     }
@@ -263,7 +263,7 @@
       if (pkg.badge) item.append(el("span", { className: "badge", text: pkg.badge }));
       item.append(el("h3", { text: pkg.name }));
       if (pkg.tagline) item.append(el("p", { className: "muted", text: pkg.tagline }));
-      item.append(el("p", { className: "price", text: "$" + pkg.price }));
+      item.append(el("p", { className: "price", text: t(S.packages.price, { price: pkg.price }) }));
       item.append(el("p", {
         className: "total",
         text: t(S.packages.totalCredits, { amount: creditsCompact(pkg.totalMillicredits) }),
@@ -336,7 +336,7 @@
     for (const rate of me.activeRates || []) {
       body.append(el("tr", {}, [
         el("td", {}, rate.label
-          ? [el("span", { text: rate.label }), document.createTextNode(" "), el("code", { text: `(${rate.model})` })]
+          ? [el("span", { text: rate.label }), document.createTextNode(" "), el("code", { text: t(S.rates.modelId, { model: rate.model }) })]
           : [el("code", { text: rate.model })]),
         el("td", { className: "num", text: rate.inputCreditsPer1k }),
         el("td", { className: "num", text: rate.outputCreditsPer1k }),
@@ -441,7 +441,7 @@
       list.append(el("dt", { text: label }));
       const dd = el("dd");
       if (value instanceof Node) dd.append(value);
-      else dd.textContent = value === null || value === undefined || value === "" ? "—" : String(value);
+      else dd.textContent = value === null || value === undefined || value === "" ? S.table.noValue : String(value);
       list.append(dd);
     }
     dialog.addEventListener("close", () => opener.focus(), { once: true });
@@ -642,7 +642,15 @@
 
   // -- start -----------------------------------------------------------------------------
 
+  /** Back from Checkout through the browser's history: buttons left busy come back. */
+  function restoreButtons(event) {
+    if (!event.persisted) return;
+    for (const button of document.querySelectorAll("button[aria-busy]")) setBusy(button, false);
+    for (const button of document.querySelectorAll("button.buy")) button.disabled = !me?.purchasesEnabled;
+  }
+
   async function start() {
+    window.addEventListener("pageshow", restoreButtons);
     $("sign-in-form").addEventListener("submit", signIn);
     $("sign-out").addEventListener("click", signOut);
     $("add-credits").addEventListener("click", addCredits);
