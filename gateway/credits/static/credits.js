@@ -203,7 +203,7 @@
     try {
       const session = await api("/api/billing/session", { method: "POST", body: { apiKey } });
       await signedIn(session);
-      $("balance-heading").focus?.();
+      $("balance-heading").focus(); // announce the signed-in page, not the vanished form
     } catch (err) {
       error.textContent = err instanceof ApiError && err.status === 401
         ? S.signIn.failed
