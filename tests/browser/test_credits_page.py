@@ -279,6 +279,17 @@ async def test_usage_table_filters_pages_details_and_csv(live: LiveStack, page: 
     assert [int(r["charged_millicredits"]) for r in table] == charged[::-1]
     assert download.suggested_filename.endswith(".csv")
 
+    # The ledger filters by type: the one adjustment among 28 usage charges.
+    ledger = page.locator("#ledger-table tbody tr")
+    await expect(ledger).to_have_count(25)
+    await page.locator("#ledger-type").select_option("adjustment")
+    await page.locator("#ledger-filters").get_by_role("button", name="Apply filters").click()
+    await expect(ledger).to_have_count(1)
+    await expect(ledger.first.locator("td").nth(2)).to_have_text("1,000,000.000")
+    await expect(page.locator("#ledger-csv")).to_have_attribute(
+        "href", "/api/billing/ledger?type=adjustment&format=csv"
+    )
+
     # A date range that holds only the gpt-4o-mini day.
     await page.locator("#usage-model").select_option("")
     await page.locator("#usage-since").fill("2026-11-02")
