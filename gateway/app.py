@@ -39,6 +39,7 @@ from gateway.usage import UsageStats
 from runtime import appkeys
 from runtime.errors import answer_errors
 from runtime.resources import control_ctx, gateway_redis_ctx, postgres_ctx, stripe_ctx
+from runtime.return_to import buy_credits_url_for
 from runtime.settings import Settings
 from runtime.supervision import cancel_and_wait, periodically, supervise
 
@@ -220,7 +221,11 @@ def create_app(settings: Settings) -> web.Application:
         *checkout_routes(),
         ("*", r"/{tail:[\s\S]*}", handle_unmatched),
     ]
-    url = buy_credits_url(settings)
+    url = partial(
+        buy_credits_url_for,
+        credits_url=buy_credits_url(settings),
+        allowed_origins=settings.return_to_origins,
+    )
     for method, path, handler in routes:
         app.router.add_route(method, path, answer_errors(handler, url))
     return app
