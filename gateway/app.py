@@ -32,6 +32,7 @@ from billing.metering.script_channel import ScriptChannel
 from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator
+from gateway.billing_api import billing_api_routes
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
 from gateway.purchase_routes import checkout_routes
@@ -219,6 +220,7 @@ def create_app(settings: Settings) -> web.Application:
         ("*", r"/v1/{tail:[\s\S]*}", handle_unknown_v1),
         ("GET", "/healthz", _healthz),
         *checkout_routes(),
+        *billing_api_routes(),
         ("*", r"/{tail:[\s\S]*}", handle_unmatched),
     ]
     url = partial(
