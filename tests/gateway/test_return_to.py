@@ -11,6 +11,11 @@ import pytest
 from runtime.errors import InvalidRequestError
 from runtime.return_to import url_origin, validated_return_to
 from runtime.settings import ConfigError, Settings
+from tests.e2e.test_checkout_flow import (  # the Stripe stand-in's fixture and the shop
+    open_shop,
+    shop_settings,
+    stripe_stub,  # noqa: F401 (a fixture)
+)
 
 ORIGINS = frozenset({"https://app.example.com", "http://localhost:3000"})
 _ENV = {
@@ -150,3 +155,30 @@ async def test_403_account_deactivated_buy_credits_url_carries_return_to(gw) -> 
 
     assert error["code"] == "account_deactivated"
     assert _return_to(error["buyCreditsUrl"]) == "/back"
+
+
+async def test_checkout_takes_return_to_or_return_path_through_the_validator(
+    database_url,
+    redis_url,
+    stripe_stub,  # noqa: F811 (the imported fixture)
+    aiohttp_client,
+) -> None:
+    settings = shop_settings(
+        database_url, redis_url, stripe_stub, return_to_origins=frozenset({"https://app.test"})
+    )
+    shop = await open_shop(aiohttp_client, settings, stripe_stub)
+
+    by_url = await shop.started("starter", returnTo="https://app.test/after?x=1")
+    by_path = await shop.started("starter", returnPath="/dashboard")
+    refused = await shop.buy({"packageCode": "starter", "returnTo": "https://evil.test/"})
+    refused_old = await shop.buy({"packageCode": "starter", "returnPath": "//evil.test/"})
+
+    stored = await shop.pool.fetch(
+        "SELECT return_path FROM purchases WHERE account_id = $1 ORDER BY id", shop.account_id
+    )
+    assert [row["return_path"] for row in stored] == ["https://app.test/after?x=1", "/dashboard"]
+    assert by_url["status"] == by_path["status"] == "pending"
+    assert refused.status == refused_old.status == 400
+    assert (await refused.json())["error"]["param"] == "returnTo"
+    assert (await refused_old.json())["error"]["param"] == "returnPath"
+    assert (await refused_old.json())["error"]["code"] == "invalid_return_path"
