@@ -11,20 +11,15 @@ Routes (``billing_api_routes``), each scoped to ``billing_caller(request).accoun
 
 Another account's ids are 404, never 403: nothing tells a caller that they exist. Amounts at
 the JSON edge are ``billing.units.money_fields`` (a millicredit string beside display numbers);
-in CSV and PDF they are ``billing.units.credits_text`` (exact, 3 decimals) beside a
-millicredits column. CSV exports page through Postgres ``EXPORT_BATCH_ROWS`` rows at a time
-and write each batch before reading the next: memory stays constant for any history.
+in CSV (``gateway.billing_exports``, streamed in batches: constant memory) and PDF
+(``gateway.statement_pdf``) they are ``billing.units.credits_text`` (exact, 3 decimals).
 The reference is docs/billing-api.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
@@ -35,7 +30,6 @@ from aiohttp.typedefs import Handler
 from multidict import MultiMapping
 
 from billing.accounts import balance_fields, get_account
-from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import (
     ENTRY_TYPES,
     LedgerEntry,
@@ -48,16 +42,24 @@ from billing.purchases.packages import list_packages
 from billing.statements import Statement, monthly_statement, parse_month
 from billing.units import MILLICREDITS_PER_CREDIT, credits_text, money_fields
 from gateway import appkeys as gateway_keys
+from gateway.billing_exports import (
+    LEDGER_CSV_HEADER,
+    USAGE_CSV_HEADER,
+    Lister,
+    attachment,
+    batches,
+    ledger_csv_row,
+    postgres_errors_as_503,
+    statement_csv,
+    stream_csv,
+    usage_csv_row,
+)
 from gateway.billing_session import BillingCaller, billing_caller
 from gateway.purchase_routes import package_json
 from gateway.statement_pdf import statement_pdf
 from runtime import appkeys
 from runtime.errors import InvalidRequestError, NotFoundError, json_response
 
-log = logging.getLogger(__name__)
-
-#: Rows per Postgres read while streaming a CSV export.
-EXPORT_BATCH_ROWS = 1000
 #: Rows of ``recentLedger`` and ``recentUsage`` in ``GET /api/billing/me``.
 RECENT_ROWS = 5
 DEFAULT_PAGE_ROWS = 25
@@ -80,15 +82,6 @@ def billing_api_routes() -> list[tuple[str, str, Handler]]:
         ("GET", "/api/billing/statements/{month}", handle_statement),
         ("POST", "/api/billing/estimate", handle_estimate),
     ]
-
-
-@contextmanager
-def _postgres() -> Iterator[None]:
-    """Postgres unreachable -> ``BillingUnavailableError`` (503)."""
-    try:
-        yield
-    except POSTGRES_UNAVAILABLE as exc:
-        raise BillingUnavailableError(f"postgres: {exc}") from exc
 
 
 # -- rows at the edge -------------------------------------------------------------------
@@ -136,73 +129,6 @@ def rate_json(card: RateCard) -> dict[str, Any]:
         "outputCreditsPer1k": credits_text(card.output_millicredits_per_1k_tokens),
         "updatedAt": card.effective_at.isoformat(),
     }
-
-
-def _csv_text(value: str | None) -> str:
-    """A free-text cell, defused for spreadsheets: a leading ``= + - @`` (a formula) gets a
-    ``'`` in front (OWASP's CSV injection advice). Numbers are written as they are."""
-    text = value or ""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-USAGE_CSV_HEADER = (
-    "id",
-    "date",
-    "model",
-    "input_tokens",
-    "cached_input_tokens",
-    "output_tokens",
-    "charged_credits",
-    "charged_millicredits",
-    "request_id",
-    "key_prefix",
-    "usage_source",
-)
-
-
-def usage_csv_row(event: UsageEvent) -> tuple[object, ...]:
-    """One usage event in the order of ``USAGE_CSV_HEADER``."""
-    return (
-        event.id,
-        event.started_at.isoformat(),
-        _csv_text(event.model),
-        event.prompt_tokens,
-        event.cached_tokens,
-        event.completion_tokens,
-        credits_text(event.charged_millicredits),
-        event.charged_millicredits,
-        _csv_text(event.request_id),
-        _csv_text(event.key_prefix),
-        event.usage_source,
-    )
-
-
-LEDGER_CSV_HEADER = (
-    "id",
-    "date",
-    "type",
-    "amount_credits",
-    "amount_millicredits",
-    "balance_after_credits",
-    "balance_after_millicredits",
-    "reference",
-    "receipt_url",
-)
-
-
-def ledger_csv_row(entry: LedgerEntry) -> tuple[object, ...]:
-    """One ledger entry in the order of ``LEDGER_CSV_HEADER``."""
-    return (
-        entry.id,
-        entry.created_at.isoformat(),
-        entry.entry_type,
-        credits_text(entry.amount_millicredits),
-        entry.amount_millicredits,
-        credits_text(entry.balance_after_millicredits),
-        entry.balance_after_millicredits,
-        _csv_text(entry.reference),
-        _csv_text(entry.receipt_url),
-    )
 
 
 # -- query parameters -------------------------------------------------------------------
@@ -305,13 +231,11 @@ def _list_query(query: MultiMapping[str], filters: dict[str, Any]) -> _ListQuery
 
 # -- lists and exports ------------------------------------------------------------------
 
-_Lister = Callable[..., Awaitable[Sequence[Any]]]
-
 
 async def _page(
-    request: web.Request, lister: _Lister, parsed: _ListQuery, to_json: Callable[[Any], Any]
+    request: web.Request, lister: Lister, parsed: _ListQuery, to_json: Callable[[Any], Any]
 ) -> web.Response:
-    with _postgres():
+    with postgres_errors_as_503():
         rows = await lister(
             request.app[appkeys.DB_POOL],
             **parsed.filters,
@@ -324,67 +248,6 @@ async def _page(
         {"object": "list", "data": [to_json(row) for row in kept], "nextCursor": next_cursor},
         200,
     )
-
-
-async def _batches(
-    request: web.Request, lister: _Lister, filters: dict[str, Any]
-) -> AsyncIterator[Sequence[Any]]:
-    """Every matching row, newest first, ``EXPORT_BATCH_ROWS`` at a time (keyset paging:
-    each read starts below the last id written, so no batch is read twice or skipped)."""
-    pool = request.app[appkeys.DB_POOL]
-    before_id = None
-    while True:
-        with _postgres():
-            rows = await lister(pool, **filters, before_id=before_id, limit=EXPORT_BATCH_ROWS)
-        yield rows
-        if len(rows) < EXPORT_BATCH_ROWS:
-            return
-        before_id = rows[-1].id
-
-
-def _attachment(filename: str) -> str:
-    return f'attachment; filename="{filename}"'
-
-
-async def _stream_csv(
-    request: web.Request,
-    name: str,
-    header: Sequence[str],
-    rows: AsyncIterator[Sequence[Any]],
-    to_row: Callable[[Any], Sequence[object]],
-) -> web.StreamResponse:
-    """Stream ``rows`` as CSV. The first batch is read before the headers go out, so a
-    Postgres that is down is still a 503; a failure later cuts the download short (the
-    status is sent already) and is logged."""
-    first = await anext(rows)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/csv; charset=utf-8",
-            "Content-Disposition": _attachment(f"{name}-{stamp}.csv"),
-            "Cache-Control": "no-store",
-        }
-    )
-    await response.prepare(request)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    batch: Sequence[Any] | None = first
-    while batch is not None:
-        writer.writerows(to_row(row) for row in batch)
-        await response.write(buffer.getvalue().encode())
-        buffer.seek(0)
-        buffer.truncate()
-        try:
-            batch = await anext(rows)
-        except StopAsyncIteration:
-            batch = None
-        except BillingUnavailableError:
-            log.warning("%s export cut short: Postgres unreachable", name)
-            response.force_close()
-            return response
-    await response.write_eof()
-    return response
 
 
 async def handle_usage(request: web.Request) -> web.StreamResponse:
@@ -405,8 +268,8 @@ async def handle_usage(request: web.Request) -> web.StreamResponse:
         },
     )
     if parsed.csv:
-        batches = _batches(request, list_usage_events, parsed.filters)
-        return await _stream_csv(request, "usage", USAGE_CSV_HEADER, batches, usage_csv_row)
+        rows = batches(request, list_usage_events, parsed.filters)
+        return await stream_csv(request, "usage", USAGE_CSV_HEADER, rows, usage_csv_row)
     return await _page(request, list_usage_events, parsed, usage_json)
 
 
@@ -426,17 +289,17 @@ async def handle_ledger(request: web.Request) -> web.StreamResponse:
         },
     )
     if parsed.csv:
-        batches = _batches(request, list_ledger_entries, parsed.filters)
-        return await _stream_csv(request, "ledger", LEDGER_CSV_HEADER, batches, ledger_csv_row)
+        rows = batches(request, list_ledger_entries, parsed.filters)
+        return await stream_csv(request, "ledger", LEDGER_CSV_HEADER, rows, ledger_csv_row)
     return await _page(request, list_ledger_entries, parsed, ledger_json)
 
 
-async def _one(request: web.Request, caller: BillingCaller, lister: _Lister, what: str) -> Any:
+async def _one(request: web.Request, caller: BillingCaller, lister: Lister, what: str) -> Any:
     """The caller's row with the path's id, or 404 (also for another account's row)."""
     row_id = int(request.match_info["id"])
     rows: Sequence[Any] = []
     if row_id < 2**63 - 1:
-        with _postgres():
+        with postgres_errors_as_503():
             rows = await lister(
                 request.app[appkeys.DB_POOL],
                 account_id=caller.account_id,
@@ -474,7 +337,7 @@ async def handle_me(request: web.Request) -> web.Response:
     app = request.app
     pool = app[appkeys.DB_POOL]
     flags = app[appkeys.CONTROL].flags
-    with _postgres():
+    with postgres_errors_as_503():
         account = await get_account(pool, caller.account_id)
         packages = await list_packages(pool)
         ledger = await list_ledger_entries(pool, account_id=caller.account_id, limit=RECENT_ROWS)
@@ -538,41 +401,6 @@ def statement_json(statement: Statement) -> dict[str, Any]:
     }
 
 
-STATEMENT_CSV_HEADER = (
-    "section",
-    "item",
-    "requests",
-    "input_tokens",
-    "cached_input_tokens",
-    "output_tokens",
-    "credits",
-    "millicredits",
-)
-
-
-def statement_csv(statement: Statement) -> str:
-    """The statement as CSV: ``summary`` rows, then one ``usage`` row per model."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(STATEMENT_CSV_HEADER)
-    for label, amount in statement.summary_lines():
-        writer.writerow(("summary", label, "", "", "", "", credits_text(amount), amount))
-    for usage in statement.usage:
-        writer.writerow(
-            (
-                "usage",
-                _csv_text(usage.model),
-                usage.requests,
-                usage.input_tokens,
-                usage.cached_input_tokens,
-                usage.output_tokens,
-                credits_text(usage.charged_millicredits),
-                usage.charged_millicredits,
-            )
-        )
-    return buffer.getvalue()
-
-
 async def handle_statement(request: web.Request) -> web.Response:
     """``GET /api/billing/statements/{YYYY-MM}``: the caller's statement of a UTC month.
 
@@ -589,7 +417,7 @@ async def handle_statement(request: web.Request) -> web.Response:
             code="invalid_month",
         ) from exc
     kind = _choice(request.query, "format", ("json", "csv", "pdf")) or "json"
-    with _postgres():
+    with postgres_errors_as_503():
         statement = await monthly_statement(request.app[appkeys.DB_POOL], caller.account_id, month)
     if kind == "json":
         return json_response(statement_json(statement), 200)
@@ -599,7 +427,7 @@ async def handle_statement(request: web.Request) -> web.Response:
         content_type="text/csv" if kind == "csv" else "application/pdf",
         charset="utf-8" if kind == "csv" else None,
         headers={
-            "Content-Disposition": _attachment(f"statement-{statement.label}.{kind}"),
+            "Content-Disposition": attachment(f"statement-{statement.label}.{kind}"),
             "Cache-Control": "no-store",
         },
     )

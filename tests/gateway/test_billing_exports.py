@@ -13,7 +13,7 @@ import pytest
 
 from billing import ledger
 from billing.units import credits_text
-from gateway.billing_api import EXPORT_BATCH_ROWS, LEDGER_CSV_HEADER, USAGE_CSV_HEADER
+from gateway.billing_exports import EXPORT_BATCH_ROWS, LEDGER_CSV_HEADER, USAGE_CSV_HEADER
 from tests.gateway.billing_world import (
     BillingClient,
     expected_usage_charge,
