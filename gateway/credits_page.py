@@ -188,7 +188,9 @@ def _return_to(request: web.Request, purchase: Purchase | None) -> str | None:
     if purchase is not None and purchase.return_path:
         return purchase.return_path
     try:
-        return validated_return_to(request.query.get("returnTo"))
+        return validated_return_to(
+            request.query.get("returnTo"), request.app[appkeys.SETTINGS].return_to_origins
+        )
     except InvalidRequestError:
         return None
 
