@@ -97,3 +97,12 @@ async def test_unknown_purchase_is_404_with_the_page(gw: GatewayHarness) -> None
     assert status == 404
     assert headers["Content-Security-Policy"] == CSP
     assert 'data-status="error"' in page and "We could not find this purchase." in page
+
+
+async def test_return_to_may_be_an_allowed_origin(make_gateway) -> None:
+    gw = await make_gateway(return_to_origins=frozenset({"https://app.example.com"}))
+
+    _, _, page = await get(gw, "/credits?returnTo=https://app.example.com/billing")
+    assert 'href="https://app.example.com/billing">Return to app</a>' in page
+    _, _, page = await get(gw, "/credits?returnTo=https://evil.example.com/billing")
+    assert 'id="return-to"' not in page
