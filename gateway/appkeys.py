@@ -14,6 +14,7 @@ from billing.metering.rate_cards import RateCardBook
 from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import TokenCounter
 from gateway.auth import KeyAuthenticator
+from gateway.billing_session_store import BillingSessionStore
 from gateway.usage import UsageStats
 
 RATE_CARDS = web.AppKey("rate_cards", RateCardBook)
@@ -29,3 +30,5 @@ UPSTREAM_URLS = web.AppKey("upstream_urls", dict[str, URL])
 PROMPT_COUNTING = web.AppKey("prompt_counting", ThreadPoolExecutor)
 # Settlements and voids Redis did not confirm, retried in the background (one per process).
 SETTLEMENT_RESCUE = web.AppKey("settlement_rescue", SettlementRescue)
+# Billing sessions (``gateway.billing_session``): aiohttp-session storage on the Redis client.
+BILLING_SESSIONS = web.AppKey("billing_sessions", BillingSessionStore)

@@ -89,6 +89,11 @@ class Settings:
     control_refresh_s: float = 1.0
     """``CONTROL_REFRESH_S``: seconds between re-reads of the flags by each process's control
     listener (``runtime.control``), the safety net for a missed event."""
+    portal_link_ttl_s: int = 300
+    """``PORTAL_LINK_TTL_S``: seconds a portal link (``billing.portal_links``) can be opened."""
+    billing_session_ttl_s: int = 43200
+    """``BILLING_SESSION_TTL_S``: seconds a billing session (cookie and Redis data) lasts
+    from sign-in (``gateway.billing_session``)."""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -177,6 +182,8 @@ class Settings:
             stripe_api_base=read.text("STRIPE_API_BASE") or None,
             purchases_enabled=read.flag(live_flags.PURCHASE_ENABLED),
             control_refresh_s=read.seconds("CONTROL_REFRESH_S", 1.0),
+            portal_link_ttl_s=read.integer("PORTAL_LINK_TTL_S", 300, minimum=1),
+            billing_session_ttl_s=read.integer("BILLING_SESSION_TTL_S", 43200, minimum=60),
         )
         read.raise_problems()
         return settings
