@@ -21,6 +21,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import orjson
@@ -46,6 +47,17 @@ class PortalLink:
     url: str
     expires_at: datetime
     return_to: str | None
+
+
+def portal_link_document(link: PortalLink) -> dict[str, Any]:
+    """The answer both services give for a new link: ``{"object": "billing_portal.session",
+    "url", "expiresAt": ISO 8601, "returnTo": str | None}``."""
+    return {
+        "object": "billing_portal.session",
+        "url": link.url,
+        "expiresAt": link.expires_at.isoformat(),
+        "returnTo": link.return_to,
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,9 @@ from yarl import URL
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.portal_links import (
     PORTAL_PATH,
-    PortalLink,
     consume_portal_link,
     create_portal_link,
+    portal_link_document,
     session_holder_status,
 )
 from billing.purchases.fulfilment import CREDITS_PATH
@@ -75,16 +75,6 @@ def billing_session_routes() -> list[tuple[str, str, Handler]]:
     ]
 
 
-def portal_link_json(link: PortalLink) -> dict[str, Any]:
-    """``{"object": "billing_portal.session", "url", "expiresAt": iso, "returnTo"}``."""
-    return {
-        "object": "billing_portal.session",
-        "url": link.url,
-        "expiresAt": link.expires_at.isoformat(),
-        "returnTo": link.return_to,
-    }
-
-
 async def _optional_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; an empty body is ``{}``."""
     raw = await request.read()
@@ -105,7 +95,7 @@ async def handle_create_portal_session(request: web.Request) -> web.Response:
     """``POST /api/billing/portal-sessions``: a single-use sign-in link for the bearer key's
     account (a session cookie cannot make one: a session cannot extend itself).
 
-    Body: ``{"returnTo"?: "/..."}``. Answers 201 ``portal_link_json``.
+    Body: ``{"returnTo"?: "/..."}``. Answers 201 ``portal_link_document``.
     Errors: 401 bad key; 400 malformed body or returnTo; 503 Redis or Postgres down.
     """
     caller = await bearer_caller(request)
@@ -123,7 +113,7 @@ async def handle_create_portal_session(request: web.Request) -> web.Response:
         )
     except _REDIS_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"redis: {exc}") from exc
-    return json_response(portal_link_json(link), 201)
+    return json_response(portal_link_document(link), 201)
 
 
 async def handle_open_portal_link(request: web.Request) -> web.Response:
