@@ -217,6 +217,4 @@ def _expired_link_page() -> web.Response:
         f"<p>{html.escape(_EXPIRED_BODY)}</p>\n"
         f'<p><a href="{CREDITS_PATH}">Go to the Credits page</a></p></main></body></html>\n'
     )
-    return web.Response(
-        text=document, status=410, content_type="text/html", headers=_PAGE_HEADERS
-    )
+    return web.Response(text=document, status=410, content_type="text/html", headers=_PAGE_HEADERS)

@@ -38,7 +38,6 @@ class BillingSessionStore(AbstractStorage):
             httponly=True,
             samesite="Lax",
             encoder=lambda value: orjson.dumps(value).decode(),
-            decoder=orjson.loads,
         )
         self._redis = client
 
@@ -53,7 +52,7 @@ class BillingSessionStore(AbstractStorage):
         if session_id and len(session_id) <= _MAX_SESSION_ID_CHARS:
             raw = await self._redis.get(_KEY_PREFIX + session_id)
             if raw is not None:
-                return Session(session_id, data=self._decoder(raw), new=False, max_age=self.max_age)
+                return Session(session_id, data=orjson.loads(raw), new=False, max_age=self.max_age)
         return Session(None, data=None, new=True, max_age=self.max_age)
 
     async def save_session(
