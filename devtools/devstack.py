@@ -9,16 +9,22 @@ Each step is skipped when the environment already provides what it would:
    (e.g. under ``/root``), PostgreSQL's files go to ``/var/tmp/creditgate-<hash>/`` instead.
 2. The simulated OpenAI upstream (``python -m devtools.simulator`` on 127.0.0.1:8090), unless
    UPSTREAM_API_KEY is set. A banner says so: its answers are canned, not a model's.
-3. ``creditgate migrate``, ``creditgate seed``, and a demo account (demo@example.com, 10,000
+3. The simulated Stripe (``python -m devtools.stripe_sim`` on 127.0.0.1:8091, or
+   STRIPE_SIM_PORT), unless STRIPE_API_KEY is set: the gateway's STRIPE_API_KEY,
+   STRIPE_API_BASE and STRIPE_WEBHOOK_SECRETS point at it (a new webhook secret each run), and
+   its Checkout page's Pay sends signed webhooks to the admin service. No money moves.
+4. ``creditgate migrate``, ``creditgate seed``, and a demo account (demo@example.com, 10,000
    credits) with an API key, kept in ``.data/demo.json`` and reused while that account exists.
-4. ``creditgate serve`` on 127.0.0.1:8080 (HOST and PORT override), then copy-paste examples.
+5. ``creditgate serve`` on 127.0.0.1:8080 (HOST and PORT override), then copy-paste examples
+   and a link that opens the demo account's Credits page.
 
 Stopping: Ctrl-C (or SIGTERM, SIGHUP) stops everything this run started, newest first: the
 gateway (while Redis and PostgreSQL are still up, so it can settle requests in flight), the
-simulator, Redis, PostgreSQL. The children run in their own process groups so that a terminal's
-Ctrl-C reaches only this process, which keeps that order. Killed outright (SIGKILL), it leaves
-PostgreSQL running for the next run to adopt (Redis stops, see ``devtools.localservices``), and
-the gateway and simulator holding their ports, which the next run names. Data stay in
+simulated Stripe, the simulator, Redis, PostgreSQL. The children run in their own process
+groups so that a terminal's Ctrl-C reaches only this process, which keeps that order. Killed
+outright (SIGKILL), it leaves PostgreSQL running for the next run to adopt (Redis stops, see
+``devtools.localservices``), and the gateway and simulators holding their ports, which the next
+run names. Data stay in
 ``.data/``; delete it, once stopped, to start from scratch.
 """
 
@@ -29,12 +35,15 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +53,7 @@ from typing import Any
 import asyncpg
 
 from billing.admin_tokens import find_active_admin_token
+from devtools import stripe_sim
 from devtools.localservices import (
     LocalServiceError,
     start_postgres,
@@ -60,6 +70,7 @@ _READY_TIMEOUT_S = 60.0
 # aiohttp gives open requests 60 s to finish on shutdown; a little more before SIGKILL.
 _GATEWAY_STOP_TIMEOUT_S = 70.0
 _SIMULATOR_STOP_TIMEOUT_S = 10.0
+_PORTAL_LINK_TIMEOUT_S = 10.0
 
 _SIMULATED_BANNER = """
 ##########################################################################
@@ -89,15 +100,17 @@ class _Options:
     database_url: str | None
     redis_url: str | None
     upstream_api_key: str | None
+    stripe_api_key: str | None
     pg_port: int
     redis_port: int
     gateway_port: int
     admin_port: int
+    stripe_sim_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> _Options:
-        """Read DATABASE_URL, REDIS_URL, UPSTREAM_API_KEY, PG_PORT, REDIS_PORT, PORT and
-        ADMIN_PORT.
+        """Read DATABASE_URL, REDIS_URL, UPSTREAM_API_KEY, STRIPE_API_KEY, PG_PORT,
+        REDIS_PORT, PORT, ADMIN_PORT and STRIPE_SIM_PORT.
 
         Raises:
             DevstackError: a port variable is not a TCP port number.
@@ -113,10 +126,12 @@ class _Options:
             database_url=env.get("DATABASE_URL") or None,
             redis_url=env.get("REDIS_URL") or None,
             upstream_api_key=env.get("UPSTREAM_API_KEY") or None,
+            stripe_api_key=env.get("STRIPE_API_KEY") or None,
             pg_port=port("PG_PORT", 54329),
             redis_port=port("REDIS_PORT", 63799),
             gateway_port=port("PORT", 8080),
             admin_port=port("ADMIN_PORT", 8081),
+            stripe_sim_port=port("STRIPE_SIM_PORT", stripe_sim.DEFAULT_PORT),
         )
 
 
@@ -151,6 +166,8 @@ def _run(stack: contextlib.ExitStack, options: _Options, data_dir: Path) -> int:
     _require_free_port(options.gateway_port, "the gateway")
     if simulated:
         _require_free_port(SIMULATOR_PORT, "the upstream simulator")
+    if options.stripe_api_key is None:
+        _require_free_port(options.stripe_sim_port, "the simulated Stripe")
     if options.redis_url is None:
         _require_free_port(options.redis_port, "Redis")
 
@@ -172,10 +189,13 @@ def _run(stack: contextlib.ExitStack, options: _Options, data_dir: Path) -> int:
         env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{SIMULATOR_PORT}/v1"
         env["UPSTREAM_API_KEY"] = SIMULATED_API_KEY
         print(_SIMULATED_BANNER, flush=True)
+    if options.stripe_api_key is None:
+        env.update(start_stripe_sim(stack, env, options.stripe_sim_port, options.admin_port))
+        started.append("the simulated Stripe")
 
     print(f"migrate:    {json.dumps(_creditgate(env, 'migrate'))}", flush=True)
     print(f"seed:       {json.dumps(_creditgate(env, 'seed'))}", flush=True)
-    key = _demo_key(env, data_dir / "demo.json")
+    account_id, key = _demo_key(env, data_dir / "demo.json")
     admin_token = _demo_admin_token(env, data_dir / "demo.json")
 
     env.setdefault("HOST", "127.0.0.1")
@@ -185,8 +205,11 @@ def _run(stack: contextlib.ExitStack, options: _Options, data_dir: Path) -> int:
     stack.callback(_terminate, gateway, _GATEWAY_STOP_TIMEOUT_S)
     _wait_for_port(gateway, _client_host(env["HOST"]), options.gateway_port, "creditgate serve")
     started.append("the gateway")
+    _wait_for_port(gateway, "127.0.0.1", options.admin_port, "the admin service")
     _print_examples(key, options.gateway_port, env, simulated=simulated, started=started)
     _print_admin_examples(admin_token, options.admin_port)
+    _print_payments(env, options)
+    _print_credits_page(account_id, admin_token, options)
     return gateway.wait()
 
 
@@ -224,8 +247,9 @@ def _start_simulator(stack: contextlib.ExitStack, env: dict[str, str]) -> None:
     _wait_for_port(simulator, "127.0.0.1", SIMULATOR_PORT, "the upstream simulator")
 
 
-def _demo_key(env: Mapping[str, str], state_path: Path) -> str:
-    """The demo account's API key: the saved one while its account exists, else a new one.
+def _demo_key(env: Mapping[str, str], state_path: Path) -> tuple[int, str]:
+    """The demo account's id and API key: the saved key while its account exists, else a
+    new one.
 
     ``state_path`` holds ``{"database", "account_id", "key"}``; ``database`` is a digest of
     DATABASE_URL (which may hold a password) so a key is never offered for another database.
@@ -239,7 +263,7 @@ def _demo_key(env: Mapping[str, str], state_path: Path) -> str:
         and saved.get("account_id") == account_id
         and isinstance(saved.get("key"), str)
     ):
-        return str(saved["key"])
+        return account_id, str(saved["key"])
     if account_id is None:
         created = _creditgate(
             env, "accounts", "create", "--email", DEMO_EMAIL, "--credits", str(DEMO_CREDITS)
@@ -251,7 +275,35 @@ def _demo_key(env: Mapping[str, str], state_path: Path) -> str:
     state = {"database": database, "account_id": account_id, "key": key}
     state_path.touch(mode=0o600)
     state_path.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    return key
+    return account_id, key
+
+
+def start_stripe_sim(
+    stack: contextlib.ExitStack, env: Mapping[str, str], port: int, admin_port: int
+) -> dict[str, str]:
+    """Start the simulated Stripe on 127.0.0.1:``port``, its webhooks going to the admin
+    service on ``admin_port``, stopped by ``stack``; returns the gateway's Stripe settings
+    for it (STRIPE_API_KEY, STRIPE_API_BASE, STRIPE_WEBHOOK_SECRETS: a new secret each run).
+
+    Raises:
+        DevstackError: it exited or did not listen within 60 s.
+    """
+    secret = f"whsec_sim_{secrets.token_hex(16)}"
+    webhook_url = f"http://127.0.0.1:{admin_port}/stripe/webhook"
+    command = [sys.executable, "-m", "devtools.stripe_sim", "--host", "127.0.0.1"]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), "--webhook-url", webhook_url, "--webhook-secret", secret],
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        process_group=0,
+    )
+    stack.callback(_terminate, process, _SIMULATOR_STOP_TIMEOUT_S)
+    _wait_for_port(process, "127.0.0.1", port, "the simulated Stripe")
+    return {
+        "STRIPE_API_KEY": stripe_sim.TEST_API_KEY,
+        "STRIPE_API_BASE": f"http://127.0.0.1:{port}",
+        "STRIPE_WEBHOOK_SECRETS": secret,
+    }
 
 
 def _demo_admin_token(env: Mapping[str, str], state_path: Path) -> str:
@@ -426,6 +478,64 @@ def _print_admin_examples(token: str, port: int) -> None:
 
     export ADMIN_TOKEN={token}
     curl http://127.0.0.1:{port}/admin/v1/accounts -H "Authorization: Bearer $ADMIN_TOKEN"
+""",
+        flush=True,
+    )
+
+
+def _print_payments(env: Mapping[str, str], options: _Options) -> None:
+    if options.stripe_api_key is None:
+        print(
+            f"Payments: simulated Stripe at {env['STRIPE_API_BASE']} (no real money; Pay and "
+            "Cancel on its Checkout page)\n",
+            flush=True,
+        )
+        return
+    mode = (
+        "test mode"
+        if options.stripe_api_key.startswith(("sk_test_", "rk_test_"))
+        else ("LIVE mode: real money")
+    )
+    webhooks = (
+        "webhooks verified with STRIPE_WEBHOOK_SECRETS"
+        if env.get("STRIPE_WEBHOOK_SECRETS")
+        else "STRIPE_WEBHOOK_SECRETS is not set: webhooks are refused"
+    )
+    print(
+        f"Payments: Stripe {mode} (STRIPE_API_KEY is set); {webhooks}. Forward Stripe's events: "
+        f"stripe listen --forward-to http://127.0.0.1:{options.admin_port}/stripe/webhook\n",
+        flush=True,
+    )
+
+
+def _print_credits_page(account_id: int, admin_token: str, options: _Options) -> None:
+    """A link that opens the demo account's Credits page signed in (a portal link from the
+    admin API), or the page's address when this build has no portal links."""
+    endpoint = (
+        f"http://127.0.0.1:{options.admin_port}/admin/v1/accounts/{account_id}/portal-sessions"
+    )
+    request = urllib.request.Request(
+        endpoint,
+        data=b"{}",
+        method="POST",
+        headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=_PORTAL_LINK_TIMEOUT_S) as response:
+            url = str(json.load(response)["url"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+        print(
+            f"Credits page: http://127.0.0.1:{options.gateway_port}/credits "
+            f"(sign in there with the demo API key; no portal link: {exc})\n",
+            flush=True,
+        )
+        return
+    print(
+        f"""Credits page of the demo account, signed in (single use, expires in minutes):
+
+    {url}
+
+A new link: curl -X POST {endpoint} -H "Authorization: Bearer $ADMIN_TOKEN"
 """,
         flush=True,
     )

@@ -21,9 +21,7 @@ from billing.ledger import PostedBalance
 from billing.metering.holds import HoldStore, account_key
 from billing.purchases.fulfilment import publish_balance, start_checkout
 from billing.purchases.stripe_client import StripeClient
-from runtime import appkeys
-from runtime.settings import Settings
-from tests.stripe_stub import (
+from devtools.stripe_sim import (
     OLD_WEBHOOK_SECRET,
     TEST_API_KEY,
     WEBHOOK_SECRET,
@@ -31,6 +29,8 @@ from tests.stripe_stub import (
     event_body,
     sign,
 )
+from runtime import appkeys
+from runtime.settings import Settings
 
 STARTER_MC = 9_990_000
 

@@ -1,5 +1,5 @@
 """The purchase tests' world: accounts, purchases and Stripe's side of them, on a real
-Postgres (Stripe objects from ``tests.stripe_stub``, built in-process)."""
+Postgres (Stripe objects from ``devtools.stripe_sim``, built in-process)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import asyncpg
 from billing import ledger
 from billing.purchases.packages import get_package
 from billing.purchases.purchase_records import Purchase, attach_checkout_session, create_purchase
-from tests.stripe_stub import StripeStub
+from devtools.stripe_sim import StripeStub
 
 STARTER_MC = 9_990_000
 PROFESSIONAL_MC = 52_490_000

@@ -1,5 +1,5 @@
 """Refunds and disputes as reversal entries, and Stripe events in any order, against a real
-Postgres (Stripe objects from ``tests.stripe_stub``)."""
+Postgres (Stripe objects from ``devtools.stripe_sim``)."""
 
 from __future__ import annotations
 

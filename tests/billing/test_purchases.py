@@ -1,6 +1,6 @@
 """Packages, purchases and fulfilment against a real Postgres.
 
-Stripe objects come from ``tests.stripe_stub`` (Stripe's shapes, built in-process here; the
+Stripe objects come from ``devtools.stripe_sim`` (Stripe's shapes, built in-process here; the
 HTTP stand-in is exercised in the webhook and end-to-end tests). Refunds, disputes and event
 order: ``test_purchase_reversals.py``.
 """

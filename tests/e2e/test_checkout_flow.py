@@ -18,10 +18,10 @@ from admin_api.app import create_admin_app
 from billing import api_keys, ledger
 from billing.admin_tokens import Role, create_admin_token
 from billing.audit import CLI_ACTOR
+from devtools.stripe_sim import TEST_API_KEY, WEBHOOK_SECRET, StripeStub, event_body, sign
 from gateway.app import create_app
 from runtime import appkeys
 from runtime.settings import Settings
-from tests.stripe_stub import TEST_API_KEY, WEBHOOK_SECRET, StripeStub, event_body, sign
 
 STARTER_MC = 9_990_000
 PUBLIC_BASE_URL = "http://gateway.test"
@@ -153,7 +153,7 @@ async def test_checkout_creates_session_from_the_servers_own_prices(shop: Shop) 
     checkout = await shop.started("starter", amount=1, credits=10**9, priceMinorUnits=1)
 
     assert checkout["status"] == "pending"
-    assert checkout["checkoutUrl"].startswith("https://checkout.stripe.com/c/pay/cs_test_")
+    assert checkout["checkoutUrl"].startswith(f"{shop.stub.base_url}/checkout/cs_test_")
     [(_, path, params, headers)] = [r for r in shop.stub.requests if r[0] == "POST"]
     assert path == "/v1/checkout/sessions"
     assert params["mode"] == "payment"

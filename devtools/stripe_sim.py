@@ -1,5 +1,6 @@
-"""A local stand-in for the few Stripe API endpoints creditgate calls, and Stripe's side of
-a payment (the customer pays, a refund, a dispute) for building realistic webhook events.
+"""Simulated Stripe: a local stand-in for the few Stripe API endpoints creditgate calls, Stripe's
+hosted Checkout page, webhook delivery, and Stripe's side of a payment (the customer pays, a
+refund, a dispute) for building realistic webhook events.
 
 The official ``stripe`` client reaches it with its API base overridden (``STRIPE_API_BASE``):
 
@@ -7,26 +8,46 @@ The official ``stripe`` client reaches it with its API base overridden (``STRIPE
     GET  /v1/checkout/sessions/{id}    retrieve (``expand[]`` of payment_intent[.latest_charge])
     GET  /v1/refunds?charge=ch_...     list a charge's refunds
 
+A session's ``url`` is the stand-in's own Checkout page, which a browser opens (no API key):
+
+    GET  /checkout/{id}                the amount, the package, a "no real payment" banner
+    POST /checkout/{id}/pay            pay: the session completes, ``checkout.session.completed``
+                                       goes signed to the webhook URL, 303 to ``success_url``
+    POST /checkout/{id}/cancel         303 to ``cancel_url`` (the session stays open, as at Stripe)
+
+A webhook delivery that fails (no answer, or not 2xx) is retried in the background a few times
+and logged, like Stripe's retries but over seconds instead of days.
+
 Objects follow Stripe's shapes at recent API versions: Checkout creates the payment intent
 when the customer pays; ``charge.refunded`` carries no ``refunds`` list.
 
 ``sign(payload, secret)`` builds a ``Stripe-Signature`` header the way Stripe does:
 ``t=<unix>,v1=<hex HMAC-SHA256 of "{t}.{raw body}">``, written here from the definition so the
 service's use of the library is checked against an independent implementation.
+
+``python -m devtools.stripe_sim --port P --webhook-url U --webhook-secret S`` serves it until
+interrupted (``make run`` starts it when STRIPE_API_KEY is not set).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import copy
 import hashlib
 import hmac
+import html
 import json
+import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+import aiohttp
 from aiohttp import web
 
 from devtools.localservices import free_port
@@ -36,6 +57,13 @@ _PARAMS = web.RequestKey("params", dict)
 TEST_API_KEY = "sk_test_creditgate_stub"
 WEBHOOK_SECRET = "whsec_test_current"
 OLD_WEBHOOK_SECRET = "whsec_test_previous"
+DEFAULT_PORT = 8091
+#: Seconds before each retry of a failed webhook delivery (after the first attempt).
+RETRY_DELAYS_S: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+_DELIVERY_TIMEOUT_S = 10.0
+_HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
+
+log = logging.getLogger(__name__)
 
 
 def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
@@ -99,18 +127,55 @@ def _stripe_error(status: int, message: str, *, code: str | None = None, param: 
     return web.json_response(body, status=status)
 
 
+@dataclass
+class WebhookDelivery:
+    """One event's delivery to the webhook URL.
+
+    Attributes:
+        attempts: each attempt's outcome: the HTTP status answered, or the connection error.
+        delivered: a 2xx answer arrived.
+    """
+
+    event_id: str
+    event_type: str
+    attempts: list[int | str] = field(default_factory=list)
+    delivered: bool = False
+
+
 class StripeStub:
     """The stand-in's state, its aiohttp app, and Stripe's side of each payment.
 
     Attributes:
-        requests: ``(method, path, params, headers)`` of every API request received.
+        requests: ``(method, path, params, headers)`` of every API request received (the
+            Checkout page's requests are not API requests and are not recorded).
         prices: Price objects by id (register them to test ``stripe_price_id``).
         fail_with: when set, the next API requests answer this HTTP status (e.g. 500).
         refused_paths: API paths answered 403 (a restricted key without that permission).
+        webhook_url: where the Checkout page's events go (None: nowhere, only recorded).
+        webhook_secret: the signing secret of those events.
+        retry_delays_s: seconds before each retry of a failed delivery.
+        async_settle_delay_s: None (default): Pay is a card payment, paid at once. A number:
+            Pay is an asynchronous payment (a bank debit): the session completes unpaid and
+            settles that many seconds later, with ``checkout.session.async_payment_succeeded``
+            (a purchase shows "pending" in between).
+        deliveries: every webhook delivery, oldest first.
     """
 
-    def __init__(self, api_key: str = TEST_API_KEY) -> None:
+    def __init__(
+        self,
+        api_key: str = TEST_API_KEY,
+        *,
+        webhook_url: str | None = None,
+        webhook_secret: str = WEBHOOK_SECRET,
+        retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+    ) -> None:
         self.api_key = api_key
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret
+        self.retry_delays_s = tuple(retry_delays_s)
+        self.async_settle_delay_s: float | None = None
+        self.deliveries: list[WebhookDelivery] = []
+        self._background: set[asyncio.Task[None]] = set()
         self.sessions: dict[str, dict[str, Any]] = {}
         self.payment_intents: dict[str, dict[str, Any]] = {}
         self.charges: dict[str, dict[str, Any]] = {}
@@ -122,33 +187,52 @@ class StripeStub:
         self.refused_paths: set[str] = set()
         self._idempotent: dict[str, dict[str, Any]] = {}
         self._runner: web.AppRunner | None = None
+        self._app: web.Application | None = None
         self.base_url = ""
 
     # -- the HTTP stand-in -------------------------------------------------------------
 
     def app(self) -> web.Application:
-        """The aiohttp application serving the API endpoints."""
+        """The aiohttp application serving the API endpoints and the Checkout page."""
         app = web.Application(middlewares=[self._middleware])
         app.router.add_post("/v1/checkout/sessions", self._create_session)
         app.router.add_get("/v1/checkout/sessions/{id}", self._retrieve_session)
         app.router.add_get("/v1/refunds", self._list_refunds)
+        app.router.add_get("/checkout/{id}", self._checkout_page)
+        app.router.add_post("/checkout/{id}/pay", self._checkout_pay)
+        app.router.add_post("/checkout/{id}/cancel", self._checkout_cancel)
+        app.cleanup_ctx.append(self._http_ctx)
         return app
 
-    async def start(self) -> str:
-        """Serve on a loopback port; returns the base URL for ``STRIPE_API_BASE``."""
-        self._runner = web.AppRunner(self.app(), access_log=None)
+    async def start(self, port: int | None = None, host: str = "127.0.0.1") -> str:
+        """Serve on ``host:port`` (default: a free loopback port); returns the base URL for
+        ``STRIPE_API_BASE``, which is also the origin of the sessions' Checkout pages."""
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1)
         await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        self.base_url = f"http://127.0.0.1:{port}"
+        port = free_port() if port is None else port
+        await web.TCPSite(self._runner, host, port).start()
+        self.base_url = f"http://{host}:{port}"
         return self.base_url
 
     async def stop(self) -> None:
+        """Stop serving; webhook retries still waiting are abandoned (and logged)."""
         if self._runner is not None:
-            await self._runner.cleanup()
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _http_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        app[_HTTP] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_DELIVERY_TIMEOUT_S))
+        self._app = app
+        yield
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await app[_HTTP].close()
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/checkout/"):
+            return await handler(request)  # the customer's browser: no API key
         if request.method == "POST":
             params = decode_form(parse_qsl(await request.text(), keep_blank_values=True))
         else:
@@ -237,8 +321,9 @@ class StripeStub:
             "success_url": params.get("success_url"),
             "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
             "ui_mode": "hosted",
-            "url": f"https://checkout.stripe.com/c/pay/{session_id}#fidkdWxOYHwnPyd1blpxYHZxWjA0",
+            "url": f"{self.base_url}/checkout/{session_id}",
             "_payment_intent_data": params.get("payment_intent_data", {}),
+            "_product_name": _product_name(item, self.prices),
         }
         self.sessions[session_id] = session
         return self._public(session)
@@ -272,6 +357,120 @@ class StripeStub:
     @staticmethod
     def _public(obj: dict[str, Any]) -> dict[str, Any]:
         return {k: copy.deepcopy(v) for k, v in obj.items() if not k.startswith("_")}
+
+    # -- the hosted Checkout page (what the customer's browser sees) -----------------------
+
+    def _page_session(self, request: web.Request) -> dict[str, Any]:
+        session = self.sessions.get(request.match_info["id"])
+        if session is None:
+            raise web.HTTPNotFound(
+                text=_page("Unknown checkout session", "<p>No such Checkout session.</p>"),
+                content_type="text/html",
+            )
+        return session
+
+    async def _checkout_page(self, request: web.Request) -> web.Response:
+        session = self._page_session(request)
+        return web.Response(text=checkout_page_html(session), content_type="text/html")
+
+    async def _checkout_pay(self, request: web.Request) -> web.Response:
+        """Pay: the session completes, its event goes to the webhook URL, 303 to success_url.
+
+        A second Pay (a double click, the back button) sends no second event."""
+        session = self._page_session(request)
+        if session["status"] == "expired":
+            raise web.HTTPGone(text=checkout_page_html(session), content_type="text/html")
+        if session["status"] == "open":
+            delay_s = self.async_settle_delay_s
+            paid = self.pay(session["id"], asynchronous=delay_s is not None)
+            await self.deliver(self.event("checkout.session.completed", paid))
+            if delay_s is not None:
+                self._in_background(self._settle_later(session["id"], delay_s))
+        url = str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session["id"])
+        raise web.HTTPSeeOther(url)
+
+    async def _checkout_cancel(self, request: web.Request) -> web.Response:
+        session = self._page_session(request)
+        raise web.HTTPSeeOther(str(session["cancel_url"]))
+
+    # -- webhook delivery ----------------------------------------------------------------
+
+    async def deliver(self, event: dict[str, Any]) -> WebhookDelivery:
+        """Send ``event``, signed with ``webhook_secret``, to ``webhook_url``; returns its
+        delivery record. The first attempt is awaited; after a failure the retries run in the
+        background (``wait_for_deliveries`` awaits them). Only while serving (``start``)."""
+        delivery = WebhookDelivery(event_id=event["id"], event_type=event["type"])
+        self.deliveries.append(delivery)
+        if self.webhook_url is None or self._app is None:
+            log.warning("no webhook URL: %s %s not delivered", event["type"], event["id"])
+            return delivery
+        if not await self._attempt(delivery, event):
+            self._in_background(self._retry(delivery, event))
+        return delivery
+
+    async def wait_for_deliveries(self) -> None:
+        """Wait until every delivery has succeeded or used up its retries, and every
+        asynchronous payment has settled."""
+        while self._background:
+            await asyncio.gather(*self._background)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _settle_later(self, session_id: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        settled = self.settle_async(session_id, succeeded=True)
+        await self.deliver(self.event("checkout.session.async_payment_succeeded", settled))
+
+    async def _retry(self, delivery: WebhookDelivery, event: dict[str, Any]) -> None:
+        try:
+            for delay_s in self.retry_delays_s:
+                await asyncio.sleep(delay_s)
+                if await self._attempt(delivery, event):
+                    return
+            log.error(
+                "webhook %s %s not delivered after %d attempts: %s",
+                delivery.event_type,
+                delivery.event_id,
+                len(delivery.attempts),
+                delivery.attempts,
+            )
+        except asyncio.CancelledError:
+            log.error("stopping: webhook %s retries abandoned", delivery.event_id)
+            raise
+
+    async def _attempt(self, delivery: WebhookDelivery, event: dict[str, Any]) -> bool:
+        """One POST of the event, signed now (as Stripe signs each attempt); True on 2xx."""
+        assert self._app is not None and self.webhook_url is not None
+        payload = event_body(event)
+        headers = {
+            "Content-Type": "application/json; charset=utf-8",
+            "Stripe-Signature": sign(payload, self.webhook_secret),
+            "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+        }
+        outcome: int | str
+        try:
+            async with self._app[_HTTP].post(
+                self.webhook_url, data=payload, headers=headers
+            ) as response:
+                await response.read()
+                outcome = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        delivery.attempts.append(outcome)
+        delivery.delivered = isinstance(outcome, int) and 200 <= outcome < 300
+        level = logging.INFO if delivery.delivered else logging.WARNING
+        log.log(
+            level,
+            "webhook %s %s attempt %d -> %s",
+            delivery.event_type,
+            delivery.event_id,
+            len(delivery.attempts),
+            outcome,
+        )
+        return delivery.delivered
 
     # -- Stripe's side of a payment ------------------------------------------------------
 
@@ -450,3 +649,102 @@ class StripeStub:
             "request": {"id": None, "idempotency_key": None},
             "type": event_type,
         }
+
+
+def _product_name(item: dict[str, Any], prices: dict[str, dict[str, Any]]) -> str:
+    if "price" in item:
+        return str(prices[item["price"]].get("nickname") or item["price"])
+    return str(item["price_data"].get("product_data", {}).get("name", ""))
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; background: #f6f9fc; color: #1a1f36; margin: 0; }
+main { max-width: 28rem; margin: 3rem auto; background: #fff; padding: 2rem;
+       border-radius: 8px; box-shadow: 0 2px 8px rgba(0,0,0,.1); }
+.banner { background: #fff3cd; color: #664d03; border: 1px solid #ffe69c; padding: .75rem;
+          border-radius: 6px; font-weight: 600; }
+.amount { font-size: 2rem; font-weight: 700; margin: .5rem 0; }
+.actions { display: flex; gap: 1rem; margin-top: 1.5rem; }
+button { font-size: 1rem; padding: .6rem 1.4rem; border-radius: 6px; border: 1px solid #635bff;
+         cursor: pointer; }
+.pay { background: #635bff; color: #fff; }
+.cancel { background: #fff; color: #635bff; }
+"""
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
+        f'<body><main><p class="banner" role="note">Simulated Stripe: no real payment</p>'
+        f"{body}</main></body></html>\n"
+    )
+
+
+def checkout_page_html(session: dict[str, Any]) -> str:
+    """The hosted Checkout page of ``session``: amount, product, and Pay and Cancel forms
+    while it is open; a paid or expired session says so instead. No external assets."""
+    amount = int(session["amount_total"])
+    currency = str(session["currency"]).upper()
+    name = html.escape(str(session.get("_product_name") or "creditgate credits"))
+    action = f"/checkout/{html.escape(session['id'])}"
+    summary = (
+        f"<h1>Pay creditgate</h1><p>{name}</p>"
+        f'<p class="amount" data-amount-minor-units="{amount}">'
+        f"{amount // 100}.{amount % 100:02d} {html.escape(currency)}</p>"
+    )
+    if session["status"] == "open":
+        body = (
+            f'{summary}<div class="actions">'
+            f'<form method="post" action="{action}/pay">'
+            '<button class="pay" type="submit">Pay</button></form>'
+            f'<form method="post" action="{action}/cancel">'
+            '<button class="cancel" type="submit">Cancel</button></form></div>'
+        )
+    elif session["status"] == "complete":
+        success = str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session["id"])
+        body = (
+            f'{summary}<p>This session is already paid. <a href="{html.escape(success)}">'
+            "Return to the merchant</a></p>"
+        )
+    else:
+        body = f"{summary}<p>This Checkout session has expired.</p>"
+    return _page("Simulated Stripe Checkout", body)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m devtools.stripe_sim``: serve the stand-in until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.stripe_sim",
+        description="Simulated Stripe (API stand-in, Checkout page, signed webhooks). "
+        "No real payment is ever made.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--api-key", default=TEST_API_KEY, help="the key clients must send")
+    parser.add_argument("--webhook-url", help="where checkout.session.completed is POSTed")
+    parser.add_argument("--webhook-secret", default=WEBHOOK_SECRET)
+    parser.add_argument(
+        "--settle-after-s",
+        type=float,
+        help="Pay is a bank debit that settles this many seconds later (default: a card, "
+        "paid at once)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="stripe-sim: %(message)s")
+    stub = StripeStub(
+        args.api_key, webhook_url=args.webhook_url, webhook_secret=args.webhook_secret
+    )
+    stub.async_settle_delay_s = args.settle_after_s
+    stub.base_url = f"http://{args.host}:{args.port}"
+    print(
+        f"Simulated Stripe on {stub.base_url} (no real payment); "
+        f"webhooks to {args.webhook_url or 'nowhere'}",
+        flush=True,
+    )
+    web.run_app(stub.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
