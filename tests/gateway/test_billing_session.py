@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestClient
 from billing import api_keys
 from billing.accounts import suspend_account
 from billing.audit import CLI_ACTOR
+from devtools.stripe_sim import StripeStub
 from gateway.app import create_app
 from gateway.billing_session_store import COOKIE_NAME
 from runtime import appkeys
 from tests.e2e.test_checkout_flow import PUBLIC_BASE_URL, Shop, shop_settings
-from tests.stripe_stub import StripeStub
 
 
 @pytest.fixture
