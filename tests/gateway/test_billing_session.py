@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from billing import api_keys
 from billing.accounts import suspend_account
 from billing.audit import CLI_ACTOR
+from devtools.localservices import free_port
 from devtools.stripe_sim import StripeStub
 from gateway.app import create_app
 from gateway.billing_session_store import COOKIE_NAME
@@ -374,7 +375,8 @@ async def test_checkout_with_the_cookie_needs_the_csrf_token(portal: Portal) -> 
     token = await portal.csrf_token(cookie)
 
     missing = await _checkout(portal, _cookie_header(cookie))
-    wrong = await _checkout(portal, _cookie_header(cookie, token[:-1] + "A"))
+    wrong_token = token[:-1] + ("B" if token.endswith("A") else "A")
+    wrong = await _checkout(portal, _cookie_header(cookie, wrong_token))
     right = await _checkout(portal, _cookie_header(cookie, token))
 
     for refused in (missing, wrong):
@@ -438,3 +440,32 @@ async def test_suspended_account_reads_but_cannot_check_out(portal: Portal) -> N
         assert refused.status == 403
         assert (await refused.json())["error"]["code"] == "account_deactivated"
     assert await portal.pool.fetchval("SELECT count(*) FROM purchases") == 1
+
+
+# -- Redis unreachable ---------------------------------------------------------------------
+
+
+async def test_sessions_and_links_with_redis_down_answer_503(
+    database_url: str, stripe_stub: StripeStub, aiohttp_client: Any
+) -> None:
+    settings = shop_settings(
+        database_url,
+        f"redis://127.0.0.1:{free_port()}/0",
+        stripe_stub,
+        redis_connect_timeout_s=0.5,
+        settlement_poster_enabled=False,
+    )
+    portal = await open_portal(aiohttp_client, settings, stripe_stub)
+
+    answers = [
+        await portal.link(),
+        await portal.sign_in(),
+        await portal.session("some-session-id"),
+        await portal.open(PUBLIC_BASE_URL + "/credits/portal/some-token"),
+        await _checkout(portal, _cookie_header("some-session-id", "token")),
+    ]
+
+    for response in answers:
+        assert response.status == 503, await response.text()
+        assert (await response.json())["error"]["code"] == "billing_unavailable"
+        assert "Set-Cookie" not in response.headers
