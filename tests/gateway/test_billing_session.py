@@ -431,11 +431,15 @@ async def test_suspended_account_reads_but_cannot_check_out(portal: Portal) -> N
     read = await portal.gateway.get(
         f"/api/billing/purchases/{purchase_id}", headers=_cookie_header(cookie)
     )
+    read_by_key = await portal.gateway.get(
+        f"/api/billing/purchases/{purchase_id}",
+        headers={"Authorization": f"Bearer {portal.key}"},
+    )
     by_session = await _checkout(portal, _cookie_header(cookie, token))
     by_key = await _checkout(portal, {"Authorization": f"Bearer {portal.key}"})
 
     assert signed_in.status == 201
-    assert read.status == 200
+    assert (read.status, read_by_key.status) == (200, 200)
     for refused in (by_session, by_key):
         assert refused.status == 403
         assert (await refused.json())["error"]["code"] == "account_deactivated"
