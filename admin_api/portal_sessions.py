@@ -39,7 +39,10 @@ class PortalSessionCreate(AdminModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"returnTo": "/credits"}]})
 
-    return_to: str | None = Field(None, description="A path such as `/credits?tab=usage`.")
+    return_to: str | None = Field(
+        None,
+        description="A path such as `/credits?tab=usage`, or a URL on `RETURN_TO_ORIGINS`.",
+    )
 
 
 class PortalSessionOut(AdminModel):
@@ -62,11 +65,11 @@ class PortalSessionOut(AdminModel):
     summary="Make a single-use link that signs the account's user in to the Credits page",
 )
 async def create_portal_session(ctx: AdminContext) -> PortalSessionOut:
+    settings = ctx.settings
     try:
-        return_to = validated_return_to(ctx.body.return_to)
+        return_to = validated_return_to(ctx.body.return_to, settings.return_to_origins)
     except InvalidRequestError as exc:
         raise BadRequest(exc.message, param="returnTo", code=exc.code) from None
-    settings = ctx.settings
     try:
         async with ctx.transaction() as conn:
             account = await get_account(conn, ctx.params.id)

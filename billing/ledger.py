@@ -46,6 +46,9 @@ class LedgerEntry:
     reference: str | None
     reverses_entry_id: int | None
     created_at: datetime
+    receipt_url: str | None = None
+    """Set by ``list_ledger_entries`` on a purchase entry: its payment's receipt (the
+    purchase whose Checkout Session is the entry's reference), when Stripe gave one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,7 @@ def _entry(row: asyncpg.Record) -> LedgerEntry:
         reference=row["reference"],
         reverses_entry_id=row["reverses_entry_id"],
         created_at=row["created_at"],
+        receipt_url=row.get("receipt_url"),
     )
 
 
@@ -261,10 +265,27 @@ class UsageEvent:
     status: str
     started_at: datetime
     finished_at: datetime
+    key_prefix: str | None = None
+    """The visible prefix of the API key (``api_keys.key_prefix``), set by
+    ``list_usage_events``; None without a key."""
 
 
-_USAGE_COLUMNS = ", ".join(UsageEvent.__dataclass_fields__)
-_ENTRY_COLUMNS = ", ".join(LedgerEntry.__dataclass_fields__)
+# Each list reads a derived table of the rows with their joined fields (the filters of
+# ``newest_first_query`` then name plain columns); Postgres flattens it, so the account's
+# (account_id, id) index still serves the newest-first scan.
+_ENTRIES_WITH_RECEIPTS = f"""SELECT * FROM (
+    SELECT {", ".join("e." + f for f in LedgerEntry.__dataclass_fields__ if f != "receipt_url")},
+           p.receipt_url
+      FROM ledger_entries e
+      LEFT JOIN purchases p
+        ON e.entry_type = 'purchase' AND p.checkout_session_id = e.reference
+) AS entries"""
+_EVENTS_WITH_KEY_PREFIXES = f"""SELECT * FROM (
+    SELECT {", ".join("u." + f for f in UsageEvent.__dataclass_fields__ if f != "key_prefix")},
+           k.key_prefix
+      FROM usage_events u
+      LEFT JOIN api_keys k ON k.id = u.api_key_id
+) AS events"""
 
 
 def newest_first_query(
@@ -293,14 +314,15 @@ async def list_ledger_entries(
     before_id: int | None = None,
     limit: int = 50,
 ) -> list[LedgerEntry]:
-    """Ledger entries matching every filter given, newest first.
+    """Ledger entries matching every filter given, newest first, each purchase with its
+    ``receipt_url``.
 
     Args:
         since, until: ``since <= created_at < until``.
         before_id: the cursor: only entries with a lower id.
     """
     query, args = newest_first_query(
-        f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries",
+        _ENTRIES_WITH_RECEIPTS,
         [
             ("account_id = {}", account_id),
             ("entry_type = {}", entry_type),
@@ -319,24 +341,28 @@ async def list_usage_events(
     account_id: int | None = None,
     model: str | None = None,
     api_key_id: int | None = None,
+    key_prefix: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     before_id: int | None = None,
     limit: int = 50,
 ) -> list[UsageEvent]:
-    """Usage events matching every filter given, newest first.
+    """Usage events matching every filter given, newest first, each with its key's
+    ``key_prefix``.
 
     Args:
+        key_prefix: the visible prefix of the key that made the request (exact).
         since, until: ``since <= started_at < until`` (the request's start, as spend
             windows count it).
         before_id: the cursor: only events with a lower id.
     """
     query, args = newest_first_query(
-        f"SELECT {_USAGE_COLUMNS} FROM usage_events",
+        _EVENTS_WITH_KEY_PREFIXES,
         [
             ("account_id = {}", account_id),
             ("model = {}", model),
             ("api_key_id = {}", api_key_id),
+            ("key_prefix = {}", key_prefix),
             ("started_at >= {}", since),
             ("started_at < {}", until),
         ],

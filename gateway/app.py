@@ -32,6 +32,7 @@ from billing.metering.script_channel import ScriptChannel
 from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator
+from gateway.billing_api import billing_api_routes
 from gateway.billing_session_routes import billing_session_routes
 from gateway.billing_session_store import BillingSessionStore
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
@@ -41,6 +42,7 @@ from gateway.usage import UsageStats
 from runtime import appkeys
 from runtime.errors import answer_errors
 from runtime.resources import control_ctx, gateway_redis_ctx, postgres_ctx, stripe_ctx
+from runtime.return_to import buy_credits_url_for
 from runtime.settings import Settings
 from runtime.supervision import cancel_and_wait, periodically, supervise
 
@@ -226,9 +228,14 @@ def create_app(settings: Settings) -> web.Application:
         ("GET", "/healthz", _healthz),
         *checkout_routes(),
         *billing_session_routes(),
+        *billing_api_routes(),
         ("*", r"/{tail:[\s\S]*}", handle_unmatched),
     ]
-    url = buy_credits_url(settings)
+    url = partial(
+        buy_credits_url_for,
+        credits_url=buy_credits_url(settings),
+        allowed_origins=settings.return_to_origins,
+    )
     for method, path, handler in routes:
         app.router.add_route(method, path, answer_errors(handler, url))
     return app

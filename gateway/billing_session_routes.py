@@ -95,13 +95,14 @@ async def handle_create_portal_session(request: web.Request) -> web.Response:
     """``POST /api/billing/portal-sessions``: a single-use sign-in link for the bearer key's
     account (a session cookie cannot make one: a session cannot extend itself).
 
-    Body: ``{"returnTo"?: "/..."}``. Answers 201 ``portal_link_document``.
+    Body: ``{"returnTo"?: "/..."}`` (or a URL on ``RETURN_TO_ORIGINS``). Answers 201
+    ``portal_link_document``.
     Errors: 401 bad key; 400 malformed body or returnTo; 503 Redis or Postgres down.
     """
     caller = await bearer_caller(request)
     body = await _optional_json_object(request)
-    return_to = validated_return_to(body.get("returnTo"))
     settings = request.app[appkeys.SETTINGS]
+    return_to = validated_return_to(body.get("returnTo"), settings.return_to_origins)
     try:
         link = await create_portal_link(
             request.app[appkeys.REDIS],

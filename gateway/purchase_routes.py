@@ -2,7 +2,7 @@
 
 Routes (``checkout_routes``):
     GET  /api/billing/packages               the active packages (no authentication)
-    POST /api/billing/checkout               ``{"packageCode", "returnPath"?}`` -> Checkout URL
+    POST /api/billing/checkout               ``{"packageCode", "returnTo"?}`` -> Checkout URL
                                              (a bearer key, or the session cookie + CSRF)
     GET  /api/billing/purchases/{purchaseId}  one of the caller's purchases
     GET  /credits                            plain status page; Checkout's success and cancel
@@ -44,10 +44,9 @@ from billing.units import millicredits_to_credits, millicredits_to_usd, money_fi
 from gateway.billing_session import billing_caller
 from runtime import appkeys
 from runtime.errors import GatewayError, InvalidRequestError, NotFoundError, json_response
+from runtime.return_to import validated_return_to
 
 log = logging.getLogger(__name__)
-
-_MAX_RETURN_PATH = 512
 
 
 class PurchasesUnavailableError(GatewayError):
@@ -126,27 +125,6 @@ def purchase_json(purchase: Purchase, balance: PostedBalance | None = None) -> d
     return body
 
 
-def _validated_return_path(value: object) -> str | None:
-    """A path on our own site, or None. Rejects absolute and scheme-relative URLs (open
-    redirects), backslashes and control characters."""
-    if value is None:
-        return None
-    if (
-        not isinstance(value, str)
-        or not value.startswith("/")
-        or value.startswith("//")
-        or "\\" in value
-        or len(value) > _MAX_RETURN_PATH
-        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
-    ):
-        raise InvalidRequestError(
-            "returnPath must be a path on this site starting with '/'.",
-            param="returnPath",
-            code="invalid_return_path",
-        )
-    return value
-
-
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.read())
@@ -188,7 +166,8 @@ async def handle_packages(request: web.Request) -> web.Response:
 async def handle_checkout(request: web.Request) -> web.Response:
     """``POST /api/billing/checkout``: start buying a package.
 
-    Body: ``{"packageCode": "starter" | "professional" | "enterprise", "returnPath"?: "/..."}``;
+    Body: ``{"packageCode": "starter" | "professional" | "enterprise", "returnTo"?: "/..."}``
+    (``returnPath`` is the older name of ``returnTo``; ``runtime.return_to`` validates it);
     any amount or credits field is ignored. Answers 201 with ``{"object":
     "checkout_session", "purchaseId", "checkoutSessionId", "checkoutUrl", "statusUrl",
     "status": "pending", "package": {...}}``.
@@ -213,8 +192,9 @@ async def handle_checkout(request: web.Request) -> web.Response:
             param="packageCode",
             code="missing_package_code",
         )
-    return_path = _validated_return_path(body.get("returnPath"))
     settings = request.app[appkeys.SETTINGS]
+    field = "returnTo" if "returnTo" in body else "returnPath"
+    return_path = validated_return_to(body.get(field), settings.return_to_origins, param=field)
     try:
         started = await start_checkout(
             request.app[appkeys.DB_POOL],

@@ -242,6 +242,7 @@ def _account_deactivated(
         403,
         "This account is suspended. Contact support to reactivate it.",
         code="account_deactivated",
+        extra={"buyCreditsUrl": buy_credits_url},
     )
 
 
@@ -458,7 +459,12 @@ def framework_error_response(request: web.BaseRequest, exc: web.HTTPException) -
 _ANSWERED = tuple(_ANSWERS)
 
 
-def answer_errors(handler: Handler, buy_credits_url: str) -> Handler:
+#: The Credits page's address for a 402 (or 403) answer: fixed, or built from the request
+#: (the gateway's carries the request's ``returnTo``: ``runtime.return_to``).
+BuyCreditsUrl = str | Callable[[web.BaseRequest], str]
+
+
+def answer_errors(handler: Handler, buy_credits_url: BuyCreditsUrl) -> Handler:
     """Wrap a route handler so errors become OpenAI envelopes, chosen by class.
 
     ``GatewayError``, ``BillingError``, aiohttp's ``HTTPException``s from 400 up and its
@@ -476,7 +482,8 @@ def answer_errors(handler: Handler, buy_credits_url: str) -> Handler:
         try:
             response = await handler(request)
         except _ANSWERED as exc:
-            response = error_answer(request, exc, buy_credits_url)
+            url = buy_credits_url if isinstance(buy_credits_url, str) else buy_credits_url(request)
+            response = error_answer(request, exc, url)
         if not response.prepared and "x-request-id" not in response.headers:
             response.headers["x-request-id"] = new_request_id()
         return response
@@ -484,7 +491,7 @@ def answer_errors(handler: Handler, buy_credits_url: str) -> Handler:
     return answer
 
 
-def make_error_middleware(buy_credits_url: str) -> Middleware:
+def make_error_middleware(buy_credits_url: BuyCreditsUrl) -> Middleware:
     """``answer_errors`` as a middleware, for an app whose requests are not on the hot path
     (the admin service)."""
 

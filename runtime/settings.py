@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from billing import live_flags
 from billing.live_flags import ChargingPausedMode, FlagDefinition, LiveFlags
 from billing.metering.pricing import RoundingMode
+from runtime.return_to import url_origin
 
 _T = TypeVar("_T")
 
@@ -58,6 +60,9 @@ class Settings:
     admin_port: int = 8081
     metrics_port: int = 9464
     public_base_url: str = "http://127.0.0.1:8080"
+    return_to_origins: frozenset[str] = frozenset()
+    """``RETURN_TO_ORIGINS``: origins (``https://app.example.com``) besides our own paths that
+    a ``returnTo`` may send the user back to (``runtime.return_to``); empty: paths only."""
     max_body_bytes: int = 4 * 1024 * 1024
     # The HTTP edge (runtime.http_protocol), for the gateway and the admin service alike.
     http_header_timeout_s: float = 60.0
@@ -154,6 +159,7 @@ class Settings:
             public_base_url=read.url(
                 "PUBLIC_BASE_URL", _HTTP_SCHEMES, default=f"http://127.0.0.1:{port}"
             ),
+            return_to_origins=read.origins("RETURN_TO_ORIGINS"),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
             http_header_timeout_s=read.seconds("HTTP_HEADER_TIMEOUT_S", 60.0),
             http_body_timeout_s=read.seconds("HTTP_BODY_TIMEOUT_S", 120.0),
@@ -318,6 +324,21 @@ class _EnvReader:
         except ValueError as exc:
             self.problems.append(f"{flag.env} {exc}, got {self._env[flag.env]!r}")
             return flag.default
+
+    def origins(self, name: str) -> frozenset[str]:
+        """A comma-separated list of http(s) origins (scheme, host, optional port; no path),
+        normalized as ``runtime.return_to.url_origin`` spells them."""
+        found = set()
+        for item in self.items(name):
+            origin = url_origin(item)
+            parts = urlsplit(item)
+            if origin is None or parts.path not in ("", "/") or parts.query or parts.fragment:
+                self.problems.append(
+                    f"{name} must list origins like https://app.example.com, got {item!r}"
+                )
+            else:
+                found.add(origin)
+        return frozenset(found)
 
     def items(self, name: str) -> tuple[str, ...]:
         """A comma-separated list, each item stripped, empty items dropped, order kept."""

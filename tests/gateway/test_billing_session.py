@@ -199,6 +199,26 @@ async def test_portal_link_return_to_is_honoured(portal: Portal) -> None:
     assert opened.headers["Location"] == "/credits?tab=usage"
 
 
+async def test_portal_link_return_to_an_allowed_origin_is_honoured(
+    database_url: str, redis_url: str, stripe_stub: StripeStub, aiohttp_client: Any
+) -> None:
+    settings = shop_settings(
+        database_url,
+        redis_url,
+        stripe_stub,
+        return_to_origins=frozenset({"https://app.example.com"}),
+    )
+    portal = await open_portal(aiohttp_client, settings, stripe_stub)
+    refused = await portal.link(returnTo="https://other.example.com/")
+    link = await (await portal.link(returnTo="https://app.example.com/billing")).json()
+
+    opened = await portal.open(link["url"])
+
+    assert refused.status == 400
+    assert opened.status == 303
+    assert opened.headers["Location"] == "https://app.example.com/billing"
+
+
 @pytest.mark.parametrize(
     "return_to", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "credits", 5]
 )

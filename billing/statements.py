@@ -1,0 +1,182 @@
+"""Monthly statements: an account's balance movements and usage over one UTC month.
+
+Every total comes from the ledger of record (``ledger_entries``, one SQL pass for all of
+them) and the usage events (one pass, grouped by model), read in one snapshot, as exact
+integer millicredits:
+
+    closing = opening + purchases + deductions + refunds + adjustments + reversals
+
+holds exactly, because each term is a sum over the same entries split by type and time
+(opening: entries before the month; closing: entries before its end). Deductions, refunds
+and reversals are negative. The per-model usage totals are what the usage events recorded
+(requests started in the month); they explain the deductions but need not equal them to the
+millicredit (a request started on the last evening of a month is posted the next).
+
+Postgres unreachable: ``OSError``/``asyncpg`` errors propagate (the route answers 503).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import asyncpg
+
+from billing.errors import AccountNotFoundError
+
+_MONTH = re.compile(r"\d{4}-\d{2}")
+
+
+def parse_month(text: str) -> date:
+    """``"YYYY-MM"`` -> the month's first day.
+
+    Raises:
+        ValueError: another shape, month outside 01-12, year before 1900.
+    """
+    if not _MONTH.fullmatch(text):
+        raise ValueError(f"not a month (YYYY-MM): {text!r}")
+    year, month = int(text[:4]), int(text[5:])
+    if year < 1900 or not 1 <= month <= 12:
+        raise ValueError(f"not a month (YYYY-MM): {text!r}")
+    return date(year, month, 1)
+
+
+def month_bounds(month: date) -> tuple[datetime, datetime]:
+    """The UTC instants ``[start, end)`` of the month that ``month`` falls in."""
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
+    if month.month == 12:
+        return start, datetime(month.year + 1, 1, 1, tzinfo=UTC)
+    return start, datetime(month.year, month.month + 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """One model's usage in the month (requests started in it).
+
+    Attributes:
+        input_tokens: prompt tokens, cached ones included (OpenAI's ``prompt_tokens``).
+        cached_input_tokens: the cached part of ``input_tokens``.
+        charged_millicredits: what was collected for them.
+    """
+
+    model: str
+    requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    charged_millicredits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One account's month. Signed millicredits: credits in > 0, taken < 0."""
+
+    account_id: int
+    email: str
+    month: date
+    period_start: datetime
+    period_end: datetime
+    opening_balance_millicredits: int
+    purchases_millicredits: int
+    deductions_millicredits: int
+    refunds_millicredits: int
+    adjustments_millicredits: int
+    reversals_millicredits: int
+    closing_balance_millicredits: int
+    usage: tuple[ModelUsage, ...]
+
+    @property
+    def label(self) -> str:
+        """``"YYYY-MM"``."""
+        return f"{self.month.year:04d}-{self.month.month:02d}"
+
+    def summary_lines(self) -> list[tuple[str, int]]:
+        """The summary as people read it, in order: (label, signed millicredits); the CSV
+        and PDF statements both print these."""
+        return [
+            ("Opening balance", self.opening_balance_millicredits),
+            ("Purchases", self.purchases_millicredits),
+            ("Usage deductions", self.deductions_millicredits),
+            ("Refunds", self.refunds_millicredits),
+            ("Adjustments", self.adjustments_millicredits),
+            ("Reversals", self.reversals_millicredits),
+            ("Closing balance", self.closing_balance_millicredits),
+        ]
+
+    @property
+    def movements_millicredits(self) -> int:
+        """The month's net movement: closing - opening."""
+        return (
+            self.purchases_millicredits
+            + self.deductions_millicredits
+            + self.refunds_millicredits
+            + self.adjustments_millicredits
+            + self.reversals_millicredits
+        )
+
+
+# One pass over the account's entries up to the month's end ($3); $2 is its start.
+_LEDGER_TOTALS_SQL = """
+SELECT COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $2), 0),
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
+                                                   AND entry_type = 'purchase'), 0),
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
+                                                   AND entry_type = 'deduction'), 0),
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
+                                                   AND entry_type = 'refund'), 0),
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
+                                                   AND entry_type = 'adjustment'), 0),
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
+                                                   AND entry_type = 'reversal'), 0),
+       COALESCE(sum(amount_millicredits), 0)
+  FROM ledger_entries
+ WHERE account_id = $1 AND created_at < $3
+"""
+
+_USAGE_TOTALS_SQL = """
+SELECT model, count(*), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(cached_tokens), 0),
+       COALESCE(sum(completion_tokens), 0), COALESCE(sum(charged_millicredits), 0)
+  FROM usage_events
+ WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
+ GROUP BY model
+ ORDER BY model
+"""
+
+
+async def monthly_statement(pool: asyncpg.Pool, account_id: int, month: date) -> Statement:
+    """The statement of ``account_id`` for the UTC month of ``month``, read in one
+    repeatable-read snapshot (so the totals agree with each other).
+
+    Raises:
+        AccountNotFoundError: no such account.
+    """
+    start, end = month_bounds(month)
+    async with (
+        pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        email = await conn.fetchval("SELECT email FROM accounts WHERE id = $1", account_id)
+        if email is None:
+            raise AccountNotFoundError(account_id)
+        totals = await conn.fetchrow(_LEDGER_TOTALS_SQL, account_id, start, end)
+        usage_rows = await conn.fetch(_USAGE_TOTALS_SQL, account_id, start, end)
+    assert totals is not None  # an aggregate without GROUP BY answers one row
+    opening, purchases, deductions, refunds, adjustments, reversals, closing = (
+        int(value) for value in totals
+    )
+    return Statement(
+        account_id=account_id,
+        email=email,
+        month=start.date(),
+        period_start=start,
+        period_end=end,
+        opening_balance_millicredits=opening,
+        purchases_millicredits=purchases,
+        deductions_millicredits=deductions,
+        refunds_millicredits=refunds,
+        adjustments_millicredits=adjustments,
+        reversals_millicredits=reversals,
+        closing_balance_millicredits=closing,
+        usage=tuple(ModelUsage(row[0], *(int(value) for value in row[1:])) for row in usage_rows),
+    )
