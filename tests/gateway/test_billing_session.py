@@ -137,6 +137,16 @@ async def test_portal_link_opens_once_then_answers_410(portal: Portal) -> None:
     assert 'href="/credits"' in page
 
 
+async def test_portal_link_head_does_not_use_it_up(portal: Portal) -> None:
+    url = (await (await portal.link()).json())["url"]
+
+    head = await portal.gateway.head(urlsplit(url).path, allow_redirects=False)
+
+    assert head.status != 303
+    assert "Set-Cookie" not in head.headers
+    assert (await portal.open(url)).status == 303
+
+
 async def test_portal_link_concurrent_opens_sign_in_once(portal: Portal) -> None:
     url = (await (await portal.link()).json())["url"]
 
