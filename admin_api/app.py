@@ -10,7 +10,17 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from admin_api import accounts, audit_log, flags, keys, ledger_usage, packages, rate_cards, tokens
+from admin_api import (
+    accounts,
+    audit_log,
+    flags,
+    keys,
+    ledger_usage,
+    packages,
+    portal_sessions,
+    rate_cards,
+    tokens,
+)
 from admin_api.framework import AdminRouter, install
 from admin_api.openapi import add_openapi_route
 from admin_api.stripe_webhook import add_webhook_routes
@@ -29,6 +39,7 @@ ROUTERS: tuple[AdminRouter, ...] = (
     accounts.router,
     keys.router,
     ledger_usage.router,
+    portal_sessions.router,
 )
 
 

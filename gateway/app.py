@@ -33,6 +33,8 @@ from billing.metering.tokens import TokenCounter
 from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator
 from gateway.billing_api import billing_api_routes
+from gateway.billing_session_routes import billing_session_routes
+from gateway.billing_session_store import BillingSessionStore
 from gateway.credits_page import credits_page_routes, setup_credits_page
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
@@ -63,6 +65,11 @@ async def _billing_state(app: web.Application) -> AsyncIterator[None]:
     await book.refresh(pool)
     app[gateway_keys.RATE_CARDS] = book
     app[gateway_keys.AUTH] = KeyAuthenticator(pool, ttl_s=settings.auth_cache_ttl_s)
+    app[gateway_keys.BILLING_SESSIONS] = BillingSessionStore(
+        app[appkeys.REDIS],
+        ttl_s=settings.billing_session_ttl_s,
+        secure=settings.public_base_url.startswith("https://"),
+    )
     yield
     book.close()
     counting.shutdown(wait=False, cancel_futures=True)
@@ -222,6 +229,7 @@ def create_app(settings: Settings) -> web.Application:
         ("*", r"/v1/{tail:[\s\S]*}", handle_unknown_v1),
         ("GET", "/healthz", _healthz),
         *checkout_routes(),
+        *billing_session_routes(),
         *billing_api_routes(),
         *credits_page_routes(),
         ("*", r"/{tail:[\s\S]*}", handle_unmatched),

@@ -15,6 +15,7 @@ from billing.metering.rate_cards import RateCardBook
 from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import TokenCounter
 from gateway.auth import KeyAuthenticator
+from gateway.billing_session_store import BillingSessionStore
 from gateway.usage import UsageStats
 
 RATE_CARDS = web.AppKey("rate_cards", RateCardBook)
@@ -32,3 +33,5 @@ PROMPT_COUNTING = web.AppKey("prompt_counting", ThreadPoolExecutor)
 SETTLEMENT_RESCUE = web.AppKey("settlement_rescue", SettlementRescue)
 # The Credits page's string catalogue (gateway/credits/strings.json with the configured texts).
 CREDITS_STRINGS = web.AppKey("credits_strings", dict[str, Any])
+# Billing sessions (``gateway.billing_session``): aiohttp-session storage on the Redis client.
+BILLING_SESSIONS = web.AppKey("billing_sessions", BillingSessionStore)

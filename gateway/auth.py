@@ -30,7 +30,7 @@ from billing.spend_controls import SpendControls
 from runtime.errors import AuthenticationError
 
 _MISSING_MESSAGE = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
-_INVALID_MESSAGE = "Incorrect API key provided."
+INVALID_KEY_MESSAGE = "Incorrect API key provided."
 _MAX_CACHE_ENTRIES = 100_000
 
 
@@ -42,6 +42,22 @@ class Identity:
     api_key_id: int
     account_id: int
     controls: SpendControls | None = None
+
+
+def bearer_key(request: web.BaseRequest) -> str:
+    """The key of ``Authorization: Bearer <key>`` (not yet looked up).
+
+    Raises:
+        AuthenticationError: no such header, or not a bearer one (401 ``missing_api_key``).
+    """
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        # A new exception each time: a shared instance's traceback would grow with every
+        # raise and keep each refused request's frames alive.
+        raise AuthenticationError(_MISSING_MESSAGE, code="missing_api_key")
+    return key
 
 
 class KeyAuthenticator:
@@ -111,16 +127,9 @@ class KeyAuthenticator:
             AccountDeactivatedError: the key's account is suspended (403).
             BillingUnavailableError: Postgres unreachable (503).
         """
-        header = request.headers.get("Authorization", "")
-        scheme, _, key = header.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            # A new exception each time: a shared instance's traceback would grow with every
-            # raise and keep each refused request's frames alive.
-            raise AuthenticationError(_MISSING_MESSAGE, code="missing_api_key")
-        identity = await self.identify(key)
+        identity = await self.identify(bearer_key(request))
         if identity is None:
-            raise AuthenticationError(_INVALID_MESSAGE)
+            raise AuthenticationError(INVALID_KEY_MESSAGE)
         if identity.controls is not None and identity.controls.account_suspended:
             raise AccountDeactivatedError(identity.account_id)
         return identity

@@ -3,6 +3,7 @@
 Routes (``checkout_routes``):
     GET  /api/billing/packages               the active packages (no authentication)
     POST /api/billing/checkout               ``{"packageCode", "returnTo"?}`` -> Checkout URL
+                                             (a bearer key, or the session cookie + CSRF)
     GET  /api/billing/purchases/{purchaseId}  one of the caller's purchases
 
 Checkout's success and cancel URLs land on the Credits page (``gateway.credits_page``).
@@ -18,7 +19,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.errors import POSTGRES_UNAVAILABLE, AccountDeactivatedError, BillingUnavailableError
 from billing.ledger import PostedBalance, posted_balance
 from billing.purchases.fulfilment import (
     start_checkout,
@@ -34,7 +35,7 @@ from billing.purchases.packages import (
 from billing.purchases.purchase_records import Purchase, PurchaseNotFoundError, get_purchase
 from billing.purchases.stripe_client import StripeClient, StripeRequestError, StripeUnavailableError
 from billing.units import money_fields
-from gateway import appkeys as gateway_keys
+from gateway.billing_session import billing_caller
 from runtime import appkeys
 from runtime.errors import GatewayError, InvalidRequestError, NotFoundError, json_response
 from runtime.return_to import validated_return_to
@@ -162,10 +163,17 @@ async def handle_checkout(request: web.Request) -> web.Response:
     "checkout_session", "purchaseId", "checkoutSessionId", "checkoutUrl", "statusUrl",
     "status": "pending", "package": {...}}``.
 
-    Errors: 401 bad key; 400 malformed body, unknown package, bad return path; 503 purchases
-    disabled, Stripe not configured or unreachable, Postgres down; 502 Stripe refused.
+    Caller: a bearer key, or the billing session cookie with ``X-CSRF-Token``
+    (``gateway.billing_session``).
+
+    Errors: 401 bad key or not signed in; 403 ``csrf_failed``, or ``account_deactivated``
+    (the account is suspended); 400 malformed body, unknown package, bad return path; 503
+    purchases disabled, Stripe not configured or unreachable, Postgres down; 502 Stripe
+    refused.
     """
-    identity = await request.app[gateway_keys.AUTH].authenticate(request)
+    caller = await billing_caller(request, state_changing=True)
+    if caller.account_suspended:
+        raise AccountDeactivatedError(caller.account_id)
     stripe = _stripe_or_503(request.app)
     body = await _json_object(request)
     code = body.get("packageCode")
@@ -182,7 +190,7 @@ async def handle_checkout(request: web.Request) -> web.Response:
         started = await start_checkout(
             request.app[appkeys.DB_POOL],
             stripe,
-            account_id=identity.account_id,
+            account_id=caller.account_id,
             package_code=code,
             return_path=return_path,
             public_base_url=settings.public_base_url,
@@ -220,12 +228,12 @@ async def handle_checkout(request: web.Request) -> web.Response:
 async def handle_purchase(request: web.Request) -> web.Response:
     """``GET /api/billing/purchases/{purchaseId}``: one of the caller's purchases, with the
     account's balance and shortfall. 404 for unknown ids and other accounts' purchases."""
-    identity = await request.app[gateway_keys.AUTH].authenticate(request)
+    caller = await billing_caller(request)
     pool = request.app[appkeys.DB_POOL]
     public_id = request.match_info["purchase_id"]
     try:
-        purchase = await get_purchase(pool, public_id, account_id=identity.account_id)
-        balance = await posted_balance(pool, identity.account_id)
+        purchase = await get_purchase(pool, public_id, account_id=caller.account_id)
+        balance = await posted_balance(pool, caller.account_id)
     except PurchaseNotFoundError as exc:
         raise NotFoundError(
             f"No purchase {public_id!r}.", param="purchaseId", code="purchase_not_found"

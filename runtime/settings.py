@@ -104,6 +104,11 @@ class Settings:
     # The Credits page's FAQ answers, shown as configured (escaped).
     credits_refund_policy_text: str = DEFAULT_REFUND_POLICY_TEXT
     credits_expiry_text: str = DEFAULT_EXPIRY_TEXT
+    portal_link_ttl_s: int = 300
+    """``PORTAL_LINK_TTL_S``: seconds a portal link (``billing.portal_links``) can be opened."""
+    billing_session_ttl_s: int = 43200
+    """``BILLING_SESSION_TTL_S``: seconds a billing session (cookie and Redis data) lasts
+    from sign-in (``gateway.billing_session``)."""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -197,6 +202,8 @@ class Settings:
                 "CREDITS_REFUND_POLICY_TEXT", DEFAULT_REFUND_POLICY_TEXT
             ),
             credits_expiry_text=read.text("CREDITS_EXPIRY_TEXT", DEFAULT_EXPIRY_TEXT),
+            portal_link_ttl_s=read.integer("PORTAL_LINK_TTL_S", 300, minimum=1),
+            billing_session_ttl_s=read.integer("BILLING_SESSION_TTL_S", 43200, minimum=60),
         )
         read.raise_problems()
         return settings

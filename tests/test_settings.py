@@ -311,3 +311,17 @@ def test_from_env_live_flag_defaults():
 )
 def test_from_env_bad_live_flag_is_a_problem(name, raw, reason):
     assert _problems({**REQUIRED, name: raw}) == [f"{name} {reason}, got {raw!r}"]
+
+
+def test_billing_session_ttls_default_and_read_from_env():
+    defaults = Settings.from_env(REQUIRED)
+    assert (defaults.portal_link_ttl_s, defaults.billing_session_ttl_s) == (300, 43200)
+    settings = Settings.from_env(
+        {**REQUIRED, "PORTAL_LINK_TTL_S": "60", "BILLING_SESSION_TTL_S": "3600"}
+    )
+    assert (settings.portal_link_ttl_s, settings.billing_session_ttl_s) == (60, 3600)
+    problems = _problems({**REQUIRED, "PORTAL_LINK_TTL_S": "0", "BILLING_SESSION_TTL_S": "soon"})
+    assert problems == [
+        "PORTAL_LINK_TTL_S must be >= 1, got '0'",
+        "BILLING_SESSION_TTL_S must be a int, got 'soon'",
+    ]
