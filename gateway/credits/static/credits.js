@@ -330,10 +330,16 @@
     (first || section).focus({ preventScroll: true });
   }
 
+  /** The models with a label ("Eco", "Advanced") first, each group by model id. */
+  function sortedRates() {
+    return [...(me.activeRates || [])].sort((a, b) =>
+      Number(!a.label) - Number(!b.label) || a.model.localeCompare(b.model));
+  }
+
   function renderRates() {
     const body = $("rates-table").tBodies[0];
     body.replaceChildren();
-    for (const rate of me.activeRates || []) {
+    for (const rate of sortedRates()) {
       body.append(el("tr", {}, [
         el("td", {}, rate.label
           ? [el("span", { text: rate.label }), document.createTextNode(" "), el("code", { text: t(S.rates.modelId, { model: rate.model }) })]
@@ -378,7 +384,7 @@
     const filtered = filter.value;
     estimate.replaceChildren();
     filter.replaceChildren(el("option", { text: S.usage.allModels, attrs: { value: "" } }));
-    for (const rate of me.activeRates || []) {
+    for (const rate of sortedRates()) {
       const label = rate.displayName || rate.model;
       estimate.append(el("option", { text: label, attrs: { value: rate.model } }));
       filter.append(el("option", { text: label, attrs: { value: rate.model } }));
