@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import MultiMapping
@@ -55,6 +54,7 @@ from gateway.billing_exports import (
     usage_csv_row,
 )
 from gateway.billing_session import BillingCaller, billing_caller
+from gateway.json_body import json_object
 from gateway.purchase_routes import package_json
 from gateway.statement_pdf import statement_pdf
 from runtime import appkeys
@@ -449,18 +449,6 @@ def _tokens(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-async def _estimate_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(
-            "The request body is not valid JSON.", code="invalid_json"
-        ) from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    return body
-
-
 def _estimate_text(body: dict[str, Any]) -> str | None:
     text = body.get("text")
     if text is None:
@@ -499,7 +487,7 @@ async def handle_estimate(request: web.Request) -> web.Response:
     rounded as the live ``rounding_mode`` flag says.
     """
     await billing_caller(request)
-    body = await _estimate_body(request)
+    body = json_object(await request.read())
     card = _rate_card(request, body.get("model"))
     text = _estimate_text(body)
     input_tokens = _tokens(body, "inputTokens") or 0

@@ -14,7 +14,6 @@ How sessions and CSRF work: ``gateway.billing_session``; links: ``billing.portal
 from __future__ import annotations
 
 import html
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -44,6 +43,7 @@ from gateway.billing_session import (
     signed_in_session,
     start_billing_session,
 )
+from gateway.json_body import json_object
 from runtime import appkeys
 from runtime.errors import AuthenticationError, InvalidRequestError, json_response
 from runtime.return_to import validated_return_to
@@ -75,22 +75,6 @@ def billing_session_routes() -> list[tuple[str, str, Handler]]:
     ]
 
 
-async def _optional_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; an empty body is ``{}``."""
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(
-            "The request body is not valid JSON.", code="invalid_json"
-        ) from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    return body
-
-
 async def handle_create_portal_session(request: web.Request) -> web.Response:
     """``POST /api/billing/portal-sessions``: a single-use sign-in link for the bearer key's
     account (a session cookie cannot make one: a session cannot extend itself).
@@ -100,7 +84,7 @@ async def handle_create_portal_session(request: web.Request) -> web.Response:
     Errors: 401 bad key; 400 malformed body or returnTo; 503 Redis or Postgres down.
     """
     caller = await bearer_caller(request)
-    body = await _optional_json_object(request)
+    body = json_object(await request.read(), empty_is_object=True)
     settings = request.app[appkeys.SETTINGS]
     return_to = validated_return_to(body.get("returnTo"), settings.return_to_origins)
     try:
@@ -169,7 +153,7 @@ async def handle_sign_in(request: web.Request) -> web.Response:
     origin = request.headers.get("Origin")
     if origin is not None and origin != _own_origin(request.app):
         raise CsrfFailedError("Sign-in is only accepted from this site's own pages.")
-    body = await _optional_json_object(request)
+    body = json_object(await request.read(), empty_is_object=True)
     key = body.get("apiKey")
     if not isinstance(key, str) or not key.strip():
         raise InvalidRequestError(

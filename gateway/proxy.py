@@ -50,6 +50,7 @@ from billing.spend_controls import check_max_request, check_model
 from gateway import appkeys as gateway_keys
 from gateway.auth import Identity
 from gateway.held_headers import write_whole_response
+from gateway.json_body import json_object
 from gateway.relay import relay_stream
 from gateway.usage import UnusableUsage, Usage, parse_usage, response_text, usage_bound
 from runtime import appkeys
@@ -387,7 +388,7 @@ async def _prepare(
             identity.account_id, identity.api_key_id, controls.requests_per_minute
         )
     raw = await request.read()
-    body = _json_object(raw)
+    body = json_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("You must provide a model parameter.", param="model")
@@ -486,23 +487,6 @@ async def _estimate(
     except EstimateError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from None
     return Estimate(prompt_tokens, output_tokens)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object.
-
-    Raises:
-        InvalidRequestError: not JSON, or not an object (400, ``invalid_json``).
-    """
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(
-            f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    return body
 
 
 async def _reserve(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -36,6 +35,7 @@ from billing.purchases.purchase_records import Purchase, PurchaseNotFoundError, 
 from billing.purchases.stripe_client import StripeClient, StripeRequestError, StripeUnavailableError
 from billing.units import money_fields
 from gateway.billing_session import billing_caller
+from gateway.json_body import json_object
 from runtime import appkeys
 from runtime.errors import GatewayError, InvalidRequestError, NotFoundError, json_response
 from runtime.return_to import validated_return_to
@@ -116,18 +116,6 @@ def purchase_json(purchase: Purchase, balance: PostedBalance | None = None) -> d
     return body
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(
-            "The request body is not valid JSON.", code="invalid_json"
-        ) from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    return body
-
-
 def _stripe_or_503(app: web.Application) -> StripeClient:
     if not app[appkeys.CONTROL].flags.purchases_enabled:
         raise PurchasesUnavailableError(
@@ -175,7 +163,7 @@ async def handle_checkout(request: web.Request) -> web.Response:
     if caller.account_suspended:
         raise AccountDeactivatedError(caller.account_id)
     stripe = _stripe_or_503(request.app)
-    body = await _json_object(request)
+    body = json_object(await request.read())
     code = body.get("packageCode")
     if not isinstance(code, str) or not code:
         raise InvalidRequestError(
