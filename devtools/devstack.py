@@ -535,7 +535,8 @@ def _print_credits_page(account_id: int, admin_token: str, options: _Options) ->
 
     {url}
 
-A new link: curl -X POST {endpoint} -H "Authorization: Bearer $ADMIN_TOKEN"
+A new link: curl -X POST {endpoint} -H "Authorization: Bearer $ADMIN_TOKEN" \\
+    -H 'Content-Type: application/json' -d '{{}}'
 """,
         flush=True,
     )

@@ -15,9 +15,16 @@ import pytest
 import stripe
 from aiohttp import web
 
+from admin_api.app import create_admin_app
+from billing import ledger
+from billing.admin_tokens import Role, create_admin_token
+from billing.audit import CLI_ACTOR
 from devtools import devstack
 from devtools.localservices import free_port
 from devtools.stripe_sim import StripeStub
+from runtime import appkeys
+from runtime.settings import Settings
+from tests.harness import seed_database
 
 SESSION_PARAMS = {
     "mode": "payment",
@@ -245,3 +252,34 @@ def test_credits_page_without_portal_links_prints_the_page_address(
         "Credits page: http://127.0.0.1:18080/credits (sign in there with the demo API key; "
         "no portal link: "
     )
+
+
+async def test_credits_page_prints_a_link_and_a_working_command_for_a_new_one(
+    database_url: str, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await seed_database(database_url)
+    options = devstack._Options.from_env({"PORT": "18080", "ADMIN_PORT": str(free_port())})
+    settings = Settings(database_url=database_url, redis_url=redis_url, upstream_api_key="sk-x")
+    runner = web.AppRunner(create_admin_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", options.admin_port).start()
+    try:
+        pool = runner.app[appkeys.DB_POOL]
+        async with pool.acquire() as conn:
+            account_id = await ledger.create_account(conn, "demo@example.com")
+            token, _ = await create_admin_token(conn, CLI_ACTOR, role=Role.OPERATOR, name="t")
+
+        await asyncio.to_thread(devstack._print_credits_page, account_id, token, options)
+
+        out = capsys.readouterr().out
+        assert "/credits/portal/" in out
+        command = out.split("A new link: ", 1)[1].strip()
+        curl = await asyncio.create_subprocess_shell(
+            command.replace("\\\n", " ") + " -s -o /dev/null -w '%{http_code}'",
+            env={**os.environ, "ADMIN_TOKEN": token},
+            stdout=asyncio.subprocess.PIPE,
+        )
+        status, _ = await curl.communicate()
+        assert status.decode() == "201"
+    finally:
+        await runner.cleanup()

@@ -419,3 +419,14 @@ async def test_purchases_off_disables_buying_and_paused_charging_is_announced(
         await expect(button).to_be_disabled()
     await expect(page.locator("#banner-charging-paused")).to_contain_text("Charging is paused")
     await expect(page.locator("#banner-low-balance")).to_be_hidden()
+
+
+async def test_held_credits_show_beside_the_available_balance(live: LiveStack, page: Page) -> None:
+    account = await live.create_account(100_000)
+    await live.gateway.holds.reserve(account.account_id, 25_500, request_id="req_in_flight")
+
+    await open_with_portal_link(live, page, account)
+
+    await expect(page.locator("#balance-credits")).to_have_text("100.00 Credits")
+    await expect(page.locator("#held-credits")).to_have_text("25.50 Credits")
+    await expect(page.locator("#available-credits")).to_have_text("74.50 Credits")
