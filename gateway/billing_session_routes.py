@@ -13,8 +13,6 @@ How sessions and CSRF work: ``gateway.billing_session``; links: ``billing.portal
 
 from __future__ import annotations
 
-import html
-
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -43,6 +41,7 @@ from gateway.billing_session import (
     signed_in_session,
     start_billing_session,
 )
+from gateway.credits_page import link_expired_page
 from gateway.json_body import json_object
 from runtime import appkeys
 from runtime.errors import AuthenticationError, InvalidRequestError, json_response
@@ -50,11 +49,6 @@ from runtime.return_to import validated_return_to
 
 _REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
-_EXPIRED_TITLE = "This link has expired or was already used"
-_EXPIRED_BODY = (
-    "Portal links work once, for a few minutes. Ask for a new one, or sign in with your API "
-    "key on the Credits page."
-)
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
@@ -121,7 +115,7 @@ async def handle_open_portal_link(request: web.Request) -> web.Response:
         except POSTGRES_UNAVAILABLE as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
     if grant is None or status is None:
-        return _expired_link_page()
+        return link_expired_page(request)
     response = web.Response(
         status=303, headers={**_PAGE_HEADERS, "Location": grant.return_to or CREDITS_PATH}
     )
@@ -191,15 +185,3 @@ async def handle_sign_out(request: web.Request) -> web.Response:
 
 def _own_origin(app: web.Application) -> str:
     return str(URL(app[appkeys.SETTINGS].public_base_url).origin())
-
-
-def _expired_link_page() -> web.Response:
-    document = (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="robots" content="noindex">'
-        f"<title>{html.escape(_EXPIRED_TITLE)}</title></head>\n"
-        f"<body><main><h1>{html.escape(_EXPIRED_TITLE)}</h1>\n"
-        f"<p>{html.escape(_EXPIRED_BODY)}</p>\n"
-        f'<p><a href="{CREDITS_PATH}">Go to the Credits page</a></p></main></body></html>\n'
-    )
-    return web.Response(text=document, status=410, content_type="text/html", headers=_PAGE_HEADERS)

@@ -89,6 +89,14 @@ def load_strings(settings: Settings) -> dict[str, Any]:
     return strings
 
 
+def link_expired_page(request: web.Request) -> web.Response:
+    """The 410 page for a portal link that was used, expired or never existed."""
+    context = {"strings": request.app[gateway_keys.CREDITS_STRINGS], "credits_path": CREDITS_PATH}
+    response = aiohttp_jinja2.render_template("link_expired.html", request, context, status=410)
+    response.headers.update(PAGE_HEADERS)
+    return response
+
+
 async def handle_credits_page(request: web.Request) -> web.Response:
     """``GET /credits``: the page.
 
