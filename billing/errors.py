@@ -6,29 +6,42 @@ from typing import Final
 
 import asyncpg
 
+POSTGRES_REFUSED_INPUT: Final = (asyncpg.DataError,)
+"""Postgres refused a value the statement was given (SQLSTATE class 22, or asyncpg's own
+check of an argument): a NUL byte in text (22021 ``CharacterNotInRepertoireError``), a number
+out of range, a malformed date. On a request path that value came from the caller: the HTTP
+layers answer 400 ``invalid_request_error`` (``runtime.errors``), not 503. Not part of
+``POSTGRES_UNAVAILABLE``: the same value fails again however often it is retried."""
+
 POSTGRES_UNAVAILABLE: Final = (
     OSError,
-    asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
+    *(
+        cls
+        for cls in asyncpg.PostgresError.__subclasses__()
+        if not issubclass(cls, POSTGRES_REFUSED_INPUT)
+    ),
 )
 """What asyncpg raises when Postgres is unreachable, restarting or refusing a statement: a
-refused connect (``OSError``), a server error (``PostgresError``; a backend terminated under a
-pooled connection is its ``ConnectionDoesNotExistError``), a connection closed under the caller
-(``InterfaceError``) or a connection left in a state asyncpg cannot use
-(``InternalClientError``, which subclasses none of the others). Catch this tuple, never a
-hand-written copy of it."""
+refused connect (``OSError``), a server error (every ``PostgresError`` class but the refused
+input ones, ``POSTGRES_REFUSED_INPUT``; a backend terminated under a pooled connection is its
+``ConnectionDoesNotExistError``, an unknown SQLSTATE its ``UnknownPostgresError``), a
+connection closed under the caller (``InterfaceError``) or a connection left in a state
+asyncpg cannot use (``InternalClientError``, which subclasses none of the others). Catch this
+tuple, never a hand-written copy of it."""
 
 POSTGRES_REFUSED_DATA: Final = (
-    asyncpg.DataError,
+    *POSTGRES_REFUSED_INPUT,
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.NoDataFoundError,
 )
-"""The part of ``POSTGRES_UNAVAILABLE`` that is the statement's data at fault, not the server:
-a value out of range or malformed (SQLSTATE class 22), a constraint or reference violated
+"""The statement's data at fault, not the server: a value out of range or malformed
+(SQLSTATE class 22, ``POSTGRES_REFUSED_INPUT``), a constraint or reference violated
 (class 23; ``usage_events_check_references`` raises 23503 for an unknown account, API key or
 rate card), an unknown account in ``post_ledger_entries`` (P0002). The same data fails again
-however often it is retried; catch this before ``POSTGRES_UNAVAILABLE``."""
+however often it is retried; catch this before ``POSTGRES_UNAVAILABLE`` (which holds all
+but the first)."""
 
 
 class BillingError(Exception):

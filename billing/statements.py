@@ -4,11 +4,18 @@ Every total comes from the ledger of record (``ledger_entries``, one SQL pass fo
 them) and the usage events (one pass, grouped by model), read in one snapshot, as exact
 integer millicredits:
 
-    closing = opening + purchases + deductions + refunds + adjustments + reversals
+    closing = opening + purchases + deductions + refunds + disputes + adjustments + reversals
 
 holds exactly, because each term is a sum over the same entries split by type and time
 (opening: entries before the month; closing: entries before its end). Deductions, refunds
-and reversals are negative. The per-model usage totals are what the usage events recorded
+and disputes are mostly negative. A customer refund or a dispute of a purchase is posted as a
+``reversal`` (``billing.purchases.purchase_ledger``); its idempotency key says which
+(``REFUND_KEY_PREFIX``, ``DISPUTE_KEY_PREFIX``), so:
+
+    refunds   = refund entries + refund reversals (a failed refund's reinstatement, > 0, too)
+    disputes  = dispute reversals (a won dispute's return, > 0, too)
+    reversals = every other reversal (an operator's correction of an earlier entry)
+ The per-model usage totals are what the usage events recorded
 (requests started in the month); they explain the deductions but need not equal them to the
 millicredit (a request started on the last evening of a month is posted the next).
 
@@ -24,20 +31,27 @@ from datetime import UTC, date, datetime
 import asyncpg
 
 from billing.errors import AccountNotFoundError
+from billing.purchases.purchase_ledger import DISPUTE_KEY_PREFIX, REFUND_KEY_PREFIX
 
-_MONTH = re.compile(r"\d{4}-\d{2}")
+#: The years the billing API takes in dates and statement months: the end of any month in
+#: them (``month_bounds``) is a date Python can hold (its last year is 9999).
+FIRST_YEAR = 1900
+LAST_YEAR = 9000
+
+_MONTH = re.compile(r"[0-9]{4}-[0-9]{2}")  # ASCII digits only (``\d`` takes "２" too)
 
 
 def parse_month(text: str) -> date:
     """``"YYYY-MM"`` -> the month's first day.
 
     Raises:
-        ValueError: another shape, month outside 01-12, year before 1900.
+        ValueError: another shape, month outside 01-12, year outside ``FIRST_YEAR`` to
+            ``LAST_YEAR``.
     """
     if not _MONTH.fullmatch(text):
         raise ValueError(f"not a month (YYYY-MM): {text!r}")
     year, month = int(text[:4]), int(text[5:])
-    if year < 1900 or not 1 <= month <= 12:
+    if not FIRST_YEAR <= year <= LAST_YEAR or not 1 <= month <= 12:
         raise ValueError(f"not a month (YYYY-MM): {text!r}")
     return date(year, month, 1)
 
@@ -81,6 +95,7 @@ class Statement:
     purchases_millicredits: int
     deductions_millicredits: int
     refunds_millicredits: int
+    disputes_millicredits: int
     adjustments_millicredits: int
     reversals_millicredits: int
     closing_balance_millicredits: int
@@ -99,6 +114,7 @@ class Statement:
             ("Purchases", self.purchases_millicredits),
             ("Usage deductions", self.deductions_millicredits),
             ("Refunds", self.refunds_millicredits),
+            ("Disputes", self.disputes_millicredits),
             ("Adjustments", self.adjustments_millicredits),
             ("Reversals", self.reversals_millicredits),
             ("Closing balance", self.closing_balance_millicredits),
@@ -111,24 +127,33 @@ class Statement:
             self.purchases_millicredits
             + self.deductions_millicredits
             + self.refunds_millicredits
+            + self.disputes_millicredits
             + self.adjustments_millicredits
             + self.reversals_millicredits
         )
 
 
-# One pass over the account's entries up to the month's end ($3); $2 is its start.
+# One pass over the account's entries up to the month's end ($3); $2 is its start, $4 and
+# $5 the refund and dispute key prefixes. Each entry of the month is in exactly one sum.
 _LEDGER_TOTALS_SQL = """
 SELECT COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $2), 0),
        COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
                                                    AND entry_type = 'purchase'), 0),
        COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
                                                    AND entry_type = 'deduction'), 0),
-       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
-                                                   AND entry_type = 'refund'), 0),
+       COALESCE(sum(amount_millicredits) FILTER (
+           WHERE created_at >= $2
+             AND (entry_type = 'refund'
+                  OR (entry_type = 'reversal' AND starts_with(idempotency_key, $4)))), 0),
+       COALESCE(sum(amount_millicredits) FILTER (
+           WHERE created_at >= $2
+             AND entry_type = 'reversal' AND starts_with(idempotency_key, $5)), 0),
        COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
                                                    AND entry_type = 'adjustment'), 0),
-       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
-                                                   AND entry_type = 'reversal'), 0),
+       COALESCE(sum(amount_millicredits) FILTER (
+           WHERE created_at >= $2
+             AND entry_type = 'reversal' AND NOT starts_with(idempotency_key, $4)
+             AND NOT starts_with(idempotency_key, $5)), 0),
        COALESCE(sum(amount_millicredits), 0)
   FROM ledger_entries
  WHERE account_id = $1 AND created_at < $3
@@ -159,10 +184,12 @@ async def monthly_statement(pool: asyncpg.Pool, account_id: int, month: date) ->
         email = await conn.fetchval("SELECT email FROM accounts WHERE id = $1", account_id)
         if email is None:
             raise AccountNotFoundError(account_id)
-        totals = await conn.fetchrow(_LEDGER_TOTALS_SQL, account_id, start, end)
+        totals = await conn.fetchrow(
+            _LEDGER_TOTALS_SQL, account_id, start, end, REFUND_KEY_PREFIX, DISPUTE_KEY_PREFIX
+        )
         usage_rows = await conn.fetch(_USAGE_TOTALS_SQL, account_id, start, end)
     assert totals is not None  # an aggregate without GROUP BY answers one row
-    opening, purchases, deductions, refunds, adjustments, reversals, closing = (
+    opening, purchases, deductions, refunds, disputes, adjustments, reversals, closing = (
         int(value) for value in totals
     )
     return Statement(
@@ -175,6 +202,7 @@ async def monthly_statement(pool: asyncpg.Pool, account_id: int, month: date) ->
         purchases_millicredits=purchases,
         deductions_millicredits=deductions,
         refunds_millicredits=refunds,
+        disputes_millicredits=disputes,
         adjustments_millicredits=adjustments,
         reversals_millicredits=reversals,
         closing_balance_millicredits=closing,

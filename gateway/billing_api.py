@@ -19,6 +19,7 @@ The reference is docs/billing-api.md.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
@@ -38,7 +39,7 @@ from billing.ledger import (
 )
 from billing.metering.pricing import RateCard, charge_millicredits
 from billing.purchases.packages import list_packages
-from billing.statements import Statement, monthly_statement, parse_month
+from billing.statements import FIRST_YEAR, LAST_YEAR, Statement, monthly_statement, parse_month
 from billing.units import MILLICREDITS_PER_CREDIT, credits_text, money_fields
 from gateway import appkeys as gateway_keys
 from gateway.billing_exports import (
@@ -55,7 +56,7 @@ from gateway.billing_exports import (
 )
 from gateway.billing_session import BillingCaller, billing_caller
 from gateway.json_body import json_object
-from gateway.purchase_routes import package_json
+from gateway.purchase_routes import package_json, reference_package
 from gateway.statement_pdf import statement_pdf
 from runtime import appkeys
 from runtime.errors import InvalidRequestError, NotFoundError, json_response
@@ -69,6 +70,16 @@ MAX_ESTIMATE_TEXT_CHARS = 100_000
 #: Largest token count the estimator takes (per field).
 MAX_ESTIMATE_TOKENS = 1_000_000_000
 
+#: The query parameters each route takes; any other is 400 (a filter a route does not have
+#: must not be silently ignored).
+ME_PARAMS: tuple[str, ...] = ()
+USAGE_PARAMS = ("model", "key", "since", "until", "limit", "cursor", "format")
+LEDGER_PARAMS = ("type", "since", "until", "limit", "cursor", "format")
+STATEMENT_PARAMS = ("format",)
+
+#: Digits as the API takes them: ASCII only (``str.isdigit`` and ``int`` take ``"１"`` too).
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
 
 def billing_api_routes() -> list[tuple[str, str, Handler]]:
     """The billing API routes as ``(method, path, handler)``; the gateway app adds them with
@@ -76,9 +87,9 @@ def billing_api_routes() -> list[tuple[str, str, Handler]]:
     return [
         ("GET", "/api/billing/me", handle_me),
         ("GET", "/api/billing/usage", handle_usage),
-        ("GET", r"/api/billing/usage/{id:\d+}", handle_usage_event),
+        ("GET", "/api/billing/usage/{id:[0-9]+}", handle_usage_event),
         ("GET", "/api/billing/ledger", handle_ledger),
-        ("GET", r"/api/billing/ledger/{id:\d+}", handle_ledger_entry),
+        ("GET", "/api/billing/ledger/{id:[0-9]+}", handle_ledger_entry),
         ("GET", "/api/billing/statements/{month}", handle_statement),
         ("POST", "/api/billing/estimate", handle_estimate),
     ]
@@ -134,11 +145,23 @@ def rate_json(card: RateCard) -> dict[str, Any]:
 # -- query parameters -------------------------------------------------------------------
 
 
+def _only(query: MultiMapping[str], accepted: Sequence[str]) -> None:
+    """400 for a query parameter the route does not take, naming it and the accepted ones."""
+    for name in query:
+        if name not in accepted:
+            raise InvalidRequestError(
+                f"Unknown query parameter {name!r}; this route accepts "
+                f"{', '.join(accepted) if accepted else 'none'}.",
+                param=name,
+                code="unknown_parameter",
+            )
+
+
 def _limit(query: MultiMapping[str]) -> int:
     raw = query.get("limit")
     if raw is None:
         return DEFAULT_PAGE_ROWS
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_ROWS:
+    if not _ASCII_DIGITS.fullmatch(raw) or not 1 <= int(raw) <= MAX_PAGE_ROWS:
         raise InvalidRequestError(
             f"limit must be a whole number from 1 to {MAX_PAGE_ROWS}.",
             param="limit",
@@ -152,7 +175,7 @@ def _cursor(query: MultiMapping[str]) -> int | None:
     raw = query.get("cursor")
     if raw is None:
         return None
-    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 2**63:
+    if not _ASCII_DIGITS.fullmatch(raw) or not 0 < int(raw) < 2**63:
         raise InvalidRequestError(
             "cursor must be the nextCursor of a previous page.",
             param="cursor",
@@ -163,7 +186,7 @@ def _cursor(query: MultiMapping[str]) -> int | None:
 
 def _instant(query: MultiMapping[str], name: str) -> datetime | None:
     """An ISO date (``YYYY-MM-DD``, midnight UTC) or datetime (UTC when it has no offset),
-    years 1900 to 9000 (Postgres's own range is wider than Python's)."""
+    years ``FIRST_YEAR`` to ``LAST_YEAR`` (Postgres's own range is wider than Python's)."""
     raw = query.get(name)
     if raw is None:
         return None
@@ -177,7 +200,7 @@ def _instant(query: MultiMapping[str], name: str) -> datetime | None:
         moment = None
     if moment is not None and moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    if moment is None or not 1900 <= moment.year <= 9000:
+    if moment is None or not FIRST_YEAR <= moment.year <= LAST_YEAR:
         raise InvalidRequestError(
             f"{name} must be an ISO 8601 date (YYYY-MM-DD) or date-time.",
             param=name,
@@ -196,10 +219,14 @@ def _choice(query: MultiMapping[str], name: str, allowed: Sequence[str]) -> str 
 
 
 def _text(query: MultiMapping[str], name: str, max_chars: int = 200) -> str | None:
+    """A free-text filter: 1 to ``max_chars`` printable characters (no NUL or other control
+    character, which Postgres would refuse or no row could match)."""
     raw = query.get(name)
-    if raw is not None and (not raw or len(raw) > max_chars):
+    if raw is not None and (not raw or len(raw) > max_chars or not raw.isprintable()):
         raise InvalidRequestError(
-            f"{name} must be 1 to {max_chars} characters.", param=name, code=f"invalid_{name}"
+            f"{name} must be 1 to {max_chars} printable characters.",
+            param=name,
+            code=f"invalid_{name}",
         )
     return raw
 
@@ -259,6 +286,7 @@ async def handle_usage(request: web.Request) -> web.StreamResponse:
     """
     caller = await billing_caller(request)
     query = request.query
+    _only(query, USAGE_PARAMS)
     parsed = _list_query(
         query,
         {
@@ -281,6 +309,7 @@ async def handle_ledger(request: web.Request) -> web.StreamResponse:
     """
     caller = await billing_caller(request)
     query = request.query
+    _only(query, LEDGER_PARAMS)
     parsed = _list_query(
         query,
         {
@@ -334,6 +363,7 @@ async def handle_me(request: web.Request) -> web.Response:
     Redis unreachable (held amounts unknown) or Postgres unreachable: 503.
     """
     caller = await billing_caller(request)
+    _only(request.query, ME_PARAMS)
     app = request.app
     pool = app[appkeys.DB_POOL]
     flags = app[appkeys.CONTROL].flags
@@ -344,7 +374,7 @@ async def handle_me(request: web.Request) -> web.Response:
         usage = await list_usage_events(pool, account_id=caller.account_id, limit=RECENT_ROWS)
     money = await balance_fields(app[appkeys.HOLDS], caller.account_id, account.posted)
     threshold_millicredits = flags.low_balance_threshold_credits * MILLICREDITS_PER_CREDIT
-    reference = next((p for p in packages if p.code == "starter"), None)
+    reference = reference_package(packages)
     return json_response(
         {
             "object": "billing_account",
@@ -384,6 +414,7 @@ def statement_json(statement: Statement) -> dict[str, Any]:
         **money_fields("purchases", statement.purchases_millicredits),
         **money_fields("deductions", statement.deductions_millicredits),
         **money_fields("refunds", statement.refunds_millicredits),
+        **money_fields("disputes", statement.disputes_millicredits),
         **money_fields("adjustments", statement.adjustments_millicredits),
         **money_fields("reversals", statement.reversals_millicredits),
         **money_fields("closingBalance", statement.closing_balance_millicredits),
@@ -408,11 +439,13 @@ async def handle_statement(request: web.Request) -> web.Response:
     ``statement-YYYY-MM.csv|pdf``). 400 for a malformed month or format.
     """
     caller = await billing_caller(request)
+    _only(request.query, STATEMENT_PARAMS)
     try:
         month = parse_month(request.match_info["month"])
     except ValueError as exc:
         raise InvalidRequestError(
-            "The month must be YYYY-MM (for example 2026-11).",
+            f"The month must be YYYY-MM (for example 2026-11), from {FIRST_YEAR}-01 to "
+            f"{LAST_YEAR}-12.",
             param="month",
             code="invalid_month",
         ) from exc
@@ -501,7 +534,13 @@ async def handle_estimate(request: web.Request) -> web.Response:
             text,
             card.model,
         )
-    cached_tokens = min(cached_tokens, input_tokens)
+    if cached_tokens > input_tokens:
+        raise InvalidRequestError(
+            f"cachedInputTokens ({cached_tokens}) is part of the input and cannot exceed "
+            f"inputTokens ({input_tokens}, counted from text when text is given).",
+            param="cachedInputTokens",
+            code="invalid_token_count",
+        )
     estimated = charge_millicredits(
         card,
         prompt_tokens=input_tokens,

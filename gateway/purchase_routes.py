@@ -13,6 +13,7 @@ Errors use OpenAI's envelope through the gateway's error answers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -66,6 +67,15 @@ def checkout_routes() -> list[tuple[str, str, Handler]]:
         ("POST", "/api/billing/checkout", handle_checkout),
         ("GET", "/api/billing/purchases/{purchase_id}", handle_purchase),
     ]
+
+
+#: The package whose price per credit the others' ``savingsPercent`` is measured against.
+REFERENCE_PACKAGE_CODE = "starter"
+
+
+def reference_package(packages: Sequence[Package]) -> Package | None:
+    """Starter among ``packages`` (the reference of ``package_json``), None if not offered."""
+    return next((p for p in packages if p.code == REFERENCE_PACKAGE_CODE), None)
 
 
 def package_json(package: Package, reference: Package | None = None) -> dict[str, Any]:
@@ -136,7 +146,7 @@ async def handle_packages(request: web.Request) -> web.Response:
         packages = await list_packages(request.app[appkeys.DB_POOL])
     except POSTGRES_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"postgres: {exc}") from exc
-    reference = next((p for p in packages if p.code == "starter"), None)
+    reference = reference_package(packages)
     return json_response(
         {"object": "list", "data": [package_json(p, reference) for p in packages]}, 200
     )
@@ -174,9 +184,15 @@ async def handle_checkout(request: web.Request) -> web.Response:
     settings = request.app[appkeys.SETTINGS]
     field = "returnTo" if "returnTo" in body else "returnPath"
     return_path = validated_return_to(body.get(field), settings.return_to_origins, param=field)
+    pool = request.app[appkeys.DB_POOL]
+    try:
+        # Read before Stripe is asked: a Postgres failure after it would lose the session URL.
+        reference = reference_package(await list_packages(pool))
+    except POSTGRES_UNAVAILABLE as exc:
+        raise BillingUnavailableError(f"postgres: {exc}") from exc
     try:
         started = await start_checkout(
-            request.app[appkeys.DB_POOL],
+            pool,
             stripe,
             account_id=caller.account_id,
             package_code=code,
@@ -207,7 +223,7 @@ async def handle_checkout(request: web.Request) -> web.Response:
             "checkoutUrl": started.session.url,
             "statusUrl": status_url(settings.public_base_url, purchase.public_id),
             "status": purchase.status,
-            "package": package_json(started.package),
+            "package": package_json(started.package, reference),
         },
         201,
     )

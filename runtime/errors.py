@@ -28,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 
 from billing.errors import (
+    POSTGRES_REFUSED_INPUT,
     AccountDeactivatedError,
     AccountSuspendedError,
     BillingError,
@@ -335,6 +336,21 @@ def _billing_unavailable(
         "Billing is temporarily unavailable; the request was not sent. Retry shortly.",
         code="billing_unavailable",
     )
+
+
+def _refused_input(exc: Exception, request: web.Request, buy_credits_url: str) -> web.Response:
+    # Postgres refused a value of the request (a NUL byte in a query parameter, say): the
+    # caller's input, not an outage, so no ERROR log and no 503 that invites a retry.
+    log.info("%s %s: Postgres refused a value: %s", request.method, request.path, exc)
+    return error_response(
+        400,
+        "The request contains a value that cannot be used (for example a NUL character).",
+        code="invalid_value",
+    )
+
+
+for _refused in POSTGRES_REFUSED_INPUT:
+    _ANSWERS[_refused] = _refused_input
 
 
 @_answers(BillingError)

@@ -40,6 +40,11 @@ from billing.ledger import LedgerEntry, PostedBalance, PostingRule, PostResult, 
 if TYPE_CHECKING:
     from billing.purchases.purchase_records import Purchase
 
+#: Idempotency-key prefixes of the ``reversal`` entries of refunds and of disputes (the table
+#: above); ``billing.statements`` sorts reversals into refunds and disputes by them.
+REFUND_KEY_PREFIX = "refund:"
+DISPUTE_KEY_PREFIX = "dispute:"
+
 COUNTED_REFUND_STATUSES = frozenset({"pending", "requires_action", "succeeded"})
 FAILED_REFUND_STATUSES = frozenset({"failed", "canceled"})
 RESTORED_DISPUTE_STATUSES = frozenset({"won", "warning_closed"})
@@ -172,8 +177,8 @@ async def settle_purchase(conn: asyncpg.Connection, purchase: Purchase) -> Purch
                 grant_id=grant_id,
                 share=share,
                 reference=refund_id,
-                take_key=f"refund:{refund_id}",
-                restore_key=f"refund:{refund_id}:reinstated",
+                take_key=f"{REFUND_KEY_PREFIX}{refund_id}",
+                restore_key=f"{REFUND_KEY_PREFIX}{refund_id}:reinstated",
                 record_sql=_RECORD_REFUND_SQL,
                 restore=status in FAILED_REFUND_STATUSES,
             )
@@ -192,8 +197,8 @@ async def settle_purchase(conn: asyncpg.Connection, purchase: Purchase) -> Purch
                 grant_id=grant_id,
                 share=share,
                 reference=dispute_id,
-                take_key=f"dispute:{dispute_id}:opened",
-                restore_key=f"dispute:{dispute_id}:won",
+                take_key=f"{DISPUTE_KEY_PREFIX}{dispute_id}:opened",
+                restore_key=f"{DISPUTE_KEY_PREFIX}{dispute_id}:won",
                 record_sql=_RECORD_DISPUTE_SQL,
                 restore=status in RESTORED_DISPUTE_STATUSES,
             )

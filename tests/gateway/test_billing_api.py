@@ -3,13 +3,20 @@ filters and pages, single rows, the estimator; every answer scoped to the caller
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import pytest
 
 from billing import ledger
 from billing.metering.pricing import charge_millicredits
 from gateway import appkeys as gateway_keys
+from tests.e2e.test_checkout_flow import (  # the Stripe stand-in's fixtures and the shop
+    Shop,
+    shop,  # noqa: F401 (a fixture)
+    stripe_stub,  # noqa: F401 (a fixture)
+)
 from tests.gateway.billing_world import BillingClient, insert_usage, key_id, post_at
 
 pytestmark = pytest.mark.usefixtures("gw")
@@ -348,3 +355,129 @@ async def test_estimate_bad_body_is_400(gw, body, param) -> None:
 
     assert status == 400
     assert answer["error"]["param"] == param
+
+
+# -- the review's findings: input Postgres refuses, unknown parameters, digits ----------
+
+
+def _no_error_logs(caplog) -> None:
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"model": "\x00"}, "model"),
+        ({"key": "cg_live_\x00"}, "key"),
+        ({"model": "gpt-4o\x00", "format": "csv"}, "model"),
+        ({"key": "\x00", "format": "csv"}, "key"),
+    ],
+)
+async def test_usage_nul_in_a_filter_is_400_naming_it(gw, caplog, params, param) -> None:
+    _, client = await _client(gw)
+
+    status, body = await client.get("/api/billing/usage", **params)
+
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"] == param
+    _no_error_logs(caplog)
+
+
+async def test_postgres_refused_input_is_400_not_503(gw, caplog) -> None:
+    # Past the billing API's own checks, Postgres refuses the NUL byte (SQLSTATE 22021): the
+    # caller's input, answered once for every route (runtime.errors), not an outage.
+    _, client = await _client(gw)
+
+    purchase_status, purchase = await client.get("/api/billing/purchases/pur_%00")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(client.root + "/credits", params={"purchase": "pur_\x00"}) as page,
+    ):
+        page_status = page.status
+
+    assert purchase_status == 400
+    assert purchase["error"]["type"] == "invalid_request_error"
+    assert purchase["error"]["code"] == "invalid_value"
+    assert page_status == 400
+    _no_error_logs(caplog)
+
+
+async def test_checkout_nul_in_package_code_is_400_and_starter_savings_are_shown(
+    shop: Shop,  # noqa: F811 (the imported fixture)
+    caplog,
+) -> None:
+    refused = await shop.buy({"packageCode": "starter\u0000"})
+    started = await shop.started("starter")
+    professional = await shop.started("professional")
+
+    assert refused.status == 400
+    assert (await refused.json())["error"]["type"] == "invalid_request_error"
+    _no_error_logs(caplog)
+    # The same package shape as /me and /packages: savings against Starter, "0.0" for itself.
+    assert started["package"]["savingsPercent"] == "0.0"
+    assert professional["package"]["savingsPercent"] not in (None, "0.0")
+    listed = await (await shop.gateway.get("/api/billing/packages")).json()
+    by_code = {p["code"]: p["savingsPercent"] for p in listed["data"]}
+    assert professional["package"]["savingsPercent"] == by_code["professional"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "accepted"),
+    [
+        ("/api/billing/ledger", {"model": "gpt-4o"}, "type"),
+        ("/api/billing/ledger", {"key": "cg_live_x"}, "type"),
+        ("/api/billing/usage", {"type": "purchase"}, "model"),
+        ("/api/billing/usage", {"Model": "gpt-4o"}, "model"),
+        ("/api/billing/me", {"limit": "5"}, "none"),
+        ("/api/billing/statements/2026-10", {"fromat": "csv"}, "format"),
+    ],
+)
+async def test_unknown_query_parameter_is_400_naming_it(gw, path, params, accepted) -> None:
+    _, client = await _client(gw)
+
+    status, body = await client.get(path, **params)
+
+    (name,) = params
+    assert status == 400
+    assert body["error"]["param"] == name
+    assert body["error"]["code"] == "unknown_parameter"
+    assert accepted in body["error"]["message"]
+
+
+async def test_non_ascii_digits_are_refused(gw) -> None:
+    account_id, client = await _client(gw, 1_000)
+    entry = await gw.pool.fetchval(
+        "SELECT max(id) FROM ledger_entries WHERE account_id = $1", account_id
+    )
+    arabic = str(entry).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+
+    limit_status, limit = await client.get("/api/billing/usage", limit="１")
+    cursor_status, cursor = await client.get("/api/billing/ledger", cursor="１")
+    month_status, month = await client.get("/api/billing/statements/２０２６-10")
+    entry_status, _ = await client.get(f"/api/billing/ledger/{arabic}")
+    usage_status, _ = await client.get(f"/api/billing/usage/{arabic}")
+    own_status, _ = await client.get(f"/api/billing/ledger/{entry}")
+
+    assert (limit_status, limit["error"]["param"]) == (400, "limit")
+    assert (cursor_status, cursor["error"]["param"]) == (400, "cursor")
+    assert (month_status, month["error"]["param"]) == (400, "month")
+    assert entry_status == usage_status == 404
+    assert own_status == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "gpt-4o", "inputTokens": 10, "cachedInputTokens": 11},
+        {"model": "gpt-4o", "cachedInputTokens": 1},
+        {"model": "gpt-4o", "text": "hi", "cachedInputTokens": 1000},
+    ],
+)
+async def test_estimate_cached_above_input_is_400(gw, body) -> None:
+    _, client = await _client(gw)
+
+    status, answer = await client.post("/api/billing/estimate", body)
+
+    assert status == 400
+    assert answer["error"]["param"] == "cachedInputTokens"

@@ -11,7 +11,9 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from billing.statements import month_bounds, monthly_statement, parse_month
+from billing import ledger
+from billing.purchases.purchase_ledger import DISPUTE_KEY_PREFIX, REFUND_KEY_PREFIX
+from billing.statements import FIRST_YEAR, LAST_YEAR, month_bounds, monthly_statement, parse_month
 from gateway.statement_pdf import statement_pdf
 from tests.gateway.billing_world import (
     BillingClient,
@@ -211,6 +213,11 @@ async def test_statement_of_a_month_without_activity(gw) -> None:
         ("2026-1", {}, "month"),
         ("26-10", {}, "month"),
         ("1899-12", {}, "month"),
+        ("9999-12", {}, "month"),
+        ("9999-12", {"format": "csv"}, "month"),
+        ("9999-12", {"format": "pdf"}, "month"),
+        ("9001-01", {}, "month"),
+        ("２０２６-10", {}, "month"),
         ("2026-10", {"format": "docx"}, "format"),
     ],
 )
@@ -227,3 +234,95 @@ def test_month_bounds_wrap_the_year() -> None:
     assert month_bounds(date(2026, 12, 1)) == (_at(12, 1, 0), datetime(2027, 1, 1, tzinfo=UTC))
     with pytest.raises(ValueError, match="YYYY-MM"):
         parse_month("2026-00")
+
+
+def test_parse_month_takes_the_documented_range() -> None:
+    assert parse_month(f"{FIRST_YEAR}-01") == date(FIRST_YEAR, 1, 1)
+    assert month_bounds(parse_month(f"{LAST_YEAR}-12"))[1] == datetime(
+        LAST_YEAR + 1, 1, 1, tzinfo=UTC
+    )
+    for text in (f"{LAST_YEAR + 1}-01", "9999-12", f"{FIRST_YEAR - 1}-12", "２０２６-10"):
+        with pytest.raises(ValueError, match="YYYY-MM"):
+            parse_month(text)
+
+
+async def _post(gw, account_id: int, entry_type: str, amount: int, key: str, **kw) -> int:
+    async with gw.pool.acquire() as conn:
+        posted = await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type=entry_type,
+            amount_millicredits=amount,
+            idempotency_key=key,
+            **kw,
+        )
+    return posted.entry.id
+
+
+async def test_statement_shows_refund_and_dispute_reversals_as_refunds_and_disputes(gw) -> None:
+    # Customer refunds and disputes are posted as reversals of the purchase entry, keyed by
+    # billing.purchases.purchase_ledger's prefixes; the statement sorts them by those keys.
+    account_id, key = await gw.create_account()
+    grant = await _post(gw, account_id, "purchase", 9_990_000, "purchase:cs_stmt")
+    await _post(gw, account_id, "deduction", -1_000, "d:stmt")
+    await _post(
+        gw, account_id, "reversal", -999_000, f"{REFUND_KEY_PREFIX}re_1", reverses_entry_id=grant
+    )
+    failed = await _post(
+        gw, account_id, "reversal", -500_000, f"{REFUND_KEY_PREFIX}re_2", reverses_entry_id=grant
+    )
+    await _post(
+        gw,
+        account_id,
+        "reversal",
+        500_000,
+        f"{REFUND_KEY_PREFIX}re_2:reinstated",
+        reverses_entry_id=failed,
+    )
+    await _post(gw, account_id, "refund", -7, "admin-refund:1")
+    opened = await _post(
+        gw,
+        account_id,
+        "reversal",
+        -2_000_000,
+        f"{DISPUTE_KEY_PREFIX}dp_1:opened",
+        reverses_entry_id=grant,
+    )
+    await _post(
+        gw,
+        account_id,
+        "reversal",
+        1_000,
+        f"{DISPUTE_KEY_PREFIX}dp_0:won",
+        reverses_entry_id=opened,
+    )
+    await _post(gw, account_id, "reversal", -33, "correction:1", reverses_entry_id=grant)
+    await _post(gw, account_id, "adjustment", -11, "shortfall:refund:re_1")
+    client = BillingClient(gw, key)
+    month = datetime.now(UTC).strftime("%Y-%m")
+
+    _, statement = await client.get(f"/api/billing/statements/{month}")
+    _, body = await client.get(f"/api/billing/statements/{month}", format="csv")
+
+    assert statement["purchasesMillicredits"] == "9990000"
+    assert statement["deductionsMillicredits"] == "-1000"
+    assert statement["refundsMillicredits"] == str(-999_000 - 500_000 + 500_000 - 7)
+    assert statement["disputesMillicredits"] == str(-2_000_000 + 1_000)
+    assert statement["reversalsMillicredits"] == "-33"
+    assert statement["adjustmentsMillicredits"] == "-11"
+    movements = sum(
+        int(statement[f"{name}Millicredits"])
+        for name in ("purchases", "deductions", "refunds", "disputes", "adjustments", "reversals")
+    )
+    assert int(statement["openingBalanceMillicredits"]) + movements == int(
+        statement["closingBalanceMillicredits"]
+    )
+    assert int(statement["closingBalanceMillicredits"]) == await gw.balance(account_id)
+    summary = {
+        row["item"]: row["millicredits"]
+        for row in csv.DictReader(io.StringIO(body.decode()))
+        if row["section"] == "summary"
+    }
+    assert summary["Refunds"] == statement["refundsMillicredits"]
+    assert summary["Disputes"] == statement["disputesMillicredits"]
+    assert summary["Reversals"] == "-33"
