@@ -159,7 +159,8 @@ async def handle_checkout(request: web.Request) -> web.Response:
     (``returnPath`` is the older name of ``returnTo``; ``runtime.return_to`` validates it);
     any amount or credits field is ignored. Answers 201 with ``{"object":
     "checkout_session", "purchaseId", "checkoutSessionId", "checkoutUrl", "statusUrl",
-    "status": "pending", "package": {...}}``.
+    "status": "pending", "package": {...}}`` (the package as ``GET /api/billing/packages``
+    shows it, savings against Starter included).
 
     Caller: a bearer key, or the billing session cookie with ``X-CSRF-Token``
     (``gateway.billing_session``).
