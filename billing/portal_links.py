@@ -3,15 +3,17 @@
 Both services make them (the admin API for an operator, the gateway for a user's own key);
 the gateway consumes them: ``GET /credits/portal/{token}`` only shows a confirmation page
 (``peek``), its ``POST`` uses the link up and signs in (so an attacker's link followed by a
-victim's browser cannot silently sign it in to the attacker's account: login CSRF). Redis holds, per link, only the
-SHA-256 digest of its token under ``cg:v1:portal_link:<hex digest>``, with a TTL of
-``PORTAL_LINK_TTL_S``; the value is JSON ``{"accountId", "apiKeyId", "returnTo"}``. The
-token itself is never stored: a Redis dump cannot open a session. ``consume`` reads and
-deletes the key in one command (``GETDEL``), so two concurrent opens of one link cannot both
-win: single use.
+victim's browser cannot silently sign it in to the attacker's account: login CSRF).
 
-``session_holder`` / ``session_holder_status`` is the check every session-authenticated billing request makes:
-the account still exists and the key that signed the session in (if any) is still active.
+Redis holds, per link, only the SHA-256 digest of its token under
+``cg:v1:portal_link:<hex digest>``, with a TTL of ``PORTAL_LINK_TTL_S``; the value is JSON
+``{"accountId", "apiKeyId", "returnTo"}``. The token itself is never stored: a Redis dump
+cannot open a session. ``consume`` reads and deletes the key in one command (``GETDEL``), so
+two concurrent opens of one link cannot both win: single use.
+
+``session_holder`` / ``session_holder_status`` is the check every session-authenticated
+billing request (and every link opened) makes: the account still exists and the key that
+signed the session in (if any) is still active.
 
 Redis unreachable: ``redis.exceptions.ConnectionError`` / ``TimeoutError`` propagate (the
 services answer 503). Postgres unreachable: ``POSTGRES_UNAVAILABLE`` propagates.
@@ -125,7 +127,7 @@ async def consume_portal_link(client: aioredis.Redis, token: str) -> LinkGrant |
     return _grant(await client.getdel(_key(token)))
 
 
-def _grant(raw: bytes | None) -> LinkGrant | None:
+def _grant(raw: bytes | str | None) -> LinkGrant | None:
     if raw is None:
         return None
     value = orjson.loads(raw)

@@ -8,7 +8,8 @@ Each step is skipped when the environment already provides what it would:
    As root, PostgreSQL runs as the ``postgres`` user; when that user cannot enter the checkout
    (e.g. under ``/root``), PostgreSQL's files go to ``/var/tmp/creditgate-<hash>/`` instead.
 2. The simulated OpenAI upstream (``python -m devtools.simulator`` on 127.0.0.1:8090, or
-   SIMULATOR_PORT), unless UPSTREAM_API_KEY is set. A banner says so: its answers are canned, not a model's.
+   SIMULATOR_PORT), unless UPSTREAM_API_KEY is set. A banner says so: its answers are
+   canned, not a model's.
 3. The simulated Stripe (``python -m devtools.stripe_sim`` on 127.0.0.1:8091, or
    STRIPE_SIM_PORT), unless STRIPE_API_KEY is set: the gateway's STRIPE_API_KEY,
    STRIPE_API_BASE and STRIPE_WEBHOOK_SECRETS point at it (a new webhook secret each run), and
