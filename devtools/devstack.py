@@ -534,7 +534,8 @@ def _print_credits_page(account_id: int, admin_token: str, options: _Options) ->
         )
         return
     print(
-        f"""Credits page of the demo account, signed in (single use, expires in minutes):
+        f"""Credits page of the demo account: open this link, then click "Continue to your
+Credits page" to sign in (single use, expires in minutes):
 
     {url}
 

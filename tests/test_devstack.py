@@ -280,6 +280,7 @@ async def test_credits_page_prints_a_link_and_a_working_command_for_a_new_one(
 
         out = capsys.readouterr().out
         assert "/credits/portal/" in out
+        assert "Continue to your" in out
         command = out.split("A new link: ", 1)[1].strip()
         curl = await asyncio.create_subprocess_shell(
             command.replace("\\\n", " ") + " -s -o /dev/null -w '%{http_code}'",
