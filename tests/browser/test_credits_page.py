@@ -30,8 +30,9 @@ MAX_SAFE_INTEGER = 2**53 - 1
 async def open_with_portal_link(
     live: LiveStack, page: Page, account: BrowserAccount, return_to: str | None = None
 ) -> None:
-    """Open a portal link and wait for the signed-in page."""
+    """Open a portal link, confirm on its page (Continue), and wait for the signed-in page."""
     await page.goto(await live.portal_link(account.account_id, return_to))
+    await page.get_by_role("button", name="Continue to your Credits page").click()
     await expect(page.locator("#account")).to_be_visible()
     await expect(page.locator("#sign-in")).to_be_hidden()
 
@@ -57,10 +58,13 @@ def credits_3dp(amount_millicredits: int) -> str:
 async def test_portal_link_signs_in_and_shows_balance_rates_and_estimate(
     live: LiveStack, page: Page
 ) -> None:
-    account = await live.create_account(1_234_567)
+    account = await live.create_account(1_234_567, email="portal-user@example.com")
     link = await live.portal_link(account.account_id)
 
     await page.goto(link)
+    # The link's page names the account and signs in only on Continue (a POST).
+    await expect(page.locator("#portal-email")).to_have_text("portal-user@example.com")
+    await page.get_by_role("button", name="Continue to your Credits page").click()
 
     await expect(page.locator("#account")).to_be_visible()
     assert page.url == live.url("/credits")
@@ -112,9 +116,12 @@ async def test_portal_link_signs_in_and_shows_balance_rates_and_estimate(
     await expect(page.locator("#estimate-result")).not_to_contain_text("1,000 input")
 
     await expect(page.locator("#faq-expiry")).to_have_text("Credits do not expire.")
-    # The link was single use: a second visit is refused.
+    # The link was single use: a second visit shows the expired page.
     response = await page.goto(link)
     assert response is not None and response.status == 410
+    await expect(
+        page.get_by_text("This link has expired or was already used").first
+    ).to_be_visible()
 
 
 async def test_key_sign_in_stores_nothing_and_sign_out_ends_the_session(
