@@ -1,15 +1,19 @@
 """Portal links: short-lived, single-use URLs that sign a user in to the Credits page.
 
 Both services make them (the admin API for an operator, the gateway for a user's own key);
-the gateway consumes them (``GET /credits/portal/{token}``). Redis holds, per link, only the
-SHA-256 digest of its token under ``cg:v1:portal_link:<hex digest>``, with a TTL of
-``PORTAL_LINK_TTL_S``; the value is JSON ``{"accountId", "apiKeyId", "returnTo"}``. The
-token itself is never stored: a Redis dump cannot open a session. ``consume`` reads and
-deletes the key in one command (``GETDEL``), so two concurrent opens of one link cannot both
-win: single use.
+the gateway consumes them: ``GET /credits/portal/{token}`` only shows a confirmation page
+(``peek``), its ``POST`` uses the link up and signs in (so an attacker's link followed by a
+victim's browser cannot silently sign it in to the attacker's account: login CSRF).
 
-``session_holder_status`` is the check every session-authenticated billing request makes:
-the account still exists and the key that signed the session in (if any) is still active.
+Redis holds, per link, only the SHA-256 digest of its token under
+``cg:v1:portal_link:<hex digest>``, with a TTL of ``PORTAL_LINK_TTL_S``; the value is JSON
+``{"accountId", "apiKeyId", "returnTo"}``. The token itself is never stored: a Redis dump
+cannot open a session. ``consume`` reads and deletes the key in one command (``GETDEL``), so
+two concurrent opens of one link cannot both win: single use.
+
+``session_holder`` / ``session_holder_status`` is the check every session-authenticated
+billing request (and every link opened) makes: the account still exists and the key that
+signed the session in (if any) is still active.
 
 Redis unreachable: ``redis.exceptions.ConnectionError`` / ``TimeoutError`` propagate (the
 services answer 503). Postgres unreachable: ``POSTGRES_UNAVAILABLE`` propagates.
@@ -31,6 +35,7 @@ import redis.asyncio as aioredis
 PORTAL_PATH = "/credits/portal"
 
 _KEY_PREFIX = "cg:v1:portal_link:"
+_MAX_TOKEN_CHARS = 128  # ours are 43 characters: no digest of a huge path is computed
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +102,18 @@ async def create_portal_link(
     return PortalLink(f"{public_base_url}{PORTAL_PATH}/{token}", expires_at, return_to)
 
 
+async def peek_portal_link(client: aioredis.Redis, token: str) -> LinkGrant | None:
+    """What a link would grant, without using it up (the confirmation page's ``GET``); None
+    when the token is unknown, expired or already used.
+
+    Raises:
+        redis.exceptions.ConnectionError, TimeoutError: Redis unreachable.
+    """
+    if len(token) > _MAX_TOKEN_CHARS:
+        return None
+    return _grant(await client.get(_key(token)))
+
+
 async def consume_portal_link(client: aioredis.Redis, token: str) -> LinkGrant | None:
     """Use a link up: its grant, deleted in the same command; None when the token is
     unknown, expired or already used (the same answer for all three).
@@ -105,27 +122,52 @@ async def consume_portal_link(client: aioredis.Redis, token: str) -> LinkGrant |
         redis.exceptions.ConnectionError, TimeoutError: Redis unreachable (the link stays
             usable if it was not consumed).
     """
-    if len(token) > 128:  # ours are 43 characters: no digest of a huge path is computed
+    if len(token) > _MAX_TOKEN_CHARS:
         return None
-    raw = await client.getdel(_key(token))
+    return _grant(await client.getdel(_key(token)))
+
+
+def _grant(raw: bytes | str | None) -> LinkGrant | None:
     if raw is None:
         return None
     value = orjson.loads(raw)
     return LinkGrant(value["accountId"], value["apiKeyId"], value["returnTo"])
 
 
+@dataclass(frozen=True, slots=True)
+class SessionHolder:
+    """The account a still-valid session (or link) is for: its ``status`` (``"active"`` or
+    ``"suspended"``) and ``email`` (the portal link's confirmation page names it)."""
+
+    status: str
+    email: str
+
+
 async def session_holder_status(
     pool: asyncpg.Pool | asyncpg.Connection, account_id: int, api_key_id: int | None
 ) -> str | None:
     """The account's status (``"active"`` or ``"suspended"``) when a billing session for it
-    is still valid: the account exists and ``api_key_id`` (when not None) is its key, not
-    revoked, not expired. None otherwise (the session counts as signed out). One query.
+    is still valid (``session_holder``); None otherwise (the session counts as signed out).
 
     Raises:
         OSError / asyncpg.PostgresError: Postgres unreachable.
     """
-    status: str | None = await pool.fetchval(
-        """SELECT a.status FROM accounts a
+    holder = await session_holder(pool, account_id, api_key_id)
+    return None if holder is None else holder.status
+
+
+async def session_holder(
+    pool: asyncpg.Pool | asyncpg.Connection, account_id: int, api_key_id: int | None
+) -> SessionHolder | None:
+    """The account when a billing session for it is still valid: the account exists and
+    ``api_key_id`` (when not None) is its key, not revoked, not expired. None otherwise.
+    One query.
+
+    Raises:
+        OSError / asyncpg.PostgresError: Postgres unreachable.
+    """
+    row = await pool.fetchrow(
+        """SELECT a.status, a.email FROM accounts a
            WHERE a.id = $1
              AND ($2::bigint IS NULL OR EXISTS (
                    SELECT 1 FROM api_keys k
@@ -134,4 +176,4 @@ async def session_holder_status(
         account_id,
         api_key_id,
     )
-    return status
+    return None if row is None else SessionHolder(row["status"], row["email"])

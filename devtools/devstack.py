@@ -7,8 +7,9 @@ Each step is skipped when the environment already provides what it would:
    between runs; a PostgreSQL left running by an earlier run that was killed is adopted.
    As root, PostgreSQL runs as the ``postgres`` user; when that user cannot enter the checkout
    (e.g. under ``/root``), PostgreSQL's files go to ``/var/tmp/creditgate-<hash>/`` instead.
-2. The simulated OpenAI upstream (``python -m devtools.simulator`` on 127.0.0.1:8090), unless
-   UPSTREAM_API_KEY is set. A banner says so: its answers are canned, not a model's.
+2. The simulated OpenAI upstream (``python -m devtools.simulator`` on 127.0.0.1:8090, or
+   SIMULATOR_PORT), unless UPSTREAM_API_KEY is set. A banner says so: its answers are
+   canned, not a model's.
 3. The simulated Stripe (``python -m devtools.stripe_sim`` on 127.0.0.1:8091, or
    STRIPE_SIM_PORT), unless STRIPE_API_KEY is set: the gateway's STRIPE_API_KEY,
    STRIPE_API_BASE and STRIPE_WEBHOOK_SECRETS point at it (a new webhook secret each run), and
@@ -64,7 +65,7 @@ from devtools.localservices import (
 DATABASE_NAME = "creditgate"
 DEMO_EMAIL = "demo@example.com"
 DEMO_CREDITS = 10_000
-SIMULATOR_PORT = 8090
+DEFAULT_SIMULATOR_PORT = 8090
 SIMULATED_API_KEY = "sk-simulated"
 _READY_TIMEOUT_S = 60.0
 # aiohttp gives open requests 60 s to finish on shutdown; a little more before SIGKILL.
@@ -78,7 +79,7 @@ _SIMULATED_BANNER = """
 ##   SIMULATED UPSTREAM -- NO REAL MODEL IS CALLED                      ##
 ##                                                                      ##
 ##   UPSTREAM_API_KEY is not set, so the gateway forwards to the local  ##
-##   simulator (devtools.simulator on 127.0.0.1:8090). Every answer is  ##
+##   simulator (devtools.simulator on 127.0.0.1). Every answer is       ##
 ##   canned text and its token counts are rough estimates; credits are  ##
 ##   still charged for them exactly as for real usage.                  ##
 ##                                                                      ##
@@ -106,11 +107,12 @@ class _Options:
     gateway_port: int
     admin_port: int
     stripe_sim_port: int
+    simulator_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> _Options:
         """Read DATABASE_URL, REDIS_URL, UPSTREAM_API_KEY, STRIPE_API_KEY, PG_PORT,
-        REDIS_PORT, PORT, ADMIN_PORT and STRIPE_SIM_PORT.
+        REDIS_PORT, PORT, ADMIN_PORT, STRIPE_SIM_PORT and SIMULATOR_PORT.
 
         Raises:
             DevstackError: a port variable is not a TCP port number.
@@ -132,6 +134,7 @@ class _Options:
             gateway_port=port("PORT", 8080),
             admin_port=port("ADMIN_PORT", 8081),
             stripe_sim_port=port("STRIPE_SIM_PORT", stripe_sim.DEFAULT_PORT),
+            simulator_port=port("SIMULATOR_PORT", DEFAULT_SIMULATOR_PORT),
         )
 
 
@@ -165,7 +168,7 @@ def _run(stack: contextlib.ExitStack, options: _Options, data_dir: Path) -> int:
     # PostgreSQL of a first one that is still running.
     _require_free_port(options.gateway_port, "the gateway")
     if simulated:
-        _require_free_port(SIMULATOR_PORT, "the upstream simulator")
+        _require_free_port(options.simulator_port, "the upstream simulator")
     if options.stripe_api_key is None:
         _require_free_port(options.stripe_sim_port, "the simulated Stripe")
     if options.redis_url is None:
@@ -184,9 +187,9 @@ def _run(stack: contextlib.ExitStack, options: _Options, data_dir: Path) -> int:
         started.append("Redis")
         print(f"Redis:      {redis_server.url}  (files in {redis_server.base_dir})", flush=True)
     if simulated:
-        _start_simulator(stack, env)
+        _start_simulator(stack, env, options.simulator_port)
         started.append("the simulator")
-        env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{SIMULATOR_PORT}/v1"
+        env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{options.simulator_port}/v1"
         env["UPSTREAM_API_KEY"] = SIMULATED_API_KEY
         print(_SIMULATED_BANNER, flush=True)
     if options.stripe_api_key is None:
@@ -235,16 +238,16 @@ async def _create_database(admin_dsn: str, name: str) -> None:
         await conn.close()
 
 
-def _start_simulator(stack: contextlib.ExitStack, env: dict[str, str]) -> None:
+def _start_simulator(stack: contextlib.ExitStack, env: dict[str, str], port: int) -> None:
     command = [sys.executable, "-m", "devtools.simulator", "--host", "127.0.0.1"]
     simulator = subprocess.Popen(
-        [*command, "--port", str(SIMULATOR_PORT)],
+        [*command, "--port", str(port)],
         env=env,
         stdin=subprocess.DEVNULL,
         process_group=0,
     )
     stack.callback(_terminate, simulator, _SIMULATOR_STOP_TIMEOUT_S)
-    _wait_for_port(simulator, "127.0.0.1", SIMULATOR_PORT, "the upstream simulator")
+    _wait_for_port(simulator, "127.0.0.1", port, "the upstream simulator")
 
 
 def _demo_key(env: Mapping[str, str], state_path: Path) -> tuple[int, str]:
@@ -531,7 +534,8 @@ def _print_credits_page(account_id: int, admin_token: str, options: _Options) ->
         )
         return
     print(
-        f"""Credits page of the demo account, signed in (single use, expires in minutes):
+        f"""Credits page of the demo account: open this link, then click "Continue to your
+Credits page" to sign in (single use, expires in minutes):
 
     {url}
 

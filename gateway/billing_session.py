@@ -17,7 +17,9 @@ must not pay for it; billing routes load and save the session themselves):
   still active (``billing.portal_links.session_holder_status``); otherwise it is signed out.
 - CSRF: a cookie-authenticated state-changing call must send ``X-CSRF-Token`` equal to the
   session's token (constant-time compare), else 403 ``csrf_failed``. A bearer key is not
-  ambient authority and needs none.
+  ambient authority and needs none. Every state-changing call that a cookie could authorise
+  or set (checkout and sign-out by cookie, sign-in, opening a portal link) also refuses a
+  foreign ``Origin`` (``check_origin``, the one origin check).
 
 Redis unreachable: 503 (``BillingUnavailableError``); Postgres unreachable: 503.
 """
@@ -33,6 +35,7 @@ from aiohttp import web
 from aiohttp_session import Session
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from yarl import URL
 
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.portal_links import session_holder_status
@@ -139,8 +142,34 @@ async def end_billing_session(
         raise BillingUnavailableError(f"redis: {exc}") from exc
 
 
+def check_origin(request: web.Request) -> None:
+    """A state-changing request that a browser marks with ``Origin`` must come from our own
+    pages: that origin is ``PUBLIC_BASE_URL``'s, or the request's own (``scheme://Host`` as
+    it arrived: the page opened as ``http://localhost:8080`` while ``PUBLIC_BASE_URL`` says
+    127.0.0.1; behind a proxy that keeps ``Host``, the public host). Without ``Origin``
+    (not a browser, or an old one) the request passes: the CSRF token or the key decides.
+
+    Raises:
+        CsrfFailedError: ``Origin`` is another site's, or ``null`` (403).
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    origin = origin.lower()
+    public = str(URL(request.app[appkeys.SETTINGS].public_base_url).origin()).lower()
+    if origin not in (public, f"{request.scheme}://{request.host}".lower()):
+        raise CsrfFailedError("This request is only accepted from this site's own pages.")
+
+
 def check_csrf(request: web.Request, session: Session) -> None:
-    """Raises: CsrfFailedError: ``X-CSRF-Token`` missing or not the session's token (403)."""
+    """A cookie-authenticated state-changing call: ``check_origin``, then the session's
+    CSRF token.
+
+    Raises:
+        CsrfFailedError: a foreign ``Origin``, or ``X-CSRF-Token`` missing or not the
+            session's token (403).
+    """
+    check_origin(request)
     given = request.headers.get(CSRF_HEADER, "").encode("utf-8", "surrogateescape")
     expected = str(session.get("csrfToken", "")).encode()
     if not given or not hmac.compare_digest(given, expected):

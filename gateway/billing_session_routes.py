@@ -2,8 +2,10 @@
 
 Routes (``billing_session_routes``):
     POST /api/billing/portal-sessions  (bearer key) ``{"returnTo"?}`` -> 201 a portal link
-    GET  /credits/portal/{token}       open a link: new session, 303 to its returnTo or
-                                       /credits; used, expired or unknown: 410 page
+    GET  /credits/portal/{token}       a link's confirmation page (names the account; a
+                                       Continue button POSTs here); the link stays unused
+    POST /credits/portal/{token}       (Origin checked) use the link up: new session, 303 to
+                                       its returnTo or /credits; used, expired, unknown: 410
     GET  /api/billing/session          the signed-in session (with its CSRF token), or 401
     POST /api/billing/session          ``{"apiKey"}`` -> 201 a session for the key's account
     POST /api/billing/sign-out         (CSRF) the session deleted, its cookie cleared
@@ -13,6 +15,7 @@ How sessions and CSRF work: ``gateway.billing_session``; links: ``billing.portal
 
 from __future__ import annotations
 
+import aiohttp_jinja2
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -23,25 +26,28 @@ from yarl import URL
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.portal_links import (
     PORTAL_PATH,
+    LinkGrant,
+    SessionHolder,
     consume_portal_link,
     create_portal_link,
+    peek_portal_link,
     portal_link_document,
-    session_holder_status,
+    session_holder,
 )
 from billing.purchases.fulfilment import CREDITS_PATH
 from gateway import appkeys as gateway_keys
 from gateway.auth import INVALID_KEY_MESSAGE
 from gateway.billing_session import (
-    CsrfFailedError,
     bearer_caller,
     check_csrf,
+    check_origin,
     end_billing_session,
     load_billing_session,
     session_json,
     signed_in_session,
     start_billing_session,
 )
-from gateway.credits_page import link_expired_page
+from gateway.credits_page import PAGE_HEADERS, link_expired_page
 from gateway.json_body import json_object
 from runtime import appkeys
 from runtime.errors import AuthenticationError, InvalidRequestError, json_response
@@ -62,7 +68,8 @@ def billing_session_routes() -> list[tuple[str, str, Handler]]:
     error answers."""
     return [
         ("POST", "/api/billing/portal-sessions", handle_create_portal_session),
-        ("GET", PORTAL_PATH + "/{token}", handle_open_portal_link),
+        ("GET", PORTAL_PATH + "/{token}", handle_show_portal_link),
+        ("POST", PORTAL_PATH + "/{token}", handle_open_portal_link),
         ("GET", "/api/billing/session", handle_get_session),
         ("POST", "/api/billing/session", handle_sign_in),
         ("POST", "/api/billing/sign-out", handle_sign_out),
@@ -95,30 +102,48 @@ async def handle_create_portal_session(request: web.Request) -> web.Response:
     return json_response(portal_link_document(link), 201)
 
 
-async def handle_open_portal_link(request: web.Request) -> web.Response:
-    """``GET /credits/portal/{token}``: use the link up and sign in (replacing any session
-    the browser had), then 303 to the link's returnTo or ``/credits``.
+async def handle_show_portal_link(request: web.Request) -> web.Response:
+    """``GET /credits/portal/{token}``: the confirmation page. It names the link's account
+    and has a "Continue" button, a form that POSTs to the same URL; the link is NOT used up
+    (a GET, a HEAD, a mail scanner's prefetch or an attacker's link in a victim's browser
+    signs nobody in: login CSRF).
 
     A used, expired or unknown link, or one whose account is gone or whose key was revoked
     since: 410, an HTML page pointing to ``/credits``. Redis or Postgres down: 503.
     """
     try:
+        grant = await peek_portal_link(request.app[appkeys.REDIS], request.match_info["token"])
+    except _REDIS_UNAVAILABLE as exc:
+        raise BillingUnavailableError(f"redis: {exc}") from exc
+    holder = await _holder(request, grant)
+    if holder is None:
+        return link_expired_page(request)
+    context = {"strings": request.app[gateway_keys.CREDITS_STRINGS], "email": holder.email}
+    response = aiohttp_jinja2.render_template("portal_link.html", request, context)
+    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with the
+    # form's POST, which check_origin refuses.
+    response.headers.update({**PAGE_HEADERS, "Referrer-Policy": "same-origin"})
+    return response
+
+
+async def handle_open_portal_link(request: web.Request) -> web.Response:
+    """``POST /credits/portal/{token}`` (the confirmation page's Continue): use the link up
+    and sign in (replacing any session the browser had), then 303 to the link's returnTo
+    (percent-encoded) or ``/credits``.
+
+    A foreign ``Origin``: 403 ``csrf_failed`` (the link is not used up). A used, expired or
+    unknown link, or one whose account is gone or whose key was revoked since: 410, the
+    HTML page pointing to ``/credits``. Redis or Postgres down: 503.
+    """
+    check_origin(request)
+    try:
         grant = await consume_portal_link(request.app[appkeys.REDIS], request.match_info["token"])
     except _REDIS_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"redis: {exc}") from exc
-    status = None
-    if grant is not None:
-        try:
-            status = await session_holder_status(
-                request.app[appkeys.DB_POOL], grant.account_id, grant.api_key_id
-            )
-        except POSTGRES_UNAVAILABLE as exc:
-            raise BillingUnavailableError(f"postgres: {exc}") from exc
-    if grant is None or status is None:
+    if grant is None or await _holder(request, grant) is None:
         return link_expired_page(request)
-    response = web.Response(
-        status=303, headers={**_PAGE_HEADERS, "Location": grant.return_to or CREDITS_PATH}
-    )
+    location = str(URL(grant.return_to or CREDITS_PATH))  # yarl percent-encodes "/a b", "/ü"
+    response = web.Response(status=303, headers={**_PAGE_HEADERS, "Location": location})
     await start_billing_session(
         request,
         response,
@@ -127,6 +152,22 @@ async def handle_open_portal_link(request: web.Request) -> web.Response:
         via="portal",
     )
     return response
+
+
+async def _holder(request: web.Request, grant: LinkGrant | None) -> SessionHolder | None:
+    """The link's account while the link may still sign in (``session_holder``).
+
+    Raises:
+        BillingUnavailableError: Postgres unreachable (503).
+    """
+    if grant is None:
+        return None
+    try:
+        return await session_holder(
+            request.app[appkeys.DB_POOL], grant.account_id, grant.api_key_id
+        )
+    except POSTGRES_UNAVAILABLE as exc:
+        raise BillingUnavailableError(f"postgres: {exc}") from exc
 
 
 async def handle_get_session(request: web.Request) -> web.Response:
@@ -141,12 +182,10 @@ async def handle_sign_in(request: web.Request) -> web.Response:
     is checked, never stored or echoed; a suspended account's key signs in too (it may
     read). 201 ``session_json`` with the cookie.
 
-    Errors: 403 ``csrf_failed`` when ``Origin`` is sent and is not ``PUBLIC_BASE_URL``'s
-    (login CSRF); 400 no ``apiKey``; 401 an unknown, revoked or expired key; 503.
+    Errors: 403 ``csrf_failed`` when ``Origin`` is sent and is not ours (``check_origin``:
+    login CSRF); 400 no ``apiKey``; 401 an unknown, revoked or expired key; 503.
     """
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != _own_origin(request.app):
-        raise CsrfFailedError("Sign-in is only accepted from this site's own pages.")
+    check_origin(request)
     body = json_object(await request.read(), empty_is_object=True)
     key = body.get("apiKey")
     if not isinstance(key, str) or not key.strip():
@@ -181,7 +220,3 @@ async def handle_sign_out(request: web.Request) -> web.Response:
         check_csrf(request, session)
     await end_billing_session(request, response, session)
     return response
-
-
-def _own_origin(app: web.Application) -> str:
-    return str(URL(app[appkeys.SETTINGS].public_base_url).origin())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from importlib import resources
 from typing import Any
 
@@ -31,11 +32,18 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from billing.api_keys import KEY_PREFIX
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.purchases.fulfilment import CREDITS_PATH, fulfil_from_stripe
-from billing.purchases.purchase_records import Purchase, PurchaseNotFoundError, get_purchase
+from billing.purchases.purchase_records import (
+    PUBLIC_ID_PREFIX,
+    Purchase,
+    PurchaseNotFoundError,
+    get_purchase,
+)
 from billing.purchases.stripe_client import StripeRequestError, StripeUnavailableError
 from gateway import appkeys as gateway_keys
+from gateway.billing_api import MAX_ESTIMATE_TOKENS
 from runtime import appkeys
 from runtime.errors import InvalidRequestError, NotFoundError
 from runtime.return_to import validated_return_to
@@ -56,6 +64,8 @@ PAGE_HEADERS = {
 _STATIC_NAME = re.compile(r"[a-z0-9-]+\.(?:js|css)")
 _STATIC_TYPES = {"js": "text/javascript", "css": "text/css"}
 _FOLLOWED = ("pending", "processing")
+_PURCHASE_ID = re.compile(re.escape(PUBLIC_ID_PREFIX) + r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,255}", re.ASCII)
 
 
 def credits_page_routes() -> list[tuple[str, str, Handler]]:
@@ -80,12 +90,14 @@ def setup_credits_page(app: web.Application, settings: Settings) -> None:
 
 
 def load_strings(settings: Settings) -> dict[str, Any]:
-    """``strings.json`` with ``faq.refundA`` and ``faq.expiryA`` from settings."""
+    """``strings.json`` with ``faq.refundA`` and ``faq.expiryA`` from settings, and the API
+    keys' prefix (``billing.api_keys.KEY_PREFIX``) in ``signIn.keyHint``."""
     strings: dict[str, Any] = orjson.loads(
         resources.files("gateway.credits").joinpath("strings.json").read_bytes()
     )
     strings["faq"]["refundA"] = settings.credits_refund_policy_text
     strings["faq"]["expiryA"] = settings.credits_expiry_text
+    strings["signIn"]["keyHint"] = strings["signIn"]["keyHint"].replace("{keyPrefix}", KEY_PREFIX)
     return strings
 
 
@@ -101,40 +113,59 @@ async def handle_credits_page(request: web.Request) -> web.Response:
     """``GET /credits``: the page.
 
     Query: ``returnTo`` (where "Return to app" leads; invalid ones are ignored), and the
-    Checkout returns: ``purchase`` (public id), ``session_id`` (success: while the purchase
-    is pending and the id is its session's, the session is retrieved from Stripe and
-    applied), ``checkout=cancelled``. An unknown purchase: 404 with the page and a notice.
-    Postgres down: 503 with the page and a notice (the webhook still fulfils). Stripe down:
-    the purchase shows as pending.
+    Checkout returns: ``purchase`` (public id), ``session_id`` (success), ``checkout=cancelled``.
+
+    The request carries no session (the cookie's path is ``/api/billing``), so the server
+    cannot tell who asks: it shows a purchase (status, amount, stored returnTo) only on
+    Checkout's success return, where ``session_id`` is the purchase's Checkout Session id
+    (holding Stripe's session id is the proof); while that purchase is pending the session is
+    retrieved from Stripe and applied. Any other ``purchase=`` (no, another or a malformed
+    session id, an unknown purchase) renders nothing about it: the script looks it up with the
+    session cookie (``GET /api/billing/purchases/{id}``, 404 for other accounts). A cancel
+    return says that checkout was cancelled, without amounts. Postgres down: 503 with the page
+    and a notice (the webhook still fulfils). Stripe down: the purchase shows as pending.
     """
     status = 200
     purchase: Purchase | None = None
-    public_id = request.query.get("purchase")
     problem: str | None = None
-    if public_id:
+    public_id = _well_formed(_PURCHASE_ID, request.query.get("purchase"))
+    session_id = _well_formed(_SESSION_ID, request.query.get("session_id"))
+    if public_id and session_id:
         try:
-            purchase = await _returned_purchase(request, public_id)
-        except PurchaseNotFoundError:
-            status, problem = 404, "notFound"
+            purchase = await _returned_purchase(request, public_id, session_id)
         except POSTGRES_UNAVAILABLE as exc:
             log.warning("credits page: postgres: %s", exc)
             status, problem = 503, "unavailable"
     context = {
         "strings": request.app[gateway_keys.CREDITS_STRINGS],
-        "notice": _purchase_notice(request, purchase, problem),
+        "notice": _purchase_notice(request, public_id, purchase, problem),
         "return_to": _return_to(request, purchase),
+        "max_estimate_tokens": MAX_ESTIMATE_TOKENS,
     }
     response = aiohttp_jinja2.render_template("credits.html", request, context, status=status)
     response.headers.update(PAGE_HEADERS)
     return response
 
 
-async def _returned_purchase(request: web.Request, public_id: str) -> Purchase:
-    purchase = await get_purchase(request.app[appkeys.DB_POOL], public_id)
-    session_id = request.query.get("session_id")
-    if session_id and session_id == purchase.checkout_session_id:
-        purchase = await _fulfil_on_return(request.app, purchase, session_id)
-    return purchase
+def _well_formed(shape: re.Pattern[str], value: str | None) -> str | None:
+    """``value`` when it has the id's shape (ASCII), else None (never sent to Postgres)."""
+    return value if value is not None and shape.fullmatch(value) else None
+
+
+async def _returned_purchase(
+    request: web.Request, public_id: str, session_id: str
+) -> Purchase | None:
+    """The purchase of a success return whose ``session_id`` is its Checkout Session's (then
+    applied as Stripe has it), else None: unknown purchase or not its session."""
+    try:
+        purchase = await get_purchase(request.app[appkeys.DB_POOL], public_id)
+    except PurchaseNotFoundError:
+        return None
+    if purchase.checkout_session_id is None or not secrets.compare_digest(
+        session_id, purchase.checkout_session_id
+    ):
+        return None
+    return await _fulfil_on_return(request.app, purchase, session_id)
 
 
 async def _fulfil_on_return(app: web.Application, purchase: Purchase, session_id: str) -> Purchase:
@@ -158,29 +189,38 @@ async def _fulfil_on_return(app: web.Application, purchase: Purchase, session_id
 
 
 def _purchase_notice(
-    request: web.Request, purchase: Purchase | None, problem: str | None
-) -> dict[str, Any] | None:
+    request: web.Request, public_id: str | None, purchase: Purchase | None, problem: str | None
+) -> dict[str, Any]:
     """What the page says about the purchase it was opened for: ``{"status", "key",
-    "credits", "purchaseId", "follow"}`` (``key`` names the text in ``purchase.*`` or
-    ``page.*``), or None without one. ``follow``: the script polls the purchase."""
-    if problem is not None:
-        return {"status": "error", "key": problem, "credits": "", "purchaseId": "", "follow": False}
-    if purchase is None:
-        return None
-    returned = "session_id" in request.query
-    key = purchase.status
-    if purchase.status == "pending":
-        if request.query.get("checkout") == "cancelled":
-            key = "cancelled"
-        elif not returned:
-            key = "unpaid"
-    return {
-        "status": purchase.status,
-        "key": key,
-        "credits": _credits_2dp(purchase.total_millicredits),
-        "purchaseId": purchase.public_id,
-        "follow": returned and purchase.status in _FOLLOWED,
+    "credits", "purchaseId", "follow", "lookup"}``. ``key`` names the text in ``purchase.*``
+    or ``page.*`` ("" = nothing shown); ``follow``: the script polls the purchase (a proven
+    success return); ``lookup``: the script asks the API about ``purchaseId`` with the
+    session cookie and shows it only to its owner."""
+    notice: dict[str, Any] = {
+        "status": "",
+        "key": "",
+        "credits": "",
+        "purchaseId": "",
+        "follow": False,
+        "lookup": False,
     }
+    cancelled = request.query.get("checkout") == "cancelled"
+    if problem is not None:
+        notice.update(status="error", key=problem)
+    elif purchase is not None:
+        key = "cancelled" if cancelled and purchase.status == "pending" else purchase.status
+        notice.update(
+            status=purchase.status,
+            key=key,
+            credits=_credits_2dp(purchase.total_millicredits),
+            purchaseId=purchase.public_id,
+            follow=purchase.status in _FOLLOWED and not cancelled,
+        )
+    elif cancelled and public_id is not None:
+        notice.update(status="cancelled", key="cancelled")
+    elif public_id is not None:
+        notice.update(purchaseId=public_id, lookup=True)
+    return notice
 
 
 def _credits_2dp(amount_millicredits: int) -> str:

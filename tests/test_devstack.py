@@ -87,6 +87,13 @@ def test_options_read_the_stripe_key_and_the_stand_ins_port() -> None:
         devstack._Options.from_env({"STRIPE_SIM_PORT": "99999"})
 
 
+def test_options_read_the_simulated_upstreams_port() -> None:
+    assert devstack._Options.from_env({"SIMULATOR_PORT": "18090"}).simulator_port == 18090
+    assert devstack._Options.from_env({}).simulator_port == 8090
+    with pytest.raises(devstack.DevstackError, match="SIMULATOR_PORT must be a TCP port"):
+        devstack._Options.from_env({"SIMULATOR_PORT": "0"})
+
+
 async def test_devstack_stand_in_pays_on_its_checkout_page_and_retries_the_webhook(
     receiver_factory: Any,
 ) -> None:
@@ -273,6 +280,7 @@ async def test_credits_page_prints_a_link_and_a_working_command_for_a_new_one(
 
         out = capsys.readouterr().out
         assert "/credits/portal/" in out
+        assert "Continue to your" in out
         command = out.split("A new link: ", 1)[1].strip()
         curl = await asyncio.create_subprocess_shell(
             command.replace("\\\n", " ") + " -s -o /dev/null -w '%{http_code}'",

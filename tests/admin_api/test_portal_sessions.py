@@ -102,13 +102,16 @@ async def test_admin_link_opens_a_portal_session_on_the_gateway(
         create_app(admin_settings(database_url, redis_url)), cookie_jar=DummyCookieJar()
     )
 
-    opened = await gateway.get(urlsplit(link["url"]).path, allow_redirects=False)
+    shown = await gateway.get(urlsplit(link["url"]).path, allow_redirects=False)
+    opened = await gateway.post(urlsplit(link["url"]).path, allow_redirects=False)
     cookie = opened.cookies[COOKIE_NAME].value
     session = await gateway.get(
         "/api/billing/session", headers={"Cookie": f"{COOKIE_NAME}={cookie}"}
     )
-    again = await gateway.get(urlsplit(link["url"]).path, allow_redirects=False)
+    again = await gateway.post(urlsplit(link["url"]).path, allow_redirects=False)
 
+    assert shown.status == 200
+    assert "Set-Cookie" not in shown.headers
     assert opened.status == 303
     assert opened.headers["Location"] == "/credits"
     assert session.status == 200

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,8 @@ from playwright.async_api import Page, ViewportSize, expect
 
 from billing.metering.pricing import charge_millicredits
 from billing.metering.rate_cards import rate_cards_in_force
+from billing.purchases.packages import get_package
+from billing.purchases.purchase_records import attach_checkout_session, create_purchase
 from tests.browser.conftest import BrowserAccount, LiveStack, PageErrors
 
 PHONE_375: ViewportSize = {"width": 375, "height": 812}
@@ -30,8 +33,9 @@ MAX_SAFE_INTEGER = 2**53 - 1
 async def open_with_portal_link(
     live: LiveStack, page: Page, account: BrowserAccount, return_to: str | None = None
 ) -> None:
-    """Open a portal link and wait for the signed-in page."""
+    """Open a portal link, confirm on its page (Continue), and wait for the signed-in page."""
     await page.goto(await live.portal_link(account.account_id, return_to))
+    await page.get_by_role("button", name="Continue to your Credits page").click()
     await expect(page.locator("#account")).to_be_visible()
     await expect(page.locator("#sign-in")).to_be_hidden()
 
@@ -57,10 +61,13 @@ def credits_3dp(amount_millicredits: int) -> str:
 async def test_portal_link_signs_in_and_shows_balance_rates_and_estimate(
     live: LiveStack, page: Page
 ) -> None:
-    account = await live.create_account(1_234_567)
+    account = await live.create_account(1_234_567, email="portal-user@example.com")
     link = await live.portal_link(account.account_id)
 
     await page.goto(link)
+    # The link's page names the account and signs in only on Continue (a POST).
+    await expect(page.locator("#portal-email")).to_have_text("portal-user@example.com")
+    await page.get_by_role("button", name="Continue to your Credits page").click()
 
     await expect(page.locator("#account")).to_be_visible()
     assert page.url == live.url("/credits")
@@ -112,9 +119,12 @@ async def test_portal_link_signs_in_and_shows_balance_rates_and_estimate(
     await expect(page.locator("#estimate-result")).not_to_contain_text("1,000 input")
 
     await expect(page.locator("#faq-expiry")).to_have_text("Credits do not expire.")
-    # The link was single use: a second visit is refused.
+    # The link was single use: a second visit shows the expired page.
     response = await page.goto(link)
     assert response is not None and response.status == 410
+    await expect(
+        page.get_by_text("This link has expired or was already used").first
+    ).to_be_visible()
 
 
 async def test_key_sign_in_stores_nothing_and_sign_out_ends_the_session(
@@ -326,14 +336,27 @@ async def test_accessibility_has_no_serious_violations(
     await open_with_portal_link(live, page, account)
     await expect(page.locator("#usage-table tbody tr")).to_have_count(1)
 
-    for checked in (signed_out, page):
+    # Phone width, signed in: the rate card stacks (no sideways scrolling); scroll regions
+    # that remain (usage, ledger) are focusable.
+    phone = await make_page(viewport=PHONE_375)
+    await open_with_portal_link(live, phone, account)
+    await expect(phone.locator("#usage-table tbody tr")).to_have_count(1)
+    await expect(phone.locator("#rates-table tbody tr").first).to_be_visible()
+    rates_overflow = await phone.evaluate(
+        "() => { const r = document.querySelector('#rates .table-scroll');"
+        " return r.scrollWidth - r.clientWidth; }"
+    )
+    assert rates_overflow <= 0
+    await expect(phone.locator("#rates-table td[data-label]").first).to_be_visible()
+
+    for checked in (signed_out, page, phone):
         results = await Axe().run(checked)
         serious = [
             (v["id"], [n["target"] for n in v["nodes"]])
             for v in results.response["violations"]
             if v["impact"] in ("serious", "critical")
         ]
-        assert serious == []
+        assert serious == [], checked.viewport_size
     # Keyboard: the skip link is the first stop and leads to the main landmark.
     await page.keyboard.press("Tab")
     await expect(page.locator(".skip-link")).to_be_focused()
@@ -430,3 +453,115 @@ async def test_held_credits_show_beside_the_available_balance(live: LiveStack, p
     await expect(page.locator("#balance-credits")).to_have_text("100.00 Credits")
     await expect(page.locator("#held-credits")).to_have_text("25.50 Credits")
     await expect(page.locator("#available-credits")).to_have_text("74.50 Credits")
+
+
+async def started_purchase(live: LiveStack, account: BrowserAccount) -> str:
+    """A pending Starter purchase of the account with a Checkout Session; its public id."""
+    async with live.gateway.pool.acquire() as conn:
+        purchase = await create_purchase(
+            conn,
+            account_id=account.account_id,
+            package=await get_package(conn, "starter"),
+            return_path="/app/private",
+        )
+        await attach_checkout_session(
+            conn, purchase.id, checkout_session_id="cs_test_private", checkout_url="https://x.test"
+        )
+    return purchase.public_id
+
+
+async def test_a_purchase_is_shown_only_to_its_own_account(
+    live: LiveStack, make_page: Callable[..., Awaitable[Page]]
+) -> None:
+    owner = await live.create_account(1_000_000)
+    other = await live.create_account(2_000_000)
+    public_id = await started_purchase(live, owner)
+    path = f"/credits?purchase={public_id}"
+
+    # Signed out, and signed in to another account: nothing about the purchase.
+    anonymous = await make_page()
+    await anonymous.goto(live.url(path))
+    await expect(anonymous.locator("#sign-in")).to_be_visible()
+    stranger = await make_page()
+    await sign_in_with_key(stranger, live, other, path)
+    await expect(stranger.locator("#balance-credits")).to_have_text("2,000.00 Credits")
+    for page in (anonymous, stranger):
+        await expect(page.locator("#purchase-notice")).to_be_hidden()
+        await expect(page.locator("#purchase-text")).to_have_text("")
+        await expect(page.locator("#return-to")).to_have_count(0)
+        await expect(page.locator("#purchase-notice")).to_have_text("")
+        assert "/app/private" not in await page.content()
+
+    # Its owner (the session cookie reaches the API): the purchase's status.
+    mine = await make_page()
+    await sign_in_with_key(mine, live, owner, path)
+    await expect(mine.locator("#purchase-notice")).to_be_visible()
+    await expect(mine.locator("#purchase-text")).to_have_text(
+        "This purchase has not been paid yet."
+    )
+
+
+async def test_estimator_refuses_counts_that_are_not_whole_numbers(
+    live: LiveStack, page: Page
+) -> None:
+    account = await live.create_account(1_000_000)
+    estimates: list[str] = []
+    page.on(
+        "request",
+        lambda request: estimates.append(request.url) if "/estimate" in request.url else None,
+    )
+    await open_with_portal_link(live, page, account)
+    field = page.get_by_label("Input tokens")
+    error = page.locator("#estimate-input-error")
+
+    for bad in ("-5", "1.5", "1e3", ""):
+        await field.fill(bad)
+        await page.get_by_role("button", name="Estimate").click()
+        await expect(error).to_have_text(
+            "Enter a whole number of tokens, 0 or more, in digits only "
+            "(no sign, decimals or exponent)."
+        )
+        await expect(field).to_have_attribute("aria-invalid", "true")
+        await expect(field).to_be_focused()
+        await expect(page.locator("#estimate-result")).to_have_text("")
+    await field.fill("2000000000")
+    await page.get_by_role("button", name="Estimate").click()
+    await expect(error).to_have_text("Enter at most 1,000,000,000 tokens.")
+    assert estimates == []
+
+    await field.fill("1000")
+    await page.get_by_role("button", name="Estimate").click()
+    await expect(page.locator("#estimate-result")).to_contain_text("1,000 input")
+    await expect(error).to_be_hidden()
+    assert len(estimates) == 1
+
+
+async def test_date_range_is_checked_in_the_page_words(live: LiveStack, page: Page) -> None:
+    account = await live.create_account(1_000_000)
+    await open_with_portal_link(live, page, account)
+    await expect(page.locator("#usage-csv")).to_have_attribute(
+        "href", "/api/billing/usage?format=csv"
+    )
+    asked: list[str] = []
+    page.on(
+        "request", lambda request: asked.append(request.url) if "since=" in request.url else None
+    )
+
+    for name in ("usage", "ledger"):
+        await page.locator(f"#{name}-since").fill("2026-11-03")
+        await page.locator(f"#{name}-until").fill("2026-11-02")
+        await page.locator(f"#{name}-filters").get_by_role("button", name="Apply filters").click()
+        await expect(page.locator(f"#{name}-range-error")).to_have_text(
+            "The “From” date must be earlier than the “To” date."
+        )
+        await expect(page.locator(f"#{name}-csv")).not_to_have_attribute("href", re.compile(".*"))
+        await expect(page.locator("#page-error")).to_be_hidden()
+    assert asked == []
+
+    await page.locator("#usage-until").fill("2026-11-04")
+    await page.locator("#usage-filters").get_by_role("button", name="Apply filters").click()
+    await expect(page.locator("#usage-range-error")).to_be_hidden()
+    await expect(page.locator("#usage-csv")).to_have_attribute(
+        "href", "/api/billing/usage?since=2026-11-03&until=2026-11-04&format=csv"
+    )
+    await expect(page.locator("#usage-empty")).to_be_visible()

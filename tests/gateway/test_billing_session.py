@@ -48,11 +48,14 @@ class Portal(Shop):
             headers={"Authorization": f"Bearer {key or self.key}"},
         )
 
-    async def open(self, url: str, cookie: str | None = None) -> ClientResponse:
-        parts = urlsplit(url)
-        assert f"{parts.scheme}://{parts.netloc}" == PUBLIC_BASE_URL
-        return await self.gateway.get(
-            parts.path, allow_redirects=False, headers=_cookie_header(cookie)
+    async def show(self, url: str) -> ClientResponse:
+        """GET the link: its confirmation page (never uses it up)."""
+        return await self.gateway.get(_link_path(url), allow_redirects=False)
+
+    async def open(self, url: str, cookie: str | None = None, **headers: str) -> ClientResponse:
+        """The confirmation page's Continue: POST the link (uses it up, signs in)."""
+        return await self.gateway.post(
+            _link_path(url), allow_redirects=False, headers={**_cookie_header(cookie), **headers}
         )
 
     async def signed_in_by_link(self, **body: Any) -> str:
@@ -76,6 +79,12 @@ class Portal(Shop):
         assert response.status == 200
         token: str = (await response.json())["csrfToken"]
         return token
+
+
+def _link_path(url: str) -> str:
+    parts = urlsplit(url)
+    assert f"{parts.scheme}://{parts.netloc}" == PUBLIC_BASE_URL
+    return parts.path
 
 
 def _cookie_header(cookie: str | None, csrf: str | None = None) -> dict[str, str]:
@@ -147,6 +156,64 @@ async def test_portal_link_head_does_not_use_it_up(portal: Portal) -> None:
     assert (await portal.open(url)).status == 303
 
 
+async def test_portal_link_get_shows_a_confirmation_page_and_never_signs_in(
+    portal: Portal,
+) -> None:
+    url = (await (await portal.link()).json())["url"]
+    email = await portal.pool.fetchval(
+        "SELECT email FROM accounts WHERE id = $1", portal.account_id
+    )
+
+    shown = [await portal.show(url), await portal.show(url)]
+    opened = await portal.open(url, Origin=PUBLIC_BASE_URL)
+    again = await portal.open(url, Origin=PUBLIC_BASE_URL)
+
+    for page in shown:
+        assert page.status == 200
+        assert "Set-Cookie" not in page.headers
+        html = await page.text()
+        assert email in html
+        assert "Continue to your Credits page" in html
+        assert '<form method="post">' in html
+        assert "form-action 'self'" in page.headers["Content-Security-Policy"]
+        assert page.headers["Referrer-Policy"] == "same-origin"
+    assert opened.status == 303
+    assert session_cookie(opened)
+    assert again.status == 410
+    assert (await portal.show(url)).status == 410
+
+
+async def test_portal_link_post_from_another_origin_is_refused_and_keeps_the_link(
+    portal: Portal,
+) -> None:
+    url = (await (await portal.link()).json())["url"]
+
+    refused = await portal.open(url, Origin="https://evil.example")
+    null = await portal.open(url, Origin="null")
+    opened = await portal.open(url, Origin=PUBLIC_BASE_URL)
+
+    for answer in (refused, null):
+        assert answer.status == 403
+        assert (await answer.json())["error"]["code"] == "csrf_failed"
+        assert "Set-Cookie" not in answer.headers
+    assert opened.status == 303
+
+
+@pytest.mark.parametrize(
+    ("return_to", "location"),
+    [("/a b", "/a%20b"), ("/ünï?x=é", "/%C3%BCn%C3%AF?x=%C3%A9"), ("/ok%20x", "/ok%20x")],
+)
+async def test_portal_link_location_is_percent_encoded(
+    portal: Portal, return_to: str, location: str
+) -> None:
+    link = await (await portal.link(returnTo=return_to)).json()
+
+    opened = await portal.open(link["url"])
+
+    assert opened.status == 303
+    assert opened.headers["Location"] == location
+
+
 async def test_portal_link_concurrent_opens_sign_in_once(portal: Portal) -> None:
     url = (await (await portal.link()).json())["url"]
 
@@ -180,8 +247,12 @@ async def test_portal_link_expired_answers_410(
 
 
 async def test_portal_link_unknown_token_answers_410(portal: Portal) -> None:
-    assert (await portal.open(PUBLIC_BASE_URL + "/credits/portal/nope")).status == 410
-    assert (await portal.open(PUBLIC_BASE_URL + "/credits/portal/" + "x" * 5000)).status == 410
+    for url in (
+        PUBLIC_BASE_URL + "/credits/portal/nope",
+        PUBLIC_BASE_URL + "/credits/portal/" + "x" * 5000,
+    ):
+        assert (await portal.show(url)).status == 410
+        assert (await portal.open(url)).status == 410
 
 
 async def test_portal_link_needs_a_valid_key(portal: Portal) -> None:
@@ -195,6 +266,7 @@ async def test_portal_link_of_a_revoked_key_answers_410(portal: Portal) -> None:
     url = (await (await portal.link()).json())["url"]
     await portal.pool.execute("UPDATE api_keys SET revoked_at = now()")
 
+    assert (await portal.show(url)).status == 410
     assert (await portal.open(url)).status == 410
 
 
@@ -339,6 +411,21 @@ async def test_sign_in_from_another_origin_is_refused(portal: Portal) -> None:
     assert allowed.status == 201
 
 
+async def test_sign_in_from_the_requests_own_origin_is_accepted(portal: Portal) -> None:
+    """The page opened as http://localhost:<port> while PUBLIC_BASE_URL names another host:
+    the request's own origin (scheme://Host as it arrived) is ours too."""
+    own = f"http://{portal.gateway.host}:{portal.gateway.port}"
+    assert own != PUBLIC_BASE_URL
+
+    by_host = await portal.sign_in(Origin=own)
+    proxied = await portal.sign_in(Origin="http://credits.example", Host="credits.example")
+    foreign = await portal.sign_in(Origin="http://evil.example", Host="credits.example")
+
+    assert by_host.status == 201, await by_host.text()
+    assert proxied.status == 201, await proxied.text()
+    assert foreign.status == 403
+
+
 async def test_session_without_a_cookie_is_401(portal: Portal) -> None:
     for cookie in (None, "unknown-session-id"):
         response = await portal.session(cookie)
@@ -381,6 +468,26 @@ async def test_sign_out_needs_the_csrf_token(portal: Portal, csrf: str | None) -
     assert response.status == 403
     assert (await response.json())["error"]["code"] == "csrf_failed"
     assert (await portal.session(cookie)).status == 200
+
+
+async def test_cookie_posts_from_another_origin_are_refused_even_with_the_token(
+    portal: Portal,
+) -> None:
+    cookie = session_cookie(await portal.sign_in())
+    token = await portal.csrf_token(cookie)
+    evil = {**_cookie_header(cookie, token), "Origin": "https://evil.example"}
+    ours = {**_cookie_header(cookie, token), "Origin": PUBLIC_BASE_URL}
+
+    checkout = await _checkout(portal, evil)
+    sign_out = await portal.gateway.post("/api/billing/sign-out", headers=evil)
+    allowed = await _checkout(portal, ours)
+
+    for refused in (checkout, sign_out):
+        assert refused.status == 403
+        assert (await refused.json())["error"]["code"] == "csrf_failed"
+    assert (await portal.session(cookie)).status == 200
+    assert allowed.status == 201, await allowed.text()
+    assert await portal.pool.fetchval("SELECT count(*) FROM purchases") == 1
 
 
 async def test_session_of_a_revoked_key_is_signed_out(portal: Portal) -> None:
@@ -495,6 +602,7 @@ async def test_sessions_and_links_with_redis_down_answer_503(
         await portal.link(),
         await portal.sign_in(),
         await portal.session("some-session-id"),
+        await portal.show(PUBLIC_BASE_URL + "/credits/portal/some-token"),
         await portal.open(PUBLIC_BASE_URL + "/credits/portal/some-token"),
         await _checkout(portal, _cookie_header("some-session-id", "token")),
     ]

@@ -165,6 +165,7 @@
     usageTable.reset();
     ledgerTable.reset();
     followPurchase();
+    lookUpPurchase();
   }
 
   function signedOut(message) {
@@ -344,9 +345,9 @@
         el("td", {}, rate.label
           ? [el("span", { text: rate.label }), document.createTextNode(" "), el("code", { text: t(S.rates.modelId, { model: rate.model }) })]
           : [el("code", { text: rate.model })]),
-        el("td", { className: "num", text: rate.inputCreditsPer1k }),
-        el("td", { className: "num", text: rate.outputCreditsPer1k }),
-        el("td", { text: dateText(rate.updatedAt) }),
+        el("td", { className: "num", text: rate.inputCreditsPer1k, attrs: { "data-label": S.rates.input } }),
+        el("td", { className: "num", text: rate.outputCreditsPer1k, attrs: { "data-label": S.rates.output } }),
+        el("td", { text: dateText(rate.updatedAt), attrs: { "data-label": S.rates.updated } }),
       ]));
     }
     renderExample();
@@ -420,12 +421,29 @@
     following = false;
   }
 
-  function showPurchase(purchase) {
+  /** A purchase named by a bare `?purchase=` (not a proven Checkout return): the server showed
+   * nothing about it; ask the API with the session cookie, which answers only its owner. */
+  async function lookUpPurchase() {
+    const notice = $("purchase-notice");
+    const id = notice.dataset.purchaseId;
+    if (!id || notice.dataset.lookup !== "true") return;
+    notice.dataset.lookup = "false";
+    try {
+      const purchase = await api(`/api/billing/purchases/${encodeURIComponent(id)}`);
+      showPurchase(purchase, purchase.status === "pending" ? "unpaid" : purchase.status);
+    } catch (err) {
+      // 404: not this account's purchase (or none); 401: signed out. Say nothing about it.
+      if (!(err instanceof ApiError && (err.status === 401 || err.status === 404))) showError(err);
+    }
+  }
+
+  function showPurchase(purchase, key = purchase.status) {
     const notice = $("purchase-notice");
     notice.dataset.status = purchase.status;
-    notice.dataset.key = purchase.status;
+    notice.dataset.key = key;
     notice.className = `notice notice-${purchase.status}`;
-    const text = S.purchase[purchase.status] || S.purchase.pending;
+    show(notice, true);
+    const text = S.purchase[key] || S.purchase.pending;
     $("purchase-text").textContent = t(text, { credits: credits(purchase.creditsMillicredits) });
     if (purchase.status === "paid") {
       notice.dataset.follow = "false";
@@ -491,10 +509,30 @@
       return params;
     }
 
+    /** From before To (both "YYYY-MM-DD", so text order is date order), checked here with the
+     * page's own words before the API is asked. */
+    function rangeValid(params) {
+      const since = params.get("since");
+      const until = params.get("until");
+      return !since || !until || since < until;
+    }
+
+    function showRangeError(visible) {
+      const error = $(`${name}-range-error`);
+      error.textContent = visible ? S.table.rangeInvalid : "";
+      show(error, visible);
+    }
+
     function updateCsv() {
       const params = filters();
+      if (!rangeValid(params)) {
+        csv.removeAttribute("href");
+        csv.setAttribute("aria-disabled", "true");
+        return;
+      }
       params.set("format", "csv");
       csv.href = `${path}?${params}`;
+      csv.removeAttribute("aria-disabled");
     }
 
     async function load() {
@@ -530,6 +568,13 @@
 
     form.addEventListener("submit", (event) => {
       event.preventDefault();
+      const valid = rangeValid(filters());
+      showRangeError(!valid);
+      if (!valid) {
+        updateCsv();
+        form.querySelector('[name="until"]').focus();
+        return;
+      }
       reset();
     });
     form.addEventListener("change", updateCsv);
@@ -596,9 +641,51 @@
 
   // -- estimator and statements ----------------------------------------------------------
 
+  function fieldError(input, message) {
+    const error = $(`${input.id}-error`);
+    error.textContent = message || "";
+    show(error, Boolean(message));
+    if (message) input.setAttribute("aria-invalid", "true");
+    else input.removeAttribute("aria-invalid");
+  }
+
+  /** A token count field's value: ASCII digits only, 0 to the field's max; else null with the
+   * error shown beside the field. A number input reports text it cannot parse as "". */
   function tokenCount(input) {
     const value = input.value.trim();
-    return /^\d+$/.test(value) ? Number(value) : 0;
+    if (input.validity.badInput || !/^[0-9]+$/.test(value)) {
+      fieldError(input, S.estimator.invalidTokens);
+      return null;
+    }
+    if (BigInt(value) > BigInt(input.max)) {
+      fieldError(input, t(S.estimator.tooManyTokens, { max: integerText(input.max) }));
+      return null;
+    }
+    fieldError(input, null);
+    return Number(value);
+  }
+
+  /** The estimate request's body, or null when a field is invalid (its error is shown). */
+  function estimateBody() {
+    const body = { model: $("estimate-model").value };
+    const text = $("estimate-text").value;
+    const fields = [["outputTokens", $("estimate-output")]];
+    if (text.trim()) {
+      body.text = text;
+      fieldError($("estimate-input"), null);
+    } else {
+      fields.unshift(["inputTokens", $("estimate-input")]);
+    }
+    let valid = true;
+    for (const [name, input] of fields) {
+      const count = tokenCount(input);
+      if (count === null) {
+        if (valid) input.focus();
+        valid = false;
+      }
+      body[name] = count;
+    }
+    return valid ? body : null;
   }
 
   async function estimate(event) {
@@ -606,10 +693,11 @@
     const button = $("estimate-submit");
     const error = $("estimate-error");
     show(error, false);
-    const body = { model: $("estimate-model").value, outputTokens: tokenCount($("estimate-output")) };
-    const text = $("estimate-text").value;
-    if (text.trim()) body.text = text;
-    else body.inputTokens = tokenCount($("estimate-input"));
+    const body = estimateBody();
+    if (!body) {
+      $("estimate-result").textContent = "";
+      return;
+    }
     setBusy(button, true, S.page.loading);
     try {
       const result = await api("/api/billing/estimate", { method: "POST", body });
