@@ -11,10 +11,16 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from billing import ledger
-from billing.purchases.purchase_ledger import DISPUTE_KEY_PREFIX, REFUND_KEY_PREFIX
+from billing import api_keys, ledger
+from billing.purchases.purchase_ledger import (
+    DISPUTE_KEY_PREFIX,
+    REFUND_KEY_PREFIX,
+    share_millicredits,
+)
+from billing.purchases.purchase_records import apply_checkout_session, apply_dispute, apply_refund
 from billing.statements import FIRST_YEAR, LAST_YEAR, month_bounds, monthly_statement, parse_month
 from gateway.statement_pdf import statement_pdf
+from tests.billing.purchase_world import PROFESSIONAL_MC, World
 from tests.gateway.billing_world import (
     BillingClient,
     expected_usage_charge,
@@ -326,3 +332,29 @@ async def test_statement_shows_refund_and_dispute_reversals_as_refunds_and_dispu
     assert summary["Refunds"] == statement["refundsMillicredits"]
     assert summary["Disputes"] == statement["disputesMillicredits"]
     assert summary["Reversals"] == "-33"
+
+
+async def test_statement_of_a_stripe_refund_and_dispute_through_the_purchase_records(gw) -> None:
+    # The real path: a paid purchase, then Stripe's refund and dispute objects applied as
+    # the webhook applies them (billing.purchases.purchase_records).
+    world = World(gw.pool)
+    account_id = await world.account()
+    _, session_id = await world.checkout(account_id, "professional")
+    await world.apply(apply_checkout_session, world.stripe.pay(session_id))
+    await world.apply(apply_refund, world.stripe.refund(session_id, 1000))
+    await world.apply(apply_dispute, world.stripe.dispute(session_id, amount=500))
+    async with gw.pool.acquire() as conn:
+        api_key, _ = await api_keys.create_api_key(conn, account_id, name="statements")
+    month = datetime.now(UTC).strftime("%Y-%m")
+
+    _, statement = await BillingClient(gw, api_key).get(f"/api/billing/statements/{month}")
+
+    refund_share = share_millicredits(PROFESSIONAL_MC, 1000, 4999)
+    dispute_share = share_millicredits(PROFESSIONAL_MC, 500, 4999)
+    assert statement["purchasesMillicredits"] == str(PROFESSIONAL_MC)
+    assert statement["refundsMillicredits"] == str(-refund_share)
+    assert statement["disputesMillicredits"] == str(-dispute_share)
+    assert statement["reversalsMillicredits"] == "0"
+    assert statement["closingBalanceMillicredits"] == str(
+        PROFESSIONAL_MC - refund_share - dispute_share
+    )
