@@ -292,7 +292,7 @@ def _endpoint(route: AdminRoute) -> Callable[[web.Request], Awaitable[web.Stream
                 raise
             return admin_error_response(answer, request_id)
         except POSTGRES_REFUSED_DATA:
-            raise  # a statement's data at fault: a bug, answered 500 and logged
+            raise  # the error middleware answers: 400 for a value Postgres refuses, else 500
         except POSTGRES_UNAVAILABLE as exc:
             log.warning("admin %s %s: Postgres unavailable: %s", route.method, route.path, exc)
             return database_unavailable_response(request_id)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.errors import POSTGRES_REFUSED_INPUT, POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.metering.holds import HoldStore
 from billing.metering.outbox import posting_row
 from billing.metering.posting import post_settlements
@@ -214,9 +214,10 @@ class SettlementRescue:
         try:
             async with self._pool.acquire() as conn:
                 await post_settlements(conn, "[" + ",".join(rows) + "]")
-        except POSTGRES_UNAVAILABLE as exc:
+        except (*POSTGRES_UNAVAILABLE, *POSTGRES_REFUSED_INPUT) as exc:
+            # Refused data stays queued for Redis too: the poster dead-letters it from there.
             self.stats.failures += 1
-            log.warning("settlement rescue: Postgres unreachable too (%s)", exc)
+            log.warning("settlement rescue: not posted to Postgres directly (%s)", exc)
             return False
         for lost in settlements:
             self._queue.settlements.pop(lost.request_id, None)
