@@ -341,7 +341,7 @@ def _billing_unavailable(
 def _refused_input(exc: Exception, request: web.Request, buy_credits_url: str) -> web.Response:
     # Postgres refused a value of the request (a NUL byte in a query parameter, say): the
     # caller's input, not an outage, so no ERROR log and no 503 that invites a retry.
-    log.info("%s %s: Postgres refused a value: %s", request.method, request.path, exc)
+    log.info("%s %r: Postgres refused a value: %s", request.method, request.path, exc)
     return error_response(
         400,
         "The request contains a value that cannot be used (for example a NUL character).",

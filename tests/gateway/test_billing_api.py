@@ -405,6 +405,19 @@ async def test_postgres_refused_input_is_400_not_503(gw, caplog) -> None:
     _no_error_logs(caplog)
 
 
+async def test_refused_input_log_line_cannot_be_forged(gw, caplog) -> None:
+    # The refused path is logged escaped: a newline in it cannot start a log line of its own.
+    _, client = await _client(gw)
+    forged = "x%0A2026-12-03 15:30:00,000 ERROR billing FORGED refund issued%00"
+    with caplog.at_level(logging.INFO):
+        status, _ = await client.get("/api/billing/purchases/" + forged)
+    assert status == 400
+    [line] = [r.getMessage() for r in caplog.records if "Postgres refused" in r.getMessage()]
+    assert len(line.splitlines()) == 1
+    assert r"\n2026-12-03" in line
+    assert r"\x00" in line
+
+
 async def test_checkout_nul_in_package_code_is_400_and_starter_savings_are_shown(
     shop: Shop,  # noqa: F811 (the imported fixture)
     caplog,
