@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
@@ -145,12 +145,13 @@ def rate_json(card: RateCard) -> dict[str, Any]:
 # -- query parameters -------------------------------------------------------------------
 
 
-def _only(query: MultiMapping[str], accepted: Sequence[str]) -> None:
-    """400 for a query parameter the route does not take, naming it and the accepted ones."""
-    for name in query:
+def _only(given: Iterable[str], accepted: Sequence[str], *, kind: str = "query parameter") -> None:
+    """400 for a query parameter (or body field) the route does not take, naming it and the
+    accepted ones."""
+    for name in given:
         if name not in accepted:
             raise InvalidRequestError(
-                f"Unknown query parameter {name!r}; this route accepts "
+                f"Unknown {kind} {name!r}; this route accepts "
                 f"{', '.join(accepted) if accepted else 'none'}.",
                 param=name,
                 code="unknown_parameter",
@@ -510,6 +511,9 @@ def _rate_card(request: web.Request, model: object) -> RateCard:
     return card
 
 
+_ESTIMATE_FIELDS = ("model", "inputTokens", "cachedInputTokens", "outputTokens", "text")
+
+
 async def handle_estimate(request: web.Request) -> web.Response:
     """``POST /api/billing/estimate``: what a request would cost at today's rate card.
 
@@ -517,10 +521,12 @@ async def handle_estimate(request: web.Request) -> web.Response:
     ``text`` (at most 100,000 characters) is counted with the gateway's tokenizer for the
     model and stands for ``inputTokens``. Answer: ``{"object": "estimate", "model",
     "inputTokens", "cachedInputTokens", "outputTokens", **money_fields("estimated")}``,
-    rounded as the live ``rounding_mode`` flag says.
+    rounded as the live ``rounding_mode`` flag says. Any other field is 400
+    ``unknown_parameter`` (a misspelt count must not give a confident estimate).
     """
     await billing_caller(request)
     body = json_object(await request.read())
+    _only(body, _ESTIMATE_FIELDS, kind="field")
     card = _rate_card(request, body.get("model"))
     text = _estimate_text(body)
     input_tokens = _tokens(body, "inputTokens") or 0

@@ -481,6 +481,18 @@ async def test_non_ascii_digits_are_refused(gw) -> None:
     assert own_status == 200
 
 
+async def test_estimate_unknown_field_is_400_naming_it(gw) -> None:
+    # A misspelt count ("outputToken") must not give a confident estimate without it.
+    _, client = await _client(gw)
+    body = {"model": "gpt-4o", "inputTokens": 1000, "outputToken": 100_000}
+
+    status, answer = await client.post("/api/billing/estimate", body)
+
+    assert status == 400
+    assert answer["error"]["param"] == "outputToken"
+    assert answer["error"]["code"] == "unknown_parameter"
+
+
 @pytest.mark.parametrize(
     "body",
     [
