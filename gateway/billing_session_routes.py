@@ -69,6 +69,7 @@ def billing_session_routes() -> list[tuple[str, str, Handler]]:
     return [
         ("POST", "/api/billing/portal-sessions", handle_create_portal_session),
         ("GET", PORTAL_PATH + "/{token}", handle_show_portal_link),
+        ("HEAD", PORTAL_PATH + "/{token}", handle_show_portal_link),
         ("POST", PORTAL_PATH + "/{token}", handle_open_portal_link),
         ("GET", "/api/billing/session", handle_get_session),
         ("POST", "/api/billing/session", handle_sign_in),

@@ -73,6 +73,7 @@ def credits_page_routes() -> list[tuple[str, str, Handler]]:
     error answers after ``setup_credits_page``."""
     return [
         ("GET", CREDITS_PATH, handle_credits_page),
+        ("HEAD", CREDITS_PATH, handle_credits_page),
         ("GET", CREDITS_PATH + "/static/{name}", handle_static),
     ]
 

@@ -25,6 +25,14 @@ async def get(gw: GatewayHarness, path: str) -> tuple[int, dict[str, str], str]:
         return response.status, dict(response.headers), await response.text()
 
 
+async def test_head_of_the_page_answers_like_get(gw: GatewayHarness) -> None:
+    url = gw.base_url.removesuffix("/v1") + "/credits"
+    async with aiohttp.ClientSession() as session, session.head(url) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert response.headers["Content-Security-Policy"] == CSP
+
+
 async def test_page_has_the_security_headers_and_no_inline_script_or_style(
     gw: GatewayHarness,
 ) -> None:
