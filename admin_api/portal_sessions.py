@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from admin_api.framework import AdminContext, AdminError, AdminModel, AdminRouter, BadRequest, Role
 from admin_api.models import IdPath
 from billing.accounts import get_account
 from billing.audit import record_audit
+from billing.errors import REDIS_UNAVAILABLE
 from billing.portal_links import create_portal_link, portal_link_document
 from runtime import appkeys
 from runtime.errors import InvalidRequestError
@@ -91,6 +90,6 @@ async def create_portal_session(ctx: AdminContext) -> PortalSessionOut:
                 target_id=account.id,
                 after={"expiresAt": link.expires_at.isoformat(), "returnTo": return_to},
             )
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except REDIS_UNAVAILABLE as exc:
         raise LinksUnavailable(f"Redis is unreachable; no link was made ({exc}).") from None
     return PortalSessionOut.model_validate(portal_link_document(link))

@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Final
 
 import asyncpg
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+REDIS_UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What redis-py raises when Redis is unreachable or does not answer in time (a reset socket
+is an ``OSError``): callers on a request path answer 503."""
 
 POSTGRES_REFUSED_INPUT: Final = (asyncpg.DataError,)
 """Postgres refused a value the statement was given (SQLSTATE class 22, or asyncpg's own

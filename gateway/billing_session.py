@@ -33,11 +33,9 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_session import Session
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from yarl import URL
 
-from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.errors import POSTGRES_UNAVAILABLE, REDIS_UNAVAILABLE, BillingUnavailableError
 from billing.portal_links import session_holder_status
 from gateway import appkeys as gateway_keys
 from gateway.auth import INVALID_KEY_MESSAGE, bearer_key
@@ -46,7 +44,6 @@ from runtime.errors import AuthenticationError, GatewayError
 
 CSRF_HEADER = "X-CSRF-Token"
 
-_REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _SIGNED_OUT_MESSAGE = "You are not signed in. Open a portal link or sign in with an API key."
 
 
@@ -89,7 +86,7 @@ async def load_billing_session(request: web.Request) -> Session:
     """
     try:
         return await request.app[gateway_keys.BILLING_SESSIONS].load_session(request)
-    except _REDIS_UNAVAILABLE as exc:
+    except REDIS_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"redis: {exc}") from exc
 
 
@@ -122,7 +119,7 @@ async def start_billing_session(
             via=via,
         )
         await store.save_session(request, response, session)
-    except _REDIS_UNAVAILABLE as exc:
+    except REDIS_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"redis: {exc}") from exc
     return session
 
@@ -138,7 +135,7 @@ async def end_billing_session(
     session.invalidate()
     try:
         await request.app[gateway_keys.BILLING_SESSIONS].save_session(request, response, session)
-    except _REDIS_UNAVAILABLE as exc:
+    except REDIS_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"redis: {exc}") from exc
 
 

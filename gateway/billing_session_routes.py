@@ -19,11 +19,9 @@ import aiohttp_jinja2
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from yarl import URL
 
-from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.errors import POSTGRES_UNAVAILABLE, REDIS_UNAVAILABLE, BillingUnavailableError
 from billing.portal_links import (
     PORTAL_PATH,
     LinkGrant,
@@ -52,8 +50,6 @@ from gateway.json_body import json_object
 from runtime import appkeys
 from runtime.errors import AuthenticationError, InvalidRequestError, json_response
 from runtime.return_to import validated_return_to
-
-_REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
@@ -98,7 +94,7 @@ async def handle_create_portal_session(request: web.Request) -> web.Response:
             public_base_url=settings.public_base_url,
             ttl_s=settings.portal_link_ttl_s,
         )
-    except _REDIS_UNAVAILABLE as exc:
+    except REDIS_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"redis: {exc}") from exc
     return json_response(portal_link_document(link), 201)
 
@@ -114,7 +110,7 @@ async def handle_show_portal_link(request: web.Request) -> web.Response:
     """
     try:
         grant = await peek_portal_link(request.app[appkeys.REDIS], request.match_info["token"])
-    except _REDIS_UNAVAILABLE as exc:
+    except REDIS_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"redis: {exc}") from exc
     holder = await _holder(request, grant)
     if holder is None:
@@ -139,7 +135,7 @@ async def handle_open_portal_link(request: web.Request) -> web.Response:
     check_origin(request)
     try:
         grant = await consume_portal_link(request.app[appkeys.REDIS], request.match_info["token"])
-    except _REDIS_UNAVAILABLE as exc:
+    except REDIS_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"redis: {exc}") from exc
     if grant is None or await _holder(request, grant) is None:
         return link_expired_page(request)

@@ -14,12 +14,10 @@ from collections.abc import AsyncIterator, Mapping
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from billing.control import ControlKind
-from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
+from billing.errors import POSTGRES_UNAVAILABLE, REDIS_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import PostedBalance, posted_balance
 from billing.metering.holds import HoldStore
 from billing.metering.rate_limit import RateLimiter
@@ -75,7 +73,7 @@ async def check_eviction_policy(client: aioredis.Redis) -> None:
             REQUIRED_EVICTION_POLICY,
         )
         return
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except REDIS_UNAVAILABLE as exc:
         log.warning("Redis unreachable at start-up, maxmemory-policy not checked: %s", exc)
         return
     policy = str(reply.get("maxmemory-policy", REQUIRED_EVICTION_POLICY))
