@@ -71,6 +71,8 @@ REDIS_BATCH = 500
 ADVISORY_LOCK_ID = 0x7265636E
 #: How often the service checks whether today's run is done (seconds).
 SCHEDULE_CHECK_INTERVAL_S = 3600.0
+#: Seconds after start-up before the service's first check (start-up's own work first).
+SCHEDULE_FIRST_CHECK_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,8 +450,8 @@ async def record_run(
 
 
 class DailyReconciliation:
-    """The service's daily run: every ``check_interval_s``, if no scheduled run started today
-    (UTC), one process (``pg_try_advisory_lock``) runs ``reconcile`` over the default window
+    """The service's daily run: ``first_check_s`` after start, then every
+    ``check_interval_s``, if no scheduled run started today (UTC), one process (``pg_try_advisory_lock``) runs ``reconcile`` over the default window
     and records it.
 
     Attributes:
@@ -464,15 +466,19 @@ class DailyReconciliation:
         redis: aioredis.Redis | None,
         *,
         check_interval_s: float = SCHEDULE_CHECK_INTERVAL_S,
+        first_check_s: float = SCHEDULE_FIRST_CHECK_S,
     ) -> None:
         self._pool = pool
         self._redis = redis
         self._check_interval_s = check_interval_s
+        self._first_check_s = first_check_s
         self.last_report: ReconciliationReport | None = None
         self.runs = 0
 
     async def run(self) -> None:
-        """Forever: ``run_once``, then sleep ``check_interval_s`` (for ``supervise``)."""
+        """Forever (for ``supervise``): sleep ``first_check_s``, then ``run_once`` every
+        ``check_interval_s``."""
+        await asyncio.sleep(self._first_check_s)
         while True:
             await self.run_once()
             await asyncio.sleep(self._check_interval_s)

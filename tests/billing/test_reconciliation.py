@@ -3,6 +3,7 @@ passes; one row corrupted as the superuser is reported with its account or day."
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from billing.reconciliation import (
     reconcile,
     record_run,
 )
+from runtime.supervision import cancel_and_wait
 from tests.billing.money import grant, new_account, usage_record
 
 
@@ -210,3 +212,17 @@ async def test_record_run_as_application_role(pool: asyncpg.Pool) -> None:
         await conn.execute("SET LOCAL ROLE creditgate_app")
         run_id = await record_run(conn, report, source="cli")
         assert await conn.fetchval("SELECT ok FROM reconciliation_runs WHERE id = $1", run_id)
+
+
+async def test_daily_reconciliation_loop_runs_after_its_first_delay(pool: asyncpg.Pool) -> None:
+    daily = DailyReconciliation(pool, None, first_check_s=0, check_interval_s=0.01)
+    loop = asyncio.create_task(daily.run())
+    try:
+        for _ in range(500):
+            if daily.runs:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await cancel_and_wait(loop)
+    assert daily.runs == 1  # later checks found today's run recorded
+    assert await pool.fetchval("SELECT count(*) FROM reconciliation_runs") == 1
