@@ -388,8 +388,12 @@ def _check_holds(
             hold = parse_hold_value(value)
         except ValueError:
             report.add(
-                Mismatch("expired_hold", account_id=account_id, request_id=request_id,
-                         note=f"unreadable hold value {value[:100]!r}")
+                Mismatch(
+                    "expired_hold",
+                    account_id=account_id,
+                    request_id=request_id,
+                    note=f"unreadable hold value {value[:100]!r}",
+                )
             )
             continue
         if hold.deadline_ms < limit_ms:
@@ -451,8 +455,8 @@ async def record_run(
 
 class DailyReconciliation:
     """The service's daily run: ``first_check_s`` after start, then every
-    ``check_interval_s``, if no scheduled run started today (UTC), one process (``pg_try_advisory_lock``) runs ``reconcile`` over the default window
-    and records it.
+    ``check_interval_s``, if no scheduled run started today (UTC), one process
+    (``pg_try_advisory_lock``) runs ``reconcile`` over the default window and records it.
 
     Attributes:
         last_report: the latest report this process produced (None before its first), for

@@ -479,7 +479,7 @@ def _parser() -> argparse.ArgumentParser:
         type=date.fromisoformat,
         default=None,
         metavar="YYYY-MM-DD",
-        help=f"first UTC day of the per-day check (default: the last {reconciliation.DEFAULT_DAYS})",
+        help=f"first UTC day of the per-day check (default: last {reconciliation.DEFAULT_DAYS})",
     )
     reconcile.set_defaults(fn=cmd_reconcile, config=_stores)
 

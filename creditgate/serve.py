@@ -13,9 +13,9 @@ from functools import partial
 from aiohttp import web
 
 from admin_api.app import create_admin_app
+from billing.reconciliation import DailyReconciliation
 from gateway import appkeys as gateway_keys
 from gateway.app import create_app
-from billing.reconciliation import DailyReconciliation
 from runtime import appkeys
 from runtime.http_protocol import EdgeAppRunner, EdgeServer, edge_runner, ensure_descriptor_budget
 from runtime.metrics import (
