@@ -313,6 +313,7 @@ async def check_redis(
     long past its deadline. Accounts in batches of ``REDIS_BATCH``: Redis first, then
     Postgres (see the module docstring)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    await redis.ping()  # an unreachable Redis fails the run even with no account to read
     for name in ("redisBalancesCompared", "redisBalancesStale", "redisBalancesUncached", "holds"):
         report.counts[name] = 0
     after = 0

@@ -43,11 +43,12 @@ from typing import Any
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from billing import admin_tokens, api_keys, ledger, reconciliation
 from billing.accounts import balance_fields
 from billing.audit import CLI_ACTOR, record_audit
-from billing.errors import AccountNotFoundError, BillingError
+from billing.errors import AccountNotFoundError, BillingError, BillingUnavailableError
 from billing.metering.dead_letters import (
     DeadLetter,
     ReplayOutcome,
@@ -393,7 +394,10 @@ async def cmd_reconcile(settings: StoreSettings, args: argparse.Namespace) -> _A
     since = args.since or reconciliation.default_since()
     async with _Stores(settings) as stores:
         redis = stores.holds.redis if stores.holds is not None else None
-        report = await reconciliation.reconcile(stores.pool, redis, since=since)
+        try:
+            report = await reconciliation.reconcile(stores.pool, redis, since=since)
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
         run_id = await reconciliation.record_run(stores.pool, report, source="cli")
     return _Answer({"runId": run_id, **report.to_doc()}, 0 if report.ok else 1)
 

@@ -677,3 +677,12 @@ async def test_reconcile_malformed_since_is_a_usage_error(cli_env):
     _, stderr = await process.communicate()
     assert process.returncode == 2
     assert b"--since" in stderr
+
+
+async def test_reconcile_redis_unreachable_exits_1_with_json_error(cli_env, conn):
+    env = {**cli_env, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    code, doc = await run_cli(env, "reconcile")
+    assert code == 1
+    assert doc["type"] == "BillingUnavailableError"
+    assert doc["error"].startswith("redis: ")
+    assert await conn.fetchval("SELECT count(*) FROM reconciliation_runs") == 0
