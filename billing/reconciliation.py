@@ -110,7 +110,9 @@ class ReconciliationReport:
     """What one run examined and found.
 
     Attributes:
-        counts: what was examined: ``accounts``, ``days``, ``redisBalancesCompared``,
+        counts: what was examined: ``accounts``, ``days``, ``deductedMillicredits`` (the
+            days' deductions), ``deductionsDifferenceMillicredits`` (sum over the days of
+            ``|charges - deductions|``), ``redisBalancesCompared``,
             ``redisBalancesStale``, ``redisBalancesUncached``, ``holds``,
             ``usageRowsSampled``; ``redisChecked`` 0 when no Redis was given.
         mismatch_counts: per check in ``CHECKS``, how many mismatches (``mismatches`` lists
@@ -221,6 +223,10 @@ async def check_daily_deductions(conn: asyncpg.Connection, report: Reconciliatio
     also lists its unpaired requests."""
     rows = await conn.fetch(_DAILY_TOTALS, _day_start(report.since))
     report.counts["days"] = len(rows)
+    report.counts["deductedMillicredits"] = sum(int(row["deducted"]) for row in rows)
+    report.counts["deductionsDifferenceMillicredits"] = sum(
+        abs(int(row["charged"]) - int(row["deducted"])) for row in rows
+    )
     for row in rows:
         if row["charged"] == row["deducted"]:
             continue

@@ -72,6 +72,8 @@ async def test_reconcile_clean_database_is_ok(
     assert report.counts["days"] == 1
     assert report.counts["redisBalancesCompared"] == 2
     assert report.counts["holds"] == 1
+    assert report.counts["deductedMillicredits"] == 7_000
+    assert report.counts["deductionsDifferenceMillicredits"] == 0
     assert report.to_doc()["ok"] is True
 
 
@@ -107,6 +109,8 @@ async def test_reconcile_deleted_deduction_reports_day_and_request(
     [daily] = [m for m in report.mismatches if m.check == "daily_deductions"]
     assert daily.day == today
     assert (daily.expected_millicredits, daily.actual_millicredits) == (7_000, 5_766)
+    assert report.counts["deductedMillicredits"] == 5_766
+    assert report.counts["deductionsDifferenceMillicredits"] == 1_234
     [pair] = [m for m in report.mismatches if m.check == "deduction_pairing"]
     assert (pair.request_id, pair.account_id, pair.day) == (request_id, first, today)
     assert (pair.expected_millicredits, pair.actual_millicredits) == (1_234, None)
