@@ -19,5 +19,10 @@ CREATE TABLE reconciliation_runs (
 );
 CREATE INDEX reconciliation_runs_started_at_idx ON reconciliation_runs (started_at);
 
+-- The per-day check reads usage events by recorded_at (ledger_entries has its created_at
+-- index, 0007). BRIN: rows arrive in recorded_at order, so a few pages of summaries cover the
+-- table and an insert costs next to nothing (a B-tree would add work to every posting).
+CREATE INDEX usage_events_recorded_at_brin ON usage_events USING brin (recorded_at);
+
 GRANT SELECT, INSERT ON reconciliation_runs TO creditgate_app;
 GRANT USAGE ON SEQUENCE reconciliation_runs_id_seq TO creditgate_app;
