@@ -686,3 +686,12 @@ async def test_reconcile_redis_unreachable_exits_1_with_json_error(cli_env, conn
     assert doc["type"] == "BillingUnavailableError"
     assert doc["error"].startswith("redis: ")
     assert await conn.fetchval("SELECT count(*) FROM reconciliation_runs") == 0
+
+
+async def test_reconcile_without_redis_url_skips_the_redis_checks(cli_env):
+    await _create_account(cli_env, "5")
+    env = {name: value for name, value in cli_env.items() if name != "REDIS_URL"}
+    code, doc = await run_cli(env, "reconcile")
+    assert code == 0, doc
+    assert doc["counts"]["redisChecked"] == 0
+    assert "redisBalancesCompared" not in doc["counts"]
