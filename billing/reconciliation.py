@@ -251,8 +251,8 @@ async def check_daily_deductions(conn: asyncpg.Connection, report: Reconciliatio
                     account_id=pair["account_id"],
                     day=day,
                     request_id=pair["request_id"],
-                    expected_millicredits=None if pair["charged"] is None else pair["charged"],
-                    actual_millicredits=None if pair["deducted"] is None else pair["deducted"],
+                    expected_millicredits=pair["charged"],
+                    actual_millicredits=pair["deducted"],
                     note="usage charge (expected) and its deduction entry (actual) differ",
                 )
             )
