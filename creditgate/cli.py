@@ -14,6 +14,7 @@
     creditgate admin create-token --role viewer|operator|admin [--name N] [--expires-in-days D]
     creditgate admin tokens
     creditgate admin revoke-token ID
+    creditgate reconcile [--since YYYY-MM-DD]   (exit status 1 when anything does not add up)
 
 Configuration comes from the environment (see README). A command reads only what it uses:
 ``serve`` the whole ``Settings``; ``settle``, ``credits grant`` and ``outbox replay``
@@ -35,18 +36,19 @@ import logging
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from billing import admin_tokens, api_keys, ledger
+from billing import admin_tokens, api_keys, ledger, reconciliation
 from billing.accounts import balance_fields
 from billing.audit import CLI_ACTOR, record_audit
-from billing.errors import AccountNotFoundError, BillingError
+from billing.errors import AccountNotFoundError, BillingError, BillingUnavailableError
 from billing.metering.dead_letters import (
     DeadLetter,
     ReplayOutcome,
@@ -377,6 +379,29 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     serve(settings)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Answer:
+    """A command's JSON document with an exit status other than 0."""
+
+    doc: dict[str, Any]
+    status: int
+
+
+async def cmd_reconcile(settings: StoreSettings, args: argparse.Namespace) -> _Answer:
+    """Run every reconciliation check (``billing.reconciliation``), record the run and print
+    the report; exit status 1 on any mismatch. Without REDIS_URL the Redis checks are skipped
+    (``counts.redisChecked`` 0)."""
+    since = args.since or reconciliation.default_since()
+    async with _Stores(settings) as stores:
+        redis = stores.holds.redis if stores.holds is not None else None
+        try:
+            report = await reconciliation.reconcile(stores.pool, redis, since=since)
+        except RedisError as exc:
+            raise BillingUnavailableError(f"redis: {exc}") from exc
+        run_id = await reconciliation.record_run(stores.pool, report, source="cli")
+    return _Answer({"runId": run_id, **report.to_doc()}, 0 if report.ok else 1)
+
+
 def _stores() -> StoreSettings:
     return StoreSettings.from_env()
 
@@ -446,6 +471,21 @@ def _parser() -> argparse.ArgumentParser:
     kr.set_defaults(fn=cmd_keys_revoke, config=_stores)
 
     _admin_parser(sub)
+
+    reconciling = (
+        "Check that the money adds up (billing.reconciliation): ledger sums against balances, "
+        "usage charges against deductions per UTC day, Redis's balances and holds; print the "
+        "report as JSON, record it in reconciliation_runs, exit 1 on any mismatch."
+    )
+    reconcile = sub.add_parser("reconcile", help=reconciling, description=reconciling)
+    reconcile.add_argument(
+        "--since",
+        type=date.fromisoformat,
+        default=None,
+        metavar="YYYY-MM-DD",
+        help=f"first UTC day of the per-day check (default: last {reconciliation.DEFAULT_DAYS})",
+    )
+    reconcile.set_defaults(fn=cmd_reconcile, config=_stores)
 
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="action", required=True
@@ -517,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         _print({"error": str(exc), "type": type(exc).__name__})
         return 1
+    if isinstance(result, _Answer):
+        _print(result.doc)
+        return result.status
     _print(result)
     return 0
 

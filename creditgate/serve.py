@@ -13,6 +13,7 @@ from functools import partial
 from aiohttp import web
 
 from admin_api.app import create_admin_app
+from billing.reconciliation import DailyReconciliation
 from gateway import appkeys as gateway_keys
 from gateway.app import create_app
 from runtime import appkeys
@@ -25,6 +26,7 @@ from runtime.metrics import (
 )
 from runtime.redaction import install_redacting_filter
 from runtime.settings import Settings
+from runtime.supervision import cancel_and_wait, supervise
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,12 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     await gateway_runner.setup()
     await admin_runner.setup()
     await metrics_runner.setup()
+    # The daily reconciliation (billing.reconciliation), on the gateway's pool and Redis
+    # client: one process a day runs it (an advisory lock and the day's recorded run).
+    reconciliation = DailyReconciliation(gateway[appkeys.DB_POOL], gateway[appkeys.REDIS])
+    reconciling = asyncio.create_task(
+        supervise("reconciliation", reconciliation.run), name="reconciliation"
+    )
     try:
         await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024).start()
         await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
@@ -171,6 +179,7 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
         )
         await stop.wait()
     finally:
+        await cancel_and_wait(reconciling)
         await metrics_runner.cleanup()
         await gateway_runner.cleanup()
         await admin_runner.cleanup()

@@ -629,3 +629,69 @@ async def test_accounts_create_with_taken_email_writes_no_audit_row(cli_env, con
     code, _ = await run_cli(cli_env, "accounts", "create", "--email", email, "--credits", "1")
     assert code == 1
     assert len(await _audit_rows(conn, "account.create")) == 1
+
+
+# -- reconcile ---------------------------------------------------------------------------
+
+
+async def test_reconcile_clean_database_exits_0_and_records_the_run(cli_env, conn):
+    account = (await _create_account(cli_env, "5"))["id"]
+    code, doc = await run_cli(cli_env, "reconcile")
+    assert code == 0, doc
+    assert doc["ok"] is True
+    assert doc["mismatches"] == []
+    assert doc["counts"]["accounts"] == 1
+    assert doc["counts"]["redisChecked"] == 1
+    assert doc["counts"]["redisBalancesCompared"] == 1, account
+    row = await conn.fetchrow("SELECT id, source, ok FROM reconciliation_runs")
+    assert (row["id"], row["source"], row["ok"]) == (doc["runId"], "cli", True)
+
+
+async def test_reconcile_corrupted_balance_exits_1_naming_the_account(cli_env, conn):
+    account = (await _create_account(cli_env, "5"))["id"]
+    await conn.execute("UPDATE accounts SET balance_millicredits = 1 WHERE id = $1", account)
+    code, doc = await run_cli(cli_env, "reconcile", "--since", "2026-01-01")
+    assert code == 1
+    assert doc["ok"] is False
+    assert doc["since"] == "2026-01-01"
+    assert doc["mismatchCounts"]["account_balance"] == 1
+    [mismatch] = [m for m in doc["mismatches"] if m["check"] == "account_balance"]
+    assert mismatch["accountId"] == account
+    assert (mismatch["expectedMillicredits"], mismatch["actualMillicredits"]) == ("5000", "1")
+    assert await conn.fetchval("SELECT ok FROM reconciliation_runs") is False
+
+
+async def test_reconcile_malformed_since_is_a_usage_error(cli_env):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "creditgate.cli",
+        "reconcile",
+        "--since",
+        "last week",
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", **cli_env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert b"--since" in stderr
+
+
+async def test_reconcile_redis_unreachable_exits_1_with_json_error(cli_env, conn):
+    env = {**cli_env, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    code, doc = await run_cli(env, "reconcile")
+    assert code == 1
+    assert doc["type"] == "BillingUnavailableError"
+    assert doc["error"].startswith("redis: ")
+    assert await conn.fetchval("SELECT count(*) FROM reconciliation_runs") == 0
+
+
+async def test_reconcile_without_redis_url_skips_the_redis_checks(cli_env):
+    await _create_account(cli_env, "5")
+    env = {name: value for name, value in cli_env.items() if name != "REDIS_URL"}
+    code, doc = await run_cli(env, "reconcile")
+    assert code == 0, doc
+    assert doc["counts"]["redisChecked"] == 0
+    assert "redisBalancesCompared" not in doc["counts"]

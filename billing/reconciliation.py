@@ -1,0 +1,526 @@
+"""Reconciliation: check that the money adds up, across Postgres and Redis.
+
+Checks (each mismatch names its ``check``):
+
+``account_balance``
+    Per account, ``sum(ledger_entries.amount_millicredits) == accounts.balance_millicredits``.
+``daily_deductions``
+    Per UTC day since ``since``, ``sum(usage_events.charged_millicredits)`` equals minus the
+    sum of the day's deduction entries. ``post_settlements`` writes a usage event and its
+    deduction (idempotency key ``usage:<request_id>``, amount ``-charged``; none for a
+    charge of 0) in one transaction, so both carry the same ``now()`` and fall on the same
+    day. A mismatched day also lists its unpaired requests (``deduction_pairing``).
+``redis_balance``
+    Redis's cached ``(bal, ver, shortfall)`` (``billing.metering.holds``) equals Postgres's
+    ``(balance, balance_version, shortfall)`` where the versions match. Redis is read first,
+    so a Postgres version ahead is an update in flight (skipped, counted as stale); a Redis
+    version ahead of Postgres is a mismatch.
+``expired_hold``
+    No open hold (``cg:v1:{acct:N}:holds``) whose deadline passed more than
+    ``HOLD_DEADLINE_GRACE_S`` ago: the sweeper should have voided it.
+``rate_snapshot``
+    A sample of usage rows recorded before ``since`` still carries its rate snapshot
+    (non-null rates and rounding mode) and names an existing rate card when it names one.
+
+Nothing here writes money. ``ReconciliationReport`` is the plain result (for the CLI, the
+``reconciliation_runs`` table and metrics); ``DailyReconciliation`` is the service's daily run,
+one at a time across processes (``pg_try_advisory_lock``).
+
+Postgres unreachable: ``asyncpg`` / ``OSError`` propagate (the CLI exits 1; the daily loop is
+supervised and retries). Redis unreachable: ``redis.exceptions.RedisError`` propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from billing.metering.holds import account_key, holds_key, parse_hold_value
+
+log = logging.getLogger(__name__)
+
+CHECKS = (
+    "account_balance",
+    "daily_deductions",
+    "deduction_pairing",
+    "redis_balance",
+    "expired_hold",
+    "rate_snapshot",
+)
+#: Days the per-day check covers by default (``creditgate reconcile`` without ``--since``).
+DEFAULT_DAYS = 7
+#: How long past its deadline a hold may stay before it counts as a mismatch: the sweeper
+#: runs every ``SWEEP_INTERVAL_S`` (seconds), this is many rounds of it.
+HOLD_DEADLINE_GRACE_S = 300
+#: Usage rows examined by the rate snapshot check.
+RATE_SNAPSHOT_SAMPLE = 200
+#: Mismatches listed per check (all are counted).
+MAX_LISTED_PER_CHECK = 100
+#: Accounts read from Redis per pipeline.
+REDIS_BATCH = 500
+#: The advisory lock of the daily run (``"recn"``); the migrator's is ``"cred"``.
+ADVISORY_LOCK_ID = 0x7265636E
+#: How often the service checks whether today's run is done (seconds).
+SCHEDULE_CHECK_INTERVAL_S = 3600.0
+#: Seconds after start-up before the service's first check (start-up's own work first).
+SCHEDULE_FIRST_CHECK_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """One thing that does not add up. Amounts in millicredits; fields that do not apply
+    to the check are None."""
+
+    check: str
+    account_id: int | None = None
+    day: date | None = None
+    request_id: str | None = None
+    expected_millicredits: int | None = None
+    actual_millicredits: int | None = None
+    note: str = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        """JSON form (amounts as strings, like every money field at the JSON edge)."""
+
+        def mc(value: int | None) -> str | None:
+            return None if value is None else str(value)
+
+        return {
+            "check": self.check,
+            "accountId": self.account_id,
+            "day": None if self.day is None else self.day.isoformat(),
+            "requestId": self.request_id,
+            "expectedMillicredits": mc(self.expected_millicredits),
+            "actualMillicredits": mc(self.actual_millicredits),
+            "note": self.note,
+        }
+
+
+@dataclass(slots=True)
+class ReconciliationReport:
+    """What one run examined and found.
+
+    Attributes:
+        counts: what was examined: ``accounts``, ``days``, ``deductedMillicredits`` (the
+            days' deductions), ``deductionsDifferenceMillicredits`` (sum over the days of
+            ``|charges - deductions|``), ``redisBalancesCompared``,
+            ``redisBalancesStale``, ``redisBalancesUncached``, ``holds``,
+            ``usageRowsSampled``; ``redisChecked`` 0 when no Redis was given.
+        mismatch_counts: per check in ``CHECKS``, how many mismatches (``mismatches`` lists
+            at most ``MAX_LISTED_PER_CHECK`` of each).
+    """
+
+    since: date
+    started_at: datetime
+    finished_at: datetime | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    mismatch_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKS, 0))
+
+    @property
+    def ok(self) -> bool:
+        """True when no check found a mismatch."""
+        return not any(self.mismatch_counts.values())
+
+    def add(self, mismatch: Mismatch) -> None:
+        """Count a mismatch and list it unless its check already lists the maximum."""
+        listed = self.mismatch_counts[mismatch.check]
+        self.mismatch_counts[mismatch.check] = listed + 1
+        if listed < MAX_LISTED_PER_CHECK:
+            self.mismatches.append(mismatch)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON report ``creditgate reconcile`` prints."""
+        return {
+            "ok": self.ok,
+            "since": self.since.isoformat(),
+            "startedAt": self.started_at.isoformat(),
+            "finishedAt": None if self.finished_at is None else self.finished_at.isoformat(),
+            "counts": self.counts,
+            "mismatchCounts": self.mismatch_counts,
+            "mismatches": [m.to_doc() for m in self.mismatches],
+        }
+
+
+def default_since(today: date | None = None) -> date:
+    """The first day of the default window: ``DEFAULT_DAYS`` UTC days, today included."""
+    today = datetime.now(UTC).date() if today is None else today
+    return today - timedelta(days=DEFAULT_DAYS - 1)
+
+
+def _day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+async def check_account_balances(conn: asyncpg.Connection, report: ReconciliationReport) -> None:
+    """Per account: the sum of its ledger entries equals its posted balance."""
+    rows = await conn.fetch(
+        """SELECT a.id, a.balance_millicredits, COALESCE(s.total, 0) AS total
+             FROM accounts a
+             LEFT JOIN (SELECT account_id, sum(amount_millicredits) AS total
+                          FROM ledger_entries GROUP BY account_id) s ON s.account_id = a.id
+            ORDER BY a.id"""
+    )
+    report.counts["accounts"] = len(rows)
+    for row in rows:
+        if row["balance_millicredits"] != row["total"]:
+            report.add(
+                Mismatch(
+                    "account_balance",
+                    account_id=row["id"],
+                    expected_millicredits=int(row["total"]),
+                    actual_millicredits=row["balance_millicredits"],
+                    note="balance differs from the sum of its ledger entries",
+                )
+            )
+
+
+_DAILY_TOTALS = """
+WITH u AS (SELECT (recorded_at AT TIME ZONE 'UTC')::date AS day,
+                  sum(charged_millicredits) AS charged
+             FROM usage_events WHERE recorded_at >= $1 GROUP BY 1),
+     d AS (SELECT (created_at AT TIME ZONE 'UTC')::date AS day,
+                  -sum(amount_millicredits) AS deducted
+             FROM ledger_entries
+            WHERE entry_type = 'deduction' AND created_at >= $1 GROUP BY 1)
+SELECT COALESCE(u.day, d.day) AS day, COALESCE(u.charged, 0) AS charged,
+       COALESCE(d.deducted, 0) AS deducted
+  FROM u FULL JOIN d ON u.day = d.day
+ ORDER BY 1
+"""
+
+# A day's requests whose charge and deduction differ: usage without its entry (or with a
+# different amount), and deduction entries without their usage row.
+_UNPAIRED = """
+SELECT u.request_id, u.account_id, u.charged_millicredits AS charged,
+       -e.amount_millicredits AS deducted
+  FROM usage_events u
+  LEFT JOIN ledger_entries e ON e.idempotency_key = 'usage:' || u.request_id
+ WHERE u.recorded_at >= $1 AND u.recorded_at < $2
+   AND u.charged_millicredits <> COALESCE(-e.amount_millicredits, 0)
+UNION ALL
+SELECT e.reference, e.account_id, NULL, -e.amount_millicredits
+  FROM ledger_entries e
+ WHERE e.entry_type = 'deduction' AND e.created_at >= $1 AND e.created_at < $2
+   AND NOT EXISTS (SELECT 1 FROM usage_events u
+                    WHERE e.idempotency_key LIKE 'usage:%'
+                      AND u.request_id = substr(e.idempotency_key, 7))
+ LIMIT $3
+"""
+
+
+async def check_daily_deductions(conn: asyncpg.Connection, report: ReconciliationReport) -> None:
+    """Per UTC day since ``report.since``: usage charges equal deductions; a day that differs
+    also lists its unpaired requests."""
+    rows = await conn.fetch(_DAILY_TOTALS, _day_start(report.since))
+    report.counts["days"] = len(rows)
+    report.counts["deductedMillicredits"] = sum(int(row["deducted"]) for row in rows)
+    report.counts["deductionsDifferenceMillicredits"] = sum(
+        abs(int(row["charged"]) - int(row["deducted"])) for row in rows
+    )
+    for row in rows:
+        if row["charged"] == row["deducted"]:
+            continue
+        day: date = row["day"]
+        report.add(
+            Mismatch(
+                "daily_deductions",
+                day=day,
+                expected_millicredits=int(row["charged"]),
+                actual_millicredits=int(row["deducted"]),
+                note="usage charges (expected) differ from deduction entries (actual)",
+            )
+        )
+        start = _day_start(day)
+        unpaired = await conn.fetch(
+            _UNPAIRED, start, start + timedelta(days=1), MAX_LISTED_PER_CHECK
+        )
+        for pair in unpaired:
+            report.add(
+                Mismatch(
+                    "deduction_pairing",
+                    account_id=pair["account_id"],
+                    day=day,
+                    request_id=pair["request_id"],
+                    expected_millicredits=pair["charged"],
+                    actual_millicredits=pair["deducted"],
+                    note="usage charge (expected) and its deduction entry (actual) differ",
+                )
+            )
+
+
+async def check_rate_snapshots(
+    conn: asyncpg.Connection,
+    report: ReconciliationReport,
+    *,
+    recorded_before: datetime,
+    sample_size: int = RATE_SNAPSHOT_SAMPLE,
+) -> None:
+    """About ``sample_size`` usage rows recorded before ``recorded_before``, evenly spread
+    over their ids (index lookups, no scan of the table), still carry their rate snapshot."""
+    bounds = await conn.fetchrow(
+        """SELECT (SELECT min(id) FROM usage_events) AS low,
+                  (SELECT id FROM usage_events WHERE recorded_at < $1
+                    ORDER BY id DESC LIMIT 1) AS high""",
+        recorded_before,
+    )
+    low, high = bounds["low"], bounds["high"]
+    if low is None or high is None:
+        report.counts["usageRowsSampled"] = 0
+        return
+    step = max(1, (high - low + 1) // sample_size)
+    rows = await conn.fetch(
+        """SELECT u.id, u.request_id, u.account_id, u.rate_card_id,
+                  u.input_millicredits_per_1k_tokens IS NOT NULL
+                  AND u.cached_input_millicredits_per_1k_tokens IS NOT NULL
+                  AND u.output_millicredits_per_1k_tokens IS NOT NULL
+                  AND u.rounding_mode IS NOT NULL AS has_rates,
+                  u.rate_card_id IS NULL
+                  OR EXISTS (SELECT 1 FROM rate_cards r WHERE r.id = u.rate_card_id) AS has_card
+             FROM generate_series($1::bigint, $2::bigint, $3::bigint) AS g(id)
+             JOIN usage_events u ON u.id = g.id
+            WHERE u.recorded_at < $4""",
+        low,
+        high,
+        step,
+        recorded_before,
+    )
+    report.counts["usageRowsSampled"] = len(rows)
+    for row in rows:
+        if row["has_rates"] and row["has_card"]:
+            continue
+        report.add(
+            Mismatch(
+                "rate_snapshot",
+                account_id=row["account_id"],
+                request_id=row["request_id"],
+                note="rate snapshot missing" if not row["has_rates"] else "rate card missing",
+            )
+        )
+
+
+async def check_redis(
+    pool: asyncpg.Pool,
+    redis: aioredis.Redis,
+    report: ReconciliationReport,
+    *,
+    now_ms: int | None = None,
+) -> None:
+    """Redis's cached balances against Postgres (where the versions match), and no hold
+    long past its deadline. Accounts in batches of ``REDIS_BATCH``: Redis first, then
+    Postgres (see the module docstring)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    await redis.ping()  # an unreachable Redis fails the run even with no account to read
+    for name in ("redisBalancesCompared", "redisBalancesStale", "redisBalancesUncached", "holds"):
+        report.counts[name] = 0
+    after = 0
+    while True:
+        ids: list[int] = [
+            r["id"]
+            for r in await pool.fetch(
+                "SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2", after, REDIS_BATCH
+            )
+        ]
+        if not ids:
+            return
+        after = ids[-1]
+        async with redis.pipeline(transaction=False) as pipe:
+            for account_id in ids:
+                pipe.hmget(account_key(account_id), ["bal", "ver", "shortfall"])
+                pipe.hgetall(holds_key(account_id))
+            replies: list[Any] = await pipe.execute()
+        posted = {
+            r["id"]: r
+            for r in await pool.fetch(
+                """SELECT id, balance_millicredits, balance_version, shortfall_millicredits
+                     FROM accounts WHERE id = ANY($1::bigint[])""",
+                ids,
+            )
+        }
+        for index, account_id in enumerate(ids):
+            cached, holds = replies[2 * index], replies[2 * index + 1]
+            _compare_balance(report, account_id, cached, posted[account_id])
+            _check_holds(report, account_id, holds, now_ms)
+
+
+def _compare_balance(
+    report: ReconciliationReport, account_id: int, cached: Sequence[Any], row: asyncpg.Record
+) -> None:
+    bal, ver, shortfall = cached
+    if ver is None:
+        report.counts["redisBalancesUncached"] += 1
+        return
+    if int(ver) < row["balance_version"]:
+        report.counts["redisBalancesStale"] += 1
+        return
+    report.counts["redisBalancesCompared"] += 1
+    if int(ver) > row["balance_version"]:
+        note = f"Redis version {ver} is ahead of Postgres's {row['balance_version']}"
+    elif int(bal or 0) != row["balance_millicredits"]:
+        note = f"balance differs at version {ver}"
+    elif int(shortfall or 0) != row["shortfall_millicredits"]:
+        note = (
+            f"shortfall differs at version {ver}: Redis {shortfall or 0}, "
+            f"Postgres {row['shortfall_millicredits']}"
+        )
+    else:
+        return
+    report.add(
+        Mismatch(
+            "redis_balance",
+            account_id=account_id,
+            expected_millicredits=row["balance_millicredits"],
+            actual_millicredits=None if bal is None else int(bal),
+            note=note,
+        )
+    )
+
+
+def _check_holds(
+    report: ReconciliationReport, account_id: int, holds: dict[str, str], now_ms: int
+) -> None:
+    report.counts["holds"] += len(holds)
+    limit_ms = now_ms - HOLD_DEADLINE_GRACE_S * 1000
+    for request_id, value in holds.items():
+        try:
+            hold = parse_hold_value(value)
+        except ValueError:
+            report.add(
+                Mismatch(
+                    "expired_hold",
+                    account_id=account_id,
+                    request_id=request_id,
+                    note=f"unreadable hold value {value[:100]!r}",
+                )
+            )
+            continue
+        if hold.deadline_ms < limit_ms:
+            report.add(
+                Mismatch(
+                    "expired_hold",
+                    account_id=account_id,
+                    request_id=request_id,
+                    actual_millicredits=hold.amount_millicredits,
+                    note=f"open {(now_ms - hold.deadline_ms) // 1000} s past its deadline",
+                )
+            )
+
+
+async def reconcile(
+    pool: asyncpg.Pool, redis: aioredis.Redis | None, *, since: date
+) -> ReconciliationReport:
+    """Run every check; without ``redis`` the Redis checks are skipped (``redisChecked`` 0).
+
+    Raises:
+        asyncpg.PostgresError, OSError: Postgres unreachable or failing.
+        redis.exceptions.RedisError: Redis unreachable.
+    """
+    report = ReconciliationReport(since=since, started_at=datetime.now(UTC))
+    async with pool.acquire() as conn:
+        await check_account_balances(conn, report)
+        await check_daily_deductions(conn, report)
+        await check_rate_snapshots(conn, report, recorded_before=_day_start(since))
+    report.counts["redisChecked"] = int(redis is not None)
+    if redis is not None:
+        await check_redis(pool, redis, report)
+    report.finished_at = datetime.now(UTC)
+    return report
+
+
+async def record_run(
+    conn: asyncpg.Connection | asyncpg.Pool, report: ReconciliationReport, *, source: str
+) -> int:
+    """Append the report to ``reconciliation_runs``; returns the row's id.
+
+    Args:
+        source: ``scheduled`` or ``cli``.
+    """
+    run_id: int = await conn.fetchval(
+        """INSERT INTO reconciliation_runs (source, since_day, started_at, finished_at, ok,
+                                            mismatches, mismatch_counts, counts)
+           VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8::jsonb) RETURNING id""",
+        source,
+        report.since,
+        report.started_at,
+        report.finished_at or datetime.now(UTC),
+        report.ok,
+        orjson.dumps([m.to_doc() for m in report.mismatches]).decode(),
+        orjson.dumps(report.mismatch_counts).decode(),
+        orjson.dumps(report.counts).decode(),
+    )
+    return run_id
+
+
+class DailyReconciliation:
+    """The service's daily run: ``first_check_s`` after start, then every
+    ``check_interval_s``, if no scheduled run started today (UTC), one process
+    (``pg_try_advisory_lock``) runs ``reconcile`` over the default window and records it.
+
+    Attributes:
+        last_report: the latest report this process produced (None before its first), for
+            metrics.
+        runs: how many runs this process made.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis | None,
+        *,
+        check_interval_s: float = SCHEDULE_CHECK_INTERVAL_S,
+        first_check_s: float = SCHEDULE_FIRST_CHECK_S,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._check_interval_s = check_interval_s
+        self._first_check_s = first_check_s
+        self.last_report: ReconciliationReport | None = None
+        self.runs = 0
+
+    async def run(self) -> None:
+        """Forever (for ``supervise``): sleep ``first_check_s``, then ``run_once`` every
+        ``check_interval_s``."""
+        await asyncio.sleep(self._first_check_s)
+        while True:
+            await self.run_once()
+            await asyncio.sleep(self._check_interval_s)
+
+    async def run_once(self) -> ReconciliationReport | None:
+        """Run today's reconciliation unless another process holds the lock or it ran
+        already; returns the report, or None when it did not run.
+
+        Raises:
+            asyncpg.PostgresError, OSError, RedisError: a store unreachable (the supervisor
+                restarts the loop; the lock dies with the session or is released here).
+        """
+        async with self._pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_ID):
+                return None
+            try:
+                done = await conn.fetchval(
+                    """SELECT EXISTS (SELECT 1 FROM reconciliation_runs
+                                       WHERE source = 'scheduled'
+                                         AND started_at >= date_trunc('day', now(), 'UTC'))"""
+                )
+                if done:
+                    return None
+                report = await reconcile(self._pool, self._redis, since=default_since())
+                await record_run(conn, report, source="scheduled")
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_ID)
+        self.last_report = report
+        self.runs += 1
+        if report.ok:
+            log.info("reconciliation: clean (%s)", report.counts)
+        else:
+            log.error("reconciliation: mismatches %s", report.mismatch_counts)
+        return report
