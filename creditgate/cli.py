@@ -1,4 +1,5 @@
-"""The ``creditgate`` command line. Every command prints one JSON document on stdout.
+"""The ``creditgate`` command line. Every command prints one JSON document on stdout
+(``report``: CSV).
 
     creditgate migrate
     creditgate seed
