@@ -21,7 +21,7 @@ from tests.billing.money import usage_record
 MONTH = date(2026, 5, 1)
 START, END = month_bounds(MONTH)
 BEFORE = START - timedelta(days=3)
-AFTER = END + timedelta(hours=1)
+AFTER = END  # the first instant of the next month: out
 
 
 @dataclass
@@ -134,7 +134,7 @@ async def post_month_of_books(pool: asyncpg.Pool) -> Books:
             f"dispute:dp_{tag}:opened",
             f"grant:{tag}:goodwill",
         ]
-        await _move(conn, START + timedelta(days=10), in_month)
+        await _move(conn, START, in_month)  # the first instant of the month: in
         # After the month: a request on fin-b and a grant, in neither report.
         await _use(conn, second, f"{tag}-late", "fin-b", cards["fin-b"], (5, 0, 5), 999)
         await _post(conn, first, "adjustment", 77, f"grant:{tag}:late")

@@ -35,7 +35,7 @@ async def test_liability_report_month_ties_out_with_the_ledger(pool: asyncpg.Poo
     assert closing + 77 - 999 == balances
 
 
-async def test_liability_csv_prints_exact_decimals() -> None:
+def test_liability_csv_prints_exact_decimals() -> None:
     movements = finance.LedgerMovements(1_234_567, 1, -2, 0, 0, 0, 0, 1_234_566)
 
     text = finance.liability_csv(finance.LiabilityReport(MONTH, movements))
