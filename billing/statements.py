@@ -133,31 +133,65 @@ class Statement:
         )
 
 
-# One pass over the account's entries up to the month's end ($3); $2 is its start, $4 and
-# $5 the refund and dispute key prefixes. Each entry of the month is in exactly one sum.
-_LEDGER_TOTALS_SQL = """
-SELECT COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $2), 0),
-       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
+# The sums of one pass over ledger entries up to the month's end: $1 is the month's start,
+# $2 and $3 the refund and dispute key prefixes. Each entry of the month is in exactly one
+# sum; the last is the closing total. ``_LEDGER_TOTALS_SQL`` (one account, $5) and
+# ``billing.finance`` (all accounts) add the FROM/WHERE with the month's end as $4.
+LEDGER_MOVEMENT_SUMS_SQL = """
+SELECT COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $1), 0),
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $1
                                                    AND entry_type = 'purchase'), 0),
-       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $1
                                                    AND entry_type = 'deduction'), 0),
        COALESCE(sum(amount_millicredits) FILTER (
-           WHERE created_at >= $2
+           WHERE created_at >= $1
              AND (entry_type = 'refund'
-                  OR (entry_type = 'reversal' AND starts_with(idempotency_key, $4)))), 0),
+                  OR (entry_type = 'reversal' AND starts_with(idempotency_key, $2)))), 0),
        COALESCE(sum(amount_millicredits) FILTER (
-           WHERE created_at >= $2
-             AND entry_type = 'reversal' AND starts_with(idempotency_key, $5)), 0),
-       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $2
+           WHERE created_at >= $1
+             AND entry_type = 'reversal' AND starts_with(idempotency_key, $3)), 0),
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $1
                                                    AND entry_type = 'adjustment'), 0),
        COALESCE(sum(amount_millicredits) FILTER (
-           WHERE created_at >= $2
-             AND entry_type = 'reversal' AND NOT starts_with(idempotency_key, $4)
-             AND NOT starts_with(idempotency_key, $5)), 0),
+           WHERE created_at >= $1
+             AND entry_type = 'reversal' AND NOT starts_with(idempotency_key, $2)
+             AND NOT starts_with(idempotency_key, $3)), 0),
        COALESCE(sum(amount_millicredits), 0)
-  FROM ledger_entries
- WHERE account_id = $1 AND created_at < $3
 """
+
+_LEDGER_TOTALS_SQL = (
+    LEDGER_MOVEMENT_SUMS_SQL
+    + """  FROM ledger_entries
+ WHERE account_id = $5 AND created_at < $4
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerMovements:
+    """One month's ledger totals, signed millicredits (credits in > 0, taken < 0):
+    ``closing == opening + purchases + deductions + refunds + disputes + adjustments +
+    reversals`` exactly (see the module docstring for the classes)."""
+
+    opening_millicredits: int
+    purchases_millicredits: int
+    deductions_millicredits: int
+    refunds_millicredits: int
+    disputes_millicredits: int
+    adjustments_millicredits: int
+    reversals_millicredits: int
+    closing_millicredits: int
+
+
+async def ledger_movements(
+    conn: asyncpg.Connection, sql: str, start: datetime, end: datetime, *args: object
+) -> LedgerMovements:
+    """Run ``sql`` (``LEDGER_MOVEMENT_SUMS_SQL`` plus its FROM/WHERE; ``args`` are its
+    parameters from $5 on) for the month ``[start, end)``."""
+    row = await conn.fetchrow(sql, start, REFUND_KEY_PREFIX, DISPUTE_KEY_PREFIX, end, *args)
+    assert row is not None  # an aggregate without GROUP BY answers one row
+    return LedgerMovements(*(int(value) for value in row))
+
 
 _USAGE_TOTALS_SQL = """
 SELECT model, count(*), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(cached_tokens), 0),
@@ -184,27 +218,21 @@ async def monthly_statement(pool: asyncpg.Pool, account_id: int, month: date) ->
         email = await conn.fetchval("SELECT email FROM accounts WHERE id = $1", account_id)
         if email is None:
             raise AccountNotFoundError(account_id)
-        totals = await conn.fetchrow(
-            _LEDGER_TOTALS_SQL, account_id, start, end, REFUND_KEY_PREFIX, DISPUTE_KEY_PREFIX
-        )
+        totals = await ledger_movements(conn, _LEDGER_TOTALS_SQL, start, end, account_id)
         usage_rows = await conn.fetch(_USAGE_TOTALS_SQL, account_id, start, end)
-    assert totals is not None  # an aggregate without GROUP BY answers one row
-    opening, purchases, deductions, refunds, disputes, adjustments, reversals, closing = (
-        int(value) for value in totals
-    )
     return Statement(
         account_id=account_id,
         email=email,
         month=start.date(),
         period_start=start,
         period_end=end,
-        opening_balance_millicredits=opening,
-        purchases_millicredits=purchases,
-        deductions_millicredits=deductions,
-        refunds_millicredits=refunds,
-        disputes_millicredits=disputes,
-        adjustments_millicredits=adjustments,
-        reversals_millicredits=reversals,
-        closing_balance_millicredits=closing,
+        opening_balance_millicredits=totals.opening_millicredits,
+        purchases_millicredits=totals.purchases_millicredits,
+        deductions_millicredits=totals.deductions_millicredits,
+        refunds_millicredits=totals.refunds_millicredits,
+        disputes_millicredits=totals.disputes_millicredits,
+        adjustments_millicredits=totals.adjustments_millicredits,
+        reversals_millicredits=totals.reversals_millicredits,
+        closing_balance_millicredits=totals.closing_millicredits,
         usage=tuple(ModelUsage(row[0], *(int(value) for value in row[1:])) for row in usage_rows),
     )

@@ -1,4 +1,5 @@
-"""The ``creditgate`` command line. Every command prints one JSON document on stdout.
+"""The ``creditgate`` command line. Every command prints one JSON document on stdout
+(``report``: CSV).
 
     creditgate migrate
     creditgate seed
@@ -15,6 +16,7 @@
     creditgate admin tokens
     creditgate admin revoke-token ID
     creditgate reconcile [--since YYYY-MM-DD]   (exit status 1 when anything does not add up)
+    creditgate report liability|revenue --month YYYY-MM   (CSV, not JSON; billing.finance)
 
 Configuration comes from the environment (see README). A command reads only what it uses:
 ``serve`` the whole ``Settings``; ``settle``, ``credits grant`` and ``outbox replay``
@@ -45,7 +47,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from billing import admin_tokens, api_keys, ledger, reconciliation
+from billing import admin_tokens, api_keys, finance, ledger, reconciliation
 from billing.accounts import balance_fields
 from billing.audit import CLI_ACTOR, record_audit
 from billing.errors import AccountNotFoundError, BillingError, BillingUnavailableError
@@ -59,6 +61,7 @@ from billing.metering.holds import HoldStore
 from billing.metering.rate_cards import seed_rate_cards
 from billing.purchases.fulfilment import publish_balance
 from billing.purchases.packages import seed_packages
+from billing.statements import parse_month
 from billing.units import credits_to_millicredits, money_fields
 from creditgate.migrator import MigrationError, apply_migrations
 from runtime.resources import RedisEvictionPolicyError
@@ -373,6 +376,16 @@ async def cmd_admin_revoke_token(
     return _admin_token_doc(record)
 
 
+async def cmd_report(settings: StoreSettings, args: argparse.Namespace) -> str:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        if args.report == "liability":
+            return finance.liability_csv(await finance.liability_report(pool, args.month))
+        return finance.revenue_csv(await finance.revenue_report(pool, args.month))
+    finally:
+        await pool.close()
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from creditgate.serve import serve
 
@@ -486,6 +499,15 @@ def _parser() -> argparse.ArgumentParser:
         help=f"first UTC day of the per-day check (default: last {reconciliation.DEFAULT_DAYS})",
     )
     reconcile.set_defaults(fn=cmd_reconcile, config=_stores)
+    reporting = (
+        "A finance report of one UTC month over all accounts, as CSV on stdout: liability "
+        "(opening, purchases, consumption, refunds, disputes, adjustments, closing) or revenue "
+        "(per model: requests, tokens, revenue, upstream cost, gross margin; a total row)."
+    )
+    report = sub.add_parser("report", help="finance reports (CSV)", description=reporting)
+    report.add_argument("report", choices=["liability", "revenue"])
+    report.add_argument("--month", type=parse_month, required=True, help="YYYY-MM (UTC)")
+    report.set_defaults(fn=cmd_report, config=_stores, csv=True)
 
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="action", required=True
@@ -547,6 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             fn(settings, args)
             return 0
         result = asyncio.run(fn(settings, args))
+        if getattr(args, "csv", False):
+            sys.stdout.write(result)
+            sys.stdout.flush()
+            return 0
     except (
         BillingError,
         MigrationError,

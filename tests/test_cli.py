@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
+import io
 import math
 import sys
 import uuid
@@ -21,14 +23,15 @@ from billing.api_keys import ActiveKey, find_active_key
 from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
 from billing.metering.rate_cards import DEFAULT_RATES
 from creditgate.migrator import default_migrations_dir, discover, discover_functions
+from tests.billing.finance_books import post_month_of_books
 from tests.billing.money import usage_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-async def run_cli(env: dict[str, str], *args: str) -> tuple[int, Any]:
+async def run_cli_text(env: dict[str, str], *args: str) -> tuple[int, bytes, bytes]:
     """Run ``python -m creditgate.cli ARGS`` with exactly ``env`` (plus PATH); returns the exit
-    status and the JSON document it printed on stdout."""
+    status, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -41,11 +44,18 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, Any]:
     )
     stdout, stderr = await process.communicate()
     assert process.returncode is not None
+    return process.returncode, stdout, stderr
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, Any]:
+    """``run_cli_text``, for the commands that print one JSON document: returns the exit
+    status and that document."""
+    returncode, stdout, stderr = await run_cli_text(env, *args)
     try:
         doc = orjson.loads(stdout)
     except orjson.JSONDecodeError:
         pytest.fail(f"stdout is not one JSON document: {stdout!r}; stderr: {stderr.decode()}")
-    return process.returncode, doc
+    return returncode, doc
 
 
 @pytest.fixture
@@ -695,3 +705,48 @@ async def test_reconcile_without_redis_url_skips_the_redis_checks(cli_env):
     assert code == 0, doc
     assert doc["counts"]["redisChecked"] == 0
     assert "redisBalancesCompared" not in doc["counts"]
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+async def test_report_liability_prints_csv_that_ties_out(cli_env, pool):
+    await post_month_of_books(pool)
+
+    code, stdout, stderr = await run_cli_text(cli_env, "report", "liability", "--month", "2026-05")
+
+    assert code == 0, stderr
+    rows = list(csv.DictReader(io.StringIO(stdout.decode())))
+    amounts = {row["line"]: int(row["millicredits"]) for row in rows}
+    assert amounts["purchases_deferred_revenue"] == 12_000_000
+    assert amounts["consumption_recognized"] == -23_462
+    assert amounts["refunds"] == -2_500_000
+    assert amounts["disputes"] == -1_000_000
+    assert amounts["adjustments"] == 123
+    *_, closing = rows
+    assert closing["line"] == "closing_outstanding"
+    assert sum(amounts.values()) - amounts["closing_outstanding"] == amounts["closing_outstanding"]
+    purchases = next(row for row in rows if row["line"] == "purchases_deferred_revenue")
+    assert (purchases["credits"], purchases["usd"]) == ("12000.000", "12.000000000")
+
+
+async def test_report_revenue_prints_a_row_per_model_and_a_total(cli_env, pool):
+    await post_month_of_books(pool)
+
+    code, stdout, stderr = await run_cli_text(cli_env, "report", "revenue", "--month", "2026-05")
+
+    assert code == 0, stderr
+    rows = list(csv.DictReader(io.StringIO(stdout.decode())))
+    assert [row["model"] for row in rows] == ["fin-a", "fin-b", "fin-x", "(total)"]
+    assert rows[-1]["revenue_millicredits"] == "23462"
+    assert rows[1]["upstream_cost_usd"] == "0.015000000"
+    assert rows[1]["gross_margin_usd"] == "0.005000000"
+
+
+@pytest.mark.parametrize("month", ["2026-13", "2026-5", "May"])
+async def test_report_malformed_month_is_a_usage_error(cli_env, month):
+    code, stdout, stderr = await run_cli_text(cli_env, "report", "revenue", "--month", month)
+
+    assert code == 2
+    assert b"--month" in stderr
+    assert stdout == b""
