@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from admin_api import (
     accounts,
@@ -53,6 +54,7 @@ def create_admin_app(
         middlewares=[make_error_middleware(settings.public_base_url + "/credits")],
     )
     app[appkeys.SETTINGS] = settings
+    app[appkeys.METRICS] = CollectorRegistry()
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, control_ctx])
     app.router.add_get("/healthz", _healthz)
     add_webhook_routes(app)

@@ -140,12 +140,14 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     gateway_runner = edge_runner(
         gateway, settings, access_log=None, handler_cancellation=True, shutdown_timeout=30
     )
-    admin_runner = edge_runner(
-        create_admin_app(settings), settings, access_log=None, shutdown_timeout=10
-    )
+    admin = create_admin_app(settings)
+    admin_runner = edge_runner(admin, settings, access_log=None, shutdown_timeout=10)
     edges = edge_readings({"gateway": gateway_runner, "admin": admin_runner})
+    registry = metrics_registry(
+        process_counters(gateway), edges, [gateway[appkeys.METRICS], admin[appkeys.METRICS]]
+    )
     metrics_runner = edge_runner(
-        create_metrics_app(metrics_registry(process_counters(gateway), edges)),
+        create_metrics_app(registry),
         settings,
         access_log=None,
     )

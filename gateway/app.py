@@ -21,6 +21,7 @@ from functools import partial
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from billing.control import ControlKind
@@ -207,6 +208,7 @@ def create_app(settings: Settings) -> web.Application:
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[appkeys.SETTINGS] = settings
+    app[appkeys.METRICS] = CollectorRegistry()
     app[gateway_keys.USAGE_STATS] = UsageStats()
     app[gateway_keys.POSTER_STATS] = PosterStats()
     setup_credits_page(app, settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from billing.metering.holds import HoldStore
 from billing.metering.rate_limit import RateLimiter
@@ -27,3 +28,6 @@ STRIPE = web.AppKey("stripe", StripeClient)
 STRIPE_WEBHOOK_STATS = web.AppKey("stripe_webhook_stats", WebhookStats)
 # The live flags (``CONTROL.flags``) and the control events' listener (``control_ctx``).
 CONTROL = web.AppKey("control", ControlListener)
+# The application's own Prometheus registry (never prometheus_client's global one): each app
+# registers its metrics here; ``creditgate serve`` exports every app's registry on METRICS_PORT.
+METRICS = web.AppKey("metrics", CollectorRegistry)

@@ -75,13 +75,31 @@ class StatsCollector(Collector):
             yield family
 
 
+class RegistriesCollector(Collector):
+    """Every metric of other registries (each app's ``runtime.appkeys.METRICS``), so one
+    ``/metrics`` answers for all the apps of a process."""
+
+    def __init__(self, registries: Sequence[CollectorRegistry]) -> None:
+        self._registries = tuple(registries)
+
+    def collect(self) -> Iterator[Metric]:
+        """Each registry's metrics, in order."""
+        for registry in self._registries:
+            yield from registry.collect()
+
+
 def metrics_registry(
-    counters: Sequence[CounterReading], labelled: Sequence[LabelledReading] = ()
+    counters: Sequence[CounterReading],
+    labelled: Sequence[LabelledReading] = (),
+    registries: Sequence[CollectorRegistry] = (),
 ) -> CollectorRegistry:
-    """A registry of its own holding ``counters`` and ``labelled`` (not prometheus_client's
-    global one: no state at import time, and one registry per process and test)."""
+    """A registry of its own holding ``counters``, ``labelled`` and everything in
+    ``registries`` (not prometheus_client's global one: no state at import time, and one
+    registry per process and test)."""
     registry = CollectorRegistry()
     registry.register(StatsCollector(counters, labelled))
+    if registries:
+        registry.register(RegistriesCollector(registries))
     return registry
 
 
