@@ -1,7 +1,7 @@
 """The ``creditgate`` command line. Every command prints one JSON document on stdout
 (``report``: CSV).
 
-    creditgate migrate
+    creditgate migrate       (MIGRATION_SNAPSHOT_DIR: pg_dump snapshot first)
     creditgate seed
     creditgate serve
     creditgate accounts create --email E [--credits N]
@@ -63,7 +63,7 @@ from billing.purchases.fulfilment import publish_balance
 from billing.purchases.packages import seed_packages
 from billing.statements import parse_month
 from billing.units import credits_to_millicredits, money_fields
-from creditgate.migrator import MigrationError, apply_migrations
+from creditgate.migrator import MigrationError, run_migrations
 from runtime.resources import RedisEvictionPolicyError
 from runtime.settings import ConfigError, Settings, StoreSettings
 
@@ -96,8 +96,14 @@ class _Stores:
 
 
 async def cmd_migrate(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
-    applied = await apply_migrations(settings.database_url)
-    return {"applied": applied}
+    """Apply pending migrations; with ``MIGRATION_SNAPSHOT_DIR`` set, a numbered migration
+    pending first takes a ``pg_dump`` snapshot there (``snapshot``: its path; the key is
+    absent when none was taken), and a failed dump applies nothing (exit status 1)."""
+    run = await run_migrations(settings.database_url, snapshot_dir=settings.migration_snapshot_dir)
+    doc: dict[str, Any] = {"applied": run.applied}
+    if run.snapshot is not None:
+        doc["snapshot"] = str(run.snapshot)
+    return doc
 
 
 async def cmd_seed(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
@@ -419,6 +425,10 @@ def _stores() -> StoreSettings:
     return StoreSettings.from_env()
 
 
+def _migrate_settings() -> StoreSettings:
+    return StoreSettings.from_env(migrating=True)
+
+
 def _stores_with_redis() -> StoreSettings:
     return StoreSettings.from_env(redis_required=True)
 
@@ -428,8 +438,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # ``config`` reads what a command uses and nothing else: only ``serve`` needs the whole
     # ``Settings``; the others Postgres, and Redis where they touch holds or balances.
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(
-        fn=cmd_migrate, config=_stores
+    migrating = (
+        "Apply database migrations; with MIGRATION_SNAPSHOT_DIR set, first take a pg_dump "
+        "(custom format) snapshot there when a numbered migration is pending."
+    )
+    sub.add_parser("migrate", help=migrating, description=migrating).set_defaults(
+        fn=cmd_migrate, config=_migrate_settings
     )
     sub.add_parser("seed", help="insert default rate cards and packages").set_defaults(
         fn=cmd_seed, config=_stores

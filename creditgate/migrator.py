@@ -14,15 +14,25 @@ The migrations folder (package data ``creditgate.migrations``) holds two kinds o
 
 Each file runs in its own transaction with its record; a PostgreSQL advisory lock makes
 concurrent ``creditgate migrate`` runs safe.
+
+Given a snapshot directory (``MIGRATION_SNAPSHOT_DIR``), ``run_migrations`` first takes a
+``pg_dump --format=custom`` of the database into it whenever a numbered migration is pending,
+and applies nothing when the dump fails: the runbook's "snapshot before migrating". Function
+files alone do not take one (they only replace function bodies, which the next release's
+files restore).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.resources
 import re
+import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -143,17 +153,38 @@ def discover_functions(migrations_dir: Path) -> list[MigrationFile]:
     return found
 
 
-async def apply_migrations(dsn: str, migrations_dir: Path | None = None) -> list[str]:
-    """Apply every numbered migration not yet recorded, then every function file whose
-    checksum is new or changed.
+@dataclass(frozen=True, slots=True)
+class MigrationRun:
+    """What one ``run_migrations`` call did.
 
-    Returns:
-        The file names applied by this call, in order (empty when up to date), e.g.
-        ``["0001_create_money_path.sql", "functions/post_settlements.sql"]``.
+    Attributes:
+        applied: the file names applied, in order (empty when up to date), e.g.
+            ``["0001_create_money_path.sql", "functions/post_settlements.sql"]``.
+        snapshot: the ``pg_dump --format=custom`` file taken before the first pending
+            numbered migration; None when no snapshot directory was given or nothing
+            numbered was pending.
+    """
+
+    applied: list[str]
+    snapshot: Path | None
+
+
+async def apply_migrations(dsn: str, migrations_dir: Path | None = None) -> list[str]:
+    """``run_migrations`` without a snapshot; returns the file names applied."""
+    return (await run_migrations(dsn, migrations_dir)).applied
+
+
+async def run_migrations(
+    dsn: str, migrations_dir: Path | None = None, *, snapshot_dir: Path | None = None
+) -> MigrationRun:
+    """Apply every numbered migration not yet recorded, then every function file whose
+    checksum is new or changed; with ``snapshot_dir``, dump the database there first when a
+    numbered migration is pending (``take_snapshot``).
 
     Raises:
-        MigrationError: a file on disk is misnamed, or an applied numbered migration was
-            edited or removed since it was applied; checked before anything is applied.
+        MigrationError: a file on disk is misnamed, an applied numbered migration was
+            edited or removed since it was applied, or the snapshot failed; checked before
+            anything is applied.
         asyncpg.PostgresError: a migration failed; it is rolled back and later files are
             not applied. Postgres unreachable: ``OSError`` from the connect.
     """
@@ -169,18 +200,21 @@ async def apply_migrations(dsn: str, migrations_dir: Path | None = None) -> list
             r["name"]: r["checksum"]
             for r in await conn.fetch("SELECT name, checksum FROM schema_function_migrations")
         }
+        pending = [m for m in numbered if m.key not in applied_numbered]
+        snapshot = None
+        if snapshot_dir is not None and pending:
+            snapshot = await take_snapshot(dsn, snapshot_dir, before=pending[0])
         applied: list[str] = []
-        for migration in numbered:
-            if migration.key not in applied_numbered:
-                await _apply(
-                    conn,
-                    migration,
-                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.key,
-                    migration.name,
-                    migration.checksum,
-                )
-                applied.append(migration.name)
+        for migration in pending:
+            await _apply(
+                conn,
+                migration,
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.key,
+                migration.name,
+                migration.checksum,
+            )
+            applied.append(migration.name)
         for migration in functions:
             if applied_functions.get(migration.key) != migration.checksum:
                 await _apply(
@@ -193,7 +227,7 @@ async def apply_migrations(dsn: str, migrations_dir: Path | None = None) -> list
                     migration.checksum,
                 )
                 applied.append(migration.name)
-        return applied
+        return MigrationRun(applied, snapshot)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _ADVISORY_LOCK_ID)
         await conn.close()
@@ -226,3 +260,42 @@ async def _apply(
     async with conn.transaction():
         await conn.execute(migration.sql())
         await conn.execute(record_sql, *args)
+
+
+async def take_snapshot(dsn: str, snapshot_dir: Path, *, before: MigrationFile) -> Path:
+    """Dump the database at ``dsn`` with ``pg_dump --format=custom`` into ``snapshot_dir``
+    (created if missing) as ``<database>-<UTC time>-before-<version>.dump``; restore it with
+    ``pg_restore --clean --if-exists -d DATABASE FILE``.
+
+    Raises:
+        MigrationError: ``pg_dump`` is not on PATH, the directory cannot be made, or the dump
+            failed (its partial file is removed; its stderr ends the message).
+    """
+    problem = f"the snapshot before migrating failed, nothing was applied ({snapshot_dir})"
+    pg_dump = shutil.which("pg_dump")
+    if pg_dump is None:
+        raise MigrationError(before.name, f"{problem}: pg_dump is not on PATH")
+    database = urlsplit(dsn).path.lstrip("/") or "postgres"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    path = snapshot_dir / f"{database}-{stamp}-before-{before.key}.dump"
+    try:
+        await asyncio.to_thread(snapshot_dir.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MigrationError(before.name, f"{problem}: {exc}") from exc
+    process = await asyncio.create_subprocess_exec(
+        pg_dump,
+        "--format=custom",
+        f"--file={path}",
+        f"--dbname={dsn}",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    if process.returncode != 0:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        detail = stderr.decode(errors="replace").strip()
+        raise MigrationError(
+            before.name, f"{problem}: pg_dump exited with {process.returncode}: {detail}"
+        )
+    return path

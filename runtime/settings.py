@@ -217,14 +217,23 @@ class StoreSettings:
     database_url: str
     redis_url: str | None = None
     settlement_claim_idle_ms: int = 30_000
+    migration_snapshot_dir: Path | None = None
+    """``MIGRATION_SNAPSHOT_DIR`` (read for ``creditgate migrate`` only): where ``migrate``
+    writes a ``pg_dump --format=custom`` snapshot before applying a pending numbered
+    migration; None (unset): no snapshot (development)."""
 
     @classmethod
     def from_env(
-        cls, env: Mapping[str, str] | None = None, *, redis_required: bool = False
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        redis_required: bool = False,
+        migrating: bool = False,
     ) -> StoreSettings:
         """Read ``DATABASE_URL`` (required), ``REDIS_URL`` (required when ``redis_required``,
-        else optional) and ``SETTLEMENT_CLAIM_IDLE_MS`` from ``env`` (default ``os.environ``);
-        no other variable is read.
+        else optional), ``SETTLEMENT_CLAIM_IDLE_MS`` and, when ``migrating``,
+        ``MIGRATION_SNAPSHOT_DIR`` from ``env`` (default ``os.environ``); no other variable
+        is read.
 
         Raises:
             ConfigError: listing every missing or malformed variable of these.
@@ -235,6 +244,9 @@ class StoreSettings:
             database_url=read.url("DATABASE_URL", _POSTGRES_SCHEMES),
             redis_url=read.url("REDIS_URL", _REDIS_SCHEMES) if redis_set else None,
             settlement_claim_idle_ms=read.integer("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100),
+            migration_snapshot_dir=read.absolute_path("MIGRATION_SNAPSHOT_DIR")
+            if migrating
+            else None,
         )
         read.raise_problems()
         return settings
@@ -278,6 +290,17 @@ class _EnvReader:
         elif not value.startswith(schemes):
             self.problems.append(f"{name} must start with one of {', '.join(schemes)}")
         return value.rstrip("/")
+
+    def absolute_path(self, name: str) -> Path | None:
+        """An absolute filesystem path, or None when unset or blank (or relative, then
+        noting a problem)."""
+        value = self.text(name)
+        if not value:
+            return None
+        if not Path(value).is_absolute():
+            self.problems.append(f"{name} must be an absolute path, got {value!r}")
+            return None
+        return Path(value)
 
     def boolean(self, name: str, default: bool) -> bool:
         value = self.text(name).lower()

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import math
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -750,3 +751,86 @@ async def test_report_malformed_month_is_a_usage_error(cli_env, month):
     assert code == 2
     assert b"--month" in stderr
     assert stdout == b""
+
+
+# -- migrate: the snapshot before migrating (MIGRATION_SNAPSHOT_DIR) --------------------
+
+
+async def _table_names(dsn: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await conn.close()
+    return {row["tablename"] for row in rows}
+
+
+def _dump_magic_and_listing(dump: Path) -> tuple[bytes, str]:
+    """A dump file's first 5 bytes and its table of contents (``pg_restore --list``)."""
+    listing = subprocess.run(
+        ["pg_restore", "--list", str(dump)], capture_output=True, text=True, check=True
+    ).stdout
+    return dump.read_bytes()[:5], listing
+
+
+async def test_migrate_takes_a_pg_dump_snapshot_before_pending_migrations(
+    empty_database_url, tmp_path
+):
+    snapshots = tmp_path / "snapshots"  # does not exist yet: migrate creates it
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE before_migrating (id int); INSERT INTO before_migrating VALUES (7)"
+        )
+    finally:
+        await conn.close()
+    env = {"DATABASE_URL": empty_database_url, "MIGRATION_SNAPSHOT_DIR": str(snapshots)}
+    code, first = await run_cli(env, "migrate")
+    assert code == 0, first
+    snapshot = Path(first["snapshot"])
+    assert snapshot.parent == snapshots
+    assert snapshot.name.endswith("-before-0001.dump")
+    assert first["applied"][0] == "0001_create_money_path.sql"
+    magic, listing = _dump_magic_and_listing(snapshot)
+    assert magic == b"PGDMP"  # pg_dump's custom format
+    # The snapshot is the database as it was: the table made before, none of the migrations.
+    assert "TABLE public before_migrating" in listing
+    assert "TABLE public accounts" not in listing
+    # Nothing pending: no snapshot, no key.
+    code, second = await run_cli(env, "migrate")
+    assert (code, second) == (0, {"applied": []})
+    assert list(snapshots.iterdir()) == [snapshot]
+
+
+async def test_migrate_without_snapshot_dir_takes_none(empty_database_url, tmp_path):
+    code, doc = await run_cli({"DATABASE_URL": empty_database_url}, "migrate")
+    assert code == 0
+    assert "snapshot" not in doc
+    assert "accounts" in await _table_names(empty_database_url)
+
+
+async def test_migrate_refuses_to_migrate_when_the_snapshot_fails(empty_database_url, tmp_path):
+    # A real pg_dump failure: libpq (pg_dump) reads PGOPTIONS, asyncpg (migrate) does not,
+    # so only the dump's connection is refused by the server.
+    env = {
+        "DATABASE_URL": empty_database_url,
+        "MIGRATION_SNAPSHOT_DIR": str(tmp_path),
+        "PGOPTIONS": "-c creditgate_no_such_setting=1",
+    }
+    code, doc = await run_cli(env, "migrate")
+    assert code == 1
+    assert doc["type"] == "MigrationError"
+    assert "snapshot before migrating failed, nothing was applied" in doc["error"]
+    assert "pg_dump exited" in doc["error"]
+    assert list(tmp_path.iterdir()) == []  # the partial dump is removed
+    assert await _table_names(empty_database_url) <= {
+        "schema_migrations",
+        "schema_function_migrations",
+    }
+
+
+async def test_migrate_relative_snapshot_dir_is_a_config_error(empty_database_url):
+    env = {"DATABASE_URL": empty_database_url, "MIGRATION_SNAPSHOT_DIR": "snapshots"}
+    code, doc = await run_cli(env, "migrate")
+    assert code == 1
+    assert doc["problems"] == ["MIGRATION_SNAPSHOT_DIR must be an absolute path, got 'snapshots'"]
