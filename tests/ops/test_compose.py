@@ -1,0 +1,195 @@
+"""docker-compose.yml, checked without Docker (no daemon in CI): parsed with PyYAML and
+compared with the repository and the settings the gateway reads."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runtime.settings import Settings, StoreSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Z_][A-Z0-9_]*)(?::?(?P<op>[-?])(?P<arg>[^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    """.env.example's variables; the blank (required) ones filled with a sample value."""
+    values = {}
+    for line in (REPO_ROOT / ".env.example").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip() or "sample1"
+    return values
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` and ``$$``."""
+
+    def one(match: re.Match[str]) -> str:
+        found = env.get(match["name"], "")
+        if match["op"] == "-" and not found:
+            return match["arg"]
+        assert found or match["op"] != "?", f"{match['name']} is required and not in .env"
+        return found
+
+    return _VARIABLE.sub(one, value).replace("$$", "$")
+
+
+def _service_env(service: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    return {name: _interpolate(str(value), env) for name, value in service["environment"].items()}
+
+
+class _RecordingEnv(dict[str, str]):
+    """An environment that notes every variable read from it."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _bind_mounts(compose: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                yield name, source, target
+
+
+def test_compose_has_the_whole_stack(compose):
+    assert set(compose["services"]) >= {
+        "gateway",
+        "postgres",
+        "redis",
+        "prometheus",
+        "grafana",
+        "backup",
+    }
+    assert compose["services"]["gateway"]["build"] == "."
+
+
+def test_every_mounted_host_path_exists_in_the_repository(compose):
+    mounts = list(_bind_mounts(compose))
+    sources = {source for _, source, _ in mounts}
+    assert {
+        "./prometheus/prometheus.yml",
+        "./prometheus/rules",
+        "./grafana/provisioning",
+        "./grafana/dashboards",
+        "./postgres/pg_hba.conf",
+        "./postgres/backup.sh",
+    } <= sources
+    missing = [(name, source) for name, source, _ in mounts if not (REPO_ROOT / source).exists()]
+    assert missing == []
+
+
+def test_grafana_and_prometheus_mounts_are_where_their_files_expect(compose):
+    targets = {(name, source): target for name, source, target in _bind_mounts(compose)}
+    assert targets["grafana", "./grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert targets["grafana", "./grafana/dashboards"] == "/var/lib/grafana/dashboards"
+    assert targets["prometheus", "./prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert targets["prometheus", "./prometheus/rules"] == "/etc/prometheus/rules"
+
+
+def test_redis_keeps_every_write_and_never_evicts(compose):
+    command = compose["services"]["redis"]["command"]
+    flags = dict(zip(command[1::2], command[2::2], strict=True))
+    assert command[0] == "redis-server"
+    assert flags["--appendonly"] == "yes"
+    assert flags["--appendfsync"] == "always"
+    assert flags["--maxmemory-policy"] == "noeviction"
+    assert any(volume.endswith(":/data") for volume in compose["services"]["redis"]["volumes"])
+
+
+def test_postgres_archives_wal_into_its_volume_and_commits_synchronously(compose):
+    postgres = compose["services"]["postgres"]
+    command = postgres["command"]
+    assert command[0] == "postgres"
+    settings = dict(value.split("=", 1) for value in command[2::2])
+    assert set(command[1::2]) == {"-c"}
+    assert settings["archive_mode"] == "on"
+    assert settings["wal_level"] == "replica"
+    assert settings["synchronous_commit"] == "on"
+    assert "cp %p /wal-archive/%f" in settings["archive_command"]
+    assert "wal-archive:/wal-archive" in postgres["volumes"]
+    backup = compose["services"]["backup"]
+    assert "wal-archive:/wal-archive" in backup["volumes"]
+    assert "backups:/backups" in backup["volumes"]
+    assert {"wal-archive", "backups", "pgdata"} <= set(compose["volumes"])
+
+
+def test_backup_service_takes_daily_base_backups_with_pg_basebackup(compose):
+    backup = compose["services"]["backup"]
+    assert backup["command"] == ["daily"]
+    assert backup["image"] == compose["services"]["postgres"]["image"]  # same major version
+    script = (REPO_ROOT / "postgres" / "backup.sh").read_text(encoding="utf-8")
+    assert "pg_basebackup" in script
+    assert "pg_archivecleanup" in script
+    assert int(backup["environment"]["BACKUP_INTERVAL_S"]) == 86400
+
+
+def test_gateway_environment_names_only_settings_the_gateway_reads(compose, env_example):
+    env = _RecordingEnv(_service_env(compose["services"]["gateway"], env_example))
+    Settings.from_env(env)  # valid as configured: raises ConfigError otherwise
+    StoreSettings.from_env(env, migrating=True)
+    assert set(env) - env.read == set()
+    assert env["MIGRATION_SNAPSHOT_DIR"] in {
+        volume.split(":")[1] for volume in compose["services"]["gateway"]["volumes"]
+    }
+
+
+def test_gateway_ports_match_the_settings_defaults(compose, env_example):
+    gateway = compose["services"]["gateway"]
+    env = _service_env(gateway, env_example)
+    settings = Settings.from_env(env)
+    defaults = Settings(database_url="", redis_url="", upstream_api_key="")
+    assert (settings.port, settings.admin_port, settings.metrics_port) == (
+        defaults.port,
+        defaults.admin_port,
+        defaults.metrics_port,
+    )
+    published = {port.rsplit(":", 1)[1] for port in gateway["ports"]}
+    assert published == {str(defaults.port), str(defaults.admin_port)}
+    assert "127.0.0.1:8081:8081" in gateway["ports"]  # the admin service stays private
+    assert gateway["expose"] == [str(defaults.metrics_port)]
+    assert settings.host == settings.admin_host == "0.0.0.0"
+    assert env["DATABASE_URL"].startswith("postgresql://")
+    assert "@postgres:5432/" in env["DATABASE_URL"]
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_dependencies_wait_for_healthy_services(compose):
+    services = compose["services"]
+    assert services["gateway"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy"},
+    }
+    for name, service in services.items():
+        for needed, how in service.get("depends_on", {}).items():
+            if how["condition"] == "service_healthy":
+                assert "healthcheck" in services[needed], f"{name} waits on {needed}"
+    assert all("healthcheck" in services[name] for name in ("gateway", "postgres", "redis"))
+
+
+def test_env_example_documents_every_variable_compose_reads(env_example):
+    text = (REPO_ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    used = {match["name"] for match in _VARIABLE.finditer(text)}
+    assert used - set(env_example) == set()
