@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # What ships in the wheel and the image (devtools/, tests/ and bench/ do not).
 PRODUCTION := creditgate runtime gateway admin_api billing
 
-.PHONY: help venv system-deps test run lint fmt bench bench-paired clean
+.PHONY: help venv system-deps test run lint fmt bench bench-paired clean restore-drill
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,9 @@ test: system-deps venv ## Run the tests against throwaway PostgreSQL and Redis (
 
 run: system-deps venv ## Run the gateway with local PostgreSQL, Redis and a simulated upstream
 	$(VENV)/bin/python -m devtools.devstack
+
+restore-drill: system-deps venv ## Back up a live database under traffic, restore it to a point in time, reconcile the copy
+	$(VENV)/bin/python -m devtools.restore_drill
 
 lint: venv ## ruff (complexity <= 10 in production code), ruff format, mypy --strict, import-linter
 	$(VENV)/bin/ruff check .
