@@ -3,8 +3,8 @@ time into a fresh server, and check the copy with ``creditgate reconcile`` (docs
 
 What it does, all on 127.0.0.1 in a temporary directory:
 
-1. a PostgreSQL with WAL archiving into ``wal-archive/`` (``archive_mode=on``, the same
-   ``archive_command`` as docker-compose.yml), migrated and seeded; a Redis; the simulated
+1. a PostgreSQL with WAL archiving into ``wal-archive/`` (docker-compose.yml's WAL settings,
+   read from that file, its archive directory replaced), migrated and seeded; a Redis; the simulated
    upstream; ``creditgate serve``; an account with credits and a key;
 2. paid traffic (``/v1/chat/completions``) while ``postgres/backup.sh once`` (the compose
    ``backup`` service's script: ``pg_basebackup`` as tar, then pruning) takes a base backup;
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import yaml
 
 from devtools.devstack import SIMULATED_API_KEY
 from devtools.localservices import (
@@ -50,6 +52,15 @@ from devtools.localservices import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BACKUP_SCRIPT = REPO_ROOT / "postgres" / "backup.sh"
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+COMPOSE_WAL_ARCHIVE = "/wal-archive"
+_WAL_SETTINGS = (
+    "wal_level",
+    "archive_mode",
+    "archive_command",
+    "archive_timeout",
+    "synchronous_commit",
+)
 DATABASE = "creditgate"
 MODEL = "gpt-4o-mini"
 _PG_USER = "postgres"
@@ -133,20 +144,29 @@ def _spawn(
 # --- the source database ------------------------------------------------------------------
 
 
-def _start_source(stack: contextlib.ExitStack, base: Path, archive: Path) -> PostgresServer:
-    """A PostgreSQL archiving its WAL into ``archive`` (a restart turns archive_mode on)."""
-    server = start_postgres(base)
-    archive_command = f"test ! -f {archive}/%f && cp %p {archive}/%f"
-    asyncio.run(
-        _execute(
-            server.dsn,
-            "ALTER SYSTEM SET wal_level = 'replica'",
-            "ALTER SYSTEM SET archive_mode = 'on'",
-            f"ALTER SYSTEM SET archive_command = '{archive_command}'",
-            "ALTER SYSTEM SET synchronous_commit = 'on'",
-            f'CREATE DATABASE "{DATABASE}"',
-        )
+def compose_wal_settings(archive: Path) -> dict[str, str]:
+    """The WAL and commit settings of docker-compose.yml's ``postgres`` service (its
+    ``-c name=value`` arguments), with its archive directory ``/wal-archive`` replaced by
+    ``archive``: the drill archives exactly as the compose stack does."""
+    compose = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    command: list[str] = compose["services"]["postgres"]["command"]
+    settings = dict(
+        value.split("=", 1) for flag, value in itertools.pairwise(command) if flag == "-c"
     )
+    return {
+        name: settings[name].replace(COMPOSE_WAL_ARCHIVE, str(archive)) for name in _WAL_SETTINGS
+    }
+
+
+def _start_source(stack: contextlib.ExitStack, base: Path, archive: Path) -> PostgresServer:
+    """A PostgreSQL archiving its WAL into ``archive`` as the compose one does (a restart
+    turns archive_mode on)."""
+    server = start_postgres(base)
+    statements = [
+        f"ALTER SYSTEM SET {name} = '{value}'"
+        for name, value in compose_wal_settings(archive).items()
+    ]
+    asyncio.run(_execute(server.dsn, *statements, f'CREATE DATABASE "{DATABASE}"'))
     server.stop()
     server = start_postgres(base, server.port)
     stack.callback(server.stop)
@@ -420,7 +440,9 @@ def drill(work: Path, *, after_target_requests: int = 10) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.restore_drill", description=__doc__)
     parser.add_argument(
-        "--keep", action="store_true", help="keep the temporary directory (logs, backup, data)"
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (logs, backup, data); a failed drill always does",
     )
     args = parser.parse_args(argv)
     # Under /tmp, not the checkout: the postgres user must be able to enter it.
@@ -431,12 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = drill(work)
     except Exception as exc:
         summary = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    summary["seconds"] = round(time.monotonic() - started, 1)
-    if args.keep:
+    keep = args.keep or not summary["ok"]  # a failed drill keeps its logs to read
+    if keep:
         summary["directory"] = str(work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    summary["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(summary, indent=2), flush=True)
     return 0 if summary["ok"] else 1
 
