@@ -193,3 +193,16 @@ def test_env_example_documents_every_variable_compose_reads(env_example):
     text = (REPO_ROOT / "docker-compose.yml").read_text(encoding="utf-8")
     used = {match["name"] for match in _VARIABLE.finditer(text)}
     assert used - set(env_example) == set()
+
+
+def test_the_image_ships_a_pg_dump_as_new_as_the_compose_server(compose):
+    # pg_dump refuses to dump a server newer than itself: creditgate migrate's snapshot
+    # (MIGRATION_SNAPSHOT_DIR, set by the compose file) needs the server's major version.
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8")
+    client = re.search(r"^ARG PG_CLIENT_VERSION=(\d+)$", dockerfile, re.MULTILINE)
+    assert client is not None
+    assert '"postgresql-client-${PG_CLIENT_VERSION}"' in dockerfile
+    server = compose["services"]["postgres"]["image"]
+    assert server == f"postgres:{client[1]}"
+    snapshots = compose["services"]["gateway"]["environment"]["MIGRATION_SNAPSHOT_DIR"]
+    assert f"install -d -o creditgate -g creditgate {snapshots}" in dockerfile
