@@ -5,9 +5,9 @@
 #   backup.sh daily   the compose `backup` service: once now, then every BACKUP_INTERVAL_S
 #
 # Connection from libpq's variables (PGHOST, PGPORT, PGUSER, PGPASSWORD). Each backup is a
-# directory BACKUP_DIR/base-<UTC time>/ holding base.tar.gz and pg_wal.tar.gz (the WAL the
-# copy needs to be consistent: --wal-method=stream), written under a .partial name and
-# renamed once complete. Pruning removes the base backups older than BACKUP_RETENTION_DAYS
+# directory BACKUP_DIR/base-<UTC time>/ holding base.tar.gz, pg_wal.tar.gz (the WAL the
+# copy needs to be consistent: --wal-method=stream), backup_manifest and start_wal (its
+# first WAL segment), written under a .partial name and renamed once complete. Pruning removes the base backups older than BACKUP_RETENTION_DAYS
 # (the newest one always stays) and, with WAL_ARCHIVE_DIR set, the archived WAL older than
 # the oldest backup kept (pg_archivecleanup): any time since that backup stays restorable.
 set -eu
