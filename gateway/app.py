@@ -40,6 +40,7 @@ from gateway.credits_page import credits_page_routes, setup_credits_page
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
 from gateway.purchase_routes import checkout_routes
+from gateway.traffic_metrics import TrafficMetrics
 from gateway.usage import UsageStats
 from runtime import appkeys
 from runtime.errors import answer_errors
@@ -208,7 +209,8 @@ def create_app(settings: Settings) -> web.Application:
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[appkeys.SETTINGS] = settings
-    app[appkeys.METRICS] = CollectorRegistry()
+    app[appkeys.METRICS] = registry = CollectorRegistry()
+    app[gateway_keys.TRAFFIC] = TrafficMetrics(registry)
     app[gateway_keys.USAGE_STATS] = UsageStats()
     app[gateway_keys.POSTER_STATS] = PosterStats()
     setup_credits_page(app, settings)
@@ -236,11 +238,12 @@ def create_app(settings: Settings) -> web.Application:
         *credits_page_routes(),
         ("*", r"/{tail:[\s\S]*}", handle_unmatched),
     ]
-    url = partial(
+    url: Callable[[web.BaseRequest], str] = partial(
         buy_credits_url_for,
         credits_url=buy_credits_url(settings),
         allowed_origins=settings.return_to_origins,
     )
+    app[gateway_keys.BUY_CREDITS_URL] = url
     for method, path, handler in routes:
         app.router.add_route(method, path, answer_errors(handler, url))
     return app
