@@ -58,7 +58,6 @@ def install_json_logging(
         return
     for old in root.handlers[:]:
         root.removeHandler(old)
-        old.close()
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactingFilter())
