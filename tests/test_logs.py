@@ -97,18 +97,23 @@ async def _usage_row(database_url: str, request_id: str) -> asyncpg.Record:
         await conn.close()
 
 
-async def _serve(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
+def _spawn(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-P", "-m", "creditgate.cli", "serve"],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
         )
+
+
+async def _serve(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
+    """``creditgate serve`` started, once it printed READY."""
+    process = await asyncio.to_thread(_spawn, env, out, err)
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while b"READY" not in out.read_bytes():
-        assert process.poll() is None, err.read_text(errors="replace")[-3000:]
+    while b"READY" not in await asyncio.to_thread(out.read_bytes):
+        assert process.poll() is None, "creditgate serve exited"
         assert time.monotonic() < deadline, "creditgate serve not ready"
         await asyncio.sleep(0.05)
     return process
@@ -144,9 +149,7 @@ async def test_serve_logs_json_lines_with_an_access_line_and_no_secret(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": marker}]
             )
             request_id = raw.headers["x-request-id"]
-        async with openai.AsyncOpenAI(
-            base_url=base_url, api_key=bad_key, max_retries=0
-        ) as client:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=bad_key, max_retries=0) as client:
             with pytest.raises(openai.AuthenticationError) as refused:
                 await client.chat.completions.create(
                     model="gpt-4o-mini", messages=[{"role": "user", "content": marker}]
@@ -157,7 +160,7 @@ async def test_serve_logs_json_lines_with_an_access_line_and_no_secret(
         process.send_signal(signal.SIGTERM)
         await asyncio.to_thread(process.wait, 30)
 
-    text = err.read_text()
+    text = await asyncio.to_thread(err.read_text)
     for secret in (key, bad_key, marker, WEBHOOK_SECRET):
         assert secret not in text
     lines = [orjson.loads(line) for line in text.splitlines()]
