@@ -102,6 +102,10 @@ LOW_BALANCE_HEADER = "x-creditgate-low-balance"
 
 _JSON_CONTENT_TYPE = {"Content-Type": "application/json"}
 
+#: The status metrics and the access log give a request whose client went away before its
+#: answer ended (the handler was cancelled; nginx's code, no response carries it).
+CLIENT_CLOSED_REQUEST = 499
+
 
 class ChargingPausedError(GatewayError):
     """Charging is paused with ``billing.charging_paused_mode = block`` (503): nothing is
@@ -641,6 +645,9 @@ async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamR
     except BaseException as exc:
         await call.void()  # does nothing once charged: a sent settle is never undone
         if not isinstance(exc, Exception):
+            # Cancelled: the client went away while we waited (what was generated is
+            # settled). Counted and logged as 499, "client closed request".
+            _finished(call, CLIENT_CLOSED_REQUEST)
             raise
         return _refused(request, endpoint, arrival, exc, call.request_id)
     _finished(call, response.status)

@@ -228,3 +228,36 @@ async def test_settlement_backlog_counts_unposted_outbox_entries(make_gateway, s
     samples = scrape(gw)
     assert value(samples, "creditgate_settlement_backlog_entries") == 2
     assert 0.05 <= value(samples, "creditgate_settlement_oldest_unposted_age_seconds") < 60
+
+
+async def test_client_gone_mid_stream_counts_499_and_its_charge(gw, sim) -> None:
+    _, key = await gw.create_account(10_000_000)
+    before = scrape(gw)
+    sim.push(Scenario(chunks=5, hang_after_chunks=2))
+    stream = await gw.client(key).chat.completions.create(
+        model="gpt-4o-mini", messages=HI, stream=True, max_tokens=100
+    )
+    request_id = stream.response.headers["x-request-id"]
+    await anext(aiter(stream))
+    await stream.close()  # the upstream stalls; the client leaves
+
+    async def counted() -> bool:
+        return (
+            value(
+                scrape(gw),
+                "creditgate_requests_total",
+                endpoint="chat.completions",
+                model="gpt-4o-mini",
+                status="499",
+            )
+            == 1
+        )
+
+    await _until(counted)
+    await gw.settled()
+    row = await gw.usage(request_id)
+    assert row["status"] == "client_disconnected"
+    after = scrape(gw)
+    deducted = moved(before, after, "creditgate_deducted_millicredits_total", model="gpt-4o-mini")
+    assert deducted == row["charged_millicredits"] > 0
+    assert value(after, "creditgate_holds_open") == 0
