@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from billing import api_keys, ledger
+from billing.metering.holds import OUTBOX_STREAM_KEY
 from devtools.localservices import free_port
 from devtools.simulator import Simulator
 from runtime.json_logs import install_json_logging
@@ -197,3 +198,34 @@ async def test_serve_logs_json_lines_with_an_access_line_and_no_secret(
     assert refusal["chargedMillicredits"] == "0"
     posted = [line for line in lines if line.get("event") == "settlement.batch_posted"]
     assert sum(line["posted"] for line in posted) == 1
+
+
+async def test_money_events_carry_their_event_names(
+    make_gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``hold.expired`` from the sweeper, ``settlement.dead_lettered`` and
+    ``settlement.batch_posted`` from the poster, with their ids and amounts as strings."""
+    gw = await make_gateway()
+    account, key = await gw.create_account(1_000_000)
+    caplog.set_level(logging.INFO)
+    await gw.holds.reserve(account, 700, request_id="expiring", ttl_s=0.001)
+    await gw.redis.xadd(OUTBOX_STREAM_KEY, {"p": "not a record", "c": "1", "a": str(account)})
+    await gw.client(key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+
+    def events(name: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+    deadline = time.monotonic() + 10
+    while not (events("hold.expired") and events("settlement.dead_lettered")):
+        assert time.monotonic() < deadline, "events not logged"
+        await asyncio.sleep(0.05)
+    await gw.settled()
+    expired = events("hold.expired")[0]
+    assert (expired.requestId, expired.accountId) == ("expiring", account)  # type: ignore[attr-defined]
+    dead = events("settlement.dead_lettered")[0]
+    assert (dead.accountId, dead.chargedMillicredits) == (account, "1")  # type: ignore[attr-defined]
+    posted = events("settlement.batch_posted")
+    assert sum(r.posted for r in posted) == 1  # type: ignore[attr-defined]
+    assert all(r.chargedMillicredits.isdigit() for r in posted)  # type: ignore[attr-defined]
