@@ -63,7 +63,9 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
 
 def test_every_alert_has_severity_summary_description_and_a_runbook_section() -> None:
     runbook = (PROMETHEUS.parent / "docs" / "alerts.md").read_text()
-    anchors = {line.lstrip("#").strip().lower() for line in runbook.splitlines() if line.startswith("## ")}
+    anchors = {
+        line.lstrip("#").strip().lower() for line in runbook.splitlines() if line.startswith("## ")
+    }
     for path in RULE_FILES:
         for group in yaml.safe_load(path.read_text())["groups"]:
             for rule in group["rules"]:
