@@ -19,6 +19,7 @@ import time
 
 from aiohttp import web
 
+from admin_api.money_metrics import FULFILMENT_LATENCY, install_webhook_metrics
 from billing.errors import POSTGRES_UNAVAILABLE
 from billing.purchases.fulfilment import complete_payment_details, publish_balance
 from billing.purchases.stripe_client import (
@@ -28,7 +29,6 @@ from billing.purchases.stripe_client import (
     construct_webhook_event,
 )
 from billing.purchases.stripe_events import WebhookStats, fulfilment_latency_s, process_event
-from admin_api.money_metrics import FULFILMENT_LATENCY, install_webhook_metrics
 from runtime import appkeys
 from runtime.errors import error_response, json_response
 from runtime.resources import stripe_ctx

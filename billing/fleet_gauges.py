@@ -130,9 +130,7 @@ async def read_fleet(pool: asyncpg.Pool, *, now: datetime | None = None) -> Flee
     async with pool.acquire() as conn:
         outstanding, in_shortfall = await conn.fetchrow(_ACCOUNTS_SQL)
         rows = await revenue_by_model(conn, start, start + timedelta(days=1))
-        rated = frozenset(
-            r[0] for r in await conn.fetch("SELECT DISTINCT model FROM rate_cards")
-        )
+        rated = frozenset(r[0] for r in await conn.fetch("SELECT DISTINCT model FROM rate_cards"))
         reconciliation = await _reconciliation(conn)
     return FleetReading(
         read_at=now,

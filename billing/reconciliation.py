@@ -470,9 +470,7 @@ async def record_run(
             "since": report.since.isoformat(),
             "mismatchCounts": report.mismatch_counts,
             "deductedMillicredits": str(report.counts.get("deductedMillicredits", 0)),
-            "mismatchedMillicredits": str(
-                report.counts.get("deductionsDifferenceMillicredits", 0)
-            ),
+            "mismatchedMillicredits": str(report.counts.get("deductionsDifferenceMillicredits", 0)),
         },
     )
     return run_id

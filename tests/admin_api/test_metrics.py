@@ -18,11 +18,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from admin_api.money_metrics import FLEET_GAUGES
 from billing import ledger
+from billing.admin_tokens import Role, create_admin_token
+from billing.audit import CLI_ACTOR
+from billing.metering.outbox import posting_row
+from billing.metering.posting import post_settlements
 from billing.purchases.purchase_ledger import share_millicredits
 from billing.reconciliation import default_since, reconcile, record_run
 from devtools.stripe_sim import WEBHOOK_SECRET, StripeStub
 from runtime import appkeys
 from tests.admin_api.test_stripe_webhook import Admin, _admin, make_settings
+from tests.billing.money import usage_record
 
 STARTER_MC = 9_990_000
 PROFESSIONAL_MC = 52_490_000
@@ -98,18 +103,19 @@ async def test_scripted_stripe_traffic_moves_every_counter_exactly(
     await _deliver_ok(
         admin, admin.stub.event("charge.dispute.created", admin.stub.dispute(professional))
     )
-    bad = await admin.deliver(
-        admin.stub.event("refund.created", refund), secret="whsec_not_ours"
-    )
+    bad = await admin.deliver(admin.stub.event("refund.created", refund), secret="whsec_not_ours")
     assert bad.status == 400
 
     after = scrape(app)
     refunded_mc = share_millicredits(STARTER_MC, 333, 999)
     assert refunded_mc == 3_330_000
-    assert await admin.pool.fetchval(
-        "SELECT -amount_millicredits FROM ledger_entries WHERE idempotency_key = $1",
-        f"refund:{refund['id']}",
-    ) == refunded_mc
+    assert (
+        await admin.pool.fetchval(
+            "SELECT -amount_millicredits FROM ledger_entries WHERE idempotency_key = $1",
+            f"refund:{refund['id']}",
+        )
+        == refunded_mc
+    )
     expected = {
         ("creditgate_purchases_total", ("package", "starter")): 1,
         ("creditgate_purchases_total", ("package", "professional")): 1,
@@ -181,14 +187,16 @@ async def test_fleet_gauges_after_one_refresh_equal_sql_sums(admin: Admin) -> No
         outstanding / 1_000_000
     )
     assert value(samples, "creditgate_accounts_in_shortfall") == 1
-    margin_nanousd = int(await admin.pool.fetchval(
-        """SELECT sum(u.charged_millicredits) * 1000
+    margin_nanousd = int(
+        await admin.pool.fetchval(
+            """SELECT sum(u.charged_millicredits) * 1000
                   - sum(u.prompt_tokens * r.upstream_input_microusd_per_1k_tokens
                         + u.completion_tokens * r.upstream_output_microusd_per_1k_tokens)
              FROM usage_events u JOIN rate_cards r ON r.id = u.rate_card_id
             WHERE u.model = 'gauge-model'
               AND u.recorded_at >= date_trunc('day', now(), 'UTC')"""
-    ))
+        )
+    )
     assert margin_nanousd == 3_457_000 - (1_333 * 150 + 577 * 600)
     model = {"model": "gauge-model"}
     assert value(samples, "creditgate_daily_revenue_usd", **model) == pytest.approx(0.003457)
@@ -213,10 +221,6 @@ async def _use(
     cost: int,
 ) -> None:
     """One settled request as the settlement poster posts it (usage row and deduction)."""
-    from billing.metering.outbox import posting_row
-    from billing.metering.posting import post_settlements
-    from tests.billing.money import usage_record
-
     prompt, cached, completion = tokens
     record = usage_record(
         request_id=request_id, account_id=account_id, cost_millicredits=cost
@@ -271,8 +275,9 @@ async def test_reconciliation_mismatch_counted_and_exported(
         after, "creditgate_reconciliation_last_success_timestamp_seconds"
     ) == pytest.approx(clean.finished_at.timestamp())
     [finished] = [
-        r for r in caplog.records if getattr(r, "event", "") == "reconciliation.finished" and
-        not r.ok  # type: ignore[attr-defined]
+        r
+        for r in caplog.records
+        if getattr(r, "event", "") == "reconciliation.finished" and not r.ok  # type: ignore[attr-defined]
     ]
     assert finished.levelno == logging.ERROR
     assert finished.mismatchCounts["account_balance"] == 1  # type: ignore[attr-defined]
@@ -294,9 +299,6 @@ async def test_adjustment_logs_its_money_event(admin: Admin, caplog: pytest.LogC
 
 
 async def _admin_headers(admin: Admin) -> dict[str, str]:
-    from billing.admin_tokens import Role, create_admin_token
-    from billing.audit import CLI_ACTOR
-
     async with admin.pool.acquire() as conn:
         token, _ = await create_admin_token(conn, CLI_ACTOR, role=Role.ADMIN, name="metrics")
     return {"Authorization": f"Bearer {token}"}
