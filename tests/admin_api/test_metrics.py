@@ -243,7 +243,9 @@ async def test_reconciliation_mismatch_counted_and_exported(
     caplog.set_level(logging.INFO)
     app = admin.client.app
     first = await admin.account(50_000)
-    await admin.account(20_000)
+    second = await admin.account(20_000)
+    for request_id, cost in (("req-r1", 1_234), ("req-r2", 766), ("req-r3", 5_000)):
+        await _use(admin, second, request_id, "gpt-4o-mini", None, (10, 0, 10), cost)
     clean = await reconcile(admin.pool, None, since=default_since())
     await record_run(admin.pool, clean, source="cli")
     await app[FLEET_GAUGES].refresh(app)
@@ -266,7 +268,7 @@ async def test_reconciliation_mismatch_counted_and_exported(
     assert moved(before, after, "creditgate_reconciliation_runs_total", outcome="mismatch") == 1
     assert moved(before, after, "creditgate_reconciliation_runs_total", outcome="ok") == 0
     assert value(after, "creditgate_reconciliation_mismatched_millicredits") == 0
-    assert value(after, "creditgate_reconciliation_deductions_millicredits") == 0
+    assert value(after, "creditgate_reconciliation_deductions_millicredits") == 7_000
     assert report.finished_at is not None and clean.finished_at is not None
     assert value(after, "creditgate_reconciliation_last_run_timestamp_seconds") == pytest.approx(
         report.finished_at.timestamp()
@@ -302,3 +304,33 @@ async def _admin_headers(admin: Admin) -> dict[str, str]:
     async with admin.pool.acquire() as conn:
         token, _ = await create_admin_token(conn, CLI_ACTOR, role=Role.ADMIN, name="metrics")
     return {"Authorization": f"Bearer {token}"}
+
+
+async def test_reconciliation_deleted_deduction_exports_the_days_difference(admin: Admin) -> None:
+    app = admin.client.app
+    account = await admin.account(50_000)
+    for request_id, cost in (("req-d1", 1_234), ("req-d2", 766), ("req-d3", 5_000)):
+        await _use(admin, account, request_id, "gpt-4o-mini", None, (10, 0, 10), cost)
+    async with admin.pool.acquire() as conn, conn.transaction():
+        # The append-only trigger refuses even the owner; a superuser can switch triggers off.
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute("DELETE FROM ledger_entries WHERE idempotency_key = 'usage:req-d1'")
+    await record_run(
+        admin.pool, await reconcile(admin.pool, None, since=default_since()), source="cli"
+    )
+
+    await app[FLEET_GAUGES].refresh(app)
+    samples = scrape(app)
+
+    mismatches = "creditgate_reconciliation_mismatches"
+    assert value(samples, mismatches, check="account_balance") == 1
+    assert value(samples, mismatches, check="daily_deductions") == 1
+    assert value(samples, mismatches, check="deduction_pairing") == 1
+    assert value(samples, "creditgate_reconciliation_mismatched_millicredits") == 1_234
+    assert value(samples, "creditgate_reconciliation_deductions_millicredits") == 5_766
+    assert value(samples, "creditgate_reconciliation_runs_total", outcome="mismatch") == 1
+    assert value(samples, "creditgate_reconciliation_runs_total", outcome="ok") == 0
+    # No clean run yet: no last-success series (an alert on its absence fires).
+    assert not any(
+        name == "creditgate_reconciliation_last_success_timestamp_seconds" for name, _ in samples
+    )
