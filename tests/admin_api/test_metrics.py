@@ -334,3 +334,29 @@ async def test_reconciliation_deleted_deduction_exports_the_days_difference(admi
     assert not any(
         name == "creditgate_reconciliation_last_success_timestamp_seconds" for name, _ in samples
     )
+
+
+async def test_won_dispute_restores_credits_without_uncounting_the_reversal(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = admin.client.app
+    account = await admin.account()
+    session_id = await admin.paid(account)
+    dispute = admin.stub.dispute(session_id)
+    await _deliver_ok(admin, admin.stub.event("charge.dispute.created", dispute))
+    won = admin.stub.close_dispute(dispute["id"], won=True)
+    await _deliver_ok(admin, admin.stub.event("charge.dispute.closed", won))
+
+    samples = scrape(app)
+
+    # A counter only grows: what the dispute took stays counted; the restoration is logged.
+    assert value(samples, "creditgate_reversed_millicredits_total", kind="dispute") == STARTER_MC
+    assert value(samples, "creditgate_reversed_millicredits_total", kind="refund") == 0
+    reversed_lines = [
+        (r.millicredits, r.kind)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "event", "") == "purchase.reversed"
+    ]
+    assert reversed_lines == [(str(-STARTER_MC), "dispute"), (str(STARTER_MC), "dispute")]
+    assert (await admin.balance(account)).balance_millicredits == STARTER_MC
