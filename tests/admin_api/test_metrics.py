@@ -285,7 +285,9 @@ async def test_reconciliation_mismatch_counted_and_exported(
     assert finished.mismatchCounts["account_balance"] == 1  # type: ignore[attr-defined]
 
 
-async def test_adjustment_logs_its_money_event(admin: Admin, caplog: pytest.LogCaptureFixture):
+async def test_adjustment_logs_its_money_event(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     account = await admin.account()
     response = await admin.client.post(
