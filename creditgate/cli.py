@@ -64,6 +64,7 @@ from billing.purchases.packages import seed_packages
 from billing.statements import parse_month
 from billing.units import credits_to_millicredits, money_fields
 from creditgate.migrator import MigrationError, apply_migrations
+from runtime.json_logs import install_json_logging
 from runtime.resources import RedisEvictionPolicyError
 from runtime.settings import ConfigError, Settings, StoreSettings
 
@@ -551,11 +552,7 @@ def _admin_parser(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``creditgate`` console script; returns the exit status."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    install_json_logging(logging.INFO)
     args = _parser().parse_args(argv)
     config: Callable[[], Settings | StoreSettings] = args.config
     try:

@@ -158,7 +158,12 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
     # client: one process a day runs it (an advisory lock and the day's recorded run).
     reconciliation = DailyReconciliation(gateway[appkeys.DB_POOL], gateway[appkeys.REDIS])
     reconciling = asyncio.create_task(
-        supervise("reconciliation", reconciliation.run), name="reconciliation"
+        supervise(
+            "reconciliation",
+            reconciliation.run,
+            restarts=gateway[gateway_keys.TASK_RESTARTS],
+        ),
+        name="reconciliation",
     )
     try:
         await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024).start()

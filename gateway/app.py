@@ -37,16 +37,18 @@ from gateway.billing_api import billing_api_routes
 from gateway.billing_session_routes import billing_session_routes
 from gateway.billing_session_store import BillingSessionStore
 from gateway.credits_page import credits_page_routes, setup_credits_page
+from gateway.integrity_metrics import BACKLOG_INTERVAL_S, PROBE_INTERVAL_S, IntegrityMetrics
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
 from gateway.purchase_routes import checkout_routes
+from gateway.traffic_metrics import TrafficMetrics
 from gateway.usage import UsageStats
 from runtime import appkeys
 from runtime.errors import answer_errors
 from runtime.resources import control_ctx, gateway_redis_ctx, postgres_ctx, stripe_ctx
 from runtime.return_to import buy_credits_url_for
 from runtime.settings import Settings
-from runtime.supervision import cancel_and_wait, periodically, supervise
+from runtime.supervision import TaskRestarts, cancel_and_wait, periodically, supervise
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ async def _sweep_expired_holds(app: web.Application) -> None:
         log.warning("sweeper: %s", exc)
         return
     if voided:
+        app[gateway_keys.INTEGRITY].count_expired_holds(voided)
         log.info("sweeper voided %d expired holds", voided)
 
 
@@ -141,13 +144,17 @@ async def _refresh_rate_cards(app: web.Application) -> None:
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    """The settlement rescue, the hold sweeper, the rate card refresh and the settlement
-    poster, each supervised (``runtime.supervision``): a loop that fails is logged and
-    restarted, never lost."""
+    """The settlement rescue, the hold sweeper, the rate card refresh, the settlement
+    poster and the integrity metrics' readers (settlement backlog, dependency probes), each
+    supervised (``runtime.supervision``): a loop that fails is logged, counted and restarted,
+    never lost."""
     settings = app[appkeys.SETTINGS]
     holds = app[appkeys.HOLDS]
     rescue = SettlementRescue(holds, app[appkeys.DB_POOL])
     app[gateway_keys.SETTLEMENT_RESCUE] = rescue
+    integrity = app[gateway_keys.INTEGRITY]
+    redis, pool = app[appkeys.REDIS], app[appkeys.DB_POOL]
+    _start_supervised = partial(_start_supervised_in, app[gateway_keys.TASK_RESTARTS])
     tasks = [
         _start_supervised("settlement-rescue", rescue.run),
         _start_supervised(
@@ -157,6 +164,22 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         _start_supervised(
             "rate-card-refresh",
             partial(periodically, settings.rate_card_refresh_s, partial(_refresh_rate_cards, app)),
+        ),
+        _start_supervised(
+            "settlement-backlog",
+            partial(
+                periodically,
+                BACKLOG_INTERVAL_S,
+                partial(integrity.read_settlement_backlog, redis),
+            ),
+        ),
+        _start_supervised(
+            "dependency-probe",
+            partial(
+                periodically,
+                PROBE_INTERVAL_S,
+                partial(integrity.probe_dependencies, pool, redis),
+            ),
         ),
     ]
     poster = None
@@ -196,8 +219,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         await reader.close()
 
 
-def _start_supervised(name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
-    return asyncio.create_task(supervise(name, run), name=name)
+def _start_supervised_in(
+    restarts: TaskRestarts, name: str, run: Callable[[], Awaitable[None]]
+) -> asyncio.Task[None]:
+    return asyncio.create_task(supervise(name, run, restarts=restarts), name=name)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -208,9 +233,12 @@ def create_app(settings: Settings) -> web.Application:
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[appkeys.SETTINGS] = settings
-    app[appkeys.METRICS] = CollectorRegistry()
+    app[appkeys.METRICS] = registry = CollectorRegistry()
+    app[gateway_keys.TRAFFIC] = TrafficMetrics(registry)
     app[gateway_keys.USAGE_STATS] = UsageStats()
-    app[gateway_keys.POSTER_STATS] = PosterStats()
+    app[gateway_keys.POSTER_STATS] = poster_stats = PosterStats()
+    app[gateway_keys.TASK_RESTARTS] = restarts = TaskRestarts()
+    app[gateway_keys.INTEGRITY] = IntegrityMetrics(registry, poster_stats, restarts)
     setup_credits_page(app, settings)
     app.cleanup_ctx.extend(
         [
@@ -236,11 +264,12 @@ def create_app(settings: Settings) -> web.Application:
         *credits_page_routes(),
         ("*", r"/{tail:[\s\S]*}", handle_unmatched),
     ]
-    url = partial(
+    url: Callable[[web.BaseRequest], str] = partial(
         buy_credits_url_for,
         credits_url=buy_credits_url(settings),
         allowed_origins=settings.return_to_origins,
     )
+    app[gateway_keys.BUY_CREDITS_URL] = url
     for method, path, handler in routes:
         app.router.add_route(method, path, answer_errors(handler, url))
     return app

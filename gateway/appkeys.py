@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,7 +17,10 @@ from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import TokenCounter
 from gateway.auth import KeyAuthenticator
 from gateway.billing_session_store import BillingSessionStore
+from gateway.integrity_metrics import IntegrityMetrics
+from gateway.traffic_metrics import TrafficMetrics
 from gateway.usage import UsageStats
+from runtime.supervision import TaskRestarts
 
 RATE_CARDS = web.AppKey("rate_cards", RateCardBook)
 TOKENS = web.AppKey("tokens", TokenCounter)
@@ -35,3 +39,11 @@ SETTLEMENT_RESCUE = web.AppKey("settlement_rescue", SettlementRescue)
 CREDITS_STRINGS = web.AppKey("credits_strings", dict[str, Any])
 # Billing sessions (``gateway.billing_session``): aiohttp-session storage on the Redis client.
 BILLING_SESSIONS = web.AppKey("billing_sessions", BillingSessionStore)
+# Every per-request metric of the gateway (on ``runtime.appkeys.METRICS``).
+TRAFFIC = web.AppKey("traffic", TrafficMetrics)
+# The Credits page's address for a 402 answer, built from the request (``runtime.return_to``).
+BUY_CREDITS_URL = web.AppKey[Callable[[web.BaseRequest], str]]("buy_credits_url")
+# The billing-integrity metrics (holds expired, settlement backlog, dependencies up).
+INTEGRITY = web.AppKey("integrity", IntegrityMetrics)
+# Restarts of this app's supervised background loops (``runtime.supervision.supervise``).
+TASK_RESTARTS = web.AppKey("task_restarts", TaskRestarts)

@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from billing.api_keys import KEY_PREFIX, VISIBLE_PREFIX_CHARS
 from billing.errors import BillingUnavailableError, ModelNotServedError, UnknownModelError
 from billing.live_flags import Billing
 from billing.metering.estimate import (
@@ -52,12 +53,21 @@ from gateway.auth import Identity
 from gateway.held_headers import write_whole_response
 from gateway.json_body import json_object
 from gateway.relay import relay_stream
+from gateway.traffic_metrics import OTHER_MODEL
 from gateway.usage import UnusableUsage, Usage, parse_usage, response_text, usage_bound
 from runtime import appkeys
-from runtime.errors import GatewayError, InvalidRequestError, error_body, json_response
+from runtime.errors import (
+    GatewayError,
+    InvalidRequestError,
+    error_answer,
+    error_body,
+    json_response,
+)
 from runtime.request_ids import new_request_id
 
 log = logging.getLogger(__name__)
+#: One INFO line per billed request (``_log_access``; JSON through ``runtime.json_logs``).
+access_log = logging.getLogger("creditgate.access")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +101,10 @@ LOW_BALANCE_HEADER = "x-creditgate-low-balance"
 
 
 _JSON_CONTENT_TYPE = {"Content-Type": "application/json"}
+
+#: The status metrics and the access log give a request whose client went away before its
+#: answer ended (the handler was cancelled; nginx's code, no response carries it).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ChargingPausedError(GatewayError):
@@ -139,6 +153,12 @@ class BilledCall:
         hold_millicredits: the hold placed for the worst case; 0 when nothing is held.
         hold_state: see ``HoldState``; changed only by ``settle`` and ``void``.
         upstream_started: ``time.monotonic()`` when the upstream request was sent.
+        arrived: ``time.monotonic()`` when the handler started (the request's arrival).
+        first_byte_sent: ``time.monotonic()`` when the first body byte went to the client;
+            0.0 until then.
+        upstream_ended: ``time.monotonic()`` when the upstream's body ended; 0.0 until then.
+        settled_usage: the usage charged at settlement (None until settled).
+        charged_millicredits: the settled charge (0 until settled, or not charged).
         charged: the live flags charge this request (read once, when it started: a flag
             flipped mid-request does not split its hold from its settlement).
         rounding_mode: the live flags' rounding when it started (its hold's and charge's).
@@ -149,10 +169,13 @@ class BilledCall:
 
     __slots__ = (
         "app",
+        "arrived",
         "card",
         "charged",
+        "charged_millicredits",
         "endpoint",
         "estimate",
+        "first_byte_sent",
         "hold_millicredits",
         "hold_state",
         "identity",
@@ -161,7 +184,9 @@ class BilledCall:
         "request",
         "request_id",
         "rounding_mode",
+        "settled_usage",
         "started_ms",
+        "upstream_ended",
         "upstream_started",
     )
 
@@ -180,6 +205,7 @@ class BilledCall:
         charged: bool,
         rounding_mode: RoundingMode,
         low_balance: bool = False,
+        arrived: float = 0.0,
     ) -> None:
         self.request = request
         self.app = request.app
@@ -196,6 +222,13 @@ class BilledCall:
         self.charged = charged
         self.rounding_mode = rounding_mode
         self.low_balance = low_balance
+        self.arrived = arrived
+        self.first_byte_sent = 0.0
+        self.upstream_ended = 0.0
+        self.settled_usage: Usage | None = None
+        self.charged_millicredits = 0
+        if hold_millicredits:
+            request.app[gateway_keys.TRAFFIC].hold_placed(hold_millicredits)
 
     def response_headers(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """``base`` and the headers of every answer of this call: its ``x-request-id``, and
@@ -313,6 +346,9 @@ class BilledCall:
         # charged. So a call whose settle was sent is never voided here; a failure goes to the
         # rescue (see _settle_failed and below).
         self.hold_state = HoldState.CHARGED
+        traffic = self.app[gateway_keys.TRAFFIC]
+        if self.hold_millicredits:
+            traffic.hold_released(self.hold_millicredits)
         account_id = self.identity.account_id
         pending = await self.app[appkeys.HOLDS].send_settle(
             account_id, request_id=self.request_id, cost_millicredits=cost, payload=payload
@@ -322,14 +358,20 @@ class BilledCall:
             pending.on_failure(
                 partial(_settle_failed, rescue, account_id, self.request_id, cost, payload)
             )
-            return
-        try:
-            await pending.result()
-        except BillingUnavailableError:
-            # Not delivered (the caller answers 503 or an SSE error): the hold is voided once
-            # Redis answers, which releases nothing if the script did run (then it charged).
-            rescue.void_later(account_id, request_id=self.request_id)
-            raise
+        else:
+            try:
+                await pending.result()
+            except BillingUnavailableError:
+                # Not delivered (the caller answers 503 or an SSE error): the hold is voided
+                # once Redis answers, which releases nothing if the script did run (then it
+                # charged).
+                rescue.void_later(account_id, request_id=self.request_id)
+                raise
+        # Counted once the settle is delivered (a lost reply is sent again by the rescue, and
+        # ``settle.lua`` charges a repeat once).
+        self.settled_usage = usage
+        self.charged_millicredits = cost
+        traffic.count_settlement(card, usage, cost)
 
     async def void(self) -> None:
         """Release the hold with no charge (nothing was generated for the client).
@@ -340,6 +382,7 @@ class BilledCall:
         if self.hold_state is not HoldState.RESERVED:
             return
         self.hold_state = HoldState.VOIDED
+        self.app[gateway_keys.TRAFFIC].hold_released(self.hold_millicredits)
         try:
             await self.app[appkeys.HOLDS].void(self.identity.account_id, request_id=self.request_id)
         except BillingUnavailableError:
@@ -372,16 +415,18 @@ def _settle_failed(
 
 
 async def _prepare(
-    request: web.Request, endpoint: Endpoint
+    request: web.Request, endpoint: Endpoint, arrival: _Arrival
 ) -> tuple[BilledCall, bytes, bool, bool]:
     """Authenticate, parse, price and hold. Returns the call, the body to forward,
-    ``stream``, and whether the client asked for usage in its stream itself.
+    ``stream``, and whether the client asked for usage in its stream itself. Notes the
+    identity and the priced model in ``arrival`` as soon as they are known (for the metrics
+    and the access line of a refusal).
 
     Checks run cheapest first, and every refusal but the reserve's own 402 comes before
     any hold is placed (docs/design.md, "A request's life", step 2). The live flags are read
     once, here: the request keeps that snapshot to its settlement."""
     app = request.app
-    identity = await app[gateway_keys.AUTH].authenticate(request)
+    identity = arrival.identity = await app[gateway_keys.AUTH].authenticate(request)
     controls = identity.controls
     if controls is not None and controls.requests_per_minute is not None:
         await app[appkeys.RATE_LIMITER].admit(
@@ -396,6 +441,7 @@ async def _prepare(
     card = app[gateway_keys.RATE_CARDS].get(model)
     if card is None or not flags.serves_model(model):
         raise UnknownModelError(model)
+    arrival.model = model
     if not card.serves(endpoint.name):  # e.g. a chat model on /v1/embeddings
         raise ModelNotServedError(
             model, model_kind=card.model_kind.value, endpoint_path="/v1" + endpoint.path
@@ -439,6 +485,7 @@ async def _prepare(
         charged=charged,
         rounding_mode=rounding_mode,
         low_balance=low_balance,
+        arrived=arrival.at,
     )
     return call, data, stream, client_wants_usage
 
@@ -558,25 +605,171 @@ def _upstream_unavailable(call: BilledCall) -> web.Response:
     )
 
 
+class _Arrival:
+    """What is known of a request before its ``BilledCall`` exists: its arrival
+    (``time.monotonic()``), its identity once authenticated, its model once priced."""
+
+    __slots__ = ("at", "identity", "model")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.identity: Identity | None = None
+        self.model = OTHER_MODEL
+
+
 async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """Serve one billed request (see module docstring); the app routes
-    ``partial(handle_billed, endpoint=...)`` inside its error answers (no wrapper of our own)."""
-    call, data, stream, client_wants_usage = await _prepare(request, endpoint)
+    ``partial(handle_billed, endpoint=...)`` inside its error answers (no wrapper of our own).
+
+    Every answer, refusals included, ends here once: counted in ``TrafficMetrics`` and
+    written to the access log (``_finished``, ``_refused``)."""
+    arrival = _Arrival(time.monotonic())
+    try:
+        call, data, stream, client_wants_usage = await _prepare(request, endpoint, arrival)
+    except Exception as exc:
+        return _refused(request, endpoint, arrival, exc, new_request_id())
     try:
         upstream = await _open_upstream(call, data)
         if upstream is None:
-            return _upstream_unavailable(call)
-        try:
-            if upstream.status >= 400:
-                return await _relay_error(call, upstream)
-            if stream:
-                return await relay_stream(call, upstream, client_wants_usage)
-            return await _relay_body(call, upstream)
-        finally:
-            upstream.release()
-    except BaseException:
+            response: web.StreamResponse = _upstream_unavailable(call)
+        else:
+            try:
+                if upstream.status >= 400:
+                    response = await _relay_error(call, upstream)
+                elif stream:
+                    response = await relay_stream(call, upstream, client_wants_usage)
+                else:
+                    response = await _relay_body(call, upstream)
+            finally:
+                upstream.release()
+    except BaseException as exc:
         await call.void()  # does nothing once charged: a sent settle is never undone
-        raise
+        if not isinstance(exc, Exception):
+            # Cancelled: the client went away while we waited (what was generated is
+            # settled). Counted and logged as 499, "client closed request".
+            _finished(call, CLIENT_CLOSED_REQUEST)
+            raise
+        return _refused(request, endpoint, arrival, exc, call.request_id)
+    _finished(call, response.status)
+    return response
+
+
+def _finished(call: BilledCall, status: int) -> None:
+    """Count a forwarded request's answer (sent whole, streams included) and log it."""
+    now = time.monotonic()
+    total_s = now - call.arrived
+    upstream_s = (call.upstream_ended or now) - call.upstream_started
+    traffic = call.app[gateway_keys.TRAFFIC]
+    endpoint = call.endpoint.name
+    traffic.count_request(endpoint, call.model, status)
+    traffic.observe_latency(
+        endpoint,
+        total_s=total_s,
+        first_byte_s=(call.first_byte_sent - call.arrived) if call.first_byte_sent else total_s,
+        upstream_s=upstream_s,
+    )
+    if access_log.isEnabledFor(logging.INFO):
+        usage = call.settled_usage
+        _log_access(
+            call.request,
+            request_id=call.request_id,
+            identity=call.identity,
+            endpoint=endpoint,
+            model=call.model,
+            status=status,
+            usage=usage,
+            charged_millicredits=call.charged_millicredits,
+            upstream_ms=int(upstream_s * 1000),
+            total_ms=int(total_s * 1000),
+        )
+
+
+def _refused(
+    request: web.Request, endpoint: Endpoint, arrival: _Arrival, exc: Exception, request_id: str
+) -> web.StreamResponse:
+    """The answer to an error of a billed request (``runtime.errors.error_answer``), counted
+    and logged; a 402 is counted by its error code too.
+
+    Raises:
+        Exception: ``exc`` itself when it has no answer (aiohttp answers 500).
+    """
+    response = error_answer(request, exc, request.app[gateway_keys.BUY_CREDITS_URL](request))
+    response.headers["x-request-id"] = request_id
+    status = response.status
+    total_s = time.monotonic() - arrival.at
+    traffic = request.app[gateway_keys.TRAFFIC]
+    traffic.count_request(endpoint.name, arrival.model, status)
+    traffic.observe_latency(endpoint.name, total_s=total_s, first_byte_s=total_s, upstream_s=None)
+    if status == 402 and isinstance(response.body, bytes):
+        traffic.count_payment_required(str(orjson.loads(response.body)["error"]["code"]))
+    if access_log.isEnabledFor(logging.INFO):
+        _log_access(
+            request,
+            request_id=request_id,
+            identity=arrival.identity,
+            endpoint=endpoint.name,
+            model=arrival.model,
+            status=status,
+            usage=None,
+            charged_millicredits=0,
+            upstream_ms=None,
+            total_ms=int(total_s * 1000),
+        )
+    return response
+
+
+def _log_access(
+    request: web.BaseRequest,
+    *,
+    request_id: str,
+    identity: Identity | None,
+    endpoint: str,
+    model: str,
+    status: int,
+    usage: Usage | None,
+    charged_millicredits: int,
+    upstream_ms: int | None,
+    total_ms: int,
+) -> None:
+    """The access line of one billed request (fields: docs/design.md, "Metrics and logs").
+    The key appears only as its visible prefix; no prompt or answer text is logged."""
+    # makeRecord and handle: what ``info`` does, without looking up the caller's frame
+    # (``findCaller``, a quarter of the line's cost; the logger's name says where it is from).
+    record = access_log.makeRecord(
+        access_log.name,
+        logging.INFO,
+        __file__,
+        0,
+        "request",
+        (),
+        None,
+        extra={
+            "event": "request",
+            "requestId": request_id,
+            "accountId": None if identity is None else identity.account_id,
+            "keyPrefix": _key_prefix(request),
+            "endpoint": endpoint,
+            "model": model,
+            "status": status,
+            "inputTokens": 0 if usage is None else usage.prompt_tokens,
+            "cachedInputTokens": 0 if usage is None else usage.cached_tokens,
+            "outputTokens": 0 if usage is None else usage.completion_tokens,
+            "chargedMillicredits": str(charged_millicredits),
+            "upstreamMs": upstream_ms,
+            "totalMs": total_ms,
+        },
+    )
+    access_log.handle(record)
+
+
+def _key_prefix(request: web.BaseRequest) -> str | None:
+    """The visible prefix of the request's key (``cg_live_`` and 4 characters), or None when
+    it sent no key of ours (whatever else it sent is not logged)."""
+    _, _, key = request.headers.get("Authorization", "").partition(" ")
+    key = key.strip()
+    if key.startswith(KEY_PREFIX) and len(key) > VISIBLE_PREFIX_CHARS:
+        return key[:VISIBLE_PREFIX_CHARS]
+    return None
 
 
 def _stream_body(raw: bytes, body: dict[str, Any]) -> tuple[bytes, bool]:
@@ -620,6 +813,7 @@ async def _relay_error(call: BilledCall, upstream: aiohttp.ClientResponse) -> we
         data = await upstream.read()
     except aiohttp.ClientError:
         data = b""
+    call.upstream_ended = time.monotonic()
     await call.void()
     try:
         obj = orjson.loads(data)
@@ -642,6 +836,7 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
     except (aiohttp.ClientError, TimeoutError):
         await call.void()
         return _upstream_unavailable(call)
+    call.upstream_ended = time.monotonic()
     obj: Any = None
     with contextlib.suppress(orjson.JSONDecodeError):
         obj = orjson.loads(data)
@@ -654,6 +849,7 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
         text = response_text(obj)
         await call.settle(call.estimated_usage(text), source="estimated", status="completed")
     # Settled already: the answer was generated, whether or not the client is still there.
+    call.first_byte_sent = time.monotonic()
     return await write_whole_response(
         call.request,
         data,

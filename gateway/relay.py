@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -145,6 +146,8 @@ class _StreamRelay:
                 events = await self._pass_events(events, start)
                 if not events:
                     continue
+            if not call.first_byte_sent:
+                call.first_byte_sent = time.monotonic()
             if framer.is_final(events):
                 await self._write(events, last=True)
                 continue
@@ -152,6 +155,7 @@ class _StreamRelay:
                 await write(events)
             except _CLIENT_RESET as exc:
                 raise _ClientGone from exc
+        call.upstream_ended = time.monotonic()
         rest = framer.close()
         if rest:
             forwarded.append(rest)

@@ -16,11 +16,25 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 30.0
+
+
+@dataclass(slots=True)
+class TaskRestarts:
+    """How often each supervised loop was restarted (``counts``: loop name -> restarts), for
+    ``creditgate_background_task_restarts_total{task}``; one per app, passed to
+    ``supervise``."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str) -> None:
+        """One more restart of the loop ``name``."""
+        self.counts[name] = self.counts.get(name, 0) + 1
 
 
 async def supervise(
@@ -29,6 +43,7 @@ async def supervise(
     *,
     initial_backoff_s: float = INITIAL_BACKOFF_S,
     max_backoff_s: float = MAX_BACKOFF_S,
+    restarts: TaskRestarts | None = None,
 ) -> None:
     """Run ``run()`` again and again until cancelled; returns only by raising
     ``asyncio.CancelledError``.
@@ -39,6 +54,7 @@ async def supervise(
         initial_backoff_s: seconds before the first restart; doubled after each failure up
             to ``max_backoff_s``, and back to this once a run lasted ``max_backoff_s`` or more
             (a loop that ran well for a while and then failed restarts promptly).
+        restarts: counts each restart under ``name`` (for the metric), when given.
     """
     loop = asyncio.get_running_loop()
     backoff_s = initial_backoff_s
@@ -50,6 +66,8 @@ async def supervise(
             log.exception("background loop %s failed; restarting in %.1fs", name, backoff_s)
         else:
             log.error("background loop %s returned; restarting in %.1fs", name, backoff_s)
+        if restarts is not None:
+            restarts.count(name)
         if loop.time() - started >= max_backoff_s:
             backoff_s = initial_backoff_s
         await asyncio.sleep(backoff_s)

@@ -692,6 +692,16 @@ class HoldStore:
                 continue
             if await self.void(int(account), request_id=request_id, expired_before_ms=now_ms):
                 voided += 1
+                log.info(
+                    "hold %s of account %s expired; voided",
+                    request_id,
+                    account,
+                    extra={
+                        "event": "hold.expired",
+                        "requestId": request_id,
+                        "accountId": int(account),
+                    },
+                )
         return voided
 
     async def _drop_unreadable_deadline(self, member: str) -> None:

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -123,6 +124,8 @@ class PosterStats:
     unreadable: int = 0
     dead_lettered: int = 0
     charged_millicredits: int = 0
+    #: Called with each posted batch's duration in seconds (a metric's ``observe``).
+    on_batch: Callable[[float], None] | None = None
 
 
 class _Posting(NamedTuple):
@@ -349,6 +352,7 @@ class SettlementPoster:
 
     async def _post_and_ack(self, batch: list[_Posting]) -> None:
         """One statement for the batch, then the acknowledgements of its accounts."""
+        started = time.monotonic()
         by_account: dict[int, list[Any]] = defaultdict(list)
         for entry in batch:
             by_account[entry.account_id].extend((entry.entry_id, entry.charged_millicredits))
@@ -363,12 +367,31 @@ class SettlementPoster:
             await acks[0]
         else:
             await asyncio.gather(*acks)
+        duration_s = time.monotonic() - started
         stats = self.stats
         stats.batches += 1
+        posted = duplicates = charged = 0
         for p in postings:
-            stats.posted += p.posted
-            stats.duplicates += p.duplicates
-            stats.charged_millicredits += p.charged_millicredits
+            posted += p.posted
+            duplicates += p.duplicates
+            charged += p.charged_millicredits
+        stats.posted += posted
+        stats.duplicates += duplicates
+        stats.charged_millicredits += charged
+        if stats.on_batch is not None:
+            stats.on_batch(duration_s)
+        log.info(
+            "settlement batch posted",
+            extra={
+                "event": "settlement.batch_posted",
+                "entries": len(batch),
+                "posted": posted,
+                "duplicates": duplicates,
+                "accounts": len(postings),
+                "chargedMillicredits": str(charged),
+                "durationMs": int(duration_s * 1000),
+            },
+        )
 
     async def dead_letter(
         self, entry_id: str, fields: Mapping[bytes, bytes] | Mapping[str, str], error: str
@@ -395,6 +418,13 @@ class SettlementPoster:
             entry_id,
             account_id,
             error,
+            extra={
+                "event": "settlement.dead_lettered",
+                "requestId": letter[1],
+                "streamEntryId": entry_id,
+                "accountId": account_id,
+                "chargedMillicredits": None if charged is None else str(charged),
+            },
         )
 
 
