@@ -83,30 +83,51 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+def matcher_labels(expr: str) -> dict[str, set[str]]:
+    """For each metric name selected by name, the label names its matchers test."""
+    labels: dict[str, set[str]] = {}
+
+    def visit(node: object) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            labels.setdefault(node.name, set()).update(
+                matcher.name for matcher in node.matchers.matchers if matcher.name != "__name__"
+            )
+
+    promql_parser.walk(promql_parser.parse(GRAFANA_VARIABLE.sub("5m", expr)), visit)
+    return labels
+
+
+def all_exprs() -> Iterator[tuple[str, str]]:
+    """``(where, expr)`` of every dashboard target and every rule."""
+    yield from dashboard_exprs()
+    for file_name, rule in rules():
+        yield f"{file_name}: {rule.get('record') or rule.get('alert')}", rule["expr"]
+
+
 def referenced_names() -> dict[str, set[str]]:
     """Every metric name the dashboards and the rules read, with where it is read."""
     used: dict[str, set[str]] = {}
-    for where, expr in dashboard_exprs():
+    for where, expr in all_exprs():
         for name in metric_names(expr):
-            used.setdefault(name, set()).add(where)
-    for file_name, rule in rules():
-        where = f"{file_name}: {rule.get('record') or rule.get('alert')}"
-        for name in metric_names(rule["expr"]):
             used.setdefault(name, set()).add(where)
     return used
 
 
-def exported_names(text: str) -> set[str]:
-    """The series names a scrape in Prometheus's text format can hold, by family type."""
+def exported_names(text: str) -> dict[str, set[str]]:
+    """The series names a scrape in Prometheus's text format can hold, by family type, each
+    with the label names its samples carry (plus ``job`` and ``instance``, which Prometheus
+    adds)."""
     suffixes = {
         "counter": ("_total",),
         "histogram": ("_bucket", "_sum", "_count"),
         "summary": ("", "_sum", "_count"),
     }
-    names: set[str] = set()
+    names: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
-        names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
-        names.update(sample.name for sample in family.samples)
+        for suffix in suffixes.get(family.type, ("",)):
+            names.setdefault(family.name + suffix, {"job", "instance"})
+        for sample in family.samples:
+            names.setdefault(sample.name, {"job", "instance"}).update(sample.labels)
     return names
 
 
@@ -117,6 +138,7 @@ def test_metric_names_follows_selectors_inside_functions_and_binary_operators() 
         ' > 3 * avg_over_time(c:d:rate5m[1h]) and {__name__="e", y=~".+"} or vector(1)'
     )
     assert metric_names(expr) == {"a_bucket", "b", "c:d:rate5m", "e"}
+    assert matcher_labels(expr) == {"a_bucket": {"x"}, "b": set(), "c:d:rate5m": set()}
 
 
 def test_the_dashboards_and_rules_read_metrics_and_use_the_prometheus_datasource() -> None:
@@ -217,7 +239,7 @@ async def served(database_url: str, redis_url: str, sim: Simulator, tmp_path: Pa
             process.kill()
 
 
-async def _scrape_after_the_fleet_refresh(metrics_url: str) -> set[str]:
+async def _scrape_after_the_fleet_refresh(metrics_url: str) -> dict[str, set[str]]:
     """The names of a scrape taken once the fleet gauges' first read from Postgres is in
     (``creditgate_outstanding_millicredits`` appears), or after 10 s."""
     deadline = time.monotonic() + 10
@@ -251,8 +273,19 @@ async def test_every_metric_in_a_dashboard_or_rule_is_exported_or_recorded(
     missing = {
         name: sorted(where)
         for name, where in sorted(referenced_names().items())
-        if name not in scraped | recorded | SCRAPE_SERIES
+        if name not in scraped.keys() | recorded | SCRAPE_SERIES
     }
     assert not missing, "read by a dashboard or a rule but not exported:\n" + "\n".join(
         f"{name}  ({'; '.join(where)})" for name, where in missing.items()
+    )
+    # A matcher on a label the metric does not have selects nothing, silently.
+    unknown_labels = {
+        f"{name}{{{label}}}  ({where})"
+        for where, expr in all_exprs()
+        for name, labels in matcher_labels(expr).items()
+        if name in scraped
+        for label in labels - scraped[name]
+    }
+    assert not unknown_labels, "matchers on labels the metric has not:\n" + "\n".join(
+        sorted(unknown_labels)
     )
