@@ -1,6 +1,6 @@
 # Developer entry points; `make help` lists them. `make run` and `make test` work on a fresh
-# Debian/Ubuntu machine: they install PostgreSQL, Redis, wrk and
-# Chromium (the Credits page's browser tests) with apt-get when missing.
+# Debian/Ubuntu machine: they install PostgreSQL, Redis, wrk, Chromium (the Credits page's
+# browser tests) and Prometheus (promtool, the alert rules' tests) with apt-get when missing.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -26,13 +26,14 @@ $(VENV_STAMP): pyproject.toml
 	touch $@
 
 # Checks for the programs, not the packages: anything already on the machine is left alone.
-system-deps: ## Install postgresql, redis-server, wrk and chromium with apt-get, if missing
+system-deps: ## Install postgresql, redis-server, wrk, chromium and prometheus (promtool) with apt-get, if missing
 	@missing=(); \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null \
 		|| missing+=(postgresql); \
 	command -v redis-server >/dev/null || missing+=(redis-server); \
 	command -v wrk >/dev/null || missing+=(wrk); \
 	command -v chromium >/dev/null || missing+=(chromium); \
+	command -v promtool >/dev/null || missing+=(prometheus); \
 	if [ $${#missing[@]} -eq 0 ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null; then \
 		echo "warning: no apt-get; install these yourself: $${missing[*]}" >&2; exit 0; \

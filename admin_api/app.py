@@ -23,6 +23,7 @@ from admin_api import (
     tokens,
 )
 from admin_api.framework import AdminRouter, install
+from admin_api.money_metrics import install_fleet_gauges
 from admin_api.openapi import add_openapi_route
 from admin_api.stripe_webhook import add_webhook_routes
 from runtime import appkeys
@@ -58,6 +59,7 @@ def create_admin_app(
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, control_ctx])
     app.router.add_get("/healthz", _healthz)
     add_webhook_routes(app)
+    install_fleet_gauges(app)
     install(app, routers)
     add_openapi_route(app)
     return app

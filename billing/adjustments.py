@@ -21,6 +21,7 @@ Postgres unreachable: ``OSError``/``asyncpg`` errors propagate (``POSTGRES_UNAVA
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -30,6 +31,8 @@ import orjson
 from billing.audit import Actor, record_audit
 from billing.errors import AccountNotFoundError, IdempotencyKeyReusedError, NoShortfallError
 from billing.ledger import LedgerEntry, PostedBalance, PostingRule, post_entry
+
+log = logging.getLogger(__name__)
 
 ADJUSTMENT_KEY_PREFIX: Final = "admin-adjustment:"
 """Ledger idempotency keys of adjustments: this prefix and the caller's key (one key space
@@ -147,7 +150,27 @@ async def post_adjustment(
             target_id=result.entry.id,
             after={"request": request.snapshot(), "entry": _entry_snapshot(result.entry)},
         )
+    _log_posted(actor, result.entry, kind="adjustment")
     return AdjustmentResult(result.entry, True, result.posted)
+
+
+def _log_posted(actor: Actor, entry: LedgerEntry, *, kind: str) -> None:
+    """The ``adjustment.posted`` money event (amounts as strings; the reason is in the
+    ledger entry and the audit row, not in the log)."""
+    log.info(
+        "adjustment posted",
+        extra={
+            "event": "adjustment.posted",
+            "kind": kind,
+            "accountId": entry.account_id,
+            "ledgerEntryId": entry.id,
+            "millicredits": str(entry.amount_millicredits),
+            "balanceAfterMillicredits": str(entry.balance_after_millicredits),
+            "actorKind": actor.kind,
+            "adminTokenId": actor.token_id,
+            "requestId": actor.request_id,
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,4 +248,6 @@ async def forgive_shortfall(
                 "entry_ids": [credit.entry.id, collect.entry.id],
             },
         )
+    for entry in (credit.entry, collect.entry):
+        _log_posted(actor, entry, kind="forgive_shortfall")
     return ForgivenShortfall(shortfall, (credit.entry, collect.entry), collect.posted)

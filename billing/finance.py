@@ -32,7 +32,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 
 import asyncpg
 
@@ -187,14 +187,21 @@ async def liability_report(pool: asyncpg.Pool, month: date) -> LiabilityReport:
     return LiabilityReport(start.date(), movements)
 
 
+async def revenue_by_model(
+    conn: asyncpg.Pool | asyncpg.Connection, start: datetime, end: datetime
+) -> tuple[ModelRevenue, ...]:
+    """Revenue, upstream cost and margin by model of the usage events recorded in
+    ``[start, end)`` (by ``recorded_at``: the BRIN index of migration 0010 limits the read to
+    the range's pages), ordered by model. The monthly report and the admin service's daily
+    gauges (``billing.fleet_gauges``) both read it."""
+    rows = await conn.fetch(_REVENUE_SQL, start, end)
+    return tuple(ModelRevenue(row[0], *(int(value) for value in row[1:])) for row in rows)
+
+
 async def revenue_report(pool: asyncpg.Pool, month: date) -> RevenueReport:
     """Revenue, upstream cost and margin by model for the UTC month of ``month``."""
     start, end = month_bounds(month)
-    rows = await pool.fetch(_REVENUE_SQL, start, end)
-    return RevenueReport(
-        start.date(),
-        tuple(ModelRevenue(row[0], *(int(value) for value in row[1:])) for row in rows),
-    )
+    return RevenueReport(start.date(), await revenue_by_model(pool, start, end))
 
 
 def liability_csv(report: LiabilityReport) -> str:

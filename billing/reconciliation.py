@@ -439,7 +439,9 @@ async def reconcile(
 async def record_run(
     conn: asyncpg.Connection | asyncpg.Pool, report: ReconciliationReport, *, source: str
 ) -> int:
-    """Append the report to ``reconciliation_runs``; returns the row's id.
+    """Append the report to ``reconciliation_runs`` and log ``reconciliation.finished``
+    (the admin service's gauges read the latest row: ``billing.fleet_gauges``); returns the
+    row's id.
 
     Args:
         source: ``scheduled`` or ``cli``.
@@ -456,6 +458,20 @@ async def record_run(
         orjson.dumps([m.to_doc() for m in report.mismatches]).decode(),
         orjson.dumps(report.mismatch_counts).decode(),
         orjson.dumps(report.counts).decode(),
+    )
+    log.log(
+        logging.INFO if report.ok else logging.ERROR,
+        "reconciliation finished",
+        extra={
+            "event": "reconciliation.finished",
+            "runId": run_id,
+            "source": source,
+            "ok": report.ok,
+            "since": report.since.isoformat(),
+            "mismatchCounts": report.mismatch_counts,
+            "deductedMillicredits": str(report.counts.get("deductedMillicredits", 0)),
+            "mismatchedMillicredits": str(report.counts.get("deductionsDifferenceMillicredits", 0)),
+        },
     )
     return run_id
 
@@ -518,9 +534,5 @@ class DailyReconciliation:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_ID)
         self.last_report = report
-        self.runs += 1
-        if report.ok:
-            log.info("reconciliation: clean (%s)", report.counts)
-        else:
-            log.error("reconciliation: mismatches %s", report.mismatch_counts)
+        self.runs += 1  # record_run logged it (reconciliation.finished)
         return report

@@ -66,6 +66,9 @@ class Settings:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
     metrics_port: int = 9464
+    metrics_db_refresh_s: float = 30.0
+    """``METRICS_DB_REFRESH_S``: seconds between the admin service's reads of the fleet gauges
+    (outstanding credits, today's margin, the latest reconciliation) from Postgres."""
     public_base_url: str = "http://127.0.0.1:8080"
     return_to_origins: frozenset[str] = frozenset()
     """``RETURN_TO_ORIGINS``: origins (``https://app.example.com``) besides our own paths that
@@ -166,6 +169,7 @@ class Settings:
             admin_host=read.text("ADMIN_HOST", "127.0.0.1"),
             admin_port=read.integer("ADMIN_PORT", 8081, minimum=1, maximum=65535),
             metrics_port=read.integer("METRICS_PORT", 9464, minimum=0, maximum=65535),
+            metrics_db_refresh_s=read.seconds("METRICS_DB_REFRESH_S", 30.0, minimum=1),
             public_base_url=read.url(
                 "PUBLIC_BASE_URL", _HTTP_SCHEMES, default=f"http://127.0.0.1:{port}"
             ),

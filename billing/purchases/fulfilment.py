@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import PostedBalance
 from billing.metering.holds import HoldStore, account_key
+from billing.purchases.money_events import log_money_events
 from billing.purchases.packages import Package, get_package
 from billing.purchases.purchase_records import (
     Purchase,
@@ -190,6 +191,7 @@ async def fulfil_from_stripe(
     except POSTGRES_UNAVAILABLE as exc:
         raise BillingUnavailableError(f"postgres: {exc}") from exc
     if update.purchase is not None:
+        log_money_events(update, stripe_event_id=None)
         await publish_balance(holds, update.purchase.account_id, update.posted)
     return update
 
