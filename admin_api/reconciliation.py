@@ -16,7 +16,7 @@ from datetime import date, datetime
 from typing import Any
 
 import orjson
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from redis.exceptions import RedisError
 
 from admin_api.framework import AdminContext, AdminModel, AdminRouter, Page, Paginated, Role
@@ -39,7 +39,7 @@ class ReconciliationRunCreate(AdminModel):
         f"{reconciliation.DEFAULT_DAYS} days).",
     )
 
-    model_config = {"json_schema_extra": {"examples": [{}, {"since": "2026-01-01"}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [{}, {"since": "2026-01-01"}]})
 
 
 class ReconciliationRunOut(AdminModel):
