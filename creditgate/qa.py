@@ -551,7 +551,9 @@ class QaRun:
             await self.charges(Section("calls before the change"))
         old = (await self.rate_cards())[self.rate_model]
         new_rates = {
-            f"{side}CreditsPer1k": mc_to_credits(old[f"{side}MillicreditsPer1kTokens"] * 11 // 10 + 1)
+            f"{side}CreditsPer1k": mc_to_credits(
+                old[f"{side}MillicreditsPer1kTokens"] * 11 // 10 + 1
+            )
             for side in ("input", "output")
         }
         publish = {
@@ -806,7 +808,11 @@ class QaRun:
         status, _, me = await self.client.gateway("GET", "/api/billing/me", self.main.key)
         ledger = await self.client.admin("GET", f"/accounts/{self.main.id}/ledger", limit="1")
         usage = await self.client.admin("GET", f"/accounts/{self.main.id}/usage", limit="1")
-        summary = {k: v for k, v in me.items() if k not in ("packages", "activeRates", "recentLedger", "recentUsage")}
+        summary = {
+            k: v
+            for k, v in me.items()
+            if k not in ("packages", "activeRates", "recentLedger", "recentUsage")
+        }
         section.samples.update(
             billingSummary=summary,
             ledgerRow=ledger["data"][0] if ledger["data"] else None,
