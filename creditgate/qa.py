@@ -145,12 +145,13 @@ def expected_charge_mc(
     return -(-raw // unit) * (unit // 1000)
 
 
-def _redact(doc: Any, secrets_: list[str]) -> Any:
+def _redact(doc: dict[str, Any], secrets_: list[str]) -> dict[str, Any]:
     text = orjson.dumps(doc).decode()
     for secret in secrets_:
         if secret:
             text = text.replace(secret, secret[:12] + "...redacted")
-    return orjson.loads(text)
+    redacted: dict[str, Any] = orjson.loads(text)
+    return redacted
 
 
 class Client:
@@ -161,7 +162,13 @@ class Client:
         self.options = options
 
     async def admin(
-        self, method: str, path: str, json: Any = None, idempotent: bool = False, **params: str
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        *,
+        idempotent: bool = False,
+        params: dict[str, str] | None = None,
     ) -> Any:
         """An admin API call; returns its JSON. Raises QaError on a non-2xx answer.
         ``idempotent``: send a new ``Idempotency-Key``."""
@@ -183,7 +190,7 @@ class Client:
         cursor: str | None = None
         while True:
             page_params = {**params, "limit": "200"} | ({"cursor": cursor} if cursor else {})
-            page = await self.admin("GET", path, **page_params)
+            page = await self.admin("GET", path, params=page_params)
             rows.extend(page["data"])
             cursor = page["nextCursor"]
             if cursor is None:
@@ -401,7 +408,7 @@ class QaRun:
         calls = 1 if self.options.smoke else 2
         for _ in range(calls):
             status, headers, body = await self.client.chat(self.main.key, self.rate_model)
-            if not section.check(f"call through the gateway answers 200", status == 200, status):
+            if not section.check("call through the gateway answers 200", status == 200, status):
                 return
             self.calls.append((headers["x-request-id"], body["usage"]))
         rows = {r["requestId"]: r for r in await self.settled(self.main, len(self.calls))}
@@ -806,8 +813,13 @@ class QaRun:
     async def samples(self, section: Section) -> None:
         assert self.main is not None
         status, _, me = await self.client.gateway("GET", "/api/billing/me", self.main.key)
-        ledger = await self.client.admin("GET", f"/accounts/{self.main.id}/ledger", limit="1")
-        usage = await self.client.admin("GET", f"/accounts/{self.main.id}/usage", limit="1")
+        section.check("/api/billing/me answers 200", status == 200, status)
+        ledger = await self.client.admin(
+            "GET", f"/accounts/{self.main.id}/ledger", params={"limit": "1"}
+        )
+        usage = await self.client.admin(
+            "GET", f"/accounts/{self.main.id}/usage", params={"limit": "1"}
+        )
         summary = {
             k: v
             for k, v in me.items()
@@ -848,7 +860,8 @@ def summary_text(report: dict[str, Any]) -> str:
     for section in report["sections"]:
         passed = sum(1 for c in section["checks"] if c["ok"])
         lines.append(
-            f"{section['status'].upper():5} {section['name']} ({passed}/{len(section['checks'])} checks)"
+            f"{section['status'].upper():5} {section['name']} "
+            f"({passed}/{len(section['checks'])} checks)"
         )
         for check in section["checks"]:
             if not check["ok"]:
