@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
+import stripe
+from aiohttp import web
 
 from creditgate import qa
 from devtools.localservices import PostgresServer, RedisServer, free_port
-from devtools.stripe_sim import TEST_API_KEY
+from devtools.stripe_sim import TEST_API_KEY, WEBHOOK_SECRET, StripeStub
 from tests.conftest import _execute, _run_in_thread
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -250,3 +253,52 @@ def test_an_unreachable_service_fails_the_setup_and_exits_1() -> None:
     assert status == 1, out
     assert "FAIL  setup" in out and "ClientConnectorError" in out
     assert out.rstrip().endswith("RESULT: FAIL: setup")
+
+
+async def test_simulated_stripe_lists_an_event_and_resends_it() -> None:
+    """The replay the fulfilment section uses: ``GET /v1/events`` and
+    ``POST /v1/events/{id}/retry`` deliver the same event id again, signed anew."""
+    received: list[dict[str, Any]] = []
+
+    async def webhook(request: web.Request) -> web.Response:
+        body = await request.read()
+        received.append(
+            stripe.Webhook.construct_event(
+                body, request.headers["Stripe-Signature"], WEBHOOK_SECRET
+            )
+        )
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/stripe/webhook", webhook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    stub = StripeStub(webhook_url=f"http://127.0.0.1:{port}/stripe/webhook")
+    base = await stub.start()
+    api = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    try:
+        session = stub.create_session(
+            {
+                "line_items": [{"price_data": {"unit_amount": "999", "currency": "usd"}}],
+                "success_url": "http://shop.test/ok",
+            }
+        )
+        async with aiohttp.ClientSession() as http:
+            async with http.post(session["url"] + "/pay", allow_redirects=False) as response:
+                assert response.status == 303
+            async with http.get(
+                f"{base}/v1/events", params={"type": "checkout.session.completed"}, headers=api
+            ) as response:
+                [event] = (await response.json())["data"]
+            assert event["data"]["object"]["id"] == session["id"]
+            async with http.post(f"{base}/v1/events/{event['id']}/retry", headers=api) as response:
+                assert response.status == 200
+            async with http.post(f"{base}/v1/events/evt_nope/retry", headers=api) as response:
+                assert response.status == 404
+    finally:
+        await stub.stop()
+        await runner.cleanup()
+
+    assert [e["id"] for e in received] == [event["id"], event["id"]]
