@@ -765,9 +765,6 @@ class QaRun:
             shown == in_force and bool(shown),
             {"page": shown, "admin": in_force},
         )
-        section.samples["billingSummary"] = {
-            k: v for k, v in me.items() if k not in ("packages", "activeRates")
-        }
 
     async def check_ledger_sum(self, section: Section, balance_mc: str) -> None:
         """The main account's ledger entries sum to ``balance_mc``."""
