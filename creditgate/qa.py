@@ -242,7 +242,16 @@ class QaRun:
         section = Section(name)
         try:
             await body(section)
-        except (QaError, aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+        except (
+            QaError,
+            aiohttp.ClientError,
+            TimeoutError,
+            LookupError,
+            TypeError,
+            ValueError,
+        ) as exc:
+            # One section's surprise (an answer of another shape included) fails that section;
+            # the run goes on and the cleanup still runs.
             section.check("ran to the end", False, f"{type(exc).__name__}: {exc}")
         self.sections.append(section)
         return section
@@ -617,7 +626,9 @@ class QaRun:
             if status != 200:
                 raise QaError(f"call at the new rates answered {status}: {body}")
             rows = await self.settled(self.main, len(self.calls) + 1)
-            row = next(r for r in rows if r["requestId"] == headers["x-request-id"])
+            row = {r["requestId"]: r for r in rows}.get(headers["x-request-id"])
+            if row is None:
+                raise QaError(f"no usage row for {headers['x-request-id']}")
             if (row["inputCreditsPer1kTokens"], row["outputCreditsPer1kTokens"]) == (
                 rates["inputCreditsPer1k"],
                 rates["outputCreditsPer1k"],
