@@ -365,12 +365,16 @@ class QaRun:
         )
 
     async def cleanup(self, section: Section) -> None:
-        for account in self.accounts:
-            suspended = await self.client.admin(
-                "POST",
-                f"/accounts/{account.id}/suspend",
-                {"reason": f"creditgate qa {self.run_id}"},
-            )
+        for account in self.accounts:  # each one, whatever happened to the one before
+            try:
+                suspended = await self.client.admin(
+                    "POST",
+                    f"/accounts/{account.id}/suspend",
+                    {"reason": f"creditgate qa {self.run_id}"},
+                )
+            except (QaError, aiohttp.ClientError, TimeoutError) as exc:
+                section.check(f"account {account.id} suspended", False, str(exc))
+                continue
             section.check(f"account {account.id} suspended", suspended["status"] == "suspended")
 
     # -- sections ------------------------------------------------------------------------
