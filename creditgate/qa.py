@@ -507,18 +507,17 @@ class QaRun:
 
     async def payment_required(self, section: Section) -> None:
         low = await self.new_account("low", None)
-        status, headers, body = await self.client.chat(low.key, self.rate_model)
+        status, headers, answer = await self.client.chat(low.key, self.rate_model)
         section.check("a call without credits answers 402", status == 402, status)
-        error = (body or {}).get("error") or {}
+        body: dict[str, Any] = answer if isinstance(answer, dict) else {}
+        error = body.get("error") or {}
         section.check(
             "error.code insufficient_credits",
             error.get("code") == "insufficient_credits",
             error.get("code"),
         )
         for name in ("requiredCredits", "currentCredits", "buyCreditsUrl"):
-            section.check(
-                f"body has {name}", name in (body or {}) and name in error, (body or {}).get(name)
-            )
+            section.check(f"body has {name}", name in body and name in error, body.get(name))
         section.check(
             "requiredCredits > currentCredits",
             float(body.get("requiredCredits", 0)) > float(body.get("currentCredits", 0)),
