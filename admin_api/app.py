@@ -20,6 +20,7 @@ from admin_api import (
     packages,
     portal_sessions,
     rate_cards,
+    reconciliation,
     tokens,
 )
 from admin_api.framework import AdminRouter, install
@@ -42,6 +43,7 @@ ROUTERS: tuple[AdminRouter, ...] = (
     keys.router,
     ledger_usage.router,
     portal_sessions.router,
+    reconciliation.router,
 )
 
 

@@ -17,6 +17,9 @@
     creditgate admin revoke-token ID
     creditgate reconcile [--since YYYY-MM-DD]   (exit status 1 when anything does not add up)
     creditgate report liability|revenue --month YYYY-MM   (CSV, not JSON; billing.finance)
+    creditgate qa --gateway URL --admin URL --admin-token T [--smoke] [--json]
+                             (go-live QA over HTTP, creditgate.qa; a summary, not JSON, unless
+                             --json; exit status 1 when a section fails; no DATABASE_URL)
 
 Configuration comes from the environment (see README). A command reads only what it uses:
 ``serve`` the whole ``Settings``; ``settle``, ``credits grant`` and ``outbox replay``
@@ -63,6 +66,7 @@ from billing.purchases.fulfilment import publish_balance
 from billing.purchases.packages import seed_packages
 from billing.statements import parse_month
 from billing.units import credits_to_millicredits, money_fields
+from creditgate import qa
 from creditgate.migrator import MigrationError, run_migrations
 from runtime.json_logs import install_json_logging
 from runtime.resources import RedisEvictionPolicyError
@@ -401,10 +405,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Answer:
-    """A command's JSON document with an exit status other than 0."""
+    """A command's JSON document with an exit status other than 0 (``text``: printed
+    instead of the document)."""
 
     doc: dict[str, Any]
     status: int
+    text: str | None = None
 
 
 async def cmd_reconcile(settings: StoreSettings, args: argparse.Namespace) -> _Answer:
@@ -420,6 +426,25 @@ async def cmd_reconcile(settings: StoreSettings, args: argparse.Namespace) -> _A
             raise BillingUnavailableError(f"redis: {exc}") from exc
         run_id = await reconciliation.record_run(stores.pool, report, source="cli")
     return _Answer({"runId": run_id, **report.to_doc()}, 0 if report.ok else 1)
+
+
+async def cmd_qa(settings: None, args: argparse.Namespace) -> _Answer:
+    """Run the go-live QA (``creditgate.qa``) against a deployed gateway and admin service."""
+    options = qa.Options(
+        gateway=args.gateway,
+        admin=args.admin,
+        admin_token=args.admin_token,
+        smoke=args.smoke,
+        rate_model=args.rate_model,
+        stripe_api_key=args.stripe_api_key,
+    )
+    report = await qa.run_qa(options)
+    status = 0 if report["ok"] else 1
+    return _Answer(report, status, None if args.json else qa.summary_text(report))
+
+
+def _no_settings() -> None:
+    return None
 
 
 def _stores() -> StoreSettings:
@@ -524,6 +549,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--month", type=parse_month, required=True, help="YYYY-MM (UTC)")
     report.set_defaults(fn=cmd_report, config=_stores, csv=True)
 
+    _qa_parser(sub)
+
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="action", required=True
     )
@@ -534,6 +561,32 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--idempotency-key", default=None)
     grant.set_defaults(fn=cmd_credits_grant, config=_stores_with_redis)
     return parser
+
+
+def _qa_parser(sub: Any) -> None:
+    checking = (
+        "Go-live QA against a deployed gateway and admin service (docs/qa.md): makes throwaway "
+        "accounts through the admin API, prints pass/fail per section, exit 1 on any failure. "
+        "The full run changes --rate-model's rate card for a moment (use it in staging); "
+        "--smoke (the runbook's T-0 check) does not."
+    )
+    check = sub.add_parser("qa", help="go-live QA over HTTP", description=checking)
+    check.add_argument("--gateway", required=True, help="the gateway's base URL")
+    check.add_argument("--admin", required=True, help="the admin service's base URL")
+    check.add_argument("--admin-token", required=True, help="an admin-role admin API token")
+    check.add_argument(
+        "--smoke", action="store_true", help="T-0: one call, one 402, no rate change"
+    )
+    check.add_argument("--json", action="store_true", help="print the JSON report")
+    check.add_argument(
+        "--rate-model", default=None, help="the model whose rate changes (default: cheapest)"
+    )
+    check.add_argument(
+        "--stripe-api-key",
+        default=None,
+        help="the simulated Stripe's API key, to resend the completion event",
+    )
+    check.set_defaults(fn=cmd_qa, config=_no_settings)
 
 
 def _positive_days(text: str) -> float:
@@ -595,7 +648,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print({"error": str(exc), "type": type(exc).__name__})
         return 1
     if isinstance(result, _Answer):
-        _print(result.doc)
+        if result.text is not None:
+            sys.stdout.write(result.text)
+            sys.stdout.flush()
+        else:
+            _print(result.doc)
         return result.status
     _print(result)
     return 0

@@ -7,6 +7,8 @@ The official ``stripe`` client reaches it with its API base overridden (``STRIPE
     POST /v1/checkout/sessions         create (form-encoded params; Idempotency-Key honoured)
     GET  /v1/checkout/sessions/{id}    retrieve (``expand[]`` of payment_intent[.latest_charge])
     GET  /v1/refunds?charge=ch_...     list a charge's refunds
+    GET  /v1/events?type=...           list the events sent, newest first
+    POST /v1/events/{id}/retry         deliver an event again (``stripe events resend``)
 
 A session's ``url`` is the stand-in's own Checkout page, which a browser opens (no API key):
 
@@ -175,6 +177,7 @@ class StripeStub:
         self.retry_delays_s = tuple(retry_delays_s)
         self.async_settle_delay_s: float | None = None
         self.deliveries: list[WebhookDelivery] = []
+        self.events: dict[str, dict[str, Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.sessions: dict[str, dict[str, Any]] = {}
         self.payment_intents: dict[str, dict[str, Any]] = {}
@@ -198,6 +201,8 @@ class StripeStub:
         app.router.add_post("/v1/checkout/sessions", self._create_session)
         app.router.add_get("/v1/checkout/sessions/{id}", self._retrieve_session)
         app.router.add_get("/v1/refunds", self._list_refunds)
+        app.router.add_get("/v1/events", self._list_events)
+        app.router.add_post("/v1/events/{id}/retry", self._retry_event)
         app.router.add_get("/checkout/{id}", self._checkout_page)
         app.router.add_post("/checkout/{id}/pay", self._checkout_pay)
         app.router.add_post("/checkout/{id}/cancel", self._checkout_cancel)
@@ -393,6 +398,22 @@ class StripeStub:
         session = self._page_session(request)
         raise web.HTTPSeeOther(str(session["cancel_url"]))
 
+    async def _list_events(self, request: web.Request) -> web.Response:
+        wanted = request[_PARAMS].get("type")
+        events = [e for e in self.events.values() if wanted in (None, e["type"])]
+        return web.json_response(
+            {"object": "list", "data": events[::-1], "has_more": False, "url": "/v1/events"}
+        )
+
+    async def _retry_event(self, request: web.Request) -> web.Response:
+        """Deliver a sent event again, as ``stripe events resend`` (and a Stripe retry)
+        does: the same event id, signed anew."""
+        event = self.events.get(request.match_info["id"])
+        if event is None:
+            return _stripe_error(404, "No such event.", code="resource_missing", param="id")
+        await self.deliver(event)
+        return web.json_response(event)
+
     # -- webhook delivery ----------------------------------------------------------------
 
     async def deliver(self, event: dict[str, Any]) -> WebhookDelivery:
@@ -400,6 +421,7 @@ class StripeStub:
         delivery record. The first attempt is awaited; after a failure the retries run in the
         background (``wait_for_deliveries`` awaits them). Only while serving (``start``)."""
         delivery = WebhookDelivery(event_id=event["id"], event_type=event["type"])
+        self.events[event["id"]] = event
         self.deliveries.append(delivery)
         if self.webhook_url is None or self._app is None:
             log.warning("no webhook URL: %s %s not delivered", event["type"], event["id"])

@@ -133,6 +133,7 @@ async def test_every_route_refuses_exactly_the_callers_below_its_role(
         ("PATCH", "/admin/v1/tokens/{id}"),
         ("POST", "/admin/v1/tokens/{id}/revoke"),
         ("POST", "/admin/v1/accounts/{id}/portal-sessions"),
+        ("POST", "/admin/v1/reconciliation-runs"),
     ],
 )
 async def test_matrix_calls_really_mutate(admin_api: AdminApi, method: str, path: str):
