@@ -63,11 +63,13 @@ from runtime.errors import (
     error_body,
     json_response,
 )
+from runtime.json_logs import BufferedJsonLines, buffered_lines
 from runtime.request_ids import new_request_id
 
 log = logging.getLogger(__name__)
-#: One INFO line per billed request (``_log_access``; JSON through ``runtime.json_logs``).
-access_log = logging.getLogger("creditgate.access")
+#: The logger of the access log: one INFO line per billed request (``_log_access``), written
+#: by ``runtime.json_logs.buffered_lines``; its level turns the lines off.
+ACCESS_LOGGER = "creditgate.access"
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,9 +670,11 @@ def _finished(call: BilledCall, status: int) -> None:
         first_byte_s=(call.first_byte_sent - call.arrived) if call.first_byte_sent else total_s,
         upstream_s=upstream_s,
     )
-    if access_log.isEnabledFor(logging.INFO):
+    lines = buffered_lines(ACCESS_LOGGER)
+    if lines is not None:
         usage = call.settled_usage
         _log_access(
+            lines,
             call.request,
             request_id=call.request_id,
             identity=call.identity,
@@ -702,8 +706,10 @@ def _refused(
     traffic.observe_latency(endpoint.name, total_s=total_s, first_byte_s=total_s, upstream_s=None)
     if status == 402 and isinstance(response.body, bytes):
         traffic.count_payment_required(str(orjson.loads(response.body)["error"]["code"]))
-    if access_log.isEnabledFor(logging.INFO):
+    lines = buffered_lines(ACCESS_LOGGER)
+    if lines is not None:
         _log_access(
+            lines,
             request,
             request_id=request_id,
             identity=arrival.identity,
@@ -719,6 +725,7 @@ def _refused(
 
 
 def _log_access(
+    lines: BufferedJsonLines,
     request: web.BaseRequest,
     *,
     request_id: str,
@@ -733,17 +740,9 @@ def _log_access(
 ) -> None:
     """The access line of one billed request (fields: docs/design.md, "Metrics and logs").
     The key appears only as its visible prefix; no prompt or answer text is logged."""
-    # makeRecord and handle: what ``info`` does, without looking up the caller's frame
-    # (``findCaller``, a quarter of the line's cost; the logger's name says where it is from).
-    record = access_log.makeRecord(
-        access_log.name,
-        logging.INFO,
-        __file__,
-        0,
+    lines.write(
         "request",
-        (),
-        None,
-        extra={
+        {
             "event": "request",
             "requestId": request_id,
             "accountId": None if identity is None else identity.account_id,
@@ -759,7 +758,6 @@ def _log_access(
             "totalMs": total_ms,
         },
     )
-    access_log.handle(record)
 
 
 def _key_prefix(request: web.BaseRequest) -> str | None:

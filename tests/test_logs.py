@@ -25,6 +25,7 @@ from billing import api_keys, ledger
 from billing.metering.holds import OUTBOX_STREAM_KEY
 from devtools.localservices import free_port
 from devtools.simulator import Simulator
+from runtime import json_logs
 from runtime.json_logs import install_json_logging
 from tests.harness import seed_database
 
@@ -33,8 +34,11 @@ READY_TIMEOUT_S = 60
 
 
 @pytest.fixture
-def root_logging() -> Iterator[None]:
-    """The root logger's handlers and level restored after the test."""
+def root_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The root logger's handlers and level, and ``json_logs``' stream and buffers, restored
+    after the test."""
+    monkeypatch.setattr(json_logs, "_stream", json_logs._stream)
+    monkeypatch.setattr(json_logs, "_buffers", {})
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
@@ -229,3 +233,56 @@ async def test_money_events_carry_their_event_names(
     posted = events("settlement.batch_posted")
     assert sum(r.posted for r in posted) == 1  # type: ignore[attr-defined]
     assert all(r.chargedMillicredits.isdigit() for r in posted)  # type: ignore[attr-defined]
+
+
+async def test_buffered_lines_wait_for_their_batch_and_match_the_formatters_shape(
+    root_logging,
+) -> None:
+    stream = io.StringIO()
+    install_json_logging(logging.INFO, stream, force=True)
+    lines = json_logs.buffered_lines("creditgate.access")
+    assert lines is not None
+
+    lines.write("request", {"requestId": "req_1", "status": 200})
+    assert stream.getvalue() == ""  # waiting for its batch (a timer on this loop)
+    json_logs.flush_buffered_lines()
+    [line] = [orjson.loads(text) for text in stream.getvalue().splitlines()]
+    assert line == {
+        "time": line["time"],
+        "level": "INFO",
+        "logger": "creditgate.access",
+        "message": "request",
+        "requestId": "req_1",
+        "status": 200,
+    }
+    logging.getLogger("creditgate.test").info("formatted")
+    formatted = orjson.loads(stream.getvalue().splitlines()[-1])
+    assert formatted.keys() - {"message", "logger"} == line.keys() - {
+        "message",
+        "logger",
+        "requestId",
+        "status",
+    }
+
+    big = {"padding": "x" * 1000}
+    before = len(stream.getvalue())
+    for _ in range(json_logs.LINE_FLUSH_BYTES // 1000 + 1):
+        lines.write("request", big)
+    assert len(stream.getvalue()) - before >= json_logs.LINE_FLUSH_BYTES  # written at once
+
+
+def test_buffered_lines_off_when_the_logger_is_off_and_at_once_without_a_loop(
+    root_logging,
+) -> None:
+    stream = io.StringIO()
+    install_json_logging(logging.INFO, stream, force=True)
+    access = logging.getLogger("creditgate.access")
+    access.setLevel(logging.WARNING)
+    try:
+        assert json_logs.buffered_lines("creditgate.access") is None
+    finally:
+        access.setLevel(logging.NOTSET)
+    lines = json_logs.buffered_lines("creditgate.access")
+    assert lines is not None
+    lines.write("request", {"status": 401})
+    assert orjson.loads(stream.getvalue())["status"] == 401
