@@ -181,7 +181,7 @@ async def test_restarts_count_a_supervised_loop_that_raised(gw) -> None:
             "flaky-loop",
             run,
             initial_backoff_s=0.01,
-            restarts=gw.app[gateway_keys.TASK_RESTARTS],
+            restarts=gw.app[appkeys.TASK_RESTARTS],
         )
     )
     try:
