@@ -41,7 +41,7 @@ from gateway.credits_page import credits_page_routes, setup_credits_page
 from gateway.integrity_metrics import BACKLOG_INTERVAL_S, PROBE_INTERVAL_S, IntegrityMetrics
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
-from gateway.purchase_routes import checkout_routes
+from gateway.purchase_routes import CHECKOUT_ROUTE, checkout_routes, count_checkout_answers
 from gateway.traffic_metrics import TrafficMetrics
 from gateway.usage import UsageStats
 from runtime import appkeys
@@ -288,7 +288,10 @@ def create_app(
     )
     app[gateway_keys.BUY_CREDITS_URL] = url
     for method, path, handler in routes:
-        app.router.add_route(method, path, answer_errors(handler, url))
+        answer = answer_errors(handler, url)
+        if (method, path) == CHECKOUT_ROUTE:
+            answer = count_checkout_answers(answer)
+        app.router.add_route(method, path, answer)
     return app
 
 
