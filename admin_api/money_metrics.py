@@ -1,8 +1,10 @@
 """The admin service's money metrics, on its own registry (``runtime.appkeys.METRICS``).
 
 - The webhook's counters (``billing.purchases.stripe_events.WebhookStats``, plain counters bumped
-  where the work happens) are read at scrape time by ``WebhookCollector``; the fulfilment
-  latency is a ``prometheus_client`` histogram (``FULFILMENT_LATENCY``).
+  where the work happens) and the process's purchases (``billing.purchases.money_events.
+  PurchaseStats``: fulfilled by the webhook or the gateway's success return) are read at
+  scrape time by ``WebhookCollector``; the fulfilment latency is a ``prometheus_client``
+  histogram fed by ``PurchaseStats.on_fulfilment``.
 - The fleet gauges (outstanding credits, accounts in shortfall, today's revenue, upstream cost
   and margin per model, the latest reconciliation run) come from Postgres
   (``billing.fleet_gauges.read_fleet``), read by a supervised loop every
@@ -23,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from billing.fleet_gauges import FleetReading, read_fleet
-from billing.purchases.money_events import REVERSAL_KINDS
+from billing.purchases.money_events import REVERSAL_KINDS, PurchaseStats
 from billing.purchases.stripe_events import WebhookStats
 from billing.reconciliation import CHECKS
 from billing.units import MILLICREDITS_PER_USD
@@ -39,10 +41,11 @@ NANOUSD_PER_USD = 1e9
 
 
 class WebhookCollector(Collector):
-    """``WebhookStats`` as Prometheus counters, read at scrape time."""
+    """``WebhookStats`` and ``PurchaseStats`` as Prometheus counters, read at scrape time."""
 
-    def __init__(self, stats: WebhookStats) -> None:
+    def __init__(self, stats: WebhookStats, purchases: PurchaseStats) -> None:
         self._stats = stats
+        self._purchases = purchases
 
     def collect(self) -> Iterator[Metric]:
         """The webhook's counters now."""
@@ -65,15 +68,16 @@ class WebhookCollector(Collector):
         )
         yield _labelled(
             "creditgate_purchases",
-            "Purchases fulfilled by the webhook, by package code.",
+            "Purchases fulfilled (by the webhook or the success return, whichever came "
+            "first), by package code.",
             "package",
-            stats.purchases,
+            self._purchases.purchases,
         )
         yield _labelled(
             "creditgate_purchased_millicredits",
-            "Millicredits granted by purchases fulfilled by the webhook, by package code.",
+            "Millicredits granted by the purchases fulfilled, by package code.",
             "package",
-            stats.purchased_millicredits,
+            self._purchases.purchased_millicredits,
         )
         yield _labelled(
             "creditgate_reversed_millicredits",
@@ -186,21 +190,23 @@ def _reconciliation_gauges(reading: FleetReading) -> Iterator[Metric]:
         )
 
 
-FULFILMENT_LATENCY = web.AppKey("stripe_fulfilment_latency", Histogram)
 FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)
 
 
 def install_webhook_metrics(app: web.Application) -> None:
-    """Register the webhook's counters (``appkeys.STRIPE_WEBHOOK_STATS``, set before) and the
-    fulfilment latency histogram on the app's registry."""
+    """Register the webhook's counters (``appkeys.STRIPE_WEBHOOK_STATS``), the process's
+    purchases (``appkeys.PURCHASE_STATS``; both set before) and the fulfilment latency
+    histogram on the app's registry: the only registry that exports the purchases."""
     registry = app[appkeys.METRICS]
-    registry.register(WebhookCollector(app[appkeys.STRIPE_WEBHOOK_STATS]))
-    app[FULFILMENT_LATENCY] = Histogram(
+    purchases = app[appkeys.PURCHASE_STATS]
+    registry.register(WebhookCollector(app[appkeys.STRIPE_WEBHOOK_STATS], purchases))
+    purchases.on_fulfilment = Histogram(
         "creditgate_stripe_fulfilment_latency_seconds",
-        "Seconds from a Checkout Session's creation to the webhook fulfilling its purchase.",
+        "Seconds from a Checkout Session's creation to its purchase's fulfilment (by the "
+        "webhook or the success return).",
         buckets=FULFILMENT_LATENCY_BUCKETS_S,
         registry=registry,
-    )
+    ).observe
 
 
 def install_fleet_gauges(app: web.Application) -> None:
@@ -222,6 +228,8 @@ async def fleet_gauges_ctx(app: web.Application) -> AsyncIterator[None]:
         await gauges.refresh(app)
         await periodically(interval_s, lambda: gauges.refresh(app))
 
-    task = asyncio.create_task(supervise("fleet-gauges", run), name="fleet-gauges")
+    task = asyncio.create_task(
+        supervise("fleet-gauges", run, restarts=app[appkeys.TASK_RESTARTS]), name="fleet-gauges"
+    )
     yield
     await cancel_and_wait(task)

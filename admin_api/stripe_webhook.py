@@ -19,7 +19,7 @@ import time
 
 from aiohttp import web
 
-from admin_api.money_metrics import FULFILMENT_LATENCY, install_webhook_metrics
+from admin_api.money_metrics import install_webhook_metrics
 from billing.errors import POSTGRES_UNAVAILABLE
 from billing.purchases.fulfilment import complete_payment_details, publish_balance
 from billing.purchases.stripe_client import (
@@ -28,7 +28,7 @@ from billing.purchases.stripe_client import (
     StripeUnavailableError,
     construct_webhook_event,
 )
-from billing.purchases.stripe_events import WebhookStats, fulfilment_latency_s, process_event
+from billing.purchases.stripe_events import WebhookStats, process_event
 from runtime import appkeys
 from runtime.errors import error_response, json_response
 from runtime.resources import stripe_ctx
@@ -40,9 +40,10 @@ _PAYMENT_DETAILS_TIMEOUT_S = 5.0
 
 
 def add_webhook_routes(app: web.Application) -> None:
-    """Add ``POST /stripe/webhook``, its counters (``appkeys.STRIPE_WEBHOOK_STATS``, exported
-    on the app's registry with the fulfilment latency histogram) and the Stripe client's
-    ``cleanup_ctx`` (after the app's Postgres and Redis contexts)."""
+    """Add ``POST /stripe/webhook``, its counters (``appkeys.STRIPE_WEBHOOK_STATS``, and the
+    purchases of ``appkeys.PURCHASE_STATS``, set before; exported on the app's registry with
+    the fulfilment latency histogram) and the Stripe client's ``cleanup_ctx`` (after the
+    app's Postgres and Redis contexts)."""
     app[appkeys.STRIPE_WEBHOOK_STATS] = WebhookStats()
     install_webhook_metrics(app)
     app.cleanup_ctx.append(stripe_ctx)
@@ -89,10 +90,10 @@ async def handle_stripe_webhook(request: web.Request) -> web.Response:
         log.exception("stripe event %s (%s) failed", event["id"], event["type"])
         return error_response(500, "Internal error processing the event.", code="internal_error")
     stats.record(str(event["type"]), result)
-    latency_s = fulfilment_latency_s(event, result, time.time())
-    if latency_s is not None:
-        app[FULFILMENT_LATENCY].observe(latency_s)
     update = result.update
+    if update is not None:
+        session_created = event["data"]["object"].get("created")
+        app[appkeys.PURCHASE_STATS].record(update, session_created, time.time())
     if update is not None and update.purchase is not None and update.entries:
         purchase = update.purchase
         await publish_balance(app.get(appkeys.HOLDS), purchase.account_id, update.posted)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from functools import partial
 
 from aiohttp import web
+from prometheus_client import ProcessCollector
 
 from admin_api.app import create_admin_app
 from billing.reconciliation import DailyReconciliation
@@ -136,16 +137,24 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
             loop.add_signal_handler(sig, stop.set)
     ensure_descriptor_budget(settings)
     # handler_cancellation: a client that disconnects stops its upstream request at once.
-    gateway = create_app(settings)
+    # One TaskRestarts and one PurchaseStats for the process: the admin app's (it exports
+    # them), handed to the gateway, so no metric family is exported twice.
+    admin = create_admin_app(settings)
+    gateway = create_app(
+        settings,
+        restarts=admin[appkeys.TASK_RESTARTS],
+        purchases=admin[appkeys.PURCHASE_STATS],
+    )
     gateway_runner = edge_runner(
         gateway, settings, access_log=None, handler_cancellation=True, shutdown_timeout=30
     )
-    admin = create_admin_app(settings)
     admin_runner = edge_runner(admin, settings, access_log=None, shutdown_timeout=10)
     edges = edge_readings({"gateway": gateway_runner, "admin": admin_runner})
     registry = metrics_registry(
         process_counters(gateway), edges, [gateway[appkeys.METRICS], admin[appkeys.METRICS]]
     )
+    # The process's CPU seconds, resident memory and open descriptors (process_*, from /proc).
+    ProcessCollector(registry=registry)
     metrics_runner = edge_runner(
         create_metrics_app(registry),
         settings,
@@ -161,7 +170,7 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
         supervise(
             "reconciliation",
             reconciliation.run,
-            restarts=gateway[gateway_keys.TASK_RESTARTS],
+            restarts=gateway[appkeys.TASK_RESTARTS],
         ),
         name="reconciliation",
     )

@@ -31,6 +31,7 @@ from billing.metering.rate_cards import RateCardBook
 from billing.metering.rescue import SettlementRescue
 from billing.metering.script_channel import ScriptChannel
 from billing.metering.tokens import TokenCounter
+from billing.purchases.money_events import PurchaseStats
 from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator
 from gateway.billing_api import billing_api_routes
@@ -40,7 +41,7 @@ from gateway.credits_page import credits_page_routes, setup_credits_page
 from gateway.integrity_metrics import BACKLOG_INTERVAL_S, PROBE_INTERVAL_S, IntegrityMetrics
 from gateway.models import handle_model, handle_models, handle_unknown_v1, handle_unmatched
 from gateway.proxy import ENDPOINTS, handle_billed
-from gateway.purchase_routes import checkout_routes
+from gateway.purchase_routes import CHECKOUT_ROUTE, checkout_routes, count_checkout_answers
 from gateway.traffic_metrics import TrafficMetrics
 from gateway.usage import UsageStats
 from runtime import appkeys
@@ -154,7 +155,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     app[gateway_keys.SETTLEMENT_RESCUE] = rescue
     integrity = app[gateway_keys.INTEGRITY]
     redis, pool = app[appkeys.REDIS], app[appkeys.DB_POOL]
-    _start_supervised = partial(_start_supervised_in, app[gateway_keys.TASK_RESTARTS])
+    _start_supervised = partial(_start_supervised_in, app[appkeys.TASK_RESTARTS])
     tasks = [
         _start_supervised("settlement-rescue", rescue.run),
         _start_supervised(
@@ -225,11 +226,23 @@ def _start_supervised_in(
     return asyncio.create_task(supervise(name, run, restarts=restarts), name=name)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(
+    settings: Settings,
+    *,
+    restarts: TaskRestarts | None = None,
+    purchases: PurchaseStats | None = None,
+) -> web.Application:
     """The gateway application (OpenAI-compatible routes under ``/v1``).
 
     Every route is wrapped by ``runtime.errors.answer_errors`` (no middleware, see there);
     the last one catches every path nothing else serves, so those get envelopes too.
+
+    Args:
+        restarts: the process's ``TaskRestarts`` when another app of the process made and
+            exports it (``creditgate serve``: the admin app's); None: the gateway makes its
+            own and exports it on its registry.
+        purchases: the process's ``PurchaseStats`` (the success return's fulfilments), as
+            above; the gateway never exports it (the admin app does).
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[appkeys.SETTINGS] = settings
@@ -237,8 +250,12 @@ def create_app(settings: Settings) -> web.Application:
     app[gateway_keys.TRAFFIC] = TrafficMetrics(registry)
     app[gateway_keys.USAGE_STATS] = UsageStats()
     app[gateway_keys.POSTER_STATS] = poster_stats = PosterStats()
-    app[gateway_keys.TASK_RESTARTS] = restarts = TaskRestarts()
-    app[gateway_keys.INTEGRITY] = IntegrityMetrics(registry, poster_stats, restarts)
+    if restarts is None:
+        restarts = TaskRestarts()
+        registry.register(restarts.collector())
+    app[appkeys.TASK_RESTARTS] = restarts
+    app[appkeys.PURCHASE_STATS] = purchases or PurchaseStats()
+    app[gateway_keys.INTEGRITY] = IntegrityMetrics(registry, poster_stats)
     setup_credits_page(app, settings)
     app.cleanup_ctx.extend(
         [
@@ -271,7 +288,10 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[gateway_keys.BUY_CREDITS_URL] = url
     for method, path, handler in routes:
-        app.router.add_route(method, path, answer_errors(handler, url))
+        answer = answer_errors(handler, url)
+        if (method, path) == CHECKOUT_ROUTE:
+            answer = count_checkout_answers(answer)
+        app.router.add_route(method, path, answer)
     return app
 
 

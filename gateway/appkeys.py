@@ -20,7 +20,6 @@ from gateway.billing_session_store import BillingSessionStore
 from gateway.integrity_metrics import IntegrityMetrics
 from gateway.traffic_metrics import TrafficMetrics
 from gateway.usage import UsageStats
-from runtime.supervision import TaskRestarts
 
 RATE_CARDS = web.AppKey("rate_cards", RateCardBook)
 TOKENS = web.AppKey("tokens", TokenCounter)
@@ -45,5 +44,3 @@ TRAFFIC = web.AppKey("traffic", TrafficMetrics)
 BUY_CREDITS_URL = web.AppKey[Callable[[web.BaseRequest], str]]("buy_credits_url")
 # The billing-integrity metrics (holds expired, settlement backlog, dependencies up).
 INTEGRITY = web.AppKey("integrity", IntegrityMetrics)
-# Restarts of this app's supervised background loops (``runtime.supervision.supervise``).
-TASK_RESTARTS = web.AppKey("task_restarts", TaskRestarts)

@@ -181,6 +181,7 @@ async def _fulfil_on_return(app: web.Application, purchase: Purchase, session_id
             app.get(appkeys.HOLDS),
             session_id,
             public_id=purchase.public_id,
+            stats=app[appkeys.PURCHASE_STATS],
         )
     except (StripeUnavailableError, StripeRequestError, BillingUnavailableError) as exc:
         # The webhook fulfils it; until then the page says "pending".

@@ -7,7 +7,6 @@
 - The settlement poster's batches, settlements posted and batch durations
   (``billing.metering.posting.PosterStats``, read at scrape time; durations observed as each
   batch commits).
-- Restarts of supervised background loops (``runtime.supervision.TaskRestarts``).
 - ``creditgate_dependency_up{dependency}``: Postgres (``SELECT 1``) and Redis (``PING``)
   probed every ``PROBE_INTERVAL_S`` by ``probe_dependencies``, each with a short timeout.
 """
@@ -27,7 +26,6 @@ from billing.errors import POSTGRES_UNAVAILABLE
 from billing.metering.holds import OUTBOX_STREAM_KEY
 from billing.metering.posting import PosterStats
 from runtime.metrics import CounterReading, LabelledReading, StatsCollector
-from runtime.supervision import TaskRestarts
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +43,9 @@ DEPENDENCIES = ("postgres", "redis")
 
 class IntegrityMetrics:
     """The integrity metrics of one gateway app (see the module docstring), registered on
-    ``registry``; ``poster`` and ``restarts`` are the app's stats objects, read at scrape
-    time."""
+    ``registry``; ``poster`` is the app's settlement poster's stats, read at scrape time."""
 
-    def __init__(
-        self, registry: CollectorRegistry, poster: PosterStats, restarts: TaskRestarts
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry, poster: PosterStats) -> None:
         self._holds_expired = Counter(
             "creditgate_holds_expired",
             "Holds voided by the sweeper at their deadline (a gateway that crashed or lost "
@@ -99,12 +94,6 @@ class IntegrityMetrics:
                         "unreachable; the entries stay in the outbox and are posted later).",
                         "outcome",
                         lambda: {"posted": poster.batches, "failed": poster.failures},
-                    ),
-                    LabelledReading(
-                        "creditgate_background_task_restarts",
-                        "Restarts of supervised background loops after they failed.",
-                        "task",
-                        lambda: dict(restarts.counts),
                     ),
                 ],
             )

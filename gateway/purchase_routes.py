@@ -7,6 +7,7 @@ Routes (``checkout_routes``):
     GET  /api/billing/purchases/{purchaseId}  one of the caller's purchases
 
 Checkout's success and cancel URLs land on the Credits page (``gateway.credits_page``).
+The checkout route's answers are counted by status (``count_checkout_answers``).
 Errors use OpenAI's envelope through the gateway's error answers
 (``runtime.errors.answer_errors``), chosen by class.
 """
@@ -35,6 +36,7 @@ from billing.purchases.packages import (
 from billing.purchases.purchase_records import Purchase, PurchaseNotFoundError, get_purchase
 from billing.purchases.stripe_client import StripeClient, StripeRequestError, StripeUnavailableError
 from billing.units import money_fields
+from gateway import appkeys as gateway_keys
 from gateway.billing_session import billing_caller
 from gateway.json_body import json_object
 from runtime import appkeys
@@ -59,14 +61,40 @@ class CheckoutRefusedError(GatewayError):
     code = "checkout_failed"
 
 
+#: The checkout route, whose answers ``count_checkout_answers`` counts.
+CHECKOUT_ROUTE = ("POST", "/api/billing/checkout")
+
+
 def checkout_routes() -> list[tuple[str, str, Handler]]:
     """The purchase routes as ``(method, path, handler)``; the gateway app adds them with its
-    error answers, and ``stripe_ctx`` after its Postgres and Redis contexts."""
+    error answers (``CHECKOUT_ROUTE``'s inside ``count_checkout_answers``), and
+    ``stripe_ctx`` after its Postgres and Redis contexts."""
     return [
         ("GET", "/api/billing/packages", handle_packages),
-        ("POST", "/api/billing/checkout", handle_checkout),
+        (*CHECKOUT_ROUTE, handle_checkout),
         ("GET", "/api/billing/purchases/{purchase_id}", handle_purchase),
     ]
+
+
+def count_checkout_answers(answer: Handler) -> Handler:
+    """``answer`` (the checkout handler wrapped in its error answers) counting every answer
+    by HTTP status (``TrafficMetrics.count_checkout``); an exception nothing answered counts
+    as the 500 aiohttp sends. A client that left (a cancellation) is not counted."""
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        traffic = request.app[gateway_keys.TRAFFIC]
+        try:
+            response = await answer(request)
+        except web.HTTPException as exc:
+            traffic.count_checkout(exc.status)
+            raise
+        except Exception:
+            traffic.count_checkout(500)
+            raise
+        traffic.count_checkout(response.status)
+        return response
+
+    return counted
 
 
 #: The package whose price per credit the others' ``savingsPercent`` is measured against.

@@ -13,6 +13,9 @@ Label values are bounded: ``model`` is a model that has a rate card (``other`` w
 request named none, or none we price); ``endpoint`` is one of ``gateway.proxy.ENDPOINTS``;
 ``status`` is an HTTP status code; ``reason`` is an error code of a 402 answer.
 
+The checkout route's answers (``creditgate_checkout_requests_total{status}``, for the purchase
+availability SLO) are counted here too (``count_checkout``).
+
 Counters are per process: several gateway processes are several scrape targets and PromQL
 sums them.
 """
@@ -95,6 +98,7 @@ class TrafficMetrics(Collector):
         self._latency = {}
         self._money: dict[str, list[int]] = {}
         self._payment_required: dict[str, int] = {}
+        self._checkout: dict[int, int] = {}
         registry.register(self)
 
     # -- per request ----------------------------------------------------------------------
@@ -125,6 +129,10 @@ class TrafficMetrics(Collector):
     def count_payment_required(self, reason: str) -> None:
         """One 402 answer with error code ``reason``."""
         self._payment_required[reason] = self._payment_required.get(reason, 0) + 1
+
+    def count_checkout(self, status: int) -> None:
+        """One answer of the checkout route (``POST /api/billing/checkout``), by HTTP status."""
+        self._checkout[status] = self._checkout.get(status, 0) + 1
 
     def count_settlement(self, card: RateCard, usage: Usage, cost_millicredits: int) -> None:
         """A settlement's tokens, charge and upstream cost (``card``: the one it was
@@ -172,6 +180,16 @@ class TrafficMetrics(Collector):
         for reason, count in self._payment_required.items():
             payment_required.add_metric([reason], count)
         yield payment_required
+        checkout = CounterMetricFamily(
+            "creditgate_checkout_requests",
+            "Answers of the checkout route (POST /api/billing/checkout) by HTTP status "
+            "(5xx: Stripe or Postgres unreachable, Stripe refused, purchases switched off, "
+            "an error).",
+            labels=["status"],
+        )
+        for status, count in self._checkout.items():
+            checkout.add_metric([str(status)], count)
+        yield checkout
         yield GaugeMetricFamily(
             "creditgate_holds_open",
             "Holds this process placed and has not settled or voided yet.",

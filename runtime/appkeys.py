@@ -13,10 +13,12 @@ from prometheus_client import CollectorRegistry
 
 from billing.metering.holds import HoldStore
 from billing.metering.rate_limit import RateLimiter
+from billing.purchases.money_events import PurchaseStats
 from billing.purchases.stripe_client import StripeClient
 from billing.purchases.stripe_events import WebhookStats
 from runtime.control import ControlListener
 from runtime.settings import Settings
+from runtime.supervision import TaskRestarts
 
 SETTINGS = web.AppKey("settings", Settings)
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
@@ -31,3 +33,9 @@ CONTROL = web.AppKey("control", ControlListener)
 # The application's own Prometheus registry (never prometheus_client's global one): each app
 # registers its metrics here; ``creditgate serve`` exports every app's registry on METRICS_PORT.
 METRICS = web.AppKey("metrics", CollectorRegistry)
+# One per process, shared by both apps (``creditgate serve`` hands the admin app's to the
+# gateway; an app run alone makes its own), exported by one registry only:
+# purchases fulfilled by the webhook or the success return (the admin app exports them) ...
+PURCHASE_STATS = web.AppKey("purchase_stats", PurchaseStats)
+# ... and restarts of every supervised background loop, both apps' (the app that made it).
+TASK_RESTARTS = web.AppKey("task_restarts", TaskRestarts)

@@ -201,6 +201,9 @@ async def control_ctx(
         listener.react(kind, reaction)
     await listener.refresh_flags()
     app[appkeys.CONTROL] = listener
-    task = asyncio.create_task(supervise("control-listener", listener.run), name="control")
+    task = asyncio.create_task(
+        supervise("control-listener", listener.run, restarts=app.get(appkeys.TASK_RESTARTS)),
+        name="control",
+    )
     yield
     await cancel_and_wait(task)

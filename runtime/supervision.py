@@ -18,6 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from runtime.metrics import LabelledReading, StatsCollector
+
 log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF_S = 0.1
@@ -27,14 +29,29 @@ MAX_BACKOFF_S = 30.0
 @dataclass(slots=True)
 class TaskRestarts:
     """How often each supervised loop was restarted (``counts``: loop name -> restarts), for
-    ``creditgate_background_task_restarts_total{task}``; one per app, passed to
-    ``supervise``."""
+    ``creditgate_background_task_restarts_total{task}``; one per process
+    (``runtime.appkeys.TASK_RESTARTS``, shared by both apps), passed to ``supervise``."""
 
     counts: dict[str, int] = field(default_factory=dict)
 
     def count(self, name: str) -> None:
         """One more restart of the loop ``name``."""
         self.counts[name] = self.counts.get(name, 0) + 1
+
+    def collector(self) -> StatsCollector:
+        """``creditgate_background_task_restarts_total{task}``, read at scrape time; register
+        it on one registry of the process only."""
+        return StatsCollector(
+            [],
+            [
+                LabelledReading(
+                    "creditgate_background_task_restarts",
+                    "Restarts of supervised background loops after they failed.",
+                    "task",
+                    lambda: dict(self.counts),
+                )
+            ],
+        )
 
 
 async def supervise(

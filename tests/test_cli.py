@@ -65,6 +65,7 @@ def cli_env(database_url: str, redis_url: str) -> dict[str, str]:
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "UPSTREAM_API_KEY": "sk-upstream-test",
+        "METRICS_PORT": "0",  # never the default 9464 (a shared machine)
     }
 
 
@@ -336,7 +337,7 @@ async def test_cli_credits_with_four_decimals_exits_1(cli_env):
 
 
 async def test_cli_serve_missing_env_exits_1_listing_every_problem():
-    code, doc = await run_cli({}, "serve")
+    code, doc = await run_cli({"METRICS_PORT": "0"}, "serve")
     assert code == 1
     problems = doc["problems"]
     for name in ("DATABASE_URL", "REDIS_URL", "UPSTREAM_API_KEY"):

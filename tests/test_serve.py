@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from collections import Counter
 
 import aiohttp
 import pytest
@@ -165,3 +166,42 @@ async def test_serve_exports_the_edge_connection_counters(
     finally:
         stop.set()
         await serving
+
+
+async def test_serve_exports_each_family_once_with_the_process_collector(
+    restore_gc, database_url: str, redis_url: str, sim: Simulator
+) -> None:
+    """One scrape of serve's combined registry (both apps, the process counters, the edge):
+    no family twice (the purchases and the task restarts are shared by both apps and exported
+    by one), and the process's CPU, memory and descriptors are there."""
+    await seed_database(database_url)
+    settings = gateway_settings(
+        database_url, redis_url, sim.base_url, admin_port=free_port(), metrics_port=free_port()
+    )
+    stop = asyncio.Event()
+    serving = asyncio.create_task(run_services(settings, stop))
+    url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    try:
+        async with aiohttp.ClientSession() as session:
+            while True:  # until the sites are up
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with session.get(url) as response:
+                        text = await response.text()
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await serving
+    families = Counter(family.name for family in text_string_to_metric_families(text))
+    assert [name for name, count in families.items() if count > 1] == []
+    for name in (
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "creditgate_background_task_restarts",
+        "creditgate_purchases",
+        "creditgate_purchased_millicredits",
+        "creditgate_requests",
+    ):
+        assert families[name] == 1, name
+    assert "process_cpu_seconds_total" in text

@@ -8,6 +8,7 @@ translate requests and errors.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -17,7 +18,7 @@ from redis.exceptions import RedisError
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import PostedBalance
 from billing.metering.holds import HoldStore, account_key
-from billing.purchases.money_events import log_money_events
+from billing.purchases.money_events import PurchaseStats, log_money_events
 from billing.purchases.packages import Package, get_package
 from billing.purchases.purchase_records import (
     Purchase,
@@ -159,6 +160,7 @@ async def fulfil_from_stripe(
     checkout_session_id: str,
     *,
     public_id: str | None = None,
+    stats: PurchaseStats | None = None,
 ) -> PurchaseUpdate:
     """Retrieve a Checkout Session from Stripe and apply it (the success return).
 
@@ -169,6 +171,8 @@ async def fulfil_from_stripe(
     Args:
         public_id: the purchase the return URL names; a session for another purchase is
             not applied.
+        stats: counts the fulfilment when this call made it (the webhook then finds
+            nothing to do).
 
     Returns:
         The update; ``purchase`` is None when the session is not this purchase's.
@@ -192,6 +196,8 @@ async def fulfil_from_stripe(
         raise BillingUnavailableError(f"postgres: {exc}") from exc
     if update.purchase is not None:
         log_money_events(update, stripe_event_id=None)
+        if stats is not None:
+            stats.record(update, session.get("created"), time.time())
         await publish_balance(holds, update.purchase.account_id, update.posted)
     return update
 

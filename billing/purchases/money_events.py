@@ -5,12 +5,15 @@ one change created (``PurchaseUpdate.entries``) and says what they were: a fulfi
 ``purchase`` entry) or a reversal of a refund or a dispute (``reversal`` entries keyed by
 ``REFUND_KEY_PREFIX`` / ``DISPUTE_KEY_PREFIX``). ``log_money_events`` writes one log line per
 such entry (``purchase.fulfilled``, ``purchase.reversed``) with the ids an operator needs,
-amounts as strings, never a payload.
+amounts as strings, never a payload. ``PurchaseStats`` counts the fulfilments for metrics.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from billing.ledger import LedgerEntry
 from billing.purchases.purchase_ledger import DISPUTE_KEY_PREFIX, REFUND_KEY_PREFIX
@@ -67,3 +70,46 @@ def log_money_events(update: PurchaseUpdate, *, stripe_event_id: str | None) -> 
                 "checkoutSessionId": purchase.checkout_session_id,
             },
         )
+
+
+@dataclass(slots=True)
+class PurchaseStats:
+    """Purchases fulfilled in this process, whichever path fulfilled them first (the webhook
+    or the gateway's success return: the ``purchase`` entry is created once, so each purchase
+    counts once). One per process, shared by both apps (``runtime.appkeys.PURCHASE_STATS``);
+    exported by the admin service (``creditgate_purchases_total``,
+    ``creditgate_purchased_millicredits_total``, the fulfilment latency histogram).
+
+    Attributes:
+        purchases: purchases fulfilled, by package code.
+        purchased_millicredits: the credits those purchases granted, by package code.
+        on_fulfilment: called with each fulfilment's seconds from the Checkout Session's
+            ``created`` (a histogram's ``observe``), when set.
+    """
+
+    purchases: Counter[str] = field(default_factory=Counter)
+    purchased_millicredits: Counter[str] = field(default_factory=Counter)
+    on_fulfilment: Callable[[float], None] | None = None
+
+    def record(self, update: PurchaseUpdate, session_created: object, now_s: float) -> None:
+        """Count the fulfilment ``update`` made, if it made one (its ``purchase`` entry).
+
+        Args:
+            session_created: the Checkout Session's ``created`` (Unix time; anything else:
+                no latency observed).
+            now_s: now, Unix time.
+        """
+        purchase = update.purchase
+        if purchase is None:
+            return
+        for entry in update.entries:
+            if entry.entry_type != "purchase":
+                continue
+            self.purchases[purchase.package_code] += 1
+            self.purchased_millicredits[purchase.package_code] += entry.amount_millicredits
+            if (
+                self.on_fulfilment is not None
+                and isinstance(session_created, int)
+                and not isinstance(session_created, bool)
+            ):
+                self.on_fulfilment(max(0.0, now_s - session_created))

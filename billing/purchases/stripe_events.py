@@ -68,15 +68,15 @@ HANDLED_EVENTS = CHECKOUT_EVENTS | REFUND_EVENTS | DISPUTE_EVENTS | {CHARGE_REFU
 @dataclass(slots=True)
 class WebhookStats:
     """Counters of the webhook, exported at scrape time by ``admin_api.money_metrics``
-    (``creditgate_stripe_webhook_*``, ``creditgate_purchase*``, ``creditgate_reversed_*``).
+    (``creditgate_stripe_webhook_*``, ``creditgate_reversed_*``). Purchases fulfilled are
+    counted by ``billing.purchases.money_events.PurchaseStats`` (the success return fulfils
+    too).
 
     Attributes:
         events: deliveries by ``(event type, outcome)``: the type when in ``HANDLED_EVENTS``,
             else ``other``; outcomes are the ``stripe_events`` outcomes plus ``duplicate``.
         failures: deliveries answered with an error, by reason (``unconfigured``,
             ``signature``, ``unavailable``, ``error``).
-        purchases: purchases fulfilled through this process's webhook, by package code.
-        purchased_millicredits: the credits those purchases granted, by package code.
         reversed_millicredits: credits taken back by refunds and disputes, by kind
             (``refund``, ``dispute``); credits given back later (a failed refund, a won
             dispute) are not subtracted (a counter only grows; they are logged).
@@ -84,12 +84,10 @@ class WebhookStats:
 
     events: Counter[tuple[str, str]] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
-    purchases: Counter[str] = field(default_factory=Counter)
-    purchased_millicredits: Counter[str] = field(default_factory=Counter)
     reversed_millicredits: Counter[str] = field(default_factory=Counter)
 
     def record(self, event_type: str, result: EventResult) -> None:
-        """Count one processed delivery and the money its change moved."""
+        """Count one processed delivery and the credits its reversals took back."""
         label = event_type if event_type in HANDLED_EVENTS else "other"
         self.events[(label, result.outcome)] += 1
         update = result.update
@@ -97,27 +95,8 @@ class WebhookStats:
             return
         for entry in update.entries:
             kind = reversal_kind(entry)
-            if entry.entry_type == "purchase":
-                self.purchases[update.purchase.package_code] += 1
-                self.purchased_millicredits[update.purchase.package_code] += (
-                    entry.amount_millicredits
-                )
-            elif kind is not None and entry.amount_millicredits < 0:
+            if kind is not None and entry.amount_millicredits < 0:
                 self.reversed_millicredits[kind] -= entry.amount_millicredits
-
-
-def fulfilment_latency_s(
-    event: Mapping[str, Any], result: EventResult, now_s: float
-) -> float | None:
-    """Seconds from the Checkout Session's ``created`` to ``now_s`` (Unix time) when this
-    delivery fulfilled a purchase (created its ``purchase`` entry), else None."""
-    update = result.update
-    if update is None or not any(e.entry_type == "purchase" for e in update.entries):
-        return None
-    created = event["data"]["object"].get("created")
-    if not isinstance(created, int) or isinstance(created, bool):
-        return None
-    return max(0.0, now_s - created)
 
 
 @dataclass(frozen=True, slots=True)

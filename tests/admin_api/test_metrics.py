@@ -7,6 +7,7 @@ The series and values the reconciliation test checks are the ones the alert rule
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from admin_api.app import create_admin_app
 from admin_api.money_metrics import FLEET_GAUGES
 from billing import ledger
 from billing.admin_tokens import Role, create_admin_token
@@ -25,9 +27,11 @@ from billing.metering.posting import post_settlements
 from billing.purchases.purchase_ledger import share_millicredits
 from billing.reconciliation import default_since, reconcile, record_run
 from devtools.stripe_sim import WEBHOOK_SECRET, StripeStub
+from gateway.app import create_app
 from runtime import appkeys
 from tests.admin_api.test_stripe_webhook import Admin, _admin, make_settings
 from tests.billing.money import usage_record
+from tests.e2e.test_checkout_flow import Shop, shop_settings
 
 STARTER_MC = 9_990_000
 PROFESSIONAL_MC = 52_490_000
@@ -362,3 +366,72 @@ async def test_won_dispute_restores_credits_without_uncounting_the_reversal(
     ]
     assert reversed_lines == [(str(-STARTER_MC), "dispute"), (str(STARTER_MC), "dispute")]
     assert (await admin.balance(account)).balance_millicredits == STARTER_MC
+
+
+async def test_purchase_fulfilled_by_the_success_return_counts_once_with_its_webhook(
+    database_url: str, redis_url: str, stripe_stub: StripeStub, aiohttp_client: Any
+) -> None:
+    """The success return fulfils first (the gateway), the webhook then finds nothing to do:
+    the purchase counts once, on the admin registry, as ``creditgate serve`` wires the apps
+    (one ``PurchaseStats`` for both)."""
+    settings = shop_settings(database_url, redis_url, stripe_stub)
+    admin_app = create_admin_app(settings)
+    gateway_app = create_app(
+        settings,
+        restarts=admin_app[appkeys.TASK_RESTARTS],
+        purchases=admin_app[appkeys.PURCHASE_STATS],
+    )
+    shop = Shop(await aiohttp_client(gateway_app), await aiohttp_client(admin_app), stripe_stub)
+    shop.account_id, shop.key = await shop.add_buyer()
+    before = scrape(admin_app)
+    checkout = await shop.started("professional")
+    session_id = checkout["checkoutSessionId"]
+    stripe_stub.sessions[session_id]["created"] -= 100
+    stripe_stub.pay(session_id)
+
+    status, page = await shop.page(shop.success_path(checkout))
+    assert status == 200 and 'data-status="paid"' in page
+    returned = scrape(admin_app)
+    late = stripe_stub.event("checkout.session.completed", stripe_stub.session(session_id))
+    response = await shop.webhook(late)
+    assert response.status == 200
+    assert (await response.json())["outcome"] == "processed"
+    after = scrape(admin_app)
+
+    for samples in (returned, after):
+        assert moved(before, samples, "creditgate_purchases_total", package="professional") == 1
+        assert (
+            moved(
+                before, samples, "creditgate_purchased_millicredits_total", package="professional"
+            )
+            == PROFESSIONAL_MC
+        )
+        latency = "creditgate_stripe_fulfilment_latency_seconds"
+        assert moved(before, samples, f"{latency}_count") == 1
+        assert 100 <= moved(before, samples, f"{latency}_sum") < 110
+    assert len(await shop.purchase_entries()) == 1
+    # The gateway's registry does not export the purchases (no family twice in serve).
+    assert not any(name.startswith("creditgate_purchase") for name, _ in scrape(gateway_app))
+
+
+async def test_restarts_count_an_admin_loop_that_raised(
+    database_url: str, redis_url: str, stripe_stub: StripeStub, aiohttp_client: Any
+) -> None:
+    app = create_admin_app(make_settings(database_url, redis_url, stripe_stub))
+    gauges = app[FLEET_GAUGES]
+    failures = [RuntimeError("boom")]
+    refresh = gauges.refresh
+    restarted = asyncio.Event()
+
+    async def failing_once(app: web.Application) -> None:
+        if failures:
+            raise failures.pop()
+        restarted.set()  # the supervisor counted the restart before it started the loop again
+        await refresh(app)
+
+    gauges.refresh = failing_once  # type: ignore[method-assign]
+    await aiohttp_client(app)
+
+    await restarted.wait()
+    restarts = "creditgate_background_task_restarts_total"
+    assert value(scrape(app), restarts, task="fleet-gauges") == 1

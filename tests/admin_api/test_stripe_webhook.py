@@ -165,7 +165,7 @@ async def test_webhook_paid_checkout_grants_credits_and_updates_redis(admin: Adm
     assert purchase["status"] == "paid"
     assert purchase["charge_id"] == charge["id"]
     assert purchase["receipt_url"] == charge["receipt_url"]
-    stats = admin.client.app[appkeys.STRIPE_WEBHOOK_STATS]
+    stats = admin.client.app[appkeys.PURCHASE_STATS]
     assert stats.purchased_millicredits == {"starter": STARTER_MC}
 
 

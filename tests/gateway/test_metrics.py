@@ -8,6 +8,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
@@ -181,7 +182,7 @@ async def test_restarts_count_a_supervised_loop_that_raised(gw) -> None:
             "flaky-loop",
             run,
             initial_backoff_s=0.01,
-            restarts=gw.app[gateway_keys.TASK_RESTARTS],
+            restarts=gw.app[appkeys.TASK_RESTARTS],
         )
     )
     try:
@@ -261,3 +262,23 @@ async def test_client_gone_mid_stream_counts_499_and_its_charge(gw, sim) -> None
     deducted = moved(before, after, "creditgate_deducted_millicredits_total", model="gpt-4o-mini")
     assert deducted == row["charged_millicredits"] > 0
     assert value(after, "creditgate_holds_open") == 0
+
+
+async def test_checkout_answers_are_counted_by_status(gw) -> None:
+    """The purchase availability SLO reads the checkout route's answers: a refusal (401) and
+    a 503 (no Stripe configured here) each count once, under their status."""
+    _, key = await gw.create_account(0)
+    before = scrape(gw)
+    statuses = []
+    async with aiohttp.ClientSession(gw.base_url.removesuffix("/v1")) as session:
+        for bearer in (key, "sk-not-a-key"):
+            async with session.post(
+                "/api/billing/checkout",
+                json={"packageCode": "starter"},
+                headers={"Authorization": f"Bearer {bearer}"},
+            ) as response:
+                statuses.append(response.status)
+    after = scrape(gw)
+    assert statuses == [503, 401]
+    for status in ("401", "503"):
+        assert moved(before, after, "creditgate_checkout_requests_total", status=status) == 1

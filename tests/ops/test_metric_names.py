@@ -267,6 +267,16 @@ async def test_every_metric_in_a_dashboard_or_rule_is_exported_or_recorded(
         with pytest.raises(openai.APIStatusError) as refused:
             await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
     assert refused.value.status_code == 402
+    # A checkout (purchases are off here: 503), for creditgate_checkout_requests_total{status}.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            base_url.removesuffix("/v1") + "/api/billing/checkout",
+            json={"packageCode": "starter"},
+            headers={"Authorization": f"Bearer {paid}"},
+        ) as response,
+    ):
+        assert response.status == 503
     scraped = await _scrape_after_the_fleet_refresh(metrics_url)
 
     recorded = {rule["record"] for _, rule in rules() if "record" in rule}
