@@ -21,6 +21,7 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+import redis
 import stripe
 from aiohttp import web
 
@@ -32,6 +33,8 @@ from tests.conftest import _execute, _run_in_thread
 _ROOT = Path(__file__).resolve().parent.parent
 _CREDITGATE = Path(sys.executable).parent / "creditgate"
 _READY_TIMEOUT_S = 120.0
+#: The stack's logical Redis database (the session's tests use database 0).
+QA_REDIS_DB = 9
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     name = f"qa_{uuid.uuid4().hex}"
+    # A logical database of its own, emptied: the session's database 0 holds other tests'
+    # cached balances under the same account ids, which reconciliation would compare.
+    redis_url = redis_server.url.rsplit("/", 1)[0] + f"/{QA_REDIS_DB}"
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
     _run_in_thread(
         _execute(pg_server.dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
     )
@@ -65,7 +73,7 @@ def stack(
     env.update(
         ports,
         DATABASE_URL=pg_server.dsn_for(name),
-        REDIS_URL=redis_server.url,
+        REDIS_URL=redis_url,
         PYTHONPATH=str(_ROOT),
     )
     workdir = tmp_path_factory.mktemp("devstack")
