@@ -7,7 +7,8 @@ later in the settlement poster, off the client's latency path.
 
 The hold's life is ``HoldState``, moved only by ``BilledCall.settle`` and ``void``. Streamed
 answers are relayed by ``gateway.relay``; non-streamed ones are read whole, settled, then
-written in one piece.
+written in one piece. The estimate and the hold of ``_prepare`` are ``gateway.admission``'s;
+each answer is counted and logged by ``gateway.request_end``.
 """
 
 from __future__ import annotations
