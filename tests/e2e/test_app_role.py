@@ -162,15 +162,36 @@ def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+async def _deliver(http: aiohttp.ClientSession, admin: Admin, event: dict[str, Any]) -> None:
+    """A Stripe event, signed, to the admin service's webhook (it must be taken)."""
+    payload = event_body(event)
+    async with http.post(
+        admin.base_url + "/stripe/webhook",
+        data=payload,
+        headers={
+            "Stripe-Signature": sign(payload, WEBHOOK_SECRET),
+            "Content-Type": "application/json",
+        },
+    ) as response:
+        assert response.status == 200, (event["type"], await response.text())
+
+
+async def _balance(http: aiohttp.ClientSession, gateway_url: str, key: str) -> int:
+    async with http.get(gateway_url + "/api/billing/me", headers=_bearer(key)) as response:
+        assert response.status == 200, await response.text()
+        return int((await response.json())["balanceMillicredits"])
+
+
 async def _billing_api_calls(
     http: aiohttp.ClientSession,
     gateway_url: str,
     admin: Admin,
     stub: StripeStub,
     key: str,
+    portal_url: str,
 ) -> None:
-    """The Credits page's API, a purchase through Checkout and its signed webhook, and a
-    portal link."""
+    """The Credits page's API; a purchase through Checkout, its return page, a refund and a
+    dispute through the signed webhook; a billing session and a portal link."""
     for path in (
         "/api/billing/me",
         "/api/billing/usage",
@@ -189,8 +210,7 @@ async def _billing_api_calls(
         headers=_bearer(key),
     ) as response:
         assert response.status == 200, await response.text()
-    async with http.get(gateway_url + "/api/billing/me", headers=_bearer(key)) as response:
-        before = int((await response.json())["balanceMillicredits"])
+    before = await _balance(http, gateway_url, key)
 
     async with http.post(
         gateway_url + "/api/billing/checkout",
@@ -199,28 +219,28 @@ async def _billing_api_calls(
     ) as response:
         assert response.status == 201, await response.text()
         checkout = await response.json()
-    event = stub.event("checkout.session.completed", stub.pay(checkout["checkoutSessionId"]))
-    payload = event_body(event)
-    async with http.post(
-        admin.base_url + "/stripe/webhook",
-        data=payload,
-        headers={
-            "Stripe-Signature": sign(payload, WEBHOOK_SECRET),
-            "Content-Type": "application/json",
-        },
-    ) as response:
+    session_id = checkout["checkoutSessionId"]
+    await _deliver(http, admin, stub.event("checkout.session.completed", stub.pay(session_id)))
+    assert await _balance(http, gateway_url, key) == before + STARTER_MC
+    # The return from Checkout (the Credits page applies the session too: already paid).
+    success_url = stub.sessions[session_id]["success_url"]
+    async with http.get(success_url.replace("{CHECKOUT_SESSION_ID}", session_id)) as response:
         assert response.status == 200, await response.text()
-    async with http.get(gateway_url + "/api/billing/me", headers=_bearer(key)) as response:
-        after = int((await response.json())["balanceMillicredits"])
-    assert after == before + STARTER_MC
+    stub.refund(session_id, 333)
+    await _deliver(http, admin, stub.event("charge.refunded", stub.charge_of(session_id)))
+    assert await _balance(http, gateway_url, key) == before + STARTER_MC - STARTER_MC * 333 // 999
+    await _deliver(
+        http, admin, stub.event("charge.dispute.created", stub.dispute(session_id, amount=100))
+    )
 
-    async with http.post(
-        gateway_url + "/api/billing/session",
-        json={"apiKey": key},
-    ) as response:
+    async with http.post(gateway_url + "/api/billing/session", json={"apiKey": key}) as response:
         assert response.status == 201, await response.text()
     async with http.get(gateway_url + "/api/billing/session") as response:
         assert response.status == 200, await response.text()
+    async with http.get(portal_url) as response:
+        assert response.status == 200, await response.text()
+    async with http.post(portal_url, allow_redirects=False) as response:
+        assert response.status == 303, await response.text()
 
 
 async def _admin_calls(admin: Admin) -> dict[str, Any]:
@@ -288,7 +308,7 @@ async def _admin_calls(admin: Admin) -> dict[str, Any]:
     token = await admin.call("POST", "/admin/v1/tokens", 201, json={"name": "ci", "role": "viewer"})
     await admin.call("PATCH", f"/admin/v1/tokens/{token['id']}", json={"name": "ci deploys"})
     await admin.call("POST", f"/admin/v1/tokens/{token['id']}/revoke")
-    await admin.call(
+    portal = await admin.call(
         "POST",
         f"/admin/v1/accounts/{account_id}/portal-sessions",
         201,
@@ -312,7 +332,12 @@ async def _admin_calls(admin: Admin) -> dict[str, Any]:
         "/admin/v1/reconciliation-runs",
     ):
         await admin.call("GET", path)
-    return {"account_id": account_id, "key": issued["key"], "broke_key": broke_key["key"]}
+    return {
+        "account_id": account_id,
+        "key": issued["key"],
+        "broke_key": broke_key["key"],
+        "portal_url": portal["url"],
+    }
 
 
 async def _metric(http: aiohttp.ClientSession, metrics_url: str, name: str) -> float | None:
@@ -338,7 +363,9 @@ async def _exercise(
         admin = Admin(http, f"http://127.0.0.1:{admin_port}", token)
         made = await _admin_calls(admin)
         request_ids = await _gateway_calls(http, gateway_url, made["key"], made["broke_key"])
-        await _billing_api_calls(http, gateway_url, admin, stripe_stub, made["key"])
+        await _billing_api_calls(
+            http, gateway_url, admin, stripe_stub, made["key"], made["portal_url"]
+        )
 
         async def posted() -> bool:
             count = await app_pool.fetchval(
