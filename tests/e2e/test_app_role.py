@@ -28,10 +28,11 @@ from redis import asyncio as aioredis
 from yarl import URL
 
 from billing.reconciliation import DailyReconciliation
-from devtools.localservices import PostgresServer, free_port
+from devtools.localservices import PostgresServer, find_pg_bindir, free_port
 from devtools.simulator import Simulator
 from devtools.stripe_sim import TEST_API_KEY, WEBHOOK_SECRET, StripeStub, event_body, sign
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_ROLE = "creditgate_app"
 STARTER_MC = 9_990_000
 READY_TIMEOUT_S = 60
@@ -63,8 +64,8 @@ async def fresh_database(pg_server: PostgresServer) -> AsyncIterator[str]:
         await admin.close()
 
 
-def _cli(env: dict[str, str], *args: str) -> dict[str, Any]:
-    """One ``creditgate`` command; its JSON document (it must succeed)."""
+def _cli(env: dict[str, str], *args: str) -> bytes:
+    """One ``creditgate`` command's output (it must succeed)."""
     done = subprocess.run(
         [sys.executable, "-P", "-m", "creditgate.cli", *args],
         env=env,
@@ -74,7 +75,26 @@ def _cli(env: dict[str, str], *args: str) -> dict[str, Any]:
     )
     assert done.returncode == 0, (args, done.stdout, done.stderr)
     assert not _PERMISSION_ERROR.search(done.stderr.decode()), done.stderr
-    return dict(orjson.loads(done.stdout))
+    return done.stdout
+
+
+def _let_the_role_log_in(owner_url: str, password: str) -> None:
+    """postgres/app_role.sql, run as the `migrate` service runs it."""
+    subprocess.run(
+        [
+            str(find_pg_bindir() / "psql"),
+            owner_url,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            f"app_password={password}",
+            "-f",
+            str(REPO_ROOT / "postgres" / "app_role.sql"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def _spawn(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
@@ -405,19 +425,16 @@ async def test_serve_runs_as_creditgate_app_without_a_permission_error(
     tmp_path: Path,
 ) -> None:
     base_env = {**os.environ, "REDIS_URL": redis_url, "UPSTREAM_API_KEY": "sk-upstream"}
-    # The owner migrates (docker-compose.yml's `migrate` service), then lets the role log in.
+    # The owner migrates, then lets the role log in: docker-compose.yml's `migrate` service.
     _cli({**base_env, "DATABASE_URL": fresh_database}, "migrate")
     password = secrets.token_hex(16)
-    owner = await asyncpg.connect(fresh_database)
-    try:
-        await owner.execute(f"ALTER ROLE {APP_ROLE} LOGIN PASSWORD '{password}'")
-    finally:
-        await owner.close()
+    await asyncio.to_thread(_let_the_role_log_in, fresh_database, password)
     app_url = str(URL(fresh_database).with_user(APP_ROLE).with_password(password))
     app_env = {**base_env, "DATABASE_URL": app_url}
     # What an operator runs in the gateway's container (as the role, like the service).
     _cli(app_env, "seed")
-    token = _cli(app_env, "admin", "create-token", "--role", "admin", "--name", "ops")["token"]
+    made = _cli(app_env, "admin", "create-token", "--role", "admin", "--name", "ops")
+    token = orjson.loads(made)["token"]
 
     port, admin_port, metrics_port = free_port(), free_port(), free_port()
     env = {
@@ -460,3 +477,9 @@ async def test_serve_runs_as_creditgate_app_without_a_permission_error(
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await app_pool.execute(statement)
         assert await app_pool.fetchval("SELECT count(*) FROM audit_log") > 10
+
+    # What an operator runs in the gateway's container besides: reconciliation and reports.
+    assert orjson.loads(_cli(app_env, "reconcile"))["ok"] is True
+    month = f"{datetime.now(UTC):%Y-%m}"
+    for report in ("liability", "revenue"):
+        assert _cli(app_env, "report", report, "--month", month).count(b"\n") > 1
