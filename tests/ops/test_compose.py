@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from yarl import URL
 
 from runtime.settings import Settings, StoreSettings
 
@@ -76,6 +77,7 @@ def _bind_mounts(compose: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
 
 def test_compose_has_the_whole_stack(compose):
     assert set(compose["services"]) >= {
+        "migrate",
         "gateway",
         "postgres",
         "redis",
@@ -96,6 +98,7 @@ def test_every_mounted_host_path_exists_in_the_repository(compose):
         "./grafana/dashboards",
         "./postgres/pg_hba.conf",
         "./postgres/backup.sh",
+        "./postgres/app_role.sql",
     } <= sources
     missing = [(name, source) for name, source, _ in mounts if not (REPO_ROOT / source).exists()]
     assert missing == []
@@ -149,11 +152,15 @@ def test_backup_service_takes_daily_base_backups_with_pg_basebackup(compose):
 def test_gateway_environment_names_only_settings_the_gateway_reads(compose, env_example):
     env = _RecordingEnv(_service_env(compose["services"]["gateway"], env_example))
     Settings.from_env(env)  # valid as configured: raises ConfigError otherwise
-    StoreSettings.from_env(env, migrating=True)
     assert set(env) - env.read == set()
-    assert env["MIGRATION_SNAPSHOT_DIR"] in {
-        volume.split(":")[1] for volume in compose["services"]["gateway"]["volumes"]
-    }
+
+
+def test_migrate_environment_names_only_what_migrate_and_psql_read(compose, env_example):
+    migrate = compose["services"]["migrate"]
+    env = _RecordingEnv(_service_env(migrate, env_example))
+    StoreSettings.from_env(env, migrating=True)
+    assert set(env) - env.read == {"APP_DB_PASSWORD"}  # psql's, for postgres/app_role.sql
+    assert env["MIGRATION_SNAPSHOT_DIR"] in {volume.split(":")[1] for volume in migrate["volumes"]}
 
 
 def test_gateway_ports_match_the_settings_defaults(compose, env_example):
@@ -179,6 +186,7 @@ def test_gateway_ports_match_the_settings_defaults(compose, env_example):
 def test_dependencies_wait_for_healthy_services(compose):
     services = compose["services"]
     assert services["gateway"]["depends_on"] == {
+        "migrate": {"condition": "service_completed_successfully"},
         "postgres": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
     }
@@ -204,5 +212,41 @@ def test_the_image_ships_a_pg_dump_as_new_as_the_compose_server(compose):
     assert '"postgresql-client-${PG_CLIENT_VERSION}"' in dockerfile
     server = compose["services"]["postgres"]["image"]
     assert server == f"postgres:{client[1]}"
-    snapshots = compose["services"]["gateway"]["environment"]["MIGRATION_SNAPSHOT_DIR"]
+    snapshots = compose["services"]["migrate"]["environment"]["MIGRATION_SNAPSHOT_DIR"]
     assert f"install -d -o creditgate -g creditgate {snapshots}" in dockerfile
+
+
+def _app_role() -> str:
+    """The application's role, as the first migration creates it."""
+    sql = (REPO_ROOT / "migrations" / "0001_create_money_path.sql").read_text(encoding="utf-8")
+    found = re.search(r"CREATE ROLE (\w+) NOLOGIN;", sql)
+    assert found is not None
+    return found[1]
+
+
+def test_the_owner_migrates_and_the_gateway_serves_as_the_application_role(compose, env_example):
+    services = compose["services"]
+    migrate, gateway = services["migrate"], services["gateway"]
+    owner = URL(_service_env(migrate, env_example)["DATABASE_URL"])
+    served = URL(_service_env(gateway, env_example)["DATABASE_URL"])
+    assert owner.user == env_example["POSTGRES_USER"]
+    assert owner.password == env_example["POSTGRES_PASSWORD"]
+    assert served.user == _app_role() == "creditgate_app"
+    assert served.password == env_example["APP_DB_PASSWORD"]
+    assert (served.host, served.port, served.path) == (owner.host, owner.port, owner.path)
+    # The gateway no longer migrates (it could not: the role owns nothing); migrate does,
+    # then lets the role log in with APP_DB_PASSWORD through postgres/app_role.sql.
+    assert gateway["command"] == ["creditgate", "serve"]
+    assert migrate["image"] == gateway["image"]
+    script = migrate["command"][-1]
+    assert migrate["command"][:2] == ["sh", "-c"]
+    assert script.startswith("creditgate migrate && psql ")
+    assert '-v app_password="$$APP_DB_PASSWORD"' in script
+    assert "-v ON_ERROR_STOP=1" in script
+    mounted = {target: source for _, source, target in _bind_mounts(compose)}
+    target = script.rsplit("-f ", 1)[1].strip()
+    assert mounted[target] == "./postgres/app_role.sql"
+    sql = (REPO_ROOT / "postgres" / "app_role.sql").read_text(encoding="utf-8")
+    assert f"ALTER ROLE {_app_role()} LOGIN PASSWORD :'app_password';" in sql
+    # Backups keep the superuser (pg_basebackup needs REPLICATION).
+    assert services["backup"]["environment"]["PGUSER"] == "${POSTGRES_USER:-creditgate}"
