@@ -28,6 +28,7 @@ import redis
 from creditgate.migrator import apply_migrations
 from devtools.localservices import PostgresServer, RedisServer, start_postgres, start_redis
 from devtools.simulator import Simulator
+from devtools.stripe_sim import StripeStub
 from tests.harness import GatewayHarness, gateway_settings, seed_database
 
 TEMPLATE_DATABASE = "cg_template"
@@ -112,6 +113,17 @@ def redis_url(redis_server: RedisServer) -> str:
 async def sim() -> AsyncIterator[Simulator]:
     async with Simulator() as simulator:
         yield simulator
+
+
+@pytest.fixture
+async def stripe_stub() -> AsyncIterator[StripeStub]:
+    """The simulated Stripe API (``devtools.stripe_sim``), on a free loopback port."""
+    stub = StripeStub()
+    await stub.start()
+    try:
+        yield stub
+    finally:
+        await stub.stop()
 
 
 @pytest.fixture

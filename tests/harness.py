@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -98,17 +102,7 @@ class GatewayHarness:
     async def create_account(self, credits_millicredits: int = 0) -> tuple[int, str]:
         """A new account with an adjustment of ``credits_millicredits``; returns (id, key)."""
         async with self.pool.acquire() as conn:
-            account_id = await ledger.create_account(conn, f"{uuid.uuid4().hex}@example.com")
-            if credits_millicredits:
-                await ledger.post_entry(
-                    conn,
-                    account_id=account_id,
-                    entry_type="adjustment",
-                    amount_millicredits=credits_millicredits,
-                    idempotency_key=f"test-grant:{uuid.uuid4()}",
-                )
-            key, _ = await api_keys.create_api_key(conn, account_id, name="test")
-        return account_id, key
+            return await create_account_with_key(conn, credits_millicredits)
 
     async def settled(self, timeout_s: float = 10.0) -> None:
         """Wait until the settlement poster has posted every outbox entry to Postgres."""
@@ -179,3 +173,51 @@ class GatewayHarness:
     @property
     def rate_cards(self):
         return self.app[gateway_keys.RATE_CARDS]
+
+
+#: How long ``start_serve`` waits for ``creditgate serve`` to print READY (seconds).
+SERVE_READY_TIMEOUT_S = 60.0
+
+
+async def create_account_with_key(
+    conn: asyncpg.Connection, credits_millicredits: int = 0, *, name: str = "test"
+) -> tuple[int, str]:
+    """A new account with an adjustment of ``credits_millicredits`` (none when 0) and a key
+    named ``name``; returns (account id, key)."""
+    account_id = await ledger.create_account(conn, f"{uuid.uuid4().hex}@example.com")
+    if credits_millicredits:
+        await ledger.post_entry(
+            conn,
+            account_id=account_id,
+            entry_type="adjustment",
+            amount_millicredits=credits_millicredits,
+            idempotency_key=f"test-grant:{uuid.uuid4()}",
+        )
+    key, _ = await api_keys.create_api_key(conn, account_id, name=name)
+    return account_id, key
+
+
+def _spawn_serve(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-P", "-m", "creditgate.cli", "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+
+async def start_serve(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
+    """``creditgate serve`` as a subprocess with ``env``, its stdout and stderr in the files
+    ``out`` and ``err``, once it printed READY (within ``SERVE_READY_TIMEOUT_S``; else it is
+    killed and the test fails with the end of its stderr)."""
+    process = await asyncio.to_thread(_spawn_serve, env, out, err)
+    deadline = time.monotonic() + SERVE_READY_TIMEOUT_S
+    while b"READY" not in await asyncio.to_thread(out.read_bytes):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            tail = (await asyncio.to_thread(err.read_text))[-3000:]
+            raise AssertionError("creditgate serve did not start:\n" + tail)
+        await asyncio.sleep(0.05)
+    return process

@@ -10,8 +10,6 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,16 +19,14 @@ import openai
 import orjson
 import pytest
 
-from billing import api_keys, ledger
 from billing.metering.holds import OUTBOX_STREAM_KEY
 from devtools.localservices import free_port
 from devtools.simulator import Simulator
 from runtime import json_logs
 from runtime.json_logs import install_json_logging
-from tests.harness import seed_database
+from tests.harness import create_account_with_key, seed_database, start_serve
 
 WEBHOOK_SECRET = "whsec_" + "W" * 32
-READY_TIMEOUT_S = 60
 
 
 @pytest.fixture
@@ -69,23 +65,6 @@ def test_json_logging_writes_the_fields_and_redacts_secrets(root_logging) -> Non
     assert "Bearer [REDACTED]" in second["exc_info"]
 
 
-async def _account_with_key(database_url: str) -> tuple[int, str]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        account_id = await ledger.create_account(conn, f"{secrets.token_hex(8)}@example.com")
-        await ledger.post_entry(
-            conn,
-            account_id=account_id,
-            entry_type="adjustment",
-            amount_millicredits=1_000_000,
-            idempotency_key=f"test-grant:{account_id}",
-        )
-        key, _ = await api_keys.create_api_key(conn, account_id, name="logs")
-    finally:
-        await conn.close()
-    return account_id, key
-
-
 async def _usage_row(database_url: str, request_id: str) -> asyncpg.Record:
     conn = await asyncpg.connect(database_url)
     try:
@@ -102,33 +81,15 @@ async def _usage_row(database_url: str, request_id: str) -> asyncpg.Record:
         await conn.close()
 
 
-def _spawn(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        return subprocess.Popen(
-            [sys.executable, "-P", "-m", "creditgate.cli", "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-        )
-
-
-async def _serve(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
-    """``creditgate serve`` started, once it printed READY."""
-    process = await asyncio.to_thread(_spawn, env, out, err)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while b"READY" not in await asyncio.to_thread(out.read_bytes):
-        assert process.poll() is None, "creditgate serve exited"
-        assert time.monotonic() < deadline, "creditgate serve not ready"
-        await asyncio.sleep(0.05)
-    return process
-
-
 async def test_serve_logs_json_lines_with_an_access_line_and_no_secret(
     database_url: str, redis_url: str, sim: Simulator, tmp_path: Path
 ) -> None:
     await seed_database(database_url)
-    account_id, key = await _account_with_key(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        account_id, key = await create_account_with_key(conn, 1_000_000, name="logs")
+    finally:
+        await conn.close()
     marker = "prompt-marker-" + secrets.token_hex(8)
     bad_key = "cg_live_" + "B" * 43
     port = free_port()
@@ -146,7 +107,7 @@ async def test_serve_logs_json_lines_with_an_access_line_and_no_secret(
         "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
     }
     err = tmp_path / "serve.err"
-    process = await _serve(env, tmp_path / "serve.out", err)
+    process = await start_serve(env, tmp_path / "serve.out", err)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client:

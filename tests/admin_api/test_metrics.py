@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -56,16 +55,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
-
-
-@pytest.fixture
-async def stripe_stub() -> AsyncIterator[StripeStub]:
-    stub = StripeStub()
-    await stub.start()
-    try:
-        yield stub
-    finally:
-        await stub.stop()
 
 
 @pytest.fixture

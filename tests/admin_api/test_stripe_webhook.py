@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -33,16 +32,6 @@ from runtime import appkeys
 from runtime.settings import Settings
 
 STARTER_MC = 9_990_000
-
-
-@pytest.fixture
-async def stripe_stub() -> AsyncIterator[StripeStub]:
-    stub = StripeStub()
-    await stub.start()
-    try:
-        yield stub
-    finally:
-        await stub.stop()
 
 
 def make_settings(database_url: str, redis_url: str, stub: StripeStub, **overrides: Any):

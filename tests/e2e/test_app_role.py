@@ -31,24 +31,14 @@ from billing.reconciliation import DailyReconciliation
 from devtools.localservices import PostgresServer, find_pg_bindir, free_port
 from devtools.simulator import Simulator
 from devtools.stripe_sim import TEST_API_KEY, WEBHOOK_SECRET, StripeStub, event_body, sign
+from tests.harness import start_serve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_ROLE = "creditgate_app"
 STARTER_MC = 9_990_000
-READY_TIMEOUT_S = 60
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 # What PostgreSQL says when a role lacks a privilege (SQLSTATE 42501, insufficient_privilege).
 _PERMISSION_ERROR = re.compile(r"permission denied|insufficient.?privilege|42501", re.IGNORECASE)
-
-
-@pytest.fixture
-async def stripe_stub() -> AsyncIterator[StripeStub]:
-    stub = StripeStub()
-    await stub.start()
-    try:
-        yield stub
-    finally:
-        await stub.stop()
 
 
 @pytest.fixture
@@ -95,28 +85,6 @@ def _let_the_role_log_in(owner_url: str, password: str) -> None:
         capture_output=True,
         timeout=60,
     )
-
-
-def _spawn(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        return subprocess.Popen(
-            [sys.executable, "-P", "-m", "creditgate.cli", "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-        )
-
-
-async def _serve(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
-    """``creditgate serve`` started, once it printed READY."""
-    process = await asyncio.to_thread(_spawn, env, out, err)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while b"READY" not in await asyncio.to_thread(out.read_bytes):
-        assert process.poll() is None, await asyncio.to_thread(err.read_text)
-        assert time.monotonic() < deadline, "creditgate serve not ready"
-        await asyncio.sleep(0.05)
-    return process
 
 
 async def _eventually(probe: Any, what: str, timeout_s: float = 20) -> Any:
@@ -455,7 +423,7 @@ async def test_serve_runs_as_creditgate_app_without_a_permission_error(
     err = tmp_path / "serve.err"
     async with asyncpg.create_pool(app_url, min_size=1, max_size=2) as app_pool:
         redis = aioredis.from_url(redis_url)
-        process = await _serve(env, tmp_path / "serve.out", err)
+        process = await start_serve(env, tmp_path / "serve.out", err)
         try:
             await _exercise(app_pool, redis, stripe_stub, token, port, admin_port, metrics_port)
         finally:

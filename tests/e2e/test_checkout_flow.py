@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,16 +24,6 @@ from runtime.settings import Settings
 
 STARTER_MC = 9_990_000
 PUBLIC_BASE_URL = "http://gateway.test"
-
-
-@pytest.fixture
-async def stripe_stub() -> AsyncIterator[StripeStub]:
-    stub = StripeStub()
-    await stub.start()
-    try:
-        yield stub
-    finally:
-        await stub.stop()
 
 
 class Shop:

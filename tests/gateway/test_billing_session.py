@@ -9,7 +9,6 @@ cookie it sends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,16 +25,6 @@ from gateway.app import create_app
 from gateway.billing_session_store import COOKIE_NAME
 from runtime import appkeys
 from tests.e2e.test_checkout_flow import PUBLIC_BASE_URL, Shop, shop_settings
-
-
-@pytest.fixture
-async def stripe_stub() -> AsyncIterator[StripeStub]:
-    stub = StripeStub()
-    await stub.start()
-    try:
-        yield stub
-    finally:
-        await stub.stop()
 
 
 class Portal(Shop):

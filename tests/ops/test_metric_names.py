@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from billing import api_keys, ledger
 from devtools.localservices import free_port
 from devtools.simulator import Simulator
-from tests.harness import seed_database
+from tests.harness import create_account_with_key, seed_database, start_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -42,7 +40,6 @@ RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 SCRAPE_SERIES = frozenset({"up"})
 # Grafana's interval variables, replaced by a duration so the expression parses as PromQL.
 GRAFANA_VARIABLE = re.compile(r"\$__(rate_interval|interval|range)\b")
-_READY_TIMEOUT_S = 60.0
 
 
 def dashboard_exprs() -> Iterator[tuple[str, str]]:
@@ -160,45 +157,13 @@ def test_the_dashboards_and_rules_read_metrics_and_use_the_prometheus_datasource
 # --- the live scrape ------------------------------------------------------------------------
 
 
-async def _account_with_key(database_url: str, credits_millicredits: int) -> str:
+async def _key_with(database_url: str, credits_millicredits: int) -> str:
     conn = await asyncpg.connect(database_url)
     try:
-        account_id = await ledger.create_account(conn, f"{uuid.uuid4().hex}@example.com")
-        if credits_millicredits:
-            await ledger.post_entry(
-                conn,
-                account_id=account_id,
-                entry_type="adjustment",
-                amount_millicredits=credits_millicredits,
-                idempotency_key=f"drift:{uuid.uuid4()}",
-            )
-        key, _ = await api_keys.create_api_key(conn, account_id, name="drift")
+        _, key = await create_account_with_key(conn, credits_millicredits, name="drift")
     finally:
         await conn.close()
     return key
-
-
-def _spawn(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        return subprocess.Popen(
-            [sys.executable, "-P", "-m", "creditgate.cli", "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-        )
-
-
-async def _serve(env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
-    out, err = log_dir / "serve.out", log_dir / "serve.err"
-    process = await asyncio.to_thread(_spawn, env, out, err)
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    while b"READY" not in out.read_bytes():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("creditgate serve did not start:\n" + err.read_text()[-3000:])
-        await asyncio.sleep(0.05)
-    return process
 
 
 @pytest.fixture
@@ -228,7 +193,7 @@ async def served(database_url: str, redis_url: str, sim: Simulator, tmp_path: Pa
         check=False,
     )
     assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
-    process = await _serve(env, tmp_path)
+    process = await start_serve(env, tmp_path / "serve.out", tmp_path / "serve.err")
     try:
         yield f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
@@ -259,10 +224,10 @@ async def test_every_metric_in_a_dashboard_or_rule_is_exported_or_recorded(
     base_url, metrics_url = served
     # A little traffic: a paid request and a 402.
     messages: list[Any] = [{"role": "user", "content": "hi"}]
-    paid = await _account_with_key(database_url, 10_000_000)
+    paid = await _key_with(database_url, 10_000_000)
     async with openai.AsyncOpenAI(api_key=paid, base_url=base_url, max_retries=0) as client:
         await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
-    broke = await _account_with_key(database_url, 0)
+    broke = await _key_with(database_url, 0)
     async with openai.AsyncOpenAI(api_key=broke, base_url=base_url, max_retries=0) as client:
         with pytest.raises(openai.APIStatusError) as refused:
             await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
