@@ -52,6 +52,7 @@ from redis.exceptions import RedisError
 
 from billing import api_keys, finance, ledger, reconciliation
 from billing.accounts import balance_fields
+from billing.adjustments import actor_log_fields
 from billing.audit import CLI_ACTOR, record_audit
 from billing.errors import AccountNotFoundError, BillingError, BillingUnavailableError
 from billing.metering.dead_letters import (
@@ -151,6 +152,7 @@ async def cmd_accounts_create(settings: StoreSettings, args: argparse.Namespace)
                     amount_millicredits=credits_to_millicredits(args.credits),
                     idempotency_key=f"grant:{uuid.uuid4()}",
                     reference="initial credits",
+                    log_fields=actor_log_fields(CLI_ACTOR, kind="starting_grant"),
                 )
             after = {"email": args.email, "initial_entry_id": result.entry.id if result else None}
             await record_audit(
@@ -223,6 +225,7 @@ async def cmd_credits_grant(settings: StoreSettings, args: argparse.Namespace) -
                 amount_millicredits=amount,
                 idempotency_key=args.idempotency_key or f"grant:{uuid.uuid4()}",
                 reference=args.reason,
+                log_fields=actor_log_fields(CLI_ACTOR, kind="grant"),
             )
             if result.created:  # a repeated idempotency key posts nothing: no audit row
                 await record_audit(
