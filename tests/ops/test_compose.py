@@ -206,3 +206,13 @@ def test_the_image_ships_a_pg_dump_as_new_as_the_compose_server(compose):
     assert server == f"postgres:{client[1]}"
     snapshots = compose["services"]["gateway"]["environment"]["MIGRATION_SNAPSHOT_DIR"]
     assert f"install -d -o creditgate -g creditgate {snapshots}" in dockerfile
+
+
+def test_prometheus_scrapes_every_gateway_replica_on_the_metrics_port(compose, env_example):
+    config = yaml.safe_load((REPO_ROOT / "prometheus/prometheus.yml").read_text(encoding="utf-8"))
+    [job] = config["scrape_configs"]
+    assert "static_configs" not in job  # one static target would see one replica of --scale
+    [discovery] = job["dns_sd_configs"]
+    settings = Settings.from_env(_service_env(compose["services"]["gateway"], env_example))
+    assert (discovery["names"], discovery["type"]) == (["gateway"], "A")
+    assert discovery["port"] == settings.metrics_port
