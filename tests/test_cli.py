@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import math
+import stat
 import subprocess
 import sys
 import uuid
@@ -791,6 +792,11 @@ async def test_migrate_takes_a_pg_dump_snapshot_before_pending_migrations(
     snapshot = Path(first["snapshot"])
     assert snapshot.parent == snapshots
     assert snapshot.name.endswith("-before-0001.dump")
+    # A whole-database dump: readable by its owner only, in a directory only it can list.
+    assert (stat.S_IMODE(snapshots.stat().st_mode), stat.S_IMODE(snapshot.stat().st_mode)) == (
+        0o700,
+        0o600,
+    )
     assert first["applied"][0] == "0001_create_money_path.sql"
     magic, listing = _dump_magic_and_listing(snapshot)
     assert magic == b"PGDMP"  # pg_dump's custom format
