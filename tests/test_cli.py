@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import math
+import os
 import stat
 import subprocess
 import sys
@@ -793,10 +794,8 @@ async def test_migrate_takes_a_pg_dump_snapshot_before_pending_migrations(
     assert snapshot.parent == snapshots
     assert snapshot.name.endswith("-before-0001.dump")
     # A whole-database dump: readable by its owner only, in a directory only it can list.
-    assert (stat.S_IMODE(snapshots.stat().st_mode), stat.S_IMODE(snapshot.stat().st_mode)) == (
-        0o700,
-        0o600,
-    )
+    modes = [stat.S_IMODE(os.stat(path).st_mode) for path in (snapshots, snapshot)]
+    assert modes == [0o700, 0o600]
     assert first["applied"][0] == "0001_create_money_path.sql"
     magic, listing = _dump_magic_and_listing(snapshot)
     assert magic == b"PGDMP"  # pg_dump's custom format
