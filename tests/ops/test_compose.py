@@ -171,6 +171,7 @@ def test_gateway_ports_match_the_settings_defaults(compose, env_example):
     assert "127.0.0.1:8081:8081" in gateway["ports"]  # the admin service stays private
     assert gateway["expose"] == [str(defaults.metrics_port)]
     assert settings.host == settings.admin_host == "0.0.0.0"
+    assert settings.metrics_host == "0.0.0.0"  # Prometheus scrapes from its own container
     assert env["DATABASE_URL"].startswith("postgresql://")
     assert "@postgres:5432/" in env["DATABASE_URL"]
     assert env["REDIS_URL"] == "redis://redis:6379/0"
