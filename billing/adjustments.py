@@ -2,8 +2,8 @@
 
 Every one is a new ``adjustment`` ledger entry written by ``billing.ledger.post_entry`` (the
 one writer, which also logs its ``adjustment.posted`` line): corrections are new entries,
-never edits. Each call writes one audit row in the
-same transaction. The caller pushes the returned posted balance to Redis after the commit
+never edits. Each call writes one audit row in the same transaction. The caller pushes the
+returned posted balance to Redis after the commit
 (``billing.purchases.fulfilment.publish_balance``) so the gateways reserve against it.
 
 Idempotency of an adjustment (an ``Idempotency-Key`` chosen by the caller):
