@@ -19,6 +19,7 @@ from typing import Any, Final
 import asyncpg
 
 from billing import ledger
+from billing.adjustments import actor_log_fields
 from billing.audit import Actor, record_audit
 from billing.control import ControlKind, notify_control
 from billing.errors import AccountNotFoundError, DuplicateAccountError
@@ -189,6 +190,7 @@ async def create_account(
                 amount_millicredits=starting_millicredits,
                 idempotency_key=f"account-grant:{account_id}",
                 reference=STARTING_GRANT_REFERENCE,
+                log_fields=actor_log_fields(actor, kind="starting_grant"),
             )
         account = await get_account(conn, account_id)
         await record_audit(

@@ -1,8 +1,9 @@
 """Operator adjustments: credits and debits with a reason, and forgiving a shortfall.
 
 Every one is a new ``adjustment`` ledger entry written by ``billing.ledger.post_entry`` (the
-one writer): corrections are new entries, never edits. Each call writes one audit row in the
-same transaction. The caller pushes the returned posted balance to Redis after the commit
+one writer, which also logs its ``adjustment.posted`` line): corrections are new entries,
+never edits. Each call writes one audit row in the same transaction. The caller pushes the
+returned posted balance to Redis after the commit
 (``billing.purchases.fulfilment.publish_balance``) so the gateways reserve against it.
 
 Idempotency of an adjustment (an ``Idempotency-Key`` chosen by the caller):
@@ -21,7 +22,6 @@ Postgres unreachable: ``OSError``/``asyncpg`` errors propagate (``POSTGRES_UNAVA
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -31,8 +31,6 @@ import orjson
 from billing.audit import Actor, record_audit
 from billing.errors import AccountNotFoundError, IdempotencyKeyReusedError, NoShortfallError
 from billing.ledger import LedgerEntry, PostedBalance, PostingRule, post_entry
-
-log = logging.getLogger(__name__)
 
 ADJUSTMENT_KEY_PREFIX: Final = "admin-adjustment:"
 """Ledger idempotency keys of adjustments: this prefix and the caller's key (one key space
@@ -137,6 +135,7 @@ async def post_adjustment(
             idempotency_key=ADJUSTMENT_KEY_PREFIX + idempotency_key,
             reference=request.reference,
             rule=PostingRule.WHOLE,
+            log_fields=actor_log_fields(actor, kind="adjustment"),
         )
         if not result.created:
             if await _posted_request(conn, result.entry.id) != request.snapshot():
@@ -150,27 +149,18 @@ async def post_adjustment(
             target_id=result.entry.id,
             after={"request": request.snapshot(), "entry": _entry_snapshot(result.entry)},
         )
-    _log_posted(actor, result.entry, kind="adjustment")
     return AdjustmentResult(result.entry, True, result.posted)
 
 
-def _log_posted(actor: Actor, entry: LedgerEntry, *, kind: str) -> None:
-    """The ``adjustment.posted`` money event (amounts as strings; the reason is in the
-    ledger entry and the audit row, not in the log)."""
-    log.info(
-        "adjustment posted",
-        extra={
-            "event": "adjustment.posted",
-            "kind": kind,
-            "accountId": entry.account_id,
-            "ledgerEntryId": entry.id,
-            "millicredits": str(entry.amount_millicredits),
-            "balanceAfterMillicredits": str(entry.balance_after_millicredits),
-            "actorKind": actor.kind,
-            "adminTokenId": actor.token_id,
-            "requestId": actor.request_id,
-        },
-    )
+def actor_log_fields(actor: Actor, *, kind: str) -> dict[str, object]:
+    """Who posted an adjustment, for its ``adjustment.posted`` line (``post_entry``'s
+    ``log_fields``): what kind of adjustment, and the actor's ids (never a token)."""
+    return {
+        "kind": kind,
+        "actorKind": actor.kind,
+        "adminTokenId": actor.token_id,
+        "requestId": actor.request_id,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +214,7 @@ async def forgive_shortfall(
             amount_millicredits=shortfall,
             idempotency_key=key + ":credit",
             reference=reference,
+            log_fields=actor_log_fields(actor, kind="forgive_shortfall"),
         )
         collect = await post_entry(
             conn,
@@ -233,6 +224,7 @@ async def forgive_shortfall(
             idempotency_key=key + ":collect",
             reference=reference,
             rule=PostingRule.REPAY,
+            log_fields=actor_log_fields(actor, kind="forgive_shortfall"),
         )
         await record_audit(
             conn,
@@ -248,6 +240,4 @@ async def forgive_shortfall(
                 "entry_ids": [credit.entry.id, collect.entry.id],
             },
         )
-    for entry in (credit.entry, collect.entry):
-        _log_posted(actor, entry, kind="forgive_shortfall")
     return ForgivenShortfall(shortfall, (credit.entry, collect.entry), collect.posted)

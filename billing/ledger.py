@@ -13,12 +13,16 @@ request path map them to ``BillingUnavailableError`` (503).
 from __future__ import annotations
 
 import enum
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
 from billing.errors import AccountNotFoundError, NegativeBalanceError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +162,18 @@ async def post_entry(
     reference: str | None = None,
     reverses_entry_id: int | None = None,
     rule: PostingRule = PostingRule.WHOLE,
+    log_fields: Mapping[str, object] | None = None,
 ) -> PostResult:
     """Append one ledger entry and move the account's balance, at most once per key.
 
     Posts through ``post_ledger_entries`` (``migrations/functions/``), the only writer of
     ledger entries and balances; one statement, under the account's row lock.
+
+    Every ``adjustment`` entry it creates (operator adjustments, starting grants, the CLI's
+    grants, forgiven shortfalls) writes one ``adjustment.posted`` log line here, the one
+    place all of them pass, so no path logs twice or not at all; a repeated key writes none.
+    The line is written inside the caller's transaction: if that rolls back later, the line
+    names a ledger entry id that was never committed (the ledger is the record).
 
     Args:
         entry_type: one of ``ENTRY_TYPES``.
@@ -170,6 +181,8 @@ async def post_entry(
         idempotency_key: unique per real-world event (e.g. ``purchase:cs_...``).
         rule: what a debit does when the balance cannot cover it (``PostingRule``); with
             ``OWE`` the uncovered part is ``PostResult.shortfall_millicredits``.
+        log_fields: more fields for the ``adjustment.posted`` line (who posted it: ids
+            only, never a secret).
 
     Raises:
         NegativeBalanceError: the entry would take the balance below zero under ``WHOLE`` or
@@ -221,8 +234,26 @@ async def post_entry(
         reverses_entry_id=reverses_entry_id,
         created_at=created_at,
     )
+    if entry_type == "adjustment":
+        _log_adjustment(entry, log_fields)
     shortfall = uncovered if rule is PostingRule.OWE else 0
     return PostResult(entry, True, PostedBalance(*posted), shortfall)
+
+
+def _log_adjustment(entry: LedgerEntry, log_fields: Mapping[str, object] | None) -> None:
+    """The ``adjustment.posted`` money event (amounts as strings; the reason stays in the
+    ledger entry and the audit row, not in the log)."""
+    log.info(
+        "adjustment posted",
+        extra={
+            "event": "adjustment.posted",
+            "accountId": entry.account_id,
+            "ledgerEntryId": entry.id,
+            "millicredits": str(entry.amount_millicredits),
+            "balanceAfterMillicredits": str(entry.balance_after_millicredits),
+            **(log_fields or {}),
+        },
+    )
 
 
 async def ledger_sum_matches_balance(conn: asyncpg.Connection, account_id: int) -> bool:

@@ -17,7 +17,8 @@
     creditgate admin revoke-token ID            (creditgate.cli_admin_tokens)
     creditgate reconcile [--since YYYY-MM-DD]   (exit status 1 when anything does not add up)
     creditgate report liability|revenue --month YYYY-MM   (CSV, not JSON; billing.finance)
-    creditgate qa --gateway URL --admin URL --admin-token T [--smoke] [--json]
+    creditgate qa --gateway URL --admin URL [--admin-token T] [--smoke] [--json]
+                             (the token from ADMIN_TOKEN unless --admin-token is given)
                              (go-live QA over HTTP, creditgate.qa; a summary, not JSON, unless
                              --json; exit status 1 when a section fails; no DATABASE_URL)
 
@@ -38,6 +39,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -52,6 +54,7 @@ from redis.exceptions import RedisError
 
 from billing import api_keys, finance, ledger, reconciliation
 from billing.accounts import balance_fields
+from billing.adjustments import actor_log_fields
 from billing.audit import CLI_ACTOR, record_audit
 from billing.errors import AccountNotFoundError, BillingError, BillingUnavailableError
 from billing.metering.dead_letters import (
@@ -151,6 +154,7 @@ async def cmd_accounts_create(settings: StoreSettings, args: argparse.Namespace)
                     amount_millicredits=credits_to_millicredits(args.credits),
                     idempotency_key=f"grant:{uuid.uuid4()}",
                     reference="initial credits",
+                    log_fields=actor_log_fields(CLI_ACTOR, kind="starting_grant"),
                 )
             after = {"email": args.email, "initial_entry_id": result.entry.id if result else None}
             await record_audit(
@@ -223,6 +227,7 @@ async def cmd_credits_grant(settings: StoreSettings, args: argparse.Namespace) -
                 amount_millicredits=amount,
                 idempotency_key=args.idempotency_key or f"grant:{uuid.uuid4()}",
                 reference=args.reason,
+                log_fields=actor_log_fields(CLI_ACTOR, kind="grant"),
             )
             if result.created:  # a repeated idempotency key posts nothing: no audit row
                 await record_audit(
@@ -513,7 +518,15 @@ def _qa_parser(sub: Any) -> None:
     check = sub.add_parser("qa", help="go-live QA over HTTP", description=checking)
     check.add_argument("--gateway", required=True, help="the gateway's base URL")
     check.add_argument("--admin", required=True, help="the admin service's base URL")
-    check.add_argument("--admin-token", required=True, help="an admin-role admin API token")
+    # The token from the environment by default: on the command line it would show in `ps`
+    # and in the shell's history (`make run` prints an `export ADMIN_TOKEN=...` line).
+    env_token = os.environ.get("ADMIN_TOKEN") or None
+    check.add_argument(
+        "--admin-token",
+        default=env_token,
+        required=env_token is None,
+        help="an admin-role admin API token (default: $ADMIN_TOKEN; one of them is required)",
+    )
     check.add_argument(
         "--smoke", action="store_true", help="T-0: one call, one 402, no rate change"
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.resources
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -262,10 +263,19 @@ async def _apply(
         await conn.execute(record_sql, *args)
 
 
+def _create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 (whatever the umask; never an existing file)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 async def take_snapshot(dsn: str, snapshot_dir: Path, *, before: MigrationFile) -> Path:
     """Dump the database at ``dsn`` with ``pg_dump --format=custom`` into ``snapshot_dir``
     (created if missing) as ``<database>-<UTC time>-before-<version>.dump``; restore it with
     ``pg_restore --clean --if-exists -d DATABASE FILE``.
+
+    A dump is the whole database (emails, key digests, the ledger): a directory this makes
+    is 0700 and the file is created 0600 before ``pg_dump`` writes into it, so it is never
+    readable by others, not even for a moment (a ``chmod`` after would leave a window).
 
     Raises:
         MigrationError: ``pg_dump`` is not on PATH, the directory cannot be made, or the dump
@@ -279,7 +289,8 @@ async def take_snapshot(dsn: str, snapshot_dir: Path, *, before: MigrationFile) 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     path = snapshot_dir / f"{database}-{stamp}-before-{before.key}.dump"
     try:
-        await asyncio.to_thread(snapshot_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(snapshot_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(_create_private_file, path)
     except OSError as exc:
         raise MigrationError(before.name, f"{problem}: {exc}") from exc
     process = await asyncio.create_subprocess_exec(

@@ -128,7 +128,8 @@ def edge_readings(runners: Mapping[str, EdgeAppRunner]) -> list[LabelledReading]
 
 async def run_services(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve the gateway on ``HOST:PORT``, the admin app on ``ADMIN_HOST:ADMIN_PORT`` and
-    ``/metrics`` on ``HOST:METRICS_PORT`` (not when 0) until ``stop`` is set or
+    ``/metrics`` on ``METRICS_HOST:METRICS_PORT`` (``METRICS_HOST`` defaults to ``HOST``; not
+    when the port is 0) until ``stop`` is set or
     SIGINT/SIGTERM arrives."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,14 +179,16 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
         await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024).start()
         await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
         if settings.metrics_port:
-            await web.TCPSite(metrics_runner, settings.host, settings.metrics_port).start()
+            metrics_host = settings.metrics_host or settings.host
+            await web.TCPSite(metrics_runner, metrics_host, settings.metrics_port).start()
         tune_gc_for_serving()
         log.info(
-            "creditgate serving on http://%s:%d (admin on http://%s:%d, metrics on port %s)",
+            "creditgate serving on http://%s:%d (admin on http://%s:%d, metrics on %s:%s)",
             settings.host,
             settings.port,
             settings.admin_host,
             settings.admin_port,
+            settings.metrics_host or settings.host,
             settings.metrics_port or "none",
         )
         print(

@@ -66,6 +66,9 @@ class Settings:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
     metrics_port: int = 9464
+    metrics_host: str | None = None
+    """``METRICS_HOST``: the address ``/metrics`` binds (revenue and liability figures: keep it
+    private); None (unset): ``host``. The compose file sets 0.0.0.0 for Prometheus's container."""
     metrics_db_refresh_s: float = 30.0
     """``METRICS_DB_REFRESH_S``: seconds between the admin service's reads of the fleet gauges
     (outstanding credits, today's margin, the latest reconciliation) from Postgres."""
@@ -169,6 +172,7 @@ class Settings:
             admin_host=read.text("ADMIN_HOST", "127.0.0.1"),
             admin_port=read.integer("ADMIN_PORT", 8081, minimum=1, maximum=65535),
             metrics_port=read.integer("METRICS_PORT", 9464, minimum=0, maximum=65535),
+            metrics_host=read.text("METRICS_HOST") or None,
             metrics_db_refresh_s=read.seconds("METRICS_DB_REFRESH_S", 30.0, minimum=1),
             public_base_url=read.url(
                 "PUBLIC_BASE_URL", _HTTP_SCHEMES, default=f"http://127.0.0.1:{port}"

@@ -7,6 +7,8 @@ import csv
 import hashlib
 import io
 import math
+import os
+import stat
 import subprocess
 import sys
 import uuid
@@ -791,6 +793,9 @@ async def test_migrate_takes_a_pg_dump_snapshot_before_pending_migrations(
     snapshot = Path(first["snapshot"])
     assert snapshot.parent == snapshots
     assert snapshot.name.endswith("-before-0001.dump")
+    # A whole-database dump: readable by its owner only, in a directory only it can list.
+    modes = [stat.S_IMODE(os.stat(path).st_mode) for path in (snapshots, snapshot)]
+    assert modes == [0o700, 0o600]
     assert first["applied"][0] == "0001_create_money_path.sql"
     magic, listing = _dump_magic_and_listing(snapshot)
     assert magic == b"PGDMP"  # pg_dump's custom format
@@ -835,3 +840,30 @@ async def test_migrate_relative_snapshot_dir_is_a_config_error(empty_database_ur
     code, doc = await run_cli(env, "migrate")
     assert code == 1
     assert doc["problems"] == ["MIGRATION_SNAPSHOT_DIR must be an absolute path, got 'snapshots'"]
+
+
+def _adjustment_lines(stderr: bytes) -> list[dict[str, Any]]:
+    lines = [orjson.loads(line) for line in stderr.splitlines() if line.startswith(b"{")]
+    return [line for line in lines if line.get("event") == "adjustment.posted"]
+
+
+async def test_grant_and_starting_credits_each_log_one_adjustment_posted(cli_env):
+    email = f"{uuid.uuid4().hex}@example.com"
+    code, stdout, stderr = await run_cli_text(
+        cli_env, "accounts", "create", "--email", email, "--credits", "3"
+    )
+    assert code == 0, stderr
+    account = orjson.loads(stdout)["id"]
+    [created] = _adjustment_lines(stderr)
+    assert (created["accountId"], created["millicredits"]) == (account, "3000")
+    assert (created["kind"], created["actorKind"]) == ("starting_grant", "cli")
+
+    grant = ["credits", "grant", "--account", str(account), "--credits", "1.5", "--reason", "r"]
+    code, stdout, stderr = await run_cli_text(cli_env, *grant, "--idempotency-key", "g-1")
+    assert code == 0, stderr
+    [granted] = _adjustment_lines(stderr)
+    assert (granted["accountId"], granted["millicredits"]) == (account, "1500")
+    assert granted["ledgerEntryId"] == orjson.loads(stdout)["entryId"]
+    assert granted["balanceAfterMillicredits"] == "4500"
+    code, _, stderr = await run_cli_text(cli_env, *grant, "--idempotency-key", "g-1")
+    assert (code, _adjustment_lines(stderr)) == (0, [])  # a repeat posts and logs nothing

@@ -119,7 +119,13 @@ def _admin_token(process: subprocess.Popen[bytes], log_path: Path) -> str:
     pytest.fail(f"make run's stack did not come up:\n{log_path.read_text(errors='replace')}")
 
 
-def _qa(stack: Stack, *extra: str) -> tuple[int, str]:
+def _qa(stack: Stack, *extra: str, token_flag: bool = False) -> tuple[int, str]:
+    """Run ``creditgate qa``; the admin token in ``ADMIN_TOKEN`` as docs/qa.md says (never in
+    ``ps``), or with ``token_flag`` as ``--admin-token``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    token = ["--admin-token", stack.admin_token] if token_flag else []
+    if not token_flag:
+        env["ADMIN_TOKEN"] = stack.admin_token
     result = subprocess.run(
         [
             str(_CREDITGATE),
@@ -128,11 +134,10 @@ def _qa(stack: Stack, *extra: str) -> tuple[int, str]:
             stack.gateway,
             "--admin",
             stack.admin,
-            "--admin-token",
-            stack.admin_token,
+            *token,
             *extra,
         ],
-        env={k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+        env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -175,10 +180,14 @@ def test_full_run_passes_every_section(stack: Stack) -> None:
     assert all(check["ok"] for s in report["sections"] for check in s["checks"])
     assert stack.admin_token not in out
     assert not re.search(r"cg_live_[A-Za-z0-9_-]{20,}", out)  # keys: prefixes only
-    # The throwaway accounts are suspended, the main one's ledger kept.
+    # The throwaway accounts are emptied (no outstanding credits left behind) and suspended,
+    # the main one's ledger kept, its last entry the cleanup's debit.
     rows = _run_in_thread(_fetch(stack.database_url, report["accounts"]))
-    assert [row["status"] for row in rows] == ["suspended"] * len(report["accounts"])
+    assert [(row["status"], row["balance_millicredits"]) for row in rows] == [
+        ("suspended", 0)
+    ] * len(report["accounts"])
     assert rows[0]["entries"] > 0
+    assert rows[0]["last_reference"] == "creditgate qa cleanup"
     charges = next(s for s in report["sections"] if s["name"] == "reference charges")
     arithmetic = [c for c in charges["checks"] if c["name"].startswith("arithmetic only")]
     assert len(arithmetic) == 4  # the checklist's examples, at the seeded rates
@@ -188,8 +197,11 @@ async def _fetch(database_url: str, account_ids: list[int]) -> list[asyncpg.Reco
     conn = await asyncpg.connect(database_url)
     try:
         return await conn.fetch(
-            """SELECT a.status, (SELECT count(*) FROM ledger_entries e
-                                  WHERE e.account_id = a.id) AS entries
+            """SELECT a.status, a.balance_millicredits,
+                      (SELECT count(*) FROM ledger_entries e
+                        WHERE e.account_id = a.id) AS entries,
+                      (SELECT e.reference FROM ledger_entries e WHERE e.account_id = a.id
+                        ORDER BY e.id DESC LIMIT 1) AS last_reference
                  FROM accounts a WHERE a.id = ANY($1::bigint[]) ORDER BY a.id""",
             account_ids,
         )
@@ -257,10 +269,27 @@ def test_charge_arithmetic_matches_the_checklists_examples() -> None:
 
 def test_an_unreachable_service_fails_the_setup_and_exits_1() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    status, out = _qa(Stack(gateway=url, admin=url, admin_token="cg_admin_x", database_url=""))
-    assert status == 1, out
-    assert "FAIL  setup" in out and "ClientConnectorError" in out
-    assert out.rstrip().endswith("RESULT: FAIL: setup")
+    unreachable = Stack(gateway=url, admin=url, admin_token="cg_admin_x", database_url="")
+    for token_flag in (False, True):
+        status, out = _qa(unreachable, token_flag=token_flag)
+        assert status == 1, out
+        assert "FAIL  setup" in out and "ClientConnectorError" in out
+        assert out.rstrip().endswith("RESULT: FAIL: setup")
+
+
+def test_without_admin_token_flag_or_environment_is_a_usage_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [str(_CREDITGATE), "qa", "--gateway", url, "--admin", url],
+        env={k: v for k, v in os.environ.items() if k != "ADMIN_TOKEN"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--admin-token" in result.stderr
 
 
 async def test_simulated_stripe_lists_an_event_and_resends_it() -> None:

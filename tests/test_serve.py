@@ -205,3 +205,36 @@ async def test_serve_exports_each_family_once_with_the_process_collector(
     ):
         assert families[name] == 1, name
     assert "process_cpu_seconds_total" in text
+
+
+async def test_serve_binds_metrics_to_metrics_host_not_host(
+    restore_gc, database_url: str, redis_url: str, sim: Simulator
+) -> None:
+    """METRICS_HOST, not HOST, is where /metrics listens: on 127.0.0.2 here (loopback too),
+    and nothing on HOST's 127.0.0.1 at that port."""
+    await seed_database(database_url)
+    settings = gateway_settings(
+        database_url,
+        redis_url,
+        sim.base_url,
+        admin_port=free_port(),
+        metrics_port=free_port(),
+        metrics_host="127.0.0.2",
+    )
+    stop = asyncio.Event()
+    serving = asyncio.create_task(run_services(settings, stop))
+    try:
+        async with aiohttp.ClientSession() as session:
+            while True:  # until the sites are up (the test's timeout fails it otherwise)
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    scraped = await _scrape(
+                        session, f"http://127.0.0.2:{settings.metrics_port}/metrics"
+                    )
+                    break
+                await asyncio.sleep(0.05)
+            assert "creditgate_settlements_dead_lettered_total" in scraped
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await _scrape(session, f"http://127.0.0.1:{settings.metrics_port}/metrics")
+    finally:
+        stop.set()
+        await serving

@@ -145,6 +145,12 @@ def test_from_env_metrics_port_defaults_and_0_disables(raw, expected):
     assert Settings.from_env(env).metrics_port == expected
 
 
+@pytest.mark.parametrize(("raw", "expected"), [(None, None), ("", None), ("10.0.0.5", "10.0.0.5")])
+def test_from_env_metrics_host_unset_is_none_meaning_host(raw, expected):
+    env = REQUIRED if raw is None else {**REQUIRED, "METRICS_HOST": raw}
+    assert Settings.from_env(env).metrics_host == expected
+
+
 def test_from_env_metrics_port_out_of_range_is_a_problem():
     assert _problems({**REQUIRED, "METRICS_PORT": "65536"}) == [
         "METRICS_PORT must be <= 65535, got '65536'"

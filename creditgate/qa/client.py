@@ -56,14 +56,17 @@ class Client:
         json: Any = None,
         *,
         idempotent: bool = False,
+        idempotency_key: str | None = None,
         params: dict[str, str] | None = None,
     ) -> Any:
         """An admin API call; returns its JSON. Raises QaError on a non-2xx answer.
-        ``idempotent``: send a new ``Idempotency-Key``."""
+        ``idempotent``: send a new ``Idempotency-Key``; ``idempotency_key``: send this one."""
         url = self.options.admin.rstrip("/") + "/admin/v1" + path
         headers = {"Authorization": f"Bearer {self.options.admin_token}"}
         if idempotent:
             headers["Idempotency-Key"] = f"qa-{secrets.token_hex(12)}"
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         async with self.http.request(
             method, url, json=json, headers=headers, params=params or None
         ) as response:

@@ -12,11 +12,15 @@ from typing import Any
 import aiohttp
 
 from creditgate.qa import money_sections, purchase_sections
+from creditgate.qa.charges import mc_to_credits
 from creditgate.qa.client import POLL_S, SETTLE_TIMEOUT_S, Account, Client, Options, QaError
 from creditgate.qa.report import Section, redact
 
 #: Credits of the main throwaway account: enough for every call of a run.
 START_CREDITS = "200"
+
+#: The reason of the adjustment that takes a throwaway account's remaining balance back.
+CLEANUP_REASON = "creditgate qa cleanup"
 
 #: A section: it checks one item of the checklist on the run's accounts into its ``Section``.
 SectionBody = Callable[["QaRun", Section], Awaitable[None]]
@@ -167,8 +171,16 @@ class QaRun:
         )
 
     async def cleanup(self, section: Section) -> None:
+        """Each throwaway account: its remaining balance taken back (so QA runs leave no
+        outstanding credits behind), then suspended."""
         for account in self.accounts:  # each one, whatever happened to the one before
             try:
+                balance = await self.take_back_balance(account)
+            except (QaError, aiohttp.ClientError, TimeoutError) as exc:
+                section.check(f"account {account.id} balance taken back", False, str(exc))
+            else:
+                section.check(f"account {account.id} balance taken back", balance == "0", balance)
+            try:  # suspended even when its balance could not be taken back
                 suspended = await self.client.admin(
                     "POST",
                     f"/accounts/{account.id}/suspend",
@@ -178,6 +190,27 @@ class QaRun:
                 section.check(f"account {account.id} suspended", False, str(exc))
                 continue
             section.check(f"account {account.id} suspended", suspended["status"] == "suspended")
+
+    async def take_back_balance(self, account: Account) -> str:
+        """Debit what the account still holds once its settlements are posted (an admin
+        adjustment, reason ``CLEANUP_REASON``, one Idempotency-Key per account and run);
+        returns the balance after, in millicredits."""
+        await self.settled(account, 0)  # a pending settlement would post after the debit
+        detail = await self.client.admin("GET", f"/accounts/{account.id}")
+        balance_mc = int(detail["balanceMillicredits"])
+        if balance_mc == 0:
+            return "0"
+        entry = await self.client.admin(
+            "POST",
+            f"/accounts/{account.id}/adjustments",
+            {
+                "direction": "debit",
+                "amountCredits": mc_to_credits(balance_mc),
+                "reason": CLEANUP_REASON,
+            },
+            idempotency_key=f"qa-cleanup-{self.run_id}-{account.id}",
+        )
+        return str(entry["balanceAfterMillicredits"])
 
     def redacted_report(self) -> dict[str, Any]:
         """The report with every API key and the admin token cut to a prefix."""

@@ -3,7 +3,10 @@ per new entry, and the balance pushed to Redis."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import pytest
 
 from billing import ledger
 from billing.admin_tokens import Role
@@ -112,3 +115,30 @@ async def test_zero_amount_422_unknown_account_404_viewer_403(admin_api: AdminAp
     status, _ = await _adjust(admin_api, account_id, CREDIT, "v", role=Role.VIEWER)
     assert status == 403
     assert await _adjustment_audits(admin_api) == 0
+
+
+def _posted_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == "adjustment.posted"]
+
+
+async def test_starting_credits_and_adjustments_log_one_adjustment_posted_each(
+    admin_api: AdminApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    account_id = await _account(admin_api, "12.5")
+    [grant] = _posted_lines(caplog)
+    assert (grant.accountId, grant.millicredits, grant.kind) == (  # type: ignore[attr-defined]
+        account_id,
+        "12500",
+        "starting_grant",
+    )
+    caplog.clear()
+    _, body = await _adjust(admin_api, account_id, CREDIT, "k-1")
+    await _adjust(admin_api, account_id, CREDIT, "k-1")  # a repeat: nothing posted or logged
+    [adjustment] = _posted_lines(caplog)
+    assert (adjustment.accountId, adjustment.millicredits) == (  # type: ignore[attr-defined]
+        account_id,
+        "25500",
+    )
+    assert adjustment.ledgerEntryId == body["id"]  # type: ignore[attr-defined]
+    assert adjustment.actorKind == "token"  # type: ignore[attr-defined]

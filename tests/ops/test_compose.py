@@ -178,6 +178,7 @@ def test_gateway_ports_match_the_settings_defaults(compose, env_example):
     assert "127.0.0.1:8081:8081" in gateway["ports"]  # the admin service stays private
     assert gateway["expose"] == [str(defaults.metrics_port)]
     assert settings.host == settings.admin_host == "0.0.0.0"
+    assert settings.metrics_host == "0.0.0.0"  # Prometheus scrapes from its own container
     assert env["DATABASE_URL"].startswith("postgresql://")
     assert "@postgres:5432/" in env["DATABASE_URL"]
     assert env["REDIS_URL"] == "redis://redis:6379/0"
@@ -250,3 +251,43 @@ def test_the_owner_migrates_and_the_gateway_serves_as_the_application_role(compo
     assert f"ALTER ROLE {_app_role()} LOGIN PASSWORD :'app_password';" in sql
     # Backups keep the superuser (pg_basebackup needs REPLICATION).
     assert services["backup"]["environment"]["PGUSER"] == "${POSTGRES_USER:-creditgate}"
+
+
+def test_prometheus_scrapes_every_gateway_replica_on_the_metrics_port(compose, env_example):
+    config = yaml.safe_load((REPO_ROOT / "prometheus/prometheus.yml").read_text(encoding="utf-8"))
+    [job] = config["scrape_configs"]
+    assert "static_configs" not in job  # one static target would see one replica of --scale
+    [discovery] = job["dns_sd_configs"]
+    settings = Settings.from_env(_service_env(compose["services"]["gateway"], env_example))
+    assert (discovery["names"], discovery["type"]) == (["gateway"], "A")
+    assert discovery["port"] == settings.metrics_port
+
+
+def _nginx_locations(text: str) -> dict[str, str]:
+    """edge/nginx.conf's ``location`` blocks: their match (``= /stripe/webhook``) -> body
+    (comments dropped; the blocks nest one level at most)."""
+    text = re.sub(r"#[^\n]*", "", text)
+    blocks = re.finditer(r"location\s+([^{]+?)\s*\{((?:[^{}]|\{[^{}]*\})*)\}", text)
+    return {match[1]: match[2] for match in blocks}
+
+
+def test_optional_edge_passes_only_the_stripe_webhook_to_the_admin_service(compose):
+    from admin_api.stripe_webhook import WEBHOOK_PATH
+
+    edge = compose["services"]["edge"]
+    assert edge["profiles"] == ["edge"]  # optional: `docker compose --profile edge up -d`
+    targets = {(name, source): target for name, source, target in _bind_mounts(compose)}
+    assert targets["edge", "./edge/nginx.conf"] == "/etc/nginx/conf.d/default.conf"
+    text = (REPO_ROOT / "edge" / "nginx.conf").read_text(encoding="utf-8")
+    defaults = Settings(database_url="", redis_url="", upstream_api_key="")
+    locations = _nginx_locations(text)
+    assert set(locations) == {f"= {WEBHOOK_PATH}", "/"}
+    webhook, rest = locations[f"= {WEBHOOK_PATH}"], locations["/"]
+    # Exactly that path, POST only, to the admin port; everything else to the public port.
+    assert re.search(r"limit_except\s+POST\s*\{\s*deny all;\s*\}", webhook)
+    assert f"gateway:{defaults.admin_port};" in webhook
+    assert f"gateway:{defaults.port};" in rest
+    assert re.findall(rf":{defaults.admin_port}\b", re.sub(r"#[^\n]*", "", text)) == [
+        f":{defaults.admin_port}"
+    ]
+    assert "proxy_buffering off;" in rest  # streamed completions pass as they come
