@@ -14,7 +14,7 @@
     creditgate outbox replay ENTRY_ID
     creditgate admin create-token --role viewer|operator|admin [--name N] [--expires-in-days D]
     creditgate admin tokens
-    creditgate admin revoke-token ID
+    creditgate admin revoke-token ID            (creditgate.cli_admin_tokens)
     creditgate reconcile [--since YYYY-MM-DD]   (exit status 1 when anything does not add up)
     creditgate report liability|revenue --month YYYY-MM   (CSV, not JSON; billing.finance)
     creditgate qa --gateway URL --admin URL --admin-token T [--smoke] [--json]
@@ -41,7 +41,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from functools import partial
 from typing import Any
 
@@ -50,7 +50,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from billing import admin_tokens, api_keys, finance, ledger, reconciliation
+from billing import api_keys, finance, ledger, reconciliation
 from billing.accounts import balance_fields
 from billing.audit import CLI_ACTOR, record_audit
 from billing.errors import AccountNotFoundError, BillingError, BillingUnavailableError
@@ -67,6 +67,7 @@ from billing.purchases.packages import seed_packages
 from billing.statements import parse_month
 from billing.units import credits_to_millicredits, money_fields
 from creditgate import qa
+from creditgate.cli_admin_tokens import add_admin_parser
 from creditgate.migrator import MigrationError, run_migrations
 from runtime.json_logs import install_json_logging
 from runtime.resources import RedisEvictionPolicyError
@@ -326,67 +327,6 @@ async def cmd_outbox_replay(settings: StoreSettings, args: argparse.Namespace) -
         }
 
 
-def _admin_token_doc(record: admin_tokens.AdminTokenRecord) -> dict[str, Any]:
-    def when(value: datetime | None) -> str | None:
-        return None if value is None else value.isoformat()
-
-    return {
-        "id": record.id,
-        "name": record.name,
-        "role": record.role.value,
-        "tokenPrefix": record.token_prefix,
-        "createdAt": when(record.created_at),
-        "createdByTokenId": record.created_by_token_id,
-        "expiresAt": when(record.expires_at),
-        "revokedAt": when(record.revoked_at),
-        "lastUsedAt": when(record.last_used_at),
-    }
-
-
-async def cmd_admin_create_token(
-    settings: StoreSettings, args: argparse.Namespace
-) -> dict[str, Any]:
-    expires_at = None
-    if args.expires_in_days is not None:
-        expires_at = datetime.now(UTC) + timedelta(days=args.expires_in_days)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        token, record = await admin_tokens.create_admin_token(
-            conn,
-            CLI_ACTOR,
-            role=admin_tokens.Role(args.role),
-            name=args.name,
-            expires_at=expires_at,
-        )
-    finally:
-        await conn.close()
-    return {
-        **_admin_token_doc(record),
-        "token": token,
-        "note": "The token is shown once; only its SHA-256 digest is stored.",
-    }
-
-
-async def cmd_admin_tokens(settings: StoreSettings, args: argparse.Namespace) -> dict[str, Any]:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        records = await admin_tokens.list_admin_tokens(conn, limit=10_000)
-    finally:
-        await conn.close()
-    return {"tokens": [_admin_token_doc(record) for record in records]}
-
-
-async def cmd_admin_revoke_token(
-    settings: StoreSettings, args: argparse.Namespace
-) -> dict[str, Any]:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        record = await admin_tokens.revoke_admin_token(conn, CLI_ACTOR, args.id)
-    finally:
-        await conn.close()
-    return _admin_token_doc(record)
-
-
 async def cmd_report(settings: StoreSettings, args: argparse.Namespace) -> str:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
     try:
@@ -523,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     kr.add_argument("id", type=int)
     kr.set_defaults(fn=cmd_keys_revoke, config=_stores)
 
-    _admin_parser(sub)
+    add_admin_parser(sub)
 
     reconciling = (
         "Check that the money adds up (billing.reconciliation): ledger sums against balances, "
@@ -587,34 +527,6 @@ def _qa_parser(sub: Any) -> None:
         help="the simulated Stripe's API key, to resend the completion event",
     )
     check.set_defaults(fn=cmd_qa, config=_no_settings)
-
-
-def _positive_days(text: str) -> float:
-    days = float(text)
-    if not days > 0:
-        raise argparse.ArgumentTypeError("must be a number of days > 0")
-    return days
-
-
-def _admin_parser(sub: Any) -> None:
-    admin = sub.add_parser(
-        "admin", help="admin API tokens: create (the first one), list, revoke"
-    ).add_subparsers(dest="action", required=True)
-    creating = (
-        "Create an admin API token and print it once, as JSON (only its SHA-256 digest is "
-        "stored). Audited as actor cli."
-    )
-    create = admin.add_parser("create-token", help=creating, description=creating)
-    create.add_argument("--role", required=True, choices=[role.value for role in admin_tokens.Role])
-    create.add_argument("--name", default="")
-    create.add_argument("--expires-in-days", type=_positive_days, default=None)
-    create.set_defaults(fn=cmd_admin_create_token, config=_stores)
-    admin.add_parser("tokens", help="list admin tokens, newest first").set_defaults(
-        fn=cmd_admin_tokens, config=_stores
-    )
-    revoke = admin.add_parser("revoke-token", help="revoke an admin token now (audited)")
-    revoke.add_argument("id", type=int)
-    revoke.set_defaults(fn=cmd_admin_revoke_token, config=_stores)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,12 +7,12 @@ later in the settlement poster, off the client's latency path.
 
 The hold's life is ``HoldState``, moved only by ``BilledCall.settle`` and ``void``. Streamed
 answers are relayed by ``gateway.relay``; non-streamed ones are read whole, settled, then
-written in one piece.
+written in one piece. The estimate and the hold of ``_prepare`` are ``gateway.admission``'s;
+each answer is counted and logged by ``gateway.request_end``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import logging
@@ -26,7 +26,6 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from billing.api_keys import KEY_PREFIX, VISIBLE_PREFIX_CHARS
 from billing.errors import BillingUnavailableError, ModelNotServedError, UnknownModelError
 from billing.live_flags import Billing
 from billing.metering.estimate import (
@@ -35,7 +34,6 @@ from billing.metering.estimate import (
     EMBEDDINGS,
     RESPONSES,
     Estimate,
-    EstimateError,
     Estimator,
 )
 from billing.metering.outbox import SettlementRecord
@@ -43,33 +41,28 @@ from billing.metering.pricing import (
     RateCard,
     RoundingMode,
     charge_millicredits,
-    worst_case_millicredits,
 )
 from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import JSON_MAX_DEPTH
-from billing.spend_controls import check_max_request, check_model
+from billing.spend_controls import check_model
 from gateway import appkeys as gateway_keys
+from gateway.admission import estimate_tokens, reserve_worst_case
 from gateway.auth import Identity
 from gateway.held_headers import write_whole_response
 from gateway.json_body import json_object
 from gateway.relay import relay_stream
-from gateway.traffic_metrics import OTHER_MODEL
+from gateway.request_end import CLIENT_CLOSED_REQUEST, Arrival, finished, refused
 from gateway.usage import UnusableUsage, Usage, parse_usage, response_text, usage_bound
 from runtime import appkeys
 from runtime.errors import (
     GatewayError,
     InvalidRequestError,
-    error_answer,
     error_body,
     json_response,
 )
-from runtime.json_logs import BufferedJsonLines, buffered_lines
 from runtime.request_ids import new_request_id
 
 log = logging.getLogger(__name__)
-#: The logger of the access log: one INFO line per billed request (``_log_access``), written
-#: by ``runtime.json_logs.buffered_lines``; its level turns the lines off.
-ACCESS_LOGGER = "creditgate.access"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +96,6 @@ LOW_BALANCE_HEADER = "x-creditgate-low-balance"
 
 
 _JSON_CONTENT_TYPE = {"Content-Type": "application/json"}
-
-#: The status metrics and the access log give a request whose client went away before its
-#: answer ended (the handler was cancelled; nginx's code, no response carries it).
-CLIENT_CLOSED_REQUEST = 499
 
 
 class ChargingPausedError(GatewayError):
@@ -417,7 +406,7 @@ def _settle_failed(
 
 
 async def _prepare(
-    request: web.Request, endpoint: Endpoint, arrival: _Arrival
+    request: web.Request, endpoint: Endpoint, arrival: Arrival
 ) -> tuple[BilledCall, bytes, bool, bool]:
     """Authenticate, parse, price and hold. Returns the call, the body to forward,
     ``stream``, and whether the client asked for usage in its stream itself. Notes the
@@ -462,7 +451,7 @@ async def _prepare(
     rounding_mode = flags.rounding_mode
     request_id = new_request_id()
     started_ms = int(time.time() * 1000)
-    estimate = await _estimate(
+    estimate = await estimate_tokens(
         app, endpoint.estimator, identity, card, body, len(raw), rounding_mode if charged else None
     )
     data, client_wants_usage = raw, False
@@ -470,7 +459,7 @@ async def _prepare(
         data, client_wants_usage = _stream_body(raw, body)
     hold_millicredits, low_balance = 0, False
     if charged:
-        hold_millicredits, available_millicredits = await _reserve(
+        hold_millicredits, available_millicredits = await reserve_worst_case(
             app, identity, card, estimate, request_id, rounding_mode, started_ms
         )
         low_balance = available_millicredits < flags.low_balance_threshold_credits * 1000
@@ -490,93 +479,6 @@ async def _prepare(
         arrived=arrival.at,
     )
     return call, data, stream, client_wants_usage
-
-
-async def _estimate(
-    app: web.Application,
-    estimator: Estimator,
-    identity: Identity,
-    card: RateCard,
-    body: dict[str, Any],
-    body_bytes: int,
-    charged_rounding: RoundingMode | None,
-) -> Estimate:
-    """The request's token estimate, cheapest step first.
-
-    A body of at most ``PROMPT_COUNT_INLINE_MAX_BYTES`` is counted on the event loop (a few
-    ms at most). A larger one is first priced at a lower bound of its prompt plus its output
-    allowance (at ``charged_rounding``; not when the request is not charged, None) and
-    refused if the balance cannot cover even that (one Redis read, no tokenizing), then
-    counted in the prompt-counting threads, so the loop is never blocked by it (tiktoken
-    releases the GIL while it encodes).
-
-    Raises:
-        InvalidRequestError: a field of the wrong shape, or one that cannot be counted (400).
-        InsufficientCreditsError, AccountSuspendedError: the balance cannot cover the lower
-            bound (402).
-        BillingUnavailableError: Redis or Postgres unreachable (503).
-    """
-    settings = app[appkeys.SETTINGS]
-    tokens = app[gateway_keys.TOKENS]
-    try:
-        output_tokens = estimator.output_tokens(body, card)
-        if body_bytes <= settings.prompt_count_inline_max_bytes:
-            return Estimate(estimator.prompt_tokens(body, card, tokens), output_tokens)
-        if charged_rounding is not None:
-            lower_bound = worst_case_millicredits(
-                card,
-                prompt_tokens=estimator.prompt_tokens_lower_bound(body, card, tokens),
-                max_output_tokens=output_tokens,
-                rounding_mode=charged_rounding,
-            )
-            await app[appkeys.HOLDS].refuse_uncovered(identity.account_id, lower_bound)
-        prompt_tokens = await asyncio.get_running_loop().run_in_executor(
-            app[gateway_keys.PROMPT_COUNTING], estimator.prompt_tokens, body, card, tokens
-        )
-    except EstimateError as exc:
-        raise InvalidRequestError(str(exc), param=exc.param) from None
-    return Estimate(prompt_tokens, output_tokens)
-
-
-async def _reserve(
-    app: web.Application,
-    identity: Identity,
-    card: RateCard,
-    estimate: Estimate,
-    request_id: str,
-    rounding_mode: RoundingMode,
-    started_ms: int,
-) -> tuple[int, int]:
-    """Hold a charged request's worst-case cost within the spend caps of its key and
-    account; returns the millicredits held and the account's available balance after the
-    hold (millicredits).
-
-    Raises:
-        InsufficientCreditsError, AccountSuspendedError: the account cannot cover it (402).
-        SpendCapExceededError: the hold is above a maximum per request, or would pass a daily
-            or monthly cap (402); nothing held.
-        BillingUnavailableError: Redis or Postgres unreachable (503).
-    """
-    settings = app[appkeys.SETTINGS]
-    hold_millicredits = worst_case_millicredits(
-        card,
-        prompt_tokens=estimate.prompt_tokens,
-        max_output_tokens=estimate.max_completion_tokens,
-        rounding_mode=rounding_mode,
-    )
-    controls = identity.controls
-    if controls is not None:
-        check_max_request(controls, hold_millicredits)
-    available_millicredits = await app[appkeys.HOLDS].reserve(
-        identity.account_id,
-        hold_millicredits,
-        request_id=request_id,
-        ttl_s=settings.hold_deadline_s,
-        api_key_id=identity.api_key_id,
-        started_ms=started_ms,
-        window_caps=None if controls is None else controls.window_caps,
-    )
-    return hold_millicredits, available_millicredits
 
 
 async def _open_upstream(call: BilledCall, data: bytes) -> aiohttp.ClientResponse | None:
@@ -607,29 +509,17 @@ def _upstream_unavailable(call: BilledCall) -> web.Response:
     )
 
 
-class _Arrival:
-    """What is known of a request before its ``BilledCall`` exists: its arrival
-    (``time.monotonic()``), its identity once authenticated, its model once priced."""
-
-    __slots__ = ("at", "identity", "model")
-
-    def __init__(self, at: float) -> None:
-        self.at = at
-        self.identity: Identity | None = None
-        self.model = OTHER_MODEL
-
-
 async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """Serve one billed request (see module docstring); the app routes
     ``partial(handle_billed, endpoint=...)`` inside its error answers (no wrapper of our own).
 
     Every answer, refusals included, ends here once: counted in ``TrafficMetrics`` and
-    written to the access log (``_finished``, ``_refused``)."""
-    arrival = _Arrival(time.monotonic())
+    written to the access log (``gateway.request_end``)."""
+    arrival = Arrival(time.monotonic())
     try:
         call, data, stream, client_wants_usage = await _prepare(request, endpoint, arrival)
     except Exception as exc:
-        return _refused(request, endpoint, arrival, exc, new_request_id())
+        return refused(request, endpoint, arrival, exc, new_request_id())
     try:
         upstream = await _open_upstream(call, data)
         if upstream is None:
@@ -649,125 +539,11 @@ async def handle_billed(request: web.Request, endpoint: Endpoint) -> web.StreamR
         if not isinstance(exc, Exception):
             # Cancelled: the client went away while we waited (what was generated is
             # settled). Counted and logged as 499, "client closed request".
-            _finished(call, CLIENT_CLOSED_REQUEST)
+            finished(call, CLIENT_CLOSED_REQUEST)
             raise
-        return _refused(request, endpoint, arrival, exc, call.request_id)
-    _finished(call, response.status)
+        return refused(request, endpoint, arrival, exc, call.request_id)
+    finished(call, response.status)
     return response
-
-
-def _finished(call: BilledCall, status: int) -> None:
-    """Count a forwarded request's answer (sent whole, streams included) and log it."""
-    now = time.monotonic()
-    total_s = now - call.arrived
-    upstream_s = (call.upstream_ended or now) - call.upstream_started
-    traffic = call.app[gateway_keys.TRAFFIC]
-    endpoint = call.endpoint.name
-    traffic.count_request(endpoint, call.model, status)
-    traffic.observe_latency(
-        endpoint,
-        total_s=total_s,
-        first_byte_s=(call.first_byte_sent - call.arrived) if call.first_byte_sent else total_s,
-        upstream_s=upstream_s,
-    )
-    lines = buffered_lines(ACCESS_LOGGER)
-    if lines is not None:
-        usage = call.settled_usage
-        _log_access(
-            lines,
-            call.request,
-            request_id=call.request_id,
-            identity=call.identity,
-            endpoint=endpoint,
-            model=call.model,
-            status=status,
-            usage=usage,
-            charged_millicredits=call.charged_millicredits,
-            upstream_ms=int(upstream_s * 1000),
-            total_ms=int(total_s * 1000),
-        )
-
-
-def _refused(
-    request: web.Request, endpoint: Endpoint, arrival: _Arrival, exc: Exception, request_id: str
-) -> web.StreamResponse:
-    """The answer to an error of a billed request (``runtime.errors.error_answer``), counted
-    and logged; a 402 is counted by its error code too.
-
-    Raises:
-        Exception: ``exc`` itself when it has no answer (aiohttp answers 500).
-    """
-    response = error_answer(request, exc, request.app[gateway_keys.BUY_CREDITS_URL](request))
-    response.headers["x-request-id"] = request_id
-    status = response.status
-    total_s = time.monotonic() - arrival.at
-    traffic = request.app[gateway_keys.TRAFFIC]
-    traffic.count_request(endpoint.name, arrival.model, status)
-    traffic.observe_latency(endpoint.name, total_s=total_s, first_byte_s=total_s, upstream_s=None)
-    if status == 402 and isinstance(response.body, bytes):
-        traffic.count_payment_required(str(orjson.loads(response.body)["error"]["code"]))
-    lines = buffered_lines(ACCESS_LOGGER)
-    if lines is not None:
-        _log_access(
-            lines,
-            request,
-            request_id=request_id,
-            identity=arrival.identity,
-            endpoint=endpoint.name,
-            model=arrival.model,
-            status=status,
-            usage=None,
-            charged_millicredits=0,
-            upstream_ms=None,
-            total_ms=int(total_s * 1000),
-        )
-    return response
-
-
-def _log_access(
-    lines: BufferedJsonLines,
-    request: web.BaseRequest,
-    *,
-    request_id: str,
-    identity: Identity | None,
-    endpoint: str,
-    model: str,
-    status: int,
-    usage: Usage | None,
-    charged_millicredits: int,
-    upstream_ms: int | None,
-    total_ms: int,
-) -> None:
-    """The access line of one billed request (fields: docs/design.md, "Metrics and logs").
-    The key appears only as its visible prefix; no prompt or answer text is logged."""
-    lines.write(
-        "request",
-        {
-            "event": "request",
-            "requestId": request_id,
-            "accountId": None if identity is None else identity.account_id,
-            "keyPrefix": _key_prefix(request),
-            "endpoint": endpoint,
-            "model": model,
-            "status": status,
-            "inputTokens": 0 if usage is None else usage.prompt_tokens,
-            "cachedInputTokens": 0 if usage is None else usage.cached_tokens,
-            "outputTokens": 0 if usage is None else usage.completion_tokens,
-            "chargedMillicredits": str(charged_millicredits),
-            "upstreamMs": upstream_ms,
-            "totalMs": total_ms,
-        },
-    )
-
-
-def _key_prefix(request: web.BaseRequest) -> str | None:
-    """The visible prefix of the request's key (``cg_live_`` and 4 characters), or None when
-    it sent no key of ours (whatever else it sent is not logged)."""
-    _, _, key = request.headers.get("Authorization", "").partition(" ")
-    key = key.strip()
-    if key.startswith(KEY_PREFIX) and len(key) > VISIBLE_PREFIX_CHARS:
-        return key[:VISIBLE_PREFIX_CHARS]
-    return None
 
 
 def _stream_body(raw: bytes, body: dict[str, Any]) -> tuple[bytes, bool]:
