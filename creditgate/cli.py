@@ -485,7 +485,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_since,
         default=None,
         metavar="YYYY-MM-DD",
-        help=f"first UTC day of the per-day check (default: last {reconciliation.DEFAULT_DAYS})",
+        help=f"first UTC day of the per-day check, {reconciliation.EARLIEST_SINCE} to today "
+        f"(default: last {reconciliation.DEFAULT_DAYS}; a later day makes a partial run)",
     )
     reconcile.set_defaults(fn=cmd_reconcile, config=_stores)
     reporting = (
