@@ -6,7 +6,7 @@
   scrape time by ``WebhookCollector``; the fulfilment latency is a ``prometheus_client``
   histogram fed by ``PurchaseStats.on_fulfilment``.
 - The fleet gauges (outstanding credits, accounts in shortfall, today's revenue, upstream cost
-  and margin per model, the latest reconciliation run) come from Postgres
+  and margin per model, the reconciliation run shown and the last success) come from Postgres
   (``billing.fleet_gauges.read_fleet``), read by a supervised loop every
   ``METRICS_DB_REFRESH_S`` (``fleet_gauges_ctx``) and exported by ``FleetCollector`` from the
   last reading: a scrape never waits on Postgres. Every process exports the same fleet values
@@ -159,35 +159,40 @@ def _reconciliation_gauges(reading: FleetReading) -> Iterator[Metric]:
     for outcome, count in sorted(run.runs_by_outcome.items()):
         runs.add_metric([outcome], count)
     yield runs
-    mismatches = GaugeMetricFamily(
-        "creditgate_reconciliation_mismatches",
-        "The latest reconciliation run's mismatches, by check.",
-        labels=["check"],
-    )
-    for check in CHECKS:
-        mismatches.add_metric([check], run.mismatch_counts.get(check, 0))
-    yield mismatches
-    yield GaugeMetricFamily(
-        "creditgate_reconciliation_mismatched_millicredits",
-        "The latest run's |usage charges - deductions| summed over the days it checked.",
-        value=run.mismatched_millicredits,
-    )
-    yield GaugeMetricFamily(
-        "creditgate_reconciliation_deductions_millicredits",
-        "The deductions of the days the latest run checked.",
-        value=run.deducted_millicredits,
-    )
-    yield GaugeMetricFamily(
-        "creditgate_reconciliation_last_run_timestamp_seconds",
-        "When the latest reconciliation run finished (Unix time).",
-        value=run.finished_at.timestamp(),
-    )
     if run.last_success_at is not None:
         yield GaugeMetricFamily(
             "creditgate_reconciliation_last_success_timestamp_seconds",
-            "When the latest run without a mismatch finished (Unix time).",
+            "When the newest complete run without a mismatch finished (Unix time).",
             value=run.last_success_at.timestamp(),
         )
+    shown = run.shown
+    if shown is None:
+        return
+    mismatches = GaugeMetricFamily(
+        "creditgate_reconciliation_mismatches",
+        "The shown run's mismatches, by check (the newest complete run, or a newer one that "
+        "found mismatches).",
+        labels=["check"],
+    )
+    for check in CHECKS:
+        mismatches.add_metric([check], shown.mismatch_counts.get(check, 0))
+    yield mismatches
+    yield GaugeMetricFamily(
+        "creditgate_reconciliation_mismatched_millicredits",
+        "The shown run's |expected - actual| summed over its balance, per-day deduction and "
+        "Redis balance mismatches.",
+        value=shown.mismatched_millicredits,
+    )
+    yield GaugeMetricFamily(
+        "creditgate_reconciliation_daily_deductions_millicredits",
+        "The deductions of an average day the shown run checked (its deductions / its days).",
+        value=shown.daily_deductions_millicredits,
+    )
+    yield GaugeMetricFamily(
+        "creditgate_reconciliation_last_run_timestamp_seconds",
+        "When the shown reconciliation run finished (Unix time).",
+        value=shown.finished_at.timestamp(),
+    )
 
 
 FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)

@@ -16,7 +16,7 @@ from datetime import date, datetime
 from typing import Any
 
 import orjson
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from redis.exceptions import RedisError
 
 from admin_api.framework import AdminContext, AdminModel, AdminRouter, Page, Paginated, Role
@@ -35,9 +35,16 @@ class ReconciliationRunCreate(AdminModel):
 
     since: date | None = Field(
         None,
-        description="First UTC day of the per-day deduction check (default: the last "
-        f"{reconciliation.DEFAULT_DAYS} days).",
+        description="First UTC day of the per-day deduction check, from "
+        f"{reconciliation.EARLIEST_SINCE.isoformat()} to today (default: the last "
+        f"{reconciliation.DEFAULT_DAYS} days). A run starting after the default's first day "
+        "is partial: its mismatches show in the metrics, its success does not.",
     )
+
+    @field_validator("since")
+    @classmethod
+    def _check_since(cls, value: date | None) -> date | None:
+        return None if value is None else reconciliation.check_since(value)
 
     model_config = ConfigDict(json_schema_extra={"examples": [{}, {"since": "2026-01-01"}]})
 

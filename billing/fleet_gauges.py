@@ -9,8 +9,13 @@
   ``billing.finance.revenue_by_model`` (the monthly report's SQL and arithmetic, over one day:
   the BRIN index on ``usage_events.recorded_at`` keeps it to the day's pages). Models without
   a rate card are summed under ``other`` (label values stay bounded);
-- the latest ``reconciliation_runs`` row and the runs counted by outcome (``ok`` or
-  ``mismatch``; a run that raised records no row, so the table has no ``error``).
+- the reconciliation run the gauges show and the runs counted by outcome (``ok`` or
+  ``mismatch``; a run that raised records no row, so the table has no ``error``). A run is
+  complete when it covered the default window up to its day and checked Redis
+  (``counts.complete``, ``billing.reconciliation``). The run shown is the newest run that was
+  complete or found mismatches: a partial clean run (a late ``--since``, no Redis) never hides
+  a mismatch, a partial run that found one still shows it. The last success is the newest
+  complete run that was ok.
 
 Every process reads the same numbers; dashboards take ``max without (instance)``.
 Postgres unreachable: ``OSError``/``asyncpg`` errors propagate (the refresh loop is
@@ -35,17 +40,15 @@ OTHER_MODEL = "other"
 
 
 @dataclass(frozen=True, slots=True)
-class ReconciliationReading:
-    """The latest reconciliation run and the runs so far.
+class ShownRun:
+    """The reconciliation run the gauges show (see the module docstring).
 
     Attributes:
-        mismatch_counts: the latest run's mismatches per check.
-        mismatched_millicredits: the latest run's ``|charges - deductions|`` summed over its
-            days (``counts.deductionsDifferenceMillicredits``).
-        deducted_millicredits: the deductions of the days it checked
-            (``counts.deductedMillicredits``).
-        runs_by_outcome: every recorded run by outcome (``ok``, ``mismatch``).
-        last_success_at: the latest run that found nothing, or None.
+        mismatch_counts: its mismatches per check.
+        mismatched_millicredits: its ``|expected - actual|`` summed over its amount-bearing
+            mismatches (``counts.mismatchedMillicredits``).
+        daily_deductions_millicredits: the deductions of an average day it checked
+            (``counts.dailyDeductionsMillicredits``).
     """
 
     run_id: int
@@ -53,7 +56,20 @@ class ReconciliationReading:
     ok: bool
     mismatch_counts: dict[str, int]
     mismatched_millicredits: int
-    deducted_millicredits: int
+    daily_deductions_millicredits: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReconciliationReading:
+    """The reconciliation runs so far.
+
+    Attributes:
+        shown: the run the gauges show, or None (no complete or mismatching run yet).
+        runs_by_outcome: every recorded run by outcome (``ok``, ``mismatch``).
+        last_success_at: the newest complete run that found nothing, or None.
+    """
+
+    shown: ShownRun | None
     runs_by_outcome: dict[str, int]
     last_success_at: datetime | None
 
@@ -74,11 +90,14 @@ _ACCOUNTS_SQL = """SELECT COALESCE(sum(balance_millicredits), 0),
        count(*) FILTER (WHERE shortfall_millicredits > 0)
   FROM accounts"""
 
-_LATEST_RUN_SQL = """SELECT id, finished_at, ok, mismatch_counts, counts
-  FROM reconciliation_runs ORDER BY started_at DESC, id DESC LIMIT 1"""
+_COMPLETE = "(counts->>'complete') = '1'"
 
-_RUNS_SQL = """SELECT count(*) FILTER (WHERE ok), count(*) FILTER (WHERE NOT ok),
-       max(finished_at) FILTER (WHERE ok)
+_SHOWN_RUN_SQL = f"""SELECT id, finished_at, ok, mismatch_counts, counts
+  FROM reconciliation_runs WHERE {_COMPLETE} OR NOT ok
+ ORDER BY started_at DESC, id DESC LIMIT 1"""
+
+_RUNS_SQL = f"""SELECT count(*), count(*) FILTER (WHERE ok), count(*) FILTER (WHERE NOT ok),
+       max(finished_at) FILTER (WHERE ok AND {_COMPLETE})
   FROM reconciliation_runs"""
 
 
@@ -101,18 +120,23 @@ def bounded_models(
 
 
 async def _reconciliation(conn: asyncpg.Connection) -> ReconciliationReading | None:
-    latest = await conn.fetchrow(_LATEST_RUN_SQL)
-    if latest is None:
+    runs, ok_runs, mismatch_runs, last_success_at = await conn.fetchrow(_RUNS_SQL)
+    if not runs:
         return None
-    ok_runs, mismatch_runs, last_success_at = await conn.fetchrow(_RUNS_SQL)
-    counts = _json(latest["counts"])
+    row = await conn.fetchrow(_SHOWN_RUN_SQL)
+    shown = None
+    if row is not None:
+        counts = _json(row["counts"])
+        shown = ShownRun(
+            run_id=row["id"],
+            finished_at=row["finished_at"],
+            ok=row["ok"],
+            mismatch_counts={k: int(v) for k, v in _json(row["mismatch_counts"]).items()},
+            mismatched_millicredits=int(counts.get("mismatchedMillicredits", 0)),
+            daily_deductions_millicredits=int(counts.get("dailyDeductionsMillicredits", 0)),
+        )
     return ReconciliationReading(
-        run_id=latest["id"],
-        finished_at=latest["finished_at"],
-        ok=latest["ok"],
-        mismatch_counts={k: int(v) for k, v in _json(latest["mismatch_counts"]).items()},
-        mismatched_millicredits=int(counts.get("deductionsDifferenceMillicredits", 0)),
-        deducted_millicredits=int(counts.get("deductedMillicredits", 0)),
+        shown=shown,
         runs_by_outcome={"ok": int(ok_runs), "mismatch": int(mismatch_runs)},
         last_success_at=last_success_at,
     )

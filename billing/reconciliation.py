@@ -58,6 +58,13 @@ CHECKS = (
 )
 #: Days the per-day check covers by default (``creditgate reconcile`` without ``--since``).
 DEFAULT_DAYS = 7
+#: The earliest ``since`` a run accepts (the latest is today, UTC).
+EARLIEST_SINCE = date(2000, 1, 1)
+#: Checks whose mismatches carry an amount that is off (expected and actual balances or
+#: totals): ``mismatchedMillicredits`` sums their ``|expected - actual|``. Not
+#: ``deduction_pairing`` (it itemises a ``daily_deductions`` difference, counted once) nor
+#: ``expired_hold`` / ``rate_snapshot`` (nothing expected to compare with).
+AMOUNT_CHECKS = frozenset({"account_balance", "daily_deductions", "redis_balance"})
 #: How long past its deadline a hold may stay before it counts as a mismatch: the sweeper
 #: runs every ``SWEEP_INTERVAL_S`` (seconds), this is many rounds of it.
 HOLD_DEADLINE_GRACE_S = 300
@@ -110,11 +117,16 @@ class ReconciliationReport:
     """What one run examined and found.
 
     Attributes:
-        counts: what was examined: ``accounts``, ``days``, ``deductedMillicredits`` (the
-            days' deductions), ``deductionsDifferenceMillicredits`` (sum over the days of
-            ``|charges - deductions|``), ``redisBalancesCompared``,
+        counts: what was examined: ``accounts``, ``days`` (days with usage or deductions),
+            ``deductedMillicredits`` (the days' deductions), ``dailyDeductionsMillicredits``
+            (the deductions of an average day: ``deductedMillicredits // max(days, 1)``),
+            ``mismatchedMillicredits`` (``|expected - actual|`` summed over every mismatch
+            of the ``AMOUNT_CHECKS``, listed or not), ``redisBalancesCompared``,
             ``redisBalancesStale``, ``redisBalancesUncached``, ``holds``,
-            ``usageRowsSampled``; ``redisChecked`` 0 when no Redis was given.
+            ``usageRowsSampled``; ``redisChecked`` 0 when no Redis was given; ``complete``
+            1 when the run covered at least the default window (``since`` on or before
+            ``default_since()`` of its day) and checked Redis, else 0 (a partial run: its
+            mismatches count, its success does not; ``billing.fleet_gauges``).
         mismatch_counts: per check in ``CHECKS``, how many mismatches (``mismatches`` lists
             at most ``MAX_LISTED_PER_CHECK`` of each).
     """
@@ -131,8 +143,19 @@ class ReconciliationReport:
         """True when no check found a mismatch."""
         return not any(self.mismatch_counts.values())
 
+    @property
+    def complete(self) -> bool:
+        """True when the run covered the default window up to today and checked Redis
+        (``counts.complete``)."""
+        return bool(self.counts.get("complete", 0))
+
     def add(self, mismatch: Mismatch) -> None:
-        """Count a mismatch and list it unless its check already lists the maximum."""
+        """Count a mismatch (and its amount off, for ``AMOUNT_CHECKS``) and list it unless
+        its check already lists the maximum."""
+        if mismatch.check in AMOUNT_CHECKS and mismatch.expected_millicredits is not None:
+            self.counts["mismatchedMillicredits"] = self.counts.get(
+                "mismatchedMillicredits", 0
+            ) + abs(mismatch.expected_millicredits - (mismatch.actual_millicredits or 0))
         listed = self.mismatch_counts[mismatch.check]
         self.mismatch_counts[mismatch.check] = listed + 1
         if listed < MAX_LISTED_PER_CHECK:
@@ -155,6 +178,22 @@ def default_since(today: date | None = None) -> date:
     """The first day of the default window: ``DEFAULT_DAYS`` UTC days, today included."""
     today = datetime.now(UTC).date() if today is None else today
     return today - timedelta(days=DEFAULT_DAYS - 1)
+
+
+def check_since(since: date, *, today: date | None = None) -> date:
+    """``since`` when a run may start there: from ``EARLIEST_SINCE`` to today (UTC). A later
+    day would check no day and read as a clean run.
+
+    Raises:
+        ValueError: ``since`` outside that range (the CLI's usage error, the API's 400).
+    """
+    today = datetime.now(UTC).date() if today is None else today
+    if not EARLIEST_SINCE <= since <= today:
+        raise ValueError(
+            f"must be a day from {EARLIEST_SINCE.isoformat()} to today ({today.isoformat()}, "
+            f"UTC), not {since.isoformat()}"
+        )
+    return since
 
 
 def _day_start(day: date) -> datetime:
@@ -223,10 +262,9 @@ async def check_daily_deductions(conn: asyncpg.Connection, report: Reconciliatio
     also lists its unpaired requests."""
     rows = await conn.fetch(_DAILY_TOTALS, _day_start(report.since))
     report.counts["days"] = len(rows)
-    report.counts["deductedMillicredits"] = sum(int(row["deducted"]) for row in rows)
-    report.counts["deductionsDifferenceMillicredits"] = sum(
-        abs(int(row["charged"]) - int(row["deducted"])) for row in rows
-    )
+    deducted = sum(int(row["deducted"]) for row in rows)
+    report.counts["deductedMillicredits"] = deducted
+    report.counts["dailyDeductionsMillicredits"] = deducted // max(len(rows), 1)
     for row in rows:
         if row["charged"] == row["deducted"]:
             continue
@@ -419,12 +457,16 @@ async def reconcile(
     pool: asyncpg.Pool, redis: aioredis.Redis | None, *, since: date
 ) -> ReconciliationReport:
     """Run every check; without ``redis`` the Redis checks are skipped (``redisChecked`` 0).
+    ``since`` is not checked here (callers take it through ``check_since``); a run that
+    starts after ``default_since()`` or skips Redis is recorded as partial
+    (``counts.complete`` 0).
 
     Raises:
         asyncpg.PostgresError, OSError: Postgres unreachable or failing.
         redis.exceptions.RedisError: Redis unreachable.
     """
     report = ReconciliationReport(since=since, started_at=datetime.now(UTC))
+    report.counts["mismatchedMillicredits"] = 0
     async with pool.acquire() as conn:
         await check_account_balances(conn, report)
         await check_daily_deductions(conn, report)
@@ -432,6 +474,9 @@ async def reconcile(
     report.counts["redisChecked"] = int(redis is not None)
     if redis is not None:
         await check_redis(pool, redis, report)
+    report.counts["complete"] = int(
+        redis is not None and since <= default_since(report.started_at.date())
+    )
     report.finished_at = datetime.now(UTC)
     return report
 
@@ -440,8 +485,7 @@ async def record_run(
     conn: asyncpg.Connection | asyncpg.Pool, report: ReconciliationReport, *, source: str
 ) -> int:
     """Append the report to ``reconciliation_runs`` and log ``reconciliation.finished``
-    (the admin service's gauges read the latest row: ``billing.fleet_gauges``); returns the
-    row's id.
+    (the admin service's gauges read it: ``billing.fleet_gauges``); returns the row's id.
 
     Args:
         source: ``scheduled`` or ``cli``.
@@ -469,8 +513,9 @@ async def record_run(
             "ok": report.ok,
             "since": report.since.isoformat(),
             "mismatchCounts": report.mismatch_counts,
-            "deductedMillicredits": str(report.counts.get("deductedMillicredits", 0)),
-            "mismatchedMillicredits": str(report.counts.get("deductionsDifferenceMillicredits", 0)),
+            "complete": report.complete,
+            "dailyDeductionsMillicredits": str(report.counts.get("dailyDeductionsMillicredits", 0)),
+            "mismatchedMillicredits": str(report.counts.get("mismatchedMillicredits", 0)),
         },
     )
     return run_id

@@ -358,6 +358,15 @@ class _Answer:
     text: str | None = None
 
 
+def _since(text: str) -> date:
+    """``--since``: a ``YYYY-MM-DD`` day from ``reconciliation.EARLIEST_SINCE`` to today (UTC);
+    anything else is a usage error (exit 2)."""
+    try:
+        return reconciliation.check_since(date.fromisoformat(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 async def cmd_reconcile(settings: StoreSettings, args: argparse.Namespace) -> _Answer:
     """Run every reconciliation check (``billing.reconciliation``), record the run and print
     the report; exit status 1 on any mismatch. Without REDIS_URL the Redis checks are skipped
@@ -478,10 +487,11 @@ def _parser() -> argparse.ArgumentParser:
     reconcile = sub.add_parser("reconcile", help=reconciling, description=reconciling)
     reconcile.add_argument(
         "--since",
-        type=date.fromisoformat,
+        type=_since,
         default=None,
         metavar="YYYY-MM-DD",
-        help=f"first UTC day of the per-day check (default: last {reconciliation.DEFAULT_DAYS})",
+        help=f"first UTC day of the per-day check, {reconciliation.EARLIEST_SINCE} to today "
+        f"(default: last {reconciliation.DEFAULT_DAYS}; a later day makes a partial run)",
     )
     reconcile.set_defaults(fn=cmd_reconcile, config=_stores)
     reporting = (

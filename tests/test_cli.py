@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -657,6 +658,7 @@ async def test_reconcile_clean_database_exits_0_and_records_the_run(cli_env, con
     assert doc["counts"]["accounts"] == 1
     assert doc["counts"]["redisChecked"] == 1
     assert doc["counts"]["redisBalancesCompared"] == 1, account
+    assert doc["counts"]["complete"] == 1
     row = await conn.fetchrow("SELECT id, source, ok FROM reconciliation_runs")
     assert (row["id"], row["source"], row["ok"]) == (doc["runId"], "cli", True)
 
@@ -693,6 +695,29 @@ async def test_reconcile_malformed_since_is_a_usage_error(cli_env):
     assert b"--since" in stderr
 
 
+@pytest.mark.parametrize("since", ["9999-12-31", "tomorrow", "1999-12-31"])
+async def test_reconcile_since_outside_2000_to_today_is_a_usage_error(cli_env, conn, since):
+    """A `--since` after today checks no day and would record a clean run: refused."""
+    if since == "tomorrow":
+        since = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "creditgate.cli",
+        "reconcile",
+        "--since",
+        since,
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", **cli_env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert b"--since" in stderr and b"from 2000-01-01 to today" in stderr
+    assert await conn.fetchval("SELECT count(*) FROM reconciliation_runs") == 0
+
+
 async def test_reconcile_redis_unreachable_exits_1_with_json_error(cli_env, conn):
     env = {**cli_env, "REDIS_URL": "redis://127.0.0.1:1/0"}
     code, doc = await run_cli(env, "reconcile")
@@ -709,6 +734,7 @@ async def test_reconcile_without_redis_url_skips_the_redis_checks(cli_env):
     assert code == 0, doc
     assert doc["counts"]["redisChecked"] == 0
     assert "redisBalancesCompared" not in doc["counts"]
+    assert doc["counts"]["complete"] == 0  # partial: its success is no success for the gauges
 
 
 # -- report ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -239,7 +240,8 @@ async def test_reconciliation_mismatch_counted_and_exported(
     second = await admin.account(20_000)
     for request_id, cost in (("req-r1", 1_234), ("req-r2", 766), ("req-r3", 5_000)):
         await _use(admin, second, request_id, "gpt-4o-mini", None, (10, 0, 10), cost)
-    clean = await reconcile(admin.pool, None, since=default_since())
+    redis = admin.holds.redis
+    clean = await reconcile(admin.pool, redis, since=default_since())
     await record_run(admin.pool, clean, source="cli")
     await app[FLEET_GAUGES].refresh(app)
     before = scrape(app)
@@ -250,8 +252,13 @@ async def test_reconciliation_mismatch_counted_and_exported(
     await admin.pool.execute(
         "UPDATE accounts SET balance_millicredits = balance_millicredits + 1 WHERE id = $1", first
     )
-    report = await reconcile(admin.pool, None, since=default_since())
+    report = await reconcile(admin.pool, redis, since=default_since())
     await record_run(admin.pool, report, source="cli")
+    # A partial clean run afterwards (a late `since`, no Redis) hides nothing.
+    partial = await reconcile(admin.pool, None, since=datetime.now(UTC).date())
+    partial.mismatch_counts = dict.fromkeys(partial.mismatch_counts, 0)
+    partial.mismatches = []
+    await record_run(admin.pool, partial, source="cli")
     await app[FLEET_GAUGES].refresh(app)
     after = scrape(app)
 
@@ -259,9 +266,10 @@ async def test_reconciliation_mismatch_counted_and_exported(
     for check in ("daily_deductions", "redis_balance", "expired_hold", "rate_snapshot"):
         assert value(after, "creditgate_reconciliation_mismatches", check=check) == 0
     assert moved(before, after, "creditgate_reconciliation_runs_total", outcome="mismatch") == 1
-    assert moved(before, after, "creditgate_reconciliation_runs_total", outcome="ok") == 0
-    assert value(after, "creditgate_reconciliation_mismatched_millicredits") == 0
-    assert value(after, "creditgate_reconciliation_deductions_millicredits") == 7_000
+    assert moved(before, after, "creditgate_reconciliation_runs_total", outcome="ok") == 1
+    # The complete run's (the partial clean one is not shown): the balance's 1 millicredit.
+    assert value(after, "creditgate_reconciliation_mismatched_millicredits") == 1
+    assert value(after, "creditgate_reconciliation_daily_deductions_millicredits") == 7_000
     assert report.finished_at is not None and clean.finished_at is not None
     assert value(after, "creditgate_reconciliation_last_run_timestamp_seconds") == pytest.approx(
         report.finished_at.timestamp()
@@ -321,8 +329,9 @@ async def test_reconciliation_deleted_deduction_exports_the_days_difference(admi
     assert value(samples, mismatches, check="account_balance") == 1
     assert value(samples, mismatches, check="daily_deductions") == 1
     assert value(samples, mismatches, check="deduction_pairing") == 1
-    assert value(samples, "creditgate_reconciliation_mismatched_millicredits") == 1_234
-    assert value(samples, "creditgate_reconciliation_deductions_millicredits") == 5_766
+    # The balance off by 1,234 and the day's deductions 1,234 short.
+    assert value(samples, "creditgate_reconciliation_mismatched_millicredits") == 2_468
+    assert value(samples, "creditgate_reconciliation_daily_deductions_millicredits") == 5_766
     assert value(samples, "creditgate_reconciliation_runs_total", outcome="mismatch") == 1
     assert value(samples, "creditgate_reconciliation_runs_total", outcome="ok") == 0
     # No clean run yet: no last-success series (an alert on its absence fires).

@@ -4,6 +4,8 @@ a corrupted balance shows in its answer; the listing pages newest first."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from billing import ledger
 from billing.admin_tokens import Role
 from tests.admin_api.conftest import AdminApi
@@ -60,6 +62,21 @@ async def test_a_corrupted_balance_is_a_mismatch_in_the_answer(admin_api: AdminA
         "10000",
         "10007",
     )
+
+
+async def test_a_since_outside_2000_to_today_is_refused_with_the_field(
+    admin_api: AdminApi,
+) -> None:
+    """A `since` after today checks no day and would record a clean run: 400, nothing run."""
+    tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+    for since in ("9999-12-31", tomorrow, "1999-12-31"):
+        response, body = await admin_api.call(
+            "POST", "/admin/v1/reconciliation-runs", json={"since": since}
+        )
+        assert response.status == 400, body
+        assert body["error"]["param"] == "since"
+        assert "from 2000-01-01 to today" in body["error"]["message"]
+    assert await admin_api.pool.fetchval("SELECT count(*) FROM reconciliation_runs") == 0
 
 
 async def test_runs_are_listed_newest_first_in_cursor_pages(admin_api: AdminApi) -> None:

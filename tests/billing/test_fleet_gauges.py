@@ -5,7 +5,7 @@ loop of the admin service keeps the gauges current."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -14,6 +14,7 @@ from admin_api.app import create_admin_app
 from admin_api.money_metrics import FLEET_GAUGES
 from billing import finance
 from billing.fleet_gauges import OTHER_MODEL, read_fleet
+from billing.reconciliation import ReconciliationReport, record_run
 from runtime import appkeys
 from tests.admin_api.conftest import admin_settings
 from tests.billing.finance_books import AFTER, BEFORE, START, post_month_of_books
@@ -66,3 +67,78 @@ async def test_refresh_loop_keeps_the_gauges_current(
         await asyncio.sleep(0.01)
     assert gauges.reading is not None
     assert gauges.reading.outstanding_millicredits == 12_345
+
+
+async def _run(
+    pool: asyncpg.Pool,
+    started_at: datetime,
+    *,
+    complete: bool,
+    account_balance_mismatches: int = 0,
+    mismatched_millicredits: int = 0,
+) -> datetime:
+    """Record a run (as ``record_run`` does for a real one); returns its finish."""
+    report = ReconciliationReport(
+        since=started_at.date(),
+        started_at=started_at,
+        finished_at=started_at + timedelta(seconds=5),
+        counts={
+            "complete": int(complete),
+            "mismatchedMillicredits": mismatched_millicredits,
+            "dailyDeductionsMillicredits": 7_000,
+        },
+    )
+    report.mismatch_counts["account_balance"] = account_balance_mismatches
+    await record_run(pool, report, source="cli")
+    assert report.finished_at is not None
+    return report.finished_at
+
+
+async def test_a_partial_clean_run_never_hides_a_mismatch_nor_counts_as_success(
+    pool: asyncpg.Pool,
+) -> None:
+    """The reviewer's repro: `reconcile --since <future>` (or without Redis) after a mismatch
+    left the mismatch gauges at zero and moved the last success to now."""
+    t0 = datetime(2026, 11, 1, 3, tzinfo=UTC)
+    await _run(pool, t0, complete=True, account_balance_mismatches=1, mismatched_millicredits=9)
+    await _run(pool, t0 + timedelta(hours=1), complete=False)  # partial, clean
+
+    reading = (await read_fleet(pool)).reconciliation
+    assert reading is not None and reading.shown is not None
+    assert reading.shown.mismatch_counts["account_balance"] == 1
+    assert reading.shown.mismatched_millicredits == 9
+    assert reading.shown.daily_deductions_millicredits == 7_000
+    assert reading.last_success_at is None
+    assert reading.runs_by_outcome == {"ok": 1, "mismatch": 1}
+
+    # A complete clean run clears it and is the last success.
+    success = await _run(pool, t0 + timedelta(hours=2), complete=True)
+    reading = (await read_fleet(pool)).reconciliation
+    assert reading is not None and reading.shown is not None
+    assert (reading.shown.ok, reading.shown.mismatched_millicredits) == (True, 0)
+    assert reading.last_success_at == success
+
+    # A newer partial run that found a mismatch wins over the complete clean one.
+    await _run(
+        pool,
+        t0 + timedelta(hours=3),
+        complete=False,
+        account_balance_mismatches=2,
+        mismatched_millicredits=40,
+    )
+    reading = (await read_fleet(pool)).reconciliation
+    assert reading is not None and reading.shown is not None
+    assert reading.shown.mismatch_counts["account_balance"] == 2
+    assert reading.shown.mismatched_millicredits == 40
+    assert reading.last_success_at == success
+
+
+async def test_only_partial_clean_runs_show_no_run_and_no_success(pool: asyncpg.Pool) -> None:
+    await _run(pool, datetime(2026, 11, 1, 3, tzinfo=UTC), complete=False)
+
+    reading = (await read_fleet(pool)).reconciliation
+
+    assert reading is not None
+    assert reading.shown is None
+    assert reading.last_success_at is None
+    assert reading.runs_by_outcome == {"ok": 1, "mismatch": 0}

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
 from billing.metering import outbox
@@ -19,6 +20,7 @@ from billing.reconciliation import (
     ReconciliationReport,
     check_rate_snapshots,
     check_redis,
+    check_since,
     default_since,
     reconcile,
     record_run,
@@ -73,7 +75,9 @@ async def test_reconcile_clean_database_is_ok(
     assert report.counts["redisBalancesCompared"] == 2
     assert report.counts["holds"] == 1
     assert report.counts["deductedMillicredits"] == 7_000
-    assert report.counts["deductionsDifferenceMillicredits"] == 0
+    assert report.counts["dailyDeductionsMillicredits"] == 7_000
+    assert report.counts["mismatchedMillicredits"] == 0
+    assert report.counts["complete"] == 1
     assert report.to_doc()["ok"] is True
 
 
@@ -90,6 +94,71 @@ async def test_reconcile_balance_updated_by_superuser_reports_account(
     [mismatch] = report.mismatches
     assert mismatch.account_id == first
     assert (mismatch.expected_millicredits, mismatch.actual_millicredits) == (48_000, 48_001)
+    assert report.counts["mismatchedMillicredits"] == 1
+    assert report.counts["complete"] == 0  # no Redis checked: a partial run
+
+
+async def test_reconcile_balance_off_by_190_percent_of_a_day_counts_the_amount(
+    pool: asyncpg.Pool, holds: HoldStore, redis_client: aioredis.Redis
+) -> None:
+    """The amount off counts every amount-bearing check, not only the per-day one: a balance
+    corrupted by 190% of the day's deductions is 190% of an average day (the page)."""
+    first, _, _ = await _world(pool, holds)
+    await pool.execute(
+        "UPDATE accounts SET balance_millicredits = balance_millicredits + 13300 WHERE id = $1",
+        first,
+    )
+    report = await reconcile(pool, None, since=default_since())
+    assert _checks(report) == {"account_balance"}
+    assert report.counts["dailyDeductionsMillicredits"] == 7_000
+    assert report.counts["mismatchedMillicredits"] == 13_300  # 1.9 x 7,000
+
+
+async def test_reconcile_daily_deductions_are_an_average_day(
+    pool: asyncpg.Pool, holds: HoldStore
+) -> None:
+    """Seven days of usage, one day 0.5% off: the day's difference against an average day's
+    deductions (window / days), not against the whole window."""
+    account = await new_account(pool)
+    await grant(pool, account, 10_000_000, holds=holds)
+    request_ids = [await _settle_in_postgres(pool, holds, account, 100_000) for _ in range(7)]
+    today = datetime.now(UTC).date()
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        for days_ago, request_id in enumerate(request_ids):
+            moved_to = datetime.now(UTC) - timedelta(days=days_ago)
+            await conn.execute(
+                "UPDATE usage_events SET recorded_at = $1 WHERE request_id = $2",
+                moved_to,
+                request_id,
+            )
+            await conn.execute(
+                "UPDATE ledger_entries SET created_at = $1 WHERE idempotency_key = $2",
+                moved_to,
+                f"usage:{request_id}",
+            )
+        # One day's deduction 500 short (0.5% of the day): charged differs from deducted.
+        await conn.execute(
+            "UPDATE usage_events SET charged_millicredits = 100500 WHERE request_id = $1",
+            request_ids[3],
+        )
+    report = await reconcile(pool, None, since=today - timedelta(days=6))
+    assert report.counts["days"] == 7
+    assert report.counts["deductedMillicredits"] == 700_000
+    assert report.counts["dailyDeductionsMillicredits"] == 100_000
+    assert report.counts["mismatchedMillicredits"] == 500
+    # 0.5% of an average day: above the alert's 0.1%.
+    ratio = report.counts["mismatchedMillicredits"] / report.counts["dailyDeductionsMillicredits"]
+    assert ratio > 0.001
+
+
+def test_check_since_accepts_2000_to_today_only() -> None:
+    today = date(2026, 12, 3)
+    assert check_since(today, today=today) == today
+    assert check_since(date(2000, 1, 1), today=today) == date(2000, 1, 1)
+    for refused in (date(2026, 12, 4), date(9999, 12, 31), date(1999, 12, 31)):
+        with pytest.raises(ValueError, match="from 2000-01-01 to today"):
+            check_since(refused, today=today)
 
 
 async def test_reconcile_deleted_deduction_reports_day_and_request(
@@ -110,14 +179,15 @@ async def test_reconcile_deleted_deduction_reports_day_and_request(
     assert daily.day == today
     assert (daily.expected_millicredits, daily.actual_millicredits) == (7_000, 5_766)
     assert report.counts["deductedMillicredits"] == 5_766
-    assert report.counts["deductionsDifferenceMillicredits"] == 1_234
+    # The balance's 1,234 (ledger sum vs balance) and the day's 1,234; not the pairing again.
+    assert report.counts["mismatchedMillicredits"] == 2_468
     [pair] = [m for m in report.mismatches if m.check == "deduction_pairing"]
     assert (pair.request_id, pair.account_id, pair.day) == (request_id, first, today)
     assert (pair.expected_millicredits, pair.actual_millicredits) == (1_234, None)
 
 
 async def test_reconcile_since_after_the_usage_checks_no_day(
-    pool: asyncpg.Pool, holds: HoldStore
+    pool: asyncpg.Pool, holds: HoldStore, redis_client: aioredis.Redis
 ) -> None:
     _, _, request_id = await _world(pool, holds)
     async with pool.acquire() as conn, conn.transaction():
@@ -126,9 +196,13 @@ async def test_reconcile_since_after_the_usage_checks_no_day(
             "DELETE FROM ledger_entries WHERE idempotency_key = $1", f"usage:{request_id}"
         )
     tomorrow = datetime.now(UTC).date() + timedelta(days=1)
-    report = await reconcile(pool, None, since=tomorrow)
+    report = await reconcile(pool, redis_client, since=tomorrow)
     assert report.counts["days"] == 0
     assert _checks(report) == {"account_balance"}
+    # Later than the default window's first day: partial, even with Redis checked.
+    assert report.counts["redisChecked"] == 1
+    assert report.counts["complete"] == 0
+    assert not report.complete
 
 
 async def test_reconcile_redis_balance_differing_at_same_version_reported(
@@ -143,6 +217,7 @@ async def test_reconcile_redis_balance_differing_at_same_version_reported(
     assert _checks(report) == {"redis_balance"}
     [mismatch] = report.mismatches
     assert mismatch.account_id == second
+    assert report.counts["mismatchedMillicredits"] == 10
     assert (mismatch.expected_millicredits, mismatch.actual_millicredits) == (15_000, 14_990)
     assert report.counts["redisBalancesStale"] == 1
 
