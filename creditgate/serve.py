@@ -17,6 +17,7 @@ from admin_api.app import create_admin_app
 from billing.reconciliation import DailyReconciliation
 from gateway import appkeys as gateway_keys
 from gateway.app import create_app
+from gateway.request_end import ACCESS_LOGGER
 from runtime import appkeys
 from runtime.http_protocol import EdgeAppRunner, EdgeServer, edge_runner, ensure_descriptor_budget
 from runtime.metrics import (
@@ -137,6 +138,8 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     ensure_descriptor_budget(settings)
+    if not settings.access_log:
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
     # handler_cancellation: a client that disconnects stops its upstream request at once.
     # One TaskRestarts and one PurchaseStats for the process: the admin app's (it exports
     # them), handed to the gateway, so no metric family is exported twice.

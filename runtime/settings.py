@@ -69,6 +69,10 @@ class Settings:
     metrics_host: str | None = None
     """``METRICS_HOST``: the address ``/metrics`` binds (revenue and liability figures: keep it
     private); None (unset): ``host``. The compose file sets 0.0.0.0 for Prometheus's container."""
+    access_log: bool = True
+    """``ACCESS_LOG``: one JSON line per billed request on stderr (``creditgate.access``); it
+    costs about 25 µs of CPU per request (docs/benchmarks.md, issue 14), so a deployment that
+    takes its request logs elsewhere may turn it off."""
     metrics_db_refresh_s: float = 30.0
     """``METRICS_DB_REFRESH_S``: seconds between the admin service's reads of the fleet gauges
     (outstanding credits, today's margin, the latest reconciliation) from Postgres."""
@@ -173,6 +177,7 @@ class Settings:
             admin_port=read.integer("ADMIN_PORT", 8081, minimum=1, maximum=65535),
             metrics_port=read.integer("METRICS_PORT", 9464, minimum=0, maximum=65535),
             metrics_host=read.text("METRICS_HOST") or None,
+            access_log=read.boolean("ACCESS_LOG", True),
             metrics_db_refresh_s=read.seconds("METRICS_DB_REFRESH_S", 30.0, minimum=1),
             public_base_url=read.url(
                 "PUBLIC_BASE_URL", _HTTP_SCHEMES, default=f"http://127.0.0.1:{port}"

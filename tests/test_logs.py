@@ -247,3 +247,43 @@ def test_buffered_lines_off_when_the_logger_is_off_and_at_once_without_a_loop(
     assert lines is not None
     lines.write("request", {"status": 401})
     assert orjson.loads(stream.getvalue())["status"] == 401
+
+
+async def test_access_log_false_writes_no_access_line_and_still_posts(
+    database_url: str, redis_url: str, sim: Simulator, tmp_path: Path
+) -> None:
+    await seed_database(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        _, key = await create_account_with_key(conn, 1_000_000, name="quiet")
+    finally:
+        await conn.close()
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "UPSTREAM_BASE_URL": sim.base_url,
+        "UPSTREAM_API_KEY": "sk-upstream-operator",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "ADMIN_PORT": str(free_port()),
+        "METRICS_PORT": "0",
+        "ACCESS_LOG": "false",
+    }
+    err = tmp_path / "serve.err"
+    process = await start_serve(env, tmp_path / "serve.out", err)
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+        await _usage_row(database_url, raw.headers["x-request-id"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait, 30)
+
+    lines = [orjson.loads(line) for line in (await asyncio.to_thread(err.read_text)).splitlines()]
+    assert [line for line in lines if line["logger"] == "creditgate.access"] == []
+    assert any(line.get("event") == "settlement.batch_posted" for line in lines)
