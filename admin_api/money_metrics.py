@@ -24,6 +24,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from billing.finance import NANOUSD_PER_USD
 from billing.fleet_gauges import FleetReading, read_fleet
 from billing.purchases.money_events import REVERSAL_KINDS, PurchaseStats
 from billing.purchases.stripe_events import WebhookStats
@@ -37,7 +38,6 @@ from runtime.supervision import cancel_and_wait, periodically, supervise
 FULFILMENT_LATENCY_BUCKETS_S = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 21600, 86400, 259200)
 #: The failure reasons of the webhook (``admin_api.stripe_webhook``), exported from 0.
 WEBHOOK_FAILURE_REASONS = ("unconfigured", "signature", "unavailable", "error")
-NANOUSD_PER_USD = 1e9
 
 
 class WebhookCollector(Collector):

@@ -34,9 +34,10 @@ import asyncpg
 import orjson
 
 from billing.finance import ModelRevenue, RevenueReport, revenue_by_model
+from billing.metering.rate_cards import UNRATED_MODEL_LABEL
 
 #: The model label of usage whose model has no rate card.
-OTHER_MODEL = "other"
+OTHER_MODEL = UNRATED_MODEL_LABEL
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,12 +36,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from billing.metering.pricing import RateCard
+from billing.metering.rate_cards import UNRATED_MODEL_LABEL
 
 if TYPE_CHECKING:
     from gateway.usage import Usage
 
 #: The model label of a request that named no model we price.
-OTHER_MODEL = "other"
+OTHER_MODEL = UNRATED_MODEL_LABEL
 
 #: Seconds; a streamed answer can last minutes, so the buckets go past the default 10 s.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

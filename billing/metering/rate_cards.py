@@ -29,6 +29,10 @@ from billing.control import ControlKind, notify_control
 from billing.errors import BillingError
 from billing.metering.pricing import ModelKind, RateCard
 
+#: The ``model`` label of metrics for a model without a rate card (label values stay
+#: bounded: a client's made-up model name never becomes a series of its own).
+UNRATED_MODEL_LABEL = "other"
+
 _COLUMNS = """id, model, model_kind, input_millicredits_per_1k_tokens,
        cached_input_millicredits_per_1k_tokens, output_millicredits_per_1k_tokens,
        max_output_tokens, effective_at, upstream_input_microusd_per_1k_tokens,
