@@ -12,10 +12,9 @@ import pytest
 from billing import ledger
 from billing.metering.pricing import charge_millicredits
 from gateway import appkeys as gateway_keys
-from tests.e2e.test_checkout_flow import (  # the Stripe stand-in's fixtures and the shop
+from tests.e2e.test_checkout_flow import (  # the shop (stripe_stub is in tests/conftest.py)
     Shop,
     shop,  # noqa: F401 (a fixture)
-    stripe_stub,  # noqa: F401 (a fixture)
 )
 from tests.gateway.billing_world import BillingClient, insert_usage, key_id, post_at
 

@@ -11,11 +11,7 @@ import pytest
 from runtime.errors import InvalidRequestError
 from runtime.return_to import url_origin, validated_return_to
 from runtime.settings import ConfigError, Settings
-from tests.e2e.test_checkout_flow import (  # the Stripe stand-in's fixture and the shop
-    open_shop,
-    shop_settings,
-    stripe_stub,  # noqa: F401 (a fixture)
-)
+from tests.e2e.test_checkout_flow import open_shop, shop_settings  # stripe_stub: conftest
 
 ORIGINS = frozenset({"https://app.example.com", "http://localhost:3000"})
 _ENV = {
@@ -160,7 +156,7 @@ async def test_403_account_deactivated_buy_credits_url_carries_return_to(gw) -> 
 async def test_checkout_takes_return_to_or_return_path_through_the_validator(
     database_url,
     redis_url,
-    stripe_stub,  # noqa: F811 (the imported fixture)
+    stripe_stub,
     aiohttp_client,
 ) -> None:
     settings = shop_settings(
