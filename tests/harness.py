@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -177,6 +178,27 @@ class GatewayHarness:
 
 #: How long ``start_serve`` waits for ``creditgate serve`` to print READY (seconds).
 SERVE_READY_TIMEOUT_S = 60.0
+
+
+def serve_env(
+    database_url: str, redis_url: str, upstream_base_url: str, port: int, **settings: str
+) -> dict[str, str]:
+    """The environment of a ``creditgate serve`` subprocess on loopback: this process's
+    environment, the stores, the simulated upstream, the gateway on ``port``, the admin service
+    on a free port, no ``/metrics`` (``METRICS_PORT=0``) unless ``settings`` says otherwise;
+    ``settings`` (``ACCESS_LOG="false"``, ...) last."""
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "UPSTREAM_BASE_URL": upstream_base_url,
+        "UPSTREAM_API_KEY": "sk-upstream-operator",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "ADMIN_PORT": str(free_port()),
+        "METRICS_PORT": "0",
+        **settings,
+    }
 
 
 async def create_account_with_key(

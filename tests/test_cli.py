@@ -596,21 +596,10 @@ async def test_admin_create_token_prints_it_once_audited_as_cli(database_url, co
 
 
 async def test_admin_create_token_refuses_unknown_role(database_url):
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "creditgate.cli",
-        "admin",
-        "create-token",
-        "--role",
-        "root",
-        cwd=REPO_ROOT,
-        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, _, _ = await run_cli_text(
+        {"DATABASE_URL": database_url}, "admin", "create-token", "--role", "root"
     )
-    await process.communicate()
-    assert process.returncode == 2
+    assert code == 2
 
 
 async def test_mutating_commands_write_one_cli_audit_row_each(cli_env, conn):
@@ -678,20 +667,8 @@ async def test_reconcile_corrupted_balance_exits_1_naming_the_account(cli_env, c
 
 
 async def test_reconcile_malformed_since_is_a_usage_error(cli_env):
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "creditgate.cli",
-        "reconcile",
-        "--since",
-        "last week",
-        cwd=REPO_ROOT,
-        env={"PATH": "/usr/bin:/bin", **cli_env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await process.communicate()
-    assert process.returncode == 2
+    code, _, stderr = await run_cli_text(cli_env, "reconcile", "--since", "last week")
+    assert code == 2
     assert b"--since" in stderr
 
 
@@ -700,20 +677,8 @@ async def test_reconcile_since_outside_2000_to_today_is_a_usage_error(cli_env, c
     """A `--since` after today checks no day and would record a clean run: refused."""
     if since == "tomorrow":
         since = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "creditgate.cli",
-        "reconcile",
-        "--since",
-        since,
-        cwd=REPO_ROOT,
-        env={"PATH": "/usr/bin:/bin", **cli_env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await process.communicate()
-    assert process.returncode == 2
+    code, _, stderr = await run_cli_text(cli_env, "reconcile", "--since", since)
+    assert code == 2
     assert b"--since" in stderr and b"from 2000-01-01 to today" in stderr
     assert await conn.fetchval("SELECT count(*) FROM reconciliation_runs") == 0
 

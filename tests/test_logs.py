@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 import secrets
 import signal
 import time
@@ -24,7 +23,7 @@ from devtools.localservices import free_port
 from devtools.simulator import Simulator
 from runtime import json_logs
 from runtime.json_logs import install_json_logging
-from tests.harness import create_account_with_key, seed_database, start_serve
+from tests.harness import create_account_with_key, seed_database, serve_env, start_serve
 
 WEBHOOK_SECRET = "whsec_" + "W" * 32
 
@@ -93,19 +92,14 @@ async def test_serve_logs_json_lines_with_an_access_line_and_no_secret(
     marker = "prompt-marker-" + secrets.token_hex(8)
     bad_key = "cg_live_" + "B" * 43
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "UPSTREAM_BASE_URL": sim.base_url,
-        "UPSTREAM_API_KEY": "sk-upstream-operator",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "ADMIN_PORT": str(free_port()),
-        "METRICS_PORT": "0",
-        "PURCHASES_ENABLED": "false",
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-    }
+    env = serve_env(
+        database_url,
+        redis_url,
+        sim.base_url,
+        port,
+        PURCHASES_ENABLED="false",
+        STRIPE_WEBHOOK_SECRETS=WEBHOOK_SECRET,
+    )
     err = tmp_path / "serve.err"
     process = await start_serve(env, tmp_path / "serve.out", err)
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -259,18 +253,7 @@ async def test_access_log_false_writes_no_access_line_and_still_posts(
     finally:
         await conn.close()
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "UPSTREAM_BASE_URL": sim.base_url,
-        "UPSTREAM_API_KEY": "sk-upstream-operator",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "ADMIN_PORT": str(free_port()),
-        "METRICS_PORT": "0",
-        "ACCESS_LOG": "false",
-    }
+    env = serve_env(database_url, redis_url, sim.base_url, port, ACCESS_LOG="false")
     err = tmp_path / "serve.err"
     process = await start_serve(env, tmp_path / "serve.out", err)
     try:

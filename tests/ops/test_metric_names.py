@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -31,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.localservices import free_port
 from devtools.simulator import Simulator
-from tests.harness import create_account_with_key, seed_database, start_serve
+from tests.harness import create_account_with_key, seed_database, serve_env, start_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -171,18 +170,14 @@ async def served(database_url: str, redis_url: str, sim: Simulator, tmp_path: Pa
     """``(gateway base URL, metrics URL)`` of a ``creditgate serve`` subprocess."""
     await seed_database(database_url)
     port, metrics_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "UPSTREAM_BASE_URL": sim.base_url,
-        "UPSTREAM_API_KEY": "sk-upstream-operator",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "ADMIN_PORT": str(free_port()),
-        "METRICS_PORT": str(metrics_port),
-        "PURCHASES_ENABLED": "false",
-    }
+    env = serve_env(
+        database_url,
+        redis_url,
+        sim.base_url,
+        port,
+        METRICS_PORT=str(metrics_port),
+        PURCHASES_ENABLED="false",
+    )
     # A recorded reconciliation run: its gauges are exported once the refresh loop has read it.
     reconciled = await asyncio.to_thread(
         subprocess.run,
