@@ -1,4 +1,5 @@
-"""Run the gateway and the admin service in one process (uvloop when available)."""
+"""Run the gateway and the admin service in one process (uvloop when available); with
+``WORKERS`` > 1, in each of the worker processes of ``creditgate.workers``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from functools import partial
 
 from aiohttp import web
@@ -127,11 +128,41 @@ def edge_readings(runners: Mapping[str, EdgeAppRunner]) -> list[LabelledReading]
     ]
 
 
-async def run_services(settings: Settings, stop: asyncio.Event | None = None) -> None:
+#: Seconds the admin service's in-flight requests get at shutdown (at most SHUTDOWN_TIMEOUT_S).
+ADMIN_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def ready_line(settings: Settings) -> str:
+    """The line ``creditgate serve`` prints on stdout once it serves (tests and scripts wait
+    for ``READY``); with workers, the parent prints it once every worker serves."""
+    return (
+        f"READY gateway=http://{settings.host}:{settings.port} "
+        f"admin=http://{settings.admin_host}:{settings.admin_port} workers={settings.workers}"
+    )
+
+
+def _print_ready_line(settings: Settings) -> None:
+    print(ready_line(settings), flush=True)
+
+
+async def run_services(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    ready: Callable[[], None] | None = None,
+    reuse_port: bool = False,
+) -> None:
     """Serve the gateway on ``HOST:PORT``, the admin app on ``ADMIN_HOST:ADMIN_PORT`` and
     ``/metrics`` on ``METRICS_HOST:METRICS_PORT`` (``METRICS_HOST`` defaults to ``HOST``; not
-    when the port is 0) until ``stop`` is set or
-    SIGINT/SIGTERM arrives."""
+    when the port is 0) until ``stop`` is set or SIGINT/SIGTERM arrives; then stop accepting,
+    give in-flight requests and streams up to ``SHUTDOWN_TIMEOUT_S`` and settle and drain
+    (``gateway.app``).
+
+    Args:
+        ready: called once serving (default: print ``ready_line`` on stdout).
+        reuse_port: bind the gateway's and admin's ports with ``SO_REUSEPORT``, shared with
+            the other workers of the fleet (``creditgate.workers``).
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,9 +181,18 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
         purchases=admin[appkeys.PURCHASE_STATS],
     )
     gateway_runner = edge_runner(
-        gateway, settings, access_log=None, handler_cancellation=True, shutdown_timeout=30
+        gateway,
+        settings,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=settings.shutdown_timeout_s,
     )
-    admin_runner = edge_runner(admin, settings, access_log=None, shutdown_timeout=10)
+    admin_runner = edge_runner(
+        admin,
+        settings,
+        access_log=None,
+        shutdown_timeout=min(ADMIN_SHUTDOWN_TIMEOUT_S, settings.shutdown_timeout_s),
+    )
     edges = edge_readings({"gateway": gateway_runner, "admin": admin_runner})
     registry = metrics_registry(
         process_counters(gateway), edges, [gateway[appkeys.METRICS], admin[appkeys.METRICS]]
@@ -179,8 +219,12 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
         name="reconciliation",
     )
     try:
-        await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024).start()
-        await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
+        await web.TCPSite(
+            gateway_runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port
+        ).start()
+        await web.TCPSite(
+            admin_runner, settings.admin_host, settings.admin_port, reuse_port=reuse_port
+        ).start()
         if settings.metrics_port:
             metrics_host = settings.metrics_host or settings.host
             await web.TCPSite(metrics_runner, metrics_host, settings.metrics_port).start()
@@ -194,11 +238,10 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
             settings.metrics_host or settings.host,
             settings.metrics_port or "none",
         )
-        print(
-            f"READY gateway=http://{settings.host}:{settings.port} "
-            f"admin=http://{settings.admin_host}:{settings.admin_port}",
-            flush=True,
-        )
+        if ready is None:
+            _print_ready_line(settings)
+        else:
+            ready()
         await stop.wait()
     finally:
         await cancel_and_wait(reconciling)
@@ -208,11 +251,22 @@ async def run_services(settings: Settings, stop: asyncio.Event | None = None) ->
 
 
 def serve(settings: Settings) -> None:
-    """Blocking entry point of ``creditgate serve``; keys are redacted from its logs."""
+    """Blocking entry point of ``creditgate serve``; keys are redacted from its logs.
+    ``WORKERS`` > 1: the parent of that many workers (``creditgate.workers``)."""
     install_redacting_filter()
+    if settings.workers > 1:
+        from creditgate.workers import run_fleet
+
+        run_fleet(settings)
+    else:
+        run_event_loop(run_services(settings))
+
+
+def run_event_loop(main: Coroutine[None, None, None]) -> None:
+    """Run ``main`` to its end on a new event loop: uvloop's when available."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        asyncio.run(run_services(settings))
+        asyncio.run(main)
     else:
-        uvloop.run(run_services(settings))
+        uvloop.run(main)

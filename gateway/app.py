@@ -46,6 +46,8 @@ from gateway.traffic_metrics import TrafficMetrics
 from gateway.usage import UsageStats
 from runtime import appkeys
 from runtime.errors import answer_errors
+from runtime.lease import Lease, leased
+from runtime.metrics import LabelledReading, StatsCollector
 from runtime.resources import control_ctx, gateway_redis_ctx, postgres_ctx, stripe_ctx
 from runtime.return_to import buy_credits_url_for
 from runtime.settings import Settings
@@ -156,11 +158,17 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     integrity = app[gateway_keys.INTEGRITY]
     redis, pool = app[appkeys.REDIS], app[appkeys.DB_POOL]
     _start_supervised = partial(_start_supervised_in, app[appkeys.TASK_RESTARTS])
+    # One process of the fleet sweeps at a time (runtime.lease; docs/design.md, "Workers").
+    sweeper_lease = _lease(app, HOLD_SWEEPER_LEASE)
     tasks = [
         _start_supervised("settlement-rescue", rescue.run),
         _start_supervised(
             "hold-sweeper",
-            partial(periodically, settings.sweep_interval_s, partial(_sweep_expired_holds, app)),
+            partial(
+                periodically,
+                settings.sweep_interval_s,
+                leased(sweeper_lease, partial(_sweep_expired_holds, app)),
+            ),
         ),
         _start_supervised(
             "rate-card-refresh",
@@ -206,6 +214,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     yield
     for task in tasks:
         await cancel_and_wait(task)
+    await sweeper_lease.close()
     # Settlements and voids Redis did not confirm (the replies still in flight first): a last
     # try, then Postgres (best effort).
     with contextlib.suppress(Exception):
@@ -218,6 +227,26 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait_for(poster.drain_all(), timeout=5)
     if reader is not None:
         await reader.close()
+
+
+#: The fleet-wide lease of the hold sweeper (``runtime.lease``).
+HOLD_SWEEPER_LEASE = "hold-sweeper"
+
+
+def _lease(app: web.Application, name: str) -> Lease:
+    """A fleet-wide lease of this process, shown as ``creditgate_lease_held{lease}`` (1 in the
+    process that holds it)."""
+    settings = app[appkeys.SETTINGS]
+    lease = Lease(settings.database_url, name, timeout_s=settings.postgres_connect_timeout_s)
+    held = LabelledReading(
+        "creditgate_lease_held",
+        "1 in the process that holds the fleet-wide lease (runs its work), else 0.",
+        "lease",
+        lambda: {lease.name: int(lease.holding)},
+        gauge=True,
+    )
+    app[appkeys.METRICS].register(StatsCollector([], [held]))
+    return lease
 
 
 def _start_supervised_in(

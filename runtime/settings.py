@@ -119,6 +119,13 @@ class Settings:
     billing_session_ttl_s: int = 43200
     """``BILLING_SESSION_TTL_S``: seconds a billing session (cookie and Redis data) lasts
     from sign-in (``gateway.billing_session``)."""
+    workers: int = 1
+    """``WORKERS``: worker processes of ``creditgate serve`` sharing the ports (SO_REUSEPORT)
+    under one parent (``creditgate.workers``); 1: one process, no parent. Unset: the usable
+    cores (``len(os.sched_getaffinity(0))``)."""
+    shutdown_timeout_s: float = 30.0
+    """``SHUTDOWN_TIMEOUT_S``: seconds in-flight requests and streams get to finish after
+    SIGTERM/SIGINT before a process cancels them and exits."""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -217,6 +224,8 @@ class Settings:
             credits_expiry_text=read.text("CREDITS_EXPIRY_TEXT", DEFAULT_EXPIRY_TEXT),
             portal_link_ttl_s=read.integer("PORTAL_LINK_TTL_S", 300, minimum=1),
             billing_session_ttl_s=read.integer("BILLING_SESSION_TTL_S", 43200, minimum=60),
+            workers=read.integer("WORKERS", len(os.sched_getaffinity(0)), minimum=1, maximum=256),
+            shutdown_timeout_s=read.seconds("SHUTDOWN_TIMEOUT_S", 30.0),
         )
         read.raise_problems()
         return settings

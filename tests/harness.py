@@ -185,8 +185,8 @@ def serve_env(
 ) -> dict[str, str]:
     """The environment of a ``creditgate serve`` subprocess on loopback: this process's
     environment, the stores, the simulated upstream, the gateway on ``port``, the admin service
-    on a free port, no ``/metrics`` (``METRICS_PORT=0``) unless ``settings`` says otherwise;
-    ``settings`` (``ACCESS_LOG="false"``, ...) last."""
+    on a free port, no ``/metrics`` (``METRICS_PORT=0``) and one process (``WORKERS=1``)
+    unless ``settings`` says otherwise; ``settings`` (``ACCESS_LOG="false"``, ...) last."""
     return {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -197,6 +197,7 @@ def serve_env(
         "PORT": str(port),
         "ADMIN_PORT": str(free_port()),
         "METRICS_PORT": "0",
+        "WORKERS": "1",
         **settings,
     }
 

@@ -120,6 +120,7 @@ async def test_gateway_sigkill_after_delivery_charges_each_response_once(
         "PORT": str(port),
         "ADMIN_PORT": str(free_port()),
         "METRICS_PORT": "0",  # never the default 9464 (a shared machine)
+        "WORKERS": "1",  # SIGKILL below is the crash of the one serving process
         "SETTLEMENT_CLAIM_IDLE_MS": "300",
         "SETTLEMENT_POSTER_ENABLED": "true" if writer_enabled else "false",
     }

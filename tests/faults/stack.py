@@ -58,6 +58,7 @@ FAULT_SETTINGS: dict[str, str] = {
     "UPSTREAM_READ_TIMEOUT_S": "10",
     "RATE_CARD_REFRESH_S": "1",
     "METRICS_PORT": "0",  # no fixed port shared by every case (0 disables the endpoint)
+    "WORKERS": "1",  # the cases kill, pause and cut the one serving process
 }
 
 
