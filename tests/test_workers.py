@@ -45,11 +45,19 @@ def _free_port_pair() -> int:
 
 
 def _children(pid: int) -> set[int]:
-    """The live child processes of ``pid`` (proc(5): ``task/<tid>/children``)."""
+    """The worker processes of ``pid``: its children (proc(5): ``task/<tid>/children``) that
+    multiprocessing spawned (not its resource tracker)."""
     children: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         children.update(int(c) for c in (task / "children").read_text().split())
-    return children
+    return {child for child in children if b"spawn_main" in _cmdline(child)}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 async def _scrape(session: aiohttp.ClientSession, port: int) -> dict[tuple[str, str], float]:
@@ -155,6 +163,15 @@ async def test_a_killed_worker_is_restarted_and_service_goes_on(
         before = _children(process.pid)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
+
+        async def victim_gone() -> bool:  # exited (its sockets closed): zombie or reaped
+            try:
+                return "State:\tZ" in Path(f"/proc/{victim}/status").read_text()
+            except OSError:
+                return True
+
+        await _until(victim_gone, "the killed worker to exit")
+        # Before its replacement is up, the other worker answers every new connection.
         assert await _chat_on_new_connections(port, key, 10) == [200] * 10
 
         async def replaced() -> bool:
