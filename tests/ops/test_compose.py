@@ -176,7 +176,9 @@ def test_gateway_ports_match_the_settings_defaults(compose, env_example):
     published = {port.rsplit(":", 1)[1] for port in gateway["ports"]}
     assert published == {str(defaults.port), str(defaults.admin_port)}
     assert "127.0.0.1:8081:8081" in gateway["ports"]  # the admin service stays private
-    assert gateway["expose"] == [str(defaults.metrics_port)]
+    # One /metrics port per worker (docs/design.md, "Workers").
+    assert settings.workers == 2
+    assert gateway["expose"] == [str(defaults.metrics_port + i) for i in range(settings.workers)]
     assert settings.host == settings.admin_host == "0.0.0.0"
     assert settings.metrics_host == "0.0.0.0"  # Prometheus scrapes from its own container
     assert env["DATABASE_URL"].startswith("postgresql://")
@@ -257,10 +259,14 @@ def test_prometheus_scrapes_every_gateway_replica_on_the_metrics_port(compose, e
     config = yaml.safe_load((REPO_ROOT / "prometheus/prometheus.yml").read_text(encoding="utf-8"))
     [job] = config["scrape_configs"]
     assert "static_configs" not in job  # one static target would see one replica of --scale
-    [discovery] = job["dns_sd_configs"]
     settings = Settings.from_env(_service_env(compose["services"]["gateway"], env_example))
-    assert (discovery["names"], discovery["type"]) == (["gateway"], "A")
-    assert discovery["port"] == settings.metrics_port
+    # One discovery per worker's /metrics port: worker i serves METRICS_PORT + i.
+    discoveries = job["dns_sd_configs"]
+    for discovery in discoveries:
+        assert (discovery["names"], discovery["type"]) == (["gateway"], "A")
+    assert [d["port"] for d in discoveries] == [
+        settings.metrics_port + i for i in range(settings.workers)
+    ]
 
 
 def _nginx_locations(text: str) -> dict[str, str]:
