@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # What ships in the wheel and the image (devtools/, tests/ and bench/ do not).
 PRODUCTION := creditgate runtime gateway admin_api billing
 
-.PHONY: help venv system-deps test run lint fmt bench bench-paired clean restore-drill
+.PHONY: help venv system-deps test run lint fmt bench bench-paired bench-workers clean restore-drill
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,6 +69,9 @@ bench: system-deps venv ## Run the benchmarks (bench/run.py); they print numbers
 
 bench-paired: system-deps venv ## Pass-through vs gateway back to back (5 rounds), then 60 s of settlement; BENCH_ARGS adds flags
 	$(VENV)/bin/python bench/paired.py --sustain 60 $(BENCH_ARGS)
+
+bench-workers: system-deps venv ## 1 worker vs 2 workers, plain chat at c=32 (3 rounds); BENCH_ARGS adds flags
+	$(VENV)/bin/python bench/workers.py $(BENCH_ARGS)
 
 clean: ## Remove caches and build output (keeps .venv and the dev data in .data/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
