@@ -53,6 +53,14 @@ def _children(pid: int) -> set[int]:
     return {child for child in children if b"spawn_main" in _cmdline(child)}
 
 
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited (its sockets closed): a zombie, or reaped."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -164,11 +172,8 @@ async def test_a_killed_worker_is_restarted_and_service_goes_on(
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
 
-        async def victim_gone() -> bool:  # exited (its sockets closed): zombie or reaped
-            try:
-                return "State:\tZ" in Path(f"/proc/{victim}/status").read_text()
-            except OSError:
-                return True
+        async def victim_gone() -> bool:
+            return _exited(victim)
 
         await _until(victim_gone, "the killed worker to exit")
         # Before its replacement is up, the other worker answers every new connection.
