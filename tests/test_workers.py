@@ -35,10 +35,13 @@ LEASE_HELD = ("creditgate_lease_held", f"lease={HOLD_SWEEPER_LEASE}")
 HOLDS_EXPIRED = ("creditgate_holds_expired_total", "")
 
 
-def _free_port_pair() -> int:
-    """A port ``p`` such that ``p`` and ``p + 1`` were both free a moment ago."""
+def _free_port_pair(taken: set[int]) -> int:
+    """A port ``p`` such that ``p`` and ``p + 1`` were both free a moment ago and neither is
+    in ``taken`` (the ports the fleet's other listeners were given)."""
     while True:
         port = free_port()
+        if {port, port + 1} & taken:
+            continue
         with socket.socket() as sock, contextlib.suppress(OSError):
             sock.bind(("127.0.0.1", port + 1))
             return port
@@ -51,14 +54,6 @@ def _children(pid: int) -> set[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         children.update(int(c) for c in (task / "children").read_text().split())
     return {child for child in children if b"spawn_main" in _cmdline(child)}
-
-
-def _exited(pid: int) -> bool:
-    """Whether ``pid`` has exited (its sockets closed): a zombie, or reaped."""
-    try:
-        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
 
 
 def _cmdline(pid: int) -> bytes:
@@ -120,15 +115,18 @@ async def _until(condition, what: str, timeout_s: float = 30.0):  # type: ignore
 @contextlib.asynccontextmanager
 async def _fleet(
     tmp_path: Path, database_url: str, redis_url: str, sim: Simulator, **settings: str
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
-    """``creditgate serve`` (WORKERS=2 unless ``settings`` says otherwise) and its gateway
-    port; stopped with SIGTERM (then SIGKILL) on the way out."""
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, int]]:
+    """``creditgate serve`` (WORKERS=2 unless ``settings`` says otherwise), its gateway port
+    and its METRICS_PORT; stopped with SIGTERM (then SIGKILL) on the way out.
+    ``METRICS_PORT="pair"``: two free ports from it on (worker i on METRICS_PORT + i)."""
     await seed_database(database_url)
     port = free_port()
     env = serve_env(database_url, redis_url, sim.base_url, port, **{"WORKERS": "2", **settings})
+    if env["METRICS_PORT"] == "pair":
+        env["METRICS_PORT"] = str(_free_port_pair({port, int(env["ADMIN_PORT"])}))
     process = await start_serve(env, tmp_path / "serve.out", tmp_path / "serve.err")
     try:
-        yield process, port
+        yield process, port, int(env["METRICS_PORT"])
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -144,11 +142,11 @@ async def test_two_workers_share_the_port_and_both_answer(
 ) -> None:
     """WORKERS=2: a parent with two worker processes; requests on new connections are spread
     over both (each worker's /metrics, on METRICS_PORT and METRICS_PORT + 1, counts some)."""
-    metrics_port = _free_port_pair()
     _, key = await _funded_key(database_url)
-    async with _fleet(tmp_path, database_url, redis_url, sim, METRICS_PORT=str(metrics_port)) as (
+    async with _fleet(tmp_path, database_url, redis_url, sim, METRICS_PORT="pair") as (
         process,
         port,
+        metrics_port,
     ):
         workers = _children(process.pid)
         assert len(workers) == 2
@@ -167,13 +165,15 @@ async def test_a_killed_worker_is_restarted_and_service_goes_on(
 ) -> None:
     """kill -9 of one worker: the parent starts a new one; every request is answered."""
     _, key = await _funded_key(database_url)
-    async with _fleet(tmp_path, database_url, redis_url, sim) as (process, port):
+    async with _fleet(tmp_path, database_url, redis_url, sim) as (process, port, _):
         before = _children(process.pid)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
 
         async def victim_gone() -> bool:
-            return _exited(victim)
+            # The parent saw it die: its descriptors, listening sockets included, are closed
+            # (the parent's sentinel is a pipe the worker's descriptor table held).
+            return f"(pid {victim}) died" in (tmp_path / "serve.err").read_text()
 
         await _until(victim_gone, "the killed worker to exit")
         # Before its replacement is up, the other worker answers every new connection.
@@ -205,6 +205,7 @@ async def test_sigterm_during_a_stream_lets_it_finish_and_charges_it_once(
     async with _fleet(tmp_path, database_url, redis_url, sim, SHUTDOWN_TIMEOUT_S="15") as (
         process,
         port,
+        _,
     ):
         account, key = await _funded_key(database_url, opening)
         sim.push(Scenario(chunks=20, delay_s=0.1))
@@ -274,7 +275,6 @@ async def test_the_hold_sweeper_runs_in_one_worker_and_moves_when_its_holder_die
     """One worker holds the sweeper's lease (the advisory lock, creditgate_lease_held) and
     voids expired holds; the other does not sweep. kill -9 of the holder: another worker takes
     the lease and sweeps."""
-    metrics_port = _free_port_pair()
     account, _ = await _funded_key(database_url)
     async with (
         _fleet(
@@ -282,9 +282,9 @@ async def test_the_hold_sweeper_runs_in_one_worker_and_moves_when_its_holder_die
             database_url,
             redis_url,
             sim,
-            METRICS_PORT=str(metrics_port),
+            METRICS_PORT="pair",
             SWEEP_INTERVAL_S="0.2",
-        ) as (process, _),
+        ) as (process, _, metrics_port),
         aiohttp.ClientSession() as session,
     ):
         workers = _children(process.pid)
@@ -357,7 +357,7 @@ async def test_workers_1_serves_in_one_process_without_a_parent(
 ) -> None:
     """WORKERS=1 is the single process of before: no child process, it answers itself."""
     _, key = await _funded_key(database_url)
-    async with _fleet(tmp_path, database_url, redis_url, sim, WORKERS="1") as (process, port):
+    async with _fleet(tmp_path, database_url, redis_url, sim, WORKERS="1") as (process, port, _):
         assert _children(process.pid) == set()
         assert await _chat_on_new_connections(port, key, 3) == [200] * 3
         assert "workers=1" in (tmp_path / "serve.out").read_text()
