@@ -121,7 +121,14 @@ async def _serve_in_worker(settings: Settings, ready: Callable[[], None]) -> Non
     stop = asyncio.Event()
     parent = multiprocessing.parent_process()
     if parent is not None:
-        asyncio.get_running_loop().add_reader(parent.sentinel, stop.set)
+        loop = asyncio.get_running_loop()
+
+        def parent_died() -> None:
+            loop.remove_reader(parent.sentinel)  # readable from now on: watch it once
+            log.warning("the parent process died; stopping")
+            stop.set()
+
+        loop.add_reader(parent.sentinel, parent_died)
     await run_services(settings, stop, ready=ready, reuse_port=True)
 
 
