@@ -388,3 +388,29 @@ async def test_a_worker_that_cannot_start_stops_the_fleet_with_one_json_error(
     assert answer["type"] == "WorkerStartupError"
     assert "could not start" in answer["error"]
     assert "READY" not in served.stdout.decode()
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie, or reaped)."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+async def test_workers_stop_when_their_parent_is_killed(
+    tmp_path: Path, database_url: str, redis_url: str, sim: Simulator
+) -> None:
+    """kill -9 of the parent: each worker sees its parent's sentinel close and stops as on
+    SIGTERM (no worker is left serving without a parent to restart or stop it)."""
+    async with _fleet(tmp_path, database_url, redis_url, sim) as (process, _, _):
+        workers = _children(process.pid)
+        assert len(workers) == 2
+        process.kill()
+        await asyncio.to_thread(process.wait, 10)
+
+        async def all_gone() -> bool:
+            return all(_gone(pid) for pid in workers)
+
+        await _until(all_gone, "the workers to stop")
+    assert (tmp_path / "serve.err").read_text().count("the parent process died; stopping") == 2
