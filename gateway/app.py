@@ -167,7 +167,12 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             partial(
                 periodically,
                 settings.sweep_interval_s,
-                leased(sweeper_lease, partial(_sweep_expired_holds, app)),
+                # Postgres down: every process sweeps, as before leases (voids are idempotent).
+                leased(
+                    sweeper_lease,
+                    partial(_sweep_expired_holds, app),
+                    run_when_unreachable=True,
+                ),
             ),
         ),
         _start_supervised(

@@ -12,6 +12,8 @@ idle Postgres connection per process. A holder cut off from Postgres (a partitio
 believing it holds the lock until its connection fails; each round therefore checks the
 connection first (``held()`` runs a statement on it), and the leased work must be safe to run
 twice at once for that short window (the sweeper is: voiding an expired hold is idempotent).
+Work that must go on while Postgres is down (the sweeper needs only Redis) asks ``leased`` to
+run in every process then (``run_when_unreachable``).
 
 Source: PostgreSQL's advisory locks (docs: "Advisory Locks"); the two-key form keeps leases
 apart from the single-key locks of the migrator and the daily reconciliation.
@@ -47,6 +49,8 @@ class Lease:
     Attributes:
         name: the lease's name (``hold-sweeper``); one lock per name and database.
         holding: whether this process held it at its last ``held()``.
+        reachable: whether Postgres answered at the last ``held()`` (False: nobody can know
+            who holds the lease now).
     """
 
     def __init__(self, database_url: str, name: str, *, timeout_s: float = 5.0) -> None:
@@ -55,6 +59,7 @@ class Lease:
         """
         self.name = name
         self.holding = False
+        self.reachable = True
         self._database_url = database_url
         self._timeout_s = timeout_s
         self._key = lease_key(name)
@@ -95,10 +100,12 @@ class Lease:
                 if self.holding:
                     log.info("lease %s acquired", self.name)
         except POSTGRES_UNAVAILABLE as exc:
-            if self.holding:
-                log.warning("lease %s lost: %r", self.name, exc)
-            self.holding = False
+            if self.holding or self.reachable:
+                log.warning("lease %s: Postgres unreachable, not held: %r", self.name, exc)
+            self.holding = self.reachable = False
             await self._drop()
+            return False
+        self.reachable = True
         return self.holding
 
     async def close(self) -> None:
@@ -123,12 +130,20 @@ class Lease:
             conn.terminate()
 
 
-def leased(lease: Lease, step: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+def leased(
+    lease: Lease, step: Callable[[], Awaitable[None]], *, run_when_unreachable: bool = False
+) -> Callable[[], Awaitable[None]]:
     """``step`` run only in the process that holds ``lease`` (a round elsewhere does nothing
-    but ask for the lease)."""
+    but ask for the lease).
+
+    Args:
+        run_when_unreachable: also run ``step`` while Postgres is unreachable (then in every
+            process): for work that is safe to run twice at once and must not stop with
+            Postgres (the hold sweeper needs only Redis).
+    """
 
     async def run_if_held() -> None:
-        if await lease.held():
+        if await lease.held() or (run_when_unreachable and not lease.reachable):
             await step()
 
     return run_if_held

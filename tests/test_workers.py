@@ -27,7 +27,7 @@ from billing.metering.holds import HoldStore
 from devtools.localservices import free_port
 from devtools.simulator import Scenario, Simulator
 from gateway.app import HOLD_SWEEPER_LEASE
-from runtime.lease import LEASE_LOCK_CLASS, Lease, lease_key
+from runtime.lease import LEASE_LOCK_CLASS, Lease, lease_key, leased
 from tests.harness import create_account_with_key, seed_database, serve_env, start_serve
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -350,6 +350,22 @@ async def test_a_lease_has_one_holder_and_passes_on_when_it_is_released(
     finally:
         for lease in (first, second, other):
             await lease.close()
+
+
+async def test_leased_work_runs_everywhere_only_when_asked_while_postgres_is_unreachable() -> None:
+    """Postgres unreachable: nobody can hold the lease; the sweeper's kind of work
+    (``run_when_unreachable``) runs anyway, other leased work does not."""
+    unreachable = Lease(f"postgresql://nobody@127.0.0.1:{free_port()}/none", "x", timeout_s=1)
+    runs: list[str] = []
+
+    async def step(name: str) -> None:
+        runs.append(name)
+
+    await leased(unreachable, lambda: step("sweeper"), run_when_unreachable=True)()
+    await leased(unreachable, lambda: step("other"))()
+    assert runs == ["sweeper"]
+    assert (unreachable.holding, unreachable.reachable) == (False, False)
+    await unreachable.close()
 
 
 async def test_workers_1_serves_in_one_process_without_a_parent(
