@@ -109,8 +109,9 @@ def run_worker(settings: Settings, index: int, channel: Connection) -> None:
     try:
         run_event_loop(_serve_in_worker(worker_settings(settings, index), ready))
     except Exception as exc:
-        if told_ready:
-            raise
+        if told_ready:  # the parent restarts it
+            log.exception("worker %d stopped on an error", index)
+            raise SystemExit(1) from None
         with contextlib.suppress(OSError):
             channel.send(("failed", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None

@@ -227,8 +227,23 @@ class Settings:
             workers=read.integer("WORKERS", len(os.sched_getaffinity(0)), minimum=1, maximum=256),
             shutdown_timeout_s=read.seconds("SHUTDOWN_TIMEOUT_S", 30.0),
         )
+        _check_worker_ports(settings, read.problems)
         read.raise_problems()
         return settings
+
+
+def _check_worker_ports(settings: Settings, problems: list[str]) -> None:
+    """Worker i serves /metrics on ``METRICS_PORT + i``: those ports must exist and not be
+    ``PORT`` or ``ADMIN_PORT``."""
+    if not settings.metrics_port:
+        return
+    last = settings.metrics_port + settings.workers - 1
+    clash = {settings.port, settings.admin_port} & set(range(settings.metrics_port, last + 1))
+    if last > 65535 or clash:
+        problems.append(
+            f"METRICS_PORT to METRICS_PORT + WORKERS - 1 ({settings.metrics_port}..{last}, one "
+            "per worker) must be ports other than PORT and ADMIN_PORT"
+        )
 
 
 @dataclass(frozen=True)

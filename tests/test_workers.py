@@ -19,6 +19,7 @@ import aiohttp
 import asyncpg
 import openai
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,6 +29,7 @@ from devtools.localservices import free_port
 from devtools.simulator import Scenario, Simulator
 from gateway.app import HOLD_SWEEPER_LEASE
 from runtime.lease import LEASE_LOCK_CLASS, Lease, lease_key, leased
+from runtime.settings import ConfigError, Settings
 from tests.harness import create_account_with_key, seed_database, serve_env, start_serve
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -430,3 +432,36 @@ async def test_workers_stop_when_their_parent_is_killed(
 
         await _until(all_gone, "the workers to stop")
     assert (tmp_path / "serve.err").read_text().count("the parent process died; stopping") == 2
+
+
+REQUIRED = {
+    "DATABASE_URL": "postgresql://cg@127.0.0.1:5432/cg",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "UPSTREAM_API_KEY": "sk-upstream",
+}
+
+
+def test_settings_workers_default_to_the_usable_cores_and_shutdown_to_30_s() -> None:
+    settings = Settings.from_env(REQUIRED)
+    assert settings.workers == len(os.sched_getaffinity(0))
+    assert settings.shutdown_timeout_s == 30.0
+    chosen = Settings.from_env(REQUIRED | {"WORKERS": "3", "SHUTDOWN_TIMEOUT_S": "2.5"})
+    assert (chosen.workers, chosen.shutdown_timeout_s) == (3, 2.5)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WORKERS": "0"},
+        {"WORKERS": "many"},
+        {"SHUTDOWN_TIMEOUT_S": "0"},
+        {"WORKERS": "3", "METRICS_PORT": "8079"},  # worker 1 would take PORT (8080)
+        {"WORKERS": "2", "METRICS_PORT": "65535"},  # worker 1 would have no port
+    ],
+    ids=["no-workers", "not-a-number", "no-shutdown-time", "metrics-on-port", "past-65535"],
+)
+def test_settings_refuse_bad_worker_settings(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(REQUIRED | env)
+    assert len(info.value.problems) == 1
+    assert any(name in info.value.problems[0] for name in env)
