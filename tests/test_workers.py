@@ -242,6 +242,47 @@ async def test_sigterm_during_a_stream_lets_it_finish_and_charges_it_once(
     assert await gw.balance(account) == opening - rows[0]["charged_millicredits"]
 
 
+async def test_a_stream_longer_than_shutdown_timeout_is_cut_and_charged_once(
+    tmp_path: Path, database_url: str, redis_url: str, sim: Simulator, make_gateway
+) -> None:
+    """SHUTDOWN_TIMEOUT_S=1 and a 10 s stream: SIGTERM cuts it after about a second (not the
+    30 s once hard-coded); what was forwarded is charged once, as a client disconnect."""
+    opening = 50_000_000
+    async with _fleet(tmp_path, database_url, redis_url, sim, SHUTDOWN_TIMEOUT_S="1") as (
+        process,
+        port,
+        _,
+    ):
+        account, key = await _funded_key(database_url, opening)
+        sim.push(Scenario(chunks=50, delay_s=0.2))
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0
+        )
+        text: list[str] = []
+        try:
+            raw = await client.chat.completions.with_raw_response.create(
+                **CHAT | {"max_tokens": 100}, stream=True
+            )
+            request_id = raw.headers["x-request-id"]
+            with contextlib.suppress(openai.APIError, aiohttp.ClientError):
+                async for chunk in raw.parse():
+                    if not text:
+                        process.send_signal(signal.SIGTERM)
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        text.append(chunk.choices[0].delta.content)
+        finally:
+            await client.close()
+        assert 0 < len(text) < 50
+        assert await asyncio.to_thread(process.wait, 60) == 0
+    gw = await make_gateway()
+    await gw.settled()
+    rows = await gw.pool.fetch("SELECT * FROM usage_events WHERE request_id = $1", request_id)
+    assert len(rows) == 1
+    assert rows[0]["status"] == "client_disconnected"
+    assert await gw.balance(account) == await gw.ledger_sum(account)
+    assert await gw.balance(account) == opening - rows[0]["charged_millicredits"]
+
+
 async def _lease_holder(database_url: str) -> int | None:
     """The pid (from its ``application_name``) of the process holding the sweeper's lease."""
     conn = await asyncpg.connect(database_url)
