@@ -30,6 +30,9 @@ import stack
 import wrkload
 
 _SAMPLE_S = 1.0
+# A backlog this long at the end of the run takes the poster several batches to drain: its
+# rate then is the writer's; a shorter one drains within a poll or two and says nothing.
+_DRAIN_RATE_MIN_ROWS = 2_000
 
 
 @dataclass
@@ -43,7 +46,8 @@ class Sustained:
         drained_s: seconds after the run until the outbox was empty (None: not within 30 s).
         posted_per_s: ``usage_events`` rows written per second during the run.
         drain_posted_per_s: rows written per second from the end of the run until the outbox
-            was empty (None: nothing was left to drain, or it did not empty).
+            was empty (None: it did not empty, or too little was left to tell,
+            ``_DRAIN_RATE_MIN_ROWS``).
         workers: the ``WORKERS`` the gateway was started with (None: its default).
     """
 
@@ -71,7 +75,11 @@ class Sustained:
         peak = max(self.backlog, default=0)
         drained = "not within 30 s" if self.drained_s is None else f"{self.drained_s:.1f} s"
         workers = "default" if self.workers is None else str(self.workers)
-        drain_rate = "-" if self.drain_posted_per_s is None else f"{self.drain_posted_per_s:,.0f}/s"
+        drain_rate = (
+            "- (no backlog to measure)"
+            if self.drain_posted_per_s is None
+            else f"{self.drain_posted_per_s:,.0f}/s"
+        )
         return (
             f"sustained gateway stream c={self.connections} for {self.seconds} s, WORKERS "
             f"{workers}: {self.requests_per_s:,.0f} req/s, {self.posted_share:.0%} posted to "
@@ -137,7 +145,7 @@ def run_sustained(
             drained_s = time.monotonic() - started
             result.drained_s = round(drained_s, 1)
             left = gateway.usage_rows() - rows_after_run
-            if left and drained_s > 0:
+            if left >= _DRAIN_RATE_MIN_ROWS and drained_s > 0:
                 result.drain_posted_per_s = round(left / drained_s, 1)
             break
         time.sleep(0.1)
