@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
+from billing.control import ControlKind, notify_control
 from billing.metering.estimate import CHAT
 from billing.metering.pricing import worst_case_millicredits
 from devtools.simulator import Scenario
@@ -289,3 +290,42 @@ async def test_big_prompt_suspended_account_refused_without_tokenizing(
     assert status == 402
     assert obj["error"]["code"] == "account_suspended"
     assert encode_calls.threads == []
+
+
+async def _cap_per_request(gw, account: int, millicredits: int) -> None:
+    key_id = await gw.pool.fetchval("SELECT id FROM api_keys WHERE account_id = $1", account)
+    async with gw.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE api_keys SET max_request_millicredits = $1 WHERE id = $2", millicredits, key_id
+        )
+        await notify_control(conn, ControlKind.KEYS, api_key_id=key_id)
+
+
+@pytest.mark.parametrize("below_the_count", [False, True], ids=["cap-fits-count", "cap-below"])
+async def test_cap_per_request_decided_on_the_count(gw, sim, encode_calls, below_the_count):
+    """A key's maximum per request between the count's worst case and the bound's: served,
+    held at the count. Below the count: 402 ``spend_cap_exceeded`` requiring the count's
+    worst case, never the bound's."""
+    prompt = _prose(200_000, seed=5)
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16,
+    }
+    exact, bound = _bounds(gw, body)
+    counted_hold, bound_hold = _worst_case(gw, body, exact), _worst_case(gw, body, bound)
+    account, key = await gw.create_account(10 * bound_hold)
+    await _cap_per_request(gw, account, counted_hold - 1 if below_the_count else counted_hold)
+    encode_calls.threads.clear()
+    status, request_id, obj = await _post_with_id(gw, "/chat/completions", key, body)
+    assert encode_calls.threads
+    if below_the_count:
+        assert status == 402
+        assert obj["error"]["code"] == "spend_cap_exceeded"
+        assert obj["error"]["requiredCredits"] == counted_hold / 1000
+        assert sim.requests == []
+        return
+    assert status == 200, obj
+    await gw.settled()
+    row = await gw.usage(request_id)
+    assert row["hold_millicredits"] == counted_hold < bound_hold
