@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/paired.py                         # 5 rounds, 5 s per run
     .venv/bin/python bench/paired.py --rounds 2 --duration 2  # a smoke test
+    .venv/bin/python bench/paired.py --prompt-tokens 0,2000,16000  # and realistic prompts
 
 Why paired: ``bench/run.py`` measures the pass-through and, minutes later, the gateway. On a
 shared VM (CPU steal, noisy neighbours) the machine's speed can change by 2x within minutes,
@@ -12,7 +13,9 @@ nothing), and each measurement of the gateway is paired with one of the pass-thr
 seconds apart, under the same conditions:
 
 - for R rounds (``--rounds``), and in each round for each run (chat at c=N, stream at c=N,
-  non-streamed chat at c=1), wrk loads the pass-through and then the gateway back to back;
+  non-streamed chat at c=1; for each prompt size of ``--prompt-tokens``: 0 is the small
+  prompt, N a realistic N-token prompt from ``bench/prompts.py``), wrk loads the pass-through
+  and then the gateway back to back;
 - which of the two goes first alternates from round to round, so a steady drift in the
   machine's speed favours each side equally often;
 - after every run the gateway's settlement outbox is left to empty, so the settlement it
@@ -57,14 +60,16 @@ import stack
 import sustain
 import wrkload
 from paired_report import (
-    RUNS,
     SETTLE_LIMIT_S,
     SIDES,
     Outcome,
     Round,
     print_report,
     render_round,
+    runs_for,
+    sized,
 )
+from prompts import chat_bodies
 from run import CHAT_PATH, Bench, request_bodies
 
 _WARMUP_S = 2
@@ -86,6 +91,13 @@ class Options:
     save: bool
     keep: bool
     sustain_s: int = 0
+    prompt_tokens: tuple[int, ...] = (0,)
+    workers: int | None = None
+
+    @property
+    def runs(self) -> dict[str, tuple[str, int | None]]:
+        """Every run of a round, in order (``paired_report.runs_for``)."""
+        return runs_for(self.prompt_tokens)
 
     def for_run_py(self) -> run.Options:
         """The same settings as ``bench/run.py``'s options, for its ``Bench``."""
@@ -155,7 +167,7 @@ class PairedBench:
             target.completed += 2
             if not found["chat"].ok:
                 raise RuntimeError(f"{side}: non-streamed check failed: {found['chat'].detail}")
-            for kind in ("chat", "stream"):
+            for kind in target.scripts:
                 warm = wrkload.run(
                     target.url,
                     target.scripts[kind],
@@ -170,8 +182,13 @@ class PairedBench:
     def measure_round(self, number: int) -> Round:
         """Every run against both sides, back to back; odd rounds start with the pass-through."""
         order = SIDES if number % 2 == 1 else SIDES[::-1]
-        current = Round(number, order[0], {side: report.TargetResult(side) for side in SIDES})
-        for run_name, (kind, concurrency) in RUNS.items():
+        current = Round(
+            number,
+            order[0],
+            {side: report.TargetResult(side) for side in SIDES},
+            runs=self.options.runs,
+        )
+        for run_name, (kind, concurrency) in current.runs.items():
             for side in order:
                 self._one_run(
                     current, side, run_name, kind, concurrency or self.options.connections
@@ -230,6 +247,7 @@ class PairedBench:
             seconds=self.options.sustain_s,
             connections=self.options.connections,
             load_cpu=self.options.load_cpu,
+            workers=self.options.workers,
         )
         target.completed += found.requests
         target.cut_bound += self.options.connections
@@ -296,6 +314,8 @@ def start_everything(
     env = running.services.gateway_env(
         upstream_base_url=f"{sim_url}/v1", port=gateway_port, admin_port=admin_port
     )
+    if options.workers is not None:  # creditgate serve's process count (issue 15)
+        env["WORKERS"] = str(options.workers)
     procs.wait_for_port(running.simulator, sim_port, timeout_s=run.START_TIMEOUT_S)
     stack.provision(running.services, env)
     running.gateway = run.start_gateway(env, work_dir, options.proxy_cpu)
@@ -317,6 +337,9 @@ def start_everything(
         ),
     }
     bodies = request_bodies(options.model)
+    for size in (size for size in options.prompt_tokens if size):
+        for kind, body in chat_bodies(options.model, size).items():
+            bodies[sized(kind, size)] = body
     for target in targets.values():
         for kind, body in bodies.items():
             target.scripts[kind] = wrkload.write_script(
@@ -368,7 +391,28 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         help="end with one run this long against the gateway alone, watching its outbox "
         "(does settlement keep up? see bench/sustain.py)",
     )
+    parser.add_argument(
+        "--prompt-tokens",
+        default="0",
+        metavar="N,N,...",
+        help="prompt sizes in tokens, each measured in every round: 0 is the small prompt, "
+        "N a realistic N-token prompt (bench/prompts.py); e.g. 0,2000,16000",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="WORKERS for creditgate serve (default: unset, the gateway's own default)",
+    )
     args = parser.parse_args(argv)
+    try:
+        prompt_tokens = tuple(dict.fromkeys(int(n) for n in args.prompt_tokens.split(",")))
+    except ValueError:
+        parser.error("--prompt-tokens takes comma-separated whole numbers, e.g. 0,2000,16000")
+    if not prompt_tokens or min(prompt_tokens) < 0:
+        parser.error("--prompt-tokens takes sizes of 0 or more")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
     for name in ("rounds", "duration", "connections", "chunks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -386,6 +430,8 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         save=not args.no_save,
         keep=args.keep,
         sustain_s=args.sustain,
+        prompt_tokens=prompt_tokens,
+        workers=args.workers,
     )
 
 
@@ -393,8 +439,8 @@ def budget_s(options: Options) -> int:
     """An upper bound on the whole run: start-up, warm-ups, every run with its grace and
     settling allowance, and the final drain."""
     per_run = options.duration_s + 5 + SETTLE_LIMIT_S
-    runs = options.rounds * len(RUNS) * len(SIDES)
-    warm_ups = len(SIDES) * 2 * (_WARMUP_S + 5)
+    runs = options.rounds * len(options.runs) * len(SIDES)
+    warm_ups = len(SIDES) * 2 * len(options.prompt_tokens) * (_WARMUP_S + 5)
     drain = _DRAIN_WAIT_S + run.DRAIN_LIMIT_S + 10
     sustain = options.sustain_s + 60 if options.sustain_s else 0
     return int(180 + warm_ups + runs * per_run + drain + sustain)

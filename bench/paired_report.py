@@ -19,12 +19,30 @@ if TYPE_CHECKING:
     from paired import Options
 
 SIDES = ("passthrough", "gateway")
-# Run name -> (request body, concurrency; None: --connections), in the order they are run.
+# Run name -> (request body, concurrency; None: --connections), in the order they are run:
+# the small prompt's runs. A prompt of N tokens (``--prompt-tokens``) adds the same runs on
+# its own bodies, named ``chat@N``, ``stream@N``, ``latency@N`` (``runs_for``).
 RUNS: dict[str, tuple[str, int | None]] = {
     "chat": ("chat", None),
     "stream": ("stream", None),
     "latency": ("chat", 1),
 }
+
+
+def sized(name: str, prompt_tokens: int) -> str:
+    """A run's or a body's name for a prompt of ``prompt_tokens`` (0: the small prompt's)."""
+    return f"{name}@{prompt_tokens}" if prompt_tokens else name
+
+
+def runs_for(prompt_sizes: Sequence[int]) -> dict[str, tuple[str, int | None]]:
+    """Every run for the prompt sizes, in the order they are run (``RUNS`` per size)."""
+    return {
+        sized(name, size): (sized(kind, size), concurrency)
+        for size in prompt_sizes
+        for name, (kind, concurrency) in RUNS.items()
+    }
+
+
 # How long to wait, before a run, for the gateway's outbox to empty; past it the run goes ahead.
 SETTLE_LIMIT_S = 10.0
 
@@ -46,6 +64,7 @@ class Round:
     number: int
     first: str
     sides: dict[str, report.TargetResult]
+    runs: dict[str, tuple[str, int | None]] = field(default_factory=lambda: dict(RUNS))
     steal_percent: dict[str, dict[str, float]] = field(default_factory=dict)
     settle_wait_s: dict[str, dict[str, float]] = field(default_factory=dict)
     cpu_us_settled: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -86,10 +105,10 @@ class Round:
         found = self.sides[side].runs.get(run_name)
         return found.latency_us[key] / 1000 if found else None
 
-    def added_p50_ms(self) -> float | None:
+    def added_p50_ms(self, run_name: str = "latency") -> float | None:
         """The c=1 p50 of the gateway minus the pass-through's, in ms."""
-        gateway = self.latency_ms("gateway", "p50")
-        passthrough = self.latency_ms("passthrough", "p50")
+        gateway = self.latency_ms("gateway", "p50", run_name)
+        passthrough = self.latency_ms("passthrough", "p50", run_name)
         return None if gateway is None or passthrough is None else gateway - passthrough
 
     def to_json(self) -> dict[str, Any]:
@@ -97,11 +116,11 @@ class Round:
         return {
             "round": self.number,
             "first": self.first,
-            "throughput_ratio": {r: self.throughput_ratio(r) for r in RUNS},
-            "cpu_ratio": {r: self.cpu_ratio(r) for r in RUNS},
-            "cpu_ratio_settled": {r: self.cpu_ratio(r, settled=True) for r in RUNS},
-            "settled_in_run": {r: self.settled_in_run(r) for r in RUNS},
-            "added_p50_ms": self.added_p50_ms(),
+            "throughput_ratio": {r: self.throughput_ratio(r) for r in self.runs},
+            "cpu_ratio": {r: self.cpu_ratio(r) for r in self.runs},
+            "cpu_ratio_settled": {r: self.cpu_ratio(r, settled=True) for r in self.runs},
+            "settled_in_run": {r: self.settled_in_run(r) for r in self.runs},
+            "added_p50_ms": {r: self.added_p50_ms(r) for r, (_, c) in self.runs.items() if c == 1},
             "sides": {
                 side: {
                     "runs": {name: found.to_json() for name, found in result.runs.items()},
@@ -155,19 +174,32 @@ class Spread:
 
 def summary(rounds: Sequence[Round], options: Options) -> list[dict[str, Any]]:
     """The paired figures over the rounds, each with its target and verdict."""
+    out = []
+    for size in options.prompt_tokens:
+        out += _size_summary(rounds, options, size)
+    return out
+
+
+def _size_summary(rounds: Sequence[Round], options: Options, size: int) -> list[dict[str, Any]]:
+    """``summary``'s figures for the prompt of ``size`` tokens (0: the small prompt)."""
     c = options.connections
+    chat, stream, latency = sized("chat", size), sized("stream", size), sized("latency", size)
+    prompt = f"{size}-token prompt" if size else "small prompt"
     figures: list[tuple[str, Callable[[Round], float | None]]] = [
-        (f"c={c} chat req/s gateway/passthrough", lambda r: r.throughput_ratio("chat")),
-        (f"c={c} stream req/s gateway/passthrough", lambda r: r.throughput_ratio("stream")),
-        (f"c={c} chat CPU/req passthrough/gateway", lambda r: r.cpu_ratio("chat")),
-        (f"c={c} stream CPU/req passthrough/gateway", lambda r: r.cpu_ratio("stream")),
+        (f"{prompt}: c={c} chat req/s gateway/passthrough", lambda r: r.throughput_ratio(chat)),
         (
-            "  the same, settlement catch-up included, chat",
-            lambda r: r.cpu_ratio("chat", settled=True),
+            f"{prompt}: c={c} stream req/s gateway/passthrough",
+            lambda r: r.throughput_ratio(stream),
+        ),
+        (f"{prompt}: c={c} chat CPU/req passthrough/gateway", lambda r: r.cpu_ratio(chat)),
+        (f"{prompt}: c={c} stream CPU/req passthrough/gateway", lambda r: r.cpu_ratio(stream)),
+        (
+            f"  {prompt}: the same, settlement catch-up included, chat",
+            lambda r: r.cpu_ratio(chat, settled=True),
         ),
         (
-            "  the same, settlement catch-up included, stream",
-            lambda r: r.cpu_ratio("stream", settled=True),
+            f"  {prompt}: the same, settlement catch-up included, stream",
+            lambda r: r.cpu_ratio(stream, settled=True),
         ),
     ]
     ratio_goal = report.TARGET_THROUGHPUT_RATIO
@@ -184,12 +216,12 @@ def summary(rounds: Sequence[Round], options: Options) -> list[dict[str, Any]]:
                 "ok": spread is not None and spread.median >= ratio_goal,
             }
         )
-    spread = Spread.of([r.added_p50_ms() for r in rounds])
+    spread = Spread.of([r.added_p50_ms(latency) for r in rounds])
     p50_goal = report.TARGET_ADDED_P50_MS
     out.append(
         {
-            "figure": "c=1 p50 gateway - passthrough",
-            "label": "c=1 p50 gateway - passthrough",
+            "figure": f"{prompt}: c=1 p50 gateway - passthrough",
+            "label": f"{prompt}: c=1 p50 gateway - passthrough",
             "unit": "ms",
             "spread": asdict(spread) if spread else None,
             "target": f"<= {p50_goal} ms",
@@ -222,7 +254,8 @@ def render_round(current: Round, options: Options, total: int) -> str:
         return "/".join("-" if f is None else str(f.failed) for f in found)
 
     def added(run_name: str) -> str:
-        return _fmt(current.added_p50_ms(), "{:+.3f}") if run_name == "latency" else "-"
+        concurrency = current.runs[run_name][1]
+        return _fmt(current.added_p50_ms(run_name), "{:+.3f}") if concurrency == 1 else "-"
 
     columns: list[tuple[str, int, Callable[[str], str]]] = [
         ("req/s pt", 9, lambda n: count(current.rps("passthrough", n))),
@@ -242,12 +275,12 @@ def render_round(current: Round, options: Options, total: int) -> str:
     ]
     lines = [
         f"round {current.number}/{total}, {current.first} first",
-        "  " + f"{'run':<12}" + "".join(f"{title:>{width}}" for title, width, _ in columns),
+        "  " + f"{'run':<19}" + "".join(f"{title:>{width}}" for title, width, _ in columns),
     ]
-    for run_name, (_kind, concurrency) in RUNS.items():
+    for run_name, (_kind, concurrency) in current.runs.items():
         label = f"{run_name} c={concurrency or options.connections}"
         cells = "".join(f"{cell(run_name):>{width}}" for _, width, cell in columns)
-        lines.append(f"  {label:<12}{cells}")
+        lines.append(f"  {label:<19}{cells}")
     return "\n".join(lines)
 
 
@@ -312,12 +345,12 @@ def render_medians(rounds: Sequence[Round], options: Options) -> str:
         ),
     ]
     lines = [
-        f"  {'medians, pt/gw':<16}" + "".join(f"{title:>{width}}" for title, width, _ in columns)
+        f"  {'medians, pt/gw':<21}" + "".join(f"{title:>{width}}" for title, width, _ in columns)
     ]
-    for run_name, (_kind, concurrency) in RUNS.items():
+    for run_name, (_kind, concurrency) in options.runs.items():
         label = f"{run_name} c={concurrency or options.connections}"
         cells = "".join(f"{cell(run_name):>{width}}" for _, width, cell in columns)
-        lines.append(f"    {label:<14}{cells}")
+        lines.append(f"    {label:<19}{cells}")
     return "\n".join(lines)
 
 

@@ -46,7 +46,7 @@ from billing.metering.rescue import SettlementRescue
 from billing.metering.tokens import JSON_MAX_DEPTH
 from billing.spend_controls import check_model
 from gateway import appkeys as gateway_keys
-from gateway.admission import estimate_tokens, reserve_worst_case
+from gateway.admission import count_prompt, estimate_tokens, reserve_worst_case
 from gateway.auth import Identity
 from gateway.held_headers import write_whole_response
 from gateway.json_body import json_object
@@ -153,6 +153,8 @@ class BilledCall:
         charged: the live flags charge this request (read once, when it started: a flag
             flipped mid-request does not split its hold from its settlement).
         rounding_mode: the live flags' rounding when it started (its hold's and charge's).
+        body: the request's parsed body (its prompt is counted from it when the hold was
+            placed at the prompt's upper bound and the usage must be estimated).
         low_balance: the account's available balance after the hold is below the live
             ``billing.low_balance_threshold_credits`` (the answer says so in
             ``x-creditgate-low-balance: true``; known only when a hold was placed).
@@ -161,6 +163,7 @@ class BilledCall:
     __slots__ = (
         "app",
         "arrived",
+        "body",
         "card",
         "charged",
         "charged_millicredits",
@@ -197,6 +200,7 @@ class BilledCall:
         rounding_mode: RoundingMode,
         low_balance: bool = False,
         arrived: float = 0.0,
+        body: dict[str, Any],
     ) -> None:
         self.request = request
         self.app = request.app
@@ -214,6 +218,7 @@ class BilledCall:
         self.rounding_mode = rounding_mode
         self.low_balance = low_balance
         self.arrived = arrived
+        self.body = body
         self.first_byte_sent = 0.0
         self.upstream_ended = 0.0
         self.settled_usage: Usage | None = None
@@ -255,7 +260,9 @@ class BilledCall:
                 self.request_id,
                 reported.reason,
             )
-            await self.settle(self.estimated_usage(text()), source="estimated", status="completed")
+            await self.settle(
+                await self.estimated_usage(text()), source="estimated", status="completed"
+            )
             return
         bound = usage_bound(self.estimate)
         if reported.within(bound):
@@ -382,11 +389,17 @@ class BilledCall:
                 self.identity.account_id, request_id=self.request_id
             )
 
-    def estimated_usage(self, text: str) -> Usage:
-        """Usage when the upstream never reported it: our prompt count + tiktoken of output."""
+    async def estimated_usage(self, text: str) -> Usage:
+        """Usage when the upstream never reported it: our prompt count + tiktoken of output.
+
+        A prompt held at its upper bound is counted now (``count_prompt``, off the loop)."""
         tokens = self.app[gateway_keys.TOKENS]
         completion = tokens.count_generated(text, self.model) if text else 0
-        return Usage(self.estimate.prompt_tokens, completion)
+        estimate = self.estimate
+        if estimate.prompt_counted:
+            return Usage(estimate.prompt_tokens, completion)
+        prompt = await count_prompt(self.app, self.endpoint.estimator, self.card, self.body)
+        return Usage(prompt, completion)
 
 
 def _settle_failed(
@@ -451,16 +464,22 @@ async def _prepare(
     rounding_mode = flags.rounding_mode
     request_id = new_request_id()
     started_ms = int(time.time() * 1000)
-    estimate = await estimate_tokens(
-        app, endpoint.estimator, identity, card, body, len(raw), rounding_mode if charged else None
-    )
+    estimate = estimate_tokens(app, endpoint.estimator, card, body, len(raw))
     data, client_wants_usage = raw, False
     if stream and endpoint.include_usage:
         data, client_wants_usage = _stream_body(raw, body)
     hold_millicredits, low_balance = 0, False
     if charged:
-        hold_millicredits, available_millicredits = await reserve_worst_case(
-            app, identity, card, estimate, request_id, rounding_mode, started_ms
+        estimate, hold_millicredits, available_millicredits = await reserve_worst_case(
+            app,
+            identity,
+            card,
+            estimate,
+            request_id,
+            rounding_mode,
+            started_ms,
+            estimator=endpoint.estimator,
+            body=body,
         )
         low_balance = available_millicredits < flags.low_balance_threshold_credits * 1000
     call = BilledCall(
@@ -477,6 +496,7 @@ async def _prepare(
         rounding_mode=rounding_mode,
         low_balance=low_balance,
         arrived=arrival.at,
+        body=body,
     )
     return call, data, stream, client_wants_usage
 
@@ -621,7 +641,8 @@ async def _relay_body(call: BilledCall, upstream: aiohttp.ClientResponse) -> web
         await call.settle_reported(usage, text=partial(response_text, obj))
     else:
         text = response_text(obj)
-        await call.settle(call.estimated_usage(text), source="estimated", status="completed")
+        usage = await call.estimated_usage(text)
+        await call.settle(usage, source="estimated", status="completed")
     # Settled already: the answer was generated, whether or not the client is still there.
     call.first_byte_sent = time.monotonic()
     return await write_whole_response(

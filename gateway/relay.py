@@ -269,7 +269,7 @@ class _StreamRelay:
         if not text:
             await call.void()
             return
-        await call.settle(call.estimated_usage(text), source="estimated", status=status)
+        await call.settle(await call.estimated_usage(text), source="estimated", status=status)
 
     async def _finish_broken_stream(self) -> None:
         """The upstream stream ended without usage: charge what was generated (or void when

@@ -95,14 +95,23 @@ class BufferedJsonLines:
     amounts and bounded names (a key only as its visible prefix), never a secret.
     """
 
-    __slots__ = ("_lines", "_logger", "_size", "_stream", "_timer")
+    __slots__ = ("_level_of", "_lines", "_logger", "_size", "_stream", "_timer")
 
     def __init__(self, logger: str, stream: TextIO) -> None:
         self._logger = logger
+        # The Logger itself, kept: ``logging.getLogger`` takes the logging module's lock on
+        # every call, ~2 µs a request in the gateway (py-spy, docs/benchmarks.md).
+        self._level_of = logging.getLogger(logger)
         self._stream = stream
         self._lines: list[bytes] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """The logger is enabled for INFO (its level, or ``logging.disable``, may turn the
+        lines off at any time)."""
+        return self._level_of.isEnabledFor(logging.INFO)
 
     def write(self, message: str, fields: Mapping[str, object]) -> None:
         """Buffer one line: ``message`` and ``fields`` (JSON-serializable by orjson)."""
@@ -149,12 +158,12 @@ def buffered_lines(logger: str) -> BufferedJsonLines | None:
     """The buffered INFO lines of ``logger``, or None when nothing should be written: JSON
     logging is not installed (``install_json_logging``) or ``logger`` is not enabled for
     INFO (``logging.getLogger(logger).setLevel(logging.WARNING)`` turns its lines off)."""
-    if _stream is None or not logging.getLogger(logger).isEnabledFor(logging.INFO):
-        return None
     buffer = _buffers.get(logger)
     if buffer is None:
+        if _stream is None:
+            return None
         buffer = _buffers[logger] = BufferedJsonLines(logger, _stream)
-    return buffer
+    return buffer if buffer.enabled else None
 
 
 def flush_buffered_lines() -> None:

@@ -86,7 +86,7 @@ class Settings:
     http_body_timeout_s: float = 120.0
     http_keepalive_timeout_s: float = 75.0
     http_max_connections: int = 4096
-    prompt_count_inline_max_bytes: int = 16 * 1024
+    prompt_count_inline_max_bytes: int = 2 * 1024
     prompt_count_threads: int = 2
     hold_ttl_s: float | None = None
     """``HOLD_TTL_S``; None (unset): ``hold_deadline_s`` derives it from the upstream timeouts."""
@@ -196,7 +196,7 @@ class Settings:
             http_keepalive_timeout_s=read.seconds("HTTP_KEEPALIVE_TIMEOUT_S", 75.0),
             http_max_connections=read.integer("HTTP_MAX_CONNECTIONS", 4096, minimum=1),
             prompt_count_inline_max_bytes=read.integer(
-                "PROMPT_COUNT_INLINE_MAX_BYTES", 16 * 1024, minimum=0
+                "PROMPT_COUNT_INLINE_MAX_BYTES", 2 * 1024, minimum=0
             ),
             prompt_count_threads=read.integer("PROMPT_COUNT_THREADS", 2, minimum=1, maximum=64),
             hold_ttl_s=read.optional_seconds("HOLD_TTL_S", minimum=1),

@@ -270,3 +270,33 @@ async def test_access_log_false_writes_no_access_line_and_still_posts(
     lines = [orjson.loads(line) for line in (await asyncio.to_thread(err.read_text)).splitlines()]
     assert [line for line in lines if line["logger"] == "creditgate.access"] == []
     assert any(line.get("event") == "settlement.batch_posted" for line in lines)
+
+
+def test_buffered_lines_follow_the_level_without_looking_the_logger_up_again(
+    root_logging, monkeypatch
+) -> None:
+    """The access line's per-request check reads the kept Logger (``logging.getLogger`` takes
+    the logging module's lock), and still follows its level and ``logging.disable``."""
+    install_json_logging(logging.INFO, io.StringIO(), force=True)
+    access = logging.getLogger("creditgate.access")
+    assert json_logs.buffered_lines("creditgate.access") is not None
+    lookups: list[str] = []
+    real_get_logger = logging.getLogger
+
+    def counted(name: str | None = None) -> logging.Logger:
+        lookups.append(str(name))
+        return real_get_logger(name)
+
+    monkeypatch.setattr(logging, "getLogger", counted)
+    access.setLevel(logging.WARNING)
+    try:
+        assert json_logs.buffered_lines("creditgate.access") is None
+        access.setLevel(logging.NOTSET)
+        assert json_logs.buffered_lines("creditgate.access") is not None
+        logging.disable(logging.INFO)
+        assert json_logs.buffered_lines("creditgate.access") is None
+    finally:
+        logging.disable(logging.NOTSET)
+        access.setLevel(logging.NOTSET)
+    assert json_logs.buffered_lines("creditgate.access") is not None
+    assert lookups == []

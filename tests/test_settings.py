@@ -236,7 +236,7 @@ def test_from_env_http_edge_limits_parse_and_default():
 
 def test_from_env_prompt_counting_defaults_read_and_bounds():
     defaults = Settings.from_env(REQUIRED)
-    assert (defaults.prompt_count_inline_max_bytes, defaults.prompt_count_threads) == (16384, 2)
+    assert (defaults.prompt_count_inline_max_bytes, defaults.prompt_count_threads) == (2048, 2)
     env = {**REQUIRED, "PROMPT_COUNT_INLINE_MAX_BYTES": "0", "PROMPT_COUNT_THREADS": "4"}
     settings = Settings.from_env(env)
     assert (settings.prompt_count_inline_max_bytes, settings.prompt_count_threads) == (0, 4)

@@ -11,14 +11,17 @@ Source: docs/design.md, "A request's life", step 2.
 Each endpoint's ``Estimator`` sizes a body in steps, cheapest first, so that the gateway can
 refuse what the balance cannot cover before it tokenizes a large prompt:
 ``output_tokens`` checks the body's shape and reads the output allowance (no tokenizing),
-``prompt_tokens_lower_bound`` bounds the prompt from below in bounded work, and
-``prompt_tokens`` counts it with tiktoken (CPU-bound: safe to run in a worker thread).
+``prompt_tokens_lower_bound`` bounds the prompt from below in bounded work,
+``prompt_tokens_upper_bound`` bounds it from above with no tokenizing (each text's UTF-8
+length, see ``TokenCounter``), and ``prompt_tokens`` counts it with tiktoken (CPU-bound: safe
+to run in a worker thread).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from billing.metering.pricing import RateCard
@@ -40,12 +43,15 @@ class Estimate:
     """Token upper bounds for one request.
 
     Attributes:
-        prompt_tokens: tokens of the input as the upstream will count them (our count).
+        prompt_tokens: tokens of the input as the upstream will count them (our count), or
+            an upper bound of that count when ``prompt_counted`` is False.
         max_completion_tokens: the most output tokens the request can be billed for.
+        prompt_counted: ``prompt_tokens`` is the count (tiktoken), not the upper bound.
     """
 
     prompt_tokens: int
     max_completion_tokens: int
+    prompt_counted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +66,15 @@ class Estimator:
             in bounded work whatever the body's size.
         prompt_tokens: ``(body, card, tokens)`` -> the prompt's tokens (tiktoken); raises
             ``EstimateError`` for a field that cannot be counted.
+        prompt_tokens_upper_bound: ``(body, card, tokens)`` -> at least ``prompt_tokens``,
+            with no tokenizing (linear in the body's text, a few µs for 64 kB); raises as
+            ``prompt_tokens``.
     """
 
     output_tokens: Callable[[Body, RateCard], int]
     prompt_tokens_lower_bound: Callable[[Body, RateCard, TokenCounter], int]
     prompt_tokens: Callable[[Body, RateCard, TokenCounter], int]
+    prompt_tokens_upper_bound: Callable[[Body, RateCard, TokenCounter], int]
 
     def estimate(self, body: Body, rate_card: RateCard, tokens: TokenCounter) -> Estimate:
         """All steps at once, in the caller's thread.
@@ -127,16 +137,18 @@ def _chat_prompt_lower_bound(body: Body, rate_card: RateCard, tokens: TokenCount
     return tokens.chat_prompt_lower_bound(body["messages"], rate_card.model)
 
 
-def _chat_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -> int:
+def _chat_prompt(
+    body: Body, rate_card: RateCard, tokens: TokenCounter, *, exact: bool = True
+) -> int:
     model = rate_card.model
     tools, tools_param = body.get("tools"), "tools"
     if not tools:
         tools, tools_param = body.get("functions"), "functions"
     try:
         return tokens.count_chat_prompt(
-            body["messages"], model, tools=tools, tools_param=tools_param
+            body["messages"], model, tools=tools, tools_param=tools_param, exact=exact
         ) + tokens.count_json(
-            _json_schema(body.get("response_format")), model, param="response_format"
+            _json_schema(body.get("response_format")), model, param="response_format", exact=exact
         )
     except UncountableInputError as exc:
         raise EstimateError(str(exc), exc.param) from None
@@ -151,7 +163,9 @@ def _json_schema(response_format: object) -> object:
     return None
 
 
-CHAT = Estimator(_chat_output, _chat_prompt_lower_bound, _chat_prompt)
+CHAT = Estimator(
+    _chat_output, _chat_prompt_lower_bound, _chat_prompt, partial(_chat_prompt, exact=False)
+)
 
 
 # -- /v1/completions: prompt (string, strings or token arrays), max_tokens, n, best_of ------
@@ -174,11 +188,18 @@ def _completions_prompt_lower_bound(body: Body, rate_card: RateCard, tokens: Tok
     return tokens.prompt_lower_bound(body.get("prompt", ""), rate_card.model)
 
 
-def _completions_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -> int:
-    return tokens.count_completions_prompt(body.get("prompt", ""), rate_card.model)
+def _completions_prompt(
+    body: Body, rate_card: RateCard, tokens: TokenCounter, *, exact: bool = True
+) -> int:
+    return tokens.count_completions_prompt(body.get("prompt", ""), rate_card.model, exact=exact)
 
 
-COMPLETIONS = Estimator(_completions_output, _completions_prompt_lower_bound, _completions_prompt)
+COMPLETIONS = Estimator(
+    _completions_output,
+    _completions_prompt_lower_bound,
+    _completions_prompt,
+    partial(_completions_prompt, exact=False),
+)
 
 
 # -- /v1/responses: input (+ instructions, tools, text.format), max_output_tokens ------------
@@ -198,7 +219,9 @@ def _responses_prompt_lower_bound(body: Body, rate_card: RateCard, tokens: Token
     )
 
 
-def _responses_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -> int:
+def _responses_prompt(
+    body: Body, rate_card: RateCard, tokens: TokenCounter, *, exact: bool = True
+) -> int:
     text = body.get("text")
     text_format = text.get("format") if isinstance(text, dict) else None
     try:
@@ -207,12 +230,18 @@ def _responses_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -> 
             rate_card.model,
             instructions=body.get("instructions"),
             tools=body.get("tools"),
-        ) + tokens.count_json(_json_schema(text_format), rate_card.model, param="text")
+            exact=exact,
+        ) + tokens.count_json(_json_schema(text_format), rate_card.model, param="text", exact=exact)
     except UncountableInputError as exc:
         raise EstimateError(str(exc), exc.param) from None
 
 
-RESPONSES = Estimator(_responses_output, _responses_prompt_lower_bound, _responses_prompt)
+RESPONSES = Estimator(
+    _responses_output,
+    _responses_prompt_lower_bound,
+    _responses_prompt,
+    partial(_responses_prompt, exact=False),
+)
 
 
 # -- /v1/embeddings: input only; no output tokens -------------------------------------------
@@ -227,8 +256,15 @@ def _embeddings_prompt_lower_bound(body: Body, rate_card: RateCard, tokens: Toke
     return tokens.prompt_lower_bound(body["input"], rate_card.model)
 
 
-def _embeddings_prompt(body: Body, rate_card: RateCard, tokens: TokenCounter) -> int:
-    return tokens.count_embeddings_input(body["input"], rate_card.model)
+def _embeddings_prompt(
+    body: Body, rate_card: RateCard, tokens: TokenCounter, *, exact: bool = True
+) -> int:
+    return tokens.count_embeddings_input(body["input"], rate_card.model, exact=exact)
 
 
-EMBEDDINGS = Estimator(_embeddings_output, _embeddings_prompt_lower_bound, _embeddings_prompt)
+EMBEDDINGS = Estimator(
+    _embeddings_output,
+    _embeddings_prompt_lower_bound,
+    _embeddings_prompt,
+    partial(_embeddings_prompt, exact=False),
+)

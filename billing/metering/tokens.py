@@ -255,6 +255,15 @@ class TokenCounter:
 
     Special-token strings in user text (``"<|endoftext|>"``) are counted as ordinary text,
     never rejected, as the upstream treats them.
+
+    Every ``count_*`` method of a request's input takes ``exact``: ``False`` gives an upper
+    bound of the exact count with no tokenizing, each text sized by its UTF-8 length
+    (:func:`utf8_bytes`; framing, images and token ids as counted). It holds because both
+    encodings are byte-level BPE (tiktoken's README: "BPE is reversible and lossless";
+    ``tiktoken/_educational.py`` starts every text from its UTF-8 bytes and only ever merges
+    adjacent tokens): every token is one or more bytes of the text's UTF-8 encoding, and the
+    256 single bytes are all tokens, so a text of b bytes has at most b tokens.
+    tests/billing/test_token_bound.py checks the vocabulary facts and the bound.
     """
 
     def __init__(self, encodings: Mapping[str, tiktoken.Encoding]) -> None:
@@ -262,6 +271,7 @@ class TokenCounter:
         if DEFAULT_ENCODING not in encodings:
             raise ValueError(f"encodings must include {DEFAULT_ENCODING}")
         self._encodings = dict(encodings)
+        self._counted = {name: _Counted(encoding) for name, encoding in encodings.items()}
         # The longest token of each vocabulary, in bytes (128 for both): a text of b bytes
         # is at least ceil(b / this) tokens, whatever it says.
         self._max_token_bytes = {
@@ -289,6 +299,9 @@ class TokenCounter:
             encoding_name_for_model(model), self._encodings[DEFAULT_ENCODING]
         )
 
+    def _measure(self, model: str, exact: bool) -> _Measure:
+        return self._counted[self.encoding_for_model(model).name] if exact else _UTF8_BOUND
+
     def count_text(self, text: str, model: str) -> int:
         """Tokens in ``text`` alone, with no message framing."""
         return _count(self.encoding_for_model(model), text)
@@ -308,6 +321,7 @@ class TokenCounter:
         *,
         tools: object = None,
         tools_param: str = "tools",
+        exact: bool = True,
     ) -> int:
         """Prompt tokens of a Chat Completions request, as OpenAI counts them.
 
@@ -328,13 +342,13 @@ class TokenCounter:
         +1 per ``name``, +3 priming the reply. OpenAI publishes no rule for tool definitions;
         it renders them in its own format, which the JSON text usually over-counts.
         """
-        encoding = self.encoding_for_model(model)
+        measure = self._measure(model, exact)
         total = REPLY_PRIMING_TOKENS
         for message in messages:
-            total += TOKENS_PER_MESSAGE + _count_message_fields(encoding, message)
-        return total + _count_json(encoding, tools, tools_param)
+            total += TOKENS_PER_MESSAGE + _count_message_fields(measure, message)
+        return total + _count_json(measure, tools, tools_param)
 
-    def count_json(self, value: object, model: str, *, param: str) -> int:
+    def count_json(self, value: object, model: str, *, param: str, exact: bool = True) -> int:
         """Tokens of a client's JSON value as its compact JSON text (0 for an empty one): a
         structured-output schema, which the upstream adds to the prompt.
 
@@ -342,19 +356,19 @@ class TokenCounter:
             UncountableInputError: ``value`` is nested deeper than :data:`JSON_MAX_DEPTH`;
                 ``param`` names the request field it came from.
         """
-        return _count_json(self.encoding_for_model(model), value, param) if value else 0
+        return _count_json(self._measure(model, exact), value, param) if value else 0
 
-    def count_completions_prompt(self, prompt: object, model: str) -> int:
+    def count_completions_prompt(self, prompt: object, model: str, *, exact: bool = True) -> int:
         """Prompt tokens of a legacy Completions request (no message framing).
 
         Args:
             prompt: ``str``, ``list[str]``, ``list[int]`` (token ids) or ``list[list[int]]``.
         """
-        return _count_prompt_like(self.encoding_for_model(model), prompt)
+        return _count_prompt_like(self._measure(model, exact), prompt)
 
-    def count_embeddings_input(self, input: object, model: str) -> int:
+    def count_embeddings_input(self, input: object, model: str, *, exact: bool = True) -> int:
         """Input tokens of an Embeddings request; ``input`` has the shapes of a prompt."""
-        return _count_prompt_like(self.encoding_for_model(model), input)
+        return _count_prompt_like(self._measure(model, exact), input)
 
     def count_responses_input(
         self,
@@ -363,6 +377,7 @@ class TokenCounter:
         *,
         instructions: str | None = None,
         tools: object = None,
+        exact: bool = True,
     ) -> int:
         """Input tokens of a Responses API request.
 
@@ -382,15 +397,15 @@ class TokenCounter:
         rule (3 tokens per item, 3 priming the reply), whose input the Responses API renders
         the same way.
         """
-        encoding = self.encoding_for_model(model)
-        total = REPLY_PRIMING_TOKENS + _count_json(encoding, tools, "tools")
+        measure = self._measure(model, exact)
+        total = REPLY_PRIMING_TOKENS + _count_json(measure, tools, "tools")
         if isinstance(instructions, str):
-            total += TOKENS_PER_MESSAGE + _count(encoding, instructions)
+            total += TOKENS_PER_MESSAGE + measure.text(instructions)
         if isinstance(input, str):
-            return total + TOKENS_PER_MESSAGE + _count(encoding, "user") + _count(encoding, input)
+            return total + TOKENS_PER_MESSAGE + measure.role("user") + measure.text(input)
         if isinstance(input, list):
             for item in input:
-                total += TOKENS_PER_MESSAGE + _count_responses_item(encoding, item)
+                total += TOKENS_PER_MESSAGE + _count_responses_item(measure, item)
         return total
 
     # -- cheap lower bounds ---------------------------------------------------------------
@@ -474,7 +489,58 @@ def _count(encoding: tiktoken.Encoding, text: str) -> int:
     return len(encoding.encode_to_numpy(text, disallowed_special=()))
 
 
-def _count_json(encoding: tiktoken.Encoding, value: object, param: str) -> int:
+def utf8_bytes(text: str) -> int:
+    """Length of ``text`` in UTF-8, an upper bound of its tokens in ``o200k_base`` and
+    ``cl100k_base`` (see :class:`TokenCounter`). A lone surrogate (JSON allows ``"\\ud800"``)
+    counts its 3 bytes, as many as the U+FFFD tiktoken encodes it as."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class _Measure:
+    """How the walk over a request sizes each text: counted with tiktoken, or bounded by
+    its UTF-8 length (:class:`_Utf8Bound`). Every other term (framing, images, token ids)
+    is the same for both, so the bound is at least the count term by term."""
+
+    __slots__ = ()
+
+    def text(self, text: str) -> int:
+        raise NotImplementedError
+
+    def role(self, role: str) -> int:
+        return self.text(role)
+
+    def json(self, data: bytes) -> int:
+        """A compact JSON text (orjson's UTF-8 bytes)."""
+        return self.text(data.decode())
+
+
+class _Counted(_Measure):
+    __slots__ = ("encoding",)
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        self.encoding = encoding
+
+    def text(self, text: str) -> int:
+        return _count(self.encoding, text)
+
+    def role(self, role: str) -> int:
+        return _count_role(self.encoding, role)
+
+
+class _Utf8Bound(_Measure):
+    __slots__ = ()
+
+    def text(self, text: str) -> int:
+        return utf8_bytes(text)
+
+    def json(self, data: bytes) -> int:
+        return len(data)
+
+
+_UTF8_BOUND: Final = _Utf8Bound()
+
+
+def _count_json(measure: _Measure, value: object, param: str) -> int:
     if not value:
         return 0
     try:
@@ -484,22 +550,22 @@ def _count_json(encoding: tiktoken.Encoding, value: object, param: str) -> int:
             f"'{param}' is nested too deeply: at most {JSON_MAX_DEPTH} levels are accepted.",
             param=param,
         ) from None
-    return _count(encoding, text.decode())
+    return measure.json(text)
 
 
-def _count_message_fields(encoding: tiktoken.Encoding, message: Mapping[str, Any]) -> int:
+def _count_message_fields(measure: _Measure, message: Mapping[str, Any]) -> int:
     total = 0
     for key, value in message.items():
         if key == "content":
-            total += _count_content(encoding, value)
+            total += _count_content(measure, value)
         elif key == "tool_calls" and isinstance(value, list):
-            total += sum(_count_tool_call(encoding, call) for call in value)
+            total += sum(_count_tool_call(measure, call) for call in value)
         elif key == "function_call":  # legacy single call: {"name", "arguments"}
-            total += _count_tool_call(encoding, {"function": value})
+            total += _count_tool_call(measure, {"function": value})
         elif key == "role" and isinstance(value, str):
-            total += _count_role(encoding, value)
+            total += measure.role(value)
         elif isinstance(value, str):
-            total += _count(encoding, value)
+            total += measure.text(value)
             if key == "name":
                 total += TOKENS_PER_NAME
     return total
@@ -522,22 +588,22 @@ def _count_role(encoding: tiktoken.Encoding, role: str) -> int:
     return count
 
 
-def _count_tool_call(encoding: tiktoken.Encoding, call: object) -> int:
+def _count_tool_call(measure: _Measure, call: object) -> int:
     if not isinstance(call, Mapping):
         return 0
     function = call.get("function") or call.get("custom")
     if not isinstance(function, Mapping):
         return 0
     return sum(
-        _count(encoding, value)
+        measure.text(value)
         for key in ("name", "arguments", "input")
         if isinstance(value := function.get(key), str)
     )
 
 
-def _count_content(encoding: tiktoken.Encoding, content: object) -> int:
+def _count_content(measure: _Measure, content: object) -> int:
     if isinstance(content, str):
-        return _count(encoding, content)
+        return measure.text(content)
     if not isinstance(content, list):
         return 0
     total = 0
@@ -548,40 +614,40 @@ def _count_content(encoding: tiktoken.Encoding, content: object) -> int:
         if not isinstance(kind, str):  # a list or an object would not even hash
             continue
         if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
-            total += _count(encoding, part["text"])
+            total += measure.text(part["text"])
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            total += _count(encoding, part["refusal"])
+            total += measure.text(part["refusal"])
         elif kind in _IMAGE_PART_TYPES:
             total += IMAGE_TOKENS
     return total
 
 
-def _count_responses_item(encoding: tiktoken.Encoding, item: object) -> int:
+def _count_responses_item(measure: _Measure, item: object) -> int:
     if isinstance(item, str):
-        return _count(encoding, item)
+        return measure.text(item)
     if not isinstance(item, Mapping):
         return 0
     kind = item.get("type")
     if kind == "message" or (kind is None and "role" in item):
         role = item.get("role")
-        role_tokens = _count(encoding, role) if isinstance(role, str) else 0
-        return role_tokens + _count_content(encoding, item.get("content"))
+        role_tokens = measure.text(role) if isinstance(role, str) else 0
+        return role_tokens + _count_content(measure, item.get("content"))
     if kind in ("function_call", "custom_tool_call"):
-        return _count_tool_call(encoding, {"function": item})
+        return _count_tool_call(measure, {"function": item})
     if kind == "function_call_output":
-        return _count_content(encoding, item.get("output"))
-    return _count_json(encoding, item, "input")
+        return _count_content(measure, item.get("output"))
+    return _count_json(measure, item, "input")
 
 
-def _count_prompt_like(encoding: tiktoken.Encoding, prompt: object) -> int:
+def _count_prompt_like(measure: _Measure, prompt: object) -> int:
     if isinstance(prompt, str):
-        return _count(encoding, prompt)
+        return measure.text(prompt)
     if not isinstance(prompt, list):
         return 0
     total = 0
     for element in prompt:
         if isinstance(element, str):
-            total += _count(encoding, element)
+            total += measure.text(element)
         elif isinstance(element, int):  # one token id
             total += 1
         elif isinstance(element, list):  # one prompt as token ids

@@ -55,6 +55,7 @@ async def _call(gw, key: str, *, hold_millicredits: int) -> BilledCall:
         hold_millicredits=hold_millicredits,
         charged=flags.charging_enabled,
         rounding_mode=flags.rounding_mode,
+        body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
     )
 
 

@@ -16,8 +16,10 @@ import aiohttp
 import orjson
 import pytest
 
+from billing.control import ControlKind, notify_control
 from billing.metering.estimate import CHAT
 from billing.metering.pricing import worst_case_millicredits
+from devtools.simulator import Scenario
 from gateway import appkeys as gateway_keys
 
 # Below the gateway's default 4 MiB body limit; tiktoken takes a few hundred ms to count it.
@@ -143,8 +145,36 @@ async def test_big_prompt_counted_off_the_loop_as_inline_count(gw, sim, encode_c
     assert sim.requests == []
 
 
-async def test_big_prompt_paid_is_forwarded_and_charged(gw, sim, encode_calls):
-    """Above the inline threshold, under the simulator's 1 MiB body limit: the whole path."""
+async def _post_with_id(gw, path: str, key: str, body: dict[str, Any]) -> tuple[int, str, Any]:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        data = io.BytesIO(orjson.dumps(body))
+        async with session.post(gw.base_url + path, data=data, headers=headers) as r:
+            return r.status, r.headers["x-request-id"], orjson.loads(await r.read())
+
+
+def _worst_case(gw, body: dict[str, Any], prompt_tokens: int) -> int:
+    card = gw.rate_cards.get(body["model"])
+    return worst_case_millicredits(
+        card,
+        prompt_tokens=prompt_tokens,
+        max_output_tokens=CHAT.output_tokens(body, card),
+        rounding_mode=gw.settings.rounding_mode,
+    )
+
+
+def _bounds(gw, body: dict[str, Any]) -> tuple[int, int]:
+    """The chat body's prompt: (exact count, upper bound)."""
+    card, tokens = gw.rate_cards.get(body["model"]), gw.app[gateway_keys.TOKENS]
+    return CHAT.prompt_tokens(body, card, tokens), CHAT.prompt_tokens_upper_bound(
+        body, card, tokens
+    )
+
+
+async def test_big_prompt_paid_is_held_at_its_upper_bound_without_counting(gw, sim, encode_calls):
+    """Above the inline threshold, the balance covering the upper bound (the body's UTF-8
+    bytes): held at that bound and forwarded with no tokenizing at all; charged the
+    upstream's usage (the hold only reserved more while the request ran)."""
     prompt = _prose(200_000, seed=1)
     account, key = await gw.create_account(10_000_000)
     body = {
@@ -152,12 +182,89 @@ async def test_big_prompt_paid_is_forwarded_and_charged(gw, sim, encode_calls):
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": 16,
     }
-    status, obj = await _post(gw, "/chat/completions", key, body)
+    exact, bound = _bounds(gw, body)
+    assert bound > exact
+    encode_calls.threads.clear()
+    status, request_id, obj = await _post_with_id(gw, "/chat/completions", key, body)
     assert status == 200, obj
-    assert any(name.startswith("prompt-count") for name in encode_calls.threads)
+    assert encode_calls.threads == []
     await gw.settled()
-    assert await gw.balance(account) < 10_000_000
+    row = await gw.usage(request_id)
+    assert row["hold_millicredits"] == _worst_case(gw, body, bound)
+    assert row["usage_source"] == "upstream"
+    assert row["charged_millicredits"] < row["hold_millicredits"]
+    assert await gw.balance(account) == 10_000_000 - row["charged_millicredits"]
     assert await gw.ledger_sum(account) == await gw.balance(account)
+
+
+async def test_balance_between_count_and_bound_is_served_on_the_count(gw, sim, encode_calls):
+    """The balance covers the counted worst case but not the upper bound's: the gateway
+    counts the prompt (off the loop) and holds the count; the request is served."""
+    prompt = _prose(200_000, seed=2)
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16,
+    }
+    exact, bound = _bounds(gw, body)
+    counted_hold, bound_hold = _worst_case(gw, body, exact), _worst_case(gw, body, bound)
+    assert counted_hold < bound_hold
+    account, key = await gw.create_account(counted_hold)
+    encode_calls.threads.clear()
+    status, request_id, obj = await _post_with_id(gw, "/chat/completions", key, body)
+    assert status == 200, obj
+    assert encode_calls.threads and all(
+        name.startswith("prompt-count") for name in encode_calls.threads
+    )
+    await gw.settled()
+    row = await gw.usage(request_id)
+    assert row["hold_millicredits"] == counted_hold
+    assert await gw.ledger_sum(account) == await gw.balance(account)
+
+
+async def test_balance_below_the_count_refused_with_the_counted_requirement(gw, sim, encode_calls):
+    """Below the counted worst case (but above the lower bound): 402 decided on the count,
+    never on the upper bound; requiredMillicredits is the counted worst case."""
+    prompt = _prose(200_000, seed=3)
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16,
+    }
+    exact, _ = _bounds(gw, body)
+    counted_hold = _worst_case(gw, body, exact)
+    account, key = await gw.create_account(counted_hold - 1)
+    encode_calls.threads.clear()
+    status, _, obj = await _post_with_id(gw, "/chat/completions", key, body)
+    assert status == 402
+    assert obj["error"]["code"] == "insufficient_credits"
+    assert obj["requiredMillicredits"] == str(counted_hold)
+    assert obj["currentMillicredits"] == str(counted_hold - 1)
+    assert encode_calls.threads
+    assert sim.requests == []
+    state = await gw.state(account)
+    assert (state.held_millicredits, state.pending_millicredits) == (0, 0)
+
+
+async def test_prompt_held_at_its_bound_is_counted_for_an_estimated_charge(gw, sim):
+    """No usage from the upstream: a prompt held at its upper bound is charged at its count
+    (tiktoken), never at the bound."""
+    prompt = _prose(20_000, seed=4)
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16,
+    }
+    exact, bound = _bounds(gw, body)
+    _, key = await gw.create_account(10_000_000)
+    sim.push(Scenario(omit_usage=True))
+    status, request_id, obj = await _post_with_id(gw, "/chat/completions", key, body)
+    assert status == 200, obj
+    await gw.settled()
+    row = await gw.usage(request_id)
+    assert row["usage_source"] == "estimated"
+    assert row["hold_millicredits"] == _worst_case(gw, body, bound)
+    assert row["prompt_tokens"] == exact
 
 
 async def test_small_prompt_counted_inline(gw, sim, encode_calls):
@@ -183,3 +290,42 @@ async def test_big_prompt_suspended_account_refused_without_tokenizing(
     assert status == 402
     assert obj["error"]["code"] == "account_suspended"
     assert encode_calls.threads == []
+
+
+async def _cap_per_request(gw, account: int, millicredits: int) -> None:
+    key_id = await gw.pool.fetchval("SELECT id FROM api_keys WHERE account_id = $1", account)
+    async with gw.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE api_keys SET max_request_millicredits = $1 WHERE id = $2", millicredits, key_id
+        )
+        await notify_control(conn, ControlKind.KEYS, api_key_id=key_id)
+
+
+@pytest.mark.parametrize("below_the_count", [False, True], ids=["cap-fits-count", "cap-below"])
+async def test_cap_per_request_decided_on_the_count(gw, sim, encode_calls, below_the_count):
+    """A key's maximum per request between the count's worst case and the bound's: served,
+    held at the count. Below the count: 402 ``spend_cap_exceeded`` requiring the count's
+    worst case, never the bound's."""
+    prompt = _prose(200_000, seed=5)
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16,
+    }
+    exact, bound = _bounds(gw, body)
+    counted_hold, bound_hold = _worst_case(gw, body, exact), _worst_case(gw, body, bound)
+    account, key = await gw.create_account(10 * bound_hold)
+    await _cap_per_request(gw, account, counted_hold - 1 if below_the_count else counted_hold)
+    encode_calls.threads.clear()
+    status, request_id, obj = await _post_with_id(gw, "/chat/completions", key, body)
+    assert encode_calls.threads
+    if below_the_count:
+        assert status == 402
+        assert obj["error"]["code"] == "spend_cap_exceeded"
+        assert obj["error"]["requiredCredits"] == counted_hold / 1000
+        assert sim.requests == []
+        return
+    assert status == 200, obj
+    await gw.settled()
+    row = await gw.usage(request_id)
+    assert row["hold_millicredits"] == counted_hold < bound_hold
