@@ -556,13 +556,13 @@ class SettlementPoster:
         log.error(
             "settlement %s (outbox entry %s, account %s) dead-lettered: %s",
             letter[1],
-            entry_id,
+            letter[0],
             account_id,
             error,
             extra={
                 "event": "settlement.dead_lettered",
                 "requestId": letter[1],
-                "streamEntryId": entry_id,
+                "streamEntryId": letter[0],
                 "accountId": account_id,
                 "chargedMillicredits": None if charged is None else str(charged),
             },
