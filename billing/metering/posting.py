@@ -170,6 +170,9 @@ ON CONFLICT (stream_entry_id) DO NOTHING
 """
 
 _INT64_MAX = 2**63 - 1
+#: Seconds an idle poster woken by a settle waits before it reads: the settle was sent, not yet
+#: run (a settle it misses is read after ``idle_s``).
+_SENT_TO_RUN_S = 0.002
 
 
 class SettlementPoster:
@@ -259,11 +262,12 @@ class SettlementPoster:
                 posted = await self.drain_once()
                 backoff_s = 0.1
                 if posted == 0:
-                    await self._wait_for_settlements()
-                if posted < self._batch_size:
-                    # Let a few more settlements gather (and, after a wake-up, the settle that
-                    # was sent reach Redis): one transaction per batch costs the same CPU
-                    # whether it holds 1 entry or 100 (Postgres lags by ~linger_s).
+                    if await self._wait_for_settlements():
+                        # Woken as the settle was sent: let it run in Redis before the read.
+                        await asyncio.sleep(_SENT_TO_RUN_S)
+                elif posted < self._batch_size:
+                    # Let a few more settlements gather: one transaction per batch costs the
+                    # same CPU whether it holds 1 entry or 100 (Postgres lags by ~linger_s).
                     await asyncio.sleep(self._linger_s)
             except asyncio.CancelledError:
                 raise
@@ -279,16 +283,15 @@ class SettlementPoster:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
 
-    async def _wait_for_settlements(self) -> None:
-        """Every shard was empty: wait until this process sends a settle, or ``idle_s``. (The
-        run loop then waits ``linger_s`` too: the settle was sent, not yet run, and a few
-        more gather.)"""
+    async def _wait_for_settlements(self) -> bool:
+        """Every shard was empty: wait until this process sends a settle (True), or
+        ``idle_s`` (False)."""
         appended = self._holds.settlements_appended
-        if appended.is_set():
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._idle_s):
-                await appended.wait()
+        if not appended.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._idle_s):
+                    await appended.wait()
+        return appended.is_set()
 
     async def drain_once(self) -> int:
         """Read new entries of every stream once (up to ``batch_size`` per stream) and post
