@@ -543,11 +543,13 @@ class SettlementPoster:
         )
 
     async def _ack_legacy(self, entry_ids: list[str]) -> None:
-        """Acknowledge and delete posted entries of the v1 stream. Their charges were never
-        in a v2 ``pending``: nothing to release (the posted balance is applied per account)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(LEGACY_OUTBOX_KEY, GROUP, *entry_ids)
+        """Delete and acknowledge posted entries of the v1 stream. Their charges were never
+        in a v2 ``pending``: nothing to release (the posted balance is applied per account).
+        Deleted first: an entry deleted but still pending is dropped by the next claim, while
+        one acknowledged but not deleted would stay in the stream, read by no one."""
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xdel(LEGACY_OUTBOX_KEY, *entry_ids)
+            pipe.xack(LEGACY_OUTBOX_KEY, GROUP, *entry_ids)
             await pipe.execute()
 
     async def dead_letter(
