@@ -197,9 +197,9 @@ class SettlementPoster:
         settlements gather meanwhile. ``idle_s``: the longest wait after a read that found
         none (every shard empty); a settle of this process ends it at once, so ``idle_s``
         bounds the delay only for other processes' settles, and an idle poster reads every
-        shard once per ``idle_s``. ``reader``: a connection of its own for the reads of new entries,
-        parsed by hiredis (cheaper per settlement than redis-py's stream parsing); without
-        it, redis-py reads them. ``stats``: the counters to add to (the process's, for its
+        shard once per ``idle_s``. ``reader``: a connection of its own for the reads of new
+        entries, parsed by hiredis (cheaper per settlement than redis-py's stream parsing);
+        without it, redis-py reads them. ``stats``: the counters to add to (the process's, for its
         metrics); a new ``PosterStats`` without it."""
         self._holds = holds
         self._redis = holds.redis
