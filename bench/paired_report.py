@@ -371,7 +371,7 @@ def render_settlement(outcome: Outcome) -> str:
     end, later = totals["outbox_at_end"], totals["outbox_later"]
     empty = later["xlen"] == 0 and later["pending"] == 0
     lines = [
-        "gateway settlement (usage_events in Postgres, outbox cg:v1:settlements in Redis)",
+        "gateway settlement (usage_events in Postgres, the sharded outbox streams in Redis)",
         f"  usage_events: {rows} rows for {completed} requests clients completed, {extra:+d} "
         f"(expected 0..+{outcome.gateway_cut_bound}: wrk cuts up to c in flight per run, the "
         f"gateway settles them): {verdict}; {by_kind or 'no rows'}",

@@ -2,7 +2,7 @@
 
 ``bench/paired.py --sustain SECONDS`` ends with this: wrk loads the gateway alone (streamed
 chat at c=N) for SECONDS while this samples, once a second, the settlement outbox (``XLEN``
-of ``cg:v1:settlements``: settlements not yet posted to Postgres) and counts the
+over every ``cg:v2:{sNN}:settlements`` shard: settlements not yet posted to Postgres) and counts the
 ``usage_events`` rows written during the run. A poster that keeps up holds the backlog to
 about one batch cycle's worth (the poster lingers ~20 ms between small batches, and a
 Postgres commit waits for its fsync), with no upward trend; one that does not shows a backlog
