@@ -71,6 +71,7 @@ from billing.statements import parse_month
 from billing.units import credits_to_millicredits, money_fields
 from creditgate import qa
 from creditgate.cli_admin_tokens import add_admin_parser
+from creditgate.cli_partitions import add_partitions_parser
 from creditgate.migrator import MigrationError, run_migrations
 from runtime.json_logs import install_json_logging
 from runtime.resources import RedisEvictionPolicyError
@@ -478,6 +479,7 @@ def _parser() -> argparse.ArgumentParser:
     kr.set_defaults(fn=cmd_keys_revoke, config=_stores)
 
     add_admin_parser(sub)
+    add_partitions_parser(sub)
 
     reconciling = (
         "Check that the money adds up (billing.reconciliation): ledger sums against balances, "

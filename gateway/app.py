@@ -30,6 +30,7 @@ from billing.metering.posting import PosterStats, SettlementPoster
 from billing.metering.rate_cards import RateCardBook
 from billing.metering.rescue import SettlementRescue
 from billing.metering.script_channel import ScriptChannel
+from billing.partitions import run_maintenance
 from billing.metering.tokens import TokenCounter
 from billing.purchases.money_events import PurchaseStats
 from gateway import appkeys as gateway_keys
@@ -162,6 +163,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             "hold-sweeper",
             partial(periodically, settings.sweep_interval_s, partial(_sweep_expired_holds, app)),
         ),
+        _start_supervised("partition-maintenance", partial(run_maintenance, pool)),
         _start_supervised(
             "rate-card-refresh",
             partial(periodically, settings.rate_card_refresh_s, partial(_refresh_rate_cards, app)),
