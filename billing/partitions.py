@@ -107,19 +107,27 @@ def _month_of(name: str) -> date | None:
 async def create_ahead(
     pool: asyncpg.Pool, *, months_ahead: int = MONTHS_AHEAD, today: date | None = None
 ) -> list[CreatedMonth] | None:
-    """Create the partitions of this month (UTC) and ``months_ahead`` more; None when another
-    process holds the maintenance lock (it is doing the same)."""
+    """Create the partitions of this month (UTC) and ``months_ahead`` more, one table per
+    transaction (never holding both tables' locks); None when another process holds the
+    maintenance lock (it is doing the same)."""
     first = month_start(today or _today())
-    async with pool.acquire() as conn, conn.transaction():
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID):
-            return None
-        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-        rows = await conn.fetch(
-            "SELECT * FROM create_month_partitions($1, $2)",
-            first,
-            add_months(first, months_ahead),
-        )
-    return [CreatedMonth(*row) for row in rows]
+    months: list[CreatedMonth] = []
+    async with pool.acquire() as conn:
+        for table in PARTITIONED_TABLES:
+            async with conn.transaction():
+                if not await conn.fetchval(
+                    "SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID
+                ):
+                    return None
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                rows = await conn.fetch(
+                    "SELECT * FROM create_month_partitions($1, $2, $3)",
+                    table,
+                    first,
+                    add_months(first, months_ahead),
+                )
+            months.extend(CreatedMonth(*row) for row in rows)
+    return months
 
 
 async def maintain_once(pool: asyncpg.Pool) -> None:

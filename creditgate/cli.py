@@ -334,7 +334,9 @@ async def cmd_outbox_replay(settings: StoreSettings, args: argparse.Namespace) -
 
 
 async def cmd_report(settings: StoreSettings, args: argparse.Namespace) -> str:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    """A finance report, read from DATABASE_REPLICA_URL when set."""
+    url = settings.database_replica_url or settings.database_url
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
     try:
         if args.report == "liability":
             return finance.liability_csv(await finance.liability_report(pool, args.month))

@@ -13,7 +13,10 @@
 --                   however its entry is dated.
 -- Ids keep their sequences. Foreign keys that pointed AT ledger_entries (id alone is no
 -- longer unique) are dropped: reverses_entry_id and purchases.purchase_entry_id are written
--- only from ids post_ledger_entries answered. ledger_entries keeps its key to accounts.
+-- only from ids post_ledger_entries answered. Its key to accounts goes too, as usage_events'
+-- did (0001): each new partition would clone it, locking accounts against every posting
+-- (which deadlocked with one); post_ledger_entries, the only writer, locks each entry's
+-- account row first and refuses an unknown account, and accounts are never deleted.
 --
 -- Rows outside every month partition land in the DEFAULT partition. This migration creates a
 -- partition for every month from the oldest row to the current month (named as
@@ -59,7 +62,7 @@ ALTER SEQUENCE usage_events_id_seq OWNED BY usage_events.id;
 
 CREATE TABLE ledger_entries (
     id                              bigint NOT NULL DEFAULT nextval('ledger_entries_id_seq'),
-    account_id                      bigint NOT NULL REFERENCES accounts (id),
+    account_id                      bigint NOT NULL,
     entry_type                      text NOT NULL CHECK (entry_type IN
                                       ('purchase', 'deduction', 'refund', 'adjustment', 'reversal')),
     amount_millicredits             bigint NOT NULL,

@@ -82,26 +82,35 @@ async def check_eviction_policy(client: aioredis.Redis) -> None:
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the asyncpg pool for ``SETTINGS.database_url``; close it at shutdown.
+    """Open the asyncpg pool for ``SETTINGS.database_url`` (``DB_POOL``) and, with
+    ``DATABASE_REPLICA_URL``, a read-only one for read traffic (``READ_POOL``; else the same
+    pool); close them at shutdown.
 
     A statement without an answer after ``POSTGRES_COMMAND_TIMEOUT_S`` (a connect after
     ``POSTGRES_CONNECT_TIMEOUT_S``) raises ``TimeoutError`` (an ``OSError``, so one of
     ``billing.errors.POSTGRES_UNAVAILABLE``: 503 on the request path, a retry in background
     loops) instead of waiting forever on a Postgres that stopped answering."""
     settings = app[appkeys.SETTINGS]
-    pool = await asyncpg.create_pool(
-        settings.database_url,
-        min_size=1,
-        max_size=10,
-        timeout=settings.postgres_connect_timeout_s,
-        command_timeout=settings.postgres_command_timeout_s,
-    )
-    app[appkeys.DB_POOL] = pool
+    options = {
+        "min_size": 1,
+        "max_size": 10,
+        "timeout": settings.postgres_connect_timeout_s,
+        "command_timeout": settings.postgres_command_timeout_s,
+    }
+    pool = await asyncpg.create_pool(settings.database_url, **options)
+    app[appkeys.DB_POOL] = app[appkeys.READ_POOL] = pool
+    if settings.database_replica_url is not None:
+        app[appkeys.READ_POOL] = await asyncpg.create_pool(
+            settings.database_replica_url,
+            server_settings={"default_transaction_read_only": "on"},
+            **options,
+        )
     yield
-    try:
-        await asyncio.wait_for(pool.close(), timeout=10)
-    except TimeoutError:  # a connection never came back: do not hang the shutdown
-        pool.terminate()
+    for opened in {pool, app[appkeys.READ_POOL]}:
+        try:
+            await asyncio.wait_for(opened.close(), timeout=10)
+        except TimeoutError:  # a connection never came back: do not hang the shutdown
+            opened.terminate()
 
 
 async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIterator[None]:

@@ -127,7 +127,7 @@ async def test_detach_refuses_the_current_month_and_the_reconciliation_window() 
 async def test_detach_an_old_month_keeps_its_table_and_the_balances(pool: asyncpg.Pool) -> None:
     old = add_months(month_start(datetime.now(UTC).date()), -14)
     async with pool.acquire() as conn:
-        await conn.fetch("SELECT * FROM create_month_partitions($1, $1)", old)
+        await partitions.create_ahead(pool, months_ahead=0, today=old)
     account = await new_account(pool)
     await grant(pool, account, 10_000)
     async with pool.acquire() as conn:
