@@ -151,7 +151,10 @@ async def load(pool: asyncpg.Pool, args: argparse.Namespace, first_month: date) 
         await conn.execute("VACUUM ANALYZE usage_events")
         await conn.execute("VACUUM ANALYZE ledger_entries")
         await conn.execute("VACUUM ANALYZE accounts")
-    return {"load_s": round(loaded_s, 1), "vacuum_analyze_s": round(time.perf_counter() - started - loaded_s, 1)}
+    return {
+        "load_s": round(loaded_s, 1),
+        "vacuum_analyze_s": round(time.perf_counter() - started - loaded_s, 1),
+    }
 
 
 def _settlement_batch(accounts: int, size: int) -> str:

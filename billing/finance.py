@@ -50,9 +50,11 @@ NANOUSD_PER_MILLICREDIT = NANOUSD_PER_USD // MILLICREDITS_PER_USD
 TOTAL_ROW_LABEL = "(total)"
 
 _ALL_ACCOUNTS_SQL = (
-    LEDGER_MOVEMENT_SUMS_SQL
+    LEDGER_MOVEMENT_SUMS_SQL.format(
+        balance="(SELECT COALESCE(sum(balance_millicredits), 0) FROM accounts)"
+    )
     + """  FROM ledger_entries
- WHERE created_at < $4
+ WHERE created_at >= $1
 """
 )
 

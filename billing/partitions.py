@@ -195,11 +195,7 @@ async def detach_before(
         DetachRefusedError: see ``check_detachable``.
     """
     bound = check_detachable(before, today=today)
-    old = [
-        p
-        for p in await list_partitions(conn)
-        if p.month is not None and p.month < bound
-    ]
+    old = [p for p in await list_partitions(conn) if p.month is not None and p.month < bound]
     async with conn.transaction():
         for partition in old:
             if partition.table == "ledger_entries":
@@ -210,7 +206,5 @@ async def detach_before(
                           FROM {partition.name} GROUP BY account_id""",
                     partition.name,
                 )
-            await conn.execute(
-                f"ALTER TABLE {partition.table} DETACH PARTITION {partition.name}"
-            )
+            await conn.execute(f"ALTER TABLE {partition.table} DETACH PARTITION {partition.name}")
     return [p.name for p in old]

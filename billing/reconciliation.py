@@ -12,7 +12,8 @@ Checks (each mismatch names its ``check``):
     charge of 0) in one transaction, the entry dated at the request's start (0012), so both
     fall on the day the request started (usage by ``started_at``, entries by
     ``created_at``). Deductions posted before 0012 are dated at their posting: a request
-    started before midnight and posted after, in the days before the upgrade, shows there. A mismatched day also lists its unpaired requests (``deduction_pairing``).
+    started before midnight and posted after, in the days before the upgrade, shows there.
+    A mismatched day also lists its unpaired requests (``deduction_pairing``).
 ``redis_balance``
     Redis's cached ``(bal, ver, shortfall)`` (``billing.metering.holds``) equals Postgres's
     ``(balance, balance_version, shortfall)`` where the versions match. Redis is read first,

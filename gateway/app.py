@@ -30,8 +30,8 @@ from billing.metering.posting import PosterStats, SettlementPoster
 from billing.metering.rate_cards import RateCardBook
 from billing.metering.rescue import SettlementRescue
 from billing.metering.script_channel import ScriptChannel
-from billing.partitions import run_maintenance
 from billing.metering.tokens import TokenCounter
+from billing.partitions import run_maintenance
 from billing.purchases.money_events import PurchaseStats
 from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from billing import ledger, partitions, reconciliation
+from billing import ledger, partitions, reconciliation, statements
 from billing.metering import outbox, posting
 from billing.partitions import DetachRefusedError, add_months, month_start
 from creditgate.migrator import apply_migrations, default_migrations_dir
@@ -151,6 +151,12 @@ async def test_detach_an_old_month_keeps_its_table_and_the_balances(pool: asyncp
     assert kept == 1 and archived == -900
     report = await reconciliation.reconcile(pool, None, since=datetime.now(UTC).date())
     assert report.mismatch_counts["account_balance"] == 0
+    # This month's statement still closes on the balance, counted back from it (its opening
+    # is -900: the archived deduction is dated 14 months back, before this month's grant).
+    statement = await statements.monthly_statement(pool, account, datetime.now(UTC).date())
+    balance = await ledger.posted_balance(pool, account)
+    assert statement.closing_balance_millicredits == balance.balance_millicredits == 9_000
+    assert statement.opening_balance_millicredits == -900
 
 
 async def _sums(conn: asyncpg.Connection) -> tuple[object, ...]:
@@ -167,9 +173,7 @@ async def _sums(conn: asyncpg.Connection) -> tuple[object, ...]:
     return tuple(row)
 
 
-async def test_the_migration_moves_existing_rows(
-    pg_server: PostgresServer, tmp_path: Path
-) -> None:
+async def test_the_migration_moves_existing_rows(pg_server: PostgresServer, tmp_path: Path) -> None:
     """Migrations 0001-0011 applied, rows posted, then 0012: every row moved, ids and sums
     kept, and posting still works on the partitioned tables."""
     shipped = default_migrations_dir()
@@ -189,9 +193,12 @@ async def test_the_migration_moves_existing_rows(
             account = await new_account(pool)
             await grant(pool, account, 50_000)
             async with pool.acquire() as conn:
-                assert await conn.fetchval(
-                    "SELECT relkind::text FROM pg_class WHERE relname = 'usage_events'"
-                ) == "r"
+                assert (
+                    await conn.fetchval(
+                        "SELECT relkind::text FROM pg_class WHERE relname = 'usage_events'"
+                    )
+                    == "r"
+                )
                 for n, day in enumerate([date(2026, 1, 31), date(2026, 2, 1), date(2026, 3, 9)]):
                     await posting.post_settlements(conn, _batch(account, f"req-m{n}", day, 1_000))
                 expected = await _sums(conn)
@@ -199,9 +206,12 @@ async def test_the_migration_moves_existing_rows(
             assert "0012_ledger_partition_by_month.sql" in applied
             async with pool.acquire() as conn:
                 assert await _sums(conn) == expected
-                assert await conn.fetchval(
-                    "SELECT relkind::text FROM pg_class WHERE relname = 'usage_events'"
-                ) == "p"
+                assert (
+                    await conn.fetchval(
+                        "SELECT relkind::text FROM pg_class WHERE relname = 'usage_events'"
+                    )
+                    == "p"
+                )
                 usage, entries = await _where(conn, "req-m1")
                 assert len(usage) == 1 and len(entries) == 1
                 assert usage[0].startswith("usage_events_p") and entries[0].startswith(

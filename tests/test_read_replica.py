@@ -34,8 +34,9 @@ async def test_read_routes_use_the_replica_and_the_balance_the_primary(
     account_id, key = await gw.create_account(5_000)
     client = BillingClient(gw, key)
     started = datetime.now(UTC)
-    await insert_usage(gw.pool, account_id, await key_id(gw.pool, account_id), count=2,
-                       started_at=started)
+    await insert_usage(
+        gw.pool, account_id, await key_id(gw.pool, account_id), count=2, started_at=started
+    )
     replica = await asyncpg.connect(replica_url)
     try:
         # The same account id on the replica, with other rows and another balance.
