@@ -227,3 +227,27 @@ async def test_the_migration_moves_existing_rows(pg_server: PostgresServer, tmp_
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_the_application_role_creates_partitions_but_cannot_detach(
+    database_url: str,
+) -> None:
+    """The service runs as creditgate_app: create_month_partitions (SECURITY DEFINER) works
+    for it; detaching (archiving the ledger) needs the owner."""
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=1, server_settings={"role": "creditgate_app"}
+    )
+    try:
+        assert await pool.fetchval("SELECT current_user") == "creditgate_app"
+        months = await partitions.create_ahead(pool, months_ahead=5)
+        assert months is not None and any(m.created for m in months)
+        old = add_months(month_start(datetime.now(UTC).date()), -14)
+        # SECURITY DEFINER, so it refuses any table but the two.
+        with pytest.raises(asyncpg.InvalidParameterValueError, match="not a month-partitioned"):
+            await pool.fetch("SELECT * FROM create_month_partitions('accounts', $1, $1)", old)
+        await partitions.create_ahead(pool, months_ahead=0, today=old)
+        async with pool.acquire() as conn:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await partitions.detach_before(conn, add_months(old, 1))
+    finally:
+        await pool.close()
