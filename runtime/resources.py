@@ -91,19 +91,20 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     ``billing.errors.POSTGRES_UNAVAILABLE``: 503 on the request path, a retry in background
     loops) instead of waiting forever on a Postgres that stopped answering."""
     settings = app[appkeys.SETTINGS]
-    options = {
-        "min_size": 1,
-        "max_size": 10,
+    timeouts = {
         "timeout": settings.postgres_connect_timeout_s,
         "command_timeout": settings.postgres_command_timeout_s,
     }
-    pool = await asyncpg.create_pool(settings.database_url, **options)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10, **timeouts)
     app[appkeys.DB_POOL] = app[appkeys.READ_POOL] = pool
     if settings.database_replica_url is not None:
+        # min_size 0: a replica that is down does not stop the service (its reads answer 503).
         app[appkeys.READ_POOL] = await asyncpg.create_pool(
             settings.database_replica_url,
+            min_size=0,
+            max_size=10,
             server_settings={"default_transaction_read_only": "on"},
-            **options,
+            **timeouts,
         )
     yield
     for opened in {pool, app[appkeys.READ_POOL]}:

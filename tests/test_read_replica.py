@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from devtools.localservices import PostgresServer
+from devtools.localservices import PostgresServer, free_port
 from tests.conftest import _execute, _run_in_thread
 from tests.gateway.billing_world import BillingClient, insert_usage, key_id
 from tests.harness import create_account_with_key
@@ -59,3 +59,21 @@ async def test_read_routes_use_the_replica_and_the_balance_the_primary(
     assert me["balanceMillicredits"] == "5000"  # the balance: the primary's
     assert statement["closingBalanceMillicredits"] == "9000"
     assert export[0] == 200 and export[1].count(b"\n") == 1 + 3
+
+
+async def test_a_replica_that_is_down_fails_its_reads_not_the_service(make_gateway) -> None:
+    """The service starts without its replica; the read routes answer 503 (the envelope of
+    Postgres down) while the balance and the money path go on."""
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/replica"
+    gw = await make_gateway(database_replica_url=down)
+    _, key = await gw.create_account(5_000_000)
+    client = BillingClient(gw, key)
+
+    status, usage = await client.get("/api/billing/usage")
+    answer = await gw.client(key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+
+    assert status == 503
+    assert usage["error"]["code"] == "billing_unavailable"
+    assert answer.choices[0].message.content
