@@ -20,6 +20,7 @@ from creditgate.migrator import apply_migrations, default_migrations_dir
 from devtools.localservices import PostgresServer
 from tests.billing.money import grant, new_account, usage_record
 from tests.harness import GatewayHarness
+from tests.test_cli import run_cli
 
 
 def _ms(day: date) -> int:
@@ -251,3 +252,25 @@ async def test_the_application_role_creates_partitions_but_cannot_detach(
                 await partitions.detach_before(conn, add_months(old, 1))
     finally:
         await pool.close()
+
+
+async def test_cli_lists_creates_ahead_and_refuses_to_detach_this_month(
+    database_url: str,
+) -> None:
+    env = {"DATABASE_URL": database_url}
+    this_month = month_start(datetime.now(UTC).date())
+
+    status, ahead = await run_cli(env, "partitions", "create-ahead", "--months", "2")
+    listed_status, listed = await run_cli(env, "partitions", "list")
+    refused_status, refused = await run_cli(
+        env, "partitions", "detach", "--before", f"{add_months(this_month, 1):%Y-%m}"
+    )
+
+    assert status == 0 and {m["partition"] for m in ahead["months"]} >= {
+        _name("ledger_entries", add_months(this_month, 2))
+    }
+    assert listed_status == 0
+    months = {(p["table"], p["month"]) for p in listed["partitions"]}
+    assert ("usage_events", f"{add_months(this_month, 2):%Y-%m}") in months
+    assert ("usage_events", None) in months  # the DEFAULT partition
+    assert refused_status == 1 and "not fully in the past" in refused["error"]
