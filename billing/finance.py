@@ -194,8 +194,8 @@ async def revenue_by_model(
 ) -> tuple[ModelRevenue, ...]:
     """Revenue, upstream cost and margin by model of the usage events started in
     ``[start, end)`` (by ``started_at``: the month partitions and its BRIN index, 0012, limit
-    the read to the range's pages), ordered by model. The monthly report and the admin service's daily
-    gauges (``billing.fleet_gauges``) both read it."""
+    the read to the range's pages), ordered by model. The monthly report and the admin
+    service's daily gauges (``billing.fleet_gauges``) both read it."""
     rows = await conn.fetch(_REVENUE_SQL, start, end)
     return tuple(ModelRevenue(row[0], *(int(value) for value in row[1:])) for row in rows)
 
