@@ -265,7 +265,20 @@ async def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         result: dict[str, Any] = {"rows": args.rows, "accounts": args.accounts}
         result["load"] = await load(pool, args, first_month)
         result["posting"] = await posting_rate(pool, args)
-        result["user_queries"] = await user_queries(pool, args)
+        # As the service reads them (runtime.resources.postgres_ctx's READ_POOL).
+        reads = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=2,
+            server_settings={
+                "default_transaction_read_only": "on",
+                "plan_cache_mode": "force_custom_plan",
+            },
+        )
+        try:
+            result["user_queries"] = await user_queries(reads, args)
+        finally:
+            await reads.close()
         result["reconciliation"] = await reconcile_one_day(pool)
         return result
     finally:

@@ -336,7 +336,9 @@ async def cmd_outbox_replay(settings: StoreSettings, args: argparse.Namespace) -
 async def cmd_report(settings: StoreSettings, args: argparse.Namespace) -> str:
     """A finance report, read from DATABASE_REPLICA_URL when set."""
     url = settings.database_replica_url or settings.database_url
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+    pool = await asyncpg.create_pool(
+        url, min_size=1, max_size=1, server_settings={"plan_cache_mode": "force_custom_plan"}
+    )
     try:
         if args.report == "liability":
             return finance.liability_csv(await finance.liability_report(pool, args.month))
