@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # What ships in the wheel and the image (devtools/, tests/ and bench/ do not).
 PRODUCTION := creditgate runtime gateway admin_api billing
 
-.PHONY: help venv system-deps test run lint fmt bench bench-paired bench-workers clean restore-drill
+.PHONY: help venv system-deps test run lint fmt bench bench-paired bench-workers bench-ledger clean restore-drill
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,6 +66,9 @@ fmt: venv ## Format the code and apply ruff's safe fixes
 
 bench: system-deps venv ## Run the benchmarks (bench/run.py); they print numbers
 	$(VENV)/bin/python bench/run.py
+
+bench-ledger: system-deps venv ## The ledger at 50M usage rows (bench/ledger_scale.py); BENCH_ARGS adds flags (--rows 1000000: a smoke)
+	$(VENV)/bin/python bench/ledger_scale.py $(BENCH_ARGS)
 
 bench-paired: system-deps venv ## Pass-through vs gateway back to back (5 rounds), then 60 s of settlement; BENCH_ARGS adds flags
 	$(VENV)/bin/python bench/paired.py --sustain 60 $(BENCH_ARGS)

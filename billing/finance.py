@@ -14,10 +14,10 @@ recognized as revenue (negative), refunds and disputes the reversals keyed by
 adjustments the operators' grants and the shortfall collections, reversals every other
 reversal. USD at 1,000 credits = $1.00 (1,000,000 millicredits).
 
-Revenue. A usage event belongs to the month it was recorded in (``recorded_at``): its
-deduction entry is posted in the same transaction (``post_settlements``), so both carry the
-same ``now()`` and the month's revenue equals minus its deductions exactly. (A monthly
-statement groups usage by ``started_at`` instead: what the customer did in the month.)
+Revenue. A usage event belongs to the month its request started in (``started_at``, the
+partition key): its deduction entry is posted in the same transaction (``post_settlements``)
+and dated at that start (migration 0012), so the month's revenue equals minus its deductions
+exactly, and a statement groups usage the same way.
 Upstream cost is priced from the rate card the event references (``rate_card_id``):
 ``prompt_tokens * upstream_input + completion_tokens * upstream_output`` micro-USD per 1k
 tokens, cached input at the input rate (the rate card has no upstream cached rate). Events
@@ -50,9 +50,11 @@ NANOUSD_PER_MILLICREDIT = NANOUSD_PER_USD // MILLICREDITS_PER_USD
 TOTAL_ROW_LABEL = "(total)"
 
 _ALL_ACCOUNTS_SQL = (
-    LEDGER_MOVEMENT_SUMS_SQL
+    LEDGER_MOVEMENT_SUMS_SQL.format(
+        balance="(SELECT COALESCE(sum(balance_millicredits), 0) FROM accounts)"
+    )
     + """  FROM ledger_entries
- WHERE created_at < $4
+ WHERE created_at >= $1
 """
 )
 
@@ -71,7 +73,7 @@ SELECT u.model,
        count(*) FILTER (WHERE r.id IS NULL)
   FROM usage_events u
   LEFT JOIN rate_cards r ON r.id = u.rate_card_id
- WHERE u.recorded_at >= $1 AND u.recorded_at < $2
+ WHERE u.started_at >= $1 AND u.started_at < $2
  GROUP BY u.model
  ORDER BY u.model
 """
@@ -190,10 +192,10 @@ async def liability_report(pool: asyncpg.Pool, month: date) -> LiabilityReport:
 async def revenue_by_model(
     conn: asyncpg.Pool | asyncpg.Connection, start: datetime, end: datetime
 ) -> tuple[ModelRevenue, ...]:
-    """Revenue, upstream cost and margin by model of the usage events recorded in
-    ``[start, end)`` (by ``recorded_at``: the BRIN index of migration 0010 limits the read to
-    the range's pages), ordered by model. The monthly report and the admin service's daily
-    gauges (``billing.fleet_gauges``) both read it."""
+    """Revenue, upstream cost and margin by model of the usage events started in
+    ``[start, end)`` (by ``started_at``: the month partitions and its BRIN index, 0012, limit
+    the read to the range's pages), ordered by model. The monthly report and the admin
+    service's daily gauges (``billing.fleet_gauges``) both read it."""
     rows = await conn.fetch(_REVENUE_SQL, start, end)
     return tuple(ModelRevenue(row[0], *(int(value) for value in row[1:])) for row in rows)
 

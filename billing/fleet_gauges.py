@@ -7,8 +7,8 @@
   account, far smaller than the ledger);
 - today's (UTC) revenue, upstream cost and gross margin per model, by
   ``billing.finance.revenue_by_model`` (the monthly report's SQL and arithmetic, over one day:
-  the BRIN index on ``usage_events.recorded_at`` keeps it to the day's pages). Models without
-  a rate card are summed under ``other`` (label values stay bounded);
+  the month partition and BRIN index on ``usage_events.started_at`` keep it to the day's
+  pages). Models without a rate card are summed under ``other`` (label values stay bounded);
 - the reconciliation run the gauges show and the runs counted by outcome (``ok`` or
   ``mismatch``; a run that raised records no row, so the table has no ``error``). A run is
   complete when it covered the default window up to its day and checked Redis

@@ -3,13 +3,17 @@
 Checks (each mismatch names its ``check``):
 
 ``account_balance``
-    Per account, ``sum(ledger_entries.amount_millicredits) == accounts.balance_millicredits``.
+    Per account, ``sum(ledger_entries.amount_millicredits) == accounts.balance_millicredits``
+    (months detached for archiving count by their ``ledger_archived_totals``).
 ``daily_deductions``
     Per UTC day since ``since``, ``sum(usage_events.charged_millicredits)`` equals minus the
     sum of the day's deduction entries. ``post_settlements`` writes a usage event and its
     deduction (idempotency key ``usage:<request_id>``, amount ``-charged``; none for a
-    charge of 0) in one transaction, so both carry the same ``now()`` and fall on the same
-    day. A mismatched day also lists its unpaired requests (``deduction_pairing``).
+    charge of 0) in one transaction, the entry dated at the request's start (0012), so both
+    fall on the day the request started (usage by ``started_at``, entries by
+    ``created_at``). Deductions posted before 0012 are dated at their posting: a request
+    started before midnight and posted after, in the days before the upgrade, shows there.
+    A mismatched day also lists its unpaired requests (``deduction_pairing``).
 ``redis_balance``
     Redis's cached ``(bal, ver, shortfall)`` (``billing.metering.holds``) equals Postgres's
     ``(balance, balance_version, shortfall)`` where the versions match. Redis is read first,
@@ -202,12 +206,17 @@ def _day_start(day: date) -> datetime:
 
 
 async def check_account_balances(conn: asyncpg.Connection, report: ReconciliationReport) -> None:
-    """Per account: the sum of its ledger entries equals its posted balance."""
+    """Per account: the sum of its ledger entries (detached months by their archived totals,
+    ``billing.partitions``) equals its posted balance."""
     rows = await conn.fetch(
         """SELECT a.id, a.balance_millicredits, COALESCE(s.total, 0) AS total
              FROM accounts a
              LEFT JOIN (SELECT account_id, sum(amount_millicredits) AS total
-                          FROM ledger_entries GROUP BY account_id) s ON s.account_id = a.id
+                          FROM (SELECT account_id, amount_millicredits FROM ledger_entries
+                                UNION ALL
+                                SELECT account_id, amount_millicredits
+                                  FROM ledger_archived_totals) AS e
+                         GROUP BY account_id) s ON s.account_id = a.id
             ORDER BY a.id"""
     )
     report.counts["accounts"] = len(rows)
@@ -225,9 +234,9 @@ async def check_account_balances(conn: asyncpg.Connection, report: Reconciliatio
 
 
 _DAILY_TOTALS = """
-WITH u AS (SELECT (recorded_at AT TIME ZONE 'UTC')::date AS day,
+WITH u AS (SELECT (started_at AT TIME ZONE 'UTC')::date AS day,
                   sum(charged_millicredits) AS charged
-             FROM usage_events WHERE recorded_at >= $1 GROUP BY 1),
+             FROM usage_events WHERE started_at >= $1 GROUP BY 1),
      d AS (SELECT (created_at AT TIME ZONE 'UTC')::date AS day,
                   -sum(amount_millicredits) AS deducted
              FROM ledger_entries
@@ -245,7 +254,7 @@ SELECT u.request_id, u.account_id, u.charged_millicredits AS charged,
        -e.amount_millicredits AS deducted
   FROM usage_events u
   LEFT JOIN ledger_entries e ON e.idempotency_key = 'usage:' || u.request_id
- WHERE u.recorded_at >= $1 AND u.recorded_at < $2
+ WHERE u.started_at >= $1 AND u.started_at < $2
    AND u.charged_millicredits <> COALESCE(-e.amount_millicredits, 0)
 UNION ALL
 SELECT e.reference, e.account_id, NULL, -e.amount_millicredits

@@ -7,7 +7,8 @@ integer millicredits:
     closing = opening + purchases + deductions + refunds + disputes + adjustments + reversals
 
 holds exactly, because each term is a sum over the same entries split by type and time
-(opening: entries before the month; closing: entries before its end). Deductions, refunds
+(closing: the posted balance less the entries after the month; opening: less the entries
+from its start). Deductions, refunds
 and disputes are mostly negative. A customer refund or a dispute of a purchase is posted as a
 ``reversal`` (``billing.purchases.purchase_ledger``); its idempotency key says which
 (``REFUND_KEY_PREFIX``, ``DISPUTE_KEY_PREFIX``), so:
@@ -133,36 +134,42 @@ class Statement:
         )
 
 
-# The sums of one pass over ledger entries up to the month's end: $1 is the month's start,
-# $2 and $3 the refund and dispute key prefixes. Each entry of the month is in exactly one
-# sum; the last is the closing total. ``_LEDGER_TOTALS_SQL`` (one account, $5) and
-# ``billing.finance`` (all accounts) add the FROM/WHERE with the month's end as $4.
+# The sums of one pass over the ledger entries from the month's start on: $1 is the month's
+# start, $2 and $3 the refund and dispute key prefixes, $4 the month's end. Opening and
+# closing are counted back from the posted balance ({balance}, read in the same snapshot;
+# the balance is the sum of every entry, reconciliation's first check), so the pass reads no
+# month before this one: it stays short for a recent month however long the history, and
+# right after old months were detached for archiving (billing.partitions). Each entry of the
+# month is in exactly one movement sum. ``_LEDGER_TOTALS_SQL`` (one account, $5) and
+# ``billing.finance`` (all accounts) add the balance and the FROM/WHERE.
 LEDGER_MOVEMENT_SUMS_SQL = """
-SELECT COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $1), 0),
-       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $1
+SELECT {balance} - COALESCE(sum(amount_millicredits), 0),
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $4
                                                    AND entry_type = 'purchase'), 0),
-       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $1
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $4
                                                    AND entry_type = 'deduction'), 0),
        COALESCE(sum(amount_millicredits) FILTER (
-           WHERE created_at >= $1
+           WHERE created_at < $4
              AND (entry_type = 'refund'
                   OR (entry_type = 'reversal' AND starts_with(idempotency_key, $2)))), 0),
        COALESCE(sum(amount_millicredits) FILTER (
-           WHERE created_at >= $1
+           WHERE created_at < $4
              AND entry_type = 'reversal' AND starts_with(idempotency_key, $3)), 0),
-       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $1
+       COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $4
                                                    AND entry_type = 'adjustment'), 0),
        COALESCE(sum(amount_millicredits) FILTER (
-           WHERE created_at >= $1
+           WHERE created_at < $4
              AND entry_type = 'reversal' AND NOT starts_with(idempotency_key, $2)
              AND NOT starts_with(idempotency_key, $3)), 0),
-       COALESCE(sum(amount_millicredits), 0)
+       {balance} - COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $4), 0)
 """
 
 _LEDGER_TOTALS_SQL = (
-    LEDGER_MOVEMENT_SUMS_SQL
+    LEDGER_MOVEMENT_SUMS_SQL.format(
+        balance="(SELECT balance_millicredits FROM accounts WHERE id = $5)"
+    )
     + """  FROM ledger_entries
- WHERE account_id = $5 AND created_at < $4
+ WHERE account_id = $5 AND created_at >= $1
 """
 )
 

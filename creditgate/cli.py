@@ -71,6 +71,7 @@ from billing.statements import parse_month
 from billing.units import credits_to_millicredits, money_fields
 from creditgate import qa
 from creditgate.cli_admin_tokens import add_admin_parser
+from creditgate.cli_partitions import add_partitions_parser
 from creditgate.migrator import MigrationError, run_migrations
 from runtime.json_logs import install_json_logging
 from runtime.resources import RedisEvictionPolicyError
@@ -333,7 +334,11 @@ async def cmd_outbox_replay(settings: StoreSettings, args: argparse.Namespace) -
 
 
 async def cmd_report(settings: StoreSettings, args: argparse.Namespace) -> str:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    """A finance report, read from DATABASE_REPLICA_URL when set."""
+    url = settings.database_replica_url or settings.database_url
+    pool = await asyncpg.create_pool(
+        url, min_size=1, max_size=1, server_settings={"plan_cache_mode": "force_custom_plan"}
+    )
     try:
         if args.report == "liability":
             return finance.liability_csv(await finance.liability_report(pool, args.month))
@@ -482,6 +487,7 @@ def _parser() -> argparse.ArgumentParser:
     kr.set_defaults(fn=cmd_keys_revoke, config=_stores)
 
     add_admin_parser(sub)
+    add_partitions_parser(sub)
 
     reconciling = (
         "Check that the money adds up (billing.reconciliation): ledger sums against balances, "

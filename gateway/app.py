@@ -31,6 +31,7 @@ from billing.metering.rate_cards import RateCardBook
 from billing.metering.rescue import SettlementRescue
 from billing.metering.script_channel import ScriptChannel
 from billing.metering.tokens import TokenCounter
+from billing.partitions import run_maintenance
 from billing.purchases.money_events import PurchaseStats
 from gateway import appkeys as gateway_keys
 from gateway.auth import KeyAuthenticator
@@ -175,6 +176,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
                 ),
             ),
         ),
+        _start_supervised("partition-maintenance", partial(run_maintenance, pool)),
         _start_supervised(
             "rate-card-refresh",
             partial(periodically, settings.rate_card_refresh_s, partial(_refresh_rate_cards, app)),

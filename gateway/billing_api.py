@@ -265,7 +265,7 @@ async def _page(
 ) -> web.Response:
     with postgres_errors_as_503():
         rows = await lister(
-            request.app[appkeys.DB_POOL],
+            request.app[appkeys.READ_POOL],
             **parsed.filters,
             before_id=parsed.before_id,
             limit=parsed.limit + 1,
@@ -331,7 +331,7 @@ async def _one(request: web.Request, caller: BillingCaller, lister: Lister, what
     if row_id < 2**63 - 1:
         with postgres_errors_as_503():
             rows = await lister(
-                request.app[appkeys.DB_POOL],
+                request.app[appkeys.READ_POOL],
                 account_id=caller.account_id,
                 before_id=row_id + 1,
                 limit=1,
@@ -371,8 +371,10 @@ async def handle_me(request: web.Request) -> web.Response:
     with postgres_errors_as_503():
         account = await get_account(pool, caller.account_id)
         packages = await list_packages(pool)
-        ledger = await list_ledger_entries(pool, account_id=caller.account_id, limit=RECENT_ROWS)
-        usage = await list_usage_events(pool, account_id=caller.account_id, limit=RECENT_ROWS)
+        # The lists from the read pool (a replica may lag); the balance from the primary.
+        reads = app[appkeys.READ_POOL]
+        ledger = await list_ledger_entries(reads, account_id=caller.account_id, limit=RECENT_ROWS)
+        usage = await list_usage_events(reads, account_id=caller.account_id, limit=RECENT_ROWS)
     money = await balance_fields(app[appkeys.HOLDS], caller.account_id, account.posted)
     threshold_millicredits = flags.low_balance_threshold_credits * MILLICREDITS_PER_CREDIT
     reference = reference_package(packages)
@@ -452,7 +454,9 @@ async def handle_statement(request: web.Request) -> web.Response:
         ) from exc
     kind = _choice(request.query, "format", ("json", "csv", "pdf")) or "json"
     with postgres_errors_as_503():
-        statement = await monthly_statement(request.app[appkeys.DB_POOL], caller.account_id, month)
+        statement = await monthly_statement(
+            request.app[appkeys.READ_POOL], caller.account_id, month
+        )
     if kind == "json":
         return json_response(statement_json(statement), 200)
     body = statement_csv(statement).encode() if kind == "csv" else statement_pdf(statement)

@@ -114,7 +114,7 @@ async def batches(
 ) -> AsyncIterator[Sequence[Any]]:
     """Every matching row, newest first, ``EXPORT_BATCH_ROWS`` at a time (keyset paging:
     each read starts below the last id written, so no batch is read twice or skipped)."""
-    pool = request.app[appkeys.DB_POOL]
+    pool = request.app[appkeys.READ_POOL]
     before_id = None
     while True:
         with postgres_errors_as_503():

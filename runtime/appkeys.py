@@ -22,6 +22,9 @@ from runtime.supervision import TaskRestarts
 
 SETTINGS = web.AppKey("settings", Settings)
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+# Read traffic's pool (the Credits page's lists, exports, statements): read-only, custom
+# plans, on DATABASE_REPLICA_URL when set, else DATABASE_URL. The money path never reads here.
+READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
 HOLDS = web.AppKey("holds", HoldStore)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)

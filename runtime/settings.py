@@ -52,6 +52,9 @@ class Settings:
     database_url: str
     redis_url: str
     upstream_api_key: str
+    # DATABASE_REPLICA_URL: a read-only pool for read traffic (the Credits page's lists,
+    # exports, statements; ``runtime.resources.postgres_ctx``); None: DATABASE_URL's pool.
+    database_replica_url: str | None = None
     upstream_base_url: str = "https://api.openai.com/v1"
     # The live flags' initial values (``billing.live_flags``; a row of the flags table
     # overrides each): ``initial_flags()``.
@@ -167,6 +170,7 @@ class Settings:
             read.problems.append(f"TIKTOKEN_ENCODINGS_DIR is not a directory: {encodings_dir}")
         settings = cls(
             database_url=read.url("DATABASE_URL", _POSTGRES_SCHEMES),
+            database_replica_url=read.optional_url("DATABASE_REPLICA_URL", _POSTGRES_SCHEMES),
             redis_url=read.url("REDIS_URL", _REDIS_SCHEMES),
             upstream_api_key=read.required("UPSTREAM_API_KEY"),
             upstream_base_url=read.url(
@@ -254,6 +258,8 @@ class StoreSettings:
     database_url: str
     redis_url: str | None = None
     settlement_claim_idle_ms: int = 30_000
+    database_replica_url: str | None = None
+    """``DATABASE_REPLICA_URL``: where ``creditgate report`` reads; None: DATABASE_URL."""
     migration_snapshot_dir: Path | None = None
     """``MIGRATION_SNAPSHOT_DIR`` (read for ``creditgate migrate`` only): where ``migrate``
     writes a ``pg_dump --format=custom`` snapshot before applying a pending numbered
@@ -281,6 +287,7 @@ class StoreSettings:
             database_url=read.url("DATABASE_URL", _POSTGRES_SCHEMES),
             redis_url=read.url("REDIS_URL", _REDIS_SCHEMES) if redis_set else None,
             settlement_claim_idle_ms=read.integer("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100),
+            database_replica_url=read.optional_url("DATABASE_REPLICA_URL", _POSTGRES_SCHEMES),
             migration_snapshot_dir=read.absolute_path("MIGRATION_SNAPSHOT_DIR")
             if migrating
             else None,
@@ -327,6 +334,10 @@ class _EnvReader:
         elif not value.startswith(schemes):
             self.problems.append(f"{name} must start with one of {', '.join(schemes)}")
         return value.rstrip("/")
+
+    def optional_url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        """As ``url``, but None when unset or blank."""
+        return self.url(name, schemes) if self.text(name) else None
 
     def absolute_path(self, name: str) -> Path | None:
         """An absolute filesystem path, or None when unset or blank (or relative, then

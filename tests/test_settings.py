@@ -331,3 +331,17 @@ def test_billing_session_ttls_default_and_read_from_env():
         "PORTAL_LINK_TTL_S must be >= 1, got '0'",
         "BILLING_SESSION_TTL_S must be a int, got 'soon'",
     ]
+
+
+def test_from_env_database_replica_url_is_optional_and_checked():
+    replica = "postgresql://cg@replica.internal:5432/cg"
+    assert Settings.from_env(REQUIRED).database_replica_url is None
+    assert Settings.from_env(
+        {**REQUIRED, "DATABASE_REPLICA_URL": replica}
+    ).database_replica_url == (replica)
+    stores = StoreSettings.from_env(
+        {"DATABASE_URL": REQUIRED["DATABASE_URL"], "DATABASE_REPLICA_URL": replica}
+    )
+    assert stores.database_replica_url == replica
+    problems = _problems({**REQUIRED, "DATABASE_REPLICA_URL": "mysql://cg@replica/cg"})
+    assert any("DATABASE_REPLICA_URL must start with" in p for p in problems)

@@ -8,6 +8,10 @@
 --   amounts_millicredits  signed: credits > 0, debits < 0
 --   idempotency_keys      an entry whose key was posted before, or appears earlier in the
 --                         call, changes nothing (out_created false)
+--   entry_times           the entry's created_at (its partition, and part of its unique key
+--                         with the idempotency key); '{}' or NULL: now(). Given, the key is
+--                         looked up in that time's partition only (a settlement's deduction,
+--                         dated at its request's start); NULL, in every partition.
 --   rules                 what a debit does when the balance cannot cover it:
 --     'whole'   refused: check_violation, constraint ledger_balance_never_below_zero,
 --               nothing written by the call (refuse_negative_balance)
@@ -37,7 +41,8 @@ CREATE OR REPLACE FUNCTION post_ledger_entries(
     idempotency_keys text[],
     refs text[],
     reverses_entry_ids bigint[],
-    rules text[])
+    rules text[],
+    entry_times timestamptz[] DEFAULT '{}')
 RETURNS TABLE (out_ord integer, out_account_id bigint, out_entry_id bigint,
                out_created boolean, out_amount_millicredits bigint,
                out_balance_after_millicredits bigint, out_uncovered_millicredits bigint,
@@ -62,11 +67,11 @@ BEGIN
     RETURN QUERY
     WITH items AS (
         SELECT i.ord::integer AS ord, i.account_id, i.entry_type, i.amount, i.idempotency_key,
-               i.reference, i.reverses_entry_id, i.rule
+               i.reference, i.reverses_entry_id, i.rule, i.entry_time
           FROM unnest(account_ids, entry_types, amounts_millicredits, idempotency_keys, refs,
-                      reverses_entry_ids, rules)
+                      reverses_entry_ids, rules, entry_times)
                WITH ORDINALITY AS i(account_id, entry_type, amount, idempotency_key, reference,
-                                    reverses_entry_id, rule, ord)
+                                    reverses_entry_id, rule, entry_time, ord)
          WHERE i.account_id IS NOT NULL
     ),
     -- MATERIALIZED: computed once even if the join to accounts below puts it on the inner
@@ -77,7 +82,18 @@ BEGIN
                (e.id IS NULL AND row_number() OVER (PARTITION BY i.idempotency_key
                                                     ORDER BY i.ord) = 1) AS fresh
           FROM items i
-          LEFT JOIN ledger_entries e ON e.idempotency_key = i.idempotency_key
+          -- A dated entry's key in its own partition (pruned at run time); an undated one's
+          -- in every partition. The one-time filters skip the branch that does not apply.
+          LEFT JOIN LATERAL (
+              SELECT d.id, d.amount_millicredits, d.balance_after_millicredits
+                FROM ledger_entries d
+               WHERE i.entry_time IS NOT NULL
+                 AND d.idempotency_key = i.idempotency_key AND d.created_at = i.entry_time
+              UNION ALL
+              SELECT d.id, d.amount_millicredits, d.balance_after_millicredits
+                FROM ledger_entries d
+               WHERE i.entry_time IS NULL AND d.idempotency_key = i.idempotency_key
+               LIMIT 1) AS e ON true
     ),
     summed AS (
         SELECT f.*, a.balance_millicredits AS balance_before,
@@ -128,9 +144,10 @@ BEGIN
     inserted AS (
         INSERT INTO ledger_entries (id, account_id, entry_type, amount_millicredits,
                                     balance_after_millicredits, idempotency_key, reference,
-                                    reverses_entry_id)
+                                    reverses_entry_id, created_at)
         SELECT n.entry_id, n.account_id, n.entry_type, n.taken, n.balance_after,
-               n.idempotency_key, n.reference, n.reverses_entry_id
+               n.idempotency_key, n.reference, n.reverses_entry_id,
+               COALESCE(n.entry_time, now())
           FROM numbered n
          WHERE n.written
          ORDER BY n.entry_id

@@ -1,6 +1,7 @@
 -- Post a batch of settlements from the Redis outbox: one usage event per request id, at most
--- once, and its deduction through post_ledger_entries (rule 'cap': each charge capped at what
--- the balance still covers, a refund may have landed since the hold; what could not be
+-- once (looked up by its id and start time, the partition key, 0012), and its deduction
+-- through post_ledger_entries (dated at the request's start; rule 'cap': each charge capped
+-- at what the balance still covers, a refund may have landed since the hold; what could not be
 -- collected is the usage event's shortfall; a charge of 0 writes no entry), in one
 -- transaction: a lock, then one statement.
 --
@@ -32,7 +33,10 @@ BEGIN
     WITH items AS (
         SELECT t.pos::integer AS pos, (t.e ->> -1)::bigint AS charged,
                (settlement_record_from_json(t.e)).request_id,
-               (settlement_record_from_json(t.e)).account_id
+               (settlement_record_from_json(t.e)).account_id,
+               -- The request's start: the partition of its usage event and its deduction.
+               to_timestamp((settlement_record_from_json(t.e)).started_at_ms / 1000.0)
+                   AS started_at
           FROM jsonb_array_elements(batch) WITH ORDINALITY AS t(e, pos)
     ),
     -- Fresh: the first of its request id in the batch, and not in Postgres already.
@@ -40,7 +44,8 @@ BEGIN
         SELECT i.*,
                (row_number() OVER (PARTITION BY i.request_id ORDER BY i.pos) = 1
                 AND NOT EXISTS (SELECT 1 FROM usage_events u
-                                 WHERE u.request_id = i.request_id)) AS fresh
+                                 WHERE u.request_id = i.request_id
+                                   AND u.started_at = i.started_at)) AS fresh
           FROM items i
     ),
     -- ord: a fresh settlement's position among the fresh ones, the index of its deduction.
@@ -63,11 +68,13 @@ BEGIN
                        array_agg(-o.charged ORDER BY o.ord) AS amounts,
                        array_agg('usage:' || o.request_id ORDER BY o.ord) AS idempotency_keys,
                        array_agg(o.request_id ORDER BY o.ord) AS refs,
-                       array_agg('cap'::text ORDER BY o.ord) AS rules
+                       array_agg('cap'::text ORDER BY o.ord) AS rules,
+                       array_agg(o.started_at ORDER BY o.ord) AS entry_times
                   FROM ordered o
                  WHERE o.fresh) AS x,
                LATERAL post_ledger_entries(x.account_ids, x.entry_types, x.amounts,
-                                           x.idempotency_keys, x.refs, '{}', x.rules) AS d
+                                           x.idempotency_keys, x.refs, '{}', x.rules,
+                                           x.entry_times) AS d
     ),
     posted AS (
         SELECT o.*, COALESCE(-l.amounts[o.ord], 0)::bigint AS taken
@@ -85,7 +92,7 @@ BEGIN
                r.input_millicredits_per_1k_tokens, r.cached_input_millicredits_per_1k_tokens,
                r.output_millicredits_per_1k_tokens, r.rounding_mode, r.cost_millicredits,
                p.taken, GREATEST(r.cost_millicredits - p.taken, 0), r.hold_millicredits,
-               r.usage_source, r.status, to_timestamp(r.started_at_ms / 1000.0),
+               r.usage_source, r.status, p.started_at,
                to_timestamp(r.finished_at_ms / 1000.0), r.upstream_latency_ms
           FROM posted p,
                -- OFFSET 0: the row is taken out of the batch once, not once per field.

@@ -29,7 +29,8 @@ BEGIN
 END;
 $$;
 
--- A trigger with a transition table takes one event, hence two.
+-- A trigger with a transition table takes one event, hence two; on the partitioned table
+-- (0012) they fire for rows routed to any partition.
 CREATE OR REPLACE TRIGGER usage_events_check_references_on_insert
     AFTER INSERT ON usage_events
     REFERENCING NEW TABLE AS checked_rows

@@ -83,7 +83,8 @@ async def _move(conn: asyncpg.Connection, when: datetime, keys: list[str]) -> No
             "UPDATE ledger_entries SET created_at = $1 WHERE idempotency_key = ANY($2)", when, keys
         )
         await conn.execute(
-            "UPDATE usage_events SET recorded_at = $1 WHERE 'usage:' || request_id = ANY($2)",
+            "UPDATE usage_events SET recorded_at = $1, started_at = $1"
+            " WHERE 'usage:' || request_id = ANY($2)",
             when,
             keys,
         )

@@ -41,6 +41,10 @@ async def grant(
     return result.posted
 
 
+#: When each request id of the session "started" (``usage_record``).
+_REQUEST_TIMES_MS: dict[str, int] = {}
+
+
 def usage_record(
     *,
     request_id: str,
@@ -48,8 +52,10 @@ def usage_record(
     cost_millicredits: int,
     hold_millicredits: int = 0,
 ) -> SettlementRecord:
-    """A settlement record as the gateway builds it (a gpt-4o-mini chat call)."""
-    now_ms = int(time.time() * 1000)
+    """A settlement record as the gateway builds it (a gpt-4o-mini chat call). A request id
+    names one request: its record always carries the same times (a repeat from the outbox is
+    the same record, and the request's start is part of its usage row's key, 0012)."""
+    now_ms = _REQUEST_TIMES_MS.setdefault(request_id, int(time.time() * 1000))
     return SettlementRecord(
         request_id=request_id,
         account_id=account_id,

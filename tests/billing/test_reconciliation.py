@@ -129,7 +129,7 @@ async def test_reconcile_daily_deductions_are_an_average_day(
         for days_ago, request_id in enumerate(request_ids):
             moved_to = datetime.now(UTC) - timedelta(days=days_ago)
             await conn.execute(
-                "UPDATE usage_events SET recorded_at = $1 WHERE request_id = $2",
+                "UPDATE usage_events SET recorded_at = $1, started_at = $1 WHERE request_id = $2",
                 moved_to,
                 request_id,
             )
