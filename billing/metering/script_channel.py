@@ -195,6 +195,20 @@ class ScriptChannel:
             protocol.transport.write(hiredis.pack_command(command))
             await asyncio.wait_for(future, self._timeout_s)
 
+    async def connect(self) -> None:
+        """Connect now (a no-op when connected), so ``submit`` and ``send`` have a connection.
+
+        Raises:
+            redis.exceptions.ConnectionError: unreachable, or the setup failed or was slow.
+        """
+        await self._ready()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command sent on the connection still waits for its reply."""
+        protocol = self._protocol
+        return protocol is not None and bool(protocol.waiters)
+
     async def _ready(self) -> _Protocol:
         if self._protocol is not None:
             return self._protocol
@@ -286,7 +300,7 @@ class ScriptChannel:
         runs its callbacks). Bounded by the watchdog: at most about ``2 * timeout_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2 * self._timeout_s
-        while (protocol := self._protocol) is not None and protocol.waiters:
+        while self.busy:
             if loop.time() >= deadline:
                 break
             await asyncio.sleep(0.01)
