@@ -57,7 +57,7 @@ from billing.errors import (
     SpendCapExceededError,
 )
 from billing.ledger import PostedBalance
-from billing.metering.script_channel import ScriptChannel
+from billing.metering.script_channel import PipelinedChannel
 from billing.spend_controls import COUNTER_CAPS, SpendWindows, WindowCaps, spend_windows
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class HoldStore:
         redis: aioredis.Redis,
         load_balance: BalanceLoader,
         *,
-        channel: ScriptChannel | None = None,
+        channel: PipelinedChannel | None = None,
         settled_marker_ttl_s: float = SETTLED_MARKER_TTL_S,
         load_spend: SpendLoader | None = None,
     ) -> None:

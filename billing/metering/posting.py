@@ -43,7 +43,7 @@ from billing.errors import POSTGRES_REFUSED_DATA, POSTGRES_UNAVAILABLE
 from billing.ledger import PostedBalance
 from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key, load_script
 from billing.metering.outbox import STREAM_FIELDS, posting_row
-from billing.metering.script_channel import ScriptChannel
+from billing.metering.script_channel import PipelinedChannel
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class SettlementPoster:
         block_ms: int = 50,
         claim_idle_ms: int = 30_000,
         linger_s: float = 0.02,
-        reader: ScriptChannel | None = None,
+        reader: PipelinedChannel | None = None,
         stats: PosterStats | None = None,
     ) -> None:
         """``reader``: a connection of its own for the blocking reads of new entries, parsed
@@ -249,7 +249,7 @@ class SettlementPoster:
         )
         return reply[0][1] if reply else []
 
-    async def _read_new(self, reader: ScriptChannel, block_ms: int | None) -> list[RawEntry]:
+    async def _read_new(self, reader: PipelinedChannel, block_ms: int | None) -> list[RawEntry]:
         """XREADGROUP of new entries on ``reader`` (made with ``decode_responses=False``):
         ``[(entry_id, {field: value})]``."""
         block = ("BLOCK", block_ms) if block_ms is not None else ()

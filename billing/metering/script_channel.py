@@ -16,12 +16,33 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+
+
+class PipelinedChannel(Protocol):
+    """What the callers of a pipelined channel use: ``ScriptChannel`` (one Redis) and
+    ``billing.metering.cluster_channel.ClusterChannel`` (a Redis Cluster) both offer it."""
+
+    decode_responses: bool
+
+    def preload(self, script: str) -> None: ...
+
+    async def execute(self, *command: Any) -> Any: ...
+
+    def submit(self, *command: Any) -> asyncio.Future[Any] | None: ...
+
+    def send(self, *command: Any) -> tuple[asyncio.Future[Any], asyncio.Future[bool]] | None: ...
+
+    async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Any: ...
+
+    async def wait_idle(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class _Protocol(asyncio.Protocol):
