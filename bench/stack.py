@@ -19,13 +19,13 @@ from typing import Any
 
 import asyncpg
 import redis
+import redis.asyncio as aioredis
 
 # The benchmarks run as scripts from a checkout; devtools/ (local PostgreSQL and Redis) is part
 # of the checkout, not of the installed package, so the checkout's root must be importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from billing.metering.holds import OUTBOX_STREAM_KEY
-from billing.metering.posting import GROUP
+from billing.metering.backlog import read_outbox_backlog
 from devtools.localservices import (
     PostgresServer,
     RedisServer,
@@ -47,11 +47,12 @@ class StackError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Backlog:
-    """The settlement outbox at one moment.
+    """The settlement outbox at one moment, summed over every shard's stream
+    (``billing.metering.backlog``).
 
     Attributes:
-        length: ``XLEN`` of the stream: settlements not yet acknowledged (acknowledged
-            entries are deleted).
+        length: ``XLEN``: settlements not yet acknowledged (acknowledged entries are
+            deleted).
         pending: ``XPENDING`` count: entries a poster has read but not yet acknowledged.
     """
 
@@ -107,18 +108,11 @@ class GatewayStack:
 
     def backlog(self) -> Backlog:
         """The outbox now. Redis unreachable: ``StackError``."""
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=5)
         try:
-            length = int(client.xlen(OUTBOX_STREAM_KEY))
-            try:
-                pending = int(client.xpending(OUTBOX_STREAM_KEY, GROUP)["pending"])
-            except redis.ResponseError:  # no consumer group yet: nothing was read
-                pending = 0
+            backlog = _run(_read_backlog(self.redis_url))
         except redis.RedisError as exc:
             raise StackError(f"redis: {exc}") from exc
-        finally:
-            client.close()
-        return Backlog(length, pending)
+        return Backlog(backlog.entries, backlog.pending)
 
     def stop(self) -> None:
         """Stop Redis and PostgreSQL (each is attempted even if the other fails)."""
@@ -218,6 +212,14 @@ def free_ports(count: int) -> list[int]:
 
 def _run(coroutine: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coroutine, _QUERY_TIMEOUT_S))
+
+
+async def _read_backlog(url: str) -> Any:
+    client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        return await read_outbox_backlog(client)
+    finally:
+        await client.aclose()
 
 
 async def _fetchval(dsn: str, query: str) -> Any:

@@ -16,8 +16,8 @@ Checks (each mismatch names its ``check``):
     so a Postgres version ahead is an update in flight (skipped, counted as stale); a Redis
     version ahead of Postgres is a mismatch.
 ``expired_hold``
-    No open hold (``cg:v1:{acct:N}:holds``) whose deadline passed more than
-    ``HOLD_DEADLINE_GRACE_S`` ago: the sweeper should have voided it.
+    No open hold (an account's holds hash, ``redis_keys.holds_key``) whose deadline passed
+    more than ``HOLD_DEADLINE_GRACE_S`` ago: the sweeper should have voided it.
 ``rate_snapshot``
     A sample of usage rows recorded before ``since`` still carries its rate snapshot
     (non-null rates and rounding mode) and names an existing rate card when it names one.
@@ -44,7 +44,8 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from billing.metering.holds import account_key, holds_key, parse_hold_value
+from billing.metering.holds import parse_hold_value
+from billing.metering.redis_keys import account_key, holds_key
 
 log = logging.getLogger(__name__)
 

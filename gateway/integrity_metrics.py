@@ -1,9 +1,10 @@
 """The gateway's billing-integrity metrics and the background loops that read them.
 
 - Holds voided by the sweeper (``count_expired_holds``, from ``gateway.app``'s sweeper).
-- The settlement backlog: outbox entries not yet posted and the age of the oldest, read from
-  Redis by ``read_settlement_backlog`` every ``BACKLOG_INTERVAL_S`` (never per scrape: a scrape
-  does no I/O). They describe the whole fleet; every process exports the same values.
+- The settlement backlog: outbox entries not yet posted and the age of the oldest, summed and
+  the oldest over every shard's stream (``billing.metering.backlog``), read from Redis by
+  ``read_settlement_backlog`` every ``BACKLOG_INTERVAL_S`` (never per scrape: a scrape does
+  no I/O). They describe the whole fleet; every process exports the same values.
 - The settlement poster's batches, settlements posted and batch durations
   (``billing.metering.posting.PosterStats``, read at scrape time; durations observed as each
   batch commits).
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from billing.errors import POSTGRES_UNAVAILABLE
-from billing.metering.holds import OUTBOX_STREAM_KEY
+from billing.metering.backlog import read_outbox_backlog
 from billing.metering.posting import PosterStats
 from runtime.metrics import CounterReading, LabelledReading, StatsCollector
 
@@ -104,19 +105,16 @@ class IntegrityMetrics:
         self._holds_expired.inc(voided)
 
     async def read_settlement_backlog(self, redis: aioredis.Redis) -> None:
-        """Read the outbox's length and its oldest entry's age into the backlog gauges.
-        Redis unreachable: logged, the gauges keep their last values (``dependency_up``
-        says Redis is down)."""
+        """Read the outbox streams' length and their oldest entry's age into the backlog
+        gauges. Redis unreachable: logged, the gauges keep their last values
+        (``dependency_up`` says Redis is down)."""
         try:
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.xlen(OUTBOX_STREAM_KEY)
-                pipe.xrange(OUTBOX_STREAM_KEY, "-", "+", count=1)
-                length, oldest = await pipe.execute()
+            backlog = await read_outbox_backlog(redis)
         except RedisError as exc:
             log.warning("settlement backlog not read: %r", exc)
             return
-        self._backlog.set(length)
-        self._oldest_age.set(_entry_age_s(oldest, time.time()))
+        self._backlog.set(backlog.entries)
+        self._oldest_age.set(_entry_age_s(backlog.oldest_entry_ms, time.time()))
 
     async def probe_dependencies(self, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
         """Probe Postgres and Redis once (concurrently) and set ``dependency_up``."""
@@ -125,14 +123,11 @@ class IntegrityMetrics:
         self._dependency_up.labels("redis").set(1 if redis_up else 0)
 
 
-def _entry_age_s(oldest: list[tuple[str | bytes, object]], now_s: float) -> float:
-    """Seconds since the stream entry in ``oldest`` (XRANGE's reply, at most one entry) was
-    added, from its id (``<ms>-<seq>``); 0 when the stream is empty."""
-    if not oldest:
+def _entry_age_s(oldest_entry_ms: int | None, now_s: float) -> float:
+    """Seconds since the oldest outbox entry was added; 0 when every stream is empty."""
+    if oldest_entry_ms is None:
         return 0.0
-    entry_id = oldest[0][0]
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return max(now_s - int(text.partition("-")[0]) / 1000, 0.0)
+    return max(now_s - oldest_entry_ms / 1000, 0.0)
 
 
 async def _probe_postgres(pool: asyncpg.Pool) -> bool:

@@ -20,11 +20,10 @@ import asyncpg
 import openai
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import ResponseError
 
 from billing import api_keys, ledger
-from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore
-from billing.metering.posting import GROUP
+from billing.metering.backlog import read_outbox_backlog
+from billing.metering.holds import HoldStore
 from billing.metering.pricing import charge_millicredits
 from billing.metering.rate_cards import seed_rate_cards
 from creditgate.migrator import apply_migrations
@@ -106,24 +105,17 @@ class GatewayHarness:
             return await create_account_with_key(conn, credits_millicredits)
 
     async def settled(self, timeout_s: float = 10.0) -> None:
-        """Wait until the settlement poster has posted every outbox entry to Postgres."""
+        """Wait until the settlement poster has posted every outbox entry (every shard's) to
+        Postgres: acknowledged entries are deleted, so until every stream is empty."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
-            length = await self.redis.xlen(OUTBOX_STREAM_KEY)
-            pending = 0
-            if length:
-                try:
-                    pending = (await self.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"]
-                except ResponseError as exc:
-                    # A poster that just started may not have created its group yet (it does
-                    # so in the background, after the gateway is ready): nothing is read yet.
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    pending = length
-            if length == 0 and pending == 0:
+            backlog = await read_outbox_backlog(self.redis)
+            if backlog.entries == 0:
                 return
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"outbox not drained: {length} entries, {pending} pending")
+                raise TimeoutError(
+                    f"outbox not drained: {backlog.entries} entries, {backlog.pending} pending"
+                )
             await asyncio.sleep(0.02)
 
     async def balance(self, account_id: int) -> int:

@@ -24,8 +24,10 @@ import redis.asyncio as aioredis
 
 from billing import ledger
 from billing.api_keys import ActiveKey, find_active_key
-from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
+from billing.metering.holds import HoldStore
+from billing.metering.posting import dead_letter_id
 from billing.metering.rate_cards import DEFAULT_RATES
+from billing.metering.redis_keys import account_key, outbox_key, shard_of
 from creditgate.migrator import default_migrations_dir, discover, discover_functions
 from tests.billing.finance_books import post_month_of_books
 from tests.billing.money import usage_record
@@ -466,17 +468,19 @@ async def test_credits_grant_small_negative_amount_prints_no_negative_zero(cli_e
 
 
 async def _append_settlement(redis_url: str, record: Any) -> str:
-    """An outbox entry as settle.lua appends it, its charge added to ``pending``."""
+    """An outbox entry as settle.lua appends it, its charge added to ``pending``; its dead
+    letter's id (``posting.dead_letter_id``)."""
     client = aioredis.from_url(redis_url, decode_responses=True)
+    stream = outbox_key(shard_of(record.account_id))
     try:
         entry_id: str = await client.xadd(
-            OUTBOX_STREAM_KEY,
+            stream,
             {"p": record.to_json(), "c": record.cost_millicredits, "a": record.account_id},
         )
         await client.hincrby(account_key(record.account_id), "pending", record.cost_millicredits)
     finally:
         await client.aclose()
-    return entry_id
+    return dead_letter_id(stream, entry_id)
 
 
 async def test_outbox_replay_posts_a_dead_letter_once_its_account_exists(cli_env, conn):

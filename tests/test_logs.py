@@ -18,7 +18,7 @@ import openai
 import orjson
 import pytest
 
-from billing.metering.holds import OUTBOX_STREAM_KEY
+from billing.metering.redis_keys import outbox_key, shard_of
 from devtools.localservices import free_port
 from devtools.simulator import Simulator
 from runtime import json_logs
@@ -168,7 +168,9 @@ async def test_money_events_carry_their_event_names(
     account, key = await gw.create_account(1_000_000)
     caplog.set_level(logging.INFO)
     await gw.holds.reserve(account, 700, request_id="expiring", ttl_s=0.001)
-    await gw.redis.xadd(OUTBOX_STREAM_KEY, {"p": "not a record", "c": "1", "a": str(account)})
+    await gw.redis.xadd(
+        outbox_key(shard_of(account)), {"p": "not a record", "c": "1", "a": str(account)}
+    )
     await gw.client(key).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
     )

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from billing.metering.holds import OUTBOX_STREAM_KEY
+from billing.metering.redis_keys import outbox_key, shard_of
 from creditgate.serve import GC_GEN0_THRESHOLD, run_services, tune_gc_for_serving
 from devtools.localservices import free_port
 from devtools.simulator import Simulator
@@ -75,7 +75,9 @@ async def test_serve_exports_dead_letters_on_the_metrics_port_only(
 
             client = aioredis.from_url(redis_url, decode_responses=True)
             try:
-                await client.xadd(OUTBOX_STREAM_KEY, {"p": "not a record", "c": "1", "a": "1"})
+                await client.xadd(
+                    outbox_key(shard_of(1)), {"p": "not a record", "c": "1", "a": "1"}
+                )
             finally:
                 await client.aclose()
             while True:  # until the poster met the entry

@@ -1,23 +1,22 @@
 """Holds (reservations) on account balances, kept in Redis and changed only by Lua scripts.
 
-Per account (one hash tag, so one Redis Cluster slot):
-    ``cg:v1:{acct:N}:account``  hash ``bal`` (posted balance at ``ver``), ``ver``, ``held``
+The keys (``billing.metering.redis_keys``, the one home of the layout), per account under
+its shard's hash tag, so one Redis Cluster slot with its shard's deadline index and outbox:
+    account                     hash ``bal`` (posted balance at ``ver``), ``ver``, ``held``
                                 (sum of open holds), ``pending`` (settled, not yet posted to
                                 Postgres), ``shortfall`` (outstanding; stops paid use)
-    ``cg:v1:{acct:N}:holds``    hash ``request_id -> hold value`` (below)
-    ``cg:v1:{acct:N}:spend:d:<YYYYMMDD>``, ``...:spend:m:<YYYYMM>``  hashes ``a`` (the
-                                account's spend in that UTC day / month) and ``k:<key_id>``
-                                (a key's), in mc: the holds of requests that started in the
-                                window plus the charges of those settled. Created only from
-                                Postgres (``load_spend.lua``), when a cap needs one that is
-                                missing; from then on every hold of the account counts in
-                                them. They expire a day after their window ends.
-    ``cg:v1:{acct:N}:settled:R`` string ``"charged_mc:hold_mc:entry_id"``: request R was
+    holds                       hash ``request_id -> hold value`` (below)
+    spend:d:<YYYYMMDD>, spend:m:<YYYYMM>  hashes ``a`` (the account's spend in that UTC day
+                                / month) and ``k:<key_id>`` (a key's), in mc: the holds of
+                                requests that started in the window plus the charges of those
+                                settled. Created only from Postgres (``load_spend.lua``), when
+                                a cap needs one that is missing; from then on every hold of the
+                                account counts in them. They expire a day after their window.
+    settled:R                   string ``"charged_mc:hold_mc:entry_id"``: request R was
                                 settled (a repeat answers this); expires after
                                 ``settled_marker_ttl_s``
-Global:
-    ``cg:v1:hold_deadlines``    zset of ``"N|request_id"`` by deadline, for the sweeper
-    ``cg:v1:settlements``       the settlement outbox stream (see ``billing.metering.posting``)
+Per shard: the deadline index (zset of ``"N|request_id"`` by deadline, for the sweeper) and
+the settlement outbox stream (see ``billing.metering.posting``).
 
 A hold's value: ``"amount_mc:deadline_ms:day:month:key_id:counted"``: ``day``
 (``20261203``) and ``month`` (``202612``) are the UTC windows its request started in,
@@ -57,42 +56,26 @@ from billing.errors import (
     SpendCapExceededError,
 )
 from billing.ledger import PostedBalance
+from billing.metering.redis_keys import (
+    account_key,
+    deadlines_key,
+    deadlines_keys,
+    holds_key,
+    outbox_key,
+    settled_key,
+    shard_of,
+    spend_key,
+)
 from billing.metering.script_channel import PipelinedChannel
 from billing.spend_controls import COUNTER_CAPS, SpendWindows, WindowCaps, spend_windows
 
 log = logging.getLogger(__name__)
-
-KEY_PREFIX = "cg:v1"
-DEADLINES_KEY = f"{KEY_PREFIX}:hold_deadlines"
-OUTBOX_STREAM_KEY = f"{KEY_PREFIX}:settlements"
-
-
-def account_key(account_id: int) -> str:
-    """Redis key of an account's balance hash."""
-    return f"{KEY_PREFIX}:{{acct:{account_id}}}:account"
-
-
-def holds_key(account_id: int) -> str:
-    """Redis key of an account's open holds."""
-    return f"{KEY_PREFIX}:{{acct:{account_id}}}:holds"
-
-
-def settled_key(account_id: int, request_id: str) -> str:
-    """Redis key of the marker ``settle.lua`` leaves for a settled request (its idempotency)."""
-    return f"{KEY_PREFIX}:{{acct:{account_id}}}:settled:{request_id}"
-
 
 #: How long a settled request's marker lives: the window in which a repeat of its settle (a
 #: reply lost in a stall, sent again by the gateway's rescue) is recognised and changes nothing.
 #: Longer than the rescue goes on sending a settle to Redis (``rescue.POST_AFTER_S``, then
 #: it posts to Postgres), with room for its retry waits; one key per settlement lives this long.
 SETTLED_MARKER_TTL_S = 120.0
-
-
-def spend_key(account_id: int, window: str, window_id: str) -> str:
-    """Redis key of an account's spend counters of one window: ``window`` is ``d`` (a UTC
-    day, ``window_id`` ``20261203``) or ``m`` (a month, ``202612``)."""
-    return f"{KEY_PREFIX}:{{acct:{account_id}}}:spend:{window}:{window_id}"
 
 
 #: How long a window's spend counters outlive it: a request settles in the window it started
@@ -404,7 +387,7 @@ class HoldStore:
         keys = [
             account_key(account_id),
             holds_key(account_id),
-            DEADLINES_KEY,
+            deadlines_key(shard_of(account_id)),
             spend_key(account_id, "d", windows.day_id),
             spend_key(account_id, "m", windows.month_id),
         ]
@@ -533,11 +516,12 @@ class HoldStore:
         Raises:
             BillingUnavailableError: Redis unreachable (also from ``PendingSettlement.result``).
         """
+        shard = shard_of(account_id)
         keys = [
             account_key(account_id),
             holds_key(account_id),
-            DEADLINES_KEY,
-            OUTBOX_STREAM_KEY,
+            deadlines_key(shard),
+            outbox_key(shard),
             settled_key(account_id, request_id),
         ]
         args = [
@@ -580,7 +564,7 @@ class HoldStore:
         """
         released = await self._run(
             self._ack_posted,
-            [account_key(account_id), OUTBOX_STREAM_KEY],
+            [account_key(account_id), outbox_key(shard_of(account_id))],
             [
                 group,
                 posted.balance_millicredits,
@@ -608,7 +592,12 @@ class HoldStore:
             args.append(expired_before_ms)
         try:
             released = await self._void(
-                [account_key(account_id), holds_key(account_id), DEADLINES_KEY], args
+                [
+                    account_key(account_id),
+                    holds_key(account_id),
+                    deadlines_key(shard_of(account_id)),
+                ],
+                args,
             )
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
@@ -674,46 +663,65 @@ class HoldStore:
         )
 
     async def sweep_expired(self, *, now_ms: int | None = None, limit: int = 500) -> int:
-        """Void holds whose deadline has passed (a crashed gateway's); returns how many.
+        """Void holds whose deadline has passed (a crashed gateway's), on every shard; returns
+        how many.
+
+        Args:
+            limit: at most this many expired holds per shard in one call (the sweeper comes
+                back next round for the rest).
 
         Raises:
             BillingUnavailableError: Redis unreachable (the sweeper retries next round).
         """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         try:
-            members: Any = await self._redis.zrangebyscore(DEADLINES_KEY, "-inf", now_ms, 0, limit)
+            # One command per shard (each names one slot's key), in one round trip.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in deadlines_keys():
+                    pipe.zrangebyscore(key, "-inf", now_ms, 0, limit)
+                by_shard: list[Any] = await pipe.execute()
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc
         voided = 0
-        for member in members:
-            account, _, request_id = member.partition("|")
-            if not (account.isdigit() and request_id):
-                await self._drop_unreadable_deadline(member)
-                continue
-            if await self.void(int(account), request_id=request_id, expired_before_ms=now_ms):
-                voided += 1
-                log.info(
-                    "hold %s of account %s expired; voided",
-                    request_id,
-                    account,
-                    extra={
-                        "event": "hold.expired",
-                        "requestId": request_id,
-                        "accountId": int(account),
-                    },
-                )
+        for shard, members in enumerate(by_shard):
+            for member in members:
+                voided += await self._void_expired(shard, member, now_ms)
         return voided
 
-    async def _drop_unreadable_deadline(self, member: str) -> None:
-        """Remove a deadline-index member that names no account's hold (not
-        ``"<account id>|<request id>"``): no hold can be found through it, and left in place it
-        would come back first in every sweep. Logged at ERROR for an operator.
+    async def _void_expired(self, shard: int, member: str, now_ms: int) -> int:
+        """Void the hold a shard's deadline index member names, if it expired; 1 if voided.
+
+        A member that names no hold of this shard (not ``"<account id>|<request id>"``, or an
+        account of another shard) is removed (``_drop_unreadable_deadline``).
+
+        Raises:
+            BillingUnavailableError: Redis unreachable.
+        """
+        account, _, request_id = member.partition("|")
+        if not (account.isdigit() and request_id and shard_of(int(account)) == shard):
+            await self._drop_unreadable_deadline(shard, member)
+            return 0
+        if not await self.void(int(account), request_id=request_id, expired_before_ms=now_ms):
+            return 0
+        log.info(
+            "hold %s of account %s expired; voided",
+            request_id,
+            account,
+            extra={"event": "hold.expired", "requestId": request_id, "accountId": int(account)},
+        )
+        return 1
+
+    async def _drop_unreadable_deadline(self, shard: int, member: str) -> None:
+        """Remove a member of a shard's deadline index that names no hold there (not
+        ``"<account id>|<request id>"`` of an account of the shard): no hold can be found
+        through it, and left in place it would come back first in every sweep. Logged at
+        ERROR for an operator.
 
         Raises:
             BillingUnavailableError: Redis unreachable.
         """
         log.error("hold deadline index member %.200r names no hold; removed", member)
         try:
-            await self._redis.zrem(DEADLINES_KEY, member)
+            await self._redis.zrem(deadlines_key(shard), member)
         except RedisError as exc:
             raise BillingUnavailableError(f"redis: {exc}") from exc

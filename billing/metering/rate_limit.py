@@ -1,10 +1,10 @@
 """Requests per minute per API key, shared by every gateway process (Redis).
 
 A sliding window of 60 s: the start of each admitted request is kept in a sorted set under
-the key's account hash tag, ``cg:v1:{acct:N}:rpm:<key_id>`` (one Redis Cluster slot with the
-account's other keys), scored by Redis's own clock so every process counts on one clock; one
-script (``lua/rate_limit.lua``) prunes, counts and admits atomically. A refused request is
-not counted. Only keys with a limit pay for it (one more Redis call per request).
+the key's account hash tag (``billing.metering.redis_keys.rpm_key``: one Redis Cluster slot
+with the account's other keys), scored by Redis's own clock so every process counts on one
+clock; one script (``lua/rate_limit.lua``) prunes, counts and admits atomically. A refused
+request is not counted. Only keys with a limit pay for it (one more Redis call per request).
 
 Redis unreachable: the limit fails open (the request goes on; a charged request fails closed
 at its reserve anyway), logged and counted in ``RateLimiter.failed_open``.
@@ -20,16 +20,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from billing.errors import RateLimitedError
-from billing.metering.holds import KEY_PREFIX, load_script
+from billing.metering.holds import load_script
+from billing.metering.redis_keys import rpm_key
 
 log = logging.getLogger(__name__)
 
 WINDOW_MS = 60_000
-
-
-def rate_limit_key(account_id: int, api_key_id: int) -> str:
-    """Redis key of a key's admitted request starts."""
-    return f"{KEY_PREFIX}:{{acct:{account_id}}}:rpm:{api_key_id}"
 
 
 class RateLimiter:
@@ -51,7 +47,7 @@ class RateLimiter:
         """
         try:
             result: Any = await self._script(
-                [rate_limit_key(account_id, api_key_id)], [limit, uuid.uuid4().hex, WINDOW_MS]
+                [rpm_key(account_id, api_key_id)], [limit, uuid.uuid4().hex, WINDOW_MS]
             )
         except RedisError as exc:
             self.failed_open += 1

@@ -17,7 +17,8 @@ from redis.exceptions import RedisError
 
 from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import PostedBalance
-from billing.metering.holds import HoldStore, account_key
+from billing.metering.holds import HoldStore
+from billing.metering.redis_keys import account_key
 from billing.purchases.money_events import PurchaseStats, log_money_events
 from billing.purchases.packages import Package, get_package
 from billing.purchases.purchase_records import (

@@ -17,7 +17,8 @@ from admin_api.app import create_admin_app
 from billing import api_keys, ledger
 from billing.errors import AccountSuspendedError
 from billing.ledger import PostedBalance
-from billing.metering.holds import HoldStore, account_key
+from billing.metering.holds import HoldStore
+from billing.metering.redis_keys import account_key
 from billing.purchases.fulfilment import publish_balance, start_checkout
 from billing.purchases.stripe_client import StripeClient
 from devtools.stripe_sim import (

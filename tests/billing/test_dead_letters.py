@@ -14,10 +14,12 @@ import pytest
 
 from billing import ledger
 from billing.metering import dead_letters
+from billing.metering.backlog import OutboxBacklog, read_outbox_backlog
 from billing.metering.dead_letters import ReplayOutcome
-from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
+from billing.metering.holds import HoldStore
 from billing.metering.outbox import STREAM_FIELDS, SettlementRecord
-from billing.metering.posting import GROUP, SettlementPoster
+from billing.metering.posting import GROUP, SettlementPoster, dead_letter_id
+from billing.metering.redis_keys import account_key, outbox_key, shard_of
 from tests.billing.money import grant, new_account, usage_record
 
 TOKENS_10_12 = 10**12
@@ -30,12 +32,22 @@ async def poster(holds: HoldStore, pool: asyncpg.Pool) -> AsyncIterator[Settleme
     yield poster
 
 
+def _outbox(account_id: int) -> str:
+    return outbox_key(shard_of(account_id))
+
+
+def _letter_id(account_id: int, entry_id: str) -> str:
+    """The dead letter's id of an entry of the account's shard's stream."""
+    return dead_letter_id(_outbox(account_id), entry_id)
+
+
 async def _append(holds: HoldStore, record: SettlementRecord | str, *, account_id: int) -> str:
-    """Append an entry as settle.lua does, its charge added to the account's ``pending``."""
+    """Append an entry as settle.lua does (to the account's shard's stream), its charge added
+    to the account's ``pending``; the entry's id."""
     payload = record if isinstance(record, str) else _payload(record)
     charged = 300 if isinstance(record, str) else record.cost_millicredits
     entry_id: str = await holds.redis.xadd(
-        OUTBOX_STREAM_KEY,
+        _outbox(account_id),
         {
             STREAM_FIELDS.record: payload,
             STREAM_FIELDS.charged_millicredits: charged,
@@ -106,8 +118,9 @@ async def test_poster_dead_letters_refused_records_and_posts_the_rest_of_the_bat
     too_big_id = stranger_id = ""
     for record in (*good[:2], too_big, *good[2:4], stranger, good[4]):
         entry_id = await _append(holds, record, account_id=record.account_id)
-        too_big_id = entry_id if record is too_big else too_big_id
-        stranger_id = entry_id if record is stranger else stranger_id
+        letter_id = _letter_id(record.account_id, entry_id)
+        too_big_id = letter_id if record is too_big else too_big_id
+        stranger_id = letter_id if record is stranger else stranger_id
 
     with caplog.at_level(logging.ERROR):
         assert await poster.drain_all() == 5
@@ -116,8 +129,7 @@ async def test_poster_dead_letters_refused_records_and_posts_the_rest_of_the_bat
     assert (await ledger.posted_balance(pool, second)).balance_millicredits == 10_000 - 200
     for account_id in (first, second, unknown_account):
         assert await _pending(holds, account_id) == 0
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
-    assert (await holds.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"] == 0
+    assert await read_outbox_backlog(holds.redis) == OutboxBacklog(0, 0, None)
     letters = {letter.stream_entry_id: letter for letter in await _letters(pool)}
     assert set(letters) == {too_big_id, stranger_id}
     assert letters[too_big_id].request_id == "too-big"
@@ -150,19 +162,22 @@ async def test_poster_dead_letters_an_unreadable_entry_and_releases_its_charge(
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
     entry = {name: value.replace("{account}", str(account_id)) for name, value in fields.items()}
-    entry_id = await holds.redis.xadd(OUTBOX_STREAM_KEY, entry)
+    entry_id = await holds.redis.xadd(_outbox(account_id), entry)
     await holds.redis.hincrby(account_key(account_id), "pending", 300)
 
     assert await poster.drain_all() == 0
 
     (letter,) = await _letters(pool)
-    assert (letter.stream_entry_id, letter.account_id) == (entry_id, account_id)
+    assert (letter.stream_entry_id, letter.account_id) == (
+        _letter_id(account_id, entry_id),
+        account_id,
+    )
     assert letter.request_id is None
     assert letter.payload == entry.get("p", orjson.dumps(entry).decode())
     assert letter.error.startswith("unreadable outbox entry")
     released = 0 if entry["c"] == "not a number" else 300
     assert await _pending(holds, account_id) == 300 - released
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+    assert await holds.redis.xlen(_outbox(account_id)) == 0
     assert (poster.stats.unreadable, poster.stats.dead_lettered) == (1, 1)
 
 
@@ -174,12 +189,11 @@ async def test_dead_letter_twice_releases_pending_once(
     record = usage_record(request_id="twice", account_id=account_id, cost_millicredits=400)
     await _append(holds, record, account_id=account_id)
     await holds.redis.hincrby(account_key(account_id), "pending", 1_000)  # other settlements
-    ((entry_id, fields),) = (await holds.redis.xreadgroup(GROUP, "t1", {OUTBOX_STREAM_KEY: ">"}))[
-        0
-    ][1]
+    reply = await holds.redis.xreadgroup(GROUP, "t1", {_outbox(account_id): ">"})
+    ((entry_id, fields),) = reply[0][1]
 
-    await poster.dead_letter(entry_id, fields, "refused")
-    await poster.dead_letter(entry_id, fields, "refused")
+    await poster.dead_letter(entry_id, fields, "refused", stream=_outbox(account_id))
+    await poster.dead_letter(entry_id, fields, "refused", stream=_outbox(account_id))
 
     assert len(await _letters(pool)) == 1
     assert await _pending(holds, account_id) == 1_000
@@ -201,14 +215,14 @@ async def test_dead_letter_without_postgres_releases_nothing(
     try:
         with pytest.raises(OSError):
             await cut_off.drain_all()
-        ((_, fields),) = await holds.redis.xrange(OUTBOX_STREAM_KEY)
+        ((_, fields),) = await holds.redis.xrange(_outbox(account_id))
         with pytest.raises(OSError):
-            await cut_off.dead_letter(entry_id, fields, "refused")
+            await cut_off.dead_letter(entry_id, fields, "refused", stream=_outbox(account_id))
     finally:
         await unreachable.close()
 
     assert await _pending(holds, account_id) == 400
-    assert (await holds.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"] == 1
+    assert (await holds.redis.xpending(_outbox(account_id), GROUP))["pending"] == 1
     assert await _letters(pool) == []
     assert cut_off.stats.dead_lettered == 0
 
@@ -218,7 +232,7 @@ async def test_replay_posts_a_dead_letter_once_its_account_exists(
 ) -> None:
     account_id = await new_account(pool) + 1  # the next account's id, not created yet
     record = usage_record(request_id="early", account_id=account_id, cost_millicredits=400)
-    entry_id = await _append(holds, record, account_id=account_id)
+    entry_id = _letter_id(account_id, await _append(holds, record, account_id=account_id))
     await poster.drain_all()
     async with pool.acquire() as conn:
         with pytest.raises(asyncpg.PostgresError):
@@ -266,7 +280,7 @@ async def test_poster_dead_letters_an_undecodable_or_inconsistent_entry_and_goes
         for placeholder, number in values.items():
             value = value.replace(placeholder, number)
         entry[name] = value
-    entry_id = await holds.redis.xadd(OUTBOX_STREAM_KEY, entry)
+    entry_id = await holds.redis.xadd(_outbox(account_id), entry)
     await holds.redis.hincrby(account_key(account_id), "pending", 300)
     good = usage_record(request_id="after", account_id=account_id, cost_millicredits=100)
     await _append(holds, good, account_id=account_id)
@@ -274,7 +288,7 @@ async def test_poster_dead_letters_an_undecodable_or_inconsistent_entry_and_goes
     assert await poster.drain_all() == 1
 
     (letter,) = await _letters(pool)
-    assert letter.stream_entry_id == entry_id
+    assert letter.stream_entry_id == _letter_id(account_id, entry_id)
     assert letter.error.startswith("unreadable outbox entry")
     assert "\ufffd" not in letter.payload
     if "not-utf-8" in letter.error or b"\xff" in entry.get("p", b""):
@@ -283,5 +297,5 @@ async def test_poster_dead_letters_an_undecodable_or_inconsistent_entry_and_goes
     assert await _pending(holds, other) == 0
     assert (await ledger.posted_balance(pool, account_id)).balance_millicredits == 10_000 - 100
     assert (await ledger.posted_balance(pool, other)).balance_millicredits == 10_000
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
-    assert (await holds.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"] == 0
+    assert await holds.redis.xlen(_outbox(account_id)) == 0
+    assert (await holds.redis.xpending(_outbox(account_id), GROUP))["pending"] == 0

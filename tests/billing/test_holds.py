@@ -19,15 +19,16 @@ from billing.errors import (
     BillingUnavailableError,
     InsufficientCreditsError,
 )
-from billing.metering.holds import (
-    DEADLINES_KEY,
-    OUTBOX_STREAM_KEY,
-    HoldStore,
-    PostedBalance,
-    holds_key,
-    parse_hold_value,
-)
+from billing.metering.holds import HoldStore, PostedBalance, parse_hold_value
 from billing.metering.outbox import STREAM_FIELDS, SettlementRecord
+from billing.metering.redis_keys import (
+    SHARD_COUNT,
+    deadlines_key,
+    deadlines_keys,
+    holds_key,
+    outbox_key,
+    shard_of,
+)
 from devtools.localservices import free_port
 from tests.billing.money import grant, new_account, reserve_and_settle, usage_payload
 
@@ -39,6 +40,14 @@ async def _settle(holds: HoldStore, account_id: int, request_id: str, cost: int)
         cost_millicredits=cost,
         payload=usage_payload(request_id=request_id, account_id=account_id, cost_millicredits=cost),
     )
+
+
+def _deadlines(account_id: int) -> str:
+    return deadlines_key(shard_of(account_id))
+
+
+def _outbox(account_id: int) -> str:
+    return outbox_key(shard_of(account_id))
 
 
 async def _open_holds(holds: HoldStore, account_id: int) -> dict[str, int]:
@@ -120,7 +129,7 @@ async def test_reserve_same_request_id_holds_once(holds: HoldStore, pool: asyncp
     state = await holds.account_state(account_id)
     assert state.held_millicredits == 3_000
     assert await _open_holds(holds, account_id) == {"r1": 3_000}
-    assert await holds.redis.zcard(DEADLINES_KEY) == 1
+    assert await holds.redis.zcard(_deadlines(account_id)) == 1
 
 
 async def test_reserve_concurrent_exactly_k_succeed(holds: HoldStore, pool: asyncpg.Pool) -> None:
@@ -160,8 +169,8 @@ async def test_settle_charges_cost_and_releases_hold(holds: HoldStore, pool: asy
     assert (state.held_millicredits, state.pending_millicredits) == (0, 3_000)
     assert state.available_millicredits == 7_000
     assert await _open_holds(holds, account_id) == {}
-    assert await holds.redis.zcard(DEADLINES_KEY) == 0
-    [(entry_id, fields)] = await holds.redis.xrange(OUTBOX_STREAM_KEY)
+    assert await holds.redis.zcard(_deadlines(account_id)) == 0
+    [(entry_id, fields)] = await holds.redis.xrange(_outbox(account_id))
     assert entry_id == settled.outbox_entry_id
     assert fields[STREAM_FIELDS.charged_millicredits] == "3000"
     assert fields[STREAM_FIELDS.account_id] == str(account_id)
@@ -219,8 +228,8 @@ async def test_void_releases_hold_once(holds: HoldStore, pool: asyncpg.Pool) -> 
     state = await holds.account_state(account_id)
     assert (state.held_millicredits, state.pending_millicredits) == (0, 0)
     assert state.available_millicredits == 5_000
-    assert await holds.redis.zcard(DEADLINES_KEY) == 0
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+    assert await holds.redis.zcard(_deadlines(account_id)) == 0
+    assert await holds.redis.xlen(_outbox(account_id)) == 0
 
 
 async def test_void_with_deadline_guard_keeps_live_hold(
@@ -256,10 +265,14 @@ async def test_sweep_expired_voids_only_expired_holds(holds: HoldStore, pool: as
     assert await _open_holds(holds, other_id) == {}
     assert (await holds.account_state(account_id)).held_millicredits == 3_000
     assert (await holds.account_state(other_id)).held_millicredits == 0
-    assert await holds.redis.zrange(DEADLINES_KEY, 0, -1) == [f"{account_id}|long"]
+    assert await holds.redis.zrange(_deadlines(account_id), 0, -1) == [f"{account_id}|long"]
+    if shard_of(other_id) != shard_of(account_id):
+        assert await holds.redis.zcard(_deadlines(other_id)) == 0
 
 
-@pytest.mark.parametrize("member", ["not-a-member", "x|req_1", "42|", "|req_1", "4 2|req_1"])
+@pytest.mark.parametrize(
+    "member", ["not-a-member", "x|req_1", "42|", "|req_1", "4 2|req_1", "other-shard"]
+)
 async def test_sweep_expired_drops_an_unreadable_deadline_and_goes_on(
     holds: HoldStore, pool: asyncpg.Pool, member: str
 ) -> None:
@@ -269,12 +282,14 @@ async def test_sweep_expired_drops_an_unreadable_deadline_and_goes_on(
     await grant(pool, account_id, 10_000, holds=holds)
     start_ms = int(time.time() * 1000)
     await holds.reserve(account_id, 1_000, request_id="crashed", ttl_s=1)
-    await holds.redis.zadd(DEADLINES_KEY, {member: 0})
+    if member == "other-shard":  # an account whose hold would be in another shard's index
+        member = f"{account_id + 1}|req_1"
+    await holds.redis.zadd(_deadlines(account_id), {member: 0})
 
     assert await holds.sweep_expired(now_ms=start_ms + 60_000) == 1
 
     assert await _open_holds(holds, account_id) == {}
-    assert await holds.redis.zrange(DEADLINES_KEY, 0, -1) == []
+    assert await holds.redis.zrange(_deadlines(account_id), 0, -1) == []
 
 
 async def test_reserve_refused_reclaims_expired_hold(holds: HoldStore, pool: asyncpg.Pool) -> None:
@@ -288,7 +303,7 @@ async def test_reserve_refused_reclaims_expired_hold(holds: HoldStore, pool: asy
     assert available == 0
     assert await _open_holds(holds, account_id) == {"live": 2_000, "next": 3_000}
     assert (await holds.account_state(account_id)).held_millicredits == 5_000
-    members = set(await holds.redis.zrange(DEADLINES_KEY, 0, -1))
+    members = set(await holds.redis.zrange(_deadlines(account_id), 0, -1))
     assert members == {f"{account_id}|live", f"{account_id}|next"}
     # The live hold is never reclaimed.
     with pytest.raises(InsufficientCreditsError):
@@ -502,10 +517,10 @@ async def test_zero_amount_hold_settles_voids_and_sweeps(
     await holds.sweep_expired(now_ms=int(time.time() * 1000) + 1_000)
 
     assert await _open_holds(holds, account_id) == {}
-    assert await holds.redis.zcard(DEADLINES_KEY) == 0
+    assert await holds.redis.zcard(_deadlines(account_id)) == 0
     state = await holds.account_state(account_id)
     assert (state.held_millicredits, state.pending_millicredits) == (0, 250)
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
+    assert await holds.redis.xlen(_outbox(account_id)) == 1
 
 
 async def test_ack_posted_of_more_entries_than_one_xdel_slice_releases_each_once(
@@ -517,13 +532,13 @@ async def test_ack_posted_of_more_entries_than_one_xdel_slice_releases_each_once
     await grant(pool, account_id, 100_000_000, holds=holds)
     count = 2_100
     redis_client = holds.redis
-    await redis_client.xgroup_create(OUTBOX_STREAM_KEY, "g", id="0", mkstream=True)
+    await redis_client.xgroup_create(_outbox(account_id), "g", id="0", mkstream=True)
     for i in range(count):
         await reserve_and_settle(
             holds, account_id, request_id=f"r{i}", hold_millicredits=100, cost_millicredits=7
         )
     assert (await holds.account_state(account_id)).pending_millicredits == 7 * count
-    reply = await redis_client.xreadgroup("g", "c", {OUTBOX_STREAM_KEY: ">"}, count=count)
+    reply = await redis_client.xreadgroup("g", "c", {_outbox(account_id): ">"}, count=count)
     pairs: list[object] = []
     for entry_id, fields in reply[0][1]:
         pairs += [entry_id, int(fields[STREAM_FIELDS.charged_millicredits])]
@@ -531,4 +546,29 @@ async def test_ack_posted_of_more_entries_than_one_xdel_slice_releases_each_once
     assert await holds.ack_posted(account_id, posted, pairs, group="g") == 7 * count
     assert await holds.ack_posted(account_id, posted, pairs, group="g") == 0
     assert (await holds.account_state(account_id)).pending_millicredits == 0
-    assert await redis_client.xlen(OUTBOX_STREAM_KEY) == 0
+    assert await redis_client.xlen(_outbox(account_id)) == 0
+
+
+async def test_sweep_expired_voids_expired_holds_on_every_shard(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    """Accounts on several shards: each shard's deadline index is swept."""
+    accounts: dict[int, int] = {}  # shard -> account
+    while len(accounts) < 4:
+        account_id = await new_account(pool)
+        accounts.setdefault(shard_of(account_id), account_id)
+    start_ms = int(time.time() * 1000)
+    for account_id in accounts.values():
+        await grant(pool, account_id, 10_000, holds=holds)
+        await holds.reserve(account_id, 1_000, request_id="crashed", ttl_s=1)
+        await holds.reserve(account_id, 2_000, request_id="live", ttl_s=900)
+    assert len(accounts) == 4 and SHARD_COUNT >= 4
+
+    assert await holds.sweep_expired(now_ms=start_ms + 60_000) == 4
+
+    for shard, account_id in accounts.items():
+        assert await _open_holds(holds, account_id) == {"live": 2_000}
+        assert (await holds.account_state(account_id)).held_millicredits == 2_000
+        assert await holds.redis.zrange(deadlines_key(shard), 0, -1) == [f"{account_id}|live"]
+    indexes = [key for key in deadlines_keys() if await holds.redis.exists(key)]
+    assert indexes == sorted(deadlines_key(shard) for shard in accounts)

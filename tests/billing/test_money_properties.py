@@ -37,15 +37,10 @@ from hypothesis.stateful import (
 
 from billing import ledger
 from billing.errors import AccountSuspendedError, InsufficientCreditsError
-from billing.metering.holds import (
-    OUTBOX_STREAM_KEY,
-    AccountHolds,
-    HoldStore,
-    Settled,
-    holds_key,
-    parse_hold_value,
-)
+from billing.metering.backlog import OutboxBacklog, read_outbox_backlog
+from billing.metering.holds import AccountHolds, HoldStore, Settled, parse_hold_value
 from billing.metering.posting import GROUP, SettlementPoster
+from billing.metering.redis_keys import holds_key, outbox_key, shard_of
 from tests.billing.money import money_totals, raw_entries, usage_payload
 
 _T = TypeVar("_T")
@@ -84,7 +79,8 @@ class MoneyMachine(RuleBasedStateMachine):
         # request id -> (account, cost, charged by the first settle)
         self.settled: dict[str, tuple[int, int, int]] = {}
         self.refunded: set[int] = set()
-        self.slow_entries: list[tuple[str, dict[str, Any]]] = []
+        # What the slow writer read, per stream (the accounts' shards' outboxes).
+        self.slow_entries: list[tuple[str, list[tuple[str, dict[str, Any]]]]] = []
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -335,26 +331,30 @@ class MoneyMachine(RuleBasedStateMachine):
         elif action == "drain":
             self._drain()
         elif action == "dead_consumer":
-            self._run(self.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=count))
+            for stream in self._streams():
+                self._run(self.redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=count))
         elif not self.slow_entries:
-            reply = self._run(
-                self.redis.xreadgroup(GROUP, "slow", {OUTBOX_STREAM_KEY: ">"}, count=count)
-            )
-            if reply:
-                self.slow_entries = reply[0][1]
+            for stream in self._streams():
+                reply = self._run(self.redis.xreadgroup(GROUP, "slow", {stream: ">"}, count=count))
+                if reply:
+                    self.slow_entries.append((stream, reply[0][1]))
         else:
             if claimed_first:
                 self._run(self.writer.claim_stale())
-            self._run(self.slow_writer.post(raw_entries(self.slow_entries)))
+            for stream, entries in self.slow_entries:
+                self._run(self.slow_writer.post(stream, raw_entries(entries)))
             self.slow_entries = []
+
+    def _streams(self) -> list[str]:
+        """The outbox streams of the accounts' shards (one command each)."""
+        return sorted({outbox_key(shard_of(account_id)) for account_id in self.accounts})
 
     def _drain(self) -> None:
         # As the poster's run loop does: claim batch after batch while batches come back full.
         while self._run(self.writer.claim_stale()) == WRITER_BATCH:
             pass
         self._run(self.writer.drain_all())
-        assert int(self._run(self.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"]) == 0
-        assert self._run(self.redis.xlen(OUTBOX_STREAM_KEY)) == 0
+        assert self._run(read_outbox_backlog(self.redis)) == OutboxBacklog(0, 0, None)
         for account_id in self.accounts:
             state = self._state(account_id)
             posted = self._posted(account_id)

@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from billing.metering import outbox
-from billing.metering.holds import HoldStore, account_key
+from billing.metering.holds import HoldStore
 from billing.metering.posting import post_settlements
+from billing.metering.redis_keys import account_key
 from billing.reconciliation import (
     DailyReconciliation,
     ReconciliationReport,

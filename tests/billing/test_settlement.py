@@ -15,8 +15,10 @@ from billing import ledger
 from billing.ledger import PostedBalance
 from billing.metering import holds as holds_module
 from billing.metering import outbox, posting, rescue
-from billing.metering.holds import OUTBOX_STREAM_KEY, HoldStore, account_key
-from billing.metering.posting import GROUP, SettlementPoster
+from billing.metering.backlog import read_outbox_backlog
+from billing.metering.holds import HoldStore
+from billing.metering.posting import GROUP, SettlementPoster, dead_letter_id
+from billing.metering.redis_keys import account_key, outbox_key, shard_of
 from billing.metering.rescue import LostSettlement, SettlementRescue
 from billing.metering.script_channel import ScriptChannel
 from devtools.localservices import free_port
@@ -57,8 +59,13 @@ async def _posted(pool: asyncpg.Pool, account_id: int) -> PostedBalance:
     return await ledger.posted_balance(pool, account_id)
 
 
+def _outbox(account_id: int) -> str:
+    return outbox_key(shard_of(account_id))
+
+
 async def _group_pending(holds: HoldStore) -> int:
-    return int((await holds.redis.xpending(OUTBOX_STREAM_KEY, GROUP))["pending"])
+    """Entries read and not acknowledged, in every outbox stream."""
+    return (await read_outbox_backlog(holds.redis)).pending
 
 
 async def _assert_converged(holds: HoldStore, pool: asyncpg.Pool, account_id: int) -> None:
@@ -108,7 +115,7 @@ async def test_poster_posts_settlements_and_acks(
     posted = await _posted(pool, account_id)
     assert posted.balance_millicredits == 6_000
     await _assert_converged(holds, pool, account_id)
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+    assert await holds.redis.xlen(_outbox(account_id)) == 0
     assert await _group_pending(holds) == 0
     assert (poster.stats.posted, poster.stats.duplicates) == (3, 0)
     assert poster.stats.charged_millicredits == 4_000
@@ -150,7 +157,7 @@ async def test_poster_redelivery_after_commit_before_ack_charges_once(
             holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=900
         )
     # Poster t1 reads the batch, commits it, and dies before acknowledging.
-    reply = await holds.redis.xreadgroup(GROUP, "t1", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    reply = await holds.redis.xreadgroup(GROUP, "t1", {_outbox(account_id): ">"}, count=10)
     await _commit_without_ack(pool, reply[0][1])
     assert (await _posted(pool, account_id)).balance_millicredits == 7_300
     assert (await holds.account_state(account_id)).pending_millicredits == 2_700
@@ -176,7 +183,7 @@ async def test_poster_claims_entries_of_dead_consumer(
         await reserve_and_settle(
             holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=750
         )
-    reply = await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    reply = await holds.redis.xreadgroup(GROUP, "dead", {_outbox(account_id): ">"}, count=10)
     assert len(reply[0][1]) == 4
 
     # t1 sees nothing new: the entries belong to the dead consumer until they go stale.
@@ -201,7 +208,7 @@ async def test_poster_claims_entries_of_dead_consumer_after_its_commit(
         await reserve_and_settle(
             holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=600
         )
-    reply = await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    reply = await holds.redis.xreadgroup(GROUP, "dead", {_outbox(account_id): ">"}, count=10)
     await _commit_without_ack(pool, reply[0][1])
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
 
@@ -222,11 +229,13 @@ async def test_slow_poster_posting_claimed_entries_releases_pending_once(
             holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=1_000
         )
     slow = SettlementPoster(holds, pool, consumer="slow")
-    reply = await holds.redis.xreadgroup(GROUP, "slow", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    reply = await holds.redis.xreadgroup(GROUP, "slow", {_outbox(account_id): ">"}, count=10)
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
     assert await poster.claim_stale() == 2  # t1 takes over and posts them
 
-    await slow.post(raw_entries(reply[0][1]))  # the slow poster wakes up and posts what it had read
+    await slow.post(
+        _outbox(account_id), raw_entries(reply[0][1])
+    )  # the slow poster wakes up and posts what it had read
 
     assert slow.stats.duplicates == 2
     assert (await _posted(pool, account_id)).balance_millicredits == 8_000
@@ -246,7 +255,7 @@ async def test_drain_all_posts_every_own_unacked_entry(
             holds, account_id, request_id=f"r{i}", hold_millicredits=1_000, cost_millicredits=500
         )
     # t1 read all five and died before posting anything.
-    await holds.redis.xreadgroup(GROUP, "t1", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    await holds.redis.xreadgroup(GROUP, "t1", {_outbox(account_id): ">"}, count=10)
 
     assert await poster.drain_all() == 5
 
@@ -302,7 +311,7 @@ async def test_purchase_between_commit_and_ack_does_not_undercharge(
     )
     await holds.reserve(account_id, 5_000, request_id="b")
     # A poster commits "a" (Postgres 5,000 at version 2) and dies before acknowledging it.
-    reply = await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=10)
+    reply = await holds.redis.xreadgroup(GROUP, "dead", {_outbox(account_id): ">"}, count=10)
     await _commit_without_ack(pool, reply[0][1])
     # A purchase lands meanwhile and tells Redis its (balance, version): 6,000 at version 3,
     # which already has "a" taken off, while Redis's pending still holds "a" too.
@@ -339,7 +348,7 @@ async def test_settle_twice_charges_once(
     repeat = await holds.settle(account_id, request_id="r1", cost_millicredits=500, payload=payload)
     assert repeat == first
     assert (first.charged_millicredits, first.hold_millicredits) == (500, 600)
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
+    assert await holds.redis.xlen(_outbox(account_id)) == 1
     assert (await holds.account_state(account_id)).pending_millicredits == 500
     await poster.drain_all()
     # Posted: a repeat now (its entry acknowledged and deleted) still changes nothing.
@@ -347,7 +356,7 @@ async def test_settle_twice_charges_once(
         await holds.settle(account_id, request_id="r1", cost_millicredits=500, payload=payload)
         == first
     )
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 0
+    assert await holds.redis.xlen(_outbox(account_id)) == 0
     await _assert_converged(holds, pool, account_id)
     assert (await _posted(pool, account_id)).balance_millicredits == 500
 
@@ -377,7 +386,7 @@ async def test_repeat_after_its_marker_expired_posted_before_original_does_not_u
     )
     assert (first, repeat.charged_millicredits) == (600, 600)
     # A poster reads the original entry and dies; a healthy poster posts the repeat first.
-    await holds.redis.xreadgroup(GROUP, "dead", {OUTBOX_STREAM_KEY: ">"}, count=1)
+    await holds.redis.xreadgroup(GROUP, "dead", {_outbox(account_id): ">"}, count=1)
     await poster.drain_all()
     await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
     await poster.claim_stale()
@@ -409,7 +418,7 @@ async def test_poster_posts_each_record_as_written_in_one_batch(
             names.charged_millicredits: record.cost_millicredits,
             names.account_id: account_id,
         }
-        await holds.redis.xadd(OUTBOX_STREAM_KEY, fields)
+        await holds.redis.xadd(_outbox(account_id), fields)
         await holds.redis.hincrby(account_key(account_id), "pending", record.cost_millicredits)
     assert await poster.drain_all() == 4
     assert poster.stats.batches == 1
@@ -434,7 +443,7 @@ async def test_poster_dead_letters_an_unreadable_entry_and_posts_the_rest(
     account_id = await new_account(pool)
     await grant(pool, account_id, 10_000, holds=holds)
     bad_id = await holds.redis.xadd(
-        OUTBOX_STREAM_KEY, {"p": '{"not": "a settlement record"}', "c": 300, "a": account_id}
+        _outbox(account_id), {"p": '{"not": "a settlement record"}', "c": 300, "a": account_id}
     )
     await reserve_and_settle(
         holds, account_id, request_id="good", hold_millicredits=1_000, cost_millicredits=400
@@ -445,7 +454,7 @@ async def test_poster_dead_letters_an_unreadable_entry_and_posts_the_rest(
     assert await _group_pending(holds) == 0
     async with pool.acquire() as conn:
         dead = await conn.fetchval("SELECT stream_entry_id FROM settlement_dead_letters")
-    assert dead == bad_id
+    assert dead == dead_letter_id(_outbox(account_id), bad_id)
     assert any("dead-lettered" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
 
 
@@ -473,7 +482,7 @@ async def test_rescue_resends_a_lost_settle_and_charges_once(
     rescue.settle_later(account_id, request_id="lost", cost_millicredits=500, payload=lost.payload)
     await rescue.retry_once()
     assert rescue.outstanding == 0
-    assert await holds.redis.xlen(OUTBOX_STREAM_KEY) == 1
+    assert await holds.redis.xlen(_outbox(account_id)) == 1
     state = await holds.account_state(account_id)
     assert (state.held_millicredits, state.pending_millicredits) == (0, 500)
     await poster.drain_all()

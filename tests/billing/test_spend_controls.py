@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 from billing import api_keys, ledger
 from billing.errors import RateLimitedError, SpendCapExceededError
 from billing.metering import outbox, posting
-from billing.metering.holds import HoldStore, holds_key, parse_hold_value, spend_key
+from billing.metering.holds import HoldStore, parse_hold_value
 from billing.metering.rate_limit import RateLimiter
+from billing.metering.redis_keys import holds_key, spend_key
 from billing.spend_controls import (
     Limits,
     SpendCap,

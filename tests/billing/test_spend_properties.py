@@ -33,7 +33,8 @@ from hypothesis.stateful import (
 
 from billing import api_keys, ledger
 from billing.errors import SpendCapExceededError
-from billing.metering.holds import HoldStore, spend_key
+from billing.metering.holds import HoldStore
+from billing.metering.redis_keys import spend_key
 from billing.spend_controls import spend_windows, window_spend
 from tests.billing.money import grant, usage_payload
 

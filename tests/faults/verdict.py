@@ -20,14 +20,10 @@ import asyncio
 import time
 from typing import Any
 
-from billing.metering.holds import (
-    DEADLINES_KEY,
-    OUTBOX_STREAM_KEY,
-    account_key,
-    holds_key,
-    parse_hold_value,
-)
+from billing.metering.backlog import read_outbox_backlog
+from billing.metering.holds import parse_hold_value
 from billing.metering.pricing import charge_millicredits
+from billing.metering.redis_keys import account_key, deadlines_keys, holds_key
 from tests.faults.stack import FaultStack
 from tests.faults.traffic import MAX_TOKENS, Completed, Traffic
 
@@ -88,13 +84,14 @@ async def _wait_settled(stack: FaultStack, timeout_s: float) -> list[str]:
 
 async def _redis_problems(stack: FaultStack) -> list[str]:
     problems: list[str] = []
-    outbox = await stack.redis.xlen(OUTBOX_STREAM_KEY)
+    outbox = (await read_outbox_backlog(stack.redis)).entries
     if outbox:
         problems.append(f"outbox not drained: {outbox} entries")
     now_ms = int(time.time() * 1000)
-    overdue = await stack.redis.zrangebyscore(
-        DEADLINES_KEY, "-inf", now_ms - _OVERDUE_GRACE_MS, withscores=True
-    )
+    async with stack.redis.pipeline(transaction=False) as pipe:
+        for key in deadlines_keys():
+            pipe.zrangebyscore(key, "-inf", now_ms - _OVERDUE_GRACE_MS, withscores=True)
+        overdue = [member for shard in await pipe.execute() for member in shard]
     if overdue:
         problems.append(f"{len(overdue)} hold(s) past their deadline, e.g. {overdue[:3]}")
     for row in await stack.pool.fetch("SELECT id FROM accounts ORDER BY id"):

@@ -1,7 +1,7 @@
 -- After the settlement poster committed a batch to Postgres: acknowledge this account's
 -- outbox entries, take their charges off `pending` (once per entry: only when XACK says the
 -- entry was still pending) and apply the account's new posted (balance, version).
--- KEYS[1] account hash, KEYS[2] outbox stream
+-- KEYS[1] account hash, KEYS[2] the account's shard's outbox stream (one slot)
 -- ARGV: group, balance_mc, version, shortfall_mc, then pairs of (entry_id, charged_mc)
 -- One XDEL and one HINCRBY for the whole call rather than one of each per entry: per-entry
 -- calls were most of this script's cost in Redis.

@@ -3,7 +3,8 @@
 -- charge off the account's `pending`, once: only when XACK says the entry was still pending
 -- (as ack_posted.lua does), so a poster that crashed after this script and meets the entry
 -- again, or two posters, release it once.
--- KEYS[1] outbox stream, KEYS[2] account hash (absent when the entry names no readable account)
+-- KEYS[1] outbox stream, KEYS[2] account hash (absent when the entry names no readable account
+-- of the stream's shard: the two share one Cluster slot)
 -- ARGV[1] group, ARGV[2] entry id, ARGV[3] charged_mc (0 when unreadable)
 -- Reply: 1 when the entry was acknowledged now, 0 when it was not pending (nothing released).
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then

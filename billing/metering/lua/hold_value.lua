@@ -10,9 +10,10 @@
 --
 -- Spend counters (hashes under the account's hash tag, created only by load_spend.lua from
 -- Postgres, so a field that exists counts everything; never created here):
---   cg:v1:{acct:N}:spend:d:<day>   fields a (the account) and k:<key_id>
---   cg:v1:{acct:N}:spend:m:<month> likewise
--- Keys derived here share the account key's hash tag, so they are in its Cluster slot.
+--   cg:v2:{sNN}:acct:N:spend:d:<day>   fields a (the account) and k:<key_id>
+--   cg:v2:{sNN}:acct:N:spend:m:<month> likewise
+-- Keys derived here share the account key's stem and hash tag (billing/metering/redis_keys.py,
+-- spend_key), so they are in its Cluster slot.
 
 local function hold_value(amount, deadline, day, month, key, counted)
   return amount .. ':' .. deadline .. ':' .. day .. ':' .. month .. ':' .. key .. ':' .. counted
@@ -30,7 +31,7 @@ end
 
 -- {hash key, field} of the day's account and key fields, then the month's.
 local function spend_fields(account_key, day, month, key)
-  local base = string.sub(account_key, 1, -8)  -- "cg:v1:{acct:N}:" from "...:account"
+  local base = string.sub(account_key, 1, -8)  -- "cg:v2:{sNN}:acct:N:" from "...:account"
   local d = base .. 'spend:d:' .. day
   local m = base .. 'spend:m:' .. month
   local k = 'k:' .. key

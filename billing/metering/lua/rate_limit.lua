@@ -1,7 +1,7 @@
 -- Count a request against its key's requests-per-minute limit: a sliding window of 60 s, the
 -- start of each request admitted in it kept in a sorted set (score: Redis's clock, ms, so
 -- every gateway process counts on one clock).
--- KEYS[1] cg:v1:{acct:N}:rpm:<key_id> (sorted set)
+-- KEYS[1] the key's rpm sorted set (billing/metering/redis_keys.py: rpm_key)
 -- ARGV: limit, member (unique per request), window_ms
 -- Returns {1, used} when admitted (used counts this request) or {0, used, retry_after_ms}:
 -- the time until enough of the counted requests leave the window for one more.

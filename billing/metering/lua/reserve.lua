@@ -2,8 +2,9 @@
 -- spend cap would be passed.
 -- KEYS[1] account hash {bal, ver, held, pending, shortfall}
 -- KEYS[2] holds hash {request_id -> hold value, see hold_value.lua}
--- KEYS[3] global deadline index (zset, member "account_id|request_id")
--- KEYS[4] the day's spend counters, KEYS[5] the month's (cg:v1:{acct:N}:spend:d:<day>, ...:m:)
+-- KEYS[3] the account's shard's deadline index (zset, member "account_id|request_id")
+-- KEYS[4] the day's spend counters, KEYS[5] the month's (...:acct:N:spend:d:<day>, ...:m:)
+-- All keys share the account's shard hash tag (billing/metering/redis_keys.py): one slot.
 -- ARGV: request_id, amount_mc, deadline_ms, member, now_ms, day, month, key_id,
 --       then optionally the caps in mc ("" none) in counter order: the day's account and key
 --       caps, the month's account and key caps (billing.spend_controls.COUNTER_CAPS)

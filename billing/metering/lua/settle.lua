@@ -1,8 +1,9 @@
 -- Settle request ARGV[1]: release its hold, add its cost to `pending` and append the settlement
 -- to the outbox stream, all in one atomic step. The stream entry is the durable record the
 -- settlement poster posts to Postgres.
--- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] deadline index, KEYS[4] outbox stream,
--- KEYS[5] the request's settled marker
+-- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] the shard's deadline index, KEYS[4] the
+-- shard's outbox stream, KEYS[5] the request's settled marker (all under the account's shard
+-- hash tag, billing/metering/redis_keys.py: one Cluster slot)
 -- ARGV: request_id, cost_mc, member, payload (a SettlementRecord, billing/metering/outbox.py),
 -- account_id, marker_ttl_ms
 -- Returns {charged_mc, hold_mc, stream_entry_id}.

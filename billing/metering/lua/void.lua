@@ -1,5 +1,5 @@
 -- Release request ARGV[1]'s hold with no charge, and take it off the spend counters it counted.
--- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] deadline index
+-- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] the account's shard's deadline index
 -- ARGV: request_id, member, [max_deadline_ms]  (the sweeper passes now: only expired holds)
 -- Returns the millicredits released (0 when there was no such hold).
 -- (hold_value.lua is prepended: hold_parse, hold_uncount.)
