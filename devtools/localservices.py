@@ -334,8 +334,9 @@ class LocalRedisCluster:
     not the start order.
     """
 
-    def __init__(self, nodes: list[RedisServer]) -> None:
+    def __init__(self, nodes: list[RedisServer], *, cluster_node_timeout_ms: int) -> None:
         self.nodes = nodes
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms
 
     @property
     def url(self) -> str:
@@ -351,6 +352,24 @@ class LocalRedisCluster:
         """Stop every node (see ``RedisServer.stop``); a no-op once stopped."""
         for node in self.nodes:
             node.stop()
+
+    def restart(self, port: int) -> RedisServer:
+        """Start the stopped node of ``port`` again on its files: it rejoins the cluster
+        (its ``nodes.conf``), as a replica if its slots were taken over meanwhile.
+
+        Raises:
+            LocalServiceError: it did not start (``start_redis``).
+        """
+        index = self.ports.index(port)
+        old = self.nodes[index]
+        old.stop()
+        self.nodes[index] = start_redis(
+            old.base_dir,
+            port,
+            appendonly=False,
+            cluster_node_timeout_ms=self.cluster_node_timeout_ms,
+        )
+        return self.nodes[index]
 
 
 def start_redis_cluster(
@@ -382,7 +401,7 @@ def start_redis_cluster(
         )
     base_dir = base_dir.resolve()
     nodes: list[RedisServer] = []
-    cluster = LocalRedisCluster(nodes)
+    cluster = LocalRedisCluster(nodes, cluster_node_timeout_ms=cluster_node_timeout_ms)
     try:
         for _ in range(masters * (1 + replicas_per_master)):
             port = _free_cluster_port()

@@ -10,7 +10,7 @@ import pytest
 import redis.exceptions
 
 from billing.metering.cluster_channel import ClusterChannel, command_slot, parse_redirect
-from devtools.localservices import LocalRedisCluster
+from devtools.localservices import LocalRedisCluster, wait_for_redis_cluster
 from tests.cluster import topology
 
 _SET_BOTH = (
@@ -224,3 +224,34 @@ async def test_wait_idle_waits_for_redirected_commands(
     assert reply is not None
     await channel.wait_idle()
     assert reply.done() and reply.result() == "v"
+
+
+async def test_a_dead_master_s_slots_are_reached_on_its_promoted_replica(
+    channel: ClusterChannel, redis_cluster: LocalRedisCluster
+):
+    key = "cg:test:{dead}:k"
+    await channel.execute("SET", key, "v")
+    slot = await topology.key_slot(redis_cluster, key)
+    master = await topology.owner(redis_cluster, slot)
+    replica = next(n for n in await topology.nodes(redis_cluster) if n.master_id == master.node_id)
+    await topology.wait_replicated(replica, key)
+    server = next(node for node in redis_cluster.nodes if node.port == master.port)
+
+    await asyncio.to_thread(server.stop)
+    errors = 0
+    try:
+        for _ in range(300):  # the replica takes over after cluster-node-timeout (2 s)
+            try:
+                value = await channel.execute("GET", key)
+                break
+            except redis.exceptions.ConnectionError:
+                errors += 1  # the map points at the dead master until the election
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the promoted replica was never reached")
+        assert value == "v"
+        assert errors > 0
+        assert channel.owner_of(slot) == ("127.0.0.1", replica.port)
+    finally:
+        await asyncio.to_thread(redis_cluster.restart, master.port)
+        await asyncio.to_thread(wait_for_redis_cluster, redis_cluster)

@@ -169,3 +169,17 @@ async def flush_all(cluster: LocalRedisCluster) -> None:
                 await client.flushall()
             finally:
                 await client.aclose()
+
+
+async def wait_replicated(replica: Node, key: str, timeout_s: float = 5.0) -> None:
+    """Wait until ``replica`` has ``key`` (read with READONLY)."""
+    client = node_client(replica.port)
+    try:
+        await client.execute_command("READONLY")
+        for _ in range(int(timeout_s / 0.02)):
+            if await client.exists(key):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{key} did not reach replica {replica.port}")
+    finally:
+        await client.aclose()
