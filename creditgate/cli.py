@@ -452,7 +452,11 @@ def _parser() -> argparse.ArgumentParser:
         "that says so."
     )
     replay = outbox.add_parser("replay", help=replaying, description=replaying)
-    replay.add_argument("entry_id", metavar="ENTRY_ID", help="its outbox stream entry id")
+    replay.add_argument(
+        "entry_id",
+        metavar="ENTRY_ID",
+        help="its id as `outbox dead-letters` lists it (s07/1733212345678-0)",
+    )
     replay.set_defaults(fn=cmd_outbox_replay, config=_stores_with_redis)
 
     accounts = sub.add_parser("accounts", help="create and show accounts").add_subparsers(

@@ -1,6 +1,7 @@
 """The settlement record the gateway appends to the Redis outbox, and the outbox entry's form.
 
-Each settled request becomes one entry of the stream ``cg:v1:settlements`` with three fields
+Each settled request becomes one entry of its account's shard's outbox stream
+(``billing.metering.redis_keys.outbox_key``) with three fields
 (``STREAM_FIELDS``, written by ``billing/metering/lua/settle.lua``):
 
     p  the request's ``SettlementRecord`` as a compact JSON array (``SettlementRecord.to_json``)

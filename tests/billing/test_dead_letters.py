@@ -299,3 +299,25 @@ async def test_poster_dead_letters_an_undecodable_or_inconsistent_entry_and_goes
     assert (await ledger.posted_balance(pool, other)).balance_millicredits == 10_000
     assert await holds.redis.xlen(_outbox(account_id)) == 0
     assert (await holds.redis.xpending(_outbox(account_id), GROUP))["pending"] == 0
+
+
+async def test_entries_of_two_shards_with_one_id_are_two_dead_letters(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
+) -> None:
+    """Each shard's stream numbers its entries by its own clock, so two streams can give two
+    entries one id; the dead letters are named by shard and entry, and both are kept (named
+    by the bare id, the second would have been dropped as a repeat of the first)."""
+    first, second = await new_account(pool), await new_account(pool)
+    assert shard_of(first) != shard_of(second)
+    for account_id in (first, second):
+        entry = {"p": "not a record", "c": "300", "a": str(account_id)}
+        assert await holds.redis.xadd(_outbox(account_id), entry, id="1-1") == "1-1"
+        await holds.redis.hincrby(account_key(account_id), "pending", 300)
+
+    assert await poster.drain_all() == 0
+
+    letters = {letter.stream_entry_id: letter.account_id for letter in await _letters(pool)}
+    assert letters == {_letter_id(first, "1-1"): first, _letter_id(second, "1-1"): second}
+    assert _letter_id(first, "1-1") == f"s{shard_of(first):02d}/1-1"
+    for account_id in (first, second):
+        assert await _pending(holds, account_id) == 0

@@ -15,10 +15,16 @@ from billing import ledger
 from billing.ledger import PostedBalance
 from billing.metering import holds as holds_module
 from billing.metering import outbox, posting, rescue
-from billing.metering.backlog import read_outbox_backlog
+from billing.metering.backlog import OutboxBacklog, read_outbox_backlog
 from billing.metering.holds import HoldStore
 from billing.metering.posting import GROUP, SettlementPoster, dead_letter_id
-from billing.metering.redis_keys import account_key, outbox_key, shard_of
+from billing.metering.redis_keys import (
+    LEGACY_OUTBOX_KEY,
+    account_key,
+    outbox_key,
+    outbox_keys,
+    shard_of,
+)
 from billing.metering.rescue import LostSettlement, SettlementRescue
 from billing.metering.script_channel import ScriptChannel
 from devtools.localservices import free_port
@@ -546,3 +552,101 @@ def test_rescue_gives_up_on_redis_while_a_repeat_still_finds_the_marker() -> Non
     """The rescue sends a settle to Redis for at most POST_AFTER_S (plus one retry wait and
     one timeout), then posts to Postgres: every repeat it sends must find the marker."""
     assert rescue.POST_AFTER_S + 5.0 + 5.0 < holds_module.SETTLED_MARKER_TTL_S
+
+
+# -- shards and the v1 stream -------------------------------------------------------------
+
+
+async def test_poster_posts_settlements_of_accounts_on_different_shards(
+    holds: HoldStore, pool: asyncpg.Pool, poster: SettlementPoster
+) -> None:
+    """Each settle goes to its account's shard's stream; one read of every shard posts both,
+    in one batch (one Postgres statement)."""
+    first, second = await new_account(pool), await new_account(pool)
+    assert shard_of(first) != shard_of(second)
+    for account_id in (first, second):
+        await grant(pool, account_id, 10_000, holds=holds)
+        await reserve_and_settle(
+            holds,
+            account_id,
+            request_id=f"r{account_id}",
+            hold_millicredits=900,
+            cost_millicredits=700,
+        )
+        assert await holds.redis.xlen(_outbox(account_id)) == 1
+
+    assert await poster.drain_once() == 2
+
+    assert poster.stats.batches == 1
+    for account_id in (first, second):
+        assert (await _posted(pool, account_id)).balance_millicredits == 10_000 - 700
+        await _assert_converged(holds, pool, account_id)
+        assert await holds.redis.xlen(_outbox(account_id)) == 0
+    assert (await read_outbox_backlog(holds.redis)).entries == 0
+
+
+async def _append_v1(holds: HoldStore, account_id: int, request_id: str, cost: int) -> str:
+    """An entry as a v1 fleet's settle.lua appended it to the single stream."""
+    entry_id: str = await holds.redis.xadd(
+        LEGACY_OUTBOX_KEY,
+        {
+            "p": usage_payload(
+                request_id=request_id, account_id=account_id, cost_millicredits=cost
+            ),
+            "c": cost,
+            "a": account_id,
+        },
+    )
+    return entry_id
+
+
+async def test_poster_drains_the_v1_stream_once_then_stops_reading_it(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    """After an upgrade: the v1 stream's entries are posted once, those its old posters read
+    and never acknowledged included (claimed when idle), one of them already committed by
+    its old poster; then the stream is left alone. Their charges were never in a v2
+    ``pending``, which stays as the v2 settlements make it."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    await holds.redis.xgroup_create(LEGACY_OUTBOX_KEY, GROUP, id="0", mkstream=True)
+    for i in range(3):
+        await _append_v1(holds, account_id, f"v1-{i}", 100 * (i + 1))
+    # An old poster read two entries, committed the first, and the fleet was stopped.
+    reply = await holds.redis.xreadgroup(GROUP, "old-host", {LEGACY_OUTBOX_KEY: ">"}, count=2)
+    await _commit_without_ack(pool, reply[0][1][:1])
+    await _append_v1(holds, account_id, "v1-3", 400)
+    await reserve_and_settle(
+        holds, account_id, request_id="v2", hold_millicredits=1_000, cost_millicredits=1_000
+    )
+    poster = SettlementPoster(holds, pool, consumer="new-host", claim_idle_ms=CLAIM_IDLE_MS)
+    assert LEGACY_OUTBOX_KEY in poster.streams
+
+    assert await poster.drain_all() == 3  # v1-2, v1-3 and v2; the old poster's wait
+    assert LEGACY_OUTBOX_KEY in poster.streams
+    await asyncio.sleep(CLAIM_IDLE_MS * 3 / 1000)
+    assert await poster.claim_stale() == 2
+    assert await poster.drain_once() == 0
+
+    assert LEGACY_OUTBOX_KEY not in poster.streams
+    assert poster.streams == outbox_keys()
+    assert (poster.stats.posted, poster.stats.duplicates) == (4, 1)
+    assert (await _posted(pool, account_id)).balance_millicredits == 10_000 - 2_000
+    await _assert_converged(holds, pool, account_id)
+    assert await holds.redis.xlen(LEGACY_OUTBOX_KEY) == 0
+    assert await read_outbox_backlog(holds.redis) == OutboxBacklog(0, 0, None)
+    async with pool.acquire() as conn:
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM usage_events WHERE account_id = $1", account_id
+        )
+    assert rows == 5
+
+
+async def test_poster_without_a_v1_stream_reads_only_the_shards(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    poster = SettlementPoster(holds, pool, consumer="t1")
+    await poster.ensure_group()
+    assert poster.streams == outbox_keys()
+    assert not await holds.redis.exists(LEGACY_OUTBOX_KEY)
+    assert all([await holds.redis.exists(stream) for stream in outbox_keys()])
