@@ -404,7 +404,7 @@ def start_redis_cluster(
     cluster = LocalRedisCluster(nodes, cluster_node_timeout_ms=cluster_node_timeout_ms)
     try:
         for _ in range(masters * (1 + replicas_per_master)):
-            port = _free_cluster_port()
+            port = free_cluster_port()
             nodes.append(
                 start_redis(
                     base_dir / f"node-{port}",
@@ -604,7 +604,7 @@ def _redis_config(base_dir: Path, port: int, *, appendonly: bool) -> str:
     )
 
 
-def _free_cluster_port() -> int:
+def free_cluster_port() -> int:
     """A free port whose cluster bus port (+10,000, so at most 55,535) is free too."""
     while True:
         port = free_port()
