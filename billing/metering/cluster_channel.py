@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 #: Redirects and retries one command may take before its last error reply is the answer.
 MAX_REDIRECTS = 16
 #: The first wait before a command refused with TRYAGAIN or CLUSTERDOWN is sent again; it
-#: doubles with each retry, up to ``MAX_RETRY_DELAY_S`` (about 2.5 s over all retries).
+#: doubles with each retry, up to ``MAX_RETRY_DELAY_S`` (about 3 s over ``MAX_REDIRECTS`` retries).
 RETRY_DELAY_S = 0.01
 MAX_RETRY_DELAY_S = 0.25
 #: The shortest time between two background reads of the slot map (a failover makes every
