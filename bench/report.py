@@ -156,7 +156,7 @@ def render_settlement(result: TargetResult) -> str:
     if not s:
         return ""
     lines = [
-        "gateway settlement into Postgres (usage_events) and outbox cg:v1:settlements",
+        "gateway settlement into Postgres (usage_events) and outbox (every shard's stream)",
         f"  {'run':<9}{'req/s':>9}{'rows/s':>9}{'rows/req':>10}   outbox after run (XLEN/pending)",
     ]
     for run_name in ("latency", "chat", "stream"):

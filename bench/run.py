@@ -15,7 +15,8 @@ For each: the latency added at concurrency 1 (p50/p99 against direct) on a non-s
 completion, and requests/s at concurrency 32 for non-streamed and streamed chat (without
 ``stream_options.include_usage``: the gateway must ask for usage and hide it). For the gateway
 also the settlement rate into Postgres (``usage_events`` rows/s during each run) and the outbox
-backlog (``XLEN``/``XPENDING`` of ``cg:v1:settlements``) at the end and a few seconds later.
+backlog (``XLEN``/``XPENDING`` summed over every shard's outbox stream) at the end and a few
+seconds later.
 
 Each proxy under test runs alone on one core (``--proxy-cpu``, default 0); the simulator, wrk,
 PostgreSQL, Redis and this script share the other (``--load-cpu``, default 1): this process

@@ -323,6 +323,9 @@ class HoldStore:
         self._ack_posted = redis.register_script(load_script("ack_posted.lua"))
         if channel is not None:
             channel.preload(str(self._ack_posted.script))
+        self.settlements_appended = asyncio.Event()
+        """Set by every settle sent: this process's poster, idle, wakes on it (it clears it
+        before each read) rather than polling every shard's stream at a short interval."""
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         if self._channel is not None:
@@ -533,6 +536,7 @@ class HoldStore:
             self._settled_marker_ttl_ms,
         ]
         script = self._settle
+        self.settlements_appended.set()
 
         def run() -> Awaitable[Any]:
             return self._run(script, keys, args)

@@ -11,7 +11,9 @@ acknowledge each entry with ``ack_posted.lua``, which also takes the entries' ch
 account's ``pending`` and applies the new posted balance. Entries of a poster that died are
 claimed by the others after ``claim_idle_ms``. Redis down: the poster retries with backoff;
 Postgres down: entries stay pending and are retried (nothing lost, nothing doubled). When
-every shard is empty the poster waits ``linger_s`` before it looks again.
+every shard is empty the poster waits for a settle of its own process
+(``HoldStore.settlements_appended``), or ``idle_s`` for other processes' settles, before it
+reads again; after a short read it waits ``linger_s`` to let more gather.
 
 After an upgrade from the v1 layout the poster also drains the old single stream
 (``redis_keys.LEGACY_OUTBOX_KEY``) until it is empty, then stops looking at it. Its entries'
@@ -37,6 +39,7 @@ stream's (its ``pending`` is in another slot).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -167,6 +170,9 @@ ON CONFLICT (stream_entry_id) DO NOTHING
 """
 
 _INT64_MAX = 2**63 - 1
+#: Seconds an idle poster woken by a settle waits before it reads: the settle was sent, not yet
+#: run (a settle it misses is read after ``idle_s``).
+_SENT_TO_RUN_S = 0.002
 
 
 class SettlementPoster:
@@ -182,15 +188,18 @@ class SettlementPoster:
         batch_size: int = 500,
         claim_idle_ms: int = 30_000,
         linger_s: float = 0.02,
+        idle_s: float = 0.05,
         reader: PipelinedChannel | None = None,
         stats: PosterStats | None = None,
     ) -> None:
         """``batch_size``: entries read per stream per read, and per Postgres statement.
-        ``linger_s``: the wait after a read that filled no batch (every shard empty or
-        nearly): settlements gather meanwhile, and an idle poster costs one round trip per
-        ``linger_s``. ``reader``: a connection of its own for the reads of new entries,
-        parsed by hiredis (cheaper per settlement than redis-py's stream parsing); without
-        it, redis-py reads them. ``stats``: the counters to add to (the process's, for its
+        ``linger_s``: the wait after a read that found entries but filled no batch: more
+        settlements gather meanwhile. ``idle_s``: the longest wait after a read that found
+        none (every shard empty); a settle of this process ends it at once, so ``idle_s``
+        bounds the delay only for other processes' settles, and an idle poster reads every
+        shard once per ``idle_s``. ``reader``: a connection of its own for the reads of new
+        entries, parsed by hiredis (cheaper per settlement than redis-py's stream parsing);
+        without it, redis-py reads them. ``stats``: the counters to add to (the process's, for its
         metrics); a new ``PosterStats`` without it."""
         self._holds = holds
         self._redis = holds.redis
@@ -200,6 +209,7 @@ class SettlementPoster:
         self._batch_size = batch_size
         self._claim_idle_ms = claim_idle_ms
         self._linger_s = linger_s
+        self._idle_s = idle_s
         self._dead_letter_script = self._redis.register_script(load_script("dead_letter.lua"))
         self.stats = stats if stats is not None else PosterStats()
         # The streams read: every shard's, and the v1 stream until it is found empty.
@@ -251,10 +261,13 @@ class SettlementPoster:
                     await self.claim_stale()
                 posted = await self.drain_once()
                 backoff_s = 0.1
-                if posted < self._batch_size:
-                    # Every shard empty, or a few entries: let more settlements gather. One
-                    # transaction per batch costs the same CPU whether it holds 1 entry or 100
-                    # (Postgres lags by ~linger_s), and an idle poster reads every linger_s.
+                if posted == 0:
+                    if await self._wait_for_settlements():
+                        # Woken as the settle was sent: let it run in Redis before the read.
+                        await asyncio.sleep(_SENT_TO_RUN_S)
+                elif posted < self._batch_size:
+                    # Let a few more settlements gather: one transaction per batch costs the
+                    # same CPU whether it holds 1 entry or 100 (Postgres lags by ~linger_s).
                     await asyncio.sleep(self._linger_s)
             except asyncio.CancelledError:
                 raise
@@ -270,9 +283,20 @@ class SettlementPoster:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
 
+    async def _wait_for_settlements(self) -> bool:
+        """Every shard was empty: wait until this process sends a settle (True), or
+        ``idle_s`` (False)."""
+        appended = self._holds.settlements_appended
+        if not appended.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._idle_s):
+                    await appended.wait()
+        return appended.is_set()
+
     async def drain_once(self) -> int:
         """Read new entries of every stream once (up to ``batch_size`` per stream) and post
         them; returns how many were read (an unreadable one included)."""
+        self._holds.settlements_appended.clear()  # a settle from now on is read next time
         streams = self._streams
         if self._reader is not None:
             reads = await self._read_new(self._reader, streams)
@@ -519,11 +543,13 @@ class SettlementPoster:
         )
 
     async def _ack_legacy(self, entry_ids: list[str]) -> None:
-        """Acknowledge and delete posted entries of the v1 stream. Their charges were never
-        in a v2 ``pending``: nothing to release (the posted balance is applied per account)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(LEGACY_OUTBOX_KEY, GROUP, *entry_ids)
+        """Delete and acknowledge posted entries of the v1 stream. Their charges were never
+        in a v2 ``pending``: nothing to release (the posted balance is applied per account).
+        Deleted first: an entry deleted but still pending is dropped by the next claim, while
+        one acknowledged but not deleted would stay in the stream, read by no one."""
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xdel(LEGACY_OUTBOX_KEY, *entry_ids)
+            pipe.xack(LEGACY_OUTBOX_KEY, GROUP, *entry_ids)
             await pipe.execute()
 
     async def dead_letter(

@@ -104,21 +104,25 @@ def cluster_node(tmp_path: Path) -> Iterator[str]:
     executable = shutil.which("redis-server")
     assert executable is not None
     port = free_port()
+    log = (tmp_path / "redis.log").open("wb")
     process = subprocess.Popen(
         [
             executable,
             *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)),
             *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            # The bus port, else port + 10000: a free port above 55535 would not start.
+            *("--cluster-port", str(free_port())),
             *("--save", "", "--appendonly", "no"),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
         process.wait(timeout=30)
+        log.close()
 
 
 async def _cluster_ready(url: str) -> aioredis.Redis:

@@ -650,3 +650,29 @@ async def test_poster_without_a_v1_stream_reads_only_the_shards(
     assert poster.streams == outbox_keys()
     assert not await holds.redis.exists(LEGACY_OUTBOX_KEY)
     assert all([await holds.redis.exists(stream) for stream in outbox_keys()])
+
+
+async def test_idle_poster_wakes_on_a_settle_of_its_process(
+    holds: HoldStore, pool: asyncpg.Pool
+) -> None:
+    """Every shard empty: the poster waits for this process's next settle (or ``idle_s``, an
+    hour here), not polling every shard's stream at a short interval."""
+    account_id = await new_account(pool)
+    await grant(pool, account_id, 10_000, holds=holds)
+    poster = SettlementPoster(holds, pool, consumer="t1", idle_s=3_600)
+    task = asyncio.create_task(poster.run())
+    try:
+        while not await holds.redis.exists(_outbox(account_id)):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # the poster created the groups and found nothing
+        await asyncio.sleep(0.05)
+        await reserve_and_settle(
+            holds, account_id, request_id="r1", hold_millicredits=900, cost_millicredits=700
+        )
+        async with asyncio.timeout(60):
+            while poster.stats.posted == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert (await _posted(pool, account_id)).balance_millicredits == 10_000 - 700
