@@ -431,8 +431,9 @@ def start_redis_cluster(
 
 
 def wait_for_redis_cluster(cluster: LocalRedisCluster, timeout_s: float = _START_TIMEOUT_S) -> None:
-    """Wait until every running node says ``cluster_state:ok``, knows every running node, and
-    (a replica) has its master link up: after a create, a failover or a slot migration.
+    """Wait until every running node says ``cluster_state:ok``, knows every running node,
+    agrees with the others on which master serves which slots, and (a replica) has its master
+    link up: after a create, a failover or a slot migration.
 
     Raises:
         LocalServiceError: not so within ``timeout_s``.
@@ -448,6 +449,7 @@ def wait_for_redis_cluster(cluster: LocalRedisCluster, timeout_s: float = _START
 
 def _redis_cluster_ready(cluster: LocalRedisCluster) -> bool:
     running = [node for node in cluster.nodes if node._process.poll() is None]
+    views: set[frozenset[tuple[str, bool, str]]] = set()  # each node's (node, master?, slots)
     for node in running:
         with _redis_client(node.port) as client:
             try:
@@ -462,7 +464,13 @@ def _redis_cluster_ready(cluster: LocalRedisCluster) -> bool:
             return False
         if replication["role"] == "slave" and replication["master_link_status"] != "up":
             return False
-    return True
+        views.add(
+            frozenset(
+                (address, "master" in peer["flags"], str(peer["slots"]))
+                for address, peer in known.items()
+            )
+        )
+    return len(views) == 1  # every node agrees who is a master and serves which slots
 
 
 # --- PostgreSQL steps ------------------------------------------------------------------------

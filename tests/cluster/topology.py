@@ -137,6 +137,7 @@ async def migrate_slot(cluster: LocalRedisCluster, slot: int, target: Node | Non
     await begin_migration(source, target, slot)
     await move_keys(source, target, slot)
     await finish_migration(cluster, target, slot)
+    await asyncio.to_thread(wait_for_redis_cluster, cluster)  # replicas learn it by gossip
     return target
 
 
