@@ -186,6 +186,8 @@ class ClusterChannel:
             )
             for script in self._preloaded:
                 channel.preload(script)
+            channel.on_redirect = self._redirected
+            channel.on_connection_lost = self._map_stale
             self._nodes[address] = channel
             self._addresses[channel] = address
         return channel
@@ -273,16 +275,12 @@ class ClusterChannel:
         """
         reply = self.submit(*command)
         if reply is None:
-            reply = await self._submit_connected(command)
+            channel = await self._connected_owner(command_slot(command))
+            reply = channel.submit(*command)
+            if reply is None:
+                self._map_stale()
+                raise RedisConnectionError("redis connection lost before the command was sent")
         return await reply
-
-    async def _submit_connected(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
-        channel = await self._connected_owner(command_slot(command))
-        reply = channel.submit(*command)
-        if reply is None:
-            self._map_stale()
-            raise RedisConnectionError("redis connection lost before the command was sent")
-        return self._follow(reply, command, channel, 0)
 
     async def _connected_owner(self, slot: int) -> ScriptChannel:
         """The slot's master with a live connection, reading the map first if needed.
@@ -308,12 +306,7 @@ class ClusterChannel:
         """As ``ScriptChannel.submit``: the future of the reply (redirects followed), or
         ``None`` when the slot's master has no connection yet (use ``execute``)."""
         channel = self._owners[command_slot(command)]
-        if channel is None:
-            return None
-        reply = channel.submit(*command)
-        if reply is None:
-            return None
-        return self._follow(reply, command, channel, 0)
+        return None if channel is None else channel.submit(*command)
 
     def send(self, *command: Any) -> tuple[asyncio.Future[Any], asyncio.Future[bool]] | None:
         """As ``ScriptChannel.send``: ``(reply, written)``, or ``None`` without a connection
@@ -324,67 +317,30 @@ class ClusterChannel:
         the redirect's reply came back (docs/design.md, "Redis Cluster").
         """
         channel = self._owners[command_slot(command)]
-        if channel is None:
-            return None
-        sent = channel.send(*command)
-        if sent is None:
-            return None
-        reply, written = sent
-        return self._follow(reply, command, channel, 0), written
+        return None if channel is None else channel.send(*command)
 
-    def _follow(
+    def _redirected(
         self,
-        reply: asyncio.Future[Any],
+        future: asyncio.Future[Any],
         command: tuple[Any, ...],
-        channel: ScriptChannel,
+        message: str,
         redirects: int,
-    ) -> asyncio.Future[Any]:
-        """A future of the command's final reply, following the redirects of ``reply``."""
-        final: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        reply.add_done_callback(partial(self._replied, final, command, channel, redirects))
-        return final
-
-    def _replied(
-        self,
-        final: asyncio.Future[Any],
-        command: tuple[Any, ...],
         channel: ScriptChannel,
-        redirects: int,
-        reply: asyncio.Future[Any],
     ) -> None:
-        if final.done():  # the caller cancelled
-            return
-        if reply.cancelled():
-            final.cancel()
-            return
-        exc = reply.exception()
-        if exc is None:
-            final.set_result(reply.result())
-            return
-        if isinstance(exc, RedisConnectionError):
-            self._map_stale()
-        redirect = None
-        if isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError):
-            redirect = parse_redirect(str(exc), self._addresses[channel])
+        """A node's ``on_redirect``: send ``command`` where the redirect says, its reply to
+        resolve ``future`` (the one the caller awaits: no wrapper on the way)."""
+        redirect = parse_redirect(message, self._addresses[channel])
         if redirect is None or redirects >= MAX_REDIRECTS:
-            final.set_exception(exc)
+            future.set_exception(ResponseError(message))
             return
-        self._redirect(final, command, redirect, redirects + 1)
-
-    def _redirect(
-        self,
-        final: asyncio.Future[Any],
-        command: tuple[Any, ...],
-        redirect: Redirect,
-        redirects: int,
-    ) -> None:
+        redirects += 1
         if redirect.address is None:  # TRYAGAIN or CLUSTERDOWN: the owner again, later
             if redirect.kind != "TRYAGAIN":
                 self._map_stale()
             delay = min(RETRY_DELAY_S * 2 ** (redirects - 1), MAX_RETRY_DELAY_S)
             self._waiting_resends += 1
             asyncio.get_running_loop().call_later(
-                delay, self._resend_to_owner, final, command, redirects
+                delay, self._resend_to_owner, future, command, redirects
             )
             return
         target = self._node(redirect.address)
@@ -392,51 +348,48 @@ class ClusterChannel:
             assert redirect.slot is not None
             self._owners[redirect.slot] = target
             self._map_stale()
-        self._resend(final, command, target, redirects, asking=redirect.kind == _ASK)
+        self._resend(future, command, target, redirects, asking=redirect.kind == _ASK)
 
     def _resend_to_owner(
-        self, final: asyncio.Future[Any], command: tuple[Any, ...], redirects: int
+        self, future: asyncio.Future[Any], command: tuple[Any, ...], redirects: int
     ) -> None:
         self._waiting_resends -= 1
-        if final.done():
+        if future.done():
             return
         if self._closed:
-            final.set_exception(RedisConnectionError("redis channel closed"))
+            future.set_exception(RedisConnectionError("redis channel closed"))
             return
         channel = self._owners[command_slot(command)]
         if channel is None:
-            self._resend_when_connected(final, command, None, redirects, asking=False)
+            self._resend_when_connected(future, command, None, redirects, asking=False)
             return
-        self._resend(final, command, channel, redirects, asking=False)
+        self._resend(future, command, channel, redirects, asking=False)
 
     def _resend(
         self,
-        final: asyncio.Future[Any],
+        future: asyncio.Future[Any],
         command: tuple[Any, ...],
         channel: ScriptChannel,
         redirects: int,
         *,
         asking: bool,
     ) -> None:
-        """Send ``command`` (after ``ASKING`` when ``asking``: both in this iteration's write
-        to ``channel``, so nothing comes between them) and follow its reply into ``final``."""
-        if final.done():
+        """Send ``command`` to ``channel`` (after ``ASKING`` when ``asking``: both in this
+        iteration's write, so nothing comes between them), its reply into ``future``."""
+        if future.done():
             return
         if asking:
             asked = channel.submit("ASKING")
             if asked is None:
-                self._resend_when_connected(final, command, channel, redirects, asking=True)
+                self._resend_when_connected(future, command, channel, redirects, asking=True)
                 return
             asked.add_done_callback(_ignore_reply)
-        reply = channel.submit(*command)
-        if reply is None:
-            self._resend_when_connected(final, command, channel, redirects, asking=False)
-            return
-        reply.add_done_callback(partial(self._replied, final, command, channel, redirects))
+        if not channel.resend(future, command, redirects):
+            self._resend_when_connected(future, command, channel, redirects, asking=False)
 
     def _resend_when_connected(
         self,
-        final: asyncio.Future[Any],
+        future: asyncio.Future[Any],
         command: tuple[Any, ...],
         channel: ScriptChannel | None,
         redirects: int,
@@ -454,12 +407,12 @@ class ClusterChannel:
                     await target.connect()
             except RedisError as exc:
                 self._map_stale()
-                if not final.done():
-                    final.set_exception(exc)
+                if not future.done():
+                    future.set_exception(exc)
                 return
             finally:
                 self._waiting_resends -= 1
-            self._resend(final, command, target, redirects, asking=asking)
+            self._resend(future, command, target, redirects, asking=asking)
 
         self._waiting_resends += 1
         self._track(asyncio.ensure_future(connect_then_resend()), "resend")
