@@ -4,7 +4,10 @@ One ``ScriptChannel`` per master node, and a slot map read with ``CLUSTER SLOTS`
 node (``REDIS_URL`` names one; the rest are discovered). Each command goes to the master that
 owns the hash slot of its first key (``command_slot``), pipelined with the other commands of
 the same event-loop iteration to that node, so it keeps ``ScriptChannel``'s interface and
-costs: ``HoldStore`` and the poster do not know which one they have.
+costs: ``HoldStore`` and the poster do not know which one they have. A redirect is taken
+where the node's reply is parsed (``ScriptChannel.on_redirect``) and the command re-queued on
+the right node with the future its caller awaits (``ScriptChannel.resend``): the success path
+costs one slot computation (a CRC of the first key) and nothing else.
 
 Redirects (Redis Cluster specification, "Redirection and resharding"), at most
 ``MAX_REDIRECTS`` per command, each of them an answer that says the command did not run:

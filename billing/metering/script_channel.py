@@ -6,6 +6,8 @@ connection, packs commands with
 ``hiredis.pack_command`` and parses replies with ``hiredis.Reader`` (both from the hiredis
 library), and writes every command issued in one event-loop iteration in a single send, so
 concurrent requests share round trips. Everything else (poster, sweeper, admin) uses redis-py.
+On a Redis Cluster, ``billing.metering.cluster_channel.ClusterChannel`` keeps one per master
+and takes the redirect replies (``on_redirect``) instead of failing the command with them.
 
 Failure behaviour: a connection error, or a reply slower than ``timeout_s``, fails every
 command in flight with ``ConnectionError`` and drops the connection (replies are matched to
