@@ -255,3 +255,27 @@ async def test_a_dead_master_s_slots_are_reached_on_its_promoted_replica(
     finally:
         await asyncio.to_thread(redis_cluster.restart, master.port)
         await asyncio.to_thread(wait_for_redis_cluster, redis_cluster)
+
+
+async def test_a_command_redirected_too_often_fails_with_the_last_reply(
+    channel: ClusterChannel, redis_cluster: LocalRedisCluster
+):
+    first, second = "cg:test:{bounded}:a", "cg:test:{bounded}:b"
+    await channel.execute("SET", first, "0")
+    await channel.execute("SET", second, "0")
+    slot = await topology.key_slot(redis_cluster, first)
+    source = await topology.owner(redis_cluster, slot)
+    target = await topology.other_master(redis_cluster, source)
+    await topology.begin_migration(source, target, slot)
+    try:
+        await topology.move_keys(source, target, slot, [second])
+        reply = channel.submit("EVAL", _SET_BOTH, 2, first, second, "x")
+        assert reply is not None
+        await channel.wait_idle()  # waits out the TRYAGAIN retries, then their failure
+        assert reply.done()
+        with pytest.raises(redis.exceptions.ResponseError, match="TRYAGAIN"):
+            reply.result()
+    finally:
+        await topology.move_keys(source, target, slot)
+        await topology.finish_migration(redis_cluster, target, slot)
+    assert await channel.execute("GET", first) == "0"  # the script never ran

@@ -128,6 +128,7 @@ async def finish_migration(cluster: LocalRedisCluster, target: Node, slot: int) 
             await client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
         finally:
             await client.aclose()
+    await asyncio.to_thread(wait_for_redis_cluster, cluster)  # replicas learn it by gossip
 
 
 async def migrate_slot(cluster: LocalRedisCluster, slot: int, target: Node | None = None) -> Node:
@@ -137,7 +138,6 @@ async def migrate_slot(cluster: LocalRedisCluster, slot: int, target: Node | Non
     await begin_migration(source, target, slot)
     await move_keys(source, target, slot)
     await finish_migration(cluster, target, slot)
-    await asyncio.to_thread(wait_for_redis_cluster, cluster)  # replicas learn it by gossip
     return target
 
 
