@@ -74,7 +74,7 @@ from creditgate.cli_admin_tokens import add_admin_parser
 from creditgate.cli_partitions import add_partitions_parser
 from creditgate.migrator import MigrationError, run_migrations
 from runtime.json_logs import install_json_logging
-from runtime.resources import RedisEvictionPolicyError
+from runtime.resources import RedisEvictionPolicyError, open_redis
 from runtime.settings import ConfigError, Settings, StoreSettings
 
 
@@ -95,7 +95,7 @@ class _Stores:
     async def __aenter__(self) -> _Stores:
         self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=2)
         if self.settings.redis_url is not None:
-            self._redis = aioredis.from_url(self.settings.redis_url, decode_responses=True)
+            self._redis = open_redis(self.settings.redis_url, cluster=self.settings.redis_cluster)
             self.holds = HoldStore(self._redis, partial(ledger.posted_balance, self.pool))
         return self
 

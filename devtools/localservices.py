@@ -38,6 +38,9 @@ _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 60.0
 _POLL_INTERVAL_S = 0.05
 _LOG_TAIL_LINES = 30
+# Redis Cluster's bus listens on the client port + 10,000, which must be a valid port.
+_CLUSTER_BUS_PORT_OFFSET = 10_000
+_MAX_CLUSTER_PORT = 65_535 - _CLUSTER_BUS_PORT_OFFSET
 # A Unix socket path holds at most 107 bytes; PostgreSQL appends "/.s.PGSQL.NNNNN".
 _MAX_SOCKET_DIR_LEN = 90
 
@@ -263,7 +266,13 @@ class RedisServer:
                 self._process.wait()
 
 
-def start_redis(base_dir: Path, port: int | None = None, *, appendonly: bool = True) -> RedisServer:
+def start_redis(
+    base_dir: Path,
+    port: int | None = None,
+    *,
+    appendonly: bool = True,
+    cluster_node_timeout_ms: int | None = None,
+) -> RedisServer:
     """Start ``redis-server`` with a generated config, its files in ``base_dir``.
 
     Returns once the server answers PING. The config binds 127.0.0.1, never evicts keys
@@ -274,6 +283,9 @@ def start_redis(base_dir: Path, port: int | None = None, *, appendonly: bool = T
             append-only file.
         port: TCP port on 127.0.0.1; None picks a free one.
         appendonly: log every write to the append-only file, fsynced every second.
+        cluster_node_timeout_ms: a Redis Cluster node (``cluster-enabled yes``, its state in
+            ``base_dir/nodes.conf``) that counts a peer silent this long as failing; None:
+            a standalone server. ``start_redis_cluster`` joins such nodes into a cluster.
 
     Raises:
         LocalServiceError: ``redis-server`` missing, or it exited or did not answer within 60 s
@@ -289,7 +301,10 @@ def start_redis(base_dir: Path, port: int | None = None, *, appendonly: bool = T
     base_dir.mkdir(parents=True, exist_ok=True)
     port = port if port is not None else free_port()
     config_path = base_dir / "redis.conf"
-    config_path.write_text(_redis_config(base_dir, port, appendonly=appendonly), encoding="utf-8")
+    config = _redis_config(base_dir, port, appendonly=appendonly)
+    if cluster_node_timeout_ms is not None:
+        config += _redis_cluster_config(cluster_node_timeout_ms)
+    config_path.write_text(config, encoding="utf-8")
     with (base_dir / "redis.log").open("ab") as log:
         process = subprocess.Popen(
             [executable, str(config_path)],
@@ -310,6 +325,152 @@ def start_redis(base_dir: Path, port: int | None = None, *, appendonly: bool = T
         server.stop()
         raise
     return server
+
+
+class LocalRedisCluster:
+    """A Redis Cluster on 127.0.0.1: masters with their replicas, one ``RedisServer`` each.
+
+    Which node is a master changes under a failover; ask the cluster (``CLUSTER NODES``),
+    not the start order.
+    """
+
+    def __init__(self, nodes: list[RedisServer], *, cluster_node_timeout_ms: int) -> None:
+        self.nodes = nodes
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms
+
+    @property
+    def url(self) -> str:
+        """Connection URL of one node (any node leads a cluster client to the others)."""
+        return self.nodes[0].url
+
+    @property
+    def ports(self) -> list[int]:
+        """Every node's port, in start order."""
+        return [node.port for node in self.nodes]
+
+    def stop(self) -> None:
+        """Stop every node (see ``RedisServer.stop``); a no-op once stopped."""
+        for node in self.nodes:
+            node.stop()
+
+    def restart(self, port: int) -> RedisServer:
+        """Start the stopped node of ``port`` again on its files: it rejoins the cluster
+        (its ``nodes.conf``), as a replica if its slots were taken over meanwhile.
+
+        Raises:
+            LocalServiceError: it did not start (``start_redis``).
+        """
+        index = self.ports.index(port)
+        old = self.nodes[index]
+        old.stop()
+        self.nodes[index] = start_redis(
+            old.base_dir,
+            port,
+            appendonly=False,
+            cluster_node_timeout_ms=self.cluster_node_timeout_ms,
+        )
+        return self.nodes[index]
+
+
+def start_redis_cluster(
+    base_dir: Path,
+    masters: int = 3,
+    replicas_per_master: int = 1,
+    *,
+    cluster_node_timeout_ms: int = 2000,
+) -> LocalRedisCluster:
+    """Start ``masters * (1 + replicas_per_master)`` cluster nodes on free loopback ports and
+    join them with ``redis-cli --cluster create`` (the slots split evenly over the masters).
+
+    Returns once every node reports ``cluster_state:ok``, sees every node, and every replica's
+    link to its master is up (so a ``CLUSTER FAILOVER`` can start at once). Each node's files
+    live in ``base_dir/node-PORT`` (configured as in ``start_redis``, no append-only file).
+
+    Args:
+        masters: 3 at least (Redis Cluster's minimum for ``--cluster create``).
+        cluster_node_timeout_ms: how long a silent node has before the others fail it over.
+
+    Raises:
+        LocalServiceError: ``redis-server`` or ``redis-cli`` missing, a node did not start,
+            the create command failed, or the cluster was not ready within 60 s.
+    """
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None:
+        raise LocalServiceError(
+            "redis-cli not found on PATH; install it with `apt-get install redis-tools`"
+        )
+    base_dir = base_dir.resolve()
+    nodes: list[RedisServer] = []
+    cluster = LocalRedisCluster(nodes, cluster_node_timeout_ms=cluster_node_timeout_ms)
+    try:
+        for _ in range(masters * (1 + replicas_per_master)):
+            port = free_cluster_port()
+            nodes.append(
+                start_redis(
+                    base_dir / f"node-{port}",
+                    port,
+                    appendonly=False,
+                    cluster_node_timeout_ms=cluster_node_timeout_ms,
+                )
+            )
+        create = [
+            *(redis_cli, "--cluster", "create"),
+            *(f"127.0.0.1:{node.port}" for node in nodes),
+            *("--cluster-replicas", str(replicas_per_master), "--cluster-yes"),
+        ]
+        result = subprocess.run(
+            create, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise LocalServiceError(f"redis-cli --cluster create failed:\n{result.stdout}")
+        wait_for_redis_cluster(cluster)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def wait_for_redis_cluster(cluster: LocalRedisCluster, timeout_s: float = _START_TIMEOUT_S) -> None:
+    """Wait until every running node says ``cluster_state:ok``, knows every running node,
+    agrees with the others on which master serves which slots, and (a replica) has its master
+    link up: after a create, a failover or a slot migration.
+
+    Raises:
+        LocalServiceError: not so within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not _redis_cluster_ready(cluster):
+        if time.monotonic() > deadline:
+            raise LocalServiceError(
+                f"Redis Cluster on ports {cluster.ports} not ready within {timeout_s:.0f} s"
+            )
+        time.sleep(_POLL_INTERVAL_S)
+
+
+def _redis_cluster_ready(cluster: LocalRedisCluster) -> bool:
+    running = [node for node in cluster.nodes if node._process.poll() is None]
+    views: set[frozenset[tuple[str, bool, str]]] = set()  # each node's (node, master?, slots)
+    for node in running:
+        with _redis_client(node.port) as client:
+            try:
+                info = client.cluster("INFO")
+                known = client.cluster("NODES")
+                replication = client.info("replication")
+            except redis.RedisError:
+                return False
+        if info.get("cluster_state") != "ok" or int(info["cluster_known_nodes"]) < len(running):
+            return False
+        if any("fail" in peer["flags"] for peer in known.values()):  # fail or fail? (pfail)
+            return False
+        if replication["role"] == "slave" and replication["master_link_status"] != "up":
+            return False
+        views.add(
+            frozenset(
+                (address, "master" in peer["flags"], str(peer["slots"]))
+                for address, peer in known.items()
+            )
+        )
+    return len(views) == 1  # every node agrees who is a master and serves which slots
 
 
 # --- PostgreSQL steps ------------------------------------------------------------------------
@@ -446,6 +607,33 @@ def _redis_config(base_dir: Path, port: int, *, appendonly: bool) -> str:
             f"appendonly {'yes' if appendonly else 'no'}",
             "appendfsync everysec",
             "maxmemory-policy noeviction",
+            "",
+        ]
+    )
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10,000, so at most 55,535) is free too."""
+    while True:
+        port = free_port()
+        if port > _MAX_CLUSTER_PORT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bus:
+            try:
+                bus.bind(("127.0.0.1", port + _CLUSTER_BUS_PORT_OFFSET))
+            except OSError:
+                continue
+        return port
+
+
+def _redis_cluster_config(node_timeout_ms: int) -> str:
+    return "\n".join(
+        [
+            "cluster-enabled yes",
+            "cluster-config-file nodes.conf",
+            f"cluster-node-timeout {node_timeout_ms}",
+            # A test cluster on one host: let a replica take over however long it was away.
+            "cluster-replica-validity-factor 0",
             "",
         ]
     )

@@ -29,7 +29,6 @@ from billing.errors import POSTGRES_UNAVAILABLE, BillingUnavailableError
 from billing.metering.posting import PosterStats, SettlementPoster
 from billing.metering.rate_cards import RateCardBook
 from billing.metering.rescue import SettlementRescue
-from billing.metering.script_channel import ScriptChannel
 from billing.metering.tokens import TokenCounter
 from billing.partitions import run_maintenance
 from billing.purchases.money_events import PurchaseStats
@@ -49,7 +48,13 @@ from runtime import appkeys
 from runtime.errors import answer_errors
 from runtime.lease import Lease, leased
 from runtime.metrics import LabelledReading, StatsCollector
-from runtime.resources import control_ctx, gateway_redis_ctx, postgres_ctx, stripe_ctx
+from runtime.resources import (
+    control_ctx,
+    gateway_redis_ctx,
+    open_script_channel,
+    postgres_ctx,
+    stripe_ctx,
+)
 from runtime.return_to import buy_credits_url_for
 from runtime.settings import Settings
 from runtime.supervision import TaskRestarts, cancel_and_wait, periodically, supervise
@@ -201,13 +206,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     poster = None
     reader = None
     if settings.settlement_poster_enabled:
-        if settings.redis_url.startswith("redis://"):
-            reader = ScriptChannel(
-                settings.redis_url,
-                timeout_s=settings.redis_socket_timeout_s,
-                name="creditgate-outbox-reader",
-                decode_responses=False,
-            )
+        reader = open_script_channel(
+            settings, name="creditgate-outbox-reader", decode_responses=False
+        )
         poster = SettlementPoster(
             holds,
             app[appkeys.DB_POOL],

@@ -10,22 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
+from typing import Any, cast
 
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from billing.control import ControlKind
 from billing.errors import POSTGRES_UNAVAILABLE, REDIS_UNAVAILABLE, BillingUnavailableError
 from billing.ledger import PostedBalance, posted_balance
+from billing.metering.cluster_channel import ClusterChannel
 from billing.metering.holds import HoldStore
 from billing.metering.rate_limit import RateLimiter
-from billing.metering.script_channel import ScriptChannel
+from billing.metering.script_channel import PipelinedChannel, ScriptChannel
 from billing.purchases.stripe_client import StripeClient
 from billing.spend_controls import SpendWindows, window_spend
 from runtime import appkeys
 from runtime.control import ControlListener, Reaction
+from runtime.settings import Settings
 from runtime.supervision import cancel_and_wait, supervise
 
 #: The hot path's script channel as ``CLIENT LIST`` names it.
@@ -55,7 +59,8 @@ class RedisEvictionPolicyError(Exception):
 
 
 async def check_eviction_policy(client: aioredis.Redis) -> None:
-    """Refuse a Redis that may evict keys; ``CONFIG GET maxmemory-policy`` once at start-up.
+    """Refuse a Redis that may evict keys; ``CONFIG GET maxmemory-policy`` once at start-up
+    (on a cluster client: on every node it knows, and any node's policy refuses).
 
     CONFIG disabled or not permitted (managed Redis): a warning, and the service starts.
     Redis unreachable: a warning (the service starts and fails closed until Redis is back;
@@ -65,7 +70,13 @@ async def check_eviction_policy(client: aioredis.Redis) -> None:
         RedisEvictionPolicyError: the policy is anything but ``noeviction``.
     """
     try:
-        reply = await client.config_get("maxmemory-policy")
+        if isinstance(client, RedisCluster):
+            per_node: dict[str, Any] = await client.config_get(
+                "maxmemory-policy", target_nodes=RedisCluster.ALL_NODES
+            )
+            replies = list(per_node.values())
+        else:
+            replies = [await client.config_get("maxmemory-policy")]
     except ResponseError as exc:
         log.warning(
             "cannot read Redis maxmemory-policy (%s); make sure it is %s",
@@ -76,9 +87,59 @@ async def check_eviction_policy(client: aioredis.Redis) -> None:
     except REDIS_UNAVAILABLE as exc:
         log.warning("Redis unreachable at start-up, maxmemory-policy not checked: %s", exc)
         return
-    policy = str(reply.get("maxmemory-policy", REQUIRED_EVICTION_POLICY))
-    if policy != REQUIRED_EVICTION_POLICY:
-        raise RedisEvictionPolicyError(policy)
+    for reply in replies:
+        policy = str(reply.get("maxmemory-policy", REQUIRED_EVICTION_POLICY))
+        if policy != REQUIRED_EVICTION_POLICY:
+            raise RedisEvictionPolicyError(policy)
+
+
+def open_redis(
+    url: str,
+    *,
+    cluster: bool,
+    socket_timeout_s: float | None = None,
+    connect_timeout_s: float | None = None,
+) -> aioredis.Redis:
+    """The redis-py client of ``url`` (``REDIS_URL``), strings decoded. ``cluster``
+    (``REDIS_CLUSTER``): a cluster client (``redis.asyncio.cluster.RedisCluster``), which
+    finds every node from the one named and routes each command by its key's slot. A command
+    fails after ``socket_timeout_s`` without a reply and a connect after
+    ``connect_timeout_s`` (None: no limit).
+
+    The cluster client is typed as ``aioredis.Redis``: it has the same command methods
+    (``redis.commands``), and what creditgate uses of them (single-key commands, scripts
+    routed by their first key, pipelines without transactions, per-shard commands) runs
+    against a real cluster in ``tests/cluster``.
+    """
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "health_check_interval": 30,
+        "max_connections": 64,  # per node for a cluster client
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": connect_timeout_s,
+    }
+    if cluster:
+        return cast(aioredis.Redis, RedisCluster.from_url(url, **options))
+    return aioredis.from_url(url, **options)
+
+
+def open_script_channel(
+    settings: Settings, *, name: str, decode_responses: bool = True
+) -> PipelinedChannel | None:
+    """A pipelined channel to ``REDIS_URL`` (``billing.metering.script_channel``): a
+    ``ClusterChannel`` with ``REDIS_CLUSTER``; None for a URL the channels do not speak
+    (``rediss://``, ``unix://``: redis-py serves those callers instead)."""
+    if not settings.redis_url.startswith("redis://"):
+        return None
+    kind: type[ScriptChannel | ClusterChannel] = (
+        ClusterChannel if settings.redis_cluster else ScriptChannel
+    )
+    return kind(
+        settings.redis_url,
+        timeout_s=settings.redis_socket_timeout_s,
+        name=name,
+        decode_responses=decode_responses,
+    )
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -133,13 +194,11 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
         RedisEvictionPolicyError: Redis may evict keys (``check_eviction_policy``).
     """
     settings = app[appkeys.SETTINGS]
-    client = aioredis.from_url(
+    client = open_redis(
         settings.redis_url,
-        decode_responses=True,
-        health_check_interval=30,
-        max_connections=64,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
+        cluster=settings.redis_cluster,
+        socket_timeout_s=settings.redis_socket_timeout_s,
+        connect_timeout_s=settings.redis_connect_timeout_s,
     )
     try:
         await check_eviction_policy(client)
@@ -162,12 +221,7 @@ async def redis_ctx(app: web.Application, *, pipelined: bool = False) -> AsyncIt
         except POSTGRES_UNAVAILABLE as exc:
             raise BillingUnavailableError(f"postgres: {exc}") from exc
 
-    url = settings.redis_url
-    channel = (
-        ScriptChannel(url, timeout_s=settings.redis_socket_timeout_s, name=SCRIPT_CHANNEL_NAME)
-        if pipelined and url.startswith("redis://")
-        else None
-    )
+    channel = open_script_channel(settings, name=SCRIPT_CHANNEL_NAME) if pipelined else None
     app[appkeys.REDIS] = client
     app[appkeys.HOLDS] = HoldStore(client, load_balance, channel=channel, load_spend=load_spend)
     app[appkeys.RATE_LIMITER] = RateLimiter(client)

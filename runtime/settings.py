@@ -103,6 +103,9 @@ class Settings:
     sweep_interval_s: float = 5.0
     redis_socket_timeout_s: float = 5.0
     redis_connect_timeout_s: float = 5.0
+    redis_cluster: bool = False
+    """``REDIS_CLUSTER``: ``REDIS_URL`` names one node of a Redis Cluster (any node; the rest
+    are discovered): redis-py's cluster client, and the hot path's ``ClusterChannel``."""
     postgres_command_timeout_s: float = 10.0
     postgres_connect_timeout_s: float = 5.0
     tiktoken_encodings_dir: Path | None = None
@@ -214,6 +217,7 @@ class Settings:
             sweep_interval_s=read.seconds("SWEEP_INTERVAL_S", 5.0),
             redis_socket_timeout_s=read.seconds("REDIS_SOCKET_TIMEOUT_S", 5.0),
             redis_connect_timeout_s=read.seconds("REDIS_CONNECT_TIMEOUT_S", 5.0),
+            redis_cluster=read.boolean("REDIS_CLUSTER", False),
             postgres_command_timeout_s=read.seconds("POSTGRES_COMMAND_TIMEOUT_S", 10.0),
             postgres_connect_timeout_s=read.seconds("POSTGRES_CONNECT_TIMEOUT_S", 5.0),
             tiktoken_encodings_dir=Path(encodings_dir) if encodings_dir else None,
@@ -232,6 +236,8 @@ class Settings:
             shutdown_timeout_s=read.seconds("SHUTDOWN_TIMEOUT_S", 30.0),
         )
         _check_worker_ports(settings, read.problems)
+        if settings.redis_cluster:
+            read.cluster_url(settings.redis_url)
         read.raise_problems()
         return settings
 
@@ -257,6 +263,8 @@ class StoreSettings:
 
     database_url: str
     redis_url: str | None = None
+    redis_cluster: bool = False
+    """``REDIS_CLUSTER``: as ``Settings.redis_cluster``."""
     settlement_claim_idle_ms: int = 30_000
     database_replica_url: str | None = None
     """``DATABASE_REPLICA_URL``: where ``creditgate report`` reads; None: DATABASE_URL."""
@@ -274,7 +282,7 @@ class StoreSettings:
         migrating: bool = False,
     ) -> StoreSettings:
         """Read ``DATABASE_URL`` (required), ``REDIS_URL`` (required when ``redis_required``,
-        else optional), ``SETTLEMENT_CLAIM_IDLE_MS`` and, when ``migrating``,
+        else optional), ``REDIS_CLUSTER``, ``SETTLEMENT_CLAIM_IDLE_MS`` and, when ``migrating``,
         ``MIGRATION_SNAPSHOT_DIR`` from ``env`` (default ``os.environ``); no other variable
         is read.
 
@@ -286,12 +294,15 @@ class StoreSettings:
         settings = cls(
             database_url=read.url("DATABASE_URL", _POSTGRES_SCHEMES),
             redis_url=read.url("REDIS_URL", _REDIS_SCHEMES) if redis_set else None,
+            redis_cluster=read.boolean("REDIS_CLUSTER", False),
             settlement_claim_idle_ms=read.integer("SETTLEMENT_CLAIM_IDLE_MS", 30_000, minimum=100),
             database_replica_url=read.optional_url("DATABASE_REPLICA_URL", _POSTGRES_SCHEMES),
             migration_snapshot_dir=read.absolute_path("MIGRATION_SNAPSHOT_DIR")
             if migrating
             else None,
         )
+        if settings.redis_cluster and settings.redis_url is not None:
+            read.cluster_url(settings.redis_url)
         read.raise_problems()
         return settings
 
@@ -359,6 +370,14 @@ class _EnvReader:
         if value:
             self.problems.append(f"{name} must be true or false, got {self._env[name]!r}")
         return default
+
+    def cluster_url(self, url: str) -> None:
+        """Note a ``REDIS_URL`` that cannot name a Redis Cluster node (with ``REDIS_CLUSTER``):
+        a Unix socket, or a database other than 0 (a cluster has only 0)."""
+        if url.startswith("unix://"):
+            self.problems.append("REDIS_CLUSTER needs a redis:// or rediss:// REDIS_URL")
+        elif urlsplit(url).path.strip("/") not in ("", "0"):
+            self.problems.append("REDIS_CLUSTER: REDIS_URL must name database 0 (or none)")
 
     def integer(
         self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None

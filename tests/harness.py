@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncpg
 import openai
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from billing import api_keys, ledger
@@ -32,6 +31,7 @@ from devtools.simulator import Simulator
 from gateway import appkeys as gateway_keys
 from gateway.app import create_app
 from runtime.http_protocol import edge_runner
+from runtime.resources import open_redis
 from runtime.settings import Settings
 
 
@@ -82,7 +82,7 @@ class GatewayHarness:
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.settings.port).start()
         self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=4)
-        self.redis = aioredis.from_url(self.settings.redis_url, decode_responses=True)
+        self.redis = open_redis(self.settings.redis_url, cluster=self.settings.redis_cluster)
         self.holds = HoldStore(self.redis, lambda a: ledger.posted_balance(self.pool, a))
         return self
 

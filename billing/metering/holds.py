@@ -66,7 +66,7 @@ from billing.metering.redis_keys import (
     shard_of,
     spend_key,
 )
-from billing.metering.script_channel import ScriptChannel
+from billing.metering.script_channel import PipelinedChannel
 from billing.spend_controls import COUNTER_CAPS, SpendWindows, WindowCaps, spend_windows
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class HoldStore:
         redis: aioredis.Redis,
         load_balance: BalanceLoader,
         *,
-        channel: ScriptChannel | None = None,
+        channel: PipelinedChannel | None = None,
         settled_marker_ttl_s: float = SETTLED_MARKER_TTL_S,
         load_spend: SpendLoader | None = None,
     ) -> None:

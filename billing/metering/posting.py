@@ -64,7 +64,7 @@ from billing.metering.redis_keys import (
     outbox_keys,
     shard_of,
 )
-from billing.metering.script_channel import ScriptChannel
+from billing.metering.script_channel import PipelinedChannel
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class SettlementPoster:
         claim_idle_ms: int = 30_000,
         linger_s: float = 0.02,
         idle_s: float = 0.05,
-        reader: ScriptChannel | None = None,
+        reader: PipelinedChannel | None = None,
         stats: PosterStats | None = None,
     ) -> None:
         """``batch_size``: entries read per stream per read, and per Postgres statement.
@@ -334,7 +334,7 @@ class SettlementPoster:
             if reply and reply[0][1]
         ]
 
-    async def _read_new(self, reader: ScriptChannel, streams: Sequence[str]) -> list[StreamRead]:
+    async def _read_new(self, reader: PipelinedChannel, streams: Sequence[str]) -> list[StreamRead]:
         """XREADGROUP of new entries on ``reader`` (made with ``decode_responses=False``), one
         command per stream, all in one write: ``[(stream, [(entry_id, {field: value})])]``
         for the streams that returned entries."""

@@ -6,6 +6,8 @@ connection, packs commands with
 ``hiredis.pack_command`` and parses replies with ``hiredis.Reader`` (both from the hiredis
 library), and writes every command issued in one event-loop iteration in a single send, so
 concurrent requests share round trips. Everything else (poster, sweeper, admin) uses redis-py.
+On a Redis Cluster, ``billing.metering.cluster_channel.ClusterChannel`` keeps one per master
+and takes the redirect replies (``on_redirect``) instead of failing the command with them.
 
 Failure behaviour: a connection error, or a reply slower than ``timeout_s``, fails every
 command in flight with ``ConnectionError`` and drops the connection (replies are matched to
@@ -16,12 +18,43 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+
+#: The error replies of a Redis Cluster that say "not here, or not now": the command did not
+#: run (``billing.metering.cluster_channel``).
+CLUSTER_REDIRECTS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+
+_Waiter = tuple[asyncio.Future[Any], float, tuple[Any, ...], int]
+
+#: ``(reply future, command, error message, redirects so far, the channel that got it)``.
+RedirectHandler = Callable[[asyncio.Future[Any], tuple[Any, ...], str, int, "ScriptChannel"], None]
+
+
+class PipelinedChannel(Protocol):
+    """What the callers of a pipelined channel use: ``ScriptChannel`` (one Redis) and
+    ``billing.metering.cluster_channel.ClusterChannel`` (a Redis Cluster) both offer it."""
+
+    decode_responses: bool
+
+    def preload(self, script: str) -> None: ...
+
+    async def execute(self, *command: Any) -> Any: ...
+
+    def submit(self, *command: Any) -> asyncio.Future[Any] | None: ...
+
+    def send(self, *command: Any) -> tuple[asyncio.Future[Any], asyncio.Future[bool]] | None: ...
+
+    async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Any: ...
+
+    async def wait_idle(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class _Protocol(asyncio.Protocol):
@@ -33,8 +66,9 @@ class _Protocol(asyncio.Protocol):
             else hiredis.Reader()
         )
         self.transport: asyncio.Transport | None = None
-        # (future, loop time sent), oldest first: replies come back in the order sent.
-        self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
+        # (future, loop time sent, command, redirects so far), oldest first: replies come
+        # back in the order sent. The command is kept for a redirect (``on_redirect``).
+        self.waiters: deque[_Waiter] = deque()
         self.watchdog: asyncio.TimerHandle | None = None
         self.outgoing: list[bytes] = []
         self.flush_scheduled = False
@@ -53,11 +87,15 @@ class _Protocol(asyncio.Protocol):
             if not waiters:
                 self._fail(RedisConnectionError("reply without a command"))
                 return
-            future, _ = waiters.popleft()
+            future, _, command, redirects = waiters.popleft()
             if future.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 message = str(reply)
+                on_redirect = self._channel.on_redirect
+                if on_redirect is not None and message.startswith(CLUSTER_REDIRECTS):
+                    on_redirect(future, command, message, redirects, self._channel)
+                    continue
                 error = NoScriptError if message.startswith("NOSCRIPT") else ResponseError
                 future.set_exception(error(message))
             else:
@@ -91,7 +129,7 @@ class _Protocol(asyncio.Protocol):
             self.watchdog.cancel()
             self.watchdog = None
         while self.waiters:
-            future, _ = self.waiters.popleft()
+            future = self.waiters.popleft()[0]
             if not future.done():
                 future.set_exception(exc)
         if self.transport is not None:
@@ -134,6 +172,11 @@ class ScriptChannel:
         self._preloaded: list[str] = []
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        #: Set by ``ClusterChannel``: takes a Redis Cluster redirect reply (``MOVED``,
+        #: ``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``) instead of failing the command with it.
+        self.on_redirect: RedirectHandler | None = None
+        #: Set by ``ClusterChannel``: told when the connection is lost.
+        self.on_connection_lost: Callable[[], None] | None = None
 
     def preload(self, script: str) -> None:
         """Load ``script`` (Lua source) on every connect, so EVALSHA finds it even right
@@ -143,6 +186,8 @@ class ScriptChannel:
     def _protocol_lost(self, protocol: _Protocol) -> None:
         if self._protocol is protocol:
             self._protocol = None
+        if self.on_connection_lost is not None:
+            self.on_connection_lost()
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -190,10 +235,24 @@ class ScriptChannel:
         setup.extend(("SCRIPT", "LOAD", script) for script in self._preloaded)
         for command in setup:
             future = loop.create_future()
-            protocol.waiters.append((future, loop.time()))
+            protocol.waiters.append((future, loop.time(), command, 0))
             assert protocol.transport is not None
             protocol.transport.write(hiredis.pack_command(command))
             await asyncio.wait_for(future, self._timeout_s)
+
+    async def connect(self) -> None:
+        """Connect now (a no-op when connected), so ``submit`` and ``send`` have a connection.
+
+        Raises:
+            redis.exceptions.ConnectionError: unreachable, or the setup failed or was slow.
+        """
+        await self._ready()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command sent on the connection still waits for its reply."""
+        protocol = self._protocol
+        return protocol is not None and bool(protocol.waiters)
 
     async def _ready(self) -> _Protocol:
         if self._protocol is not None:
@@ -249,12 +308,30 @@ class ScriptChannel:
             return None
         return protocol
 
-    def _enqueue(self, protocol: _Protocol, command: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Queue ``command`` for this loop iteration's write; the future of its reply."""
+    def resend(self, future: asyncio.Future[Any], command: tuple[Any, ...], redirects: int) -> bool:
+        """Queue a command another node redirected here (``on_redirect``), its reply to
+        resolve ``future``, the one its caller awaits; False when there is no connection
+        (``connect`` first)."""
+        protocol = self._live_protocol()
+        if protocol is None:
+            return False
+        self._enqueue(protocol, command, future, redirects)
+        return True
+
+    def _enqueue(
+        self,
+        protocol: _Protocol,
+        command: tuple[Any, ...],
+        future: asyncio.Future[Any] | None = None,
+        redirects: int = 0,
+    ) -> asyncio.Future[Any]:
+        """Queue ``command`` for this loop iteration's write; the future of its reply (a
+        new one unless ``future`` is given)."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        if future is None:
+            future = loop.create_future()
         now = loop.time()
-        protocol.waiters.append((future, now))
+        protocol.waiters.append((future, now, command, redirects))
         protocol.outgoing.append(hiredis.pack_command(command))
         if not protocol.flush_scheduled:
             protocol.flush_scheduled = True
@@ -286,7 +363,7 @@ class ScriptChannel:
         runs its callbacks). Bounded by the watchdog: at most about ``2 * timeout_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2 * self._timeout_s
-        while (protocol := self._protocol) is not None and protocol.waiters:
+        while self.busy:
             if loop.time() >= deadline:
                 break
             await asyncio.sleep(0.01)

@@ -192,6 +192,8 @@ def test_dependencies_wait_for_healthy_services(compose):
         "migrate": {"condition": "service_completed_successfully"},
         "postgres": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
+        # the `cluster` profile's one-shot create job, when that profile runs
+        "redis-cluster-create": {"condition": "service_completed_successfully", "required": False},
     }
     for name, service in services.items():
         for needed, how in service.get("depends_on", {}).items():
@@ -297,3 +299,38 @@ def test_optional_edge_passes_only_the_stripe_webhook_to_the_admin_service(compo
         f":{defaults.admin_port}"
     ]
     assert "proxy_buffering off;" in rest  # streamed completions pass as they come
+
+
+def test_cluster_profile_is_six_persistent_nodes_a_create_job_and_the_gateway_env(
+    compose, env_example
+):
+    services = compose["services"]
+    nodes = [f"redis-node-{n}" for n in range(1, 7)]
+    for name in nodes:
+        node = services[name]
+        assert node["profiles"] == ["cluster"]
+        assert node["hostname"] == name
+        assert any(volume.endswith(":/data") for volume in node["volumes"])
+        flags = node["command"][-1].split()
+        for flag, value in (
+            ("--cluster-enabled", "yes"),
+            ("--appendonly", "yes"),
+            ("--appendfsync", "always"),
+            ("--maxmemory-policy", "noeviction"),
+        ):
+            assert flags[flags.index(flag) + 1] == value
+    create = services["redis-cluster-create"]
+    assert create["profiles"] == ["cluster"]
+    assert set(create["depends_on"]) == set(nodes)
+    script = create["command"][-1]
+    assert "--cluster-replicas 1" in script and "for n in 1 2 3 4 5 6" in script
+    # The single Redis stays the default; .env's cluster lines point the gateway at a node.
+    cluster_env = {
+        **env_example,
+        "REDIS_URL": "redis://redis-node-1:6379/0",
+        "REDIS_CLUSTER": "true",
+    }
+    settings = Settings.from_env(_service_env(services["gateway"], cluster_env))
+    assert settings.redis_cluster and settings.redis_url == "redis://redis-node-1:6379/0"
+    default = Settings.from_env(_service_env(services["gateway"], env_example))
+    assert not default.redis_cluster
