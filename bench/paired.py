@@ -449,10 +449,9 @@ def budget_s(options: Options) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the paired benchmark; returns 0 when every round was measured, else 1."""
     options = parse_options(argv)
-    for tool in ("wrk", "taskset"):
-        if shutil.which(tool) is None:
-            print(f"{tool} not found: apt-get install -y wrk util-linux", file=sys.stderr)
-            return 1
+    if missing := procs.missing_load_tools():
+        print(missing, file=sys.stderr)
+        return 1
     if options.load_cpu is not None:
         procs.pin_self(options.load_cpu)  # children (simulator, wrk, Postgres, Redis) inherit
     run_options = options.for_run_py()

@@ -8,6 +8,7 @@ chatty process can never block on a full pipe, and so a failure can quote its st
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,6 +166,15 @@ def core_busy_percent(
         span = total - total0
         percent[core] = round(100.0 * (busy - busy0) / span, 1) if span > 0 else 0.0
     return percent
+
+
+def missing_load_tools() -> str | None:
+    """What to install when ``wrk`` or ``taskset`` is missing (the load and the pinning every
+    benchmark needs), or None when both are there."""
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: apt-get install -y wrk util-linux"
+    return None
 
 
 def pin_self(cpu: int) -> None:

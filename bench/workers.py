@@ -242,10 +242,9 @@ def parse_options(argv: Sequence[str] | None) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns 0 when every round was measured without failed requests."""
     options = parse_options(argv)
-    for tool in ("wrk", "taskset"):
-        if shutil.which(tool) is None:
-            print(f"{tool} not found: apt-get install -y wrk util-linux", file=sys.stderr)
-            return 1
+    if missing := procs.missing_load_tools():
+        print(missing, file=sys.stderr)
+        return 1
     if options.load_cpu is not None:
         procs.pin_self(options.load_cpu)  # the simulator, wrk, PostgreSQL and Redis inherit it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
