@@ -166,6 +166,7 @@ SELECT {balance} - COALESCE(sum(amount_millicredits), 0),
        {balance} - COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $4), 0)
 """
 
+
 @dataclass(frozen=True, slots=True)
 class LedgerMovements:
     """One month's ledger totals, signed millicredits (credits in > 0, taken < 0):

@@ -142,7 +142,11 @@ async def _busy_account(pool: asyncpg.Pool) -> tuple[int, date, date]:
     purchase = await _entry(pool, account, "purchase", 500_000, "purchase:cs_1")
     await _entry(pool, account, "refund", -20_000, "refund-entry:1")
     async with pool.acquire() as conn:
-        for key, amount in ((f"{REFUND_KEY_PREFIX}re_1", -30_000), (f"{DISPUTE_KEY_PREFIX}dp_1", -40_000), ("fix:1", -50)):
+        for key, amount in (
+            (f"{REFUND_KEY_PREFIX}re_1", -30_000),
+            (f"{DISPUTE_KEY_PREFIX}dp_1", -40_000),
+            ("fix:1", -50),
+        ):
             await ledger.post_entry(
                 conn,
                 account_id=account,
