@@ -2,7 +2,7 @@
 
 Every total comes from the exact per-account monthly totals of the ledger of record
 (``account_month_ledger``) and of the usage events (``account_month_usage``, by model),
-which the tables' insert triggers keep in the posting's own transaction (migration 0013), read
+which the tables' triggers keep in the posting's own transaction (migration 0013), read
 in one snapshot, as exact integer millicredits: a few rows a month however many requests:
 
     closing = opening + purchases + deductions + refunds + disputes + adjustments + reversals
@@ -194,7 +194,7 @@ async def ledger_movements(
 
 
 # The same sums from the monthly totals (account_month_ledger, migration 0013; kept by the
-# ledger's insert trigger in the posting's transaction): a few rows per month, however many
+# ledger's triggers in the posting's transaction): a few rows per month, however many
 # entries. $1 the month's first day, $2 and $3 the refund and dispute key prefixes, $4 the
 # account. Opening and closing are counted back from the posted balance, as above, so the
 # months before this one (maybe detached) are never read.
@@ -222,7 +222,7 @@ SELECT b.balance - COALESCE(sum(t.amount_millicredits), 0),
 """
 
 # The month's usage by model, from account_month_usage (0013); a model whose events were all
-# moved out of the month (a correction) keeps a row of zeros, which the raw rows would not.
+# moved out of the month (a correction) keeps a row of zeros: left out, as the rows show none.
 _USAGE_TOTALS_SQL = """
 SELECT model, requests, prompt_tokens, cached_tokens, completion_tokens, charged_millicredits
   FROM account_month_usage
