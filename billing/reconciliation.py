@@ -22,6 +22,13 @@ Checks (each mismatch names its ``check``):
 ``expired_hold``
     No open hold (an account's holds hash, ``redis_keys.holds_key``) whose deadline passed
     more than ``HOLD_DEADLINE_GRACE_S`` ago: the sweeper should have voided it.
+``month_totals``
+    Per account and UTC month from the month of ``since`` on (months detached for archiving
+    excepted), the monthly totals statements read (``account_month_ledger``,
+    ``account_month_usage``, migration 0013) equal the sums of the rows they total: ledger
+    amounts and entry counts per entry type and key prefix, usage requests, tokens and
+    charges per model. The month's first day is the mismatch's ``day``; expected = the rows'
+    sum, actual = the total (the ledger's amounts, or the usage's charges).
 ``rate_snapshot``
     A sample of usage rows recorded before ``since`` still carries its rate snapshot
     (non-null rates and rounding mode) and names an existing rate card when it names one.
@@ -60,6 +67,7 @@ CHECKS = (
     "redis_balance",
     "expired_hold",
     "rate_snapshot",
+    "month_totals",
 )
 #: Days the per-day check covers by default (``creditgate reconcile`` without ``--since``).
 DEFAULT_DAYS = 7
@@ -306,6 +314,70 @@ async def check_daily_deductions(conn: asyncpg.Connection, report: Reconciliatio
             )
 
 
+# The months a run covers, rows against their totals. $1 the first month's start (the
+# rows), $2 its first day (the totals). A month whose ledger partition was detached
+# (``billing.partitions``: both tables' months go together) keeps its totals, not its rows.
+_MONTH_TOTALS_DIFFER = """
+WITH ledger_rows AS (
+    SELECT account_id, date_trunc('month', created_at AT TIME ZONE 'UTC')::date AS month,
+           entry_type, ledger_statement_key_prefix(entry_type, idempotency_key) AS key_prefix,
+           sum(amount_millicredits) AS amount, count(*) AS entries
+      FROM ledger_entries WHERE created_at >= $1 GROUP BY 1, 2, 3, 4),
+ledger_totals AS (
+    SELECT account_id, month, entry_type, key_prefix, amount_millicredits AS amount, entries
+      FROM account_month_ledger WHERE month >= $2),
+usage_rows AS (
+    SELECT account_id, date_trunc('month', started_at AT TIME ZONE 'UTC')::date AS month,
+           model, count(*) AS requests, sum(prompt_tokens) AS prompt,
+           sum(cached_tokens) AS cached, sum(completion_tokens) AS completion,
+           sum(charged_millicredits) AS charged
+      FROM usage_events WHERE started_at >= $1 GROUP BY 1, 2, 3),
+usage_totals AS (
+    SELECT account_id, month, model, requests, prompt_tokens AS prompt, cached_tokens AS cached,
+           completion_tokens AS completion, charged_millicredits AS charged
+      FROM account_month_usage WHERE month >= $2),
+differ AS (
+    SELECT 'ledger' AS source, account_id, month, COALESCE(r.amount, 0) AS expected,
+           COALESCE(t.amount, 0) AS actual
+      FROM ledger_rows r FULL JOIN ledger_totals t
+           USING (account_id, month, entry_type, key_prefix)
+     WHERE (COALESCE(r.amount, 0), COALESCE(r.entries, 0))
+           <> (COALESCE(t.amount, 0), COALESCE(t.entries, 0))
+    UNION ALL
+    SELECT 'usage', account_id, month, COALESCE(r.charged, 0), COALESCE(t.charged, 0)
+      FROM usage_rows r FULL JOIN usage_totals t USING (account_id, month, model)
+     WHERE (COALESCE(r.requests, 0), COALESCE(r.prompt, 0), COALESCE(r.cached, 0),
+            COALESCE(r.completion, 0), COALESCE(r.charged, 0))
+           <> (COALESCE(t.requests, 0), COALESCE(t.prompt, 0), COALESCE(t.cached, 0),
+               COALESCE(t.completion, 0), COALESCE(t.charged, 0)))
+SELECT source, account_id, month, sum(expected) AS expected, sum(actual) AS actual
+  FROM differ
+ WHERE NOT EXISTS (SELECT 1 FROM ledger_archived_totals a
+                    WHERE a.partition_name = 'ledger_entries_p' || to_char(month, 'YYYY_MM'))
+ GROUP BY 1, 2, 3
+ ORDER BY 2, 3, 1
+"""
+
+
+async def check_month_totals(conn: asyncpg.Connection, report: ReconciliationReport) -> None:
+    """Per account and month from the month of ``report.since``: the monthly totals equal
+    the sums of their rows (``month_totals``)."""
+    first_day = report.since.replace(day=1)
+    rows = await conn.fetch(_MONTH_TOTALS_DIFFER, _day_start(first_day), first_day)
+    for row in rows:
+        report.add(
+            Mismatch(
+                "month_totals",
+                account_id=row["account_id"],
+                day=row["month"],
+                expected_millicredits=int(row["expected"]),
+                actual_millicredits=int(row["actual"]),
+                note=f"{row['source']} month totals (actual) differ from the sums of the rows "
+                "(expected)",
+            )
+        )
+
+
 async def check_rate_snapshots(
     conn: asyncpg.Connection,
     report: ReconciliationReport,
@@ -480,6 +552,7 @@ async def reconcile(
     async with pool.acquire() as conn:
         await check_account_balances(conn, report)
         await check_daily_deductions(conn, report)
+        await check_month_totals(conn, report)
         await check_rate_snapshots(conn, report, recorded_before=_day_start(since))
     report.counts["redisChecked"] = int(redis is not None)
     if redis is not None:

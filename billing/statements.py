@@ -1,8 +1,9 @@
 """Monthly statements: an account's balance movements and usage over one UTC month.
 
-Every total comes from the ledger of record (``ledger_entries``, one SQL pass for all of
-them) and the usage events (one pass, grouped by model), read in one snapshot, as exact
-integer millicredits:
+Every total comes from the exact per-account monthly totals of the ledger of record
+(``account_month_ledger``) and of the usage events (``account_month_usage``, by model),
+which the tables' triggers keep in the posting's own transaction (migration 0013), read
+in one snapshot, as exact integer millicredits: a few rows a month however many requests:
 
     closing = opening + purchases + deductions + refunds + disputes + adjustments + reversals
 
@@ -140,8 +141,9 @@ class Statement:
 # the balance is the sum of every entry, reconciliation's first check), so the pass reads no
 # month before this one: it stays short for a recent month however long the history, and
 # right after old months were detached for archiving (billing.partitions). Each entry of the
-# month is in exactly one movement sum. ``_LEDGER_TOTALS_SQL`` (one account, $5) and
-# ``billing.finance`` (all accounts) add the balance and the FROM/WHERE.
+# month is in exactly one movement sum. ``billing.finance`` (all accounts) adds the balance
+# and the FROM/WHERE; one account's statement reads the same sums from its monthly totals
+# (``_LEDGER_MONTH_TOTALS_SQL``).
 LEDGER_MOVEMENT_SUMS_SQL = """
 SELECT {balance} - COALESCE(sum(amount_millicredits), 0),
        COALESCE(sum(amount_millicredits) FILTER (WHERE created_at < $4
@@ -163,15 +165,6 @@ SELECT {balance} - COALESCE(sum(amount_millicredits), 0),
              AND NOT starts_with(idempotency_key, $3)), 0),
        {balance} - COALESCE(sum(amount_millicredits) FILTER (WHERE created_at >= $4), 0)
 """
-
-_LEDGER_TOTALS_SQL = (
-    LEDGER_MOVEMENT_SUMS_SQL.format(
-        balance="(SELECT balance_millicredits FROM accounts WHERE id = $5)"
-    )
-    + """  FROM ledger_entries
- WHERE account_id = $5 AND created_at >= $1
-"""
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +193,40 @@ async def ledger_movements(
     return LedgerMovements(*(int(value) for value in row))
 
 
+# The same sums from the monthly totals (account_month_ledger, migration 0013; kept by the
+# ledger's triggers in the posting's transaction): a few rows per month, however many
+# entries. $1 the month's first day, $2 and $3 the refund and dispute key prefixes, $4 the
+# account. Opening and closing are counted back from the posted balance, as above, so the
+# months before this one (maybe detached) are never read.
+_LEDGER_MONTH_TOTALS_SQL = """
+SELECT b.balance - COALESCE(sum(t.amount_millicredits), 0),
+       COALESCE(sum(t.amount_millicredits) FILTER (WHERE t.month = $1
+                                                     AND t.entry_type = 'purchase'), 0),
+       COALESCE(sum(t.amount_millicredits) FILTER (WHERE t.month = $1
+                                                     AND t.entry_type = 'deduction'), 0),
+       COALESCE(sum(t.amount_millicredits) FILTER (
+           WHERE t.month = $1
+             AND (t.entry_type = 'refund'
+                  OR (t.entry_type = 'reversal' AND t.key_prefix = $2))), 0),
+       COALESCE(sum(t.amount_millicredits) FILTER (
+           WHERE t.month = $1 AND t.entry_type = 'reversal' AND t.key_prefix = $3), 0),
+       COALESCE(sum(t.amount_millicredits) FILTER (WHERE t.month = $1
+                                                     AND t.entry_type = 'adjustment'), 0),
+       COALESCE(sum(t.amount_millicredits) FILTER (
+           WHERE t.month = $1 AND t.entry_type = 'reversal'
+             AND t.key_prefix <> $2 AND t.key_prefix <> $3), 0),
+       b.balance - COALESCE(sum(t.amount_millicredits) FILTER (WHERE t.month > $1), 0)
+  FROM (SELECT balance_millicredits AS balance FROM accounts WHERE id = $4) AS b
+  LEFT JOIN account_month_ledger t ON t.account_id = $4 AND t.month >= $1
+ GROUP BY b.balance
+"""
+
+# The month's usage by model, from account_month_usage (0013); a model whose events were all
+# moved out of the month (a correction) keeps a row of zeros: left out, as the rows show none.
 _USAGE_TOTALS_SQL = """
-SELECT model, count(*), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(cached_tokens), 0),
-       COALESCE(sum(completion_tokens), 0), COALESCE(sum(charged_millicredits), 0)
-  FROM usage_events
- WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
- GROUP BY model
+SELECT model, requests, prompt_tokens, cached_tokens, completion_tokens, charged_millicredits
+  FROM account_month_usage
+ WHERE account_id = $1 AND month = $2 AND requests <> 0
  ORDER BY model
 """
 
@@ -225,8 +246,16 @@ async def monthly_statement(pool: asyncpg.Pool, account_id: int, month: date) ->
         email = await conn.fetchval("SELECT email FROM accounts WHERE id = $1", account_id)
         if email is None:
             raise AccountNotFoundError(account_id)
-        totals = await ledger_movements(conn, _LEDGER_TOTALS_SQL, start, end, account_id)
-        usage_rows = await conn.fetch(_USAGE_TOTALS_SQL, account_id, start, end)
+        row = await conn.fetchrow(
+            _LEDGER_MONTH_TOTALS_SQL,
+            start.date(),
+            REFUND_KEY_PREFIX,
+            DISPUTE_KEY_PREFIX,
+            account_id,
+        )
+        assert row is not None  # the account exists: one row
+        totals = LedgerMovements(*(int(value) for value in row))
+        usage_rows = await conn.fetch(_USAGE_TOTALS_SQL, account_id, start.date())
     return Statement(
         account_id=account_id,
         email=email,

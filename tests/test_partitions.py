@@ -183,6 +183,8 @@ async def test_the_migration_moves_existing_rows(pg_server: PostgresServer, tmp_
     for path in before.glob("*.sql"):
         if path.name >= "0012":
             path.unlink()
+    for path in (before / "functions").glob("count_*_in_month_totals.sql"):
+        path.unlink()  # their triggers write 0013's tables
     name = f"t_{uuid.uuid4().hex}"
     admin = await asyncpg.connect(pg_server.dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
