@@ -446,40 +446,6 @@ class HoldStore:
             ],
         )
 
-    async def refuse_uncovered(self, account_id: int, amount_millicredits: int) -> None:
-        """Raise what ``reserve`` would for a request that costs at least
-        ``amount_millicredits`` and that the account cannot cover; place nothing.
-
-        A cheap check before expensive work (the gateway's count of a large prompt): one
-        Redis read, and a load from Postgres when the balance is not cached (as ``reserve``).
-        It compares the posted balance less unposted charges (``bal - pending``), ignoring
-        open holds, so it never refuses what ``reserve`` would accept (``reserve`` first
-        voids holds past their deadline); ``reserve`` still decides.
-
-        Raises:
-            InsufficientCreditsError: ``bal - pending < amount_millicredits`` (402); its
-                ``available_millicredits`` is ``bal - held - pending``, at least 0.
-            AccountSuspendedError: the account has an outstanding shortfall (402).
-            BillingUnavailableError: Redis or Postgres unreachable (503).
-        """
-        try:
-            fields: Any = await self._redis.hmget(
-                account_key(account_id), ["ver", "bal", "held", "pending", "shortfall"]
-            )
-            _, bal, held, pending, shortfall = (int(f) if f else 0 for f in fields)
-            if fields[0] is None:
-                posted = await self._load_into_redis(account_id)
-                bal, shortfall = posted.balance_millicredits, posted.shortfall_millicredits
-        except RedisError as exc:
-            raise BillingUnavailableError(f"redis: {exc}") from exc
-        if shortfall > 0:
-            raise AccountSuspendedError(account_id=account_id, shortfall_millicredits=shortfall)
-        if bal - pending < amount_millicredits:
-            raise InsufficientCreditsError(
-                required_millicredits=amount_millicredits,
-                available_millicredits=max(bal - held - pending, 0),
-            )
-
     async def settle(
         self, account_id: int, *, request_id: str, cost_millicredits: int, payload: str
     ) -> Settled:

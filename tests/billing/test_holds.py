@@ -406,62 +406,6 @@ async def test_reserve_uncached_shortfall_loaded_and_suspends(
     assert err.value.shortfall_millicredits == 700
 
 
-# -- refuse_uncovered: the check before a large prompt is counted --------------------------
-
-
-async def test_refuse_uncovered_uncached_zero_balance_refuses_and_places_nothing(
-    holds: HoldStore, pool: asyncpg.Pool
-) -> None:
-    account_id = await new_account(pool)
-
-    with pytest.raises(InsufficientCreditsError) as err:
-        await holds.refuse_uncovered(account_id, 1)
-
-    assert (err.value.required_millicredits, err.value.available_millicredits) == (1, 0)
-    state = await holds.account_state(account_id)
-    assert (state.balance_millicredits, state.held_millicredits) == (0, 0)  # loaded, no hold
-    assert await _open_holds(holds, account_id) == {}
-
-
-async def test_refuse_uncovered_ignores_open_holds_so_reserve_decides(
-    holds: HoldStore, pool: asyncpg.Pool
-) -> None:
-    account_id = await new_account(pool)
-    await grant(pool, account_id, 10_000, holds=holds)
-    await holds.reserve(account_id, 8_000, request_id="r1")
-
-    await holds.refuse_uncovered(account_id, 5_000)  # never refuses what reserve may accept
-    with pytest.raises(InsufficientCreditsError):
-        await holds.reserve(account_id, 5_000, request_id="r2")
-    with pytest.raises(InsufficientCreditsError) as err:
-        await holds.refuse_uncovered(account_id, 10_001)
-    assert err.value.available_millicredits == 2_000  # what reserve would report
-
-
-async def test_refuse_uncovered_counts_unposted_charges(
-    holds: HoldStore, pool: asyncpg.Pool
-) -> None:
-    account_id = await new_account(pool)
-    await grant(pool, account_id, 10_000, holds=holds)
-    await holds.reserve(account_id, 4_000, request_id="r1")
-    await _settle(holds, account_id, "r1", 4_000)  # pending, not yet posted
-
-    await holds.refuse_uncovered(account_id, 6_000)
-    with pytest.raises(InsufficientCreditsError) as err:
-        await holds.refuse_uncovered(account_id, 6_001)
-    assert err.value.available_millicredits == 6_000
-
-
-async def test_refuse_uncovered_uncached_shortfall_raises_suspended(
-    holds: HoldStore, pool: asyncpg.Pool
-) -> None:
-    account_id = await _owing(pool, 700)
-
-    with pytest.raises(AccountSuspendedError) as err:
-        await holds.refuse_uncovered(account_id, 0)
-    assert err.value.shortfall_millicredits == 700
-
-
 # -- Redis down ---------------------------------------------------------------------------
 
 
