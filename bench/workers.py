@@ -17,7 +17,11 @@ it; the 1-worker gateway is pinned to the gateway core, alone there. The 2-worke
 needs both cores, so its second worker shares the load core with the load generator and the
 upstream (they cannot be kept off a worker's core with two cores): its ratio is a lower bound
 of what two free cores give. wrk runs one thread. Per run the report gives the gateway's CPU
-µs per request (all its processes) and each core's busy share, so the load's share is seen.
+µs per request (all its processes) and each core's busy share, so the load's share is seen,
+and the machine's CPU per request (every core's busy time over the requests served): with
+every core busy at that cost the machine serves at most ``cores * 1e6 / machine_us`` requests
+per second, so the 1-worker run's ceiling ratio bounds what any number of workers can reach
+while the load shares the machine.
 
 Timings on a shared machine are noisy: read the ratio per round, and re-run on a quiet one.
 """
@@ -92,6 +96,17 @@ class Measurement:
     p99_ms: float
     cpu_us_per_request: float | None
     cores_busy_percent: dict[int, float] = field(default_factory=dict)
+    machine_cpu_us_per_request: float | None = None
+    """Every core's busy time during the run per request: the gateway's CPU and the load's
+    (wrk, the simulator, PostgreSQL, Redis, the kernel's loopback traffic) together."""
+
+    @property
+    def ceiling_requests_per_s(self) -> float | None:
+        """What this machine could serve at ``machine_cpu_us_per_request`` with every core
+        busy: no number of workers goes beyond it while the load shares the machine."""
+        if not self.machine_cpu_us_per_request:
+            return None
+        return len(self.cores_busy_percent) * 1e6 / self.machine_cpu_us_per_request
 
 
 def start_fleet(
@@ -139,13 +154,18 @@ def measure(fleet: Fleet, script: Path, options: Options) -> Measurement:
         cpu=options.load_cpu,
     )
     used = fleet.cpu_seconds() - cpu_before
+    busy = procs.core_busy_percent(cores, procs.core_busy_ticks())
+    machine_s = sum(busy.values()) / 100 * options.duration_s
     return Measurement(
         requests_per_s=round(result.requests_per_s, 1),
         failed=result.failed,
         p50_ms=round(result.latency_us.get("p50", 0.0) / 1000, 2),
         p99_ms=round(result.latency_us.get("p99", 0.0) / 1000, 2),
         cpu_us_per_request=round(1e6 * used / result.requests) if result.requests else None,
-        cores_busy_percent=procs.core_busy_percent(cores, procs.core_busy_ticks()),
+        cores_busy_percent=busy,
+        machine_cpu_us_per_request=(
+            round(1e6 * machine_s / result.requests) if result.requests else None
+        ),
     )
 
 
@@ -183,6 +203,14 @@ def render_round(number: int, measured: dict[int, Measurement]) -> str:
             f"p99 {m.p99_ms:6.2f} ms  failed {m.failed}  gateway CPU "
             f"{m.cpu_us_per_request} us/req  cores busy {m.cores_busy_percent}"
         )
+    one = measured[1]
+    if one.ceiling_requests_per_s and one.requests_per_s:
+        lines.append(
+            f"  1 worker: machine CPU {one.machine_cpu_us_per_request} us/req (gateway "
+            f"{one.cpu_us_per_request}, load and stores the rest); every core busy at that "
+            f"cost: at most {one.ceiling_requests_per_s:.0f} req/s = "
+            f"{one.ceiling_requests_per_s / one.requests_per_s:.2f}x one worker"
+        )
     lines.append(f"  ratio 2/1: {_ratio(measured):.2f}x")
     return "\n".join(lines)
 
@@ -190,6 +218,14 @@ def render_round(number: int, measured: dict[int, Measurement]) -> str:
 def _ratio(measured: dict[int, Measurement]) -> float:
     one = measured[1].requests_per_s
     return measured[2].requests_per_s / one if one else 0.0
+
+
+def _ceiling_ratio(measured: dict[int, Measurement]) -> float:
+    """The most any number of workers could give over one worker's run, on this machine at
+    that run's CPU per request (``Measurement.ceiling_requests_per_s``)."""
+    one = measured[1]
+    ceiling = one.ceiling_requests_per_s
+    return ceiling / one.requests_per_s if ceiling and one.requests_per_s else 0.0
 
 
 def summary(rounds: list[dict[int, Measurement]], options: Options) -> dict[str, Any]:
@@ -203,6 +239,11 @@ def summary(rounds: list[dict[int, Measurement]], options: Options) -> dict[str,
             str(w): statistics.median(r[w].requests_per_s for r in rounds) for w in WORKER_COUNTS
         },
         "ratio_median": round(statistics.median(ratios), 2),
+        "machine_cpu_us_per_request_median": {
+            str(w): statistics.median(r[w].machine_cpu_us_per_request or 0 for r in rounds)
+            for w in WORKER_COUNTS
+        },
+        "ceiling_ratio_median": round(statistics.median(_ceiling_ratio(r) for r in rounds), 2),
         "ratio_min": round(min(ratios), 2),
         "ratio_max": round(max(ratios), 2),
         "failed": sum(r[w].failed for r in rounds for w in WORKER_COUNTS),
