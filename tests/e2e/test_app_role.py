@@ -351,9 +351,6 @@ async def _exercise(
         admin = Admin(http, f"http://127.0.0.1:{admin_port}", token)
         made = await _admin_calls(admin)
         request_ids = await _gateway_calls(http, gateway_url, made["key"], made["broke_key"])
-        await _billing_api_calls(
-            http, gateway_url, admin, stripe_stub, made["key"], made["portal_url"]
-        )
 
         async def posted() -> bool:
             count = await app_pool.fetchval(
@@ -362,7 +359,12 @@ async def _exercise(
             )
             return bool(count == len(request_ids))
 
+        # Before the balance is compared across a purchase: a settlement posted in between
+        # would move it (one did, under two workers).
         await _eventually(posted, "the settlements were not posted")
+        await _billing_api_calls(
+            http, gateway_url, admin, stripe_stub, made["key"], made["portal_url"]
+        )
         await admin.call("POST", "/admin/v1/reconciliation-runs", 201, json={})
 
         # The fleet gauges' refresh reads what Postgres holds now.
