@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,14 +40,24 @@ HOLDS_EXPIRED = ("creditgate_holds_expired_total", "")
 
 def _free_port_pair(taken: set[int]) -> int:
     """A port ``p`` such that ``p`` and ``p + 1`` were both free a moment ago and neither is
-    in ``taken`` (the ports the fleet's other listeners were given)."""
+    in ``taken`` (the ports the fleet's other listeners were given).
+
+    Taken below the kernel's ephemeral range (``ip_local_port_range``): there no outgoing
+    connection (the workers' own to Redis and Postgres) can take ``p + 1`` before the second
+    worker binds it, which once failed its start in CI."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
     while True:
-        port = free_port()
+        port = rng.randrange(max(1024, ephemeral_low - 12_000), ephemeral_low - 1)
         if {port, port + 1} & taken:
             continue
-        with socket.socket() as sock, contextlib.suppress(OSError):
-            sock.bind(("127.0.0.1", port + 1))
-            return port
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 def _children(pid: int) -> set[int]:
